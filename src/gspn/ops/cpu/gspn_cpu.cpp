@@ -1,0 +1,614 @@
+// Fast CPU backend of the GSPN line scan: forward and adjoint (backward) recurrences.
+//
+// Built on first use by gspn/ops/cpu/__init__.py with the system C++ compiler
+// (-O3 -march=native -fopenmp) and loaded with ctypes; no PyTorch headers are involved.
+//
+// Semantics are those of gspn/ops/reference.py. In the line frame of a direction (lines l in scan
+// order, positions p along the perpendicular axis):
+//   h[l,p] = lam x + w_left h[l-1,p-1] + w_mid h[l-1,p] + w_right h[l-1,p+1]
+//   a[l,p] = g[l,p] + w_left[l+1,p+1] a[l+1,p+1] + w_mid[l+1,p] a[l+1,p] + w_right[l+1,p-1] a[l+1,p-1]
+//
+// Memory layout: every tensor slice (b, c) is a dense row-major H x W plane; the batch and channel
+// strides are free (0 for a batch-shared parameter), and parameter channel = c / chan_div (channel
+// groups). Vertical scans ("tb", "bt") walk contiguous rows directly. Horizontal scans ("lr", "rl")
+// would read one float per cache line, so they move a strip of STRIP columns of every tensor into
+// line-major buffers (a small transpose that stays in L2), scan there, and write the strip back.
+// Work is parallel over (b, c) slices with OpenMP.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int64_t STRIP = 16;  // columns per horizontal strip: one 64-byte cache line of float32
+
+struct TensorArg {
+  void* data;
+  int64_t stride_b;
+  int64_t stride_c;
+  int64_t chan_div;  // parameter channel = c / chan_div
+};
+
+template <typename T>
+inline T* slice_ptr(const TensorArg& t, int64_t b, int64_t c) {
+  return static_cast<T*>(t.data) + b * t.stride_b + (c / t.chan_div) * t.stride_c;
+}
+
+struct Geometry {
+  int64_t H, W;
+  int64_t L, P;  // number of lines, line length
+  bool vertical, reverse;
+  int64_t chunk;  // 0: global
+  Geometry(int direction, int64_t h, int64_t w, int64_t chunk_size)
+      : H(h), W(w), vertical(direction <= 1), reverse(direction == 1 || direction == 3), chunk(chunk_size) {
+    L = vertical ? H : W;
+    P = vertical ? W : H;
+  }
+  // Image index along the scan axis of scan-order line l.
+  int64_t img(int64_t l) const { return reverse ? L - 1 - l : l; }
+  // Whether line l enters a new tile (the state is reset to zero there).
+  bool starts(int64_t l) const {
+    if (l == 0) return true;
+    if (chunk <= 0) return false;
+    const int64_t i = img(l);
+    return reverse ? (i + 1) % chunk == 0 : i % chunk == 0;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Stability–context normalisation (same formula as gspn/ops/stabilize.py):
+//   s_k = sigmoid(a_k); w_k = s_k / sum_{valid j} s_j for valid k, 0 for a missing neighbour.
+
+// exp(x) for x <= 0, float32: Cody–Waite reduction and a degree-6 polynomial; branch-free so the
+// compiler vectorises it (libm's expf is not vectorised without -ffast-math).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * (x * x) + x + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+template <typename T>
+inline T sigmoid(T a) {
+  const T t = exp_nonpositive(-std::abs(a));
+  const T inv = T(1) / (T(1) + t);
+  return a >= T(0) ? inv : t * inv;
+}
+
+template <typename T>
+constexpr T tiny_sum();
+template <>
+constexpr float tiny_sum<float>() { return 1e-30f; }
+template <>
+constexpr double tiny_sum<double>() { return 1e-300; }
+
+// Normalise one line of logits into weights (wl, wm, wr) and keep the sigmoids (sl, sm, sr).
+template <typename T>
+void normalize_line(int64_t P, const T* __restrict__ al, const T* __restrict__ am, const T* __restrict__ ar,
+                    T* __restrict__ wl, T* __restrict__ wm, T* __restrict__ wr, T* __restrict__ sl,
+                    T* __restrict__ sm, T* __restrict__ sr) {
+  int underflow = 0;
+#pragma omp simd reduction(| : underflow)
+  for (int64_t p = 0; p < P; ++p) {
+    const T vl = sigmoid(al[p]) * T(p > 0);  // missing neighbours get weight 0
+    const T vm = sigmoid(am[p]);
+    const T vr = sigmoid(ar[p]) * T(p < P - 1);
+    const T sum = vl + vm + vr;
+    underflow |= sum < tiny_sum<T>();
+    const T inv = T(1) / std::max(sum, tiny_sum<T>());
+    sl[p] = vl;
+    sm[p] = vm;
+    sr[p] = vr;
+    wl[p] = vl * inv;
+    wm[p] = vm * inv;
+    wr[p] = vr * inv;
+  }
+  if (!underflow) return;
+  // All valid sigmoids below ~1e-30: sigmoid(a) == exp(a) to working precision, so the weights
+  // are the softmax of the valid logits.
+  for (int64_t p = 0; p < P; ++p) {
+    if (sl[p] + sm[p] + sr[p] >= tiny_sum<T>()) continue;
+    const bool has_l = p > 0, has_r = p < P - 1;
+    T m = am[p];
+    if (has_l) m = std::max(m, al[p]);
+    if (has_r) m = std::max(m, ar[p]);
+    const T el = has_l ? std::exp(al[p] - m) : T(0), em = std::exp(am[p] - m), er = has_r ? std::exp(ar[p] - m) : T(0);
+    const T inv = T(1) / (el + em + er);
+    wl[p] = el * inv;
+    wm[p] = em * inv;
+    wr[p] = er * inv;
+  }
+}
+
+// Turn gradients w.r.t. the normalised weights (in gl, gm, gr) into gradients w.r.t. the logits:
+//   d a_k = w_k (1 - s_k) (g_k - sum_j g_j w_j)
+template <typename T>
+void normalize_line_vjp(int64_t P, const T* __restrict__ wl, const T* __restrict__ wm, const T* __restrict__ wr,
+                        const T* __restrict__ sl, const T* __restrict__ sm, const T* __restrict__ sr,
+                        T* __restrict__ gl, T* __restrict__ gm, T* __restrict__ gr) {
+#pragma omp simd
+  for (int64_t p = 0; p < P; ++p) {
+    const T dot = gl[p] * wl[p] + gm[p] * wm[p] + gr[p] * wr[p];
+    gl[p] = wl[p] * (T(1) - sl[p]) * (gl[p] - dot);
+    gm[p] = wm[p] * (T(1) - sm[p]) * (gm[p] - dot);
+    gr[p] = wr[p] * (T(1) - sr[p]) * (gr[p] - dot);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One line of the forward recurrence. prev == nullptr: the line starts a tile.
+template <typename T>
+void forward_line(int64_t P, T* __restrict__ h, const T* __restrict__ prev, const T* __restrict__ x,
+                  const T* __restrict__ lam, const T* __restrict__ wl, const T* __restrict__ wm,
+                  const T* __restrict__ wr) {
+  if (prev == nullptr) {
+#pragma omp simd
+    for (int64_t p = 0; p < P; ++p) h[p] = lam[p] * x[p];
+    return;
+  }
+  if (P == 1) {
+    h[0] = lam[0] * x[0] + wm[0] * prev[0];
+    return;
+  }
+  h[0] = lam[0] * x[0] + wm[0] * prev[0] + wr[0] * prev[1];
+#pragma omp simd
+  for (int64_t p = 1; p < P - 1; ++p)
+    h[p] = lam[p] * x[p] + wl[p] * prev[p - 1] + wm[p] * prev[p] + wr[p] * prev[p + 1];
+  h[P - 1] = lam[P - 1] * x[P - 1] + wl[P - 1] * prev[P - 2] + wm[P - 1] * prev[P - 1];
+}
+
+// Gate weights of one line as seen by the kernels (normalised weights, or the raw inputs).
+template <typename T>
+struct LineWeights {
+  const T* l;
+  const T* m;
+  const T* r;
+};
+
+// One line of the adjoint recurrence. next_a == nullptr: line l+1 starts a tile (or does not
+// exist); prev_h == nullptr: line l starts a tile, so its gates receive no gradient.
+template <typename T>
+void backward_line(int64_t P, const T* __restrict__ g, const T* __restrict__ next_a, LineWeights<T> next_w,
+                   const T* __restrict__ prev_h, const T* __restrict__ x, const T* __restrict__ lam,
+                   T* __restrict__ a, T* __restrict__ dx, bool accumulate_dx, T* __restrict__ dlam,
+                   T* __restrict__ dwl, T* __restrict__ dwm, T* __restrict__ dwr) {
+  if (next_a == nullptr) {
+#pragma omp simd
+    for (int64_t p = 0; p < P; ++p) a[p] = g[p];
+  } else if (P == 1) {
+    a[0] = g[0] + next_w.m[0] * next_a[0];
+  } else {
+    const T* __restrict__ nl = next_w.l;
+    const T* __restrict__ nm = next_w.m;
+    const T* __restrict__ nr = next_w.r;
+    a[0] = g[0] + nl[1] * next_a[1] + nm[0] * next_a[0];
+#pragma omp simd
+    for (int64_t p = 1; p < P - 1; ++p)
+      a[p] = g[p] + nl[p + 1] * next_a[p + 1] + nm[p] * next_a[p] + nr[p - 1] * next_a[p - 1];
+    a[P - 1] = g[P - 1] + nm[P - 1] * next_a[P - 1] + nr[P - 2] * next_a[P - 2];
+  }
+  if (accumulate_dx) {
+#pragma omp simd
+    for (int64_t p = 0; p < P; ++p) dx[p] += lam[p] * a[p];
+  } else {
+#pragma omp simd
+    for (int64_t p = 0; p < P; ++p) dx[p] = lam[p] * a[p];
+  }
+#pragma omp simd
+  for (int64_t p = 0; p < P; ++p) dlam[p] = x[p] * a[p];
+  if (prev_h == nullptr) {
+#pragma omp simd
+    for (int64_t p = 0; p < P; ++p) dwl[p] = dwm[p] = dwr[p] = T(0);
+    return;
+  }
+  dwl[0] = T(0);
+  dwr[P - 1] = T(0);
+#pragma omp simd
+  for (int64_t p = 1; p < P; ++p) dwl[p] = a[p] * prev_h[p - 1];
+#pragma omp simd
+  for (int64_t p = 0; p < P; ++p) dwm[p] = a[p] * prev_h[p];
+#pragma omp simd
+  for (int64_t p = 0; p < P - 1; ++p) dwr[p] = a[p] * prev_h[p + 1];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strip transposes for the horizontal scans: columns [c0, c0+n) of a row-major H x W plane
+// <-> n contiguous lines of length H. float32 with AVX-512 uses 16x16 in-register transposes.
+template <typename T>
+void gather_columns(const T* __restrict__ src, int64_t H, int64_t W, int64_t c0, int64_t n, T* __restrict__ dst) {
+  for (int64_t r0 = 0; r0 < H; r0 += 16) {
+    const int64_t r1 = std::min(r0 + 16, H);
+    for (int64_t q = 0; q < n; ++q)
+      for (int64_t r = r0; r < r1; ++r) dst[q * H + r] = src[r * W + c0 + q];
+  }
+}
+
+template <typename T>
+void scatter_columns(const T* __restrict__ src, int64_t H, int64_t W, int64_t c0, int64_t n, T* __restrict__ dst,
+                     bool accumulate) {
+  for (int64_t r0 = 0; r0 < H; r0 += 16) {
+    const int64_t r1 = std::min(r0 + 16, H);
+    for (int64_t r = r0; r < r1; ++r) {
+      T* __restrict__ row = dst + r * W + c0;
+      if (accumulate) {
+        for (int64_t q = 0; q < n; ++q) row[q] += src[q * H + r];
+      } else {
+        for (int64_t q = 0; q < n; ++q) row[q] = src[q * H + r];
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+inline void transpose16x16(__m512 (&v)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 e = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88), f = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xdd);
+    const __m512 g = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88), h = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xdd);
+    v[k] = _mm512_shuffle_f32x4(e, g, 0x88);
+    v[8 + k] = _mm512_shuffle_f32x4(e, g, 0xdd);
+    v[4 + k] = _mm512_shuffle_f32x4(f, h, 0x88);
+    v[12 + k] = _mm512_shuffle_f32x4(f, h, 0xdd);
+  }
+}
+
+template <>
+void gather_columns<float>(const float* __restrict__ src, int64_t H, int64_t W, int64_t c0, int64_t n,
+                           float* __restrict__ dst) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << n) - 1u);
+  for (int64_t r0 = 0; r0 < H; r0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, H - r0);
+    const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);
+    __m512 v[16];
+    for (int64_t i = 0; i < 16; ++i)
+      v[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + (r0 + i) * W + c0) : _mm512_setzero_ps();
+    transpose16x16(v);
+    for (int64_t q = 0; q < n; ++q) _mm512_mask_storeu_ps(dst + q * H + r0, row_mask, v[q]);
+  }
+}
+
+template <>
+void scatter_columns<float>(const float* __restrict__ src, int64_t H, int64_t W, int64_t c0, int64_t n,
+                            float* __restrict__ dst, bool accumulate) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << n) - 1u);
+  for (int64_t r0 = 0; r0 < H; r0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, H - r0);
+    const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);
+    __m512 v[16];
+    for (int64_t q = 0; q < 16; ++q)
+      v[q] = q < n ? _mm512_maskz_loadu_ps(row_mask, src + q * H + r0) : _mm512_setzero_ps();
+    transpose16x16(v);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = dst + (r0 + i) * W + c0;
+      if (accumulate) v[i] = _mm512_add_ps(v[i], _mm512_maskz_loadu_ps(col_mask, row));
+      _mm512_mask_storeu_ps(row, col_mask, v[i]);
+    }
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Forward drivers (one (b, c) slice).
+
+enum FwdArg { F_X, F_LAM, F_WL, F_WM, F_WR, F_OUT, F_COUNT };
+
+template <typename T, bool NORM>
+struct ForwardWorker {
+  const Geometry& geo;
+  std::vector<T> buf;  // horizontal strips and normalised weights
+
+  explicit ForwardWorker(const Geometry& g) : geo(g) {
+    // vertical: normalisation scratch (6 lines); horizontal: 6 strips, the scratch and a carried line.
+    buf.resize(static_cast<size_t>(geo.vertical ? 6 * geo.P : (F_COUNT * STRIP + 7) * geo.H));
+  }
+
+  // Weights of one line, normalised into `scratch` (6 * P values) if NORM.
+  LineWeights<T> weights(const T* al, const T* am, const T* ar, T* scratch) {
+    if (!NORM) return {al, am, ar};
+    const int64_t P = geo.P;
+    normalize_line(P, al, am, ar, scratch, scratch + P, scratch + 2 * P, scratch + 3 * P, scratch + 4 * P,
+                   scratch + 5 * P);
+    return {scratch, scratch + P, scratch + 2 * P};
+  }
+
+  void run(const T* const* in, T* out) {
+    if (geo.vertical)
+      run_vertical(in, out);
+    else
+      run_horizontal(in, out);
+  }
+
+  void run_vertical(const T* const* in, T* out) {
+    const int64_t W = geo.W;
+    T* scratch = buf.data();
+    for (int64_t l = 0; l < geo.L; ++l) {
+      const int64_t off = geo.img(l) * W;
+      const T* prev = geo.starts(l) ? nullptr : out + geo.img(l - 1) * W;
+      const LineWeights<T> w = weights(in[F_WL] + off, in[F_WM] + off, in[F_WR] + off, scratch);
+      forward_line(W, out + off, prev, in[F_X] + off, in[F_LAM] + off, w.l, w.m, w.r);
+    }
+  }
+
+  void run_horizontal(const T* const* in, T* out) {
+    const int64_t H = geo.H, W = geo.W, S = STRIP * H;
+    T* strip[F_COUNT];
+    for (int k = 0; k < F_COUNT; ++k) strip[k] = buf.data() + k * S;
+    T* scratch = buf.data() + F_COUNT * S;  // 6 * H
+    T* carry = scratch + 6 * H;            // last line (scan order) of the previous strip
+    const int64_t num_strips = (W + STRIP - 1) / STRIP;
+    for (int64_t j = 0; j < num_strips; ++j) {
+      const int64_t s = geo.reverse ? num_strips - 1 - j : j;
+      const int64_t c0 = s * STRIP, n = std::min(STRIP, W - c0);
+      for (int k = 0; k < F_OUT; ++k) gather_columns(in[k], H, W, c0, n, strip[k]);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t q = geo.reverse ? n - 1 - i : i;  // column c0 + q, in scan order
+        const int64_t c = c0 + q;
+        const int64_t l = geo.reverse ? W - 1 - c : c;
+        const T* prev = nullptr;
+        if (!geo.starts(l)) prev = i == 0 ? carry : strip[F_OUT] + (geo.reverse ? q + 1 : q - 1) * H;
+        const LineWeights<T> w = weights(strip[F_WL] + q * H, strip[F_WM] + q * H, strip[F_WR] + q * H, scratch);
+        forward_line(H, strip[F_OUT] + q * H, prev, strip[F_X] + q * H, strip[F_LAM] + q * H, w.l, w.m, w.r);
+      }
+      const int64_t q_last = geo.reverse ? 0 : n - 1;
+      std::memcpy(carry, strip[F_OUT] + q_last * H, sizeof(T) * H);
+      scatter_columns(strip[F_OUT], H, W, c0, n, out, false);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Backward drivers (one (b, c) slice).
+
+enum BwdArg { B_G, B_H, B_X, B_LAM, B_WL, B_WM, B_WR, B_DX, B_DLAM, B_DWL, B_DWM, B_DWR, B_COUNT };
+
+template <typename T, bool NORM>
+struct BackwardWorker {
+  const Geometry& geo;
+  bool accumulate_dx;
+  std::vector<T> buf;
+
+  BackwardWorker(const Geometry& g, bool acc) : geo(g), accumulate_dx(acc) {
+    // vertical: 2 adjoint lines and 2 x 6 weight/sigmoid lines; horizontal: 12 tensor strips, the
+    // adjoint strip, 6 strips of weights/sigmoids, and 5 carried lines (adjoint, weights, h).
+    buf.resize(static_cast<size_t>(geo.vertical ? 14 * geo.P : ((B_COUNT + 7) * STRIP + 5) * geo.H));
+  }
+
+  void run(const T* const* in, T* const* out) {
+    if (geo.vertical)
+      run_vertical(in, out);
+    else
+      run_horizontal(in, out);
+  }
+
+  void run_vertical(const T* const* in, T* const* out) {
+    const int64_t P = geo.P, W = geo.W;
+    T* a_cur = buf.data();
+    T* a_next = a_cur + P;
+    T* w_cur = a_next + P;  // 6 * P: weights and sigmoids of line l
+    T* w_next = w_cur + 6 * P;  // 6 * P: of line l+1
+    LineWeights<T> next_w{nullptr, nullptr, nullptr};
+    for (int64_t l = geo.L - 1; l >= 0; --l) {
+      const int64_t off = geo.img(l) * W;
+      LineWeights<T> cur_w{in[B_WL] + off, in[B_WM] + off, in[B_WR] + off};
+      if (NORM) {
+        normalize_line(P, cur_w.l, cur_w.m, cur_w.r, w_cur, w_cur + P, w_cur + 2 * P, w_cur + 3 * P,
+                       w_cur + 4 * P, w_cur + 5 * P);
+        cur_w = {w_cur, w_cur + P, w_cur + 2 * P};
+      }
+      const bool has_next = l + 1 < geo.L && !geo.starts(l + 1);
+      const T* prev_h = geo.starts(l) ? nullptr : in[B_H] + geo.img(l - 1) * W;
+      backward_line(P, in[B_G] + off, has_next ? a_next : nullptr, next_w, prev_h, in[B_X] + off,
+                    in[B_LAM] + off, a_cur, out[B_DX - B_DX] + off, accumulate_dx, out[B_DLAM - B_DX] + off,
+                    out[B_DWL - B_DX] + off, out[B_DWM - B_DX] + off, out[B_DWR - B_DX] + off);
+      if (NORM)
+        normalize_line_vjp(P, cur_w.l, cur_w.m, cur_w.r, w_cur + 3 * P, w_cur + 4 * P, w_cur + 5 * P,
+                           out[B_DWL - B_DX] + off, out[B_DWM - B_DX] + off, out[B_DWR - B_DX] + off);
+      std::swap(a_cur, a_next);
+      if (NORM) {
+        std::swap(w_cur, w_next);
+        next_w = {w_next, w_next + P, w_next + 2 * P};
+      } else {
+        next_w = cur_w;
+      }
+    }
+  }
+
+  void run_horizontal(const T* const* in, T* const* out) {
+    const int64_t H = geo.H, W = geo.W, S = STRIP * H;
+    T* strip[B_COUNT];
+    for (int k = 0; k < B_COUNT; ++k) strip[k] = buf.data() + k * S;
+    T* adj = buf.data() + B_COUNT * S;
+    T* norm = adj + S;            // 6 strips: normalised weights (3) and sigmoids (3) if NORM
+    T* carry_a = norm + 6 * S;    // adjoint of the first line (scan order) of the previous strip
+    T* carry_w = carry_a + H;     // its weights, 3 * H
+    T* h_column = carry_w + 3 * H;  // h of the line before this strip, in scan order
+    const int64_t num_strips = (W + STRIP - 1) / STRIP;
+    for (int64_t j = num_strips - 1; j >= 0; --j) {  // strips in reverse scan order
+      const int64_t s = geo.reverse ? num_strips - 1 - j : j;
+      const int64_t c0 = s * STRIP, n = std::min(STRIP, W - c0);
+      for (int k = B_G; k <= B_WR; ++k) gather_columns(in[k], H, W, c0, n, strip[k]);
+      // The line preceding this strip in scan order (column c0-1 for lr, c0+n for rl).
+      const int64_t c_before = geo.reverse ? c0 + n : c0 - 1;
+      if (c_before >= 0 && c_before < W) gather_columns(in[B_H], H, W, c_before, 1, h_column);
+      LineWeights<T> w_of[STRIP];
+      for (int64_t q = 0; q < n; ++q) {
+        w_of[q] = {strip[B_WL] + q * H, strip[B_WM] + q * H, strip[B_WR] + q * H};
+        if (NORM) {
+          T* nq = norm + q * 6 * H;
+          normalize_line(H, w_of[q].l, w_of[q].m, w_of[q].r, nq, nq + H, nq + 2 * H, nq + 3 * H, nq + 4 * H,
+                         nq + 5 * H);
+          w_of[q] = {nq, nq + H, nq + 2 * H};
+        }
+      }
+      for (int64_t i = n - 1; i >= 0; --i) {  // lines of the strip in reverse scan order
+        const int64_t q = geo.reverse ? n - 1 - i : i;
+        const int64_t c = c0 + q;
+        const int64_t l = geo.reverse ? W - 1 - c : c;
+        const bool has_next = l + 1 < geo.L && !geo.starts(l + 1);
+        const T* next_a = nullptr;
+        LineWeights<T> next_w{nullptr, nullptr, nullptr};
+        if (has_next) {
+          if (i == n - 1) {
+            next_a = carry_a;
+            next_w = {carry_w, carry_w + H, carry_w + 2 * H};
+          } else {
+            const int64_t qn = geo.reverse ? q - 1 : q + 1;
+            next_a = adj + qn * H;
+            next_w = w_of[qn];
+          }
+        }
+        const T* prev_h = nullptr;
+        if (!geo.starts(l)) prev_h = i == 0 ? h_column : strip[B_H] + (geo.reverse ? q + 1 : q - 1) * H;
+        T* o[5];
+        for (int k = 0; k < 5; ++k) o[k] = strip[B_DX + k] + q * H;
+        backward_line(H, strip[B_G] + q * H, next_a, next_w, prev_h, strip[B_X] + q * H, strip[B_LAM] + q * H,
+                      adj + q * H, o[0], false, o[1], o[2], o[3], o[4]);
+        if (NORM) {
+          const T* nq = norm + q * 6 * H;
+          normalize_line_vjp(H, nq, nq + H, nq + 2 * H, nq + 3 * H, nq + 4 * H, nq + 5 * H, o[2], o[3], o[4]);
+        }
+      }
+      const int64_t q_first = geo.reverse ? n - 1 : 0;  // first line of the strip in scan order
+      std::memcpy(carry_a, adj + q_first * H, sizeof(T) * H);
+      std::memcpy(carry_w, w_of[q_first].l, sizeof(T) * H);
+      std::memcpy(carry_w + H, w_of[q_first].m, sizeof(T) * H);
+      std::memcpy(carry_w + 2 * H, w_of[q_first].r, sizeof(T) * H);
+      scatter_columns(strip[B_DX], H, W, c0, n, out[0], accumulate_dx);
+      for (int k = 1; k < 5; ++k) scatter_columns(strip[B_DX + k], H, W, c0, n, out[k], false);
+    }
+  }
+};
+
+inline int resolve_threads(int nthreads) {
+#ifdef _OPENMP
+  return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+  (void)nthreads;
+  return 1;
+#endif
+}
+
+template <typename T, bool NORM>
+void forward_impl(const Geometry& geo, int64_t B, int64_t C, int nthreads, const TensorArg* args) {
+#pragma omp parallel num_threads(resolve_threads(nthreads))
+  {
+    ForwardWorker<T, NORM> worker(geo);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bc = 0; bc < B * C; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      const T* in[F_OUT];
+      for (int k = 0; k < F_OUT; ++k) in[k] = slice_ptr<T>(args[k], b, c);
+      worker.run(in, slice_ptr<T>(args[F_OUT], b, c));
+    }
+  }
+}
+
+template <typename T, bool NORM>
+void backward_impl(const Geometry& geo, int64_t B, int64_t C, bool accumulate_dx, int nthreads,
+                   const TensorArg* args) {
+#pragma omp parallel num_threads(resolve_threads(nthreads))
+  {
+    BackwardWorker<T, NORM> worker(geo, accumulate_dx);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bc = 0; bc < B * C; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      const T* in[B_DX];
+      T* out[5];
+      for (int k = 0; k < B_DX; ++k) in[k] = slice_ptr<T>(args[k], b, c);
+      for (int k = 0; k < 5; ++k) out[k] = slice_ptr<T>(args[B_DX + k], b, c);
+      worker.run(in, out);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int gspn_cpu_abi_version() { return 1; }
+
+// dtype: 0 = float32, 1 = float64. direction: 0 tb, 1 bt, 2 lr, 3 rl. chunk: 0 = global.
+// args: x, lam, w_left, w_mid, w_right, out.
+int gspn_scan_forward(int dtype, int direction, int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk,
+                      int normalize, int nthreads, const TensorArg* args) {
+  if (direction < 0 || direction > 3 || H <= 0 || W <= 0) return 1;
+  const Geometry geo(direction, H, W, chunk);
+  if (dtype == 0)
+    normalize ? forward_impl<float, true>(geo, B, C, nthreads, args) : forward_impl<float, false>(geo, B, C, nthreads, args);
+  else if (dtype == 1)
+    normalize ? forward_impl<double, true>(geo, B, C, nthreads, args)
+              : forward_impl<double, false>(geo, B, C, nthreads, args);
+  else
+    return 2;
+  return 0;
+}
+
+// args: grad, h, x, lam, w_left, w_mid, w_right, dx, dlam, dw_left, dw_mid, dw_right.
+int gspn_scan_backward(int dtype, int direction, int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk,
+                       int normalize, int accumulate_dx, int nthreads, const TensorArg* args) {
+  if (direction < 0 || direction > 3 || H <= 0 || W <= 0) return 1;
+  const Geometry geo(direction, H, W, chunk);
+  const bool acc = accumulate_dx != 0;
+  if (dtype == 0)
+    normalize ? backward_impl<float, true>(geo, B, C, acc, nthreads, args)
+              : backward_impl<float, false>(geo, B, C, acc, nthreads, args);
+  else if (dtype == 1)
+    normalize ? backward_impl<double, true>(geo, B, C, acc, nthreads, args)
+              : backward_impl<double, false>(geo, B, C, acc, nthreads, args);
+  else
+    return 2;
+  return 0;
+}
+
+// Ask the kernel to back the 2 MiB-aligned interior of a fresh, untouched buffer with huge pages:
+// first-touch page faults dominate a memory-bound scan's time on large outputs otherwise.
+int gspn_advise_hugepages(void* data, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(1) << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(nbytes)) & ~(huge - 1);
+  if (end > begin) return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)nbytes;
+#endif
+  return 0;
+}
+
+}  // extern "C"
