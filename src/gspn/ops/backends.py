@@ -5,7 +5,10 @@ Every backend is a module exposing
 * ``is_available(device) -> bool``
 * ``scan(x, lam, w_left, w_mid, w_right, *, direction, chunk_size, normalize, out)``
 * ``scan_backward(grad, h, x, lam, w_left, w_mid, w_right, *, direction, chunk_size, normalize,
-  dx, accumulate_dx) -> (d_lam, d_w_left, d_w_mid, d_w_right)`` (full ``(B, C, H, W)`` size)
+  dx, accumulate_dx, d_params)``: writes (or, with ``accumulate_dx``, adds) ``dL/dx`` into ``dx``
+  and the full-size ``(B, C, H, W)`` gradients of ``lam, w_left, w_mid, w_right`` into the four
+  ``d_params`` buffers (possibly strided views, e.g. one direction of a ``(B, 4, C, H, W)`` buffer)
+* optionally ``allocate(shape, dtype, device)`` for output buffers
 
 and receives tensors already validated, in the accumulation dtype (float32/float64), with H and W
 contiguous; parameters keep their compact broadcast shapes. ``"auto"`` picks the fastest backend

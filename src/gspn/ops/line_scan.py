@@ -64,24 +64,22 @@ def _backward(grad, h, x, params, directions, chunk_size, normalize, backend, fo
     ps = [_prepare(p, cdtype) for p in params]
     grad, h = _prepare(grad, cdtype), _prepare(h, cdtype)
     dx = _allocate(module, x.shape, cdtype, x.device)
-    per_direction = []
+    # Full-size gradient buffers of the parameters, (B, 4, C, H, W) for the 4-direction op: the
+    # backend writes each direction's slice in place; broadcast parameters are reduced afterwards.
+    full_shape = (x.shape[0], 4, *x.shape[1:]) if four_directions else x.shape
+    d_params = [_allocate(module, full_shape, cdtype, x.device) for _ in params]
     for k, direction in enumerate(directions):
         step_params = [_direction_slice(p, k) for p in ps] if four_directions else ps
         g, hk = (grad[:, k], h[:, k]) if four_directions else (grad, h)
-        per_direction.append(
-            module.scan_backward(
-                g, hk, xs, *step_params, direction=direction, chunk_size=chunk_size,
-                normalize=normalize, dx=dx, accumulate_dx=k > 0,
-            )
+        step_grads = [d[:, k] for d in d_params] if four_directions else d_params
+        module.scan_backward(
+            g, hk, xs, *step_params, direction=direction, chunk_size=chunk_size, normalize=normalize,
+            dx=dx, accumulate_dx=k > 0, d_params=step_grads,
         )
-    grads = [dx.to(x.dtype)]
-    for i, p in enumerate(params):
-        if four_directions:
-            full = torch.stack([step[i] for step in per_direction], dim=1)
-            grads.append(reduce_to_shape(full, p.shape, channel_dim=2).to(p.dtype))
-        else:
-            grads.append(reduce_to_shape(per_direction[0][i], p.shape).to(p.dtype))
-    return grads
+    channel_dim = 2 if four_directions else 1
+    return [dx.to(x.dtype)] + [
+        reduce_to_shape(d, p.shape, channel_dim=channel_dim).to(p.dtype) for d, p in zip(d_params, params, strict=True)
+    ]
 
 
 # --- one direction -------------------------------------------------------------------------------

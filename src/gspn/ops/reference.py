@@ -70,20 +70,21 @@ def scan(x, lam, w_left, w_mid, w_right, *, direction: str, chunk_size: int | No
     return out
 
 
-def scan_backward(grad, h, x, lam, w_left, w_mid, w_right, *, direction, chunk_size, normalize, dx, accumulate_dx):
+def scan_backward(
+    grad, h, x, lam, w_left, w_mid, w_right, *, direction, chunk_size, normalize, dx, accumulate_dx, d_params
+):
     """Adjoint scan of one direction.
 
-    Writes (or adds, if ``accumulate_dx``) ``dL/dx`` into ``dx`` and returns the full-size
-    ``(B, C, H, W)`` gradients of ``lam, w_left, w_mid, w_right`` (w.r.t. the logits if
-    ``normalize``); reducing them to broadcast shapes is the caller's job.
+    Writes (or adds, if ``accumulate_dx``) ``dL/dx`` into ``dx`` and the full-size ``(B, C, H, W)``
+    gradients of ``lam, w_left, w_mid, w_right`` (w.r.t. the logits if ``normalize``) into
+    ``d_params``; reducing them to broadcast shapes is the caller's job.
     """
     channels = x.shape[1]
     gates = _gates(w_left, w_mid, w_right, direction, normalize)
-    g_, h_, x_, lam_, wl, wm, wr = (
-        _full_line_frame(t.expand(x.shape[0], *t.shape[1:]), channels, direction)
-        for t in (grad, h, x, lam, *gates)
+    g_, h_, wl, wm, wr = (
+        _full_line_frame(t.expand(x.shape[0], *t.shape[1:]), channels, direction) for t in (grad, h, *gates)
     )
-    starts = tile_starts(x_.shape[-2], chunk_size, get_direction(direction).reverse)
+    starts = tile_starts(g_.shape[-2], chunk_size, get_direction(direction).reverse)
     num_lines = len(starts)
     adj = [None] * num_lines
     d_wl, d_wm, d_wr = (torch.zeros_like(g_) for _ in range(3))
@@ -110,4 +111,5 @@ def scan_backward(grad, h, x, lam, w_left, w_mid, w_right, *, direction, chunk_s
         logits = tuple(expand_channels(t, channels).expand_as(x) for t in (w_left, w_mid, w_right))
         weights = tuple(expand_channels(t, channels).expand_as(x) for t in gates)
         d_wl, d_wm, d_wr = stabilize_vjp(d_wl, d_wm, d_wr, logits, weights)
-    return d_lam, d_wl, d_wm, d_wr
+    for buffer, value in zip(d_params, (d_lam, d_wl, d_wm, d_wr), strict=True):
+        buffer.copy_(value)

@@ -87,8 +87,7 @@ def check_line_scan_args(
         )
         if not ok:
             expected = (
-                f"(B or 1, 4 or 1, C or a divisor of C, H, W) = ({batch}|1, 4|1, {channels}|divisor, "
-                f"{height}, {width})"
+                f"(B or 1, 4 or 1, C or a divisor of C, H, W) = ({batch}|1, 4|1, {channels}|divisor, {height}, {width})"
                 if four_directions
                 else f"(B or 1, C or a divisor of C, H, W) = ({batch}|1, {channels}|divisor, {height}, {width})"
             )
@@ -129,7 +128,7 @@ def reduce_to_shape(grad: torch.Tensor, shape: torch.Size, channel_dim: int = 1)
     # Channel groups: (.., C, ..) -> (.., Cg, G, ..) and sum over G.
     pc = shape[channel_dim]
     if pc != full[channel_dim]:
-        split = full[:channel_dim] + [pc, full[channel_dim] // pc] + full[channel_dim + 1 :]
+        split = [*full[:channel_dim], pc, full[channel_dim] // pc, *full[channel_dim + 1 :]]
         grad = grad.reshape(split).sum(channel_dim + 1)
     dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape, strict=True)) if s == 1 and g != 1]
     if dims:

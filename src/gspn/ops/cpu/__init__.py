@@ -93,12 +93,25 @@ def _load() -> ctypes.CDLL | None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _compile(compiler, path)
             lib = ctypes.CDLL(str(path))
-            lib.gspn_scan_forward.argtypes = [ctypes.c_int] * 2 + [ctypes.c_int64] * 5 + [
-                ctypes.c_int, ctypes.c_int, ctypes.POINTER(_TensorArg),
-            ]
-            lib.gspn_scan_backward.argtypes = [ctypes.c_int] * 2 + [ctypes.c_int64] * 5 + [
-                ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_TensorArg),
-            ]
+            lib.gspn_scan_forward.argtypes = (
+                [ctypes.c_int] * 2
+                + [ctypes.c_int64] * 5
+                + [
+                    ctypes.c_int,
+                    ctypes.c_int,
+                    ctypes.POINTER(_TensorArg),
+                ]
+            )
+            lib.gspn_scan_backward.argtypes = (
+                [ctypes.c_int] * 2
+                + [ctypes.c_int64] * 5
+                + [
+                    ctypes.c_int,
+                    ctypes.c_int,
+                    ctypes.c_int,
+                    ctypes.POINTER(_TensorArg),
+                ]
+            )
             lib.gspn_advise_hugepages.argtypes = [ctypes.c_void_p, ctypes.c_int64]
             _library = lib
         except (OSError, RuntimeError) as exc:
@@ -149,24 +162,41 @@ def scan(x, lam, w_left, w_mid, w_right, *, direction, chunk_size, normalize, ou
     lib = _load()
     batch, channels, height, width = x.shape
     rc = lib.gspn_scan_forward(
-        _DTYPES[x.dtype], get_direction(direction).index, batch, channels, height, width, chunk_size or 0,
-        int(normalize), torch.get_num_threads(), _args((x, lam, w_left, w_mid, w_right, out), channels),
+        _DTYPES[x.dtype],
+        get_direction(direction).index,
+        batch,
+        channels,
+        height,
+        width,
+        chunk_size or 0,
+        int(normalize),
+        torch.get_num_threads(),
+        _args((x, lam, w_left, w_mid, w_right, out), channels),
     )
     if rc != 0:
         raise RuntimeError(f"gspn CPU forward kernel failed with code {rc}")
     return out
 
 
-def scan_backward(grad, h, x, lam, w_left, w_mid, w_right, *, direction, chunk_size, normalize, dx, accumulate_dx):
+def scan_backward(
+    grad, h, x, lam, w_left, w_mid, w_right, *, direction, chunk_size, normalize, dx, accumulate_dx, d_params
+):
     """Adjoint scan of one direction (see :mod:`gspn.ops.backends`)."""
     lib = _load()
     batch, channels, height, width = x.shape
-    grads = [allocate(x.shape, x.dtype, x.device) for _ in range(4)]
-    tensors = (grad, h, x, lam, w_left, w_mid, w_right, dx, *grads)
+    tensors = (grad, h, x, lam, w_left, w_mid, w_right, dx, *d_params)
     rc = lib.gspn_scan_backward(
-        _DTYPES[x.dtype], get_direction(direction).index, batch, channels, height, width, chunk_size or 0,
-        int(normalize), int(accumulate_dx), torch.get_num_threads(), _args(tensors, channels),
+        _DTYPES[x.dtype],
+        get_direction(direction).index,
+        batch,
+        channels,
+        height,
+        width,
+        chunk_size or 0,
+        int(normalize),
+        int(accumulate_dx),
+        torch.get_num_threads(),
+        _args(tensors, channels),
     )
     if rc != 0:
         raise RuntimeError(f"gspn CPU backward kernel failed with code {rc}")
-    return tuple(grads)
