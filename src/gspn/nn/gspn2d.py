@@ -105,7 +105,9 @@ class GSPN2d(nn.Module):
             chunk_size=self.chunk_size, normalize=True, backend=self.backend,
         )
         y = torch.addcmul(u * hidden, skip, x.unsqueeze(1))  # (B, 4, C, H, W)
-        return self.m_conv(y.reshape(b, nd, c * h, w)).view(b, c, h, w)
+        # The merger is the 1×1 conv ``m_conv`` (4 → 1) over the direction axis, applied as a
+        # (1, 4) @ (B, 4, C·H·W) matmul: same numbers, several times faster than a 4-channel conv on CPU.
+        return torch.matmul(self.m_conv.weight.view(1, nd), y.reshape(b, nd, c * h * w)).view(b, c, h, w)
 
     def extra_repr(self) -> str:
         scope = "global" if self.is_global else f"local, chunk_size={self.chunk_size}"
