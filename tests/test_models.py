@@ -181,3 +181,11 @@ def test_complexity_counts_scan_with_the_papers_formula(nano):
     dense = sum(v for k, v in res["flops_by_op"].items() if k.startswith("aten."))
     assert res["conv_linear_macs"] * 2 == dense
     assert nano.training is False
+
+
+def test_complexity_table_cli(capsys):
+    from gspn.models.complexity import main
+
+    main(["gspn_t", "gspn_nano", "--img-size", "64", "96"])
+    out = capsys.readouterr().out
+    assert "gspn_t" in out and "31,510,268" in out and "64x96" in out

@@ -126,6 +126,18 @@ def test_gradient_flows_to_input_and_every_parameter():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("chunk_size, gate_channels", [(None, None), (2, 2)], ids=["global", "local-shared"])
+def test_gradcheck_float64(chunk_size, gate_channels):
+    m = _module(channels=4, d_state=2, chunk_size=chunk_size, gate_channels=gate_channels)
+    x = torch.randn(1, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    names, params = zip(*m.named_parameters(), strict=True)
+
+    def f(x, *weights):
+        return torch.func.functional_call(m, dict(zip(names, weights, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+
+
 def test_shared_gates_equal_repeated_per_channel_gates():
     shared = _module(channels=6, gate_channels=2)
     full = GSPN2d(6, d_state=3).double()
