@@ -102,6 +102,13 @@ def test_forward_any_resolution_and_api(nano):
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
     torch.testing.assert_close(nano.forward_head(feats), logits)
     assert [f["num_chs"] for f in nano.feature_info] == nano.embed_dims
+    final, inter = nano.forward_intermediates(x)
+    torch.testing.assert_close(final, feats)
+    assert [t.shape[1] for t in inter] == nano.embed_dims
+    assert [t.shape[-2:] for t in inter] == [(10, 13), (5, 7), (3, 4), (2, 2)]
+    assert [t.shape[1] for t in nano.forward_intermediates(x, indices=[0, -1], intermediates_only=True)] == [
+        nano.embed_dims[0], nano.embed_dims[-1]
+    ]
 
 
 def test_backward_reaches_every_parameter():

@@ -269,6 +269,39 @@ class GSPNClassifier(nn.Module):
         """``(B, in_chans, H, W) → (B, num_features, ⌈H/32⌉, ⌈W/32⌉)``, before the head's norm."""
         return self.stages(self.stem(x))
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs for dense tasks (timm-style).
+
+        Args:
+            x: ``(B, in_chans, H, W)``.
+            indices: stages to return: ``None`` = all, an int ``n`` = the last ``n``, or a list of
+                (possibly negative) stage indices.
+            intermediates_only: return only the list.
+
+        Returns:
+            ``[(B, C·2^i, ⌈H/2^(i+2)⌉, ⌈W/2^(i+2)⌉) for each selected stage i]``, preceded by the
+            :meth:`forward_features` output unless ``intermediates_only``.
+        """
+        n = len(self.stages)
+        if indices is None:
+            wanted = list(range(n))
+        elif isinstance(indices, int):
+            wanted = list(range(n - indices, n))
+        else:
+            wanted = [i % n for i in indices]
+        outs = []
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in wanted:
+                outs.append(x)
+        return outs if intermediates_only else (x, outs)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Head on :meth:`forward_features` output: ``(B, num_features)`` if ``pre_logits`` else logits."""
         return self.head(x, pre_logits=pre_logits)
