@@ -111,6 +111,13 @@ def test_forward_any_resolution_and_api(nano):
     ]
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (5, 200), (33, 7)], ids=str)
+def test_extreme_resolutions(nano, hw):
+    with torch.no_grad():
+        out = nano(torch.randn(1, 3, *hw))
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
 def test_backward_reaches_every_parameter():
     torch.manual_seed(0)
     model = create_model("gspn_nano", num_classes=3, drop_path_rate=0.1)
