@@ -1,0 +1,76 @@
+"""A small timm-style model registry: ``@register_model``, :func:`create_model`, :func:`list_models`.
+
+timm cannot be imported on machines without torchvision, so the registry is our own. An
+entrypoint is a function ``name(pretrained=False, **kwargs) -> nn.Module``; its default
+configuration (input size, mean/std, number of classes, ...) lives in the ``default_cfgs`` dict of
+the module that defines it, under the same name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch import nn
+
+__all__ = ["create_model", "get_default_cfg", "is_model", "list_models", "model_entrypoint", "register_model"]
+
+_ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+def register_model(fn: F) -> F:
+    """Decorator: register ``fn`` under its ``__name__`` (must be unique)."""
+    name = fn.__name__
+    if name in _ENTRYPOINTS and _ENTRYPOINTS[name] is not fn:
+        raise ValueError(f"a model named {name!r} is already registered by {_ENTRYPOINTS[name].__module__}")
+    _ENTRYPOINTS[name] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered models matching the shell-style ``pattern`` (e.g. ``"gspn_*"``)."""
+    return sorted(n for n in _ENTRYPOINTS if fnmatch.fnmatchcase(n, pattern))
+
+
+def is_model(name: str) -> bool:
+    """Whether ``name`` is a registered model."""
+    return name in _ENTRYPOINTS
+
+
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The registered entrypoint of ``name``; a ``ValueError`` lists close matches when unknown."""
+    try:
+        return _ENTRYPOINTS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_ENTRYPOINTS), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (available: {', '.join(list_models())})") from None
+
+
+def get_default_cfg(name: str) -> dict[str, Any]:
+    """A copy of the default configuration of model ``name`` (input size, mean/std, num_classes, ...)."""
+    fn = model_entrypoint(name)
+    cfgs = getattr(sys.modules[fn.__module__], "default_cfgs", {})
+    return dict(cfgs.get(name, {}))
+
+
+def create_model(name: str, pretrained: bool | str | os.PathLike = False, **overrides: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: a name from :func:`list_models`, e.g. ``"gspn_t"``.
+        pretrained: ``False`` (random init); a path to a ``.safetensors`` file to load (a classifier
+            whose shape does not fit ``num_classes`` is skipped with a warning). ``True`` raises:
+            no official GSPN weights are published.
+        **overrides: constructor arguments that replace the model's configuration
+            (``num_classes``, ``drop_path_rate``, ``in_chans``, ...).
+
+    To count parameters without allocating memory, build on the meta device:
+    ``with torch.device("meta"): model = create_model("gspn_b")``.
+    """
+    return model_entrypoint(name)(pretrained=pretrained, **overrides)

@@ -1,0 +1,100 @@
+"""Parameter and MAC counts in the GSPN papers' convention.
+
+``MACs = (FLOPs of convolutions, linears and other matmuls, as counted by
+torch.utils.flop_counter) / 2 + scan cost``, where the scan cost of each direction over a
+``(B, C, H, W)`` input is ``B·C·(L − 1)·(7P − 4)`` for ``L`` lines of ``P`` pixels (the formula
+registered for ``torch.ops.gspn.line_scan*`` by :mod:`gspn.ops`; FlopCounterMode reports it
+per op, and it is already a MAC-style count, so it is not halved). Normalisations, activations
+and elementwise products are not counted, as in the papers.
+
+Run ``python -m gspn.models`` for a table of all registered models (built on the meta
+device: no memory, a few seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["complexity", "count_params"]
+
+_SCAN_NAMESPACE = "gspn"
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _op_name(op: Any) -> str:
+    return getattr(op, "_qualified_op_name", str(op)).replace("::", ".")
+
+
+def complexity(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch: int = 1) -> dict[str, Any]:
+    """Parameters and MACs of one forward pass of ``model`` on a ``(batch, *input_size)`` input.
+
+    The model may live on the meta device (then nothing is computed, only shapes). It is run in
+    eval mode under ``torch.no_grad`` and its training flag is restored afterwards.
+
+    Returns:
+        ``{"params", "macs", "gmacs", "conv_linear_macs", "scan_macs", "flops_by_op"}``, where
+        ``macs = conv_linear_macs + scan_macs`` and ``flops_by_op`` is FlopCounterMode's raw
+        per-op count (``"aten.convolution"``, ``"aten.mm"``, ``"gspn.line_scan_4d"``, ...).
+    """
+    try:
+        ref = next(model.parameters())
+        device, dtype = ref.device, ref.dtype
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.get_default_dtype()
+    x = torch.zeros(batch, *input_size, device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    by_op = {_op_name(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    scan = sum(n for name, n in by_op.items() if name.split(".")[0] == _SCAN_NAMESPACE)
+    dense = sum(n for name, n in by_op.items() if name.split(".")[0] != _SCAN_NAMESPACE) // 2
+    return {
+        "params": count_params(model),
+        "macs": dense + scan,
+        "gmacs": (dense + scan) / 1e9,
+        "conv_linear_macs": dense,
+        "scan_macs": scan,
+        "flops_by_op": by_op,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print parameters and MACs of registered models (``python -m gspn.models``)."""
+    from . import get_default_cfg, list_models
+    from ._registry import create_model
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("models", nargs="*", help="model names (default: all registered)")
+    parser.add_argument("--img-size", type=int, nargs="+", default=None, help="H [W] (default: model's cfg)")
+    parser.add_argument("--num-classes", type=int, default=None)
+    args = parser.parse_args(argv)
+    print(f"{'model':<12} {'input':>9} {'params':>14} {'GMACs':>8} {'ref params':>12} {'ref GMACs':>10}")
+    for name in args.models or list_models():
+        cfg = get_default_cfg(name)
+        overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        with torch.device("meta"):
+            model = create_model(name, **overrides)
+        size = tuple(cfg["input_size"][1:]) if args.img_size is None else tuple(args.img_size * 2)[:2]
+        res = complexity(model, (cfg["input_size"][0], *size))
+        ref_p = f"{cfg['reference_params']:,}" if "reference_params" in cfg else "-"
+        ref_m = f"{cfg['reference_gmacs']:.2f}" if "reference_gmacs" in cfg else "-"
+        shape = f"{size[0]}x{size[1]}"
+        print(f"{name:<12} {shape:>9} {res['params']:>14,} {res['gmacs']:>8.3f} {ref_p:>12} {ref_m:>10}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The GSPN module: input-dependent 4-direction line scans with a learnable, aligned merger."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import DIRECTIONS, line_scan_4d
+
+__all__ = ["GSPN2d"]
+
+_NUM_DIRECTIONS = len(DIRECTIONS)
+_NUM_GATES = 3
+
+
+class GSPN2d(nn.Module):
+    r"""Generalized Spatial Propagation on a ``(B, C, H, W)`` map.
+
+    All propagation parameters are generated from the input through a small shared *proxy*::
+
+        z        = W_down x                                  (C → d_state, 1×1, shared)
+        a_k      = W_w z    (3 gate logits per direction)    (d_state → 4·3·Cg)
+        λ_k, u_k, D_k = W_λ z, W_u z, W_D z                  (d_state → 4·C each)
+        h_k      = line_scan(x, λ_k, stabilize(a_k), direction k)   k ∈ (tb, bt, lr, rl)
+        y_k      = u_k ⊙ h_k + D_k ⊙ x
+        y        = Σ_k m_k y_k                               (learnable merger, 4 weights)
+
+    with the recurrence of :func:`gspn.ops.line_scan` and the stability–context normalisation of
+    :func:`gspn.ops.stabilize` (the gates of the neighbours that exist are non-negative and sum to 1).
+
+    **Alignment.** :func:`gspn.ops.line_scan_4d` returns every direction in the image frame, so
+    ``y_k[..., r, c]`` is pixel ``(r, c)``'s result for every ``k`` and the merger combines like with
+    like. (The reference code sums the transposed/flipped scans in their own frames; this module
+    does not.) With a global scan the four causal cones of a pixel cover the whole image.
+
+    Args:
+        channels: ``C``.
+        d_state: proxy dimension (8 in GSPN-T/B, 16 in GSPN-S).
+        chunk_size: ``None`` for global GSPN (one scan over the whole image); ``k`` restarts the
+            scans at image-aligned tiles of ``k`` lines (local GSPN).
+        gate_channels: number ``Cg`` of independent gate channels; must divide ``C``. ``None``
+            (default) gives per-channel gates (GSPN-1); smaller values share each gate over a
+            group of ``C / Cg`` channels (GSPN-2's compact channel propagation), shrinking
+            ``W_w`` from ``12·C`` to ``12·Cg`` outputs.
+        backend: scan backend passed to :func:`gspn.ops.line_scan_4d`.
+
+    Shapes: ``(B, C, H, W) → (B, C, H, W)``; any ``H, W ≥ 1``.
+
+    Example:
+        >>> import torch
+        >>> from gspn.nn import GSPN2d
+        >>> GSPN2d(16, d_state=4)(torch.randn(2, 16, 9, 13)).shape
+        torch.Size([2, 16, 9, 13])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        d_state: int = 8,
+        chunk_size: int | None = None,
+        gate_channels: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        gate_channels = channels if gate_channels is None else gate_channels
+        if gate_channels <= 0 or channels % gate_channels:
+            raise ValueError(
+                f"gate_channels must be a positive divisor of channels={channels}, got {gate_channels}"
+            )
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"chunk_size must be None (global) or a positive int, got {chunk_size}")
+        self.channels = channels
+        self.d_state = d_state
+        self.chunk_size = chunk_size
+        self.gate_channels = gate_channels
+        self.backend = backend
+        nd = _NUM_DIRECTIONS
+        self.x_conv_down = nn.Conv2d(channels, d_state, 1, bias=False)
+        self.w_conv_up = nn.Conv2d(d_state, nd * _NUM_GATES * gate_channels, 1, bias=False)
+        self.l_conv_up = nn.Conv2d(d_state, nd * channels, 1, bias=False)
+        self.u_conv_up = nn.Conv2d(d_state, nd * channels, 1, bias=False)
+        self.d_conv = nn.Conv2d(d_state, nd * channels, 1, bias=False)
+        self.m_conv = nn.Conv2d(nd, 1, 1, bias=False)
+        nn.init.constant_(self.m_conv.weight, 1.0 / nd)  # start as the mean of the four directions
+
+    @property
+    def is_global(self) -> bool:
+        """Whether the scans run over the whole image (``chunk_size is None``)."""
+        return self.chunk_size is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (B, C, H, W) → (B, C, H, W)``."""
+        b, c, h, w = x.shape
+        if c != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got input of shape {tuple(x.shape)}")
+        nd = _NUM_DIRECTIONS
+        x = x.contiguous()  # the scan needs dense (H, W) planes; channels-last input is copied once here
+        z = self.x_conv_down(x)
+        gates = self.w_conv_up(z).view(b, nd, _NUM_GATES, self.gate_channels, h, w)
+        lam = self.l_conv_up(z).view(b, nd, c, h, w)
+        u = self.u_conv_up(z).view(b, nd, c, h, w)
+        skip = self.d_conv(z).view(b, nd, c, h, w)
+        hidden = line_scan_4d(
+            x, lam, gates[:, :, 0], gates[:, :, 1], gates[:, :, 2],
+            chunk_size=self.chunk_size, normalize=True, backend=self.backend,
+        )
+        y = torch.addcmul(u * hidden, skip, x.unsqueeze(1))  # (B, 4, C, H, W)
+        # The merger is the 1×1 conv ``m_conv`` (4 → 1) over the direction axis, applied as a
+        # (1, 4) @ (B, 4, C·H·W) matmul: same numbers, several times faster than a 4-channel conv on CPU.
+        return torch.matmul(self.m_conv.weight.view(1, nd), y.reshape(b, nd, c * h * w)).view(b, c, h, w)
+
+    def extra_repr(self) -> str:
+        scope = "global" if self.is_global else f"local, chunk_size={self.chunk_size}"
+        return f"{self.channels}, d_state={self.d_state}, gate_channels={self.gate_channels}, {scope}"
