@@ -107,6 +107,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="CHECKPOINT",
         help="resume from a checkpoint; without a path, from <output>/last.pt if it exists",
     )
+    g.add_argument(
+        "--stop-after-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N epochs of this invocation (for time-limited jobs); the schedule still spans "
+        "--epochs and --resume continues",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument(
@@ -143,6 +151,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         dist_backend=args.dist_backend,
         resume=args.resume,
+        stop_after_epochs=args.stop_after_epochs,
         train_limit=args.train_limit,
         val_limit=args.val_limit,
         hflip=args.hflip,

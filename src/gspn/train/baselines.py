@@ -53,7 +53,10 @@ class ViTBaseline(nn.Module):
         drop: float = 0.0,
     ) -> None:
         super().__init__()
-        heads = num_heads or max(1, embed_dim // 32)
+        # default: as many heads (≤ 8) as keep a head dimension of at least 16
+        heads = num_heads or next(
+            h for h in (8, 4, 2, 1) if h == 1 or (embed_dim % h == 0 and embed_dim // h >= 16)
+        )
         if embed_dim % heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {heads}")
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
@@ -154,7 +157,7 @@ BASELINES: dict[str, Callable[..., nn.Module]] = {
 }
 
 #: The keyword that sets each baseline's width, and the candidate widths :func:`match_params` tries.
-_WIDTH_KEY = {"baseline_vit": ("embed_dim", range(32, 513, 32)), "baseline_conv": ("width", range(8, 257, 4))}
+_WIDTH_KEY = {"baseline_vit": ("embed_dim", range(16, 1025, 8)), "baseline_conv": ("width", range(4, 513, 2))}
 
 
 def match_params(
@@ -171,5 +174,7 @@ def match_params(
         n = count_params(BASELINES[name](num_classes=num_classes, in_chans=in_chans, **{**kw, key: w}))
         if best is None or abs(n - target_params) < abs(best[1] - target_params):
             best = (w, n)
+        if n > target_params:  # the count grows with the width: no closer candidate follows
+            break
     assert best is not None
     return {**kw, key: best[0]}

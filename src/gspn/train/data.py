@@ -148,6 +148,8 @@ class DigitsDataset(Dataset):
         keep = is_val if split == "val" else ~is_val
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        #: indices into ``load_digits()`` of this split's images
+        self.indices = np.flatnonzero(keep)
         x = torch.from_numpy(images[keep])[:, None]
         self.images = F.interpolate(x, size=(base_size, base_size), mode="bilinear", align_corners=False)
         self.targets = torch.from_numpy(targets[keep])

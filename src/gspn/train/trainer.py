@@ -70,6 +70,7 @@ class TrainConfig:
     device: str = "auto"
     dist_backend: str | None = None
     resume: str | None = None
+    stop_after_epochs: int | None = None
     train_limit: int | None = None
     val_limit: int | None = None
     hflip: float | None = None
@@ -374,7 +375,10 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
 
     metrics_path = out / "metrics.jsonl"
     last_val: dict[str, float] = {}
-    for epoch in range(start_epoch, cfg.epochs):
+    end_epoch = cfg.epochs
+    if cfg.stop_after_epochs is not None:
+        end_epoch = min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
         t0, c0 = time.perf_counter(), time.process_time()
         if sampler is not None:
             sampler.set_epoch(epoch)
