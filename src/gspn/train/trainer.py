@@ -240,6 +240,12 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     amp_dtype = _amp_dtype(cfg.amp, dev)
 
     resume_path = _resolve_resume(cfg, out)
+    seen_by_rank = all_gather_objects(str(resume_path) if resume_path else None, ctx)
+    if len(set(seen_by_rank)) > 1:
+        raise RuntimeError(
+            f"--resume: the ranks disagree on the checkpoint to resume from ({seen_by_rank}); "
+            "the output directory must be on a filesystem shared by all nodes"
+        )
     ckpt = load_checkpoint(resume_path) if resume_path else None
     if ckpt is not None:
         if ckpt.get("format") != CHECKPOINT_FORMAT:
