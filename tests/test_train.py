@@ -35,6 +35,16 @@ TINY_CONV = {"width": 8}
 TINY_VIT = {"embed_dim": 32, "depth": 1, "patch_size": 4, "pos_grid": 4, "drop": 0.1}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning
+    threads make them several times slower; the previous setting is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _cfg(tmp_path: Path, name: str, **kw) -> TrainConfig:
     base = dict(
         model="baseline_conv",
