@@ -298,7 +298,10 @@ def test_registry_model_trains(tmp_path: Path) -> None:
     from gspn.models import list_models
 
     name = "gspn_micro" if "gspn_micro" in list_models() else list_models()[0]
-    s = train(_cfg(tmp_path, "reg", model=name, model_args={}, epochs=1, train_limit=64, val_limit=32))
+    cfg = _cfg(
+        tmp_path, "reg", model=name, model_args={}, img_size=32, epochs=1, train_limit=64, val_limit=32
+    )
+    s = train(cfg)
     assert s["steps"] == 2 and s["params"] > 0
 
 

@@ -297,6 +297,6 @@ def build_data(
         in_chans=in_chans,
         mean=tuple(float(x) for x in m),
         std=tuple(float(x) for x in s),
-        source=source,
+        source=source if source == "digits" else str(Path(source).resolve()),
         info=info,
     )
