@@ -337,8 +337,29 @@ def test_flops_cli_with_complexity(monkeypatch: pytest.MonkeyPatch, capsys) -> N
 # ----------------------------------------------------------------------------------------- DDP
 
 
-def test_torchrun_ddp_two_ranks_identical_weights(tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
+DDP_ARGS = [
+    "--model",
+    "baseline_conv",
+    "--model-arg",
+    "width=8",
+    "--img-size",
+    "16",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--train-limit",
+    "128",
+    "--val-limit",
+    "50",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--no-plot",
+]
+
+
+def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable,
@@ -348,32 +369,16 @@ def test_torchrun_ddp_two_ranks_identical_weights(tmp_path: Path) -> None:
         "--nproc_per_node=2",
         "-m",
         "gspn.cli",
-        "train",
-        "--model",
-        "baseline_conv",
-        "--model-arg",
-        "width=8",
-        "--img-size",
-        "16",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--train-limit",
-        "128",
-        "--val-limit",
-        "50",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--output",
-        str(out),
-        "--no-progress",
-        "--no-plot",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    cmd += ["train", *DDP_ARGS, "--output", str(out), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_ddp_two_ranks_identical_weights(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    proc = _torchrun(out, "--workers", "0")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     digests = summary["rank_weight_digests"]
@@ -388,3 +393,15 @@ def test_torchrun_ddp_two_ranks_identical_weights(tmp_path: Path) -> None:
     rec = read_metrics(out / "metrics.jsonl")[-1]
     assert round(rec["val_acc"] * 50) == pytest.approx(rec["val_acc"] * 50)
     assert proc.stdout.count("epoch 2/2") == 1  # rank 0 logs alone
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("GSPN_RUN_SLOW"), reason="three torchrun launches; GSPN_RUN_SLOW=1")
+def test_torchrun_ddp_resume_is_exact(tmp_path: Path) -> None:
+    extra = ("--workers", "1", "--ema-decay", "0.9")
+    _torchrun(tmp_path / "straight", *extra)
+    _torchrun(tmp_path / "split", *extra, "--stop-after-epochs", "1")
+    _torchrun(tmp_path / "split", *extra, "--resume")
+    a = json.loads((tmp_path / "straight/summary.json").read_text())["rank_weight_digests"]
+    b = json.loads((tmp_path / "split/summary.json").read_text())["rank_weight_digests"]
+    assert a == b and len(set(a)) == 1
