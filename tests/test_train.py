@@ -305,6 +305,22 @@ def test_registry_model_trains(tmp_path: Path) -> None:
     assert s["steps"] == 2 and s["params"] > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_cuda_amp_training_and_resume(tmp_path: Path, amp: str) -> None:
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    kw = dict(device="cuda", amp=amp, ema_decay=0.9, workers=1)
+    train(_cfg(tmp_path, "gpu", stop_after_epochs=1, **kw))
+    ck = load_checkpoint(tmp_path / "gpu/last.pt")
+    assert bool(ck["scaler"]) == (amp == "fp16")  # the grad scaler is used (and saved) for fp16 only
+    s = train(_cfg(tmp_path, "gpu", resume="auto", **kw))
+    assert s["steps"] == 10 and np.isfinite(s["final"]["val_loss"])
+    res = evaluate_checkpoint(tmp_path / "gpu/last.pt", workers=0)
+    assert res["val_acc"] == pytest.approx(s["final"]["val_acc"], abs=1 / 64)
+
+
 # ----------------------------------------------------------------------------------------- flops
 
 

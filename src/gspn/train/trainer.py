@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import atomic_write, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .data import DataBundle, build_data
+from .data import build_data
 from .distributed import (
     DistContext,
     all_gather_objects,
@@ -258,15 +258,12 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
 
     # The model is built with the same seed on every rank (DDP also broadcasts rank 0's weights).
     _seed_all(cfg.seed)
-    probe_classes = 10 if cfg.data == "digits" else None
-    data: DataBundle
-    if probe_classes is None:
-        # image folders: the model's default_cfg may set the input size / statistics, so peek at it.
+    model_cfg: dict[str, Any] = {}
+    if cfg.data != "digits" and not (cfg.img_size and cfg.mean and cfg.std):
+        # image folders default to the model's input size and statistics: read its default_cfg
         probe = build_model(cfg.model, num_classes=2, in_chans=cfg.in_chans, **cfg.model_args)
         model_cfg = model_default_cfg(probe)
         del probe
-    else:
-        model_cfg = {}
     data = build_data(
         cfg.data,
         img_size=cfg.img_size,
