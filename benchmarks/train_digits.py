@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit-depth", type=int, default=4)
     p.add_argument("--vit-patch", type=int, default=4)
     p.add_argument("--conv-depths", default="1,1,1", help="basic blocks per stage of the conv baseline")
+    p.add_argument("--train-limit", type=int, default=None, help="fewer training images (smoke tests only)")
     p.add_argument("--out", default="bench_out/train_digits")
     p.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     args = p.parse_args(argv)
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             weight_decay=args.weight_decay,
             warmup_epochs=args.warmup_epochs,
             workers=0,
+            train_limit=args.train_limit,
             seed=args.seed,
             device="cpu",
             progress=args.progress,
