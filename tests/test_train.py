@@ -275,6 +275,13 @@ def test_training_learns_and_writes_outputs(tmp_path: Path) -> None:
     assert len(read_metrics(out / "metrics.jsonl")) == 3
 
 
+def test_divergence_stops_before_checkpointing(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "nan", epochs=2, lr=1e30, clip_grad=None, weight_decay=0.0)
+    with pytest.raises(FloatingPointError, match="non-finite weights"):
+        train(cfg)
+    assert not (tmp_path / "nan/last.pt").exists()
+
+
 def test_resume_rejects_other_model(tmp_path: Path) -> None:
     train(_cfg(tmp_path, "r", epochs=1))
     with pytest.raises(ValueError, match="checkpoint is for model"):

@@ -43,6 +43,7 @@ from .metrics import append_metrics, plot_metrics, truncate_metrics
 __all__ = ["TrainConfig", "evaluate", "evaluate_checkpoint", "train", "weights_digest"]
 
 CHECKPOINT_FORMAT = "gspn-train-v1"
+_REFRESH_EVERY = 10  # progress-bar refresh interval, in optimizer steps
 
 
 @dataclass
@@ -386,7 +387,10 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         if sampler is not None:
             sampler.set_epoch(epoch)
         ddp_model.train()
-        loss_sum, correct, seen = 0.0, 0.0, 0.0
+        # running sums stay on the device: no host sync per step (the bar refreshes every few steps)
+        loss_acc = torch.zeros((), dtype=torch.float64, device=dev)
+        correct_acc = torch.zeros((), dtype=torch.int64, device=dev)
+        seen = 0
         bar = tqdm(
             train_loader,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -402,8 +406,6 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
             ):
                 logits = ddp_model(x)
                 loss = criterion(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad:
@@ -416,12 +418,19 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
             if ema is not None:
                 ema.update_parameters(model)
             bs = y.numel()
-            loss_sum += loss.item() * bs
-            correct += (logits.argmax(-1) == y).sum().item()
+            loss_acc += loss.detach().double() * bs
+            correct_acc += (logits.detach().argmax(-1) == y).sum()
             seen += bs
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            if step % _REFRESH_EVERY == 0 and bar.disable is False:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         bar.close()
-        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], ctx)
+        loss_sum, correct, seen = all_reduce_sum([loss_acc.item(), float(correct_acc.item()), seen], ctx)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            # stop before diverged weights can overwrite a good checkpoint
+            raise FloatingPointError(
+                f"non-finite weights after epoch {epoch + 1} (step {step}); "
+                f"mean training loss {loss_sum / seen}"
+            )
         train_time = time.perf_counter() - t0
         _sync_buffers(model, ctx)
         if ema is not None:
