@@ -57,7 +57,11 @@ def plot_metrics(jsonl: str | os.PathLike[str], png: str | os.PathLike[str]) -> 
         return False
     ep = [r["epoch"] + 1 for r in recs]
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)")):
+    for key, label in (
+        ("train_loss", "train (label-smoothed)"),
+        ("val_loss", "val"),
+        ("ema_val_loss", "val (EMA)"),
+    ):
         if all(key in r for r in recs):
             ax_l.plot(ep, [r[key] for r in recs], marker=".", label=label)
     for key, label in (("train_acc", "train"), ("val_acc", "val"), ("ema_val_acc", "val (EMA)")):
