@@ -1,0 +1,283 @@
+"""The ``gspn`` command line: ``gspn train``, ``gspn eval``, ``gspn flops``.
+
+Multi-GPU / multi-node training goes through ``torchrun``, e.g.::
+
+    torchrun --standalone --nproc_per_node=8 -m gspn.cli train --model gspn_t --data /data/imagenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def _floats(n: int):
+    def parse(s: str) -> tuple[float, ...]:
+        vals = tuple(float(v) for v in s.replace(",", " ").split())
+        if n and len(vals) != n:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {s!r}")
+        return vals
+
+    return parse
+
+
+def _none_or_float(s: str) -> float | None:
+    return None if s.lower() in ("none", "0", "off") else float(s)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a classifier",
+        description="Train a classifier on the bundled digits or an ImageFolder directory. "
+        "Launch with torchrun for DDP (one process per GPU; gloo on CPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model", default="gspn_micro", help="registered model name or baseline_vit / baseline_conv"
+    )
+    g.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword override for the model constructor (repeatable; values are Python literals)",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (scikit-learn's bundled 8x8 digits, upsampled) or an ImageFolder root "
+        "with train/<class>/* and val/<class>/*",
+    )
+    g.add_argument(
+        "--img-size", type=int, default=None, help="input size (default: 32 for digits, else the model's)"
+    )
+    g.add_argument("--in-chans", type=int, default=3, help="input channels (digits: any; folders: 1 or 3)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per training process")
+    g.add_argument(
+        "--hflip", type=float, default=None, help="horizontal flip probability (digits: 0, else 0.5)"
+    )
+    g.add_argument(
+        "--crop-scale",
+        type=_floats(2),
+        default=None,
+        metavar="LO,HI",
+        help="random-resized-crop area range (digits: 0.7,1; else 0.08,1)",
+    )
+    g.add_argument(
+        "--crop-pct", type=float, default=None, help="eval centre-crop fraction (digits: 1, else 0.875)"
+    )
+    g.add_argument("--mean", type=_floats(0), default=None, help="normalisation mean, comma-separated")
+    g.add_argument("--std", type=_floats(0), default=None, help="normalisation std, comma-separated")
+    g.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
+    g.add_argument("--val-limit", type=int, default=None, help="use only this many validation images")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch-size", type=int, default=64, help="per process")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    g.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine schedule")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument(
+        "--warmup-epochs", type=float, default=1.0, help="linear warm-up length (per-step schedule)"
+    )
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument(
+        "--clip-grad", type=_none_or_float, default=1.0, help="max gradient norm ('none' disables)"
+    )
+    g.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights with this decay")
+    g.add_argument(
+        "--amp",
+        choices=["auto", "off", "bf16", "fp16"],
+        default="auto",
+        help="mixed precision on CUDA (auto: bf16 if supported, else fp16 with a grad scaler)",
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default=None, help="output directory (default: runs/<model>)")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="resume from a checkpoint; without a path, from <output>/last.pt if it exists",
+    )
+    g.add_argument(
+        "--stop-after-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N epochs of this invocation (for time-limited jobs); the schedule still spans "
+        "--epochs and --resume continues",
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument(
+        "--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo on CPU)"
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-plot", action="store_true", help="do not draw metrics.png")
+    g.add_argument("--quiet", action="store_true", help="no per-epoch log lines")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, parse_model_args, train
+
+    cfg = TrainConfig(
+        model=args.model,
+        model_args=parse_model_args(args.model_arg),
+        data=args.data,
+        output=args.output or f"runs/{args.model}",
+        img_size=args.img_size,
+        in_chans=args.in_chans,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing,
+        clip_grad=args.clip_grad,
+        ema_decay=args.ema_decay,
+        amp=args.amp,
+        workers=args.workers,
+        seed=args.seed,
+        device=args.device,
+        dist_backend=args.dist_backend,
+        resume=args.resume,
+        stop_after_epochs=args.stop_after_epochs,
+        train_limit=args.train_limit,
+        val_limit=args.val_limit,
+        hflip=args.hflip,
+        crop_scale=args.crop_scale,
+        crop_pct=args.crop_pct,
+        mean=args.mean,
+        std=args.std,
+        progress=not args.no_progress,
+        plot=not args.no_plot,
+        verbose=not args.quiet,
+    )
+    train(cfg)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a training checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--checkpoint", required=True, help="a last.pt / best.pt written by gspn train")
+    p.add_argument(
+        "--data", default=None, help="override the checkpoint's data (digits or an ImageFolder root)"
+    )
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--val-limit", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_checkpoint
+
+    res = evaluate_checkpoint(
+        args.checkpoint,
+        data=args.data,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        use_ema=args.ema,
+        device=args.device,
+        val_limit=args.val_limit,
+    )
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(
+            f"{res['model']} (epoch {res['epoch'] + 1}{', EMA' if res['ema'] else ''}) on {res['data']}: "
+            f"val loss {res['val_loss']:.4f}, val acc {100 * res['val_acc']:.2f}% ({res['n']} images)"
+        )
+    return 0
+
+
+def _add_flops(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "flops",
+        help="print parameters and MACs per model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", nargs="+", default=None, help="model names (default: every registered model)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p.set_defaults(func=_cmd_flops)
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    try:
+        from .models.complexity import complexity
+    except ImportError as e:
+        print(
+            f"gspn flops: gspn.models.complexity is not available in this installation ({e}); "
+            "it ships with the gspn.models backbones.",
+            file=sys.stderr,
+        )
+        return 2
+    from .train import available_models, build_model
+
+    names = args.model or [n for n in available_models() if not n.startswith("baseline_")]
+    size = (args.in_chans, args.img_size, args.img_size)
+    if not args.json:
+        print(
+            f"{'model':<20} {'params (M)':>12} {'GMACs':>10}   "
+            f"@ {args.batch}x{args.in_chans}x{args.img_size}x{args.img_size}"
+        )
+    for name in names:
+        model = build_model(name, num_classes=args.num_classes, in_chans=args.in_chans).eval()
+        c = complexity(model, input_size=size, batch=args.batch)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "model": name,
+                        "input_size": list(size),
+                        "batch": args.batch,
+                        "params": int(c["params"]),
+                        "macs": int(c["macs"]),
+                    }
+                )
+            )
+        else:
+            print(f"{name:<20} {c['params'] / 1e6:>12.3f} {c['macs'] / 1e9:>10.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gspn`` argument parser."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="gspn", description="Generalized Spatial Propagation Networks")
+    parser.add_argument("--version", action="version", version=f"gspn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_eval(sub)
+    _add_flops(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gspn`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Training and evaluation for GSPN classifiers (``gspn train`` / ``gspn eval``).
+
+* :class:`TrainConfig` + :func:`train` — AdamW, cosine schedule with warm-up, label smoothing, gradient
+  clipping, AMP on CUDA, optional EMA, atomic per-epoch checkpoints with exact ``--resume``, JSON-lines
+  metrics with a PNG plot, DDP under ``torchrun``.
+* :func:`evaluate_checkpoint` — loss/accuracy of a saved checkpoint.
+* :func:`build_model` — the ``gspn.models`` registry plus the training baselines
+  (``baseline_vit``, ``baseline_conv``).
+"""
+
+from .baselines import BASELINES, count_params, match_params
+from .data import build_data
+from .factory import available_models, build_model, parse_model_args
+from .trainer import TrainConfig, evaluate, evaluate_checkpoint, train, weights_digest
+
+__all__ = [
+    "BASELINES",
+    "TrainConfig",
+    "available_models",
+    "build_data",
+    "build_model",
+    "count_params",
+    "evaluate",
+    "evaluate_checkpoint",
+    "match_params",
+    "parse_model_args",
+    "train",
+    "weights_digest",
+]

@@ -1,0 +1,94 @@
+"""Atomic checkpoint files and RNG-state capture for exact resumption.
+
+A checkpoint is a plain dict of tensors and Python primitives, so it loads with
+``torch.load(..., weights_only=True)``. Files are written to a temporary file in the same directory,
+flushed and fsync'ed, then moved into place with :func:`os.replace`, which is atomic on POSIX and
+Windows: a crash leaves either the previous file or the new one, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_write", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], Any]) -> None:
+    """Call ``write(f)`` on a temporary file next to ``path``, then atomically rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Atomically ``torch.save`` ``state`` to ``path``."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and primitives only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def capture_rng(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every RNG state a training step can touch: torch (CPU, CUDA), NumPy, Python, the data loader."""
+    key, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": key,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": {"version": version, "state": list(py_state), "gauss": gauss},
+        "loader": loader_generator.get_state() if loader_generator is not None else None,
+    }
+
+
+def restore_rng(state: dict[str, Any], loader_generator: torch.Generator | None = None) -> None:
+    """Inverse of :func:`capture_rng`."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = [s.cpu() for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state(
+        (n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if loader_generator is not None and state.get("loader") is not None:
+        loader_generator.set_state(state["loader"].cpu())

@@ -1,0 +1,604 @@
+"""The training loop behind ``gspn train`` and the evaluation behind ``gspn eval``.
+
+One process trains on one device; under ``torchrun`` every process does so on its shard of the data
+(:class:`~torch.utils.data.distributed.DistributedSampler`) and DDP averages the gradients. Rank 0 alone
+writes checkpoints, metrics, the plot and the progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from .checkpoint import atomic_write, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .data import build_data
+from .distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    cleanup_distributed,
+    init_distributed,
+)
+from .factory import build_model, model_default_cfg
+from .metrics import append_metrics, plot_metrics, truncate_metrics
+
+__all__ = ["TrainConfig", "evaluate", "evaluate_checkpoint", "train", "weights_digest"]
+
+CHECKPOINT_FORMAT = "gspn-train-v1"
+_REFRESH_EVERY = 10  # progress-bar refresh interval, in optimizer steps
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run depends on. ``gspn train --help`` documents each field."""
+
+    model: str = "gspn_micro"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    output: str = "runs/train"
+    img_size: int | None = None
+    in_chans: int = 3
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0
+    ema_decay: float | None = None
+    amp: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    dist_backend: str | None = None
+    resume: str | None = None
+    stop_after_epochs: int | None = None
+    train_limit: int | None = None
+    val_limit: int | None = None
+    hflip: float | None = None
+    crop_scale: tuple[float, float] | None = None
+    crop_pct: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    progress: bool = True
+    plot: bool = True
+    verbose: bool = True
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    if mode not in ("auto", "off", "bf16", "fp16"):
+        raise ValueError(f"--amp must be auto, off, bf16 or fp16, not {mode!r}")
+    if mode == "off" or device.type != "cuda":
+        if mode in ("bf16", "fp16") and device.type != "cuda":
+            warnings.warn("mixed precision is only used on CUDA; training in float32", stacklevel=3)
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices and kernels only; none on biases, norm scales, embeddings of rank ≤ 1."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _cosine_with_warmup(total: int, warmup: int, base_lr: float, min_lr: float):
+    """LR multiplier per optimizer step: linear warm-up from ~0, then cosine down to ``min_lr``."""
+    floor = min_lr / base_lr if base_lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return factor
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the model's parameters and buffers (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _log(ctx: DistContext, cfg_verbose: bool, msg: str) -> None:
+    if ctx.is_main and cfg_verbose:
+        print(msg, flush=True)
+
+
+def _shard(ds: Dataset, ctx: DistContext) -> Dataset:
+    """This rank's slice of an evaluation set: every sample on exactly one rank, no padding."""
+    if not ctx.distributed:
+        return ds
+    return Subset(ds, list(range(ctx.rank, len(ds), ctx.world_size)))  # type: ignore[arg-type]
+
+
+def _loader(ds: Dataset, batch: int, workers: int, device: torch.device, **kw: Any) -> DataLoader:
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        **kw,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    ctx: DistContext | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader`` (summed over ranks)."""
+    ctx = ctx or DistContext(device=device)
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0.0, 0.0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(
+            device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        n += y.numel()
+    model.train(was_training)
+    loss_sum, correct, n = all_reduce_sum([loss_sum, correct, n], ctx)
+    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": int(n)}
+
+
+def _sync_buffers(model: nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank so evaluation and checkpoints agree."""
+    if ctx.distributed:
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train according to ``cfg``; return the run summary (also written to ``<output>/summary.json``).
+
+    Works the same in a single process and under ``torchrun`` (one process per device).
+    """
+    ctx = init_distributed(cfg.device, cfg.dist_backend)
+    ok = False
+    try:
+        summary = _train(cfg, ctx)
+        ok = True
+        return summary
+    finally:
+        cleanup_distributed(ok)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        p = out / "last.pt"
+        return p if p.exists() else None
+    p = Path(cfg.resume)
+    if not p.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {p}")
+    return p
+
+
+def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    out = Path(cfg.output)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dev = ctx.device
+    amp_dtype = _amp_dtype(cfg.amp, dev)
+
+    resume_path = _resolve_resume(cfg, out)
+    seen_by_rank = all_gather_objects(str(resume_path) if resume_path else None, ctx)
+    if len(set(seen_by_rank)) > 1:
+        raise RuntimeError(
+            f"--resume: the ranks disagree on the checkpoint to resume from ({seen_by_rank}); "
+            "the output directory must be on a filesystem shared by all nodes"
+        )
+    ckpt = load_checkpoint(resume_path) if resume_path else None
+    if ckpt is not None:
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{resume_path} is not a gspn training checkpoint")
+        if ckpt["model_name"] != cfg.model or ckpt["model_args"] != cfg.model_args:
+            raise ValueError(
+                f"--resume: checkpoint is for model {ckpt['model_name']} {ckpt['model_args']}, "
+                f"not {cfg.model} {cfg.model_args}"
+            )
+
+    # The model is built with the same seed on every rank (DDP also broadcasts rank 0's weights).
+    _seed_all(cfg.seed)
+    model_cfg: dict[str, Any] = {}
+    if cfg.data != "digits" and not (cfg.img_size and cfg.mean and cfg.std):
+        # image folders default to the model's input size and statistics: read its default_cfg
+        probe = build_model(cfg.model, num_classes=2, in_chans=cfg.in_chans, **cfg.model_args)
+        model_cfg = model_default_cfg(probe)
+        del probe
+    data = build_data(
+        cfg.data,
+        img_size=cfg.img_size,
+        in_chans=cfg.in_chans,
+        mean=cfg.mean,
+        std=cfg.std,
+        scale=cfg.crop_scale,
+        hflip=cfg.hflip,
+        crop_pct=cfg.crop_pct,
+        train_limit=cfg.train_limit,
+        val_limit=cfg.val_limit,
+        model_cfg=model_cfg,
+    )
+    _seed_all(cfg.seed)
+    model = build_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, **cfg.model_args)
+    model.to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay
+        else None
+    )
+    ddp_model: nn.Module = model
+    if ctx.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+
+    # Per-rank data RNG: a different augmentation stream on each rank, reproducible per rank.
+    _seed_all(cfg.seed + 1000 * ctx.rank)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * ctx.rank)
+    sampler = (
+        DistributedSampler(
+            data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
+        )
+        if ctx.distributed
+        else None
+    )
+    train_loader = _loader(
+        data.train, cfg.batch_size, cfg.workers, dev, shuffle=sampler is None, sampler=sampler, generator=gen
+    )
+    val_loader = _loader(
+        _shard(data.val, ctx), cfg.batch_size, cfg.workers, dev, generator=torch.Generator().manual_seed(0)
+    )
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError("the training set is empty")
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _cosine_with_warmup(total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    start_epoch, step, best_acc, best_epoch = 0, 0, -1.0, -1
+    elapsed, cpu_elapsed = 0.0, 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            if ckpt.get("ema") is None:
+                warnings.warn(
+                    "--resume: checkpoint has no EMA; starting the EMA from the current weights", stacklevel=2
+                )
+                ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+            else:
+                ema.load_state_dict(ckpt["ema"])
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        best_acc, best_epoch = ckpt["best_acc"], ckpt["best_epoch"]
+        elapsed, cpu_elapsed = ckpt.get("elapsed_s", 0.0), ckpt.get("cpu_s", 0.0)
+        rng = ckpt["rng"]
+        if len(rng) == ctx.world_size:
+            restore_rng(rng[ctx.rank], gen)
+        else:
+            warnings.warn(
+                f"--resume: checkpoint was written by {len(rng)} processes, this run has {ctx.world_size}; "
+                "RNG streams are re-seeded, so the continuation is not bit-exact",
+                stacklevel=2,
+            )
+        _log(ctx, cfg.verbose, f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
+        if ctx.is_main:
+            truncate_metrics(out / "metrics.jsonl", start_epoch)
+        del ckpt
+
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": cfg.model,
+        "model_args": cfg.model_args,
+        "num_classes": data.num_classes,
+        "in_chans": data.in_chans,
+        "img_size": data.img_size,
+        "mean": data.mean,
+        "std": data.std,
+        "classes": data.classes,
+        "data": data.source,
+        "config": _json_safe(asdict(cfg)),
+    }
+    _log(
+        ctx,
+        cfg.verbose,
+        f"model {cfg.model}: {n_params / 1e6:.3f}M params | data {data.source}: {len(data.train)} train / "
+        f"{len(data.val)} val, {data.num_classes} classes, {data.img_size}px | {ctx.world_size} process(es) "
+        f"on {dev.type} | {cfg.epochs} epochs × {steps_per_epoch} steps",
+    )
+
+    from tqdm.auto import tqdm
+
+    metrics_path = out / "metrics.jsonl"
+    last_val: dict[str, float] = {}
+    end_epoch = cfg.epochs
+    if cfg.stop_after_epochs is not None:
+        end_epoch = min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
+        t0, c0 = time.perf_counter(), time.process_time()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        ddp_model.train()
+        # running sums stay on the device: no host sync per step (the bar refreshes every few steps)
+        loss_acc = torch.zeros((), dtype=torch.float64, device=dev)
+        correct_acc = torch.zeros((), dtype=torch.int64, device=dev)
+        seen = 0
+        bar = tqdm(
+            train_loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (cfg.progress and ctx.is_main),
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        for x, y in bar:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with torch.autocast(
+                device_type=dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
+                logits = ddp_model(x)
+                loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            if ema is not None:
+                ema.update_parameters(model)
+            bs = y.numel()
+            loss_acc += loss.detach().double() * bs
+            correct_acc += (logits.detach().argmax(-1) == y).sum()
+            seen += bs
+            if step % _REFRESH_EVERY == 0 and bar.disable is False:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.close()
+        loss_sum, correct, seen = all_reduce_sum([loss_acc.item(), float(correct_acc.item()), seen], ctx)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            # stop before diverged weights can overwrite a good checkpoint
+            raise FloatingPointError(
+                f"non-finite weights after epoch {epoch + 1} (step {step}); "
+                f"mean training loss {loss_sum / seen}"
+            )
+        train_time = time.perf_counter() - t0
+        _sync_buffers(model, ctx)
+        if ema is not None:
+            _sync_buffers(ema, ctx)
+        val = evaluate(model, val_loader, dev, ctx, amp_dtype)
+        ema_val = evaluate(ema.module, val_loader, dev, ctx, amp_dtype) if ema is not None else None
+        elapsed += time.perf_counter() - t0
+        cpu_elapsed += time.process_time() - c0
+        score = ema_val["acc"] if ema_val is not None else val["acc"]
+        improved = score > best_acc
+        if improved:
+            best_acc, best_epoch = score, epoch
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "lr": scheduler.get_last_lr()[0],
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            **({"ema_val_loss": ema_val["loss"], "ema_val_acc": ema_val["acc"]} if ema_val else {}),
+            "best_acc": best_acc,
+            "epoch_s": time.perf_counter() - t0,
+            "train_imgs_per_s": seen / train_time,
+            "elapsed_s": elapsed,
+            "cpu_s": cpu_elapsed,
+        }
+        last_val = record
+        rng_all = all_gather_objects(capture_rng(gen), ctx)
+        if ctx.is_main:
+            state = {
+                **meta,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch,
+                "step": step,
+                "best_acc": best_acc,
+                "best_epoch": best_epoch,
+                "elapsed_s": elapsed,
+                "cpu_s": cpu_elapsed,
+                "world_size": ctx.world_size,
+                "rng": rng_all,
+            }
+            save_checkpoint(out / "last.pt", state)
+            if improved:
+                save_checkpoint(out / "best.pt", state)
+            append_metrics(metrics_path, record)
+            if cfg.plot:
+                plot_metrics(metrics_path, out / "metrics.png")
+            ema_txt = f" | ema val {ema_val['loss']:.4f} / {100 * ema_val['acc']:.2f}%" if ema_val else ""
+            _log(
+                ctx,
+                cfg.verbose,
+                f"epoch {epoch + 1}/{cfg.epochs} | train {record['train_loss']:.4f} / "
+                f"{100 * record['train_acc']:.2f}% | val {val['loss']:.4f} / {100 * val['acc']:.2f}%"
+                f"{ema_txt} | "
+                f"{record['epoch_s']:.1f}s",
+            )
+        if ctx.distributed:
+            dist.barrier()
+
+    digests = all_gather_objects(weights_digest(model), ctx)
+    summary = {
+        "model": cfg.model,
+        "model_args": cfg.model_args,
+        "params": n_params,
+        "epochs": cfg.epochs,
+        "steps": step,
+        "world_size": ctx.world_size,
+        "best_acc": best_acc,
+        "best_epoch": best_epoch,
+        "final": last_val,
+        "elapsed_s": elapsed,
+        "cpu_s": cpu_elapsed,
+        "rank_weight_digests": digests,
+        "output": str(out),
+    }
+    if ctx.is_main:
+        if len(set(digests)) > 1:
+            warnings.warn("DDP ranks ended with different weights: " + ", ".join(digests), stacklevel=2)
+        _export_safetensors(model, out / "model.safetensors", meta)
+        if ema is not None:
+            _export_safetensors(ema.module, out / "model_ema.safetensors", meta)
+        text = json.dumps(_json_safe(summary), indent=2).encode()
+        atomic_write(out / "summary.json", lambda f: f.write(text))
+        _log(
+            ctx, cfg.verbose, f"best val acc {100 * best_acc:.2f}% (epoch {best_epoch + 1}); outputs in {out}"
+        )
+    return summary
+
+
+def _export_safetensors(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    """Final weights as safetensors, with the model name/config as string metadata."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    md = {
+        k: json.dumps(_json_safe(meta[k]))
+        for k in ("model_name", "model_args", "num_classes", "in_chans", "img_size", "mean", "std", "classes")
+    }
+    try:
+        blob = save(tensors, metadata=md)
+    except RuntimeError as e:  # shared storage etc.: weights are still in the .pt checkpoint
+        warnings.warn(f"safetensors export skipped: {e}", stacklevel=2)
+        return
+    atomic_write(path, lambda f: f.write(blob))
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    data: str | None = None,
+    batch_size: int = 128,
+    workers: int = 2,
+    use_ema: bool = False,
+    device: str = "auto",
+    val_limit: int | None = None,
+) -> dict[str, Any]:
+    """Loss and accuracy of a training checkpoint on its validation set (or on ``data``'s).
+
+    The data are prepared as in training (image size, channels, normalisation, ``val_limit``) unless
+    overridden here.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{checkpoint} is not a gspn training checkpoint")
+    dev = torch.device(
+        "cuda"
+        if (device == "auto" and torch.cuda.is_available())
+        else ("cpu" if device == "auto" else device)
+    )
+    model = build_model(
+        ckpt["model_name"], num_classes=ckpt["num_classes"], in_chans=ckpt["in_chans"], **ckpt["model_args"]
+    )
+    if use_ema:
+        if ckpt.get("ema") is None:
+            raise ValueError(f"{checkpoint} has no EMA weights (train with --ema-decay)")
+        ema = AveragedModel(model, use_buffers=True)
+        ema.load_state_dict(ckpt["ema"])
+        model = ema.module
+    else:
+        model.load_state_dict(ckpt["model"])
+    model.to(dev)
+    bundle = build_data(
+        data or ckpt["data"],
+        img_size=ckpt["img_size"],
+        in_chans=ckpt["in_chans"],
+        mean=ckpt["mean"],
+        std=ckpt["std"],
+        crop_pct=ckpt["config"].get("crop_pct"),
+        val_limit=val_limit if val_limit is not None else ckpt["config"].get("val_limit"),
+    )
+    if bundle.num_classes != ckpt["num_classes"]:
+        raise ValueError(f"the data has {bundle.num_classes} classes, the checkpoint {ckpt['num_classes']}")
+    loader = _loader(bundle.val, batch_size, workers, dev)
+    res = evaluate(model, loader, dev)
+    return {
+        "checkpoint": str(checkpoint),
+        "model": ckpt["model_name"],
+        "epoch": ckpt["epoch"],
+        "ema": use_ema,
+        "data": bundle.source,
+        "val_loss": res["loss"],
+        "val_acc": res["acc"],
+        "n": res["n"],
+    }
