@@ -157,24 +157,20 @@ def _args(tensors, channels: int):
     return (_TensorArg * len(tensors))(*(_arg(t, channels) for t in tensors))
 
 
+def _launch(
+    kernel: str, x: torch.Tensor, direction: str, chunk_size, normalize: bool, flags: tuple[int, ...], tensors
+) -> None:
+    """Call ``gspn_scan_forward`` / ``gspn_scan_backward`` with the geometry of ``x``."""
+    batch, channels, height, width = x.shape
+    geometry = (_DTYPES[x.dtype], get_direction(direction).index, batch, channels, height, width, chunk_size or 0)
+    rc = getattr(_load(), kernel)(*geometry, int(normalize), *flags, torch.get_num_threads(), _args(tensors, channels))
+    if rc != 0:
+        raise RuntimeError(f"gspn CPU kernel {kernel} failed with code {rc}")
+
+
 def scan(x, lam, w_left, w_mid, w_right, *, direction, chunk_size, normalize, out):
     """Forward scan of one direction into ``out`` (see :mod:`gspn.ops.backends`)."""
-    lib = _load()
-    batch, channels, height, width = x.shape
-    rc = lib.gspn_scan_forward(
-        _DTYPES[x.dtype],
-        get_direction(direction).index,
-        batch,
-        channels,
-        height,
-        width,
-        chunk_size or 0,
-        int(normalize),
-        torch.get_num_threads(),
-        _args((x, lam, w_left, w_mid, w_right, out), channels),
-    )
-    if rc != 0:
-        raise RuntimeError(f"gspn CPU forward kernel failed with code {rc}")
+    _launch("gspn_scan_forward", x, direction, chunk_size, normalize, (), (x, lam, w_left, w_mid, w_right, out))
     return out
 
 
@@ -182,21 +178,5 @@ def scan_backward(
     grad, h, x, lam, w_left, w_mid, w_right, *, direction, chunk_size, normalize, dx, accumulate_dx, d_params
 ):
     """Adjoint scan of one direction (see :mod:`gspn.ops.backends`)."""
-    lib = _load()
-    batch, channels, height, width = x.shape
     tensors = (grad, h, x, lam, w_left, w_mid, w_right, dx, *d_params)
-    rc = lib.gspn_scan_backward(
-        _DTYPES[x.dtype],
-        get_direction(direction).index,
-        batch,
-        channels,
-        height,
-        width,
-        chunk_size or 0,
-        int(normalize),
-        int(accumulate_dx),
-        torch.get_num_threads(),
-        _args(tensors, channels),
-    )
-    if rc != 0:
-        raise RuntimeError(f"gspn CPU backward kernel failed with code {rc}")
+    _launch("gspn_scan_backward", x, direction, chunk_size, normalize, (int(accumulate_dx),), tensors)
