@@ -224,7 +224,8 @@ def _run(args: argparse.Namespace, s: dict) -> int:
     print(format_table(results, "time", fits=fits))
     if not args.no_memory:
         mem = "cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler tracked allocations"
-        print(f"\npeak extra memory during one call, MiB ({mem}; excludes parameters and input)")
+        print(f"\npeak extra memory during one call, MiB ({mem}; excludes parameters and input; "
+              "~ = analytic estimate, not measured)")
         print(format_table(results, "memory"))
     if pairs:
         print("\ntime ratio at the largest resolution both ran:")

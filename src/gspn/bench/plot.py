@@ -60,6 +60,9 @@ def plot_results(
         if over:
             ax.plot([r.pixels for r in over], [r.median_ms for r in over], marker=marker, linestyle="none",
                     markerfacecolor="none", color=color, label=None if ok else label)
+    absent = sorted({r.label for r in results if r.status == "absent"})
+    if absent:
+        fig.text(0.01, 0.01, "not available here: " + ", ".join(absent), fontsize=7, color="gray")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks([t * t for t in ticks], [f"{t}²" for t in ticks])
@@ -70,7 +73,7 @@ def plot_results(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 if absent else 0, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

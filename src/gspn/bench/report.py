@@ -90,8 +90,8 @@ def _cell(r: Result, what: str) -> str:
         return _SHORT_STATUS.get(r.status, r.status)
     if what == "time":
         return _fmt_ms(r.median_ms)
-    if r.peak_mem_bytes is None:
-        return "?"
+    if r.peak_mem_bytes is None:  # not measured (budget spent, or --no-memory): the estimate
+        return "?" if r.est_mem_bytes is None else f"~{r.est_mem_bytes / 2**20:.1f}"
     return f"{r.peak_mem_bytes / 2**20:.1f}"
 
 
@@ -108,7 +108,8 @@ def _fmt_ms(ms: float | None) -> str:
 def format_table(
     results: Sequence[Result], what: str = "time", markdown: bool = False, fits: dict | None = None
 ) -> str:
-    """Methods × resolutions table of median time in ms (``what="time"``) or peak extra memory in MiB.
+    """Methods × resolutions table of median time in ms (``what="time"``) or peak extra memory in MiB
+    (``what="memory"``; ``~x`` marks the analytic estimate where the peak was not measured).
 
     Cells of configurations that did not run show their status (``skip:mem``, ``skip:time``,
     ``>budget``, ``OOM``, ``error``, ``absent``). With ``fits`` a last column gives the exponent.
