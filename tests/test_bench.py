@@ -33,6 +33,15 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 STATUSES = {"ok", "absent", "skip:memory", "skip:time", "over-budget", "oom", "error"}
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: timings of 2 OpenMP threads on a shared, loaded machine are erratic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -55,7 +64,7 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path, capsys):
 
     payload = json.loads((tmp_path / "results.json").read_text())
     rows = payload["results"]
-    methods = {m.name for m in bench.METHODS}
+    methods = set(bench.DEFAULT_METHODS)
     assert {r["method"] for r in rows} == methods
     assert len(rows) == 3 * len(methods)
     assert {r["status"] for r in rows} <= STATUSES
@@ -147,7 +156,7 @@ def _fake(name: str, exponent: float = 1.0, memory: int = 0, unavailable: str | 
     return MethodSpec(name, name, exponent, build, lambda cfg, h, w: memory, lambda cfg: unavailable)
 
 
-def test_skip_logic_marks_and_never_crashes():
+def test_skip_logic_marks_and_never_crashes(one_thread):
     # Side s costs 2e-5·s² seconds: 8² 1.3 ms, 16² 5 ms, 32² 20 ms, 64² 82 ms, 128² 330 ms.
     methods = [
         _fake("predicted", exponent=1.0, seconds_per_pixel=2e-5),  # 64² predicted 2×82 ms > 120 ms
@@ -280,3 +289,19 @@ def test_self_attention_matches_explicit_softmax():
     attn = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)
     expected = layer.proj((attn @ v).transpose(1, 2).reshape(1, 10, 8))
     torch.testing.assert_close(layer(x), expected)
+
+
+# --- every method, forward+backward and bfloat16 ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("backward", "dtype"), [(True, torch.float32), (False, torch.bfloat16)])
+def test_all_methods_run_backward_and_bfloat16(backward, dtype, one_thread):
+    cfg = BenchConfig(channels=8, heads=2, backward=backward, dtype=dtype)
+    methods = list(bench.methods.iter_methods(["all"]))
+    assert {m.name for m in methods} == {m.name for m in bench.METHODS}
+    results = benchmark(cfg, methods, [8, 16], budget_s=5, repeats=1, log=None)
+    status = {(r.method, r.resolution): r.status for r in results}
+    for name in ("gspn-global", "gspn-local", "gspn-scan-global", "gspn-scan-local", "attention-math",
+                 "linear-attention"):
+        assert status[name, 8] == status[name, 16] == "ok", (name, [r for r in results if r.method == name])
+    assert status["mamba", 8] == "absent"

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .methods import (
+    DEFAULT_METHODS,
     METHODS,
     BenchConfig,
     LinearAttention,
@@ -40,6 +41,7 @@ from .report import exponents, fit_exponent, format_table, ratios, write_json
 from .runner import Result, benchmark
 
 __all__ = [
+    "DEFAULT_METHODS",
     "HELP",
     "METHODS",
     "BenchConfig",
@@ -86,7 +88,7 @@ def _csv_ints(text: str) -> list[int]:
 
 def _csv_methods(text: str) -> list[str]:
     names = [v for v in text.replace(",", " ").split() if v]
-    valid = {m.name for m in METHODS}
+    valid = {m.name for m in METHODS} | {"all"}
     bad = [n for n in names if n not in valid]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(sorted(valid))}")
@@ -108,7 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--local-chunk", type=int, default=2, help="chunk size of local GSPN (default 2)")
     g.add_argument("--gspn-backend", default="auto", help="GSPN scan backend: auto, cpu, triton, reference")
     g.add_argument("--methods", type=_csv_methods, default=None,
-                   help=f"comma-separated subset of: {', '.join(m.name for m in METHODS)} (default: all)")
+                   help=f"comma-separated list from: {', '.join(m.name for m in METHODS)}, or 'all' "
+                   f"(default: {', '.join(DEFAULT_METHODS)})")
     g.add_argument("--backward", action="store_true", help="time forward+backward instead of forward only")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 

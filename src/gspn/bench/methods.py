@@ -11,6 +11,10 @@ Every method is one layer that mixes ``N = H·W`` tokens of width ``C``:
   :func:`torch.nn.attention.sdpa_kernel`, on ``(B, N, C)`` tokens.
 * ``linear-attention``: :class:`LinearAttention`, the same projections around the ``elu + 1``
   kernelised attention, ``O(N·d²)``.
+* ``gspn-scan-global`` / ``gspn-scan-local`` (opt-in, not in :data:`DEFAULT_METHODS`): the bare
+  operator :func:`gspn.ops.line_scan_4d` (4 directions, ``normalize=True``) on precomputed
+  ``(B, 4, C, H, W)`` parameters, without the projections: the "single operator" of the paper's
+  speed figure, and the share of :class:`~gspn.nn.GSPN2d`'s time spent scanning.
 * ``mamba``: ``mamba_ssm.Mamba`` (1-D selective scan over the ``N`` tokens) when the package is
   importable and the device is CUDA; otherwise reported as absent.
 
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "DEFAULT_METHODS",
     "METHODS",
     "BenchConfig",
     "LinearAttention",
@@ -203,6 +208,35 @@ def _gspn(chunk: bool) -> Callable[[BenchConfig, int, int], Workload]:
     return build
 
 
+class Scan4d(nn.Module):
+    """:func:`gspn.ops.line_scan_4d` as a module: ``(x, λ, w_left, w_mid, w_right) → (B, 4, C, H, W)``."""
+
+    def __init__(self, chunk_size: int | None, backend: str = "auto") -> None:
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, lam: torch.Tensor, w_left: torch.Tensor, w_mid: torch.Tensor,
+                w_right: torch.Tensor) -> torch.Tensor:
+        """Four-direction scan with the stability-context normalisation of the gate logits."""
+        from ..ops import line_scan_4d
+
+        return line_scan_4d(x, lam, w_left, w_mid, w_right, chunk_size=self.chunk_size, normalize=True,
+                            backend=self.backend)
+
+
+def _gspn_scan(chunk: bool) -> Callable[[BenchConfig, int, int], Workload]:
+    def build(cfg: BenchConfig, height: int, width: int) -> Workload:
+        module = Scan4d(cfg.local_chunk if chunk else None, cfg.gspn_backend)
+        x = torch.randn(cfg.batch, cfg.channels, height, width)
+        params = [torch.randn(cfg.batch, 4, cfg.channels, height, width) for _ in range(4)]
+        inputs = tuple(t.to(device=cfg.device, dtype=cfg.dtype).requires_grad_(cfg.backward)
+                       for t in (x, *params))
+        return Workload(module, inputs)
+
+    return build
+
+
 def _tokens(cfg: BenchConfig, height: int, width: int) -> torch.Tensor:
     return torch.randn(cfg.batch, height * width, cfg.channels)
 
@@ -318,6 +352,17 @@ METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("linear-attention", "linear attention (elu+1)", 1.0, _build_linear, _linear_memory(12, 30),
                _always),
     MethodSpec("mamba", "Mamba (mamba_ssm)", 1.0, _build_mamba, _linear_memory(20, 50), _mamba_unavailable),
+    # opt-in: the bare scan operator, inputs 17·C + output 4·C per pixel (float32 inside)
+    MethodSpec("gspn-scan-global", "GSPN scan only (global)", 1.0, _gspn_scan(False),
+               _linear_memory(24, 60, fp32_inside=True), _gspn_unavailable),
+    MethodSpec("gspn-scan-local", "GSPN scan only (local)", 1.0, _gspn_scan(True),
+               _linear_memory(24, 60, fp32_inside=True), _gspn_unavailable),
+)
+
+#: Methods run when ``--methods`` is not given: the layers of the paper's speed figure.
+DEFAULT_METHODS: tuple[str, ...] = (
+    "gspn-global", "gspn-local", "attention-math", "attention-flash", "attention-efficient",
+    "linear-attention", "mamba",
 )
 
 
@@ -330,9 +375,11 @@ def get_method(name: str) -> MethodSpec:
 
 
 def iter_methods(names: list[str] | None = None) -> Iterator[MethodSpec]:
-    """The methods named in ``names`` (all of them for ``None``), in the canonical order."""
+    """The methods named in ``names`` in the canonical order; ``None`` gives :data:`DEFAULT_METHODS`
+    and ``["all"]`` every method."""
     if names is None:
-        yield from METHODS
-        return
+        names = list(DEFAULT_METHODS)
+    elif "all" in names:
+        names = [m.name for m in METHODS]
     wanted = {get_method(n).name for n in names}
     yield from (m for m in METHODS if m.name in wanted)

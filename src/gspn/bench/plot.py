@@ -17,6 +17,8 @@ _STYLE = {
     "attention-efficient": ("tab:purple", "s", ":"),
     "linear-attention": ("tab:green", "^", "-"),
     "mamba": ("tab:brown", "D", "-"),
+    "gspn-scan-global": ("tab:red", "x", ":"),
+    "gspn-scan-local": ("tab:orange", "x", ":"),
 }
 
 
