@@ -89,6 +89,14 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path, capsys):
         png = tmp_path / "scaling.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --replot re-renders the same numbers without measuring anything.
+    again = tmp_path / "again"
+    replot_args = _parse(["--replot", str(tmp_path / "results.json"), "--out", str(again), "--no-plot"])
+    assert bench.run(replot_args) == 0
+    replotted = json.loads((again / "results.json").read_text())
+    assert replotted["results"] == payload["results"]
+    assert replotted["exponents"] == payload["exponents"] and replotted["ratios"] == payload["ratios"]
+
 
 def test_quick_defaults_and_explicit_options_win():
     s = bench._settings(_parse(["--quick", "--device", "cpu"]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 from collections.abc import Sequence
@@ -138,6 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", type=Path, default=Path("bench_out"),
                    help="directory for results.json, table.md and scaling.png (default ./bench_out)")
     g.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    g.add_argument("--replot", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="measure nothing: re-render the tables, fits and plot of an earlier results.json")
     g.add_argument("--quiet", action="store_true", help="no per-configuration progress lines")
     parser.set_defaults(func=run)
 
@@ -186,6 +189,8 @@ def _device_name(device: torch.device) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (from :func:`add_arguments`); returns the exit code."""
+    if args.replot is not None:
+        return _replot(args)
     s = _settings(args)
     if s["device"] == "cuda" and not torch.cuda.is_available():
         print("gspn bench: --device cuda requested but CUDA is not available")
@@ -200,8 +205,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, s: dict) -> int:
-    from .plot import plot_results
-
     device = torch.device(s["device"])
     config = BenchConfig(
         device=device, dtype=_DTYPES[s["dtype"]], channels=s["channels"], heads=s["heads"], batch=s["batch"],
@@ -212,7 +215,9 @@ def _run(args: argparse.Namespace, s: dict) -> int:
     mode = "forward+backward" if args.backward else "forward"
     head = (f"{_device_name(device)} ({s['device']}, {torch.get_num_threads()} threads), {s['dtype']}, "
             f"B={s['batch']} C={s['channels']} heads={s['heads']}, {mode}")
+    scan_backend = _scan_backend(args.gspn_backend, device)
     print(f"gspn bench: {head}")
+    print(f"  GSPN scan backend: {scan_backend}; GSPN local chunk {args.local_chunk}, d_state {args.d_state}")
     print(f"  sides {', '.join(map(str, s['resolutions']))}; budget {s['budget_seconds']:g} s per "
           f"configuration; median of up to {s['repeats']} calls after 1 warm-up")
     limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
@@ -220,13 +225,46 @@ def _run(args: argparse.Namespace, s: dict) -> int:
         config, methods, s["resolutions"], budget_s=s["budget_seconds"], repeats=s["repeats"],
         memory_limit_bytes=limit, measure_memory=not args.no_memory, log=None if args.quiet else print,
     )
+    payload = {
+        "gspn_version": _gspn_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "title": head,
+        "environment": {
+            "device": s["device"], "device_name": _device_name(device), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+        },
+        "settings": {**s, "backward": args.backward, "d_state": args.d_state, "local_chunk": args.local_chunk,
+                     "gspn_backend": args.gspn_backend, "gspn_backend_resolved": scan_backend,
+                     "methods": [m.name for m in methods], "no_memory": args.no_memory},
+        "timed": {m.name: m.label for m in methods},
+        "results": [r.to_dict() for r in results],
+    }
+    return _report(payload, results, args)
+
+
+def _replot(args: argparse.Namespace) -> int:
+    """Re-render tables, fits, ratios and the plot of an earlier ``results.json`` into ``--out``."""
+    payload = json.loads(Path(args.replot).read_text())
+    results = [Result(**r) for r in payload["results"]]
+    payload.setdefault("title", f"{payload.get('environment', {}).get('device_name', '')}")
+    print(f"gspn bench: re-reporting {args.replot} ({payload['title']})")
+    return _report(payload, results, args)
+
+
+def _report(payload: dict, results: list[Result], args: argparse.Namespace) -> int:
+    """Print the tables and ratios, and write ``results.json``, ``table.md`` and ``scaling.png``."""
+    from .plot import plot_results
+
+    head = payload["title"]
     fits = exponents(results, skip_smallest=args.fit_skip)
     pairs = ratios(results)
-
+    measured_memory = not payload["settings"].get("no_memory", False)
     print(f"\ntime per call, ms (median) — {head}")
     print(format_table(results, "time", fits=fits))
-    if not args.no_memory:
-        mem = "cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler tracked allocations"
+    if measured_memory:
+        cuda = payload["settings"].get("device") == "cuda"
+        mem = "cuda.max_memory_allocated" if cuda else "torch.profiler tracked allocations"
         print(f"\npeak extra memory during one call, MiB ({mem}; excludes parameters and input; "
               "~ = analytic estimate, not measured)")
         print(format_table(results, "memory"))
@@ -238,22 +276,7 @@ def _run(args: argparse.Namespace, s: dict) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "gspn_version": _gspn_version(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": {
-            "device": s["device"], "device_name": _device_name(device), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-        },
-        "settings": {**s, "backward": args.backward, "d_state": args.d_state, "local_chunk": args.local_chunk,
-                     "gspn_backend": args.gspn_backend, "methods": [m.name for m in methods],
-                     "fit_skip": args.fit_skip},
-        "timed": {m.name: m.label for m in methods},
-        "results": [r.to_dict() for r in results],
-        "exponents": fits,
-        "ratios": pairs,
-    }
+    payload = {**payload, "fit_skip": args.fit_skip, "exponents": fits, "ratios": pairs}
     json_path = write_json(out / "results.json", payload)
     md_path = out / "table.md"
     time_md = format_table(results, "time", markdown=True, fits=fits)
@@ -267,6 +290,20 @@ def _run(args: argparse.Namespace, s: dict) -> int:
             written.append(png)
     print(f"\nwrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _scan_backend(name: str, device: torch.device) -> str:
+    """Name of the scan backend ``name`` resolves to on ``device`` (or why it does not resolve)."""
+    from ..ops.backends import resolve_backend
+
+    try:
+        module = resolve_backend(name, device)
+    except RuntimeError as exc:
+        return f"unavailable ({exc})"
+    resolved = module.__name__.rsplit(".", 1)[-1]
+    if resolved == "reference":
+        resolved += " (slow pure-PyTorch fallback)"
+    return resolved
 
 
 def _gspn_version() -> str:

@@ -60,7 +60,8 @@ def exponents(results: Sequence[Result], skip_smallest: int = 1) -> dict[str, fl
 
 
 def ratios(results: Sequence[Result]) -> list[dict]:
-    """``time(method) / time(GSPN)`` at the largest resolution both measured, for every non-GSPN method.
+    """``time(method) / time(GSPN)`` at the largest resolution both measured, for every method that is
+    not a GSPN variant (``gspn-*``), against ``gspn-global`` and ``gspn-local``.
 
     Returns dicts ``{"method", "gspn", "resolution", "ratio", "method_ms", "gspn_ms"}``.
     """
@@ -69,7 +70,7 @@ def ratios(results: Sequence[Result]) -> list[dict]:
     for gspn in GSPN_METHODS:
         gspn_ok = {r.resolution: r for r in grouped.get(gspn, []) if r.status == OK}
         for method, rows in grouped.items():
-            if method in GSPN_METHODS:
+            if method.startswith("gspn"):
                 continue
             common = [r for r in rows if r.status == OK and r.resolution in gspn_ok]
             if not common:
