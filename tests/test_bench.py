@@ -313,3 +313,12 @@ def test_all_methods_run_backward_and_bfloat16(backward, dtype, one_thread):
                  "linear-attention"):
         assert status[name, 8] == status[name, 16] == "ok", (name, [r for r in results if r.method == name])
     assert status["mamba", 8] == "absent"
+
+
+def test_plot_is_skipped_with_a_message_without_matplotlib(tmp_path, monkeypatch, capsys):
+    from gspn.bench.plot import plot_results
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert plot_results([_result("gspn-global", 64, 1.0)], tmp_path / "x.png") is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "x.png").exists()
