@@ -218,6 +218,11 @@ def _run(args: argparse.Namespace, s: dict) -> int:
     scan_backend = _scan_backend(args.gspn_backend, device)
     print(f"gspn bench: {head}")
     print(f"  GSPN scan backend: {scan_backend}; GSPN local chunk {args.local_chunk}, d_state {args.d_state}")
+    load = _load_average()
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and load is not None and threads > 1 and load > (os.cpu_count() or 1):
+        print(f"  warning: load average {load:.1f} on {os.cpu_count()} CPUs: with {threads} threads a parallel "
+              "region can wait for a descheduled thread and times become erratic; consider --threads 1")
     print(f"  sides {', '.join(map(str, s['resolutions']))}; budget {s['budget_seconds']:g} s per "
           f"configuration; median of up to {s['repeats']} calls after 1 warm-up")
     limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
@@ -232,7 +237,7 @@ def _run(args: argparse.Namespace, s: dict) -> int:
         "environment": {
             "device": s["device"], "device_name": _device_name(device), "torch": torch.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
+            "cpu_count": os.cpu_count(), "load_average_1min": load,
         },
         "settings": {**s, "backward": args.backward, "d_state": args.d_state, "local_chunk": args.local_chunk,
                      "gspn_backend": args.gspn_backend, "gspn_backend_resolved": scan_backend,
@@ -290,6 +295,14 @@ def _report(payload: dict, results: list[Result], args: argparse.Namespace) -> i
             written.append(png)
     print(f"\nwrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _load_average() -> float | None:
+    """1-minute load average of the machine (``None`` where the OS does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
 def _scan_backend(name: str, device: torch.device) -> str:
