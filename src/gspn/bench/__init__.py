@@ -221,8 +221,9 @@ def _run(args: argparse.Namespace, s: dict) -> int:
     load = _load_average()
     threads = torch.get_num_threads()
     if device.type == "cpu" and load is not None and threads > 1 and load > (os.cpu_count() or 1):
-        print(f"  warning: load average {load:.1f} on {os.cpu_count()} CPUs: with {threads} threads a parallel "
-              "region can wait for a descheduled thread and times become erratic; consider --threads 1")
+        print(f"  warning: load average {load:.1f} on {os.cpu_count()} CPUs: with {threads} threads a "
+              "parallel region can wait for a descheduled thread and times become erratic; "
+              "consider --threads 1")
     print(f"  sides {', '.join(map(str, s['resolutions']))}; budget {s['budget_seconds']:g} s per "
           f"configuration; median of up to {s['repeats']} calls after 1 warm-up")
     limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
