@@ -108,6 +108,17 @@ def test_quick_defaults_and_explicit_options_win():
     assert s["resolutions"] == [64, 128, 256, 512, 1024] and s["dtype"] == "float32"
 
 
+@pytest.mark.parametrize("argv", [
+    ["--max-resolution", "32"],  # below the default minimum of 64
+    ["--channels", "10", "--heads", "3"],
+    ["--repeats", "0"],
+])
+def test_bad_options_exit_with_a_message(argv, tmp_path, capsys):
+    assert bench.run(_parse(["--device", "cpu", "--out", str(tmp_path), *argv])) == 2
+    assert "gspn bench:" in capsys.readouterr().out
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_resolutions_up_to():
     assert resolutions_up_to(64, 512) == [64, 128, 256, 512]
     assert resolutions_up_to(64, 300) == [64, 128, 256, 300]

@@ -170,6 +170,13 @@ def _settings(args: argparse.Namespace) -> dict:
     s["dtype"] = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     if s["max_resolution"] is None:
         s["max_resolution"] = 16384 if device == "cuda" else 1024
+    for key in ("channels", "heads", "batch", "repeats", "budget_seconds"):
+        if s[key] <= 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be positive, got {s[key]}")
+    if s["channels"] % s["heads"]:
+        raise ValueError(f"--channels {s['channels']} is not divisible by --heads {s['heads']}")
+    if args.local_chunk <= 0 or args.d_state <= 0:
+        raise ValueError("--local-chunk and --d-state must be positive")
     s["resolutions"] = args.resolutions or resolutions_up_to(s["min_resolution"], s["max_resolution"])
     return s
 
@@ -191,7 +198,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (from :func:`add_arguments`); returns the exit code."""
     if args.replot is not None:
         return _replot(args)
-    s = _settings(args)
+    try:
+        s = _settings(args)
+    except ValueError as exc:
+        print(f"gspn bench: {exc}")
+        return 2
     if s["device"] == "cuda" and not torch.cuda.is_available():
         print("gspn bench: --device cuda requested but CUDA is not available")
         return 2
@@ -252,7 +263,8 @@ def _run(args: argparse.Namespace, s: dict) -> int:
 def _replot(args: argparse.Namespace) -> int:
     """Re-render tables, fits, ratios and the plot of an earlier ``results.json`` into ``--out``."""
     payload = json.loads(Path(args.replot).read_text())
-    results = [Result(**r) for r in payload["results"]]
+    fields = set(Result.__dataclass_fields__)
+    results = [Result(**{k: v for k, v in r.items() if k in fields}) for r in payload["results"]]
     payload.setdefault("title", f"{payload.get('environment', {}).get('device_name', '')}")
     print(f"gspn bench: re-reporting {args.replot} ({payload['title']})")
     return _report(payload, results, args)
