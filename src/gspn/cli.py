@@ -1,4 +1,4 @@
-"""The ``gspn`` command line: ``gspn train``, ``gspn eval``, ``gspn flops``.
+"""The ``gspn`` command line: ``gspn train``, ``gspn eval``, ``gspn flops``, ``gspn bench``.
 
 Multi-GPU / multi-node training goes through ``torchrun``, e.g.::
 
@@ -260,6 +260,12 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from . import bench
+
+    bench.add_arguments(sub.add_parser("bench", help=bench.HELP, description=bench.HELP))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gspn`` argument parser."""
     from . import __version__
@@ -270,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_flops(sub)
+    _add_bench(sub)
     return parser
 
 

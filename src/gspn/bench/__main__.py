@@ -1,0 +1,7 @@
+"""``python -m gspn.bench``: the ``gspn bench`` command without the ``gspn`` console script."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
