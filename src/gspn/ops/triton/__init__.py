@@ -1,0 +1,293 @@
+"""Triton backend of the line scan: one fused kernel launch per direction, forward and backward.
+
+Selected by ``backend="triton"`` (and by ``"auto"`` for CUDA tensors). With ``TRITON_INTERPRET=1``
+set before ``triton`` is first imported it also runs on CPU tensors through the Triton
+interpreter, which is how the test suite exercises the kernels without a GPU. ``import gspn``
+never needs triton: this module imports it lazily and reports itself unavailable without it.
+
+Design and byte model: see ``README.md`` next to this file.
+
+* Inputs are read in their own dtype (float32, bfloat16, float16, float64), the output is written
+  in its dtype, and the state and all arithmetic are float32 (float64 for float64 outputs)
+  (``NATIVE_DTYPES = True`` tells :mod:`gspn.ops.line_scan` not to up-cast beforehand).
+* All four directions index the ``(H, W)`` plane in place; channel-shared / batch-shared
+  parameters are read by index (batch stride 0, parameter channel ``c // (C / Cg)``).
+* ``normalize=True`` evaluates the stability–context normalisation inside the kernels (the backward
+  recomputes it and returns gradients w.r.t. the logits).
+* Local GSPN tiles are independent and are spread over the second grid axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ..directions import get_direction
+
+__all__ = [
+    "NATIVE_DTYPES",
+    "allocate",
+    "is_available",
+    "launch_config",
+    "launch_overrides",
+    "scan",
+    "scan_backward",
+    "unavailable_reason",
+]
+
+NATIVE_DTYPES = True
+"""The kernels read float32/float16/bfloat16/float64 directly; the caller must not up-cast."""
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_kernels: ModuleType | None = None
+_import_error: str | None = None
+_overrides: dict[str, int] = {}
+
+# Upper bounds of the tile a program holds in registers.
+_GPU_MAX_BLOCK_P = 1024
+_GPU_MAX_TILE = 2048
+_INTERP_MAX_BLOCK_P = 256
+_INTERP_MAX_TILE = 4096
+_MAX_SCRATCH_BYTES = 256 << 20
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _load() -> ModuleType | None:
+    """Import triton and the kernels once; ``None`` (with the reason kept) if that fails."""
+    global _kernels, _import_error
+    if _kernels is None and _import_error is None:
+        try:
+            _kernels = importlib.import_module("._kernels", __name__)
+        except ImportError as exc:
+            _import_error = f"triton is not installed ({exc}); pip install 'gspn[triton]'"
+    return _kernels
+
+
+def is_available(device: torch.device | str) -> bool:
+    """True for CUDA tensors when triton is installed, and for CPU tensors under ``TRITON_INTERPRET=1``."""
+    return unavailable_reason(device) == ""
+
+
+def unavailable_reason(device: torch.device | str) -> str:
+    """Empty string if the backend can run on ``device``, else why not."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        if not _interpreting():
+            return "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
+    elif device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+    else:
+        return f"the triton backend does not support {device.type} tensors"
+    if _load() is None:
+        return _import_error or "triton could not be imported"
+    return ""
+
+
+@contextlib.contextmanager
+def launch_overrides(**values: int) -> Iterator[None]:
+    """Force launch parameters (``block_s``, ``block_p``, ``chunk_programs``, ``num_warps``); for tests.
+
+    Lets the CPU tests drive the multi-block line loop and the split over tiles with small shapes.
+    """
+    unknown = set(values) - {"block_s", "block_p", "chunk_programs", "num_warps"}
+    if unknown:
+        raise ValueError(f"unknown launch parameters: {sorted(unknown)}")
+    saved = dict(_overrides)
+    _overrides.update(values)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+def launch_config(
+    slices: int, line_length: int, num_chunks: int, device: torch.device, scratch_floats_per_line: int
+) -> dict[str, int]:
+    """Pick ``block_s``, ``block_p``, ``chunk_programs`` and ``num_warps`` for one launch.
+
+    Args:
+        slices: ``B·C``.
+        line_length: ``P``, positions per line.
+        num_chunks: number of tiles along the scan axis (1 for global GSPN).
+        device: the tensors' device (CPU means the interpreter: as few programs as possible).
+        scratch_floats_per_line: scratch floats per slice and tile program (0: no scratch).
+    """
+    next_pow2 = triton_next_power_of_2
+    if device.type == "cpu":
+        block_p = min(next_pow2(line_length), _INTERP_MAX_BLOCK_P)
+        block_s = min(next_pow2(slices), max(1, _INTERP_MAX_TILE // block_p))
+        chunk_programs = 1
+        num_warps = 1
+    else:
+        block_p = min(next_pow2(line_length), _GPU_MAX_BLOCK_P)
+        block_s = min(next_pow2(slices), max(1, _GPU_MAX_TILE // block_p))
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        # Smaller slice groups until there are enough programs to fill the GPU.
+        while block_s > 1 and triton_cdiv(slices, block_s) * num_chunks < target:
+            block_s //= 2
+        slice_programs = triton_cdiv(slices, block_s)
+        chunk_programs = min(num_chunks, max(1, triton_cdiv(target, slice_programs)))
+        if scratch_floats_per_line:
+            per_program = slice_programs * block_s * scratch_floats_per_line * 4
+            chunk_programs = max(1, min(chunk_programs, _MAX_SCRATCH_BYTES // max(per_program, 1)))
+        else:
+            chunk_programs = num_chunks
+        num_warps = 4 if block_s * block_p <= 1024 else 8
+    config = {
+        "block_s": block_s, "block_p": block_p, "chunk_programs": chunk_programs, "num_warps": num_warps,
+    }
+    config.update(_overrides)
+    config["chunk_programs"] = max(1, min(config["chunk_programs"], num_chunks, 65535))
+    return config
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def allocate(shape: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output buffer (plain ``torch.empty``)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> tuple[torch.dtype, Any]:
+    import triton.language as tl
+
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def _check(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"the triton backend does not support dtype {t.dtype}")
+        h, w = t.shape[-2:]
+        if (w > 1 and t.stride(-1) != 1) or (h > 1 and t.stride(-2) != w):
+            raise ValueError("the triton backend needs every (H, W) plane dense row-major")
+
+
+def _slice_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(batch, channel) strides; a size-1 (broadcast) batch gets stride 0."""
+    return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
+
+
+def _param_args(t: torch.Tensor, channels: int) -> tuple[int, int, int]:
+    sb, sc = _slice_strides(t)
+    return sb, sc, channels // t.shape[1]
+
+
+def _geometry(x: torch.Tensor, direction: str, chunk_size: int | None):
+    d = get_direction(direction)
+    _, _, height, width = x.shape
+    num_lines, line_length = (height, width) if d.vertical else (width, height)
+    chunk = min(chunk_size or num_lines, num_lines)
+    return d, num_lines, line_length, chunk, triton_cdiv(num_lines, chunk)
+
+
+def scan(
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    w_left: torch.Tensor,
+    w_mid: torch.Tensor,
+    w_right: torch.Tensor,
+    *,
+    direction: str,
+    chunk_size: int | None,
+    normalize: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Forward scan of one direction into ``out`` (see :mod:`gspn.ops.backends`).
+
+    Args:
+        x: ``(B, C, H, W)``; lam, w_*: ``(B or 1, C or Cg, H, W)``; out: ``(B, C, H, W)``, possibly
+            a strided view (e.g. ``out[:, k]`` of a ``(B, 4, C, H, W)`` buffer). Every (H, W) plane
+            dense row-major; any mix of the supported dtypes.
+    """
+    kernels = _load()
+    assert kernels is not None, unavailable_reason(x.device)
+    _check(x, lam, w_left, w_mid, w_right, out)
+    batch, channels, _, width = x.shape
+    d, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
+    slices = batch * channels
+    acc_torch, acc = _acc_dtype(out)
+    state_in_out = out.dtype == acc_torch
+    cfg = launch_config(slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length)
+    if state_in_out:
+        state = out  # unused placeholder pointer
+    else:
+        numel = cfg["chunk_programs"] * slices * 2 * line_length
+        state = torch.empty(numel, dtype=acc_torch, device=x.device)
+    grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+    kernels.line_scan_fwd_kernel[grid](
+        x, lam, w_left, w_mid, w_right, out, state,
+        *_slice_strides(x),
+        *_param_args(lam, channels), *_param_args(w_left, channels),
+        *_param_args(w_mid, channels), *_param_args(w_right, channels),
+        *_slice_strides(out),
+        slices, channels, width, num_lines, line_length, chunk, num_chunks,
+        VERTICAL=d.vertical, REVERSE=d.reverse, NORMALIZE=normalize, STATE_IN_OUT=state_in_out, ACC=acc,
+        BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def scan_backward(
+    grad: torch.Tensor,
+    h: torch.Tensor,
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    w_left: torch.Tensor,
+    w_mid: torch.Tensor,
+    w_right: torch.Tensor,
+    *,
+    direction: str,
+    chunk_size: int | None,
+    normalize: bool,
+    dx: torch.Tensor,
+    accumulate_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adjoint scan of one direction (see :mod:`gspn.ops.backends`).
+
+    Writes (or adds to, if ``accumulate_dx``) ``dL/dx`` into ``dx`` (``(B, C, H, W)``, any float
+    dtype, may be strided between planes) and returns ``(d_lam, d_w_left, d_w_mid, d_w_right)``,
+    each dense ``(B, C, H, W)`` in the accumulation dtype (float32, or float64 for float64
+    inputs); w.r.t. the logits when ``normalize``.
+    """
+    kernels = _load()
+    assert kernels is not None, unavailable_reason(x.device)
+    _check(grad, h, x, lam, w_left, w_mid, w_right, dx)
+    batch, channels, height, width = x.shape
+    d, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
+    slices = batch * channels
+    acc_torch, acc = _acc_dtype(grad, h, x, lam, w_left, w_mid, w_right, dx)
+    grads = tuple(torch.empty(x.shape, dtype=acc_torch, device=x.device) for _ in range(4))
+    cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length)
+    state = torch.empty(cfg["chunk_programs"] * slices * 6 * line_length, dtype=acc_torch, device=x.device)
+    grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+    kernels.line_scan_bwd_kernel[grid](
+        grad, h, x, lam, w_left, w_mid, w_right, dx, *grads, state,
+        *_slice_strides(grad), *_slice_strides(h), *_slice_strides(x),
+        *_param_args(lam, channels), *_param_args(w_left, channels),
+        *_param_args(w_mid, channels), *_param_args(w_right, channels),
+        *_slice_strides(dx),
+        slices, channels, height, width, num_lines, line_length, chunk, num_chunks,
+        VERTICAL=d.vertical, REVERSE=d.reverse, NORMALIZE=normalize, ACCUMULATE_DX=accumulate_dx, ACC=acc,
+        BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
+    )
+    return grads
