@@ -33,9 +33,9 @@ def _stabilize(al, am, ar, has_l, has_r):
     ls_m = tl.minimum(am, 0.0) - tl.log(1.0 + tm_)
     ls_r = tl.minimum(ar, 0.0) - tl.log(1.0 + tr_)
     top = tl.maximum(ls_m, tl.maximum(tl.where(has_l, ls_l, ls_m), tl.where(has_r, ls_r, ls_m)))
-    el = tl.where(has_l, tl.exp(ls_l - top), 0.0)
+    el = tl.exp(tl.where(has_l, ls_l, float("-inf")) - top)  # exp(-inf) = 0: missing neighbour
     em = tl.exp(ls_m - top)
-    er = tl.where(has_r, tl.exp(ls_r - top), 0.0)
+    er = tl.exp(tl.where(has_r, ls_r, float("-inf")) - top)
     inv = 1.0 / (el + em + er)
     # 1 - sigmoid(a) = sigmoid(-a), from t = exp(-|a|) without cancellation.
     cl = tl.where(al >= 0.0, tl_, 1.0) / (1.0 + tl_)

@@ -1,0 +1,179 @@
+"""The Triton backend against the reference backend: forward and all five gradients.
+
+Without a GPU the kernels run on CPU tensors through the Triton interpreter: this module sets
+``TRITON_INTERPRET=1`` for its own duration (the kernels are imported lazily, on first use, so
+the variable only has to be set before that). With a GPU the same tests also run on ``cuda``
+(parameters marked ``gpu``). Shapes are small and the launch parameters are forced small
+(``launch_overrides``) so that the multi-block line loop and the split over tiles are exercised
+while the interpreter runs few programs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gspn.ops import DIRECTIONS, available_backends, line_scan, line_scan_4d
+from gspn.ops import triton as triton_backend
+
+TOL = {
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+    torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+}
+SMALL = {"block_p": 4, "block_s": 4, "chunk_programs": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_without_gpu():
+    """Run the kernels through the Triton interpreter when there is no CUDA device."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        yield
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs a CUDA device")]),
+    ]
+)
+def device(request) -> torch.device:
+    dev = torch.device(request.param)
+    if not triton_backend.is_available(dev):
+        pytest.skip(f"triton backend unavailable on {dev}: {triton_backend.unavailable_reason(dev)}")
+    return dev
+
+
+def _make(shape, param_shapes, dtype, device, seed=0, scale=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    params = [(scale * torch.randn(s, generator=gen)).to(device=device, dtype=dtype) for s in param_shapes]
+    return x, params
+
+
+def _run(fn, x, params, grad_seed=1, **kwargs):
+    """Output and the gradients of x and the four parameters for a fixed random cotangent."""
+    x = x.detach().clone().requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in params]
+    y = fn(x, *params, **kwargs)
+    gen = torch.Generator().manual_seed(grad_seed)
+    g = torch.randn(y.shape, generator=gen).to(device=y.device, dtype=y.dtype)
+    y.backward(g)
+    return [y.detach(), x.grad, *(p.grad for p in params)]
+
+
+def _assert_close(got, want, dtype):
+    names = ("h", "dx", "dlam", "dw_left", "dw_mid", "dw_right")
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.dtype == b.dtype, name
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(
+            a.float().cpu(), b.float().cpu(), **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def _compare(shape, param_shapes, dtype, device, fn=line_scan, overrides=None, scale=0.5, **kwargs):
+    x, params = _make(shape, param_shapes, dtype, device, scale=scale)
+    with triton_backend.launch_overrides(**(SMALL if overrides is None else overrides)):
+        got = _run(fn, x, params, backend="triton", **kwargs)
+    want = _run(fn, x.cpu(), [p.cpu() for p in params], backend="reference", **kwargs)
+    _assert_close(got, want, dtype)
+
+
+def test_available_under_interpreter(device):
+    assert "triton" in available_backends(device)
+    assert triton_backend.NATIVE_DTYPES
+
+
+def test_unsupported_device_reason():
+    assert "meta" in triton_backend.unavailable_reason("meta")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_matches_reference(device, direction, chunk_size, normalize, dtype):
+    """Every direction, global and chunked (3 does not divide 7 or 5), normalize on/off, each dtype."""
+    shape = (2, 3, 7, 5)
+    kwargs = {"direction": direction, "chunk_size": chunk_size, "normalize": normalize}
+    _compare(shape, [shape] * 4, dtype, device, **kwargs)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_broadcast_gates(device, direction, normalize):
+    """Batch-shared and channel-group-shared parameters.
+
+    Without normalisation each parameter has its own layout; with it the three gates share one
+    (the reference backend's ``stabilize`` needs equal gate shapes).
+    """
+    shape = (2, 6, 5, 6)
+    if normalize:
+        param_shapes = [(1, 6, 5, 6), (1, 2, 5, 6), (1, 2, 5, 6), (1, 2, 5, 6)]
+    else:
+        param_shapes = [(1, 6, 5, 6), (2, 3, 5, 6), (1, 1, 5, 6), (2, 2, 5, 6)]
+    kwargs = {"direction": direction, "chunk_size": 2, "normalize": normalize}
+    _compare(shape, param_shapes, torch.float32, device, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 2, 1, 6), (2, 2, 6, 1), (1, 2, 1, 9)])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_degenerate_shapes(device, direction, shape):
+    """H = 1 and/or W = 1: lines of length 1 and single-line scans."""
+    _compare(shape, [shape] * 4, torch.float32, device, direction=direction, chunk_size=None, normalize=True)
+    _compare(shape, [shape] * 4, torch.float32, device, direction=direction, chunk_size=2, normalize=False)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_line_longer_than_block(device, direction):
+    """A 300-long line with the default launch config (blocks hold at most 256 positions on CPU)."""
+    vertical = direction in ("tb", "bt")
+    shape = (1, 2, 3, 300) if vertical else (1, 2, 300, 3)
+    _compare(shape, [shape] * 4, torch.bfloat16, device, overrides={}, direction=direction, normalize=True)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_line_scan_4d(device, normalize):
+    """Four directions into strided ``out[:, k]`` views, per-direction and direction-shared gates."""
+    shape = (2, 4, 5, 6)
+    param_shapes = [(2, 4, 4, 5, 6), (1, 1, 2, 5, 6), (1, 1, 2, 5, 6), (1, 1, 2, 5, 6)]
+    for dtype, chunk_size in ((torch.bfloat16, 4), (torch.float32, None)):
+        kwargs = {"chunk_size": chunk_size, "normalize": normalize}
+        _compare(shape, param_shapes, dtype, device, fn=line_scan_4d, **kwargs)
+
+
+def test_mixed_and_double_dtypes(device):
+    """bf16 x with float32 gates gives a float32 result; float64 runs with float64 state."""
+    shape = (1, 2, 4, 5)
+    x, params = _make(shape, [shape] * 4, torch.float32, device)
+    xb = x.to(torch.bfloat16)
+    with triton_backend.launch_overrides(**SMALL):
+        got = _run(line_scan, xb, params, backend="triton", direction="lr", normalize=True)
+    cpu_params = [p.cpu() for p in params]
+    want = _run(line_scan, xb.cpu(), cpu_params, backend="reference", direction="lr", normalize=True)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
+    _assert_close(got, want, torch.bfloat16)
+    _compare(shape, [shape] * 4, torch.float64, device, direction="rl", chunk_size=3, normalize=True)
+
+
+def test_extreme_logits_stay_finite(device):
+    """Fused normalisation with logits far in both tails (all sigmoids underflow) stays finite."""
+    shape = (1, 2, 4, 5)
+    x, params = _make(shape, [shape] * 4, torch.float32, device, scale=200.0)
+    _compare(shape, [shape] * 4, torch.float32, device, scale=200.0, direction="tb", normalize=True)
+    with triton_backend.launch_overrides(**SMALL):
+        got = _run(line_scan, x, params, backend="triton", direction="bt", normalize=True)
+    assert all(torch.isfinite(t).all() for t in got)
