@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="do not time the per-line baseline")
     parser.add_argument("--baseline-max-numel", type=int, default=1 << 28,
                         help="skip the baseline above this many input elements (default 2^28)")
+    parser.add_argument("--device", default="cuda", help="CUDA device (default cuda)")
     parser.add_argument("--rep", type=int, default=None, help="do_bench repetition time in ms")
     parser.add_argument("--warmup", type=int, default=None, help="do_bench warm-up time in ms")
     args = parser.parse_args(argv)
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from gspn.ops import triton as triton_backend
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     if not triton_backend.is_available(device):
         print(f"triton_line_scan.py: {triton_backend.unavailable_reason(device)}", file=sys.stderr)
         return 1
