@@ -26,7 +26,13 @@ TOL = {
     torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
     torch.float16: {"atol": 4e-3, "rtol": 4e-3},
 }
-SMALL = {"block_p": 4, "block_s": 4, "chunk_programs": 2}
+# Launch parameters per kernel variant: "memory" with 4-position blocks (lines span several
+# blocks) and "register" (whole line in registers); both split the tiles over two programs.
+VARIANTS = {
+    "memory": {"kernel": "memory", "block_p": 4, "block_s": 4, "chunk_programs": 2},
+    "register": {"kernel": "register", "block_s": 4, "chunk_programs": 2},
+}
+SMALL = VARIANTS["memory"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,6 +46,11 @@ def _interpreter_without_gpu():
         yield
     finally:
         os.environ.pop("TRITON_INTERPRET", None)
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request) -> dict:
+    return VARIANTS[request.param]
 
 
 @pytest.fixture(
@@ -105,16 +116,16 @@ def test_unsupported_device_reason():
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("chunk_size", [None, 3])
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_matches_reference(device, direction, chunk_size, normalize, dtype):
+def test_matches_reference(device, variant, direction, chunk_size, normalize, dtype):
     """Every direction, global and chunked (3 does not divide 7 or 5), normalize on/off, each dtype."""
     shape = (2, 3, 7, 5)
     kwargs = {"direction": direction, "chunk_size": chunk_size, "normalize": normalize}
-    _compare(shape, [shape] * 4, dtype, device, **kwargs)
+    _compare(shape, [shape] * 4, dtype, device, overrides=variant, **kwargs)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_broadcast_gates(device, direction, normalize):
+def test_broadcast_gates(device, variant, direction, normalize):
     """Batch-shared and channel-group-shared parameters.
 
     Without normalisation each parameter has its own layout; with it the three gates share one
@@ -126,33 +137,52 @@ def test_broadcast_gates(device, direction, normalize):
     else:
         param_shapes = [(1, 6, 5, 6), (2, 3, 5, 6), (1, 1, 5, 6), (2, 2, 5, 6)]
     kwargs = {"direction": direction, "chunk_size": 2, "normalize": normalize}
-    _compare(shape, param_shapes, torch.float32, device, **kwargs)
+    _compare(shape, param_shapes, torch.float32, device, overrides=variant, **kwargs)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 2, 1, 6), (2, 2, 6, 1), (1, 2, 1, 9)])
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_degenerate_shapes(device, direction, shape):
+def test_degenerate_shapes(device, variant, direction, shape):
     """H = 1 and/or W = 1: lines of length 1 and single-line scans."""
-    _compare(shape, [shape] * 4, torch.float32, device, direction=direction, chunk_size=None, normalize=True)
-    _compare(shape, [shape] * 4, torch.float32, device, direction=direction, chunk_size=2, normalize=False)
+    for chunk_size, normalize in ((None, True), (2, False)):
+        kwargs = {"direction": direction, "chunk_size": chunk_size, "normalize": normalize}
+        _compare(shape, [shape] * 4, torch.float32, device, overrides=variant, **kwargs)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "register"])
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_line_longer_than_block(device, direction):
-    """A 300-long line with the default launch config (blocks hold at most 256 positions on CPU)."""
+def test_line_longer_than_block(device, direction, kernel):
+    """A 300-long line: with the default config the interpreter's memory variant loops over 256-wide
+    blocks; the register variant holds it in one 512-wide block."""
     vertical = direction in ("tb", "bt")
     shape = (1, 2, 3, 300) if vertical else (1, 2, 300, 3)
-    _compare(shape, [shape] * 4, torch.bfloat16, device, overrides={}, direction=direction, normalize=True)
+    overrides = {} if kernel == "auto" else {"kernel": kernel}
+    kwargs = {"direction": direction, "normalize": True}
+    _compare(shape, [shape] * 4, torch.bfloat16, device, overrides=overrides, **kwargs)
+
+
+def test_launch_config_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    assert triton_backend.launch_config(6, 200, 1, cpu, 400)["kernel"] == "register"
+    long_line = triton_backend.launch_config(6, 300, 1, cpu, 600)
+    assert long_line["kernel"] == "memory" and long_line["block_p"] == 256
+    monkeypatch.setenv("GSPN_TRITON_KERNEL", "memory")
+    assert triton_backend.launch_config(6, 8, 1, cpu, 16)["kernel"] == "memory"
+    monkeypatch.setenv("GSPN_TRITON_KERNEL", "fast")
+    with pytest.raises(ValueError, match="GSPN_TRITON_KERNEL"):
+        triton_backend.launch_config(6, 8, 1, cpu, 16)
+    with pytest.raises(ValueError, match="unknown launch parameters"):
+        triton_backend.launch_overrides(size=3).__enter__()
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_line_scan_4d(device, normalize):
+def test_line_scan_4d(device, variant, normalize):
     """Four directions into strided ``out[:, k]`` views, per-direction and direction-shared gates."""
     shape = (2, 4, 5, 6)
     param_shapes = [(2, 4, 4, 5, 6), (1, 1, 2, 5, 6), (1, 1, 2, 5, 6), (1, 1, 2, 5, 6)]
     for dtype, chunk_size in ((torch.bfloat16, 4), (torch.float32, None)):
         kwargs = {"chunk_size": chunk_size, "normalize": normalize}
-        _compare(shape, param_shapes, dtype, device, fn=line_scan_4d, **kwargs)
+        _compare(shape, param_shapes, dtype, device, fn=line_scan_4d, overrides=variant, **kwargs)
 
 
 def test_mixed_and_double_dtypes(device):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -47,10 +48,13 @@ NATIVE_DTYPES = True
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _kernels: ModuleType | None = None
 _import_error: str | None = None
-_overrides: dict[str, int] = {}
+_overrides: dict[str, Any] = {}
+_register_broken = False  # set if the register variant fails to compile on this GPU (then: memory)
 
 # Upper bounds of the tile a program holds in registers.
 _GPU_MAX_BLOCK_P = 1024
+_GPU_MAX_REG_BLOCK_P = 2048
+_GPU_NUM_STAGES = 3
 _GPU_MAX_TILE = 2048
 _INTERP_MAX_BLOCK_P = 256
 _INTERP_MAX_TILE = 4096
@@ -93,13 +97,18 @@ def unavailable_reason(device: torch.device | str) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def launch_overrides(**values: int) -> Iterator[None]:
-    """Force launch parameters (``block_s``, ``block_p``, ``chunk_programs``, ``num_warps``); for tests.
+_LAUNCH_KEYS = {"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages"}
 
-    Lets the CPU tests drive the multi-block line loop and the split over tiles with small shapes.
+
+@contextlib.contextmanager
+def launch_overrides(**values: Any) -> Iterator[None]:
+    """Force launch parameters for the calls inside the ``with`` block (tests and experiments).
+
+    Keys: ``kernel`` (``"register"`` or ``"memory"``), ``block_s``, ``block_p``,
+    ``chunk_programs``, ``num_warps``, ``num_stages``. Lets the CPU tests drive the multi-block
+    line loop and the split over tiles with small shapes.
     """
-    unknown = set(values) - {"block_s", "block_p", "chunk_programs", "num_warps"}
+    unknown = set(values) - _LAUNCH_KEYS
     if unknown:
         raise ValueError(f"unknown launch parameters: {sorted(unknown)}")
     saved = dict(_overrides)
@@ -113,41 +122,61 @@ def launch_overrides(**values: int) -> Iterator[None]:
 
 def launch_config(
     slices: int, line_length: int, num_chunks: int, device: torch.device, scratch_floats_per_line: int
-) -> dict[str, int]:
-    """Pick ``block_s``, ``block_p``, ``chunk_programs`` and ``num_warps`` for one launch.
+) -> dict[str, Any]:
+    """Pick the kernel variant and its launch parameters for one call.
+
+    ``kernel="register"`` (state in registers, whole line in one block) is used when the line fits
+    in one block (``P <= 2048`` on a GPU, ``<= 256`` in the interpreter), ``"memory"`` (state
+    exchanged through memory, the line looped over in blocks) otherwise. ``GSPN_TRITON_KERNEL``
+    (``register`` / ``memory``) forces one where possible.
 
     Args:
         slices: ``B·C``.
         line_length: ``P``, positions per line.
         num_chunks: number of tiles along the scan axis (1 for global GSPN).
         device: the tensors' device (CPU means the interpreter: as few programs as possible).
-        scratch_floats_per_line: scratch floats per slice and tile program (0: no scratch).
+        scratch_floats_per_line: scratch floats per slice and tile program of the memory variant.
+
+    Returns:
+        ``{"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages"}``.
     """
-    next_pow2 = triton_next_power_of_2
-    if device.type == "cpu":
-        block_p = min(next_pow2(line_length), _INTERP_MAX_BLOCK_P)
-        block_s = min(next_pow2(slices), max(1, _INTERP_MAX_TILE // block_p))
+    interp = device.type == "cpu"
+    max_reg = _INTERP_MAX_BLOCK_P if interp else _GPU_MAX_REG_BLOCK_P
+    kernel = _overrides.get("kernel") or os.environ.get("GSPN_TRITON_KERNEL", "auto")
+    if kernel not in ("auto", "register", "memory"):
+        raise ValueError(f"GSPN_TRITON_KERNEL must be auto, register or memory, got {kernel!r}")
+    block_p = _overrides.get("block_p")
+    if kernel == "auto":
+        fits = triton_next_power_of_2(line_length) <= (block_p or max_reg)
+        kernel = "register" if fits and not _register_broken else "memory"
+    if kernel == "register":
+        block_p = triton_next_power_of_2(line_length)  # the whole line, whatever was asked
+        scratch_floats_per_line = 0
+    else:
+        block_p = block_p or min(triton_next_power_of_2(line_length), max_reg if interp else _GPU_MAX_BLOCK_P)
+    if interp:
+        block_s = min(triton_next_power_of_2(slices), max(1, _INTERP_MAX_TILE // block_p))
         chunk_programs = 1
         num_warps = 1
     else:
-        block_p = min(next_pow2(line_length), _GPU_MAX_BLOCK_P)
-        block_s = min(next_pow2(slices), max(1, _GPU_MAX_TILE // block_p))
+        block_s = min(triton_next_power_of_2(slices), max(1, _GPU_MAX_TILE // block_p))
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
         # Smaller slice groups until there are enough programs to fill the GPU.
         while block_s > 1 and triton_cdiv(slices, block_s) * num_chunks < target:
             block_s //= 2
         slice_programs = triton_cdiv(slices, block_s)
-        chunk_programs = min(num_chunks, max(1, triton_cdiv(target, slice_programs)))
         if scratch_floats_per_line:
+            chunk_programs = min(num_chunks, max(1, triton_cdiv(target, slice_programs)))
             per_program = slice_programs * block_s * scratch_floats_per_line * 4
             chunk_programs = max(1, min(chunk_programs, _MAX_SCRATCH_BYTES // max(per_program, 1)))
         else:
             chunk_programs = num_chunks
         num_warps = 4 if block_s * block_p <= 1024 else 8
-    config = {
-        "block_s": block_s, "block_p": block_p, "chunk_programs": chunk_programs, "num_warps": num_warps,
+    config: dict[str, Any] = {
+        "kernel": kernel, "block_s": block_s, "block_p": block_p, "chunk_programs": chunk_programs,
+        "num_warps": num_warps, "num_stages": 1 if interp else _GPU_NUM_STAGES,
     }
-    config.update(_overrides)
+    config.update({k: v for k, v in _overrides.items() if k not in ("kernel", "block_p")})
     config["chunk_programs"] = max(1, min(config["chunk_programs"], num_chunks, 65535))
     return config
 
@@ -200,6 +229,30 @@ def _geometry(x: torch.Tensor, direction: str, chunk_size: int | None):
     return d, num_lines, line_length, chunk, triton_cdiv(num_lines, chunk)
 
 
+def _register_failed(device: torch.device, exc: Exception) -> bool:
+    """Whether to retry with the memory variant after the register variant raised ``exc``.
+
+    Only on a GPU, and only for compilation / resource errors (the register variant relies on
+    ``tl.gather`` and the software pipeliner, which a Triton version or GPU may not support).
+    """
+    global _register_broken
+    if device.type != "cuda":
+        return False
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    if not isinstance(exc, (CompilationError, OutOfResources, RuntimeError)):
+        return False
+    _register_broken = True
+    warnings.warn(
+        f"gspn: the register-resident Triton line-scan kernel failed on this GPU ({type(exc).__name__}: "
+        f"{str(exc)[:300]}); using the memory variant from now on",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return True
+
+
 def scan(
     x: torch.Tensor,
     lam: torch.Tensor,
@@ -227,7 +280,28 @@ def scan(
     slices = batch * channels
     acc_torch, acc = _acc_dtype(out)
     state_in_out = out.dtype == acc_torch
+    strides = (
+        *_slice_strides(x),
+        *_param_args(lam, channels), *_param_args(w_left, channels),
+        *_param_args(w_mid, channels), *_param_args(w_right, channels),
+        *_slice_strides(out),
+        slices, channels, width, num_lines, line_length, chunk, num_chunks,
+    )
+    flags = {"VERTICAL": d.vertical, "REVERSE": d.reverse, "NORMALIZE": normalize, "ACC": acc}
     cfg = launch_config(slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length)
+    if cfg["kernel"] == "register":
+        grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+        try:
+            kernels.line_scan_fwd_reg_kernel[grid](
+                x, lam, w_left, w_mid, w_right, out, *strides, **flags,
+                BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+            )
+            return out
+        except Exception as exc:
+            if not _register_failed(x.device, exc):
+                raise
+        cfg = launch_config(slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length)
     if state_in_out:
         state = out  # unused placeholder pointer
     else:
@@ -235,13 +309,7 @@ def scan(
         state = torch.empty(numel, dtype=acc_torch, device=x.device)
     grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
     kernels.line_scan_fwd_kernel[grid](
-        x, lam, w_left, w_mid, w_right, out, state,
-        *_slice_strides(x),
-        *_param_args(lam, channels), *_param_args(w_left, channels),
-        *_param_args(w_mid, channels), *_param_args(w_right, channels),
-        *_slice_strides(out),
-        slices, channels, width, num_lines, line_length, chunk, num_chunks,
-        VERTICAL=d.vertical, REVERSE=d.reverse, NORMALIZE=normalize, STATE_IN_OUT=state_in_out, ACC=acc,
+        x, lam, w_left, w_mid, w_right, out, state, *strides, **flags, STATE_IN_OUT=state_in_out,
         BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
     )
     return out
@@ -277,17 +345,38 @@ def scan_backward(
     slices = batch * channels
     acc_torch, acc = _acc_dtype(grad, h, x, lam, w_left, w_mid, w_right, dx)
     grads = tuple(torch.empty(x.shape, dtype=acc_torch, device=x.device) for _ in range(4))
-    cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length)
-    state = torch.empty(cfg["chunk_programs"] * slices * 6 * line_length, dtype=acc_torch, device=x.device)
-    grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
-    kernels.line_scan_bwd_kernel[grid](
-        grad, h, x, lam, w_left, w_mid, w_right, dx, *grads, state,
+    args = (
+        grad, h, x, lam, w_left, w_mid, w_right, dx, *grads,
+    )
+    strides = (
         *_slice_strides(grad), *_slice_strides(h), *_slice_strides(x),
         *_param_args(lam, channels), *_param_args(w_left, channels),
         *_param_args(w_mid, channels), *_param_args(w_right, channels),
         *_slice_strides(dx),
         slices, channels, height, width, num_lines, line_length, chunk, num_chunks,
-        VERTICAL=d.vertical, REVERSE=d.reverse, NORMALIZE=normalize, ACCUMULATE_DX=accumulate_dx, ACC=acc,
+    )
+    flags = {
+        "VERTICAL": d.vertical, "REVERSE": d.reverse, "NORMALIZE": normalize,
+        "ACCUMULATE_DX": accumulate_dx, "ACC": acc,
+    }
+    cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length)
+    if cfg["kernel"] == "register":
+        grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+        try:
+            kernels.line_scan_bwd_reg_kernel[grid](
+                *args, *strides, **flags,
+                BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+            )
+            return grads
+        except Exception as exc:
+            if not _register_failed(x.device, exc):
+                raise
+        cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length)
+    state = torch.empty(cfg["chunk_programs"] * slices * 6 * line_length, dtype=acc_torch, device=x.device)
+    grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+    kernels.line_scan_bwd_kernel[grid](
+        *args, state, *strides, **flags,
         BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
     )
     return grads

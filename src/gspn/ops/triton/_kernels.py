@@ -267,3 +267,207 @@ def line_scan_bwd_kernel(
                 tl.store(cur + 2 * P, ar * a, mask=mp)
             # Line l must be complete before line l-1 reads its q_k.
             tl.debug_barrier()
+
+
+# -------------------------------------------------------------------------------------------------
+# Register-resident variants: the whole line of every slice fits in one [BLOCK_S, BLOCK_P] block
+# (BLOCK_P >= P). The state stays in registers between lines and the ±1 neighbours are taken with
+# ``tl.gather`` along the line axis, so the only loop-carried dependency is on-chip and the loads
+# of x, λ and the gates (which do not depend on the state) can be software-pipelined across lines
+# (the ``num_stages`` launch option; ``tl.range`` is avoided because under the interpreter it only
+# works if TRITON_INTERPRET was set before triton was imported).
+
+
+@triton.jit
+def _shift_from_left(t, idx_left, has_left):
+    """``out[..., p] = t[..., p-1]``, zero at p = 0."""
+    return tl.where(has_left, tl.gather(t, idx_left, axis=1), 0.0)
+
+
+@triton.jit
+def _shift_from_right(t, idx_right, has_right):
+    """``out[..., p] = t[..., p+1]``, zero at p = P-1 (and beyond)."""
+    return tl.where(has_right, tl.gather(t, idx_right, axis=1), 0.0)
+
+
+@triton.jit
+def line_scan_fwd_reg_kernel(
+    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, out_ptr,
+    x_sb, x_sc,
+    lam_sb, lam_sc, lam_div,
+    wl_sb, wl_sc, wl_div,
+    wm_sb, wm_sc, wm_div,
+    wr_sb, wr_sc, wr_div,
+    out_sb, out_sc,
+    S, C, W, L, P, CHUNK, NUM_CHUNKS,
+    VERTICAL: tl.constexpr,
+    REVERSE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Forward recurrence, state in registers (requires ``P <= BLOCK_P``); grid as the memory variant."""
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_cprog = tl.num_programs(1)
+    if VERTICAL:
+        line_stride = W
+        pos_stride = 1
+    else:
+        line_stride = 1
+        pos_stride = W
+
+    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    s_ok = s < S
+    b = s // C
+    c = s % C
+    x_base = (b * x_sb + c * x_sc)[:, None]
+    lam_base = _param_base(b, c, lam_sb, lam_sc, lam_div)[:, None]
+    wl_base = _param_base(b, c, wl_sb, wl_sc, wl_div)[:, None]
+    wm_base = _param_base(b, c, wm_sb, wm_sc, wm_div)[:, None]
+    wr_base = _param_base(b, c, wr_sb, wr_sc, wr_div)[:, None]
+    out_base = (b * out_sb + c * out_sc)[:, None]
+
+    p = tl.arange(0, BLOCK_P)
+    m = s_ok[:, None] & (p < P)[None, :]
+    has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
+    has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
+    idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
+    idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
+    pos = (p.to(tl.int64) * pos_stride)[None, :]
+
+    for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
+        i_lo = chunk * CHUNK
+        n = tl.minimum(CHUNK, L - i_lo)
+        h = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
+        for t in range(0, n):
+            if REVERSE:  # noqa: SIM108 (a constexpr branch)
+                i = i_lo + n - 1 - t
+            else:
+                i = i_lo + t
+            off = i.to(tl.int64) * line_stride + pos
+            mp = m & ((p * 0 + t) > 0)[None, :]  # the line does not start a tile
+            xv = tl.load(x_ptr + x_base + off, mask=m, other=0.0).to(ACC)
+            lv = tl.load(lam_ptr + lam_base + off, mask=m, other=0.0).to(ACC)
+            al = tl.load(wl_ptr + wl_base + off, mask=mp, other=0.0).to(ACC)
+            am = tl.load(wm_ptr + wm_base + off, mask=mp, other=0.0).to(ACC)
+            ar = tl.load(wr_ptr + wr_base + off, mask=mp, other=0.0).to(ACC)
+            if NORMALIZE:
+                al, am, ar, _cl, _cm, _cr = _stabilize(al, am, ar, has_l, has_r)
+            # h is zero on the first line of a tile, so no extra masking is needed.
+            h = (
+                lv * xv
+                + al * _shift_from_left(h, idx_l, has_l)
+                + am * h
+                + ar * _shift_from_right(h, idx_r, has_r)
+            )
+            tl.store(out_ptr + out_base + off, h.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def line_scan_bwd_reg_kernel(
+    g_ptr, h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr,
+    dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr,
+    g_sb, g_sc,
+    h_sb, h_sc,
+    x_sb, x_sc,
+    lam_sb, lam_sc, lam_div,
+    wl_sb, wl_sc, wl_div,
+    wm_sb, wm_sc, wm_div,
+    wr_sb, wr_sc, wr_div,
+    dx_sb, dx_sc,
+    S, C, H, W, L, P, CHUNK, NUM_CHUNKS,
+    VERTICAL: tl.constexpr,
+    REVERSE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    ACCUMULATE_DX: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Adjoint recurrence with ``q_k = w_k a`` of the next line kept in registers (``P <= BLOCK_P``)."""
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_cprog = tl.num_programs(1)
+    if VERTICAL:
+        line_stride = W
+        pos_stride = 1
+    else:
+        line_stride = 1
+        pos_stride = W
+
+    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    s_ok = s < S
+    b = s // C
+    c = s % C
+    g_base = (b * g_sb + c * g_sc)[:, None]
+    h_base = (b * h_sb + c * h_sc)[:, None]
+    x_base = (b * x_sb + c * x_sc)[:, None]
+    lam_base = _param_base(b, c, lam_sb, lam_sc, lam_div)[:, None]
+    wl_base = _param_base(b, c, wl_sb, wl_sc, wl_div)[:, None]
+    wm_base = _param_base(b, c, wm_sb, wm_sc, wm_div)[:, None]
+    wr_base = _param_base(b, c, wr_sb, wr_sc, wr_div)[:, None]
+    dx_base = (b * dx_sb + c * dx_sc)[:, None]
+    d_base = (s * H * W)[:, None]
+
+    p = tl.arange(0, BLOCK_P)
+    m = s_ok[:, None] & (p < P)[None, :]
+    has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
+    has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
+    idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
+    idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
+    pos = (p.to(tl.int64) * pos_stride)[None, :]
+
+    for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
+        i_lo = chunk * CHUNK
+        n = tl.minimum(CHUNK, L - i_lo)
+        ql = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
+        qm = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
+        qr = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
+        for tt in range(0, n):
+            t = n - 1 - tt
+            if REVERSE:
+                i = i_lo + n - 1 - t
+                i_prev = i + 1
+            else:
+                i = i_lo + t
+                i_prev = i - 1
+            off = i.to(tl.int64) * line_stride + pos
+            prev_off = i_prev.to(tl.int64) * line_stride + pos
+            mp = m & ((p * 0 + t) > 0)[None, :]  # the line does not start a tile
+
+            # q of the next line is zero on the last line of a tile (reset per tile).
+            a = tl.load(g_ptr + g_base + off, mask=m, other=0.0).to(ACC)
+            a += _shift_from_right(ql, idx_r, has_r) + qm + _shift_from_left(qr, idx_l, has_l)
+
+            xv = tl.load(x_ptr + x_base + off, mask=m, other=0.0).to(ACC)
+            lv = tl.load(lam_ptr + lam_base + off, mask=m, other=0.0).to(ACC)
+            dx = lv * a
+            if ACCUMULATE_DX:
+                dx += tl.load(dx_ptr + dx_base + off, mask=m, other=0.0).to(ACC)
+            tl.store(dx_ptr + dx_base + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+            tl.store(dlam_ptr + d_base + off, (xv * a).to(dlam_ptr.dtype.element_ty), mask=m)
+
+            al = tl.load(wl_ptr + wl_base + off, mask=mp, other=0.0).to(ACC)
+            am = tl.load(wm_ptr + wm_base + off, mask=mp, other=0.0).to(ACC)
+            ar = tl.load(wr_ptr + wr_base + off, mask=mp, other=0.0).to(ACC)
+            prev = h_ptr + h_base + prev_off
+            hl = tl.load(prev - pos_stride, mask=mp & has_l, other=0.0).to(ACC)
+            hm = tl.load(prev, mask=mp, other=0.0).to(ACC)
+            hr = tl.load(prev + pos_stride, mask=mp & has_r, other=0.0).to(ACC)
+            gl = a * hl
+            gm = a * hm
+            gr = a * hr
+            if NORMALIZE:
+                al, am, ar, cl, cm, cr = _stabilize(al, am, ar, has_l, has_r)
+                dot = gl * al + gm * am + gr * ar
+                gl = al * cl * (gl - dot)
+                gm = am * cm * (gm - dot)
+                gr = ar * cr * (gr - dot)
+            tl.store(dwl_ptr + d_base + off, gl.to(dwl_ptr.dtype.element_ty), mask=m)
+            tl.store(dwm_ptr + d_base + off, gm.to(dwm_ptr.dtype.element_ty), mask=m)
+            tl.store(dwr_ptr + d_base + off, gr.to(dwr_ptr.dtype.element_ty), mask=m)
+            ql = al * a
+            qm = am * a
+            qr = ar * a
