@@ -71,7 +71,9 @@ def _backward(grad, h, x, params, directions, chunk_size, normalize, backend, fo
     ps = [_prepare(p, p.dtype if native else cdtype) for p in params]
     grad = _prepare(grad, grad.dtype if native else cdtype)
     h = _prepare(h, h.dtype if native else cdtype)
-    dx = _allocate(module, x.shape, cdtype, x.device)
+    # dx accumulates over the four directions in cdtype; a native backend writes one direction's
+    # dx in x's dtype directly.
+    dx = _allocate(module, x.shape, x.dtype if native and not four_directions else cdtype, x.device)
     per_direction = []
     for k, direction in enumerate(directions):
         step_params = [_direction_slice(p, k) for p in ps] if four_directions else ps

@@ -334,8 +334,9 @@ def scan_backward(
 
     Writes (or adds to, if ``accumulate_dx``) ``dL/dx`` into ``dx`` (``(B, C, H, W)``, any float
     dtype, may be strided between planes) and returns ``(d_lam, d_w_left, d_w_mid, d_w_right)``,
-    each dense ``(B, C, H, W)`` in the accumulation dtype (float32, or float64 for float64
-    inputs); w.r.t. the logits when ``normalize``.
+    each dense ``(B, C, H, W)``: in the parameter's dtype when the parameter is full size, else in
+    the accumulation dtype (float32, or float64 for float64 inputs) for the caller's reduction;
+    w.r.t. the logits when ``normalize``.
     """
     kernels = _load()
     assert kernels is not None, unavailable_reason(x.device)
@@ -344,7 +345,12 @@ def scan_backward(
     d, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
     slices = batch * channels
     acc_torch, acc = _acc_dtype(grad, h, x, lam, w_left, w_mid, w_right, dx)
-    grads = tuple(torch.empty(x.shape, dtype=acc_torch, device=x.device) for _ in range(4))
+    # A full-size parameter's gradient needs no reduction: write it in its dtype directly. Broadcast
+    # ones are summed by the caller, so they stay in the accumulation dtype.
+    grads = tuple(
+        torch.empty(x.shape, dtype=p.dtype if p.shape[:2] == x.shape[:2] else acc_torch, device=x.device)
+        for p in (lam, w_left, w_mid, w_right)
+    )
     args = (
         grad, h, x, lam, w_left, w_mid, w_right, dx, *grads,
     )
