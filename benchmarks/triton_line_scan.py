@@ -100,8 +100,27 @@ def copy_bandwidth(device: torch.device, rep: int, warmup: int) -> float:
     return 2 * COPY_BYTES / (statistics.median(samples) * 1e-3)
 
 
-def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> list[Row]:
+def time_pass(mode: str, backend: str, x, params, kwargs, rep: int, warmup: int) -> float:
+    """Median ms of the forward (``mode="fwd"``) or forward+backward of ``line_scan``."""
     from gspn.ops import line_scan
+
+    if mode == "fwd":
+        def forward():
+            with torch.no_grad():
+                line_scan(x, *params, backend=backend, **kwargs)
+
+        return bench_ms(forward, rep, warmup)
+    leaves = [t.detach().requires_grad_() for t in (x, *params)]
+    grad = torch.randn_like(x)
+
+    def step():
+        line_scan(*leaves, backend=backend, **kwargs).backward(grad)
+
+    return bench_ms(step, rep, warmup, grad_to_none=leaves)
+
+
+def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> list[Row]:
+    from gspn.ops import triton as triton_backend
 
     rows: list[Row] = []
     numel = 1
@@ -118,34 +137,23 @@ def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> li
         return rows
 
     kwargs = {"direction": direction, "chunk_size": chunk_size, "normalize": normalize}
-    impls = ["triton"]
+    impls = [f"triton:{k}" if k != "auto" else "triton" for k in args.kernels]
     if not args.no_baseline and numel <= args.baseline_max_numel:
         impls.append("baseline")
     for impl in impls:
-        backend = "triton" if impl == "triton" else "reference"
-        rep = args.rep if impl == "triton" else max(1, args.rep // 4)
+        backend = "reference" if impl == "baseline" else "triton"
+        rep = args.rep if backend == "triton" else max(1, args.rep // 4)
+        overrides = {"kernel": impl.split(":")[1]} if ":" in impl else {}
         for mode in ("fwd", "fwd+bwd"):
             try:
-                if mode == "fwd":
-                    def forward(b=backend, x=x, params=params):
-                        with torch.no_grad():
-                            line_scan(x, *params, backend=b, **kwargs)
-
-                    ms = bench_ms(forward, rep, args.warmup)
-                else:
-                    leaves = [t.detach().requires_grad_() for t in (x, *params)]
-                    grad = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-
-                    def step(b=backend, leaves=leaves, grad=grad):
-                        line_scan(*leaves, backend=b, **kwargs).backward(grad)
-
-                    ms = bench_ms(step, rep, args.warmup, grad_to_none=leaves)
+                with triton_backend.launch_overrides(**overrides):
+                    ms = time_pass(mode, backend, x, params, kwargs, rep, args.warmup)
                 nbytes = model_bytes(x, params, dtype, backward=mode == "fwd+bwd")
                 rows.append(Row(shape, direction, normalize, mode, impl, ms, nbytes))
             except torch.cuda.OutOfMemoryError:
                 rows.append(Row(shape, direction, normalize, mode, impl, None, note="OOM"))
             torch.cuda.empty_cache()
-    if len(impls) == 1:
+    if "baseline" not in impls:
         for mode in ("fwd", "fwd+bwd"):
             note = "skipped (--no-baseline)" if args.no_baseline else "skipped (> --baseline-max-numel)"
             rows.append(Row(shape, direction, normalize, mode, "baseline", None, note=note))
@@ -161,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated scan directions (default tb,lr: one vertical, one horizontal)")
     parser.add_argument("--chunk-size", type=int, default=None, help="local GSPN tile size (default: global)")
     parser.add_argument("--quick", action="store_true", help="short timing, first direction only")
+    parser.add_argument("--kernels", default="auto",
+                        help="comma-separated Triton kernel variants to time: auto, register, memory, "
+                        "columns (default auto)")
     parser.add_argument("--no-baseline", action="store_true", help="do not time the per-line baseline")
     parser.add_argument("--baseline-max-numel", type=int, default=1 << 28,
                         help="skip the baseline above this many input elements (default 2^28)")
@@ -187,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rep = args.rep or (40 if args.quick else 200)
     args.warmup = args.warmup or (10 if args.quick else 50)
     directions = [d.strip() for d in args.directions.split(",") if d.strip()]
+    args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     if args.quick:
         directions = directions[:1]
     dtype = DTYPES[args.dtype]
@@ -199,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.empty_cache()
     print(f"measured copy bandwidth (dst.copy_(src), 1 GiB, read+write): {copy_bw / 1e9:.0f} GB/s")
     print("byte model: fwd = 6 tensors (x, lam, 3 gates in; h out), fwd+bwd = 18 tensors (module docstring)")
-    header = (f"{'shape':>22} {'dir':>3} {'norm':>4} {'pass':>7} {'impl':>8} {'ms':>10} {'GB/s':>8} "
+    header = (f"{'shape':>22} {'dir':>3} {'norm':>4} {'pass':>7} {'impl':>14} {'ms':>10} {'GB/s':>8} "
               f"{'%copy':>6} {'speedup':>8}")
     print(header)
     print("-" * len(header))
@@ -213,24 +225,26 @@ def main(argv: list[str] | None = None) -> int:
                 times = {(r.mode, r.impl): r.ms for r in rows}
                 for r in rows:
                     label = "x".join(map(str, r.shape))
-                    prefix = f"{label:>22} {direction:>3} {int(normalize):>4} {r.mode:>7} {r.impl:>8}"
+                    prefix = f"{label:>22} {direction:>3} {int(normalize):>4} {r.mode:>7} {r.impl:>14}"
                     if r.ms is None:
                         print(f"{prefix}   {r.note}")
                         continue
                     bw = r.nbytes / (r.ms * 1e-3)
                     base = times.get((r.mode, "baseline"))
-                    speedup = f"{base / r.ms:7.1f}x" if r.impl == "triton" and base else ""
+                    speedup = f"{base / r.ms:7.1f}x" if r.impl != "baseline" and base else ""
                     print(f"{prefix} {r.ms:10.3f} {bw / 1e9:8.0f} {100 * bw / copy_bw:5.1f}% {speedup:>8}")
 
     print("\nfused normalisation overhead (triton, normalize=True vs False):")
-    by_key = {(r.shape, r.direction, r.mode, r.normalize): r.ms for r in all_rows if r.impl == "triton"}
-    for (shape, direction, mode, normalize), ms in by_key.items():
+    by_key = {
+        (r.shape, r.direction, r.mode, r.impl, r.normalize): r.ms for r in all_rows if r.impl != "baseline"
+    }
+    for (shape, direction, mode, impl, normalize), ms in by_key.items():
         if normalize or ms is None:
             continue
-        on = by_key.get((shape, direction, mode, True))
+        on = by_key.get((shape, direction, mode, impl, True))
         if on is not None:
             label = "x".join(map(str, shape))
-            print(f"{label:>22} {direction:>3} {mode:>7}: {100 * (on / ms - 1):+6.1f}%")
+            print(f"{label:>22} {direction:>3} {mode:>7} {impl:>16}: {100 * (on / ms - 1):+6.1f}%")
     return 0
 
 

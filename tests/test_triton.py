@@ -1,8 +1,10 @@
 """The Triton backend against the reference backend: forward and all five gradients.
 
-Without a GPU the kernels run on CPU tensors through the Triton interpreter: this module sets
-``TRITON_INTERPRET=1`` for its own duration (the kernels are imported lazily, on first use, so
-the variable only has to be set before that). With a GPU the same tests also run on ``cuda``
+Without a GPU the kernels run on CPU tensors through the Triton interpreter. ``TRITON_INTERPRET``
+has to be set before triton is imported (triton's own ``@jit`` helpers such as ``tl.sum`` are
+created at import), but it should not leak into the other test modules (it makes the backend
+available on CPU): so this module sets it only around its import of triton and, through a
+module-scoped fixture, while its own tests run. With a GPU the same tests also run on ``cuda``
 (parameters marked ``gpu``). Shapes are small and the launch parameters are forced small
 (``launch_overrides``) so that the multi-block line loop and the split over tiles are exercised
 while the interpreter runs few programs.
@@ -11,14 +13,27 @@ while the interpreter runs few programs.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+_SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
+_IMPORTED_BEFORE = "triton" in sys.modules
+if _SET_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip("triton")
+finally:
+    if _SET_INTERPRET:
+        del os.environ["TRITON_INTERPRET"]
 
-from gspn.ops import DIRECTIONS, available_backends, line_scan, line_scan_4d
-from gspn.ops import triton as triton_backend
+from gspn.ops import DIRECTIONS, available_backends, line_scan, line_scan_4d  # noqa: E402
+from gspn.ops import triton as triton_backend  # noqa: E402
+
+# If another module imported triton before interpretation was switched on, triton's @jit helpers
+# (``tl.sum``, used by the column-tile kernels) cannot run in the interpreter.
+_STD_INTERPRETED = not (_SET_INTERPRET and _IMPORTED_BEFORE)
 
 TOL = {
     torch.float32: {"atol": 2e-5, "rtol": 2e-5},
@@ -37,8 +52,8 @@ SMALL = VARIANTS["memory"]
 
 @pytest.fixture(scope="module", autouse=True)
 def _interpreter_without_gpu():
-    """Run the kernels through the Triton interpreter when there is no CUDA device."""
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    """Run the kernels through the Triton interpreter (no CUDA device) while this module runs."""
+    if not _SET_INTERPRET:
         yield
         return
     os.environ["TRITON_INTERPRET"] = "1"
@@ -147,6 +162,20 @@ def test_degenerate_shapes(device, variant, direction, shape):
     for chunk_size, normalize in ((None, True), (2, False)):
         kwargs = {"direction": direction, "chunk_size": chunk_size, "normalize": normalize}
         _compare(shape, [shape] * 4, torch.float32, device, overrides=variant, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("direction", ["lr", "rl"])
+def test_columns_variant(device, direction, chunk_size, normalize, dtype):
+    """The experimental column-tile kernels (horizontal directions): 7 columns in tiles of 4."""
+    if device.type == "cpu" and not _STD_INTERPRETED:
+        pytest.skip("triton was imported before TRITON_INTERPRET was set; run this module on its own")
+    shape = (2, 3, 5, 7)
+    overrides = {"kernel": "columns", "block_s": 4, "chunk_programs": 2, "tile_k": 4}
+    kwargs = {"direction": direction, "chunk_size": chunk_size, "normalize": normalize}
+    _compare(shape, [shape] * 4, dtype, device, overrides=overrides, **kwargs)
 
 
 @pytest.mark.parametrize("kernel", ["auto", "register"])

@@ -55,6 +55,8 @@ _register_broken = False  # set if the register variant fails to compile on this
 _GPU_MAX_BLOCK_P = 1024
 _GPU_MAX_REG_BLOCK_P = 2048
 _GPU_NUM_STAGES = 3
+_GPU_TILE_K = 8
+_INTERP_TILE_K = 4
 _GPU_MAX_TILE = 2048
 _INTERP_MAX_BLOCK_P = 256
 _INTERP_MAX_TILE = 4096
@@ -97,15 +99,16 @@ def unavailable_reason(device: torch.device | str) -> str:
     return ""
 
 
-_LAUNCH_KEYS = {"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages"}
+_LAUNCH_KEYS = {"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages", "tile_k"}
+_KERNELS = ("auto", "register", "memory", "columns")
 
 
 @contextlib.contextmanager
 def launch_overrides(**values: Any) -> Iterator[None]:
     """Force launch parameters for the calls inside the ``with`` block (tests and experiments).
 
-    Keys: ``kernel`` (``"register"`` or ``"memory"``), ``block_s``, ``block_p``,
-    ``chunk_programs``, ``num_warps``, ``num_stages``. Lets the CPU tests drive the multi-block
+    Keys: ``kernel`` (``"register"``, ``"memory"`` or ``"columns"``), ``block_s``, ``block_p``,
+    ``chunk_programs``, ``num_warps``, ``num_stages``, ``tile_k``. Lets the CPU tests drive the multi-block
     line loop and the split over tiles with small shapes.
     """
     unknown = set(values) - _LAUNCH_KEYS
@@ -128,7 +131,9 @@ def launch_config(
     ``kernel="register"`` (state in registers, whole line in one block) is used when the line fits
     in one block (``P <= 2048`` on a GPU, ``<= 256`` in the interpreter), ``"memory"`` (state
     exchanged through memory, the line looped over in blocks) otherwise. ``GSPN_TRITON_KERNEL``
-    (``register`` / ``memory``) forces one where possible.
+    (``register`` / ``memory`` / ``columns``) forces one where possible; ``"columns"``
+    (experimental, only chosen on request) is the register variant with the horizontal directions
+    loading tiles of ``tile_k`` consecutive columns.
 
     Args:
         slices: ``B·C``.
@@ -138,18 +143,18 @@ def launch_config(
         scratch_floats_per_line: scratch floats per slice and tile program of the memory variant.
 
     Returns:
-        ``{"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages"}``.
+        ``{"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages", "tile_k"}``.
     """
     interp = device.type == "cpu"
     max_reg = _INTERP_MAX_BLOCK_P if interp else _GPU_MAX_REG_BLOCK_P
     kernel = _overrides.get("kernel") or os.environ.get("GSPN_TRITON_KERNEL", "auto")
-    if kernel not in ("auto", "register", "memory"):
-        raise ValueError(f"GSPN_TRITON_KERNEL must be auto, register or memory, got {kernel!r}")
+    if kernel not in _KERNELS:
+        raise ValueError(f"GSPN_TRITON_KERNEL must be one of {_KERNELS}, got {kernel!r}")
     block_p = _overrides.get("block_p")
     if kernel == "auto":
         fits = triton_next_power_of_2(line_length) <= (block_p or max_reg)
         kernel = "register" if fits and not _register_broken else "memory"
-    if kernel == "register":
+    if kernel in ("register", "columns"):
         block_p = triton_next_power_of_2(line_length)  # the whole line, whatever was asked
         scratch_floats_per_line = 0
     else:
@@ -172,9 +177,12 @@ def launch_config(
         else:
             chunk_programs = num_chunks
         num_warps = 4 if block_s * block_p <= 1024 else 8
+        if kernel == "columns":  # [block_s, block_p, tile_k] tiles
+            num_warps = min(16, max(4, block_s * block_p * _GPU_TILE_K // 512))
     config: dict[str, Any] = {
         "kernel": kernel, "block_s": block_s, "block_p": block_p, "chunk_programs": chunk_programs,
         "num_warps": num_warps, "num_stages": 1 if interp else _GPU_NUM_STAGES,
+        "tile_k": _INTERP_TILE_K if interp else _GPU_TILE_K,
     }
     config.update({k: v for k, v in _overrides.items() if k not in ("kernel", "block_p")})
     config["chunk_programs"] = max(1, min(config["chunk_programs"], num_chunks, 65535))
@@ -227,6 +235,12 @@ def _geometry(x: torch.Tensor, direction: str, chunk_size: int | None):
     num_lines, line_length = (height, width) if d.vertical else (width, height)
     chunk = min(chunk_size or num_lines, num_lines)
     return d, num_lines, line_length, chunk, triton_cdiv(num_lines, chunk)
+
+
+def _merge(flags: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``flags`` updated with ``extra``; keys whose value is ``None`` in ``extra`` are dropped."""
+    merged = {**flags, **extra}
+    return {k: v for k, v in merged.items() if v is not None}
 
 
 def _register_failed(device: torch.device, exc: Exception) -> bool:
@@ -289,11 +303,14 @@ def scan(
     )
     flags = {"VERTICAL": d.vertical, "REVERSE": d.reverse, "NORMALIZE": normalize, "ACC": acc}
     cfg = launch_config(slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length)
-    if cfg["kernel"] == "register":
+    if cfg["kernel"] in ("register", "columns"):
         grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+        kernel, extra = kernels.line_scan_fwd_reg_kernel, {}
+        if cfg["kernel"] == "columns" and not d.vertical:
+            kernel, extra = kernels.line_scan_fwd_cols_kernel, {"TILE_K": cfg["tile_k"], "VERTICAL": None}
         try:
-            kernels.line_scan_fwd_reg_kernel[grid](
-                x, lam, w_left, w_mid, w_right, out, *strides, **flags,
+            kernel[grid](
+                x, lam, w_left, w_mid, w_right, out, *strides, **_merge(flags, extra),
                 BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"],
             )
@@ -366,11 +383,14 @@ def scan_backward(
         "ACCUMULATE_DX": accumulate_dx, "ACC": acc,
     }
     cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length)
-    if cfg["kernel"] == "register":
+    if cfg["kernel"] in ("register", "columns"):
         grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+        kernel, extra = kernels.line_scan_bwd_reg_kernel, {}
+        if cfg["kernel"] == "columns" and not d.vertical:
+            kernel, extra = kernels.line_scan_bwd_cols_kernel, {"TILE_K": cfg["tile_k"], "VERTICAL": None}
         try:
-            kernels.line_scan_bwd_reg_kernel[grid](
-                *args, *strides, **flags,
+            kernel[grid](
+                *args, *strides, **_merge(flags, extra),
                 BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"],
             )

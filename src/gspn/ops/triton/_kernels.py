@@ -471,3 +471,221 @@ def line_scan_bwd_reg_kernel(
             ql = al * a
             qm = am * a
             qr = ar * a
+
+
+# -------------------------------------------------------------------------------------------------
+# Column-tile variants for the horizontal directions (experimental, ``kernel="columns"``): the
+# lines are columns, so reading one line touches one element per row. These kernels load
+# TILE_K consecutive columns at once ([BLOCK_S, BLOCK_P, TILE_K] tiles, contiguous along the last
+# axis, i.e. whole sectors), run the TILE_K line steps on register slices of the tiles, and store
+# the output tiles at the end. The state stays in registers as in the register variant.
+
+
+@triton.jit
+def _column(tile, sel):
+    """Slice ``tile[:, :, k]`` where ``sel`` is ``kk == k`` (in-register select and sum)."""
+    return tl.sum(tl.where(sel, tile, 0.0), axis=2)
+
+
+@triton.jit
+def line_scan_fwd_cols_kernel(
+    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, out_ptr,
+    x_sb, x_sc,
+    lam_sb, lam_sc, lam_div,
+    wl_sb, wl_sc, wl_div,
+    wm_sb, wm_sc, wm_div,
+    wr_sb, wr_sc, wr_div,
+    out_sb, out_sc,
+    S, C, W, L, P, CHUNK, NUM_CHUNKS,
+    REVERSE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    TILE_K: tl.constexpr,
+):
+    """Forward recurrence of ``lr``/``rl`` over tiles of TILE_K columns (requires ``P <= BLOCK_P``)."""
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_cprog = tl.num_programs(1)
+
+    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    s_ok = s < S
+    b = s // C
+    c = s % C
+    x_base = (b * x_sb + c * x_sc)[:, None, None]
+    lam_base = _param_base(b, c, lam_sb, lam_sc, lam_div)[:, None, None]
+    wl_base = _param_base(b, c, wl_sb, wl_sc, wl_div)[:, None, None]
+    wm_base = _param_base(b, c, wm_sb, wm_sc, wm_div)[:, None, None]
+    wr_base = _param_base(b, c, wr_sb, wr_sc, wr_div)[:, None, None]
+    out_base = (b * out_sb + c * out_sc)[:, None, None]
+
+    p = tl.arange(0, BLOCK_P)
+    m = (s_ok[:, None] & (p < P)[None, :])[:, :, None]
+    has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
+    has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
+    idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
+    idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
+    row = (p.to(tl.int64) * W)[None, :, None]
+    kk = tl.arange(0, TILE_K)[None, None, :]
+
+    for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
+        i_lo = chunk * CHUNK
+        n = tl.minimum(CHUNK, L - i_lo)
+        h = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
+        for t0 in range(0, n, TILE_K):
+            # Image columns [c0, c0 + TILE_K) hold the line steps t0 .. t0 + TILE_K - 1.
+            if REVERSE:  # noqa: SIM108 (a constexpr branch)
+                c0 = i_lo + n - t0 - TILE_K
+            else:
+                c0 = i_lo + t0
+            col = c0 + kk
+            mt = m & (col >= i_lo) & (col < i_lo + n)
+            off = row + col.to(tl.int64)
+            xt = tl.load(x_ptr + x_base + off, mask=mt, other=0.0).to(ACC)
+            lt = tl.load(lam_ptr + lam_base + off, mask=mt, other=0.0).to(ACC)
+            alt = tl.load(wl_ptr + wl_base + off, mask=mt, other=0.0).to(ACC)
+            amt = tl.load(wm_ptr + wm_base + off, mask=mt, other=0.0).to(ACC)
+            art = tl.load(wr_ptr + wr_base + off, mask=mt, other=0.0).to(ACC)
+            out = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
+            for k in tl.static_range(TILE_K):
+                if REVERSE:  # noqa: SIM108 (a constexpr branch)
+                    sel = kk == TILE_K - 1 - k
+                else:
+                    sel = kk == k
+                al = _column(alt, sel)
+                am = _column(amt, sel)
+                ar = _column(art, sel)
+                if NORMALIZE:
+                    al, am, ar, _cl, _cm, _cr = _stabilize(al, am, ar, has_l, has_r)
+                # h is zero before the first line of a tile; steps past the tile's end are not stored.
+                h = (
+                    _column(lt, sel) * _column(xt, sel)
+                    + al * _shift_from_left(h, idx_l, has_l)
+                    + am * h
+                    + ar * _shift_from_right(h, idx_r, has_r)
+                )
+                out = tl.where(sel, h[:, :, None], out)
+            tl.store(out_ptr + out_base + off, out.to(out_ptr.dtype.element_ty), mask=mt)
+
+
+@triton.jit
+def line_scan_bwd_cols_kernel(
+    g_ptr, h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr,
+    dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr,
+    g_sb, g_sc,
+    h_sb, h_sc,
+    x_sb, x_sc,
+    lam_sb, lam_sc, lam_div,
+    wl_sb, wl_sc, wl_div,
+    wm_sb, wm_sc, wm_div,
+    wr_sb, wr_sc, wr_div,
+    dx_sb, dx_sc,
+    S, C, H, W, L, P, CHUNK, NUM_CHUNKS,
+    REVERSE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    ACCUMULATE_DX: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    TILE_K: tl.constexpr,
+):
+    """Adjoint recurrence of ``lr``/``rl`` over tiles of TILE_K columns (requires ``P <= BLOCK_P``)."""
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_cprog = tl.num_programs(1)
+
+    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    s_ok = s < S
+    b = s // C
+    c = s % C
+    g_base = (b * g_sb + c * g_sc)[:, None, None]
+    h_base = (b * h_sb + c * h_sc)[:, None, None]
+    x_base = (b * x_sb + c * x_sc)[:, None, None]
+    lam_base = _param_base(b, c, lam_sb, lam_sc, lam_div)[:, None, None]
+    wl_base = _param_base(b, c, wl_sb, wl_sc, wl_div)[:, None, None]
+    wm_base = _param_base(b, c, wm_sb, wm_sc, wm_div)[:, None, None]
+    wr_base = _param_base(b, c, wr_sb, wr_sc, wr_div)[:, None, None]
+    dx_base = (b * dx_sb + c * dx_sc)[:, None, None]
+    d_base = (s * H * W)[:, None, None]
+
+    p = tl.arange(0, BLOCK_P)
+    m = (s_ok[:, None] & (p < P)[None, :])[:, :, None]
+    has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
+    has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
+    idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
+    idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
+    row = (p.to(tl.int64) * W)[None, :, None]
+    kk = tl.arange(0, TILE_K)[None, None, :]
+
+    for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
+        i_lo = chunk * CHUNK
+        n = tl.minimum(CHUNK, L - i_lo)
+        ql = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
+        qm = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
+        qr = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
+        for t0 in range(0, n, TILE_K):
+            # Reverse scan order: step tt = t0 + k is line t = n - 1 - tt of the tile, whose image
+            # column is i_lo + t (forward directions) or i_lo + n - 1 - t (reversed ones).
+            if REVERSE:
+                c0 = i_lo + t0
+                col = c0 + kk
+                col_prev = col + 1
+            else:
+                c0 = i_lo + n - t0 - TILE_K
+                col = c0 + kk
+                col_prev = col - 1
+            in_tile = (col >= i_lo) & (col < i_lo + n)
+            mt = m & in_tile
+            mp = mt & (col_prev >= i_lo) & (col_prev < i_lo + n)  # the line does not start a tile
+            off = row + col.to(tl.int64)
+            prev = h_ptr + h_base + row + col_prev.to(tl.int64)
+            gt = tl.load(g_ptr + g_base + off, mask=mt, other=0.0).to(ACC)
+            xt = tl.load(x_ptr + x_base + off, mask=mt, other=0.0).to(ACC)
+            lt = tl.load(lam_ptr + lam_base + off, mask=mt, other=0.0).to(ACC)
+            alt = tl.load(wl_ptr + wl_base + off, mask=mp, other=0.0).to(ACC)
+            amt = tl.load(wm_ptr + wm_base + off, mask=mp, other=0.0).to(ACC)
+            art = tl.load(wr_ptr + wr_base + off, mask=mp, other=0.0).to(ACC)
+            hlt = tl.load(prev - W, mask=mp & has_l[:, :, None], other=0.0).to(ACC)
+            hmt = tl.load(prev, mask=mp, other=0.0).to(ACC)
+            hrt = tl.load(prev + W, mask=mp & has_r[:, :, None], other=0.0).to(ACC)
+            if ACCUMULATE_DX:
+                dxt = tl.load(dx_ptr + dx_base + off, mask=mt, other=0.0).to(ACC)
+            else:
+                dxt = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
+            dlt = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
+            dwlt = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
+            dwmt = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
+            dwrt = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
+            for k in tl.static_range(TILE_K):
+                if REVERSE:  # noqa: SIM108 (a constexpr branch)
+                    sel = kk == k
+                else:
+                    sel = kk == TILE_K - 1 - k
+                a = _column(gt, sel) + qm
+                a += _shift_from_right(ql, idx_r, has_r) + _shift_from_left(qr, idx_l, has_l)
+                dxt = tl.where(sel, (dxt + (_column(lt, sel) * a)[:, :, None]), dxt)
+                dlt = tl.where(sel, (_column(xt, sel) * a)[:, :, None], dlt)
+                al = _column(alt, sel)
+                am = _column(amt, sel)
+                ar = _column(art, sel)
+                gl = a * _column(hlt, sel)
+                gm = a * _column(hmt, sel)
+                gr = a * _column(hrt, sel)
+                if NORMALIZE:
+                    al, am, ar, cl, cm, cr = _stabilize(al, am, ar, has_l, has_r)
+                    dot = gl * al + gm * am + gr * ar
+                    gl = al * cl * (gl - dot)
+                    gm = am * cm * (gm - dot)
+                    gr = ar * cr * (gr - dot)
+                dwlt = tl.where(sel, gl[:, :, None], dwlt)
+                dwmt = tl.where(sel, gm[:, :, None], dwmt)
+                dwrt = tl.where(sel, gr[:, :, None], dwrt)
+                ql = al * a
+                qm = am * a
+                qr = ar * a
+            tl.store(dx_ptr + dx_base + off, dxt.to(dx_ptr.dtype.element_ty), mask=mt)
+            tl.store(dlam_ptr + d_base + off, dlt.to(dlam_ptr.dtype.element_ty), mask=mt)
+            tl.store(dwl_ptr + d_base + off, dwlt.to(dwl_ptr.dtype.element_ty), mask=mt)
+            tl.store(dwm_ptr + d_base + off, dwmt.to(dwm_ptr.dtype.element_ty), mask=mt)
+            tl.store(dwr_ptr + d_base + off, dwrt.to(dwr_ptr.dtype.element_ty), mask=mt)
