@@ -236,3 +236,18 @@ def test_extreme_logits_stay_finite(device):
     with triton_backend.launch_overrides(**SMALL):
         got = _run(line_scan, x, params, backend="triton", direction="bt", normalize=True)
     assert all(torch.isfinite(t).all() for t in got)
+
+
+def test_missing_triton_is_reported(monkeypatch):
+    """Without triton the backend is unavailable with a reason, and nothing else breaks."""
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.delitem(sys.modules, "gspn.ops.triton._kernels", raising=False)
+    monkeypatch.setattr(triton_backend, "_kernels", None)
+    monkeypatch.setattr(triton_backend, "_import_error", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not triton_backend.is_available("cpu")
+    assert "triton is not installed" in triton_backend.unavailable_reason("cpu")
+    assert "triton" not in available_backends("cpu")
+    with pytest.raises(RuntimeError, match="not available"):
+        x = torch.zeros(1, 1, 2, 2)
+        line_scan(x, x, x, x, x, backend="triton")
