@@ -251,3 +251,36 @@ def test_missing_triton_is_reported(monkeypatch):
     with pytest.raises(RuntimeError, match="not available"):
         x = torch.zeros(1, 1, 2, 2)
         line_scan(x, x, x, x, x, backend="triton")
+
+
+class _FakeKernel:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` fails for the listed ``num_stages``."""
+
+    def __init__(self, failing_stages):
+        self.failing_stages = failing_stages
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, num_stages, **kwargs):
+            self.calls.append(num_stages)
+            if num_stages in self.failing_stages:
+                raise RuntimeError("out of resource: shared memory")
+
+        return launch
+
+
+def test_register_variant_fallback(monkeypatch):
+    """A GPU compile/resource failure retries without pipelining, then falls back to memory."""
+    monkeypatch.setattr(triton_backend, "_no_pipelining", set())
+    monkeypatch.setattr(triton_backend, "_register_broken", set())
+    cfg = {"kernel": "register", "num_stages": 3, "num_warps": 4, "block_p": 64}
+    cuda = torch.device("cuda")
+    kernel = _FakeKernel({3})
+    assert triton_backend._launch_register(kernel, (1, 1), (), {}, cfg, cuda)
+    assert kernel.calls == [3, 1] and triton_backend._no_pipelining == {64}
+    with pytest.warns(RuntimeWarning, match="memory"):
+        assert not triton_backend._launch_register(_FakeKernel({1, 3}), (1, 1), (), {}, cfg, cuda)
+    assert triton_backend._register_broken == {64}
+    assert triton_backend.launch_config(6, 40, 1, torch.device("cpu"), 80)["kernel"] == "memory"
+    with pytest.raises(RuntimeError, match="out of resource"):  # the interpreter never hides errors
+        triton_backend._launch_register(_FakeKernel({1}), (1, 1), (), {}, {**cfg, "num_stages": 1}, "cpu")

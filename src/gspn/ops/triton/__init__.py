@@ -49,7 +49,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _kernels: ModuleType | None = None
 _import_error: str | None = None
 _overrides: dict[str, Any] = {}
-_register_broken = False  # set if the register variant fails to compile on this GPU (then: memory)
+# Line blocks (BLOCK_P) for which the register/columns variants failed on this GPU (then: memory),
+# and those that only compiled without software pipelining.
+_register_broken: set[int] = set()
+_no_pipelining: set[int] = set()
 
 # Upper bounds of the tile a program holds in registers.
 _GPU_MAX_BLOCK_P = 1024
@@ -124,7 +127,12 @@ def launch_overrides(**values: Any) -> Iterator[None]:
 
 
 def launch_config(
-    slices: int, line_length: int, num_chunks: int, device: torch.device, scratch_floats_per_line: int
+    slices: int,
+    line_length: int,
+    num_chunks: int,
+    device: torch.device,
+    scratch_floats_per_line: int,
+    kernel: str | None = None,
 ) -> dict[str, Any]:
     """Pick the kernel variant and its launch parameters for one call.
 
@@ -141,19 +149,20 @@ def launch_config(
         num_chunks: number of tiles along the scan axis (1 for global GSPN).
         device: the tensors' device (CPU means the interpreter: as few programs as possible).
         scratch_floats_per_line: scratch floats per slice and tile program of the memory variant.
+        kernel: force a variant (takes precedence over overrides and the environment).
 
     Returns:
         ``{"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages", "tile_k"}``.
     """
     interp = device.type == "cpu"
     max_reg = _INTERP_MAX_BLOCK_P if interp else _GPU_MAX_REG_BLOCK_P
-    kernel = _overrides.get("kernel") or os.environ.get("GSPN_TRITON_KERNEL", "auto")
+    kernel = kernel or _overrides.get("kernel") or os.environ.get("GSPN_TRITON_KERNEL", "auto")
     if kernel not in _KERNELS:
         raise ValueError(f"GSPN_TRITON_KERNEL must be one of {_KERNELS}, got {kernel!r}")
     block_p = _overrides.get("block_p")
     if kernel == "auto":
-        fits = triton_next_power_of_2(line_length) <= (block_p or max_reg)
-        kernel = "register" if fits and not _register_broken else "memory"
+        whole = triton_next_power_of_2(line_length)
+        kernel = "register" if whole <= (block_p or max_reg) and whole not in _register_broken else "memory"
     if kernel in ("register", "columns"):
         block_p = triton_next_power_of_2(line_length)  # the whole line, whatever was asked
         scratch_floats_per_line = 0
@@ -181,7 +190,7 @@ def launch_config(
             num_warps = min(16, max(4, block_s * block_p * _GPU_TILE_K // 512))
     config: dict[str, Any] = {
         "kernel": kernel, "block_s": block_s, "block_p": block_p, "chunk_programs": chunk_programs,
-        "num_warps": num_warps, "num_stages": 1 if interp else _GPU_NUM_STAGES,
+        "num_warps": num_warps, "num_stages": 1 if interp or block_p in _no_pipelining else _GPU_NUM_STAGES,
         "tile_k": _INTERP_TILE_K if interp else _GPU_TILE_K,
     }
     config.update({k: v for k, v in _overrides.items() if k not in ("kernel", "block_p")})
@@ -243,28 +252,42 @@ def _merge(flags: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in merged.items() if v is not None}
 
 
-def _register_failed(device: torch.device, exc: Exception) -> bool:
-    """Whether to retry with the memory variant after the register variant raised ``exc``.
+def _launch_register(kernel, grid, args: tuple, kwargs: dict[str, Any], cfg: dict[str, Any], device) -> bool:
+    """Launch a register/columns kernel; ``False`` if it cannot be compiled here (use the memory variant).
 
-    Only on a GPU, and only for compilation / resource errors (the register variant relies on
-    ``tl.gather`` and the software pipeliner, which a Triton version or GPU may not support).
+    On a GPU, a compilation or resource error (these variants rely on ``tl.gather`` and on the
+    software pipeliner, which a Triton version or GPU may not support, and may run out of shared
+    memory with pipelining) is retried once without pipelining, then recorded for this line block
+    size with a warning. In the interpreter every error propagates.
     """
-    global _register_broken
-    if device.type != "cuda":
-        return False
-    from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
-
-    if not isinstance(exc, (CompilationError, OutOfResources, RuntimeError)):
-        return False
-    _register_broken = True
+    stages = [cfg["num_stages"]] + ([1] if cfg["num_stages"] > 1 else [])
+    for num_stages in stages:
+        try:
+            kernel[grid](*args, **kwargs, num_warps=cfg["num_warps"], num_stages=num_stages)
+        except Exception as exc:
+            if torch.device(device).type != "cuda" or not _recoverable(exc):
+                raise
+            error = exc
+            continue
+        if num_stages == 1 and cfg["num_stages"] > 1:
+            _no_pipelining.add(cfg["block_p"])
+        return True
+    _register_broken.add(cfg["block_p"])
     warnings.warn(
-        f"gspn: the register-resident Triton line-scan kernel failed on this GPU ({type(exc).__name__}: "
-        f"{str(exc)[:300]}); using the memory variant from now on",
+        f"gspn: the {cfg['kernel']} Triton line-scan kernel failed on this GPU for lines of up to "
+        f"{cfg['block_p']} positions ({type(error).__name__}: {str(error)[:300]}); using the memory "
+        "variant for them from now on",
         RuntimeWarning,
         stacklevel=3,
     )
-    return True
+    return False
+
+
+def _recoverable(exc: Exception) -> bool:
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    return isinstance(exc, (CompilationError, OutOfResources, RuntimeError))
 
 
 def scan(
@@ -308,17 +331,13 @@ def scan(
         kernel, extra = kernels.line_scan_fwd_reg_kernel, {}
         if cfg["kernel"] == "columns" and not d.vertical:
             kernel, extra = kernels.line_scan_fwd_cols_kernel, {"TILE_K": cfg["tile_k"], "VERTICAL": None}
-        try:
-            kernel[grid](
-                x, lam, w_left, w_mid, w_right, out, *strides, **_merge(flags, extra),
-                BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
-            )
+        args = (x, lam, w_left, w_mid, w_right, out, *strides)
+        kwargs = {**_merge(flags, extra), "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
+        if _launch_register(kernel, grid, args, kwargs, cfg, x.device):
             return out
-        except Exception as exc:
-            if not _register_failed(x.device, exc):
-                raise
-        cfg = launch_config(slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length)
+        cfg = launch_config(
+            slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length, kernel="memory"
+        )
     if state_in_out:
         state = out  # unused placeholder pointer
     else:
@@ -388,17 +407,10 @@ def scan_backward(
         kernel, extra = kernels.line_scan_bwd_reg_kernel, {}
         if cfg["kernel"] == "columns" and not d.vertical:
             kernel, extra = kernels.line_scan_bwd_cols_kernel, {"TILE_K": cfg["tile_k"], "VERTICAL": None}
-        try:
-            kernel[grid](
-                *args, *strides, **_merge(flags, extra),
-                BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
-            )
+        kwargs = {**_merge(flags, extra), "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
+        if _launch_register(kernel, grid, (*args, *strides), kwargs, cfg, x.device):
             return grads
-        except Exception as exc:
-            if not _register_failed(x.device, exc):
-                raise
-        cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length)
+        cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length, kernel="memory")
     state = torch.empty(cfg["chunk_programs"] * slices * 6 * line_length, dtype=acc_torch, device=x.device)
     grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
     kernels.line_scan_bwd_kernel[grid](
