@@ -56,8 +56,11 @@ _no_pipelining: set[int] = set()
 
 # Upper bounds of the tile a program holds in registers.
 _GPU_MAX_BLOCK_P = 1024
-_GPU_MAX_REG_BLOCK_P = 2048
-_GPU_NUM_STAGES = 3
+# Lines up to 1024 positions use the register variant: at 2048 its sm_90 build spills (see
+# benchmarks/triton_compile_check.py). The loops are not software-pipelined by Triton (no cp.async
+# in the PTX), so num_stages stays 1; the forward register kernel prefetches one line by hand.
+_GPU_MAX_REG_BLOCK_P = 1024
+_GPU_NUM_STAGES = 1
 _GPU_TILE_K = 8
 _INTERP_TILE_K = 4
 _GPU_MAX_TILE = 2048
@@ -137,7 +140,7 @@ def launch_config(
     """Pick the kernel variant and its launch parameters for one call.
 
     ``kernel="register"`` (state in registers, whole line in one block) is used when the line fits
-    in one block (``P <= 2048`` on a GPU, ``<= 256`` in the interpreter), ``"memory"`` (state
+    in one block (``P <= 1024`` on a GPU, ``<= 256`` in the interpreter), ``"memory"`` (state
     exchanged through memory, the line looped over in blocks) otherwise. ``GSPN_TRITON_KERNEL``
     (``register`` / ``memory`` / ``columns``) forces one where possible; ``"columns"``
     (experimental, only chosen on request) is the register variant with the horizontal directions
@@ -173,7 +176,8 @@ def launch_config(
         chunk_programs = 1
         num_warps = 1
     else:
-        block_s = min(triton_next_power_of_2(slices), max(1, _GPU_MAX_TILE // block_p))
+        max_tile = _GPU_MAX_REG_BLOCK_P if kernel in ("register", "columns") else _GPU_MAX_TILE
+        block_s = min(triton_next_power_of_2(slices), max(1, max_tile // block_p))
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
         # Smaller slice groups until there are enough programs to fill the GPU.
         while block_s > 1 and triton_cdiv(slices, block_s) * num_chunks < target:
@@ -185,7 +189,10 @@ def launch_config(
             chunk_programs = max(1, min(chunk_programs, _MAX_SCRATCH_BYTES // max(per_program, 1)))
         else:
             chunk_programs = num_chunks
-        num_warps = 4 if block_s * block_p <= 1024 else 8
+        # <= 4 elements per thread for the register variant (8 made its sm_90 build spill), <= 8 for
+        # the memory variant.
+        per_thread = 4 if kernel == "register" else 8
+        num_warps = max(4, min(16, block_s * block_p // (32 * per_thread)))
         if kernel == "columns":  # [block_s, block_p, tile_k] tiles
             num_warps = min(16, max(4, block_s * block_p * _GPU_TILE_K // 512))
     config: dict[str, Any] = {

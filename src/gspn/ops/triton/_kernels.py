@@ -272,10 +272,12 @@ def line_scan_bwd_kernel(
 # -------------------------------------------------------------------------------------------------
 # Register-resident variants: the whole line of every slice fits in one [BLOCK_S, BLOCK_P] block
 # (BLOCK_P >= P). The state stays in registers between lines and the ±1 neighbours are taken with
-# ``tl.gather`` along the line axis, so the only loop-carried dependency is on-chip and the loads
-# of x, λ and the gates (which do not depend on the state) can be software-pipelined across lines
-# (the ``num_stages`` launch option; ``tl.range`` is avoided because under the interpreter it only
-# works if TRITON_INTERPRET was set before triton was imported).
+# ``tl.gather`` along the line axis, so the only loop-carried dependency is on-chip. In the forward
+# kernel the inputs of line t+1 (which do not depend on the state) are loaded while line t is
+# computed: an explicit one-line prefetch, because Triton's pipeliner does not pipeline these loads
+# (the sm_90 PTX of these loops has no cp.async; see benchmarks/triton_compile_check.py). The same
+# prefetch in the backward kernel made ptxas spill heavily (4 KB of stack per thread), so the
+# backward loads each line in its own step.
 
 
 @triton.jit
@@ -288,6 +290,27 @@ def _shift_from_left(t, idx_left, has_left):
 def _shift_from_right(t, idx_right, has_right):
     """``out[..., p] = t[..., p+1]``, zero at p = P-1 (and beyond)."""
     return tl.where(has_right, tl.gather(t, idx_right, axis=1), 0.0)
+
+
+@triton.jit
+def _line_index(i_lo, n, t, REVERSE: tl.constexpr):
+    """Image index along the scan axis of scan-order line ``t`` of the tile ``[i_lo, i_lo + n)``."""
+    if REVERSE:
+        return i_lo + n - 1 - t
+    return i_lo + t
+
+
+@triton.jit
+def _fwd_line_inputs(
+    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base, off, m, mg, ACC
+):
+    """x, λ and the three gates of one line (gates masked by ``mg``), as ACC."""
+    xv = tl.load(x_ptr + x_base + off, mask=m, other=0.0).to(ACC)
+    lv = tl.load(lam_ptr + lam_base + off, mask=m, other=0.0).to(ACC)
+    al = tl.load(wl_ptr + wl_base + off, mask=mg, other=0.0).to(ACC)
+    am = tl.load(wm_ptr + wm_base + off, mask=mg, other=0.0).to(ACC)
+    ar = tl.load(wr_ptr + wr_base + off, mask=mg, other=0.0).to(ACC)
+    return xv, lv, al, am, ar
 
 
 @triton.jit
@@ -341,18 +364,20 @@ def line_scan_fwd_reg_kernel(
         i_lo = chunk * CHUNK
         n = tl.minimum(CHUNK, L - i_lo)
         h = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
+        # Line 0 of the tile: its gates are never used (zero state), so they are not read.
+        off = _line_index(i_lo, n, 0, REVERSE).to(tl.int64) * line_stride + pos
+        xv, lv, al, am, ar = _fwd_line_inputs(
+            x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
+            off, m, m & (p < 0)[None, :], ACC,
+        )
         for t in range(0, n):
-            if REVERSE:  # noqa: SIM108 (a constexpr branch)
-                i = i_lo + n - 1 - t
-            else:
-                i = i_lo + t
-            off = i.to(tl.int64) * line_stride + pos
-            mp = m & ((p * 0 + t) > 0)[None, :]  # the line does not start a tile
-            xv = tl.load(x_ptr + x_base + off, mask=m, other=0.0).to(ACC)
-            lv = tl.load(lam_ptr + lam_base + off, mask=m, other=0.0).to(ACC)
-            al = tl.load(wl_ptr + wl_base + off, mask=mp, other=0.0).to(ACC)
-            am = tl.load(wm_ptr + wm_base + off, mask=mp, other=0.0).to(ACC)
-            ar = tl.load(wr_ptr + wr_base + off, mask=mp, other=0.0).to(ACC)
+            # Prefetch line t + 1 (nothing past the tile's end).
+            off_next = _line_index(i_lo, n, t + 1, REVERSE).to(tl.int64) * line_stride + pos
+            m_next = m & ((p * 0 + t + 1) < n)[None, :]
+            xn, ln, aln, amn, arn = _fwd_line_inputs(
+                x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
+                off_next, m_next, m_next, ACC,
+            )
             if NORMALIZE:
                 al, am, ar, _cl, _cm, _cr = _stabilize(al, am, ar, has_l, has_r)
             # h is zero on the first line of a tile, so no extra masking is needed.
@@ -363,6 +388,8 @@ def line_scan_fwd_reg_kernel(
                 + ar * _shift_from_right(h, idx_r, has_r)
             )
             tl.store(out_ptr + out_base + off, h.to(out_ptr.dtype.element_ty), mask=m)
+            xv, lv, al, am, ar = xn, ln, aln, amn, arn
+            off = off_next
 
 
 @triton.jit
