@@ -284,3 +284,22 @@ def test_register_variant_fallback(monkeypatch):
     assert triton_backend.launch_config(6, 40, 1, torch.device("cpu"), 80)["kernel"] == "memory"
     with pytest.raises(RuntimeError, match="out of resource"):  # the interpreter never hides errors
         triton_backend._launch_register(_FakeKernel({1}), (1, 1), (), {}, {**cfg, "num_stages": 1}, "cpu")
+
+
+def test_kernels_compile_for_sm90():
+    """Ahead-of-time sm_90 build of two kernels with the ptxas in triton's wheel (no GPU needed)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("triton's wheel has no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "triton_compile_check.py"), "--quick"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAILED" not in proc.stdout and "SPILLS" not in proc.stdout, proc.stdout
