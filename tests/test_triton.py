@@ -242,7 +242,7 @@ def test_missing_triton_is_reported(monkeypatch):
     """Without triton the backend is unavailable with a reason, and nothing else breaks."""
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.delitem(sys.modules, "gspn.ops.triton._kernels", raising=False)
-    monkeypatch.setattr(triton_backend, "_kernels", None)
+    monkeypatch.setattr(triton_backend, "_kernel_module", None)
     monkeypatch.setattr(triton_backend, "_import_error", None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not triton_backend.is_available("cpu")

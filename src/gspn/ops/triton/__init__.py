@@ -46,7 +46,7 @@ NATIVE_DTYPES = True
 """The kernels read float32/float16/bfloat16/float64 directly; the caller must not up-cast."""
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_kernels: ModuleType | None = None
+_kernel_module: ModuleType | None = None
 _import_error: str | None = None
 _overrides: dict[str, Any] = {}
 # Line blocks (BLOCK_P) for which the register/columns variants failed on this GPU (then: memory),
@@ -75,13 +75,13 @@ def _interpreting() -> bool:
 
 def _load() -> ModuleType | None:
     """Import triton and the kernels once; ``None`` (with the reason kept) if that fails."""
-    global _kernels, _import_error
-    if _kernels is None and _import_error is None:
+    global _kernel_module, _import_error
+    if _kernel_module is None and _import_error is None:
         try:
-            _kernels = importlib.import_module("._kernels", __name__)
+            _kernel_module = importlib.import_module("._kernels", __name__)
         except ImportError as exc:
             _import_error = f"triton is not installed ({exc}); pip install 'gspn[triton]'"
-    return _kernels
+    return _kernel_module
 
 
 def is_available(device: torch.device | str) -> bool:
@@ -114,8 +114,8 @@ def launch_overrides(**values: Any) -> Iterator[None]:
     """Force launch parameters for the calls inside the ``with`` block (tests and experiments).
 
     Keys: ``kernel`` (``"register"``, ``"memory"`` or ``"columns"``), ``block_s``, ``block_p``,
-    ``chunk_programs``, ``num_warps``, ``num_stages``, ``tile_k``. Lets the CPU tests drive the multi-block
-    line loop and the split over tiles with small shapes.
+    ``chunk_programs``, ``num_warps``, ``num_stages``, ``tile_k``. Lets the CPU tests drive the
+    multi-block line loop and the split over tiles with small shapes.
     """
     unknown = set(values) - _LAUNCH_KEYS
     if unknown:
@@ -164,27 +164,27 @@ def launch_config(
         raise ValueError(f"GSPN_TRITON_KERNEL must be one of {_KERNELS}, got {kernel!r}")
     block_p = _overrides.get("block_p")
     if kernel == "auto":
-        whole = triton_next_power_of_2(line_length)
+        whole = _next_pow2(line_length)
         kernel = "register" if whole <= (block_p or max_reg) and whole not in _register_broken else "memory"
     if kernel in ("register", "columns"):
-        block_p = triton_next_power_of_2(line_length)  # the whole line, whatever was asked
+        block_p = _next_pow2(line_length)  # the whole line, whatever was asked
         scratch_floats_per_line = 0
     else:
-        block_p = block_p or min(triton_next_power_of_2(line_length), max_reg if interp else _GPU_MAX_BLOCK_P)
+        block_p = block_p or min(_next_pow2(line_length), max_reg if interp else _GPU_MAX_BLOCK_P)
     if interp:
-        block_s = min(triton_next_power_of_2(slices), max(1, _INTERP_MAX_TILE // block_p))
+        block_s = min(_next_pow2(slices), max(1, _INTERP_MAX_TILE // block_p))
         chunk_programs = 1
         num_warps = 1
     else:
         max_tile = _GPU_MAX_REG_BLOCK_P if kernel in ("register", "columns") else _GPU_MAX_TILE
-        block_s = min(triton_next_power_of_2(slices), max(1, max_tile // block_p))
+        block_s = min(_next_pow2(slices), max(1, max_tile // block_p))
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
         # Smaller slice groups until there are enough programs to fill the GPU.
-        while block_s > 1 and triton_cdiv(slices, block_s) * num_chunks < target:
+        while block_s > 1 and _cdiv(slices, block_s) * num_chunks < target:
             block_s //= 2
-        slice_programs = triton_cdiv(slices, block_s)
+        slice_programs = _cdiv(slices, block_s)
         if scratch_floats_per_line:
-            chunk_programs = min(num_chunks, max(1, triton_cdiv(target, slice_programs)))
+            chunk_programs = min(num_chunks, max(1, _cdiv(target, slice_programs)))
             per_program = slice_programs * block_s * scratch_floats_per_line * 4
             chunk_programs = max(1, min(chunk_programs, _MAX_SCRATCH_BYTES // max(per_program, 1)))
         else:
@@ -205,11 +205,13 @@ def launch_config(
     return config
 
 
-def triton_next_power_of_2(n: int) -> int:
+def _next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for ``n <= 1``)."""
     return 1 << max(n - 1, 0).bit_length()
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive integers."""
     return -(-a // b)
 
 
@@ -250,7 +252,7 @@ def _geometry(x: torch.Tensor, direction: str, chunk_size: int | None):
     _, _, height, width = x.shape
     num_lines, line_length = (height, width) if d.vertical else (width, height)
     chunk = min(chunk_size or num_lines, num_lines)
-    return d, num_lines, line_length, chunk, triton_cdiv(num_lines, chunk)
+    return d, num_lines, line_length, chunk, _cdiv(num_lines, chunk)
 
 
 def _merge(flags: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -334,7 +336,7 @@ def scan(
     flags = {"VERTICAL": d.vertical, "REVERSE": d.reverse, "NORMALIZE": normalize, "ACC": acc}
     cfg = launch_config(slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length)
     if cfg["kernel"] in ("register", "columns"):
-        grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+        grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
         kernel, extra = kernels.line_scan_fwd_reg_kernel, {}
         if cfg["kernel"] == "columns" and not d.vertical:
             kernel, extra = kernels.line_scan_fwd_cols_kernel, {"TILE_K": cfg["tile_k"], "VERTICAL": None}
@@ -350,7 +352,7 @@ def scan(
     else:
         numel = cfg["chunk_programs"] * slices * 2 * line_length
         state = torch.empty(numel, dtype=acc_torch, device=x.device)
-    grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+    grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
     kernels.line_scan_fwd_kernel[grid](
         x, lam, w_left, w_mid, w_right, out, state, *strides, **flags, STATE_IN_OUT=state_in_out,
         BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
@@ -410,7 +412,7 @@ def scan_backward(
     }
     cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length)
     if cfg["kernel"] in ("register", "columns"):
-        grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+        grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
         kernel, extra = kernels.line_scan_bwd_reg_kernel, {}
         if cfg["kernel"] == "columns" and not d.vertical:
             kernel, extra = kernels.line_scan_bwd_cols_kernel, {"TILE_K": cfg["tile_k"], "VERTICAL": None}
@@ -419,7 +421,7 @@ def scan_backward(
             return grads
         cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length, kernel="memory")
     state = torch.empty(cfg["chunk_programs"] * slices * 6 * line_length, dtype=acc_torch, device=x.device)
-    grid = (triton_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+    grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
     kernels.line_scan_bwd_kernel[grid](
         *args, state, *strides, **flags,
         BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
