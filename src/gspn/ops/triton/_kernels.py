@@ -293,6 +293,14 @@ def _shift_from_right(t, idx_right, has_right):
 
 
 @triton.jit
+def _neighbours(left_src, right_src, idx_left, idx_right, has_left, has_right):
+    """``(left_src[..., p-1], right_src[..., p+1])`` (zero past the ends) with a single gather."""
+    both = tl.gather(tl.join(left_src, right_src), tl.join(idx_left, idx_right), axis=1)
+    from_left, from_right = tl.split(both)
+    return tl.where(has_left, from_left, 0.0), tl.where(has_right, from_right, 0.0)
+
+
+@triton.jit
 def _line_index(i_lo, n, t, REVERSE: tl.constexpr):
     """Image index along the scan axis of scan-order line ``t`` of the tile ``[i_lo, i_lo + n)``."""
     if REVERSE:
@@ -381,12 +389,8 @@ def line_scan_fwd_reg_kernel(
             if NORMALIZE:
                 al, am, ar, _cl, _cm, _cr = _stabilize(al, am, ar, has_l, has_r)
             # h is zero on the first line of a tile, so no extra masking is needed.
-            h = (
-                lv * xv
-                + al * _shift_from_left(h, idx_l, has_l)
-                + am * h
-                + ar * _shift_from_right(h, idx_r, has_r)
-            )
+            hl, hr = _neighbours(h, h, idx_l, idx_r, has_l, has_r)
+            h = lv * xv + al * hl + am * h + ar * hr
             tl.store(out_ptr + out_base + off, h.to(out_ptr.dtype.element_ty), mask=m)
             xv, lv, al, am, ar = xn, ln, aln, amn, arn
             off = off_next
@@ -466,7 +470,8 @@ def line_scan_bwd_reg_kernel(
 
             # q of the next line is zero on the last line of a tile (reset per tile).
             a = tl.load(g_ptr + g_base + off, mask=m, other=0.0).to(ACC)
-            a += _shift_from_right(ql, idx_r, has_r) + qm + _shift_from_left(qr, idx_l, has_l)
+            from_l, from_r = _neighbours(qr, ql, idx_l, idx_r, has_l, has_r)
+            a += from_r + qm + from_l
 
             xv = tl.load(x_ptr + x_base + off, mask=m, other=0.0).to(ACC)
             lv = tl.load(lam_ptr + lam_base + off, mask=m, other=0.0).to(ACC)
