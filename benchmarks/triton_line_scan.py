@@ -119,6 +119,26 @@ def time_pass(mode: str, backend: str, x, params, kwargs, rep: int, warmup: int)
     return bench_ms(step, rep, warmup, grad_to_none=leaves)
 
 
+def launch_summary(shape, direction: str, chunk_size: int | None, dtype: torch.dtype, device) -> str:
+    """One line: the kernel variant and launch configuration ``"auto"`` picks for this case."""
+    from gspn.ops import triton as triton_backend
+    from gspn.ops.directions import get_direction
+
+    batch, channels, height, width = shape
+    vertical = get_direction(direction).vertical
+    lines, length = (height, width) if vertical else (width, height)
+    chunks = -(-lines // min(chunk_size or lines, lines))
+    scratch = 0 if dtype in (torch.float32, torch.float64) else 2 * length
+    parts = []
+    for label, floats in (("fwd", scratch), ("bwd", 6 * length)):
+        cfg = triton_backend.launch_config(batch * channels, length, chunks, device, floats)
+        programs = -(-batch * channels // cfg["block_s"]) * cfg["chunk_programs"]
+        parts.append(f"{label}: {cfg['kernel']} BLOCK_S={cfg['block_s']} BLOCK_P={cfg['block_p']} "
+                     f"warps={cfg['num_warps']} programs={programs}")
+    label = "x".join(map(str, shape))
+    return f"{label:>22} {direction:>3}  launch (auto) — " + "; ".join(parts)
+
+
 def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> list[Row]:
     from gspn.ops import triton as triton_backend
 
@@ -152,6 +172,9 @@ def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> li
                 rows.append(Row(shape, direction, normalize, mode, impl, ms, nbytes))
             except torch.cuda.OutOfMemoryError:
                 rows.append(Row(shape, direction, normalize, mode, impl, None, note="OOM"))
+            except Exception as exc:  # keep measuring the other cases; report this one
+                rows.append(Row(shape, direction, normalize, mode, impl, None,
+                                note=f"ERROR {type(exc).__name__}: {str(exc)[:200]}"))
             torch.cuda.empty_cache()
     if "baseline" not in impls:
         for mode in ("fwd", "fwd+bwd"):
@@ -219,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     all_rows: list[Row] = []
     for shape in args.shapes:
         for direction in directions:
+            print(launch_summary(shape, direction, args.chunk_size, dtype, device))
             for normalize in (False, True):
                 rows = run_case(shape, direction, normalize, dtype, args.chunk_size, args, device)
                 all_rows.extend(rows)
