@@ -303,3 +303,16 @@ def test_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAILED" not in proc.stdout and "SPILLS" not in proc.stdout, proc.stdout
+
+
+def test_strided_and_expanded_inputs(device):
+    """Planes reached through arbitrary batch/channel strides: a channel-sliced x, expanded gates."""
+    big, params = _make((2, 6, 5, 6), [(1, 1, 5, 6)] * 4, torch.float32, device)
+    x = big[:, ::2]  # channel stride 2·H·W
+    expanded = [p.expand(2, 3, 5, 6) for p in params]  # batch and channel strides 0
+    for direction in ("bt", "lr"):
+        with triton_backend.launch_overrides(**SMALL):
+            got = line_scan(x, *expanded, direction=direction, normalize=True, backend="triton")
+        want = line_scan(x.cpu(), *(p.cpu() for p in expanded), direction=direction, normalize=True,
+                         backend="reference")
+        torch.testing.assert_close(got.cpu(), want, **TOL[torch.float32])
