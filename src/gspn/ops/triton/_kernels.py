@@ -8,10 +8,15 @@ ones (lines are columns). Reversed directions walk ``i`` downwards. Nothing is f
 transposed in memory.
 
 Each program owns ``BLOCK_S`` slices and a set of tiles (chunks) of the scan axis, and walks the
-lines of each tile in scan order; a line is processed in blocks of ``BLOCK_P`` positions, so lines
-of any length work. The state of the previous line is exchanged through memory (the output itself
-when it is float32/float64, else a float32 scratch ping-pong buffer) with a block-wide barrier
-between lines.
+lines of each tile in scan order. Three kernel families (forward and adjoint each):
+
+* *memory* (``line_scan_fwd_kernel``, ``line_scan_bwd_kernel``): a line is processed in blocks of
+  ``BLOCK_P`` positions, so lines of any length work; the state of the previous line is exchanged
+  through memory (the output itself when it is float32/float64, else a float32 scratch ping-pong
+  buffer) with a block-wide barrier between lines;
+* *register* (``*_reg_kernel``): the whole line is one block and the state stays in registers;
+* *columns* (``*_cols_kernel``, experimental): register kernels for the horizontal directions
+  that load tiles of several consecutive columns.
 """
 
 from __future__ import annotations
