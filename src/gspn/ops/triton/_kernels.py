@@ -378,27 +378,27 @@ def line_scan_fwd_reg_kernel(
         n = tl.minimum(CHUNK, L - i_lo)
         h = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
         # Line 0 of the tile: its gates are never used (zero state), so they are not read.
-        off = _line_index(i_lo, n, 0, REVERSE).to(tl.int64) * line_stride + pos
+        line = _line_index(i_lo, n, 0, REVERSE).to(tl.int64) * line_stride
         xv, lv, al, am, ar = _fwd_line_inputs(
             x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
-            off, m, m & (p < 0)[None, :], ACC,
+            line + pos, m, m & (p < 0)[None, :], ACC,
         )
         for t in range(0, n):
             # Prefetch line t + 1 (nothing past the tile's end).
-            off_next = _line_index(i_lo, n, t + 1, REVERSE).to(tl.int64) * line_stride + pos
+            line_next = _line_index(i_lo, n, t + 1, REVERSE).to(tl.int64) * line_stride
             m_next = m & ((p * 0 + t + 1) < n)[None, :]
             xn, ln, aln, amn, arn = _fwd_line_inputs(
                 x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
-                off_next, m_next, m_next, ACC,
+                line_next + pos, m_next, m_next, ACC,
             )
             if NORMALIZE:
                 al, am, ar, _cl, _cm, _cr = _stabilize(al, am, ar, has_l, has_r)
             # h is zero on the first line of a tile, so no extra masking is needed.
             hl, hr = _neighbours(h, h, idx_l, idx_r, has_l, has_r)
             h = lv * xv + al * hl + am * h + ar * hr
-            tl.store(out_ptr + out_base + off, h.to(out_ptr.dtype.element_ty), mask=m)
+            tl.store(out_ptr + out_base + line + pos, h.to(out_ptr.dtype.element_ty), mask=m)
             xv, lv, al, am, ar = xn, ln, aln, amn, arn
-            off = off_next
+            line = line_next
 
 
 @triton.jit
