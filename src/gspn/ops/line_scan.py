@@ -38,6 +38,11 @@ def _direction_slice(p: torch.Tensor, k: int) -> torch.Tensor:
     return p[:, k if p.shape[1] == 4 else 0]
 
 
+def _native(module) -> bool:
+    """Whether the backend reads half/float inputs in their own dtype (no up-cast copies)."""
+    return getattr(module, "NATIVE_DTYPES", False)
+
+
 def _forward(x, params, directions, chunk_size, normalize, backend, four_directions):
     dtype = result_dtype(x, *params)
     cdtype = compute_dtype(dtype)
@@ -45,9 +50,10 @@ def _forward(x, params, directions, chunk_size, normalize, backend, four_directi
     if any(n == 0 for n in shape):
         return torch.empty(shape, dtype=dtype, device=x.device)
     module = resolve_backend(backend, x.device)
-    out = _allocate(module, shape, cdtype, x.device)
-    xs = _prepare(x, cdtype)
-    ps = [_prepare(p, cdtype) for p in params]
+    native = _native(module)
+    out = _allocate(module, shape, dtype if native else cdtype, x.device)
+    xs = _prepare(x, x.dtype if native else cdtype)
+    ps = [_prepare(p, p.dtype if native else cdtype) for p in params]
     for k, direction in enumerate(directions):
         step_params = [_direction_slice(p, k) for p in ps] if four_directions else ps
         step_out = out[:, k] if four_directions else out
@@ -60,12 +66,17 @@ def _backward(grad, h, x, params, directions, chunk_size, normalize, backend, fo
     if grad.numel() == 0:
         return [torch.zeros_like(t) for t in (x, *params)]
     module = resolve_backend(backend, x.device)
-    xs = _prepare(x, cdtype)
-    ps = [_prepare(p, cdtype) for p in params]
-    grad, h = _prepare(grad, cdtype), _prepare(h, cdtype)
-    dx = _allocate(module, x.shape, cdtype, x.device)
+    native = _native(module)
+    xs = _prepare(x, x.dtype if native else cdtype)
+    ps = [_prepare(p, p.dtype if native else cdtype) for p in params]
+    grad = _prepare(grad, grad.dtype if native else cdtype)
+    h = _prepare(h, h.dtype if native else cdtype)
+    # dx accumulates over the four directions in cdtype; a native backend writes one direction's
+    # dx in x's dtype directly.
+    dx = _allocate(module, x.shape, x.dtype if native and not four_directions else cdtype, x.device)
     # Full-size gradient buffers of the parameters, (B, 4, C, H, W) for the 4-direction op: the
-    # backend writes each direction's slice in place; broadcast parameters are reduced afterwards.
+    # backend writes each direction's slice in place; broadcast parameters are reduced afterwards
+    # (in the accumulation dtype).
     full_shape = (x.shape[0], 4, *x.shape[1:]) if four_directions else x.shape
     d_params = [_allocate(module, full_shape, cdtype, x.device) for _ in params]
     for k, direction in enumerate(directions):

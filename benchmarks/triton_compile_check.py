@@ -1,0 +1,142 @@
+"""Compile the Triton line-scan kernels for an NVIDIA GPU architecture without a GPU, and report
+their resource use.
+
+Usage::
+
+    python benchmarks/triton_compile_check.py              # sm_90 (H100/H200), main variants
+    python benchmarks/triton_compile_check.py --arch 80    # A100
+    python benchmarks/triton_compile_check.py --all        # also the experimental column kernels
+    python benchmarks/triton_compile_check.py --quick      # two builds (used by the test suite)
+
+Triton compiles ahead of time with the ``ptxas`` shipped in its wheel, so this runs on a machine
+without a GPU or a CUDA driver. For each kernel variant and launch configuration the backend uses
+(block sizes and warps of ``gspn.ops.triton.launch_config`` for the issue's shapes) it prints
+registers per thread, stack (spilled) bytes per thread, shared memory, and whether the loop loads
+were software-pipelined (``cp.async`` in the PTX). It exits non-zero if a kernel fails to compile.
+It says nothing about speed: that needs ``benchmarks/triton_line_scan.py`` on a GPU.
+
+Run it without ``TRITON_INTERPRET`` (it unsets the variable before importing triton).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+# (kernel, block_s, block_p, num_warps): the configurations launch_config picks on a GPU for
+# lines of 56-64, 128 and 1024 positions (register variant) and for longer lines (memory variant).
+MAIN = [
+    ("line_scan_fwd_reg_kernel", 16, 64, 8),
+    ("line_scan_bwd_reg_kernel", 16, 64, 8),
+    ("line_scan_fwd_reg_kernel", 1, 128, 4),
+    ("line_scan_bwd_reg_kernel", 1, 128, 4),
+    ("line_scan_fwd_reg_kernel", 1, 1024, 8),
+    ("line_scan_bwd_reg_kernel", 1, 1024, 8),
+    ("line_scan_fwd_kernel", 1, 1024, 4),
+    ("line_scan_bwd_kernel", 1, 1024, 4),
+]
+COLUMNS = [
+    ("line_scan_fwd_cols_kernel", 1, 1024, 16),
+    ("line_scan_bwd_cols_kernel", 1, 1024, 16),
+]
+QUICK = [("line_scan_fwd_reg_kernel", 1, 128, 4), ("line_scan_bwd_kernel", 1, 128, 4)]
+
+
+def _signature(fn, consts: dict, dtype: str) -> tuple[dict, dict]:
+    """Triton signature and divisibility attributes for a kernel of :mod:`gspn.ops.triton._kernels`."""
+    sig, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name == "state_ptr" else f"*{dtype}"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name.endswith(("_sb", "_sc")):
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+            if name in ("W", "H", "P"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def _resource_usage(cubin: bytes) -> str:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        cmd = [str(tool), "--dump-resource-usage", f.name]
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    return next((line.strip() for line in out.splitlines() if "REG:" in line), "?")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--all", action="store_true", help="also the experimental column-tile kernels")
+    parser.add_argument("--quick", action="store_true", help="two kernels, one configuration each")
+    args = parser.parse_args(argv)
+
+    try:
+        import triton
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        print("triton_compile_check.py: triton is not installed", file=sys.stderr)
+        return 1
+    kernels = importlib.import_module("gspn.ops.triton._kernels")
+    target = GPUTarget("cuda", args.arch, 32)
+    cases = QUICK if args.quick else MAIN + (COLUMNS if args.all else [])
+    print(f"triton {triton.__version__}, target sm_{args.arch}, data pointers *{args.dtype}")
+    failures = 0
+    for name, block_s, block_p, num_warps in cases:
+        fn = getattr(kernels, name)
+        for vertical in (False,) if args.quick else (True, False):
+            if "cols" in name and vertical:
+                continue
+            for normalize in (True,) if args.quick else (False, True):
+                consts = {"REVERSE": False, "NORMALIZE": normalize, "ACC": tl.float32,
+                          "BLOCK_S": block_s, "BLOCK_P": block_p}
+                if "cols" in name:
+                    consts["TILE_K"] = 8
+                else:
+                    consts["VERTICAL"] = vertical
+                if "bwd" in name:
+                    consts["ACCUMULATE_DX"] = True
+                elif name == "line_scan_fwd_kernel":
+                    consts["STATE_IN_OUT"] = False
+                label = (f"{name:26s} BLOCK_S={block_s:<3d} BLOCK_P={block_p:<5d} warps={num_warps:<2d} "
+                         f"{'vertical  ' if vertical else 'horizontal'} normalize={int(normalize)}")
+                sig, attrs = _signature(fn, consts, args.dtype)
+                start = time.perf_counter()
+                try:
+                    compiled = triton.compile(
+                        ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                        target=target, options={"num_warps": num_warps, "num_stages": 1},
+                    )
+                except Exception as exc:
+                    failures += 1
+                    print(f"{label}  FAILED: {type(exc).__name__}: {str(exc)[:500]}")
+                    continue
+                usage = _resource_usage(compiled.asm["cubin"])
+                stack = int(usage.split("STACK:")[1].split()[0]) if "STACK:" in usage else -1
+                pipelined = "cp.async" in compiled.asm.get("ptx", "")
+                print(f"{label}  {' '.join(usage.split()[:3])} pipelined={int(pipelined)} "
+                      f"{time.perf_counter() - start:5.1f}s{'  SPILLS' if stack > 0 else ''}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

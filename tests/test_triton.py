@@ -1,0 +1,318 @@
+"""The Triton backend against the reference backend: forward and all five gradients.
+
+Without a GPU the kernels run on CPU tensors through the Triton interpreter. ``TRITON_INTERPRET``
+has to be set before triton is imported (triton's own ``@jit`` helpers such as ``tl.sum`` are
+created at import), but it should not leak into the other test modules (it makes the backend
+available on CPU): so this module sets it only around its import of triton and, through a
+module-scoped fixture, while its own tests run. With a GPU the same tests also run on ``cuda``
+(parameters marked ``gpu``). Shapes are small and the launch parameters are forced small
+(``launch_overrides``) so that the multi-block line loop and the split over tiles are exercised
+while the interpreter runs few programs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+_SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
+_IMPORTED_BEFORE = "triton" in sys.modules
+if _SET_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip("triton")
+finally:
+    if _SET_INTERPRET:
+        del os.environ["TRITON_INTERPRET"]
+
+from gspn.ops import DIRECTIONS, available_backends, line_scan, line_scan_4d  # noqa: E402
+from gspn.ops import triton as triton_backend  # noqa: E402
+
+# If another module imported triton before interpretation was switched on, triton's @jit helpers
+# (``tl.sum``, used by the column-tile kernels) cannot run in the interpreter.
+_STD_INTERPRETED = not (_SET_INTERPRET and _IMPORTED_BEFORE)
+
+TOL = {
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+    torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+}
+# Launch parameters per kernel variant: "memory" with 4-position blocks (lines span several
+# blocks) and "register" (whole line in registers); both split the tiles over two programs.
+VARIANTS = {
+    "memory": {"kernel": "memory", "block_p": 4, "block_s": 4, "chunk_programs": 2},
+    "register": {"kernel": "register", "block_s": 4, "chunk_programs": 2},
+}
+SMALL = VARIANTS["memory"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_without_gpu():
+    """Run the kernels through the Triton interpreter (no CUDA device) while this module runs."""
+    if not _SET_INTERPRET:
+        yield
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request) -> dict:
+    return VARIANTS[request.param]
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs a CUDA device")]),
+    ]
+)
+def device(request) -> torch.device:
+    dev = torch.device(request.param)
+    if not triton_backend.is_available(dev):
+        pytest.skip(f"triton backend unavailable on {dev}: {triton_backend.unavailable_reason(dev)}")
+    return dev
+
+
+def _make(shape, param_shapes, dtype, device, seed=0, scale=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    params = [(scale * torch.randn(s, generator=gen)).to(device=device, dtype=dtype) for s in param_shapes]
+    return x, params
+
+
+def _run(fn, x, params, grad_seed=1, **kwargs):
+    """Output and the gradients of x and the four parameters for a fixed random cotangent."""
+    x = x.detach().clone().requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in params]
+    y = fn(x, *params, **kwargs)
+    gen = torch.Generator().manual_seed(grad_seed)
+    g = torch.randn(y.shape, generator=gen).to(device=y.device, dtype=y.dtype)
+    y.backward(g)
+    return [y.detach(), x.grad, *(p.grad for p in params)]
+
+
+def _assert_close(got, want, dtype):
+    names = ("h", "dx", "dlam", "dw_left", "dw_mid", "dw_right")
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.dtype == b.dtype, name
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(
+            a.float().cpu(), b.float().cpu(), **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def _compare(shape, param_shapes, dtype, device, fn=line_scan, overrides=None, scale=0.5, **kwargs):
+    x, params = _make(shape, param_shapes, dtype, device, scale=scale)
+    with triton_backend.launch_overrides(**(SMALL if overrides is None else overrides)):
+        got = _run(fn, x, params, backend="triton", **kwargs)
+    want = _run(fn, x.cpu(), [p.cpu() for p in params], backend="reference", **kwargs)
+    _assert_close(got, want, dtype)
+
+
+def test_available_under_interpreter(device):
+    assert "triton" in available_backends(device)
+    assert triton_backend.NATIVE_DTYPES
+
+
+def test_unsupported_device_reason():
+    assert "meta" in triton_backend.unavailable_reason("meta")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_matches_reference(device, variant, direction, chunk_size, normalize, dtype):
+    """Every direction, global and chunked (3 does not divide 7 or 5), normalize on/off, each dtype."""
+    shape = (2, 3, 7, 5)
+    kwargs = {"direction": direction, "chunk_size": chunk_size, "normalize": normalize}
+    _compare(shape, [shape] * 4, dtype, device, overrides=variant, **kwargs)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_broadcast_gates(device, variant, direction, normalize):
+    """Batch-shared and channel-group-shared parameters.
+
+    Without normalisation each parameter has its own layout; with it the three gates share one
+    (the reference backend's ``stabilize`` needs equal gate shapes).
+    """
+    shape = (2, 6, 5, 6)
+    if normalize:
+        param_shapes = [(1, 6, 5, 6), (1, 2, 5, 6), (1, 2, 5, 6), (1, 2, 5, 6)]
+    else:
+        param_shapes = [(1, 6, 5, 6), (2, 3, 5, 6), (1, 1, 5, 6), (2, 2, 5, 6)]
+    kwargs = {"direction": direction, "chunk_size": 2, "normalize": normalize}
+    _compare(shape, param_shapes, torch.float32, device, overrides=variant, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 2, 1, 6), (2, 2, 6, 1), (1, 2, 1, 9)])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_degenerate_shapes(device, variant, direction, shape):
+    """H = 1 and/or W = 1: lines of length 1 and single-line scans."""
+    for chunk_size, normalize in ((None, True), (2, False)):
+        kwargs = {"direction": direction, "chunk_size": chunk_size, "normalize": normalize}
+        _compare(shape, [shape] * 4, torch.float32, device, overrides=variant, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("direction", ["lr", "rl"])
+def test_columns_variant(device, direction, chunk_size, normalize, dtype):
+    """The experimental column-tile kernels (horizontal directions): 7 columns in tiles of 4."""
+    if device.type == "cpu" and not _STD_INTERPRETED:
+        pytest.skip("triton was imported before TRITON_INTERPRET was set; run this module on its own")
+    shape = (2, 3, 5, 7)
+    overrides = {"kernel": "columns", "block_s": 4, "chunk_programs": 2, "tile_k": 4}
+    kwargs = {"direction": direction, "chunk_size": chunk_size, "normalize": normalize}
+    _compare(shape, [shape] * 4, dtype, device, overrides=overrides, **kwargs)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "register"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_line_longer_than_block(device, direction, kernel):
+    """A 300-long line: with the default config the interpreter's memory variant loops over 256-wide
+    blocks; the register variant holds it in one 512-wide block."""
+    vertical = direction in ("tb", "bt")
+    shape = (1, 2, 3, 300) if vertical else (1, 2, 300, 3)
+    overrides = {} if kernel == "auto" else {"kernel": kernel}
+    kwargs = {"direction": direction, "normalize": True}
+    _compare(shape, [shape] * 4, torch.bfloat16, device, overrides=overrides, **kwargs)
+
+
+def test_launch_config_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    assert triton_backend.launch_config(6, 200, 1, cpu, 400)["kernel"] == "register"
+    long_line = triton_backend.launch_config(6, 300, 1, cpu, 600)
+    assert long_line["kernel"] == "memory" and long_line["block_p"] == 256
+    monkeypatch.setenv("GSPN_TRITON_KERNEL", "memory")
+    assert triton_backend.launch_config(6, 8, 1, cpu, 16)["kernel"] == "memory"
+    monkeypatch.setenv("GSPN_TRITON_KERNEL", "fast")
+    with pytest.raises(ValueError, match="GSPN_TRITON_KERNEL"):
+        triton_backend.launch_config(6, 8, 1, cpu, 16)
+    with pytest.raises(ValueError, match="unknown launch parameters"):
+        triton_backend.launch_overrides(size=3).__enter__()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_line_scan_4d(device, variant, normalize):
+    """Four directions into strided ``out[:, k]`` views, per-direction and direction-shared gates."""
+    shape = (2, 4, 5, 6)
+    param_shapes = [(2, 4, 4, 5, 6), (1, 1, 2, 5, 6), (1, 1, 2, 5, 6), (1, 1, 2, 5, 6)]
+    for dtype, chunk_size in ((torch.bfloat16, 4), (torch.float32, None)):
+        kwargs = {"chunk_size": chunk_size, "normalize": normalize}
+        _compare(shape, param_shapes, dtype, device, fn=line_scan_4d, overrides=variant, **kwargs)
+
+
+def test_mixed_and_double_dtypes(device):
+    """bf16 x with float32 gates gives a float32 result; float64 runs with float64 state."""
+    shape = (1, 2, 4, 5)
+    x, params = _make(shape, [shape] * 4, torch.float32, device)
+    xb = x.to(torch.bfloat16)
+    with triton_backend.launch_overrides(**SMALL):
+        got = _run(line_scan, xb, params, backend="triton", direction="lr", normalize=True)
+    cpu_params = [p.cpu() for p in params]
+    want = _run(line_scan, xb.cpu(), cpu_params, backend="reference", direction="lr", normalize=True)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
+    _assert_close(got, want, torch.bfloat16)
+    _compare(shape, [shape] * 4, torch.float64, device, direction="rl", chunk_size=3, normalize=True)
+
+
+def test_extreme_logits_stay_finite(device):
+    """Fused normalisation with logits far in both tails (all sigmoids underflow) stays finite."""
+    shape = (1, 2, 4, 5)
+    x, params = _make(shape, [shape] * 4, torch.float32, device, scale=200.0)
+    _compare(shape, [shape] * 4, torch.float32, device, scale=200.0, direction="tb", normalize=True)
+    with triton_backend.launch_overrides(**SMALL):
+        got = _run(line_scan, x, params, backend="triton", direction="bt", normalize=True)
+    assert all(torch.isfinite(t).all() for t in got)
+
+
+def test_missing_triton_is_reported(monkeypatch):
+    """Without triton the backend is unavailable with a reason, and nothing else breaks."""
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.delitem(sys.modules, "gspn.ops.triton._kernels", raising=False)
+    monkeypatch.setattr(triton_backend, "_kernel_module", None)
+    monkeypatch.setattr(triton_backend, "_import_error", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not triton_backend.is_available("cpu")
+    assert "triton is not installed" in triton_backend.unavailable_reason("cpu")
+    assert "triton" not in available_backends("cpu")
+    with pytest.raises(RuntimeError, match="not available"):
+        x = torch.zeros(1, 1, 2, 2)
+        line_scan(x, x, x, x, x, backend="triton")
+
+
+class _FakeKernel:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` fails for the listed ``num_stages``."""
+
+    def __init__(self, failing_stages):
+        self.failing_stages = failing_stages
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, num_stages, **kwargs):
+            self.calls.append(num_stages)
+            if num_stages in self.failing_stages:
+                raise RuntimeError("out of resource: shared memory")
+
+        return launch
+
+
+def test_register_variant_fallback(monkeypatch):
+    """A GPU compile/resource failure retries without pipelining, then falls back to memory."""
+    monkeypatch.setattr(triton_backend, "_no_pipelining", set())
+    monkeypatch.setattr(triton_backend, "_register_broken", set())
+    cfg = {"kernel": "register", "num_stages": 3, "num_warps": 4, "block_p": 64}
+    cuda = torch.device("cuda")
+    kernel = _FakeKernel({3})
+    assert triton_backend._launch_register(kernel, (1, 1), (), {}, cfg, cuda)
+    assert kernel.calls == [3, 1] and triton_backend._no_pipelining == {64}
+    with pytest.warns(RuntimeWarning, match="memory"):
+        assert not triton_backend._launch_register(_FakeKernel({1, 3}), (1, 1), (), {}, cfg, cuda)
+    assert triton_backend._register_broken == {64}
+    assert triton_backend.launch_config(6, 40, 1, torch.device("cpu"), 80)["kernel"] == "memory"
+    with pytest.raises(RuntimeError, match="out of resource"):  # the interpreter never hides errors
+        triton_backend._launch_register(_FakeKernel({1}), (1, 1), (), {}, {**cfg, "num_stages": 1}, "cpu")
+
+
+def test_kernels_compile_for_sm90():
+    """Ahead-of-time sm_90 build of two kernels with the ptxas in triton's wheel (no GPU needed)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("triton's wheel has no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "triton_compile_check.py"), "--quick"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAILED" not in proc.stdout and "SPILLS" not in proc.stdout, proc.stdout
+
+
+def test_strided_and_expanded_inputs(device):
+    """Planes reached through arbitrary batch/channel strides: a channel-sliced x, expanded gates."""
+    big, params = _make((2, 6, 5, 6), [(1, 1, 5, 6)] * 4, torch.float32, device)
+    x = big[:, ::2]  # channel stride 2·H·W
+    expanded = [p.expand(2, 3, 5, 6) for p in params]  # batch and channel strides 0
+    for direction in ("bt", "lr"):
+        with triton_backend.launch_overrides(**SMALL):
+            got = line_scan(x, *expanded, direction=direction, normalize=True, backend="triton")
+        want = line_scan(x.cpu(), *(p.cpu() for p in expanded), direction=direction, normalize=True,
+                         backend="reference")
+        torch.testing.assert_close(got.cpu(), want, **TOL[torch.float32])
