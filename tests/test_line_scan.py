@@ -89,6 +89,22 @@ def test_broadcast_gates_equal_expanded_gates(direction, param_batch, param_chan
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_each_parameter_may_use_its_own_broadcast(direction, backend):
+    shape = (2, 4, 5, 3)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    layouts = [(1, 4), (2, 1), (2, 4), (1, 2)]  # lam, w_left, w_mid, w_right
+    params = [torch.randn(b, c, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True) for b, c in layouts]
+    out = line_scan(x, *params, direction=direction, chunk_size=2, normalize=True, backend=backend)
+    expected = oracle_line_scan(x, *params, direction=direction, chunk_size=2, normalize=True)
+    assert_close(out, expected)
+    upstream = torch.randn(shape, generator=gen, dtype=torch.float64)
+    for g, e in zip(grads_of(out, (x, *params), upstream), grads_of(expected, (x, *params), upstream), strict=True):
+        assert_close(g, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_line_scan_4d_equals_each_direction(chunk_size, normalize, backend):

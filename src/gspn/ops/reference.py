@@ -45,8 +45,15 @@ def _from_right(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t[..., 1:], (0, 1))
 
 
-def _gates(w_left, w_mid, w_right, direction: str, normalize: bool):
-    return stabilize(w_left, w_mid, w_right, direction=direction) if normalize else (w_left, w_mid, w_right)
+def _gates(w_left, w_mid, w_right, direction: str, normalize: bool, channels: int):
+    """Gate weights as the scan uses them (normalised if ``normalize``)."""
+    if not normalize:
+        return w_left, w_mid, w_right
+    gates = (w_left, w_mid, w_right)
+    if len({g.shape for g in gates}) > 1:  # different broadcast layouts: normalise at full size
+        batch = max(g.shape[0] for g in gates)
+        gates = tuple(expand_channels(g, channels).expand(batch, -1, -1, -1) for g in gates)
+    return stabilize(*gates, direction=direction)
 
 
 def _full_line_frame(t: torch.Tensor, channels: int, direction: str) -> torch.Tensor:
@@ -56,7 +63,7 @@ def _full_line_frame(t: torch.Tensor, channels: int, direction: str) -> torch.Te
 def scan(x, lam, w_left, w_mid, w_right, *, direction: str, chunk_size: int | None, normalize: bool, out):
     """Forward scan of one direction; writes ``h`` (image frame, ``(B, C, H, W)``) into ``out``."""
     channels = x.shape[1]
-    wl, wm, wr = _gates(w_left, w_mid, w_right, direction, normalize)
+    wl, wm, wr = _gates(w_left, w_mid, w_right, direction, normalize, channels)
     x_, lam_, wl, wm, wr = (_full_line_frame(t, channels, direction) for t in (x, lam, wl, wm, wr))
     starts = tile_starts(x_.shape[-2], chunk_size, get_direction(direction).reverse)
     lines = []
@@ -80,7 +87,7 @@ def scan_backward(
     ``d_params``; reducing them to broadcast shapes is the caller's job.
     """
     channels = x.shape[1]
-    gates = _gates(w_left, w_mid, w_right, direction, normalize)
+    gates = _gates(w_left, w_mid, w_right, direction, normalize, channels)
     g_, h_, wl, wm, wr = (
         _full_line_frame(t.expand(x.shape[0], *t.shape[1:]), channels, direction) for t in (grad, h, *gates)
     )

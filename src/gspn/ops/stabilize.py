@@ -37,22 +37,24 @@ def stabilize(
     """Normalise raw gate logits so that each pixel's valid weights are ≥ 0 and sum to 1.
 
     Args:
-        w_left, w_mid, w_right: logits of the same shape ``(..., H, W)`` in the image frame.
+        w_left, w_mid, w_right: logits ``(..., H, W)`` in the image frame (broadcastable to one shape).
         direction: scan direction; it decides which axis the neighbours lie on
             (W for ``"tb"``/``"bt"``, H for ``"lr"``/``"rl"``).
 
     Returns:
-        The three normalised weights, same shape and dtype. Weights of missing neighbours (left at
+        The three normalised weights, of the broadcast shape and dtype. Weights of missing neighbours (left at
         position 0, right at the last position of the line) are exactly 0.
 
     Differentiable with ordinary autograd.
     """
     d = get_direction(direction)
-    if not (w_left.shape == w_mid.shape == w_right.shape):
+    try:
+        w_left, w_mid, w_right = torch.broadcast_tensors(w_left, w_mid, w_right)
+    except RuntimeError:
         raise ValueError(
-            "w_left, w_mid and w_right must have the same shape, got "
+            "w_left, w_mid and w_right must have broadcastable shapes, got "
             f"{tuple(w_left.shape)}, {tuple(w_mid.shape)}, {tuple(w_right.shape)}"
-        )
+        ) from None
     if w_left.ndim < 2:
         raise ValueError(f"w_left must have at least 2 dims (..., H, W), got shape {tuple(w_left.shape)}")
     has_left, has_right = _valid_masks(w_left.shape[d.line_dim], d.line_dim, w_left.ndim, w_left.device)
