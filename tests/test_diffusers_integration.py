@@ -123,6 +123,16 @@ def saved_pipe(tmp_path_factory) -> Path:
 LAYOUTS = ["sd15", "sdxl"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: on a loaded machine several OpenMP threads per op cost far more in
+    synchronisation than they gain (x50 measured on 2 shared cores), so run them single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------- swap
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_swap_replaces_exactly_the_self_attention(layout):
@@ -253,13 +263,13 @@ def _distiller(tmp_path: Path, out: str, steps: int, **kw):
     caps.write_text("a red cat\na blue dog\n# comment\ngreen tree\n")
     cfg = DistillConfig(
         captions=str(caps), output_dir=str(tmp_path / out), resolution=16, batch_size=2, steps=steps,
-        lr=3e-3, save_every=0, log_every=100, gspn={"d_state": 4}, **kw,
+        lr=5e-3, save_every=0, log_every=100, gspn={"d_state": 4}, **kw,
     )
     return Distiller(cfg, pipe=tiny_pipe(tmp_path / "tok"), data=load_captions(caps))
 
 
 def test_distillation_lowers_the_loss_and_resumes_exactly(tmp_path):
-    ref = _distiller(tmp_path, "a", steps=6)
+    ref = _distiller(tmp_path, "a", steps=4)
     batches = [ref.make_batch(10_000 + i) for i in range(2)]
 
     def eval_loss(d):
@@ -268,7 +278,7 @@ def test_distillation_lowers_the_loss_and_resumes_exactly(tmp_path):
 
     before = eval_loss(ref)
     history = ref.train(log=None)
-    assert len(history) == 6 and set(history[0]) >= {"output", "feature", "loss"}
+    assert len(history) == 4 and set(history[0]) >= {"output", "feature", "loss"}
     assert "noise" not in history[0]  # caption file only: no ground-truth noise term
     assert eval_loss(ref) < 0.9 * before
     assert (tmp_path / "a" / "checkpoint.pt").is_file()
@@ -278,12 +288,12 @@ def test_distillation_lowers_the_loss_and_resumes_exactly(tmp_path):
     own = {k: v for k, v in ref.unet.state_dict().items() if ".processor." not in k}
     assert own.keys() == pristine.keys() and all(torch.equal(own[k], pristine[k]) for k in own)
 
-    first = _distiller(tmp_path, "b", steps=3)
+    first = _distiller(tmp_path, "b", steps=2)
     first.train(log=None)
-    resumed = _distiller(tmp_path, "b", steps=6)
+    resumed = _distiller(tmp_path, "b", steps=4)
     logs = []
     resumed.train(log=logs.append)
-    assert any("resumed" in line and "step 3" in line for line in logs)
+    assert any("resumed" in line and "step 2" in line for line in logs)
     a, b = ref.adapter.state_dict(), resumed.adapter.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -320,15 +330,15 @@ def test_non_square_high_resolution_generation_end_to_end(tmp_path):
     procs = pipe.unet.attn_processors
     assert sum(isinstance(p, GSPNAttnProcessor) for p in procs.values()) == 4
     assert sum(isinstance(p, ChunkedAttnProcessor) for p in procs.values()) == 4
-    # trained at 16×16 latents; 96×48 pixels = 48×24 latents (non-square, 4.5× the positions),
-    # tiled VAE decoding (tiles of 16 latents)
+    # a UNet configured for 8×8 latents; 40×72 pixels = 20×36 latents (non-square, 11× the
+    # positions), decoded by the VAE in tiles (of 16 latents)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (image,) = generate(pipe, "a red cat", height=48, width=96, steps=2, guidance=2.0, seed=0)
-        assert image.size == (96, 48)
-        (up,) = generate(pipe, "a red cat", height=64, width=96, steps=2, guidance=2.0,
-                         upscale_from=(32, 48), strength=0.5)
-    assert up.size == (96, 64)
+        (image,) = generate(pipe, "a red cat", height=40, width=72, steps=2, guidance=2.0, seed=0)
+        assert image.size == (72, 40)
+        (up,) = generate(pipe, "a red cat", height=48, width=64, steps=2, guidance=2.0,
+                         upscale_from=(16, 24), strength=0.5)
+    assert up.size == (64, 48)
 
 
 def test_generate_cli(saved_pipe, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -145,9 +146,11 @@ def run_generate(args: argparse.Namespace) -> int:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    pipe = DiffusionPipeline.from_pretrained(
-        args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-    ).to(device)
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype (FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(
+            args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        ).to(device)
     prepare_pipeline(pipe, args.adapter, cross_attention_chunk=args.cross_attn_chunk or None,
                      vae_tiling=not args.no_vae_tiling)
     start = time.perf_counter()
