@@ -54,7 +54,8 @@ def main() -> None:
     p.add_argument("--widths", nargs="+", type=int, default=[320, 640, 1280])
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--context-dim", type=int, default=768)
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per size (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per size")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds per size before the repeats")
     p.add_argument("--d-state", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=None, help="local GSPN tile size (default: global)")
     p.add_argument("--device", default="cpu")
@@ -68,7 +69,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    unet = build_unet(tuple(args.widths), args.heads, args.context_dim).to(device, dtype).eval()
+    unet = build_unet(tuple(args.widths), args.heads, args.context_dim).to(device).eval()
+    if dtype != torch.float32:
+        unet.to(dtype)
     adapter = GSPNAdapter.from_unet(unet, d_state=args.d_state, chunk_size=args.chunk_size)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_gspn = sum(p.numel() for p in adapter.parameters())
@@ -83,7 +86,7 @@ def main() -> None:
         x = torch.randn(1, unet.config.in_channels, h, w, device=device, dtype=dtype)
         times: dict[str, list[float]] = {"orig": [], "gspn": []}
         with torch.no_grad():
-            for rep in range(args.repeats + 1):
+            for rep in range(args.warmup + args.repeats):
                 for name in ("orig", "gspn"):
                     if name == "gspn":
                         adapter.mount(unet)
@@ -93,7 +96,7 @@ def main() -> None:
                     start = time.perf_counter()
                     unet(x, t, ctx)
                     _sync(device)
-                    if rep:  # the first round is the warm-up
+                    if rep >= args.warmup:
                         times[name].append(time.perf_counter() - start)
         orig, gspn = (statistics.median(times[k]) * 1e3 for k in ("orig", "gspn"))
         print(f"{h:>4}x{w:<4} {8 * h:>5}x{8 * w:<5} {h * w:>9} {orig:>12.1f} {gspn:>10.1f} "
