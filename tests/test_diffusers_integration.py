@@ -355,3 +355,22 @@ def test_generate_cli(saved_pipe, tmp_path):
 
     with Image.open(out) as im:
         assert im.size == (72, 40)
+
+
+def test_distill_under_torchrun_two_processes(saved_pipe, tmp_path):
+    """Two CPU processes (gloo): gradients averaged with one all_reduce, rank 0 writes the checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    caps = tmp_path / "captions.txt"
+    caps.write_text("a red cat\na blue dog\n")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "gspn.distill", "--model", str(saved_pipe), "--captions", str(caps),
+           "--output-dir", str(out), "--resolution", "16", "--steps", "2", "--d-state", "4",
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2

@@ -100,6 +100,11 @@ def run_distill(args: argparse.Namespace) -> int:
     if distiller.rank == 0:
         last = history[-1] if history else {}
         print(json.dumps({"step": distiller.step, "adapter": str(distiller.output_dir / "adapter"), **last}))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

@@ -374,11 +374,18 @@ class Distiller:
     def _sync_grads(self) -> None:
         if self.world == 1:
             return
+        grads = []
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad.div_(self.world)
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective instead of one per tensor
+        dist.all_reduce(flat)
+        flat.div_(self.world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def train_step(self) -> dict[str, float]:
         """One optimisation step on the batch of the current step; returns the loss parts."""
