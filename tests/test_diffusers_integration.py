@@ -374,3 +374,35 @@ def test_distill_under_torchrun_two_processes(saved_pipe, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_distillation_with_an_sdxl_pipeline(tmp_path):
+    """SD-XL: two text encoders, pooled `text_embeds` and `time_ids` added conditions."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from gspn.distill.data import CaptionData
+    from gspn.distill.trainer import DistillConfig, Distiller
+
+    base = tiny_pipe(tmp_path / "tok")
+    tok = base.tokenizer
+    cfg = dict(vocab_size=len(tok.get_vocab()), hidden_size=CROSS_DIM // 2, intermediate_size=16,
+               num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12, bos_token_id=0,
+               eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(0)
+    pipe = StableDiffusionXLPipeline(
+        vae=base.vae, text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg, projection_dim=CROSS_DIM)),
+        tokenizer=tok, tokenizer_2=tok, unet=tiny_unet("sdxl"), scheduler=base.scheduler,
+    )
+    distiller = Distiller(
+        DistillConfig(output_dir=str(tmp_path / "xl"), resolution=16, batch_size=2, steps=2, save_every=0,
+                      gspn={"d_state": 4}),
+        pipe=pipe, data=CaptionData(["a red cat", "a blue dog"]),
+    )
+    batch = distiller.make_batch(0)
+    assert batch["added"]["text_embeds"].shape == (2, CROSS_DIM)
+    assert batch["added"]["time_ids"].shape == (2, 6)
+    history = distiller.train(log=None)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert len(distiller.adapter.processors) == 8
