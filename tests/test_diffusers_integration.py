@@ -311,11 +311,12 @@ def test_distill_cli_on_image_folder(saved_pipe, tmp_path):
     out = tmp_path / "run"
     rc = main(["distill", "--model", str(saved_pipe), "--captions", str(folder), "--output-dir", str(out),
                "--resolution", "16", "--steps", "2", "--d-state", "4", "--chunk-size", "2",
-               "--device", "cpu"])
+               "--gradient-checkpointing", "--caption-dropout", "0.5", "--device", "cpu"])
     assert rc == 0
     adapter = GSPNAdapter.from_pretrained(out / "adapter")
     assert adapter.config.chunk_size == 2
     state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["config"]["gradient_checkpointing"] and state["config"]["captions"] == str(folder)
     assert state["step"] == 2 and {"optimizer", "lr_scheduler", "rng", "trainable"} <= state.keys()
 
 
