@@ -298,7 +298,17 @@ def test_distillation_lowers_the_loss_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_distill_cli_on_image_folder(saved_pipe, tmp_path):
+def test_distill_train_all_uses_a_frozen_copy_as_teacher(tmp_path):
+    d = _distiller(tmp_path, "all", steps=1, train_all=True)
+    before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    conv = d.unet.conv_in.weight.detach().clone()
+    history = d.train(log=None)
+    assert {"output", "feature"} <= history[0].keys()
+    assert not torch.equal(d.unet.conv_in.weight, conv)  # the whole student trains
+    assert all(torch.equal(v, before[k]) for k, v in d.teacher.state_dict().items())
+
+
+def test_distill_cli_on_image_folder(saved_pipe, tmp_path, capsys):
     from PIL import Image
 
     from gspn.cli import main
@@ -313,6 +323,8 @@ def test_distill_cli_on_image_folder(saved_pipe, tmp_path):
                "--resolution", "16", "--steps", "2", "--d-state", "4", "--chunk-size", "2",
                "--gradient-checkpointing", "--caption-dropout", "0.5", "--device", "cpu"])
     assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2 and summary["noise"] > 0  # images: the ground-truth noise term is on
     adapter = GSPNAdapter.from_pretrained(out / "adapter")
     assert adapter.config.chunk_size == 2
     state = torch.load(out / "checkpoint.pt", weights_only=False)
