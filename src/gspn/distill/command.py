@@ -16,6 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .trainer import DistillConfig
 
 __all__ = ["add_distill_arguments", "config_from_args", "main", "run_distill"]
 
@@ -70,7 +74,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
-def config_from_args(args: argparse.Namespace):  # -> DistillConfig (import deferred)
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
     """The :class:`~gspn.distill.trainer.DistillConfig` of parsed arguments."""
     from .trainer import DistillConfig
 

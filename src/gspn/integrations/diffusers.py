@@ -482,7 +482,7 @@ class ChunkedAttnProcessor:
             mask = attention_mask
             if mask is not None and mask.shape[-2] == num_q:
                 mask = mask[..., start : start + self.chunk_tokens, :]
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
             out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
             outs.append(attn.to_out[1](attn.to_out[0](out)))
         hidden_states = torch.cat(outs, dim=1)
