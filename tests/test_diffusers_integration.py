@@ -351,7 +351,10 @@ def test_non_square_high_resolution_generation_end_to_end(tmp_path):
         assert image.size == (72, 40)
         (up,) = generate(pipe, "a red cat", height=48, width=64, steps=2, guidance=2.0,
                          upscale_from=(16, 24), strength=0.5)
-    assert up.size == (64, 48)
+        assert up.size == (64, 48)
+        (up,) = generate(pipe, "a red cat", height=64, width=96, steps=2, guidance=2.0,
+                         upscale_from=[(16, 24), (32, 48)], strength=0.5)
+    assert up.size == (96, 64)
 
 
 def test_generate_cli(saved_pipe, tmp_path):
@@ -362,7 +365,7 @@ def test_generate_cli(saved_pipe, tmp_path):
     out = tmp_path / "img.png"
     rc = main(["--prompt", "a blue dog", "--height", "40", "--width", "72", "--steps", "2",
                "--model", str(saved_pipe), "--adapter", str(tmp_path / "adapter"), "--output", str(out),
-               "--device", "cpu"])
+               "--upscale-from", "16x32", "--strength", "0.5", "--device", "cpu"])
     assert rc == 0
     from PIL import Image
 

@@ -11,9 +11,10 @@ What makes large sizes fit:
   because it would also replace the GSPN processors);
 * the VAE decodes in tiles (``vae.enable_tiling()``).
 
-Optional low→high path (``--upscale-from HxW``): generate at the low size, upsample the latents
-bicubically to the target size and refine them with the img2img pipeline built from the same
-components (``--strength`` of the re-noising), as the paper's high-resolution scripts do.
+Optional low→high path (``--upscale-from HxW [HxW ...]``): generate at the first size, then for
+each further size and finally the target, upsample the latents bicubically and refine them with the
+img2img pipeline built from the same components (``--strength`` of the re-noising), as the paper's
+progressive high-resolution scripts do (e.g. 512 → 1K → 2K).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def generate(
     guidance: float = 7.5,
     seed: int = 0,
     negative_prompt: str | None = None,
-    upscale_from: tuple[int, int] | None = None,
+    upscale_from: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
     strength: float = 0.6,
     output_type: str = "pil",
     **call_kwargs: Any,
@@ -86,8 +87,10 @@ def generate(
     """Images of ``height × width`` from a prepared pipeline (see :func:`prepare_pipeline`).
 
     With ``upscale_from=(h, w)`` the image is first generated at ``h × w``; its latents are
-    upsampled to the target size and refined by img2img at ``strength``. ``call_kwargs`` go to the
-    pipeline call(s) (e.g. ``prompt_embeds``). Returns the pipeline's ``.images``.
+    upsampled to the target size and refined by img2img at ``strength``. A list of sizes makes a
+    progressive chain (first size generated, every later size and the target refined).
+    ``call_kwargs`` go to the pipeline call(s) (e.g. ``prompt_embeds``). Returns the pipeline's
+    ``.images``.
     """
     device = getattr(pipe, "device", torch.device("cpu"))
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -100,14 +103,19 @@ def generate(
         return pipe(height=height, width=width, output_type=output_type, **common).images
     from diffusers import AutoPipelineForImage2Image
 
-    low_h, low_w = upscale_from
-    latents = pipe(height=low_h, width=low_w, output_type="latent", **common).images
+    sizes = [tuple(upscale_from)] if isinstance(upscale_from[0], int) else [tuple(v) for v in upscale_from]
+    sizes.append((height, width))
+    latents = pipe(height=sizes[0][0], width=sizes[0][1], output_type="latent", **common).images
     factor = getattr(pipe, "vae_scale_factor", 8)
-    latents = F.interpolate(latents.float(), size=(height // factor, width // factor), mode="bicubic",
-                            align_corners=False).to(latents.dtype)
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
-    common["generator"] = torch.Generator(device="cpu").manual_seed(seed + 1)
-    return img2img(image=latents.to(device), strength=strength, output_type=output_type, **common).images
+    for stage, (h, w) in enumerate(sizes[1:], start=1):
+        latents = F.interpolate(latents.float(), size=(h // factor, w // factor), mode="bicubic",
+                                align_corners=False).to(latents.dtype)
+        common["generator"] = torch.Generator(device="cpu").manual_seed(seed + stage)
+        last = stage == len(sizes) - 1
+        latents = img2img(image=latents.to(device), strength=strength,
+                          output_type=output_type if last else "latent", **common).images
+    return latents
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -124,8 +132,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                              "HF_HUB_OFFLINE=1 forbids downloads)")
     parser.add_argument("--adapter", default=None,
                         help="saved GSPN adapter folder (without it the original attention runs)")
-    parser.add_argument("--upscale-from", type=_size, default=None, metavar="HxW",
-                        help="generate at this size first, then upsample the latents and refine (img2img)")
+    parser.add_argument("--upscale-from", type=_size, nargs="+", default=None, metavar="HxW",
+                        help="generate at the first size, then upsample the latents and refine (img2img) "
+                             "at each further size and the target")
     parser.add_argument("--strength", type=float, default=0.6, help="img2img strength of the upscaling pass")
     parser.add_argument("--cross-attn-chunk", type=int, default=4096,
                         help="queries per cross-attention chunk (0: diffusers' default processor)")
