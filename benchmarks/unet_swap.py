@@ -78,13 +78,16 @@ def main() -> None:
     print(f"UNet widths={args.widths} heads={args.heads}: {n_unet / 1e6:.1f}M params; "
           f"{len(adapter.processors)} self-attention layers -> GSPN adapter {n_gspn / 1e6:.2f}M params; "
           f"device={device} dtype={args.dtype} threads={torch.get_num_threads()}")
+    cuda = device.type == "cuda"
     header = ("latent", "pixels", "tokens@L0", "original ms", "GSPN ms", "speed-up")
-    print("{:>9} {:>11} {:>9} {:>12} {:>10} {:>9}".format(*header))
+    header += ("orig peak GiB", "GSPN peak GiB") if cuda else ()
+    print(("{:>9} {:>11} {:>9} {:>12} {:>10} {:>9}" + (" {:>13} {:>13}" if cuda else "")).format(*header))
     ctx = torch.randn(1, 77, args.context_dim, device=device, dtype=dtype)
     t = torch.tensor([500], device=device)
     for h, w in args.sizes:
         x = torch.randn(1, unet.config.in_channels, h, w, device=device, dtype=dtype)
         times: dict[str, list[float]] = {"orig": [], "gspn": []}
+        peak = {"orig": 0.0, "gspn": 0.0}
         with torch.no_grad():
             for rep in range(args.warmup + args.repeats):
                 for name in ("orig", "gspn"):
@@ -93,14 +96,19 @@ def main() -> None:
                     else:
                         adapter.unmount()
                     _sync(device)
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats(device)
                     start = time.perf_counter()
                     unet(x, t, ctx)
                     _sync(device)
                     if rep >= args.warmup:
                         times[name].append(time.perf_counter() - start)
+                    if cuda:
+                        peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2**30)
         orig, gspn = (statistics.median(times[k]) * 1e3 for k in ("orig", "gspn"))
+        mem = f" {peak['orig']:>13.2f} {peak['gspn']:>13.2f}" if cuda else ""
         print(f"{h:>4}x{w:<4} {8 * h:>5}x{8 * w:<5} {h * w:>9} {orig:>12.1f} {gspn:>10.1f} "
-              f"{orig / gspn:>8.2f}x", flush=True)
+              f"{orig / gspn:>8.2f}x{mem}", flush=True)
     adapter.unmount()
 
 

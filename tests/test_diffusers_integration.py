@@ -422,3 +422,16 @@ def test_distillation_with_an_sdxl_pipeline(tmp_path):
     history = distiller.train(log=None)
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert len(distiller.adapter.processors) == 8
+
+
+def test_unet_swap_benchmark_runs(monkeypatch, capsys):
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "unet_swap.py"
+    argv = [str(script), "--widths", "32", "64", "--heads", "2", "--context-dim", "32", "--sizes", "8",
+            "6x10",
+            "--repeats", "1", "--warmup", "0"]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.rstrip().endswith("x")]
+    assert len(rows) == 2 and "6x10" in rows[1]
