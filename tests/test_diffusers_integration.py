@@ -154,6 +154,9 @@ def test_swap_replaces_exactly_the_self_attention(layout):
         id(p) for k in swapped for p in unet.get_submodule(k).parameters()
     }
     assert not torch.allclose(run(unet, layout, 8, 8), reference)
+    assert adapter.mount(unet) is adapter  # mounting twice on the same UNet is a no-op
+    with pytest.raises(ValueError, match="already has a GSPN processor"):
+        swap_self_attention(unet, d_state=4)
     adapter.unmount()
     assert all(unet.attn_processors[k] is before[k] for k in before)
     assert torch.equal(run(unet, layout, 8, 8), reference)

@@ -364,6 +364,11 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
             attn = unet.get_submodule(name[: -len(_PROC_SUFFIX)])
             if int(attn.query_dim) != qdim:
                 raise ValueError(f"{name}: the UNet layer has width {attn.query_dim}, the adapter {qdim}")
+        foreign = [n for n in names if isinstance(current[n], GSPNAttnProcessor)]
+        if foreign:
+            raise ValueError(
+                f"{foreign[0]} already has a GSPN processor from another adapter; unmount that one first"
+            )
         self._follow(unet)
         originals = {n: current[n] for n in names}
         new = dict(current)
