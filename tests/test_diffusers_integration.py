@@ -167,11 +167,20 @@ def test_processor_initialised_from_the_attention():
     adapter = swap_self_attention(unet, d_state=4)
     for key, proc in zip(adapter.config.layer_names, adapter.processors, strict=True):
         attn = unet.get_submodule(key.removesuffix(".processor"))
-        assert torch.equal(proc.to_out.weight, attn.to_out[0].weight)
-        assert torch.equal(proc.to_out.bias, attn.to_out[0].bias)
+        assert proc.to_out is None  # the mixer's output projection is the host's to_out
+        assert torch.equal(proc.mixer.out_proj.weight, attn.to_out[0].weight)
+        assert torch.equal(proc.out_bias, attn.to_out[0].bias)
         assert torch.equal(proc.mixer.in_proj.weight, attn.to_v.weight)
     fresh = GSPNAdapter.from_unet(tiny_unet("sd15"), init_from_attention=False)
-    assert not torch.equal(fresh.processors[0].to_out.weight, adapter.processors[0].to_out.weight)
+    fresh_w, init_w = fresh.processors[0].mixer.out_proj.weight, adapter.processors[0].mixer.out_proj.weight
+    assert not torch.equal(fresh_w, init_w)
+    # a host whose output width differs gets a separate to_out; nothing of its 24-wide inner
+    # projections fits, so only out_proj starts as the identity
+    odd = Attention(16, heads=2, dim_head=8, out_dim=24)
+    proc = GSPNAttnProcessor(16, 24, d_state=4)
+    assert proc.init_from_attention(odd) == ["out_proj=identity"]
+    proc.hw = (2, 3)
+    assert proc(odd, torch.randn(1, 6, 16)).shape == (1, 6, 24)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -4,7 +4,7 @@ The integration goes through diffusers' own extension point, the attention *proc
 
 * :class:`GSPNAttnProcessor` is a trainable processor (an ``nn.Module``) that replaces the
   softmax self-attention of one ``attn1`` layer by a :class:`gspn.nn.GSPNAttention` token mixer of
-  the same width followed by an output projection initialised from the layer's ``to_out``.
+  the same width whose output projection starts as the layer's ``to_out``.
 * :class:`GSPNAdapter` (a diffusers ``ModelMixin`` + ``ConfigMixin``) owns the processors of a
   UNet, so ``save_pretrained``/``from_pretrained`` write and read safetensors plus a
   ``config.json``; :meth:`GSPNAdapter.mount` installs them with ``unet.set_attn_processor`` (only
@@ -90,7 +90,11 @@ class GSPNAttnProcessor(nn.Module):
 
     ::
 
-        tokens (B, H·W, C) → GSPNAttention(C) on the (H, W) grid → to_out (C → out_dim) → dropout
+        tokens (B, H·W, C) → GSPNAttention(C) on the (H, W) grid → + bias → dropout
+
+    The mixer's own output projection plays the part of the host's ``to_out`` (one ``C × C``
+    matmul, not two); only a host whose output width differs from ``C`` gets an extra
+    ``to_out`` linear ``C → out_dim``.
 
     The group/spatial norms, ``residual_connection`` and ``rescale_output_factor`` of the host
     ``Attention`` are honoured as in diffusers' reference processor; ``to_q``/``to_k``/``to_v``
@@ -124,7 +128,12 @@ class GSPNAttnProcessor(nn.Module):
             query_dim, d_state=d_state, expand=expand, kernel_size=kernel_size, chunk_size=chunk_size,
             gate_channels=gate_channels, backend=backend,
         )
-        self.to_out = nn.Linear(query_dim, out_dim, bias=out_bias)
+        if out_dim == query_dim:
+            self.to_out: nn.Linear | None = None
+            self.out_bias = nn.Parameter(torch.zeros(out_dim)) if out_bias else None
+        else:
+            self.to_out = nn.Linear(query_dim, out_dim, bias=out_bias)
+            self.out_bias = None
         self.hw: tuple[int, int] | None = None
         self.bypass = False  # teacher mode: run the host's own softmax attention instead
         self._warned_mask = False
@@ -133,26 +142,35 @@ class GSPNAttnProcessor(nn.Module):
     def init_from_attention(self, attn: Attention) -> list[str]:
         """Initialise from the host layer where the shapes allow; returns what was copied.
 
-        * ``to_out``: copied from ``attn.to_out[0]`` (same output subspace and scale as the
-          original layer) when the host's inner width equals its query width;
+        * ``mixer.out_proj`` (and the bias): copied from ``attn.to_out[0]`` — same output subspace
+          and scale as the original layer — when ``d_inner`` equals the host's inner width
+          (``expand=1`` in SD UNets); with a separate ``to_out`` (host output width ≠ ``C``) that
+          one takes the copy and ``mixer.out_proj`` starts as the identity when square;
         * ``mixer.in_proj``: copied from ``attn.to_v`` when ``d_inner`` equals the host's inner
-          width (GSPN propagates the values, as attention averages them);
-        * ``mixer.out_proj``: the identity when ``d_inner == query_dim``.
+          width (GSPN propagates the values, as attention averages them).
         """
         copied = []
-        lin = attn.to_out[0]
-        if lin.weight.shape == self.to_out.weight.shape:
-            self.to_out.weight.copy_(lin.weight)
-            if self.to_out.bias is not None and lin.bias is not None:
-                self.to_out.bias.copy_(lin.bias)
-            copied.append("to_out")
+        host = attn.to_out[0]
         mixer = self.mixer
+        if self.to_out is None:
+            if host.weight.shape == mixer.out_proj.weight.shape:
+                mixer.out_proj.weight.copy_(host.weight)
+                copied.append("out_proj")
+            if self.out_bias is not None and host.bias is not None and copied:
+                self.out_bias.copy_(host.bias)
+                copied.append("out_bias")
+        else:
+            if host.weight.shape == self.to_out.weight.shape:
+                self.to_out.weight.copy_(host.weight)
+                if self.to_out.bias is not None and host.bias is not None:
+                    self.to_out.bias.copy_(host.bias)
+                copied.append("to_out")
+            if mixer.out_proj.weight.shape[0] == mixer.out_proj.weight.shape[1]:
+                mixer.out_proj.weight.copy_(torch.eye(mixer.out_proj.weight.shape[0]))
+                copied.append("out_proj=identity")
         if attn.to_v.weight.shape == mixer.in_proj.weight.shape:
             mixer.in_proj.weight.copy_(attn.to_v.weight)
             copied.append("in_proj")
-        if mixer.out_proj.weight.shape[0] == mixer.out_proj.weight.shape[1]:
-            mixer.out_proj.weight.copy_(torch.eye(mixer.out_proj.weight.shape[0]))
-            copied.append("out_proj")
         return copied
 
     def __call__(  # type: ignore[override]
@@ -202,7 +220,11 @@ class GSPNAttnProcessor(nn.Module):
                 f"GSPN layer got {num_tokens} tokens but its recorded grid is {hw}; the (H, W) pre-hook "
                 "did not run for this call (is the adapter mounted on this UNet?)"
             )
-        out = self.to_out(self.mixer(hidden_states, hw=hw))
+        out = self.mixer(hidden_states, hw=hw)
+        if self.to_out is not None:
+            out = self.to_out(out)
+        elif self.out_bias is not None:
+            out = out + self.out_bias
         out = attn.to_out[1](out)
         if four_d:
             out = out.transpose(1, 2).reshape(residual.shape[0], -1, *hw)
