@@ -310,6 +310,11 @@ def test_distillation_lowers_the_loss_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_distill_refuses_a_run_without_loss_terms(tmp_path):
+    with pytest.raises(ValueError, match="every loss term is off"):
+        _distiller(tmp_path, "none", steps=1, output_weight=0.0, feature_weight=0.0)
+
+
 def test_distill_train_all_uses_a_frozen_copy_as_teacher(tmp_path):
     d = _distiller(tmp_path, "all", steps=1, train_all=True)
     before = {k: v.clone() for k, v in d.teacher.state_dict().items()}

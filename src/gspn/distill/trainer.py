@@ -159,6 +159,9 @@ class Distiller:
         self.pipe = pipe if pipe is not None else load_pipeline(cfg.model, self.device)
         self.pipe.to(self.device)
         self.data = data if data is not None else load_captions(cfg.captions)
+        if not (cfg.output_weight or cfg.feature_weight or (cfg.noise_weight and self.data.has_images)):
+            raise ValueError("every loss term is off (a caption file has no noise term): "
+                             "set --output-weight or --feature-weight")
         self.unet: nn.Module = self.pipe.unet
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         for name in ("vae", "text_encoder", "text_encoder_2"):
