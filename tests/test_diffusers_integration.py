@@ -371,7 +371,14 @@ def test_non_square_high_resolution_generation_end_to_end(tmp_path):
         assert up.size == (64, 48)
         (up,) = generate(pipe, "a red cat", height=64, width=96, steps=2, guidance=2.0,
                          upscale_from=[(16, 24), (32, 48)], strength=0.5)
-    assert up.size == (96, 64)
+        assert up.size == (96, 64)
+        # DemoFusion-style skip residuals change the refinement but not the shapes
+        kw = dict(height=32, width=48, steps=4, guidance=2.0, upscale_from=(16, 24), strength=0.8,
+                  output_type="latent")
+        plain = generate(pipe, "a red cat", **kw)
+        blended = generate(pipe, "a red cat", skip_residual=3.0, **kw)
+    assert plain.shape == blended.shape == (1, 4, 16, 24)
+    assert not torch.allclose(plain, blended)
 
 
 def test_generate_cli(saved_pipe, tmp_path):
@@ -382,7 +389,7 @@ def test_generate_cli(saved_pipe, tmp_path):
     out = tmp_path / "img.png"
     rc = main(["--prompt", "a blue dog", "--height", "40", "--width", "72", "--steps", "2",
                "--model", str(saved_pipe), "--adapter", str(tmp_path / "adapter"), "--output", str(out),
-               "--upscale-from", "16x32", "--strength", "0.5", "--device", "cpu"])
+               "--upscale-from", "16x32", "--strength", "0.5", "--skip-residual", "3", "--device", "cpu"])
     assert rc == 0
     from PIL import Image
 

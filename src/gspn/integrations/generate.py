@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -81,6 +82,7 @@ def generate(
     negative_prompt: str | None = None,
     upscale_from: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
     strength: float = 0.6,
+    skip_residual: float = 0.0,
     output_type: str = "pil",
     **call_kwargs: Any,
 ) -> Any:
@@ -89,8 +91,11 @@ def generate(
     With ``upscale_from=(h, w)`` the image is first generated at ``h × w``; its latents are
     upsampled to the target size and refined by img2img at ``strength``. A list of sizes makes a
     progressive chain (first size generated, every later size and the target refined).
-    ``call_kwargs`` go to the pipeline call(s) (e.g. ``prompt_embeds``). Returns the pipeline's
-    ``.images``.
+    ``skip_residual=α > 0`` adds DemoFusion-style skip residuals to each refinement: after every
+    denoising step the latents are blended with the upsampled reference noised to the same
+    timestep, with weight ``((1 + cos(π (T − t) / T)) / 2)^α`` (1 at pure noise, 0 at the end;
+    DemoFusion uses α = 3). ``call_kwargs`` go to the pipeline call(s) (e.g. ``prompt_embeds``).
+    Returns the pipeline's ``.images``.
     """
     device = getattr(pipe, "device", torch.device("cpu"))
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -113,9 +118,33 @@ def generate(
                                 align_corners=False).to(latents.dtype)
         common["generator"] = torch.Generator(device="cpu").manual_seed(seed + stage)
         last = stage == len(sizes) - 1
+        extra = {}
+        if skip_residual > 0:
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + 1000 + stage))
+            blend = _skip_residual(latents.to(device), noise.to(device, latents.dtype), skip_residual)
+            extra = {"callback_on_step_end": blend, "callback_on_step_end_tensor_inputs": ["latents"]}
         latents = img2img(image=latents.to(device), strength=strength,
-                          output_type=output_type if last else "latent", **common).images
+                          output_type=output_type if last else "latent", **common, **extra).images
     return latents
+
+
+def _skip_residual(reference: torch.Tensor, noise: torch.Tensor, alpha: float) -> Any:
+    """A ``callback_on_step_end`` blending the latents with ``reference`` noised to the next timestep."""
+
+    def callback(pipe: Any, step: int, timestep: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
+        timesteps = pipe.scheduler.timesteps
+        where = (timesteps == timestep).nonzero()
+        if len(where) == 0 or int(where[0]) + 1 >= len(timesteps):
+            return kwargs  # the last step: nothing left to blend towards
+        t_next = timesteps[int(where[0]) + 1].reshape(1)
+        total = pipe.scheduler.config.num_train_timesteps
+        weight = ((1 + math.cos(math.pi * (total - float(t_next)) / total)) / 2) ** alpha
+        latents = kwargs["latents"]
+        noised = pipe.scheduler.add_noise(reference, noise, t_next.to(reference.device)).to(latents.dtype)
+        kwargs["latents"] = weight * noised + (1 - weight) * latents
+        return kwargs
+
+    return callback
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -136,6 +165,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="generate at the first size, then upsample the latents and refine (img2img) "
                              "at each further size and the target")
     parser.add_argument("--strength", type=float, default=0.6, help="img2img strength of the upscaling pass")
+    parser.add_argument("--skip-residual", type=float, default=0.0, metavar="ALPHA",
+                        help="DemoFusion-style skip residuals in the upscaling passes (0: off; DemoFusion 3)")
     parser.add_argument("--cross-attn-chunk", type=int, default=4096,
                         help="queries per cross-attention chunk (0: diffusers' default processor)")
     parser.add_argument("--no-vae-tiling", action="store_true")
@@ -166,7 +197,7 @@ def run_generate(args: argparse.Namespace) -> int:
     images = generate(
         pipe, args.prompt, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
         seed=args.seed, negative_prompt=args.negative_prompt, upscale_from=args.upscale_from,
-        strength=args.strength,
+        strength=args.strength, skip_residual=args.skip_residual,
     )
     seconds = time.perf_counter() - start
     out = Path(args.output)
