@@ -352,9 +352,9 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         ref = next(unet.parameters())
         own = next(self.parameters())
         if own.dtype != ref.dtype:
-            self.to(dtype=ref.dtype)
+            nn.Module.to(self, dtype=ref.dtype)  # (ModelMixin.to would warn about fp32 modules: none)
         if own.device != ref.device:
-            self.to(device=ref.device)
+            nn.Module.to(self, device=ref.device)
 
     # ------------------------------------------------------------------ mounting
     @property
