@@ -252,6 +252,16 @@ def test_save_load_round_trip(layout, tmp_path):
     assert torch.equal(run(base, layout, 6, 10), expected)
 
 
+def test_adapter_follows_the_unet_dtype():
+    unet = tiny_unet("sd15").to(torch.bfloat16)
+    adapter = swap_self_attention(unet, d_state=4)
+    assert {p.dtype for p in adapter.parameters()} == {torch.bfloat16}
+    (x, t, emb), _ = unet_inputs("sd15", 6, 10)
+    with torch.no_grad():
+        out = unet(x.bfloat16(), t, emb.bfloat16()).sample
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 4, 6, 10) and torch.isfinite(out).all()
+
+
 def test_chunked_cross_attention_is_exact():
     torch.manual_seed(0)
     attn = Attention(16, cross_attention_dim=CROSS_DIM, heads=2, dim_head=8)
@@ -344,6 +354,11 @@ def test_distill_cli_on_image_folder(saved_pipe, tmp_path, capsys):
     assert summary["step"] == 2 and summary["noise"] > 0  # images: the ground-truth noise term is on
     adapter = GSPNAdapter.from_pretrained(out / "adapter")
     assert adapter.config.chunk_size == 2
+    # continue from the saved adapter in a new run
+    rc = main(["distill", "--model", str(saved_pipe), "--captions", str(folder), "--output-dir",
+               str(tmp_path / "run2"), "--init-adapter", str(out / "adapter"), "--resolution", "16",
+               "--steps", "1", "--device", "cpu"])
+    assert rc == 0 and GSPNAdapter.from_pretrained(tmp_path / "run2" / "adapter").config.chunk_size == 2
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["config"]["gradient_checkpointing"] and state["config"]["captions"] == str(folder)
     assert state["step"] == 2 and {"optimizer", "lr_scheduler", "rng", "trainable"} <= state.keys()
