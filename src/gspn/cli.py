@@ -1,4 +1,4 @@
-"""The ``gspn`` command line: ``gspn train``, ``gspn eval``, ``gspn flops``, ``gspn bench``.
+"""The ``gspn`` command line: ``train``, ``eval``, ``flops``, ``bench``, ``distill``, ``generate``.
 
 Multi-GPU / multi-node training goes through ``torchrun``, e.g.::
 
@@ -266,6 +266,20 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench.add_arguments(sub.add_parser("bench", help=bench.HELP, description=bench.HELP))
 
 
+def _add_diffusers(sub: argparse._SubParsersAction) -> None:
+    from .distill.command import add_distill_arguments, run_distill
+    from .integrations.generate import add_generate_arguments, run_generate
+
+    p = sub.add_parser("distill", help="distil a GSPN-swapped diffusion UNet from the original",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_distill_arguments(p)
+    p.set_defaults(func=run_distill)
+    p = sub.add_parser("generate", help="high-resolution text-to-image with a GSPN adapter",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_generate_arguments(p)
+    p.set_defaults(func=run_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gspn`` argument parser."""
     from . import __version__
@@ -277,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_flops(sub)
     _add_bench(sub)
+    _add_diffusers(sub)
     return parser
 
 

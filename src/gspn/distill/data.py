@@ -1,0 +1,85 @@
+"""Captions (and optionally images) for distillation.
+
+Two sources:
+
+* a text file: one caption per line (blank lines and lines starting with ``#`` are skipped);
+  no images, the trainer then uses Gaussian latents (see :mod:`gspn.distill.trainer`);
+* an image-caption folder: every image (``.png/.jpg/.jpeg/.webp/.bmp``, searched recursively)
+  with a sibling ``<stem>.txt`` caption, or a ``metadata.jsonl`` with ``file_name`` and ``text``
+  fields (the Hugging Face *imagefolder* layout). Images without a caption get an empty one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["CaptionData", "load_captions", "load_image"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class CaptionData:
+    """Captions and, for an image folder, the image path of each caption."""
+
+    captions: list[str]
+    images: list[Path] | None = None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def has_images(self) -> bool:
+        """Whether each caption comes with an image."""
+        return self.images is not None
+
+
+def load_captions(path: str | os.PathLike) -> CaptionData:
+    """Read a caption file or an image-caption folder (see the module docstring)."""
+    path = Path(path)
+    if path.is_file():
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        captions = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not captions:
+            raise ValueError(f"no captions in {path}")
+        return CaptionData(captions)
+    if not path.is_dir():
+        raise FileNotFoundError(f"caption source {path} is neither a file nor a folder")
+    meta = path / "metadata.jsonl"
+    if meta.is_file():
+        images, captions = [], []
+        for line in meta.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                images.append(path / rec["file_name"])
+                captions.append(str(rec.get("text", "")))
+    else:
+        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        captions = []
+        for img in images:
+            txt = img.with_suffix(".txt")
+            captions.append(txt.read_text(encoding="utf-8").strip() if txt.is_file() else "")
+    if not images:
+        raise ValueError(f"no images found in {path}")
+    return CaptionData(captions, images)
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """An image as a ``(3, R, R)`` tensor in ``[-1, 1]``: shorter side resized to ``R``, centre crop."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return data.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1.0

@@ -1,0 +1,435 @@
+r"""Distil a GSPN-swapped Stable Diffusion UNet from the original one.
+
+The *student* is the UNet with every self-attention swapped for GSPN
+(:func:`gspn.integrations.diffusers.swap_self_attention`); the *teacher* is the original UNet,
+frozen. By default only the GSPN parameters train, and the teacher is the **same** UNet run with
+the adapter in teacher mode (the swapped layers fall back to the frozen softmax attention), so no
+second copy of the UNet is held in memory. With ``train_all`` the whole UNet trains and the teacher
+is a frozen copy.
+
+Loss per step, on noisy latents ``x_t`` at uniform random timesteps (the paper's recipe, weights
+configurable)::
+
+    L = w_noise · MSE(student(x_t), target)            # target: ε or v (scheduler's prediction type)
+      + w_out   · MSE(student(x_t), teacher(x_t))
+      + w_feat  · mean_l MSE(student_l(x_t), teacher_l(x_t))   # outputs of each swapped attn1 layer
+
+with the paper's weights ``w_noise = 1, w_out = 0.5, w_feat = 0.5``. The noise term needs real
+images (an image-caption folder); with a caption file only, ``x_0`` is a Gaussian latent and the
+noise term is dropped (the teacher is the only supervision).
+
+Randomness is derived per step from ``(seed, step, rank)``, so a resumed run draws exactly the
+batches, timesteps and noise the uninterrupted run would have. Checkpoints
+(``checkpoint.pt``: trainable weights, optimiser, LR schedule, step, RNG states) are written
+atomically (temporary file + ``os.replace``), and the adapter is saved with ``save_pretrained`` to
+``<output_dir>/adapter`` (directory swapped in atomically).
+
+Multi-GPU: launch with ``torchrun`` or ``accelerate launch`` (both set ``RANK``/``WORLD_SIZE``);
+gradients of the trainable parameters are averaged with ``all_reduce``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..integrations.diffusers import GSPNAdapter, swap_self_attention
+from .data import CaptionData, load_captions, load_image
+
+__all__ = ["DistillConfig", "Distiller", "distill"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class DistillConfig:
+    """Settings of a distillation run (the ``gspn distill`` options)."""
+
+    model: str = ""
+    captions: str = ""
+    output_dir: str = "gspn-distill"
+    resolution: int = 512
+    batch_size: int = 1
+    steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    max_grad_norm: float = 1.0
+    noise_weight: float = 1.0
+    output_weight: float = 0.5
+    feature_weight: float = 0.5
+    caption_dropout: float = 0.0
+    seed: int = 0
+    save_every: int = 500
+    log_every: int = 10
+    resume: bool = True
+    mixed_precision: str = "no"  # no | bf16
+    gradient_checkpointing: bool = False
+    train_all: bool = False
+    device: str | None = None
+    gspn: dict[str, Any] = field(default_factory=dict)  # swap_self_attention options
+
+
+def _dist_info() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save_dir(save: Callable[[Path], None], path: Path) -> None:
+    """``save(tmp_dir)`` then swap ``tmp_dir`` in for ``path`` (the old one is removed after)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_pipeline(model: str, device: torch.device | str = "cpu") -> Any:
+    """A diffusers text-to-image pipeline from a local folder or a hub name (no safety checker).
+
+    Hub names resolve through the local Hugging Face cache; set ``HF_HUB_OFFLINE=1`` to forbid
+    any network access.
+    """
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    return pipe.to(device)
+
+
+class Distiller:
+    """The distillation loop; see the module docstring.
+
+    Args:
+        cfg: the run's settings.
+        pipe: an already-built pipeline (tests, notebooks); otherwise ``cfg.model`` is loaded.
+        data: captions/images; otherwise read from ``cfg.captions``.
+        adapter: start from this adapter (e.g. a previous run's) instead of a fresh swap.
+    """
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        pipe: Any = None,
+        data: CaptionData | None = None,
+        adapter: GSPNAdapter | None = None,
+    ) -> None:
+        from diffusers import DDPMScheduler
+
+        self.cfg = cfg
+        self.rank, self.world, local_rank = _dist_info()
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        if cfg.device:
+            self.device = torch.device(cfg.device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank if self.world > 1 else torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        self.pipe = pipe if pipe is not None else load_pipeline(cfg.model, self.device)
+        self.pipe.to(self.device)
+        self.data = data if data is not None else load_captions(cfg.captions)
+        if not (cfg.output_weight or cfg.feature_weight or (cfg.noise_weight and self.data.has_images)):
+            raise ValueError("every loss term is off (a caption file has no noise term): "
+                             "set --output-weight or --feature-weight")
+        self.unet: nn.Module = self.pipe.unet
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+        self.unet.requires_grad_(False)
+        self.teacher: nn.Module | None = copy.deepcopy(self.unet).eval() if cfg.train_all else None
+        if adapter is not None:
+            self.adapter = adapter.mount(self.unet)
+        else:
+            torch.manual_seed(cfg.seed)  # the GSPN initialisation is reproducible
+            self.adapter = swap_self_attention(self.unet, **cfg.gspn)
+        if cfg.train_all:
+            self.unet.requires_grad_(True)
+            self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        else:
+            self.adapter.requires_grad_(True)
+            self.params = list(self.adapter.parameters())
+        self.unet.train()
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+        self._feats: dict[str, torch.Tensor] | None = None
+        self._handles = []
+        self._feature_hooks()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            span = max(1, cfg.steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+        return 1.0
+
+    def _feature_hooks(self) -> None:
+        if not self.cfg.feature_weight:
+            return
+        layers = self.adapter.layer_modules()
+        modules = dict(layers)
+        if self.teacher is not None:
+            modules.update({f"teacher:{p}": self.teacher.get_submodule(p) for p in layers})
+
+        def make(name: str) -> Callable[..., None]:
+            key = name.removeprefix("teacher:")
+
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                if self._feats is not None:
+                    self._feats[key] = output
+
+            return hook
+
+        for name, module in modules.items():
+            self._handles.append(module.register_forward_hook(make(name)))
+
+    def close(self) -> None:
+        """Remove the feature hooks (the adapter stays mounted)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # ------------------------------------------------------------------ data
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.cfg.seed, step, self.rank)) & 0x7FFF_FFFF_FFFF)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Text embeddings (and SD-XL's added conditions) for ``prompts``."""
+        out = self.pipe.encode_prompt(
+            prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        embeds = out[0]
+        added = None
+        if getattr(self.unet.config, "addition_embed_type", None) == "text_time":
+            pooled = out[2]
+            res = self.cfg.resolution
+            time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=embeds.dtype, device=self.device)
+            added = {"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), -1)}
+        return embeds, added
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latents at the training resolution."""
+        factor = getattr(self.pipe, "vae_scale_factor", 8)
+        side = self.cfg.resolution // factor
+        return int(self.unet.config.in_channels), side, side
+
+    @torch.no_grad()
+    def make_batch(self, step: int) -> dict[str, Any]:
+        """The batch of ``step`` (deterministic in ``(seed, step, rank)``)."""
+        cfg, gen = self.cfg, self._generator(step)
+        idx = torch.randint(len(self.data), (cfg.batch_size,), generator=gen).tolist()
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+        prompts = ["" if d else self.data.captions[i] for i, d in zip(idx, drop.tolist(), strict=True)]
+        shape = (cfg.batch_size, *self.latent_shape())
+        if self.data.has_images:
+            vae = self.pipe.vae
+            images = torch.stack([load_image(self.data.images[i], cfg.resolution) for i in idx])
+            dist_ = vae.encode(images.to(self.device, vae.dtype)).latent_dist
+            eps = torch.randn(dist_.mean.shape, generator=gen).to(self.device, dist_.mean.dtype)
+            latents = (dist_.mean + dist_.std * eps) * vae.config.scaling_factor
+            latents = latents.float()
+        else:
+            latents = torch.randn(shape, generator=gen).to(self.device)
+        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        num_t = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, num_t, (cfg.batch_size,), generator=gen).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        embeds, added = self.encode_prompts(prompts)
+        return {"noisy": noisy, "t": t, "target": target, "embeds": embeds, "added": added,
+                "real": self.data.has_images}
+
+    # ------------------------------------------------------------------ loss
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.mixed_precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The distillation loss of ``batch`` and its parts (floats)."""
+        cfg = self.cfg
+        args = (batch["noisy"], batch["t"], batch["embeds"])
+        kwargs = {"added_cond_kwargs": batch["added"]} if batch["added"] is not None else {}
+        need_teacher = bool(cfg.output_weight or cfg.feature_weight)
+        teacher_feats: dict[str, torch.Tensor] = {}
+        teacher_out = None
+        with self._autocast():
+            if need_teacher:
+                self._feats = teacher_feats
+                with torch.no_grad():
+                    if self.teacher is not None:
+                        teacher_out = self.teacher(*args, **kwargs).sample
+                    else:
+                        with self.adapter.teacher_mode():
+                            teacher_out = self.unet(*args, **kwargs).sample
+            student_feats: dict[str, torch.Tensor] = {}
+            self._feats = student_feats
+            out = self.unet(*args, **kwargs).sample
+            self._feats = None
+        out = out.float()
+        parts: dict[str, torch.Tensor] = {}
+        if cfg.noise_weight and batch["real"]:
+            parts["noise"] = F.mse_loss(out, batch["target"].float())
+        if cfg.output_weight:
+            parts["output"] = F.mse_loss(out, teacher_out.float())
+        if cfg.feature_weight and student_feats:
+            parts["feature"] = torch.stack(
+                [F.mse_loss(student_feats[k].float(), teacher_feats[k].float()) for k in student_feats]
+            ).mean()
+        weights = {"noise": cfg.noise_weight, "output": cfg.output_weight, "feature": cfg.feature_weight}
+        loss = sum(weights[k] * v for k, v in parts.items())
+        return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def output_dir(self) -> Path:
+        """Where checkpoints and the adapter go."""
+        return Path(self.cfg.output_dir)
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        module = self.unet if self.cfg.train_all else self.adapter
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+    def save(self) -> None:
+        """Write ``checkpoint.pt`` and ``adapter/`` atomically (rank 0 only)."""
+        if self.rank != 0:
+            return
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step,
+            "trainable": self._trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+            "config": asdict(self.cfg),
+        }
+        _atomic_torch_save(state, out / CHECKPOINT_NAME)
+        _atomic_save_dir(lambda p: self.adapter.save_pretrained(p), out / ADAPTER_DIR)
+
+    def load(self, path: str | os.PathLike | None = None) -> bool:
+        """Resume from ``checkpoint.pt`` (default: in ``output_dir``); returns whether one was found."""
+        path = Path(path) if path is not None else self.output_dir / CHECKPOINT_NAME
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        module = self.unet if self.cfg.train_all else self.adapter
+        module.load_state_dict(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def _sync_grads(self) -> None:
+        if self.world == 1:
+            return
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective instead of one per tensor
+        dist.all_reduce(flat)
+        flat.div_(self.world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step on the batch of the current step; returns the loss parts."""
+        batch = self.make_batch(self.step)
+        loss, parts = self.compute_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._sync_grads()
+        if self.cfg.max_grad_norm:
+            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.step += 1
+        parts["loss"] = float(loss.detach())
+        return parts
+
+    def train(self, log: Callable[[str], None] | None = print) -> list[dict[str, float]]:
+        """Run (or resume) until ``cfg.steps``; returns the per-step loss parts of this call."""
+        cfg = self.cfg
+        if cfg.resume and self.load() and log and self.rank == 0:
+            log(f"resumed from {self.output_dir / CHECKPOINT_NAME} at step {self.step}")
+        history = []
+        start = time.perf_counter()
+        while self.step < cfg.steps:
+            parts = self.train_step()
+            history.append(parts)
+            if log and self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                rate = len(history) / (time.perf_counter() - start)
+                text = " ".join(f"{k}={v:.4g}" for k, v in parts.items())
+                log(f"step {self.step}/{cfg.steps} {text} lr={self.lr_scheduler.get_last_lr()[0]:.3g} "
+                    f"({rate:.2f} it/s)")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save()
+        self.save()
+        return history
+
+
+def distill(
+    cfg: DistillConfig, pipe: Any = None, data: CaptionData | None = None, adapter: GSPNAdapter | None = None
+) -> Distiller:
+    """Build a :class:`Distiller`, train it to ``cfg.steps`` and return it."""
+    distiller = Distiller(cfg, pipe=pipe, data=data, adapter=adapter)
+    distiller.train()
+    return distiller

@@ -1,0 +1,9 @@
+"""Integrations of GSPN with other libraries.
+
+* :mod:`gspn.integrations.diffusers`: GSPN in place of the self-attention of diffusers UNets
+  (extra ``gspn[diffusers]``).
+* :mod:`gspn.integrations.generate`: the ``gspn generate`` high-resolution text-to-image command.
+
+This layer imports :mod:`gspn.ops`, :mod:`gspn.nn` and :mod:`gspn.models` only; the optional
+third-party libraries are imported by the submodules that need them.
+"""

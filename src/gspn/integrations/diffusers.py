@@ -1,0 +1,537 @@
+"""GSPN in place of the self-attention of diffusers UNets (SD-1.5, SD-2, SD-XL layouts).
+
+The integration goes through diffusers' own extension point, the attention *processor*:
+
+* :class:`GSPNAttnProcessor` is a trainable processor (an ``nn.Module``) that replaces the
+  softmax self-attention of one ``attn1`` layer by a :class:`gspn.nn.GSPNAttention` token mixer of
+  the same width whose output projection starts as the layer's ``to_out``.
+* :class:`GSPNAdapter` (a diffusers ``ModelMixin`` + ``ConfigMixin``) owns the processors of a
+  UNet, so ``save_pretrained``/``from_pretrained`` write and read safetensors plus a
+  ``config.json``; :meth:`GSPNAdapter.mount` installs them with ``unet.set_attn_processor`` (only
+  the ``attn1`` entries change; cross-attention stays) and :meth:`GSPNAdapter.unmount` restores
+  the original processors.
+* The UNet does not pass the spatial size to attention. :meth:`GSPNAdapter.mount` therefore
+  registers a forward pre-hook on every ``Transformer2DModel`` that owns a swapped layer: the hook
+  reads ``(H, W)`` off the ``(B, C, H, W)`` map the transformer receives and hands it to its
+  processors. Nothing is guessed from the token count, so any latent shape works, square or not,
+  including sizes never seen in training (GSPN has no positional embedding).
+
+:func:`swap_self_attention` does both steps in one call. :class:`ChunkedAttnProcessor` is an exact,
+memory-frugal softmax attention (queries processed in chunks) for the remaining cross-attention
+at very high resolution; :func:`enable_chunked_cross_attention` installs it on every layer that
+is not a GSPN layer.
+
+Example:
+    >>> from diffusers import UNet2DConditionModel  # doctest: +SKIP
+    >>> adapter = swap_self_attention(unet, d_state=8)  # doctest: +SKIP
+    >>> adapter.save_pretrained("gspn-adapter")  # doctest: +SKIP
+    >>> GSPNAdapter.from_pretrained("gspn-adapter").mount(pipe)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ..nn import GSPNAttention
+
+__all__ = [
+    "ChunkedAttnProcessor",
+    "GSPNAdapter",
+    "GSPNAttnProcessor",
+    "enable_chunked_cross_attention",
+    "find_self_attention",
+    "get_unet",
+    "swap_self_attention",
+]
+
+_PROC_SUFFIX = ".processor"
+
+
+def get_unet(pipe_or_unet: Any) -> nn.Module:
+    """The UNet of a pipeline (its ``.unet``), or the argument itself if it is the UNet."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
+        raise TypeError(
+            f"expected a diffusers UNet or a pipeline with a .unet, got {type(pipe_or_unet).__name__}"
+        )
+    return unet
+
+
+def find_self_attention(unet: nn.Module) -> list[str]:
+    """Processor keys (``"...attn1.processor"``) of every self-attention layer of ``unet``.
+
+    A layer qualifies when its name ends in ``attn1`` and it is not a cross-attention layer
+    (diffusers' ``Attention.is_cross_attention``). Order: ``unet.attn_processors`` order.
+    """
+    names = []
+    for key in get_unet(unet).attn_processors:
+        path = key[: -len(_PROC_SUFFIX)]
+        if not path.endswith("attn1"):
+            continue
+        attn = unet.get_submodule(path)
+        if isinstance(attn, Attention) and not attn.is_cross_attention:
+            names.append(key)
+    return names
+
+
+class GSPNAttnProcessor(nn.Module):
+    r"""A trainable diffusers attention processor: GSPN instead of softmax self-attention.
+
+    ::
+
+        tokens (B, H·W, C) → GSPNAttention(C) on the (H, W) grid → + bias → dropout
+
+    The mixer's own output projection plays the part of the host's ``to_out`` (one ``C × C``
+    matmul, not two); only a host whose output width differs from ``C`` gets an extra
+    ``to_out`` linear ``C → out_dim``.
+
+    The group/spatial norms, ``residual_connection`` and ``rescale_output_factor`` of the host
+    ``Attention`` are honoured as in diffusers' reference processor; ``to_q``/``to_k``/``to_v``
+    of the host are not used (the paper's "pure" mode). ``(H, W)`` comes from :attr:`hw`, which the
+    adapter's pre-hook sets before each call; 4-D inputs carry their own grid.
+
+    Args:
+        query_dim: token width ``C`` of the host layer.
+        out_dim: output width of the host layer.
+        out_bias: whether the output projection has a bias (as the host's ``to_out[0]``).
+        d_state, expand, kernel_size, chunk_size, gate_channels, backend: options of
+            :class:`gspn.nn.GSPNAttention`.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        out_dim: int | None = None,
+        out_bias: bool = True,
+        *,
+        d_state: int = 8,
+        expand: float = 1.0,
+        kernel_size: int = 3,
+        chunk_size: int | None = None,
+        gate_channels: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        out_dim = query_dim if out_dim is None else out_dim
+        self.mixer = GSPNAttention(
+            query_dim, d_state=d_state, expand=expand, kernel_size=kernel_size, chunk_size=chunk_size,
+            gate_channels=gate_channels, backend=backend,
+        )
+        if out_dim == query_dim:
+            self.to_out: nn.Linear | None = None
+            self.out_bias = nn.Parameter(torch.zeros(out_dim)) if out_bias else None
+        else:
+            self.to_out = nn.Linear(query_dim, out_dim, bias=out_bias)
+            self.out_bias = None
+        self.hw: tuple[int, int] | None = None
+        self.bypass = False  # teacher mode: run the host's own softmax attention instead
+        self._warned_mask = False
+
+    @torch.no_grad()
+    def init_from_attention(self, attn: Attention) -> list[str]:
+        """Initialise from the host layer where the shapes allow; returns what was copied.
+
+        * ``mixer.out_proj`` (and the bias): copied from ``attn.to_out[0]`` — same output subspace
+          and scale as the original layer — when ``d_inner`` equals the host's inner width
+          (``expand=1`` in SD UNets); with a separate ``to_out`` (host output width ≠ ``C``) that
+          one takes the copy and ``mixer.out_proj`` starts as the identity when square;
+        * ``mixer.in_proj``: copied from ``attn.to_v`` when ``d_inner`` equals the host's inner
+          width (GSPN propagates the values, as attention averages them).
+        """
+        copied = []
+        host = attn.to_out[0]
+        mixer = self.mixer
+        if self.to_out is None:
+            if host.weight.shape == mixer.out_proj.weight.shape:
+                mixer.out_proj.weight.copy_(host.weight)
+                copied.append("out_proj")
+            if self.out_bias is not None and host.bias is not None and copied:
+                self.out_bias.copy_(host.bias)
+                copied.append("out_bias")
+        else:
+            if host.weight.shape == self.to_out.weight.shape:
+                self.to_out.weight.copy_(host.weight)
+                if self.to_out.bias is not None and host.bias is not None:
+                    self.to_out.bias.copy_(host.bias)
+                copied.append("to_out")
+            if mixer.out_proj.weight.shape[0] == mixer.out_proj.weight.shape[1]:
+                mixer.out_proj.weight.copy_(torch.eye(mixer.out_proj.weight.shape[0]))
+                copied.append("out_proj=identity")
+        if attn.to_v.weight.shape == mixer.in_proj.weight.shape:
+            mixer.in_proj.weight.copy_(attn.to_v.weight)
+            copied.append("in_proj")
+        return copied
+
+    def __call__(  # type: ignore[override]
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        scale: float | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """diffusers' processor signature. ``scale`` (the legacy LoRA scale) and any other
+        ``cross_attention_kwargs`` are accepted and ignored."""
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def forward(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mix the tokens of ``hidden_states`` (``(B, T, C)`` or ``(B, C, H, W)``) with GSPN."""
+        if self.bypass:
+            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if encoder_hidden_states is not None:
+            raise ValueError("GSPNAttnProcessor replaces self-attention only; got encoder_hidden_states")
+        if attention_mask is not None and not self._warned_mask:
+            warnings.warn("GSPNAttnProcessor ignores attention_mask (GSPN mixes the full grid)", stacklevel=2)
+            self._warned_mask = True
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        hw = self.hw
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            b, c, height, width = hidden_states.shape
+            hw = (height, width)
+            hidden_states = hidden_states.reshape(b, c, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        num_tokens = hidden_states.shape[1]
+        if hw is not None and hw[0] * hw[1] != num_tokens:
+            raise RuntimeError(
+                f"GSPN layer got {num_tokens} tokens but its recorded grid is {hw}; the (H, W) pre-hook "
+                "did not run for this call (is the adapter mounted on this UNet?)"
+            )
+        out = self.mixer(hidden_states, hw=hw)
+        if self.to_out is not None:
+            out = self.to_out(out)
+        elif self.out_bias is not None:
+            out = out + self.out_bias
+        out = attn.to_out[1](out)
+        if four_d:
+            out = out.transpose(1, 2).reshape(residual.shape[0], -1, *hw)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _owner_path(unet: nn.Module, attn_path: str) -> str:
+    """The nearest ancestor of ``attn_path`` that receives ``(B, C, H, W)`` maps (a 2-D transformer)."""
+    parts = attn_path.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:n])
+        module = unet.get_submodule(prefix)
+        if hasattr(module, "is_input_continuous") or type(module).__name__.endswith("Transformer2DModel"):
+            return prefix
+    raise ValueError(f"no 2-D transformer encloses {attn_path}; cannot recover its (H, W)")
+
+
+def _make_hw_hook(procs: list[GSPNAttnProcessor]) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            return  # not a map (e.g. already tokens): leave the grid unset, the processor checks
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        if getattr(module, "is_input_patches", False):
+            patch = int(module.patch_size)
+            height, width = height // patch, width // patch
+        for proc in procs:
+            proc.hw = (height, width)
+
+    return hook
+
+
+@dataclass
+class _Mount:
+    unet: nn.Module
+    originals: dict[str, Any]
+    handles: list[Any] = field(default_factory=list)
+
+
+class GSPNAdapter(ModelMixin, ConfigMixin):
+    """The GSPN processors of one UNet, as a diffusers model (``save_pretrained``/``from_pretrained``).
+
+    Build it with :meth:`from_unet` (or :func:`swap_self_attention`), install it with
+    :meth:`mount`. The config records, per swapped layer, its processor key and widths, plus the
+    GSPN options, so ``from_pretrained`` rebuilds the exact module tree.
+
+    Args:
+        layer_names: processor keys of the swapped layers (``"...attn1.processor"``).
+        query_dims / out_dims / out_biases: per layer, the host's token width, output width and
+            whether its ``to_out`` has a bias.
+        d_state, expand, kernel_size, chunk_size, gate_channels, backend: GSPN options shared by
+            all layers (see :class:`gspn.nn.GSPNAttention`).
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        layer_names: list[str],
+        query_dims: list[int],
+        out_dims: list[int],
+        out_biases: list[bool],
+        d_state: int = 8,
+        expand: float = 1.0,
+        kernel_size: int = 3,
+        chunk_size: int | None = None,
+        gate_channels: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not len(layer_names) == len(query_dims) == len(out_dims) == len(out_biases):
+            raise ValueError("layer_names, query_dims, out_dims and out_biases must have the same length")
+        self.processors = nn.ModuleList(
+            GSPNAttnProcessor(
+                q, o, bool(bias), d_state=d_state, expand=expand, kernel_size=kernel_size,
+                chunk_size=chunk_size, gate_channels=gate_channels, backend=backend,
+            )
+            for q, o, bias in zip(query_dims, out_dims, out_biases, strict=True)
+        )
+        self._mount: _Mount | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_unet(
+        cls,
+        unet: Any,
+        *,
+        d_state: int = 8,
+        expand: float = 1.0,
+        kernel_size: int = 3,
+        chunk_size: int | None = None,
+        gate_channels: int | None = None,
+        backend: str = "auto",
+        init_from_attention: bool = True,
+    ) -> GSPNAdapter:
+        """An adapter with one GSPN processor per self-attention layer of ``unet`` (not mounted).
+
+        With ``init_from_attention`` each processor copies what fits from its layer (see
+        :meth:`GSPNAttnProcessor.init_from_attention`). The adapter gets the UNet's device and dtype.
+        """
+        unet = get_unet(unet)
+        names = find_self_attention(unet)
+        if not names:
+            raise ValueError("the UNet has no self-attention (attn1) layers")
+        attns = [unet.get_submodule(n[: -len(_PROC_SUFFIX)]) for n in names]
+        adapter = cls(
+            layer_names=names,
+            query_dims=[int(a.query_dim) for a in attns],
+            out_dims=[int(a.to_out[0].out_features) for a in attns],
+            out_biases=[a.to_out[0].bias is not None for a in attns],
+            d_state=d_state, expand=expand, kernel_size=kernel_size, chunk_size=chunk_size,
+            gate_channels=gate_channels, backend=backend,
+        )
+        adapter._follow(unet)
+        if init_from_attention:
+            for proc, attn in zip(adapter.processors, attns, strict=True):
+                proc.init_from_attention(attn)
+        return adapter
+
+    def _follow(self, unet: nn.Module) -> None:
+        """Move to the device and dtype of ``unet`` (only what differs)."""
+        ref = next(unet.parameters())
+        own = next(self.parameters())
+        if own.dtype != ref.dtype:
+            nn.Module.to(self, dtype=ref.dtype)  # (ModelMixin.to would warn about fp32 modules: none)
+        if own.device != ref.device:
+            nn.Module.to(self, device=ref.device)
+
+    # ------------------------------------------------------------------ mounting
+    @property
+    def mounted_unet(self) -> nn.Module | None:
+        """The UNet the adapter is mounted on, or ``None``."""
+        return None if self._mount is None else self._mount.unet
+
+    def mount(self, pipe_or_unet: Any) -> GSPNAdapter:
+        """Install the GSPN processors into a pipeline's UNet (or a UNet); returns ``self``.
+
+        Only the adapter's ``attn1`` entries of ``unet.attn_processors`` change; the others are
+        passed back unchanged through ``set_attn_processor``. The adapter is moved to the UNet's
+        device and dtype, and one ``(H, W)`` pre-hook is registered per owning 2-D transformer.
+        Mounting on a second UNet unmounts from the first.
+        """
+        unet = get_unet(pipe_or_unet)
+        if self._mount is not None:
+            if self._mount.unet is unet:
+                return self
+            self.unmount()
+        current = unet.attn_processors
+        names = list(self.config.layer_names)
+        missing = [n for n in names if n not in current]
+        if missing:
+            raise ValueError(
+                f"the UNet has no attention layers {missing[:3]}... (adapter built for another UNet?)"
+            )
+        for name, qdim in zip(names, self.config.query_dims, strict=True):
+            attn = unet.get_submodule(name[: -len(_PROC_SUFFIX)])
+            if int(attn.query_dim) != qdim:
+                raise ValueError(f"{name}: the UNet layer has width {attn.query_dim}, the adapter {qdim}")
+        foreign = [n for n in names if isinstance(current[n], GSPNAttnProcessor)]
+        if foreign:
+            raise ValueError(
+                f"{foreign[0]} already has a GSPN processor from another adapter; unmount that one first"
+            )
+        self._follow(unet)
+        originals = {n: current[n] for n in names}
+        new = dict(current)
+        new.update(zip(names, self.processors, strict=True))
+        unet.set_attn_processor(new)
+        mount = _Mount(unet, originals)
+        groups: dict[str, list[GSPNAttnProcessor]] = {}
+        for name, proc in zip(names, self.processors, strict=True):
+            groups.setdefault(_owner_path(unet, name[: -len(_PROC_SUFFIX)]), []).append(proc)
+        for owner, procs in groups.items():
+            hook = _make_hw_hook(procs)
+            mount.handles.append(unet.get_submodule(owner).register_forward_pre_hook(hook, with_kwargs=True))
+        self._mount = mount
+        return self
+
+    def unmount(self) -> None:
+        """Restore the original processors of the mounted UNet and remove the hooks (no-op if unmounted)."""
+        mount, self._mount = self._mount, None
+        if mount is None:
+            return
+        for handle in mount.handles:
+            handle.remove()
+        current = mount.unet.attn_processors
+        current.update(mount.originals)
+        mount.unet.set_attn_processor(current)
+        for proc in self.processors:
+            proc.hw = None
+
+    @contextlib.contextmanager
+    def teacher_mode(self) -> Iterator[None]:
+        """Within the context the mounted layers run the original softmax attention (with the
+        host's frozen ``to_q/k/v/out``), so one UNet serves as both teacher and student."""
+        for proc in self.processors:
+            proc.bypass = True
+        try:
+            yield
+        finally:
+            for proc in self.processors:
+                proc.bypass = False
+
+    def layer_modules(self) -> dict[str, nn.Module]:
+        """The mounted UNet's host ``Attention`` modules by layer path (for feature hooks)."""
+        if self._mount is None:
+            raise RuntimeError("the adapter is not mounted")
+        unet = self._mount.unet
+        paths = [n[: -len(_PROC_SUFFIX)] for n in self.config.layer_names]
+        return {p: unet.get_submodule(p) for p in paths}
+
+
+def swap_self_attention(pipe_or_unet: Any, **gspn_options: Any) -> GSPNAdapter:
+    """Replace every self-attention (``attn1``) of a UNet by GSPN; returns the mounted adapter.
+
+    ``gspn_options`` go to :meth:`GSPNAdapter.from_unet` (``d_state``, ``expand``,
+    ``kernel_size``, ``chunk_size``, ``gate_channels``, ``backend``, ``init_from_attention``).
+    Cross-attention layers keep their processors. ``adapter.unmount()`` undoes the swap.
+    """
+    return GSPNAdapter.from_unet(pipe_or_unet, **gspn_options).mount(pipe_or_unet)
+
+
+class ChunkedAttnProcessor:
+    """Exact softmax attention computed over chunks of ``chunk_tokens`` queries.
+
+    Peak memory of the score matrix is ``heads · chunk_tokens · keys`` instead of
+    ``heads · queries · keys``: with the 77 text tokens of cross-attention the memory no longer
+    grows with the number of latent positions beyond the activations themselves.
+    """
+
+    def __init__(self, chunk_tokens: int = 4096) -> None:
+        if chunk_tokens <= 0:
+            raise ValueError("chunk_tokens must be positive")
+        self.chunk_tokens = chunk_tokens
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        scale: float | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """diffusers' processor signature; extra keyword arguments are ignored."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, height * width).transpose(1, 2)
+        batch, _, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        key_len = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        outs = []
+        num_q = hidden_states.shape[1]
+        for start in range(0, num_q, self.chunk_tokens):
+            chunk = hidden_states[:, start : start + self.chunk_tokens]
+            query = attn.to_q(chunk).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            mask = attention_mask
+            if mask is not None and mask.shape[-2] == num_q:
+                mask = mask[..., start : start + self.chunk_tokens, :]
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            outs.append(attn.to_out[1](attn.to_out[0](out)))
+        hidden_states = torch.cat(outs, dim=1)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def enable_chunked_cross_attention(pipe_or_unet: Any, chunk_tokens: int = 4096) -> int:
+    """Give every attention layer that is not a GSPN layer a :class:`ChunkedAttnProcessor`.
+
+    Use it instead of ``pipe.enable_attention_slicing()``, which would also replace the GSPN
+    processors. Returns the number of layers changed.
+    """
+    unet = get_unet(pipe_or_unet)
+    procs = unet.attn_processors
+    changed = 0
+    for name, proc in procs.items():
+        if not isinstance(proc, GSPNAttnProcessor):
+            procs[name] = ChunkedAttnProcessor(chunk_tokens)
+            changed += 1
+    unet.set_attn_processor(procs)
+    return changed

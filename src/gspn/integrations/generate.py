@@ -1,0 +1,226 @@
+"""High-resolution text-to-image with a GSPN-swapped UNet (``gspn generate``).
+
+``python -m gspn.integrations.generate --prompt "a lighthouse" --height 2048 --width 4096 \\
+--adapter runs/sd15-gspn/adapter --model stable-diffusion-v1-5/stable-diffusion-v1-5``
+
+What makes large sizes fit:
+
+* the swapped self-attention is GSPN, linear in the number of latent positions;
+* the remaining cross-attention runs through :class:`~gspn.integrations.diffusers.ChunkedAttnProcessor`
+  (exact softmax over chunks of queries; diffusers' ``enable_attention_slicing`` is *not* used
+  because it would also replace the GSPN processors);
+* the VAE decodes in tiles (``vae.enable_tiling()``).
+
+Optional low→high path (``--upscale-from HxW [HxW ...]``): generate at the first size, then for
+each further size and finally the target, upsample the latents bicubically and refine them with the
+img2img pipeline built from the same components (``--strength`` of the re-noising), as the paper's
+progressive high-resolution scripts do (e.g. 512 → 1K → 2K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "add_generate_arguments",
+    "generate",
+    "main",
+    "prepare_pipeline",
+    "run_generate",
+]
+
+
+def _size(s: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in s.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, got {s!r}") from None
+    return h, w
+
+
+def prepare_pipeline(
+    pipe: Any,
+    adapter: Any = None,
+    *,
+    cross_attention_chunk: int | None = 4096,
+    vae_tiling: bool = True,
+) -> Any:
+    """Mount ``adapter`` (a :class:`GSPNAdapter`, a path to one, or ``None``) and set up a pipeline
+    for large sizes (chunked cross-attention, tiled VAE decoding). Returns ``pipe``."""
+    from .diffusers import GSPNAdapter, enable_chunked_cross_attention
+
+    if isinstance(adapter, (str, Path)):
+        adapter = GSPNAdapter.from_pretrained(str(adapter))
+    if adapter is not None:
+        adapter.mount(pipe)
+    if cross_attention_chunk:
+        enable_chunked_cross_attention(pipe, cross_attention_chunk)
+    if vae_tiling and getattr(pipe, "vae", None) is not None and hasattr(pipe.vae, "enable_tiling"):
+        pipe.vae.enable_tiling()
+    return pipe
+
+
+def generate(
+    pipe: Any,
+    prompt: str | list[str],
+    *,
+    height: int,
+    width: int,
+    steps: int = 30,
+    guidance: float = 7.5,
+    seed: int = 0,
+    negative_prompt: str | None = None,
+    upscale_from: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
+    strength: float = 0.6,
+    skip_residual: float = 0.0,
+    output_type: str = "pil",
+    **call_kwargs: Any,
+) -> Any:
+    """Images of ``height × width`` from a prepared pipeline (see :func:`prepare_pipeline`).
+
+    With ``upscale_from=(h, w)`` the image is first generated at ``h × w``; its latents are
+    upsampled to the target size and refined by img2img at ``strength``. A list of sizes makes a
+    progressive chain (first size generated, every later size and the target refined).
+    ``skip_residual=α > 0`` adds DemoFusion-style skip residuals to each refinement: after every
+    denoising step the latents are blended with the upsampled reference noised to the same
+    timestep, with weight ``((1 + cos(π (T − t) / T)) / 2)^α`` (1 at pure noise, 0 at the end;
+    DemoFusion uses α = 3). ``call_kwargs`` go to the pipeline call(s) (e.g. ``prompt_embeds``).
+    Returns the pipeline's ``.images``.
+    """
+    device = getattr(pipe, "device", torch.device("cpu"))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    common = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": gen, **call_kwargs}
+    if negative_prompt is not None:
+        common["negative_prompt"] = negative_prompt
+    if prompt is not None and "prompt_embeds" not in call_kwargs:
+        common["prompt"] = prompt
+    if upscale_from is None:
+        return pipe(height=height, width=width, output_type=output_type, **common).images
+    from diffusers import AutoPipelineForImage2Image
+
+    sizes = [tuple(upscale_from)] if isinstance(upscale_from[0], int) else [tuple(v) for v in upscale_from]
+    sizes.append((height, width))
+    latents = pipe(height=sizes[0][0], width=sizes[0][1], output_type="latent", **common).images
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    for stage, (h, w) in enumerate(sizes[1:], start=1):
+        latents = F.interpolate(latents.float(), size=(h // factor, w // factor), mode="bicubic",
+                                align_corners=False).to(latents.dtype)
+        common["generator"] = torch.Generator(device="cpu").manual_seed(seed + stage)
+        last = stage == len(sizes) - 1
+        extra = {}
+        if skip_residual > 0:
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + 1000 + stage))
+            blend = _skip_residual(latents.to(device), noise.to(device, latents.dtype), skip_residual)
+            extra = {"callback_on_step_end": blend, "callback_on_step_end_tensor_inputs": ["latents"]}
+        latents = img2img(image=latents.to(device), strength=strength,
+                          output_type=output_type if last else "latent", **common, **extra).images
+    return latents
+
+
+def _skip_residual(reference: torch.Tensor, noise: torch.Tensor, alpha: float) -> Any:
+    """A ``callback_on_step_end`` blending the latents with ``reference`` noised to the next timestep."""
+
+    def callback(pipe: Any, step: int, timestep: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
+        timesteps = pipe.scheduler.timesteps
+        where = (timesteps == timestep).nonzero()
+        if len(where) == 0 or int(where[0]) + 1 >= len(timesteps):
+            return kwargs  # the last step: nothing left to blend towards
+        t_next = timesteps[int(where[0]) + 1].reshape(1)
+        total = pipe.scheduler.config.num_train_timesteps
+        weight = ((1 + math.cos(math.pi * (total - float(t_next)) / total)) / 2) ** alpha
+        latents = kwargs["latents"]
+        noised = pipe.scheduler.add_noise(reference, noise, t_next.to(reference.device)).to(latents.dtype)
+        kwargs["latents"] = weight * noised + (1 - weight) * latents
+        return kwargs
+
+    return callback
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``gspn generate`` options to ``parser``; returns it."""
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--height", type=int, default=1024, help="pixels (a multiple of 8·2^levels)")
+    parser.add_argument("--width", type=int, default=1024, help="pixels")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        help="diffusers pipeline folder or hub name (from the local HF cache; "
+                             "HF_HUB_OFFLINE=1 forbids downloads)")
+    parser.add_argument("--adapter", default=None,
+                        help="saved GSPN adapter folder (without it the original attention runs)")
+    parser.add_argument("--upscale-from", type=_size, nargs="+", default=None, metavar="HxW",
+                        help="generate at the first size, then upsample the latents and refine (img2img) "
+                             "at each further size and the target")
+    parser.add_argument("--strength", type=float, default=0.6, help="img2img strength of the upscaling pass")
+    parser.add_argument("--skip-residual", type=float, default=0.0, metavar="ALPHA",
+                        help="DemoFusion-style skip residuals in the upscaling passes (0: off; DemoFusion 3)")
+    parser.add_argument("--cross-attn-chunk", type=int, default=4096,
+                        help="queries per cross-attention chunk (0: diffusers' default processor)")
+    parser.add_argument("--no-vae-tiling", action="store_true")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="auto: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--output", default="gspn.png", help="image path (index appended for several)")
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Run ``gspn generate`` with parsed arguments; returns the exit status."""
+    from diffusers import DiffusionPipeline
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype (FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(
+            args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        ).to(device)
+    prepare_pipeline(pipe, args.adapter, cross_attention_chunk=args.cross_attn_chunk or None,
+                     vae_tiling=not args.no_vae_tiling)
+    start = time.perf_counter()
+    images = generate(
+        pipe, args.prompt, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
+        seed=args.seed, negative_prompt=args.negative_prompt, upscale_from=args.upscale_from,
+        strength=args.strength, skip_residual=args.skip_residual,
+    )
+    seconds = time.perf_counter() - start
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        image.save(path)
+        paths.append(str(path))
+    print(json.dumps({"images": paths, "height": args.height, "width": args.width,
+                      "seconds": round(seconds, 3), "adapter": args.adapter}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m gspn.integrations.generate``."""
+    parser = argparse.ArgumentParser(
+        prog="gspn generate", description="High-resolution text-to-image with a GSPN-swapped UNet.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_generate_arguments(parser)
+    return run_generate(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
