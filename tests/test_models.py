@@ -203,3 +203,15 @@ def test_complexity_table_cli(capsys):
     main(["gspn_t", "gspn_nano", "--img-size", "64", "96"])
     out = capsys.readouterr().out
     assert "gspn_t" in out and "31,510,268" in out and "64x96" in out
+
+
+def test_complexity_counts_fused_attention_layers():
+    # nn.TransformerEncoderLayer takes a fused fast path in eval mode that FlopCounterMode cannot see
+    from gspn.models.complexity import complexity
+
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+    macs = complexity(layer, input_size=(10, 32))["macs"]
+    projections = 10 * (4 * 32 * 32 + 2 * 32 * 64)  # q, k, v, out + two MLP linears
+    # (torch's FlopCounterMode has no formula for the CPU flash-attention kernel, so the 2·T²·D of
+    # the attention itself may be missing on CPU)
+    assert projections <= macs <= projections + 2 * 10 * 10 * 32

@@ -53,12 +53,17 @@ def complexity(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batc
         device, dtype = torch.device("cpu"), torch.get_default_dtype()
     x = torch.zeros(batch, *input_size, device=device, dtype=dtype)
     was_training = model.training
+    # nn.MultiheadAttention / nn.TransformerEncoderLayer would otherwise take their fused inference
+    # fast path in eval mode, whose single op FlopCounterMode does not count.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     by_op = {_op_name(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     scan = sum(n for name, n in by_op.items() if name.split(".")[0] == _SCAN_NAMESPACE)
     dense = sum(n for name, n in by_op.items() if name.split(".")[0] != _SCAN_NAMESPACE) // 2
