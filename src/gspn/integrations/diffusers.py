@@ -203,17 +203,8 @@ class GSPNAttnProcessor(nn.Module):
         if attention_mask is not None and not self._warned_mask:
             warnings.warn("GSPNAttnProcessor ignores attention_mask (GSPN mixes the full grid)", stacklevel=2)
             self._warned_mask = True
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        hw = self.hw
-        four_d = hidden_states.ndim == 4
-        if four_d:
-            b, c, height, width = hidden_states.shape
-            hw = (height, width)
-            hidden_states = hidden_states.reshape(b, c, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states, residual, grid = _tokens_in(attn, hidden_states, temb)
+        hw = grid if grid is not None else self.hw
         num_tokens = hidden_states.shape[1]
         if hw is not None and hw[0] * hw[1] != num_tokens:
             raise RuntimeError(
@@ -225,12 +216,38 @@ class GSPNAttnProcessor(nn.Module):
             out = self.to_out(out)
         elif self.out_bias is not None:
             out = out + self.out_bias
-        out = attn.to_out[1](out)
-        if four_d:
-            out = out.transpose(1, 2).reshape(residual.shape[0], -1, *hw)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return _tokens_out(attn, attn.to_out[1](out), residual, grid)
+
+
+def _tokens_in(
+    attn: Attention, hidden_states: torch.Tensor, temb: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
+    """diffusers' processor prologue: spatial norm, ``(B, C, H, W) → (B, H·W, C)``, group norm.
+
+    Returns ``(tokens, residual, grid)``; ``grid`` is ``(H, W)`` for a 4-D input, else ``None``.
+    """
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    grid = None
+    if hidden_states.ndim == 4:
+        b, c, height, width = hidden_states.shape
+        grid = (height, width)
+        hidden_states = hidden_states.reshape(b, c, height * width).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, residual, grid
+
+
+def _tokens_out(
+    attn: Attention, out: torch.Tensor, residual: torch.Tensor, grid: tuple[int, int] | None
+) -> torch.Tensor:
+    """diffusers' processor epilogue: back to ``(B, C, H, W)`` if needed, residual, output rescale."""
+    if grid is not None:
+        out = out.transpose(1, 2).reshape(out.shape[0], -1, *grid)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
 
 
 def _owner_path(unet: nn.Module, attn_path: str) -> str:
@@ -474,20 +491,12 @@ class ChunkedAttnProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         """diffusers' processor signature; extra keyword arguments are ignored."""
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, height * width).transpose(1, 2)
+        hidden_states, residual, grid = _tokens_in(attn, hidden_states, temb)
         batch, _, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         key_len = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[1]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
@@ -512,12 +521,7 @@ class ChunkedAttnProcessor:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
             out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
             outs.append(attn.to_out[1](attn.to_out[0](out)))
-        hidden_states = torch.cat(outs, dim=1)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return _tokens_out(attn, torch.cat(outs, dim=1), residual, grid)
 
 
 def enable_chunked_cross_attention(pipe_or_unet: Any, chunk_tokens: int = 4096) -> int:
