@@ -194,3 +194,28 @@ def test_threads_do_not_change_results():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+def test_without_a_compiler_auto_falls_back_and_cpu_explains(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import warnings, torch, gspn
+x = torch.randn(1, 2, 3, 4)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = gspn.ops.line_scan(x, x, x, x, x)
+assert any("falling back" in str(w.message) for w in caught), [str(w.message) for w in caught]
+torch.testing.assert_close(out, gspn.ops.line_scan(x, x, x, x, x, backend="reference"))
+try:
+    gspn.ops.line_scan(x, x, x, x, x, backend="cpu")
+except RuntimeError as e:
+    assert "backend 'cpu'" in str(e) and "compiler" in str(e), str(e)
+else:
+    raise AssertionError("expected a RuntimeError")
+"""
+    env = dict(os.environ, CXX=str(tmp_path / "missing-cxx"), GSPN_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

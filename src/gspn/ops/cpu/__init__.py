@@ -81,9 +81,11 @@ def _load() -> ctypes.CDLL | None:
         if _library is not None or _error is not None:
             return _library
         try:
-            compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+            requested = os.environ.get("CXX")
+            compiler = shutil.which(requested) if requested else (shutil.which("c++") or shutil.which("g++"))
             if compiler is None:
-                raise RuntimeError("no C++ compiler found (install g++ or set $CXX)")
+                wanted = f"$CXX={requested!r}" if requested else "c++ or g++"
+                raise RuntimeError(f"no C++ compiler found ({wanted}); install g++ or set $CXX")
             version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
             key = hashlib.sha256(
                 b"\0".join(s.encode() for s in (_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_signature()))
