@@ -240,12 +240,21 @@ def _param_args(t: torch.Tensor, channels: int) -> tuple[int, int, int]:
     return sb, sc, channels // t.shape[1]
 
 
+def _checked_kernels(*tensors: torch.Tensor) -> ModuleType:
+    """The kernel module, once ``tensors`` (all on one device) are checked (:func:`_check`)."""
+    kernels = _load()
+    assert kernels is not None, unavailable_reason(tensors[0].device)
+    _check(*tensors)
+    return kernels
+
+
 def _geometry(x: torch.Tensor, direction: str, chunk_size: int | None):
+    """Direction, slices ``B·C``, lines, line length, tile size and number of tiles of a scan of ``x``."""
     d = get_direction(direction)
-    _, _, height, width = x.shape
+    batch, channels, height, width = x.shape
     num_lines, line_length = (height, width) if d.vertical else (width, height)
     chunk = min(chunk_size or num_lines, num_lines)
-    return d, num_lines, line_length, chunk, _cdiv(num_lines, chunk)
+    return d, batch * channels, num_lines, line_length, chunk, _cdiv(num_lines, chunk)
 
 
 def _launch_register(kernel, grid, args: tuple, kwargs: dict[str, Any], cfg: dict[str, Any], device) -> bool:
@@ -305,12 +314,9 @@ def scan(
             a strided view (e.g. ``out[:, k]`` of a ``(B, 4, C, H, W)`` buffer). Every (H, W) plane
             dense row-major; any mix of the supported dtypes.
     """
-    kernels = _load()
-    assert kernels is not None, unavailable_reason(x.device)
-    _check(x, lam, w_left, w_mid, w_right, out)
-    batch, channels, _, width = x.shape
-    d, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
-    slices = batch * channels
+    kernels = _checked_kernels(x, lam, w_left, w_mid, w_right, out)
+    channels, width = x.shape[1], x.shape[3]
+    d, slices, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
     acc_torch, acc = _acc_dtype(out)
     state_in_out = out.dtype == acc_torch
     strides = (
@@ -368,12 +374,9 @@ def scan_backward(
     ``normalize``). The kernels write dense buffers directly; a strided buffer (one direction of a
     ``(B, 4, C, H, W)`` gradient) is filled through a dense temporary.
     """
-    kernels = _load()
-    assert kernels is not None, unavailable_reason(x.device)
-    _check(grad, h, x, lam, w_left, w_mid, w_right, dx)
-    batch, channels, height, width = x.shape
-    d, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
-    slices = batch * channels
+    kernels = _checked_kernels(grad, h, x, lam, w_left, w_mid, w_right, dx)
+    _, channels, height, width = x.shape
+    d, slices, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
     acc_torch, acc = _acc_dtype(grad, h, x, lam, w_left, w_mid, w_right, dx)
     grads = tuple(d if d.is_contiguous() else torch.empty_like(d, memory_format=torch.contiguous_format)
                   for d in d_params)
