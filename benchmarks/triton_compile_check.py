@@ -3,9 +3,8 @@ their resource use.
 
 Usage::
 
-    python benchmarks/triton_compile_check.py              # sm_90 (H100/H200), main variants
+    python benchmarks/triton_compile_check.py              # sm_90 (H100/H200)
     python benchmarks/triton_compile_check.py --arch 80    # A100
-    python benchmarks/triton_compile_check.py --all        # also the experimental column kernels
     python benchmarks/triton_compile_check.py --quick      # two builds (used by the test suite)
 
 Triton compiles ahead of time with the ``ptxas`` shipped in its wheel, so this runs on a machine
@@ -42,10 +41,6 @@ MAIN = [
     ("line_scan_bwd_reg_kernel", 1, 1024, 8),
     ("line_scan_fwd_kernel", 1, 1024, 4),
     ("line_scan_bwd_kernel", 1, 1024, 4),
-]
-COLUMNS = [
-    ("line_scan_fwd_cols_kernel", 1, 1024, 16),
-    ("line_scan_bwd_cols_kernel", 1, 1024, 16),
 ]
 QUICK = [("line_scan_fwd_reg_kernel", 1, 128, 4), ("line_scan_bwd_kernel", 1, 128, 4)]
 
@@ -84,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--all", action="store_true", help="also the experimental column-tile kernels")
     parser.add_argument("--quick", action="store_true", help="two kernels, one configuration each")
     args = parser.parse_args(argv)
 
@@ -98,21 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     kernels = importlib.import_module("gspn.ops.triton._kernels")
     target = GPUTarget("cuda", args.arch, 32)
-    cases = QUICK if args.quick else MAIN + (COLUMNS if args.all else [])
+    cases = QUICK if args.quick else MAIN
     print(f"triton {triton.__version__}, target sm_{args.arch}, data pointers *{args.dtype}")
     failures = 0
     for name, block_s, block_p, num_warps in cases:
         fn = getattr(kernels, name)
         for vertical in (False,) if args.quick else (True, False):
-            if "cols" in name and vertical:
-                continue
             for normalize in (True,) if args.quick else (False, True):
-                consts = {"REVERSE": False, "NORMALIZE": normalize, "ACC": tl.float32,
+                consts = {"VERTICAL": vertical, "REVERSE": False, "NORMALIZE": normalize, "ACC": tl.float32,
                           "BLOCK_S": block_s, "BLOCK_P": block_p}
-                if "cols" in name:
-                    consts["TILE_K"] = 8
-                else:
-                    consts["VERTICAL"] = vertical
                 if "bwd" in name:
                     consts["ACCUMULATE_DX"] = True
                 elif name == "line_scan_fwd_kernel":

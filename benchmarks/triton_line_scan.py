@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=None, help="local GSPN tile size (default: global)")
     parser.add_argument("--quick", action="store_true", help="short timing, first direction only")
     parser.add_argument("--kernels", default="auto",
-                        help="comma-separated Triton kernel variants to time: auto, register, memory, "
-                        "columns (default auto)")
+                        help="comma-separated Triton kernel variants to time: auto, register, memory "
+                        "(default auto)")
     parser.add_argument("--no-baseline", action="store_true", help="do not time the per-line baseline")
     parser.add_argument("--baseline-max-numel", type=int, default=1 << 28,
                         help="skip the baseline above this many input elements (default 2^28)")

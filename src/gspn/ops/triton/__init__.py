@@ -49,7 +49,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _kernel_module: ModuleType | None = None
 _import_error: str | None = None
 _overrides: dict[str, Any] = {}
-# Line blocks (BLOCK_P) for which the register/columns variants failed on this GPU (then: memory),
+# Line blocks (BLOCK_P) for which the register variant failed on this GPU (then: memory),
 # and those that only compiled without software pipelining.
 _register_broken: set[int] = set()
 _no_pipelining: set[int] = set()
@@ -61,8 +61,6 @@ _GPU_MAX_BLOCK_P = 1024
 # in the PTX), so num_stages stays 1; the forward register kernel prefetches one line by hand.
 _GPU_MAX_REG_BLOCK_P = 1024
 _GPU_NUM_STAGES = 1
-_GPU_TILE_K = 8
-_INTERP_TILE_K = 4
 _GPU_MAX_TILE = 2048
 _INTERP_MAX_BLOCK_P = 256
 _INTERP_MAX_TILE = 4096
@@ -105,17 +103,17 @@ def unavailable_reason(device: torch.device | str) -> str:
     return ""
 
 
-_LAUNCH_KEYS = {"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages", "tile_k"}
-_KERNELS = ("auto", "register", "memory", "columns")
+_LAUNCH_KEYS = {"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages"}
+_KERNELS = ("auto", "register", "memory")
 
 
 @contextlib.contextmanager
 def launch_overrides(**values: Any) -> Iterator[None]:
     """Force launch parameters for the calls inside the ``with`` block (tests and experiments).
 
-    Keys: ``kernel`` (``"register"``, ``"memory"`` or ``"columns"``), ``block_s``, ``block_p``,
-    ``chunk_programs``, ``num_warps``, ``num_stages``, ``tile_k``. Lets the CPU tests drive the
-    multi-block line loop and the split over tiles with small shapes.
+    Keys: ``kernel`` (``"register"`` or ``"memory"``), ``block_s``, ``block_p``, ``chunk_programs``,
+    ``num_warps``, ``num_stages``. Lets the CPU tests drive the multi-block line loop and the split
+    over tiles with small shapes.
     """
     unknown = set(values) - _LAUNCH_KEYS
     if unknown:
@@ -142,9 +140,7 @@ def launch_config(
     ``kernel="register"`` (state in registers, whole line in one block) is used when the line fits
     in one block (``P <= 1024`` on a GPU, ``<= 256`` in the interpreter), ``"memory"`` (state
     exchanged through memory, the line looped over in blocks) otherwise. ``GSPN_TRITON_KERNEL``
-    (``register`` / ``memory`` / ``columns``) forces one where possible; ``"columns"``
-    (experimental, only chosen on request) is the register variant with the horizontal directions
-    loading tiles of ``tile_k`` consecutive columns.
+    (``register`` / ``memory``) forces one where possible.
 
     Args:
         slices: ``B·C``.
@@ -155,7 +151,7 @@ def launch_config(
         kernel: force a variant (takes precedence over overrides and the environment).
 
     Returns:
-        ``{"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages", "tile_k"}``.
+        ``{"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages"}``.
     """
     interp = device.type == "cpu"
     max_reg = _INTERP_MAX_BLOCK_P if interp else _GPU_MAX_REG_BLOCK_P
@@ -166,7 +162,7 @@ def launch_config(
     if kernel == "auto":
         whole = _next_pow2(line_length)
         kernel = "register" if whole <= (block_p or max_reg) and whole not in _register_broken else "memory"
-    if kernel in ("register", "columns"):
+    if kernel == "register":
         block_p = _next_pow2(line_length)  # the whole line, whatever was asked
         scratch_floats_per_line = 0
     else:
@@ -176,7 +172,7 @@ def launch_config(
         chunk_programs = 1
         num_warps = 1
     else:
-        max_tile = _GPU_MAX_REG_BLOCK_P if kernel in ("register", "columns") else _GPU_MAX_TILE
+        max_tile = _GPU_MAX_REG_BLOCK_P if kernel == "register" else _GPU_MAX_TILE
         block_s = min(_next_pow2(slices), max(1, max_tile // block_p))
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
         # Smaller slice groups until there are enough programs to fill the GPU.
@@ -193,12 +189,9 @@ def launch_config(
         # the memory variant.
         per_thread = 4 if kernel == "register" else 8
         num_warps = max(4, min(16, block_s * block_p // (32 * per_thread)))
-        if kernel == "columns":  # [block_s, block_p, tile_k] tiles
-            num_warps = min(16, max(4, block_s * block_p * _GPU_TILE_K // 512))
     config: dict[str, Any] = {
         "kernel": kernel, "block_s": block_s, "block_p": block_p, "chunk_programs": chunk_programs,
         "num_warps": num_warps, "num_stages": 1 if interp or block_p in _no_pipelining else _GPU_NUM_STAGES,
-        "tile_k": _INTERP_TILE_K if interp else _GPU_TILE_K,
     }
     config.update({k: v for k, v in _overrides.items() if k not in ("kernel", "block_p")})
     config["chunk_programs"] = max(1, min(config["chunk_programs"], num_chunks, 65535))
@@ -247,24 +240,27 @@ def _param_args(t: torch.Tensor, channels: int) -> tuple[int, int, int]:
     return sb, sc, channels // t.shape[1]
 
 
+def _checked_kernels(*tensors: torch.Tensor) -> ModuleType:
+    """The kernel module, once ``tensors`` (all on one device) are checked (:func:`_check`)."""
+    kernels = _load()
+    assert kernels is not None, unavailable_reason(tensors[0].device)
+    _check(*tensors)
+    return kernels
+
+
 def _geometry(x: torch.Tensor, direction: str, chunk_size: int | None):
+    """Direction, slices ``B·C``, lines, line length, tile size and number of tiles of a scan of ``x``."""
     d = get_direction(direction)
-    _, _, height, width = x.shape
+    batch, channels, height, width = x.shape
     num_lines, line_length = (height, width) if d.vertical else (width, height)
     chunk = min(chunk_size or num_lines, num_lines)
-    return d, num_lines, line_length, chunk, _cdiv(num_lines, chunk)
-
-
-def _merge(flags: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``flags`` updated with ``extra``; keys whose value is ``None`` in ``extra`` are dropped."""
-    merged = {**flags, **extra}
-    return {k: v for k, v in merged.items() if v is not None}
+    return d, batch * channels, num_lines, line_length, chunk, _cdiv(num_lines, chunk)
 
 
 def _launch_register(kernel, grid, args: tuple, kwargs: dict[str, Any], cfg: dict[str, Any], device) -> bool:
-    """Launch a register/columns kernel; ``False`` if it cannot be compiled here (use the memory variant).
+    """Launch a register kernel; ``False`` if it cannot be compiled here (use the memory variant).
 
-    On a GPU, a compilation or resource error (these variants rely on ``tl.gather`` and on the
+    On a GPU, a compilation or resource error (this variant relies on ``tl.gather`` and on the
     software pipeliner, which a Triton version or GPU may not support, and may run out of shared
     memory with pipelining) is retried once without pipelining, then recorded for this line block
     size with a warning. In the interpreter every error propagates.
@@ -318,12 +314,9 @@ def scan(
             a strided view (e.g. ``out[:, k]`` of a ``(B, 4, C, H, W)`` buffer). Every (H, W) plane
             dense row-major; any mix of the supported dtypes.
     """
-    kernels = _load()
-    assert kernels is not None, unavailable_reason(x.device)
-    _check(x, lam, w_left, w_mid, w_right, out)
-    batch, channels, _, width = x.shape
-    d, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
-    slices = batch * channels
+    kernels = _checked_kernels(x, lam, w_left, w_mid, w_right, out)
+    channels, width = x.shape[1], x.shape[3]
+    d, slices, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
     acc_torch, acc = _acc_dtype(out)
     state_in_out = out.dtype == acc_torch
     strides = (
@@ -335,14 +328,11 @@ def scan(
     )
     flags = {"VERTICAL": d.vertical, "REVERSE": d.reverse, "NORMALIZE": normalize, "ACC": acc}
     cfg = launch_config(slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length)
-    if cfg["kernel"] in ("register", "columns"):
+    if cfg["kernel"] == "register":
         grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
-        kernel, extra = kernels.line_scan_fwd_reg_kernel, {}
-        if cfg["kernel"] == "columns" and not d.vertical:
-            kernel, extra = kernels.line_scan_fwd_cols_kernel, {"TILE_K": cfg["tile_k"], "VERTICAL": None}
         args = (x, lam, w_left, w_mid, w_right, out, *strides)
-        kwargs = {**_merge(flags, extra), "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
-        if _launch_register(kernel, grid, args, kwargs, cfg, x.device):
+        kwargs = {**flags, "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
+        if _launch_register(kernels.line_scan_fwd_reg_kernel, grid, args, kwargs, cfg, x.device):
             return out
         cfg = launch_config(
             slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length, kernel="memory"
@@ -384,12 +374,9 @@ def scan_backward(
     ``normalize``). The kernels write dense buffers directly; a strided buffer (one direction of a
     ``(B, 4, C, H, W)`` gradient) is filled through a dense temporary.
     """
-    kernels = _load()
-    assert kernels is not None, unavailable_reason(x.device)
-    _check(grad, h, x, lam, w_left, w_mid, w_right, dx)
-    batch, channels, height, width = x.shape
-    d, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
-    slices = batch * channels
+    kernels = _checked_kernels(grad, h, x, lam, w_left, w_mid, w_right, dx)
+    _, channels, height, width = x.shape
+    d, slices, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
     acc_torch, acc = _acc_dtype(grad, h, x, lam, w_left, w_mid, w_right, dx)
     grads = tuple(d if d.is_contiguous() else torch.empty_like(d, memory_format=torch.contiguous_format)
                   for d in d_params)
@@ -408,13 +395,10 @@ def scan_backward(
         "ACCUMULATE_DX": accumulate_dx, "ACC": acc,
     }
     cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length)
-    if cfg["kernel"] in ("register", "columns"):
+    if cfg["kernel"] == "register":
         grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
-        kernel, extra = kernels.line_scan_bwd_reg_kernel, {}
-        if cfg["kernel"] == "columns" and not d.vertical:
-            kernel, extra = kernels.line_scan_bwd_cols_kernel, {"TILE_K": cfg["tile_k"], "VERTICAL": None}
-        kwargs = {**_merge(flags, extra), "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
-        if _launch_register(kernel, grid, (*args, *strides), kwargs, cfg, x.device):
+        kwargs = {**flags, "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
+        if _launch_register(kernels.line_scan_bwd_reg_kernel, grid, (*args, *strides), kwargs, cfg, x.device):
             _copy_back(grads, d_params)
             return
         cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length, kernel="memory")

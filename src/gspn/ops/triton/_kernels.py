@@ -8,21 +8,121 @@ ones (lines are columns). Reversed directions walk ``i`` downwards. Nothing is f
 transposed in memory.
 
 Each program owns ``BLOCK_S`` slices and a set of tiles (chunks) of the scan axis, and walks the
-lines of each tile in scan order. Three kernel families (forward and adjoint each):
+lines of each tile in scan order. Two kernel families (forward and adjoint each):
 
 * *memory* (``line_scan_fwd_kernel``, ``line_scan_bwd_kernel``): a line is processed in blocks of
   ``BLOCK_P`` positions, so lines of any length work; the state of the previous line is exchanged
   through memory (the output itself when it is float32/float64, else a float32 scratch ping-pong
   buffer) with a block-wide barrier between lines;
-* *register* (``*_reg_kernel``): the whole line is one block and the state stays in registers;
-* *columns* (``*_cols_kernel``, experimental): register kernels for the horizontal directions
-  that load tiles of several consecutive columns.
+* *register* (``*_reg_kernel``): the whole line is one block and the state stays in registers.
+
+Both families share the ``_``-prefixed ``@triton.jit`` helpers below (inlined by the compiler):
+slice and base-offset set-up, line indexing, gate loading and normalisation, and the per-line
+gradient math of the adjoint.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# -------------------------------------------------------------------------------------------------
+# Set-up: slices, strides, base offsets, tiles and lines.
+
+
+@triton.jit
+def _line_strides(W, VERTICAL: tl.constexpr):
+    """``(LINE_STRIDE, POS_STRIDE)`` of a dense ``H × W`` plane: rows for vertical scans, else columns."""
+    if VERTICAL:
+        return W, 1
+    return 1, W
+
+
+@triton.jit
+def _program_setup(S, C, W, VERTICAL: tl.constexpr, BLOCK_S: tl.constexpr):
+    """What every kernel starts from: this program's tile-program index ``pid_c`` and their number,
+    its ``BLOCK_S`` slices ``s`` (int64, grid axis 0), which of them exist, their ``(b, c)``, and
+    the line/position strides."""
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_cprog = tl.num_programs(1)
+    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    line_stride, pos_stride = _line_strides(W, VERTICAL)
+    return pid_c, n_cprog, s, s < S, s // C, s % C, line_stride, pos_stride
+
+
+@triton.jit
+def _slice_base(b, c, stride_b, stride_c):
+    """Element offsets ``[BLOCK_S, 1]`` of the planes ``(b, c)`` of a ``(B, C, H, W)`` tensor."""
+    return (b * stride_b + c * stride_c)[:, None]
+
+
+@triton.jit
+def _param_base(b, c, stride_b, stride_c, chan_div):
+    """Element offsets ``[BLOCK_S, 1]`` of the parameter planes serving image slices ``(b, c)``.
+
+    A batch stride of 0 shares the parameter over the batch; channel ``c`` reads parameter channel
+    ``c // chan_div`` (channel groups).
+    """
+    return (b * stride_b + (c // chan_div) * stride_c)[:, None]
+
+
+@triton.jit
+def _param_bases(
+    b, c,
+    lam_sb, lam_sc, lam_div,
+    wl_sb, wl_sc, wl_div,
+    wm_sb, wm_sc, wm_div,
+    wr_sb, wr_sc, wr_div,
+):
+    """:func:`_param_base` of λ and of the three gates."""
+    return (
+        _param_base(b, c, lam_sb, lam_sc, lam_div),
+        _param_base(b, c, wl_sb, wl_sc, wl_div),
+        _param_base(b, c, wm_sb, wm_sc, wm_div),
+        _param_base(b, c, wr_sb, wr_sc, wr_div),
+    )
+
+
+@triton.jit
+def _tile(chunk, CHUNK, L):
+    """First line and number of lines of tile ``chunk`` (the last tile may be shorter)."""
+    i_lo = chunk * CHUNK
+    return i_lo, tl.minimum(CHUNK, L - i_lo)
+
+
+@triton.jit
+def _line_offsets(i_lo, n, t, line_stride, REVERSE: tl.constexpr):
+    """Element offsets (int64) of scan-order line ``t`` of the tile ``[i_lo, i_lo + n)`` and of the
+    line before it in scan order (the one its state comes from)."""
+    if REVERSE:
+        i = i_lo + n - 1 - t
+        i_prev = i + 1
+    else:
+        i = i_lo + t
+        i_prev = i - 1
+    return i.to(tl.int64) * line_stride, i_prev.to(tl.int64) * line_stride
+
+
+@triton.jit
+def _whole_line(P, s_ok, pos_stride, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Positions of a whole line in one ``[BLOCK_S, BLOCK_P]`` block (register kernels).
+
+    Returns ``p``, the validity mask, the existence of the left/right neighbours, the gather
+    indices of the left/right neighbours, and the element offsets of the positions in a line.
+    """
+    p = tl.arange(0, BLOCK_P)
+    m = s_ok[:, None] & (p < P)[None, :]
+    has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
+    has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
+    idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
+    idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
+    pos = (p.to(tl.int64) * pos_stride)[None, :]
+    return p, m, has_l, has_r, idx_l, idx_r, pos
+
+
+# -------------------------------------------------------------------------------------------------
+# Per-line loads and math.
 
 
 @triton.jit
@@ -50,9 +150,97 @@ def _stabilize(al, am, ar, has_l, has_r):
 
 
 @triton.jit
-def _param_base(b, c, stride_b, stride_c, chan_div):
-    """Element offset of the parameter slice serving image slice ``(b, c)`` (channel groups)."""
-    return b * stride_b + (c // chan_div) * stride_c
+def _forward_gates(al, am, ar, has_l, has_r, NORMALIZE: tl.constexpr):
+    """The gates the forward recurrence uses: the loaded values, or normalised logits."""
+    if NORMALIZE:
+        al, am, ar, _cl, _cm, _cr = _stabilize(al, am, ar, has_l, has_r)
+    return al, am, ar
+
+
+@triton.jit
+def _load_gates(wl_ptr, wm_ptr, wr_ptr, wl_base, wm_base, wr_base, off, mask, ACC: tl.constexpr):
+    """The three gates (or their logits) of one line, as ACC (0 where ``mask`` is off)."""
+    al = tl.load(wl_ptr + wl_base + off, mask=mask, other=0.0).to(ACC)
+    am = tl.load(wm_ptr + wm_base + off, mask=mask, other=0.0).to(ACC)
+    ar = tl.load(wr_ptr + wr_base + off, mask=mask, other=0.0).to(ACC)
+    return al, am, ar
+
+
+@triton.jit
+def _line_inputs(
+    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base, off, m, mg,
+    ACC: tl.constexpr,
+):
+    """x, λ and the three gates of one line (gates masked by ``mg``), as ACC."""
+    xv = tl.load(x_ptr + x_base + off, mask=m, other=0.0).to(ACC)
+    lv = tl.load(lam_ptr + lam_base + off, mask=m, other=0.0).to(ACC)
+    al, am, ar = _load_gates(wl_ptr, wm_ptr, wr_ptr, wl_base, wm_base, wr_base, off, mg, ACC)
+    return xv, lv, al, am, ar
+
+
+@triton.jit
+def _load_neighbours(mid, step, m, has_l, has_r, ACC: tl.constexpr):
+    """``(mid[-step], mid[0], mid[+step])`` of a pointer block under ``m`` and the existence of the
+    left/right neighbours, as ACC (0 where masked off)."""
+    left = tl.load(mid - step, mask=m & has_l, other=0.0).to(ACC)
+    centre = tl.load(mid, mask=m, other=0.0).to(ACC)
+    right = tl.load(mid + step, mask=m & has_r, other=0.0).to(ACC)
+    return left, centre, right
+
+
+@triton.jit
+def _neighbours(left_src, right_src, idx_left, idx_right, has_left, has_right):
+    """``(left_src[..., p-1], right_src[..., p+1])`` (zero past the ends) with a single gather."""
+    both = tl.gather(tl.join(left_src, right_src), tl.join(idx_left, idx_right), axis=1)
+    from_left, from_right = tl.split(both)
+    return tl.where(has_left, from_left, 0.0), tl.where(has_right, from_right, 0.0)
+
+
+@triton.jit
+def _adjoint_line(
+    a, off, prev_off, m, mp, has_l, has_r, pos_stride,
+    h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr,
+    h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base,
+    NORMALIZE: tl.constexpr,
+    ACCUMULATE_DX: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """All gradients of one line from its adjoint state ``a``; returns ``q_k = w_k a`` for the line before.
+
+    Writes ``dx = λ a`` (or ``+=``), ``dλ = x a`` and ``dw_k[l, p] = a[l, p] h[l-1, p+k-1]``; with
+    ``NORMALIZE`` the gate gradients are turned into logit gradients
+    ``w_k (1 - s_k) (dw_k - Σ_j dw_j w_j)``. ``off``/``prev_off``: offsets of this line and of the
+    line before in scan order; ``mp``: ``m`` where this line does not start a tile (its gates and
+    the state before it are used).
+    """
+    xv = tl.load(x_ptr + x_base + off, mask=m, other=0.0).to(ACC)
+    lv = tl.load(lam_ptr + lam_base + off, mask=m, other=0.0).to(ACC)
+    dx = lv * a
+    if ACCUMULATE_DX:
+        dx += tl.load(dx_ptr + dx_base + off, mask=m, other=0.0).to(ACC)
+    tl.store(dx_ptr + dx_base + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    tl.store(dlam_ptr + d_base + off, (xv * a).to(dlam_ptr.dtype.element_ty), mask=m)
+
+    al, am, ar = _load_gates(wl_ptr, wm_ptr, wr_ptr, wl_base, wm_base, wr_base, off, mp, ACC)
+    hl, hm, hr = _load_neighbours(h_ptr + h_base + prev_off, pos_stride, mp, has_l, has_r, ACC)
+    gl = a * hl
+    gm = a * hm
+    gr = a * hr
+    if NORMALIZE:
+        al, am, ar, cl, cm, cr = _stabilize(al, am, ar, has_l, has_r)
+        dot = gl * al + gm * am + gr * ar
+        gl = al * cl * (gl - dot)
+        gm = am * cm * (gm - dot)
+        gr = ar * cr * (gr - dot)
+    tl.store(dwl_ptr + d_base + off, gl.to(dwl_ptr.dtype.element_ty), mask=m)
+    tl.store(dwm_ptr + d_base + off, gm.to(dwm_ptr.dtype.element_ty), mask=m)
+    tl.store(dwr_ptr + d_base + off, gr.to(dwr_ptr.dtype.element_ty), mask=m)
+    return al * a, am * a, ar * a
+
+
+# -------------------------------------------------------------------------------------------------
+# Memory variants: lines of any length, in blocks of BLOCK_P positions; the state of the previous
+# line goes through memory, with a block barrier between lines.
 
 
 @triton.jit
@@ -82,69 +270,38 @@ def line_scan_fwd_kernel(
     ``[i·BLOCK_S, (i+1)·BLOCK_S)`` over the tiles ``j, j + chunk_programs, …``.
     ``state_ptr``: float ``(chunk_programs, S, 2, P)`` scratch, unused if ``STATE_IN_OUT``.
     """
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n_cprog = tl.num_programs(1)
-    if VERTICAL:
-        line_stride = W
-        pos_stride = 1
-    else:
-        line_stride = 1
-        pos_stride = W
-
-    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
-    s_ok = s < S
-    b = s // C
-    c = s % C
-    x_base = (b * x_sb + c * x_sc)[:, None]
-    lam_base = _param_base(b, c, lam_sb, lam_sc, lam_div)[:, None]
-    wl_base = _param_base(b, c, wl_sb, wl_sc, wl_div)[:, None]
-    wm_base = _param_base(b, c, wm_sb, wm_sc, wm_div)[:, None]
-    wr_base = _param_base(b, c, wr_sb, wr_sc, wr_div)[:, None]
-    out_base = (b * out_sb + c * out_sc)[:, None]
+    pid_c, n_cprog, s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
+    x_base = _slice_base(b, c, x_sb, x_sc)
+    lam_base, wl_base, wm_base, wr_base = _param_bases(
+        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    )
+    out_base = _slice_base(b, c, out_sb, out_sc)
     st_base = ((pid_c * S + s) * 2 * P)[:, None]
 
     for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
-        i_lo = chunk * CHUNK
-        n = tl.minimum(CHUNK, L - i_lo)
+        i_lo, n = _tile(chunk, CHUNK, L)
         for t in range(0, n):
-            if REVERSE:
-                i = i_lo + n - 1 - t
-                i_prev = i + 1
-            else:
-                i = i_lo + t
-                i_prev = i - 1
-            line = i.to(tl.int64) * line_stride
-            prev_line = i_prev.to(tl.int64) * line_stride
+            line, prev_line = _line_offsets(i_lo, n, t, line_stride, REVERSE)
             slot = t % 2
             for p0 in range(0, P, BLOCK_P):
                 p = p0 + tl.arange(0, BLOCK_P)
-                p_ok = p < P
-                m = s_ok[:, None] & p_ok[None, :]
-                off = (line + p.to(tl.int64) * pos_stride)[None, :]
-                xv = tl.load(x_ptr + x_base + off, mask=m, other=0.0).to(ACC)
-                lv = tl.load(lam_ptr + lam_base + off, mask=m, other=0.0).to(ACC)
-                h = lv * xv
+                m = s_ok[:, None] & (p < P)[None, :]
+                has_l = (p >= 1)[None, :]
+                has_r = (p + 1 < P)[None, :]
                 mp = m & ((p * 0 + t) > 0)[None, :]  # the line does not start a tile
-                ml = mp & (p >= 1)[None, :]
-                mr = mp & (p + 1 < P)[None, :]
-                al = tl.load(wl_ptr + wl_base + off, mask=mp, other=0.0).to(ACC)
-                am = tl.load(wm_ptr + wm_base + off, mask=mp, other=0.0).to(ACC)
-                ar = tl.load(wr_ptr + wr_base + off, mask=mp, other=0.0).to(ACC)
-                if NORMALIZE:
-                    has_l = (p >= 1)[None, :]
-                    has_r = (p + 1 < P)[None, :]
-                    al, am, ar, _cl, _cm, _cr = _stabilize(al, am, ar, has_l, has_r)
+                off = (line + p.to(tl.int64) * pos_stride)[None, :]
+                xv, lv, al, am, ar = _line_inputs(
+                    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
+                    off, m, mp, ACC,
+                )
+                h = lv * xv
+                al, am, ar = _forward_gates(al, am, ar, has_l, has_r, NORMALIZE)
                 if STATE_IN_OUT:
                     prev = out_ptr + out_base + (prev_line + p.to(tl.int64) * pos_stride)[None, :]
-                    hl = tl.load(prev - pos_stride, mask=ml, other=0.0).to(ACC)
-                    hm = tl.load(prev, mask=mp, other=0.0).to(ACC)
-                    hr = tl.load(prev + pos_stride, mask=mr, other=0.0).to(ACC)
+                    hl, hm, hr = _load_neighbours(prev, pos_stride, mp, has_l, has_r, ACC)
                 else:
                     prev = state_ptr + st_base + (1 - slot) * P + p[None, :]
-                    hl = tl.load(prev - 1, mask=ml, other=0.0)
-                    hm = tl.load(prev, mask=mp, other=0.0)
-                    hr = tl.load(prev + 1, mask=mr, other=0.0)
+                    hl, hm, hr = _load_neighbours(prev, 1, mp, has_l, has_r, ACC)
                 h += al * hl + am * hm + ar * hr
                 tl.store(out_ptr + out_base + off, h.to(out_ptr.dtype.element_ty), mask=m)
                 if not STATE_IN_OUT:
@@ -177,99 +334,54 @@ def line_scan_bwd_kernel(
     """Adjoint recurrence over the lines of each tile in reverse scan order.
 
     ``a[l, p] = g[l, p] + q_l[l+1, p+1] + q_m[l+1, p] + q_r[l+1, p-1]`` with ``q_k[l] = w_k[l] a[l]``
-    (kept in the float scratch ``state_ptr``: ``(chunk_programs, S, 2, 3, P)``), then
-    ``dx = λ a`` (or ``+=``), ``dλ = x a``, ``dw_k[l, p] = a[l, p] h[l-1, p+k-1]``; with
-    ``NORMALIZE`` the gate gradients are turned into logit gradients
-    ``w_k (1 - s_k) (dw_k - Σ_j dw_j w_j)``. ``dlam``/``dw*`` are dense ``(B, C, H, W)``.
+    (kept in the float scratch ``state_ptr``: ``(chunk_programs, S, 2, 3, P)``); the gradients of
+    each line are those of :func:`_adjoint_line`. ``dlam``/``dw*`` are dense ``(B, C, H, W)``.
     """
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n_cprog = tl.num_programs(1)
-    if VERTICAL:
-        line_stride = W
-        pos_stride = 1
-    else:
-        line_stride = 1
-        pos_stride = W
-
-    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
-    s_ok = s < S
-    b = s // C
-    c = s % C
-    g_base = (b * g_sb + c * g_sc)[:, None]
-    h_base = (b * h_sb + c * h_sc)[:, None]
-    x_base = (b * x_sb + c * x_sc)[:, None]
-    lam_base = _param_base(b, c, lam_sb, lam_sc, lam_div)[:, None]
-    wl_base = _param_base(b, c, wl_sb, wl_sc, wl_div)[:, None]
-    wm_base = _param_base(b, c, wm_sb, wm_sc, wm_div)[:, None]
-    wr_base = _param_base(b, c, wr_sb, wr_sc, wr_div)[:, None]
-    dx_base = (b * dx_sb + c * dx_sc)[:, None]
+    pid_c, n_cprog, s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
+    g_base = _slice_base(b, c, g_sb, g_sc)
+    h_base = _slice_base(b, c, h_sb, h_sc)
+    x_base = _slice_base(b, c, x_sb, x_sc)
+    lam_base, wl_base, wm_base, wr_base = _param_bases(
+        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    )
+    dx_base = _slice_base(b, c, dx_sb, dx_sc)
     d_base = (s * H * W)[:, None]
     st_base = ((pid_c * S + s) * 6 * P)[:, None]
 
     for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
-        i_lo = chunk * CHUNK
-        n = tl.minimum(CHUNK, L - i_lo)
+        i_lo, n = _tile(chunk, CHUNK, L)
         for tt in range(0, n):
             t = n - 1 - tt  # position of the line inside its tile, in scan order
-            if REVERSE:
-                i = i_lo + n - 1 - t
-                i_prev = i + 1
-            else:
-                i = i_lo + t
-                i_prev = i - 1
-            line = i.to(tl.int64) * line_stride
-            prev_line = i_prev.to(tl.int64) * line_stride
+            line, prev_line = _line_offsets(i_lo, n, t, line_stride, REVERSE)
             slot = t % 2
             for p0 in range(0, P, BLOCK_P):
                 p = p0 + tl.arange(0, BLOCK_P)
-                p_ok = p < P
-                m = s_ok[:, None] & p_ok[None, :]
-                ml = (p >= 1)[None, :]
-                mr = (p + 1 < P)[None, :]
-                off = (line + p.to(tl.int64) * pos_stride)[None, :]
+                m = s_ok[:, None] & (p < P)[None, :]
+                has_l = (p >= 1)[None, :]
+                has_r = (p + 1 < P)[None, :]
+                pos = p.to(tl.int64) * pos_stride
+                off = (line + pos)[None, :]
 
                 # Adjoint state of this line.
                 a = tl.load(g_ptr + g_base + off, mask=m, other=0.0).to(ACC)
                 mn = m & ((p * 0 + tt) > 0)[None, :]  # the next line is in the same tile
                 nxt = state_ptr + st_base + (1 - slot) * 3 * P + p[None, :]
-                a += tl.load(nxt + 1, mask=mn & mr, other=0.0)  # q_l[l+1, p+1]
+                a += tl.load(nxt + 1, mask=mn & has_r, other=0.0)  # q_l[l+1, p+1]
                 a += tl.load(nxt + P, mask=mn, other=0.0)  # q_m[l+1, p]
-                a += tl.load(nxt + 2 * P - 1, mask=mn & ml, other=0.0)  # q_r[l+1, p-1]
+                a += tl.load(nxt + 2 * P - 1, mask=mn & has_l, other=0.0)  # q_r[l+1, p-1]
 
-                xv = tl.load(x_ptr + x_base + off, mask=m, other=0.0).to(ACC)
-                lv = tl.load(lam_ptr + lam_base + off, mask=m, other=0.0).to(ACC)
-                dx = lv * a
-                if ACCUMULATE_DX:
-                    dx += tl.load(dx_ptr + dx_base + off, mask=m, other=0.0).to(ACC)
-                tl.store(dx_ptr + dx_base + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
-                tl.store(dlam_ptr + d_base + off, (xv * a).to(dlam_ptr.dtype.element_ty), mask=m)
-
-                # Gates of this line: their gradients, and q_k = w_k a for the line before.
+                # Gradients of this line, and q_k = w_k a for the line before.
                 mp = m & ((p * 0 + t) > 0)[None, :]  # the line does not start a tile
-                al = tl.load(wl_ptr + wl_base + off, mask=mp, other=0.0).to(ACC)
-                am = tl.load(wm_ptr + wm_base + off, mask=mp, other=0.0).to(ACC)
-                ar = tl.load(wr_ptr + wr_base + off, mask=mp, other=0.0).to(ACC)
-                prev = h_ptr + h_base + (prev_line + p.to(tl.int64) * pos_stride)[None, :]
-                hl = tl.load(prev - pos_stride, mask=mp & ml, other=0.0).to(ACC)
-                hm = tl.load(prev, mask=mp, other=0.0).to(ACC)
-                hr = tl.load(prev + pos_stride, mask=mp & mr, other=0.0).to(ACC)
-                gl = a * hl
-                gm = a * hm
-                gr = a * hr
-                if NORMALIZE:
-                    al, am, ar, cl, cm, cr = _stabilize(al, am, ar, ml, mr)
-                    dot = gl * al + gm * am + gr * ar
-                    gl = al * cl * (gl - dot)
-                    gm = am * cm * (gm - dot)
-                    gr = ar * cr * (gr - dot)
-                tl.store(dwl_ptr + d_base + off, gl.to(dwl_ptr.dtype.element_ty), mask=m)
-                tl.store(dwm_ptr + d_base + off, gm.to(dwm_ptr.dtype.element_ty), mask=m)
-                tl.store(dwr_ptr + d_base + off, gr.to(dwr_ptr.dtype.element_ty), mask=m)
+                ql, qm, qr = _adjoint_line(
+                    a, off, (prev_line + pos)[None, :], m, mp, has_l, has_r, pos_stride,
+                    h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr,
+                    h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base,
+                    NORMALIZE, ACCUMULATE_DX, ACC,
+                )
                 cur = state_ptr + st_base + slot * 3 * P + p[None, :]
-                tl.store(cur, al * a, mask=mp)
-                tl.store(cur + P, am * a, mask=mp)
-                tl.store(cur + 2 * P, ar * a, mask=mp)
+                tl.store(cur, ql, mask=mp)
+                tl.store(cur + P, qm, mask=mp)
+                tl.store(cur + 2 * P, qr, mask=mp)
             # Line l must be complete before line l-1 reads its q_k.
             tl.debug_barrier()
 
@@ -283,47 +395,6 @@ def line_scan_bwd_kernel(
 # (the sm_90 PTX of these loops has no cp.async; see benchmarks/triton_compile_check.py). The same
 # prefetch in the backward kernel made ptxas spill heavily (4 KB of stack per thread), so the
 # backward loads each line in its own step.
-
-
-@triton.jit
-def _shift_from_left(t, idx_left, has_left):
-    """``out[..., p] = t[..., p-1]``, zero at p = 0."""
-    return tl.where(has_left, tl.gather(t, idx_left, axis=1), 0.0)
-
-
-@triton.jit
-def _shift_from_right(t, idx_right, has_right):
-    """``out[..., p] = t[..., p+1]``, zero at p = P-1 (and beyond)."""
-    return tl.where(has_right, tl.gather(t, idx_right, axis=1), 0.0)
-
-
-@triton.jit
-def _neighbours(left_src, right_src, idx_left, idx_right, has_left, has_right):
-    """``(left_src[..., p-1], right_src[..., p+1])`` (zero past the ends) with a single gather."""
-    both = tl.gather(tl.join(left_src, right_src), tl.join(idx_left, idx_right), axis=1)
-    from_left, from_right = tl.split(both)
-    return tl.where(has_left, from_left, 0.0), tl.where(has_right, from_right, 0.0)
-
-
-@triton.jit
-def _line_index(i_lo, n, t, REVERSE: tl.constexpr):
-    """Image index along the scan axis of scan-order line ``t`` of the tile ``[i_lo, i_lo + n)``."""
-    if REVERSE:
-        return i_lo + n - 1 - t
-    return i_lo + t
-
-
-@triton.jit
-def _fwd_line_inputs(
-    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base, off, m, mg, ACC
-):
-    """x, λ and the three gates of one line (gates masked by ``mg``), as ACC."""
-    xv = tl.load(x_ptr + x_base + off, mask=m, other=0.0).to(ACC)
-    lv = tl.load(lam_ptr + lam_base + off, mask=m, other=0.0).to(ACC)
-    al = tl.load(wl_ptr + wl_base + off, mask=mg, other=0.0).to(ACC)
-    am = tl.load(wm_ptr + wm_base + off, mask=mg, other=0.0).to(ACC)
-    ar = tl.load(wr_ptr + wr_base + off, mask=mg, other=0.0).to(ACC)
-    return xv, lv, al, am, ar
 
 
 @triton.jit
@@ -344,55 +415,32 @@ def line_scan_fwd_reg_kernel(
     BLOCK_P: tl.constexpr,
 ):
     """Forward recurrence, state in registers (requires ``P <= BLOCK_P``); grid as the memory variant."""
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n_cprog = tl.num_programs(1)
-    if VERTICAL:
-        line_stride = W
-        pos_stride = 1
-    else:
-        line_stride = 1
-        pos_stride = W
-
-    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
-    s_ok = s < S
-    b = s // C
-    c = s % C
-    x_base = (b * x_sb + c * x_sc)[:, None]
-    lam_base = _param_base(b, c, lam_sb, lam_sc, lam_div)[:, None]
-    wl_base = _param_base(b, c, wl_sb, wl_sc, wl_div)[:, None]
-    wm_base = _param_base(b, c, wm_sb, wm_sc, wm_div)[:, None]
-    wr_base = _param_base(b, c, wr_sb, wr_sc, wr_div)[:, None]
-    out_base = (b * out_sb + c * out_sc)[:, None]
-
-    p = tl.arange(0, BLOCK_P)
-    m = s_ok[:, None] & (p < P)[None, :]
-    has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
-    has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
-    idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
-    idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
-    pos = (p.to(tl.int64) * pos_stride)[None, :]
+    pid_c, n_cprog, _s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
+    x_base = _slice_base(b, c, x_sb, x_sc)
+    lam_base, wl_base, wm_base, wr_base = _param_bases(
+        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    )
+    out_base = _slice_base(b, c, out_sb, out_sc)
+    p, m, has_l, has_r, idx_l, idx_r, pos = _whole_line(P, s_ok, pos_stride, BLOCK_S, BLOCK_P)
 
     for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
-        i_lo = chunk * CHUNK
-        n = tl.minimum(CHUNK, L - i_lo)
+        i_lo, n = _tile(chunk, CHUNK, L)
         h = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
         # Line 0 of the tile: its gates are never used (zero state), so they are not read.
-        line = _line_index(i_lo, n, 0, REVERSE).to(tl.int64) * line_stride
-        xv, lv, al, am, ar = _fwd_line_inputs(
+        line, _prev = _line_offsets(i_lo, n, 0, line_stride, REVERSE)
+        xv, lv, al, am, ar = _line_inputs(
             x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
             line + pos, m, m & (p < 0)[None, :], ACC,
         )
         for t in range(0, n):
             # Prefetch line t + 1 (nothing past the tile's end).
-            line_next = _line_index(i_lo, n, t + 1, REVERSE).to(tl.int64) * line_stride
+            line_next, _prev = _line_offsets(i_lo, n, t + 1, line_stride, REVERSE)
             m_next = m & ((p * 0 + t + 1) < n)[None, :]
-            xn, ln, aln, amn, arn = _fwd_line_inputs(
+            xn, ln, aln, amn, arn = _line_inputs(
                 x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
                 line_next + pos, m_next, m_next, ACC,
             )
-            if NORMALIZE:
-                al, am, ar, _cl, _cm, _cr = _stabilize(al, am, ar, has_l, has_r)
+            al, am, ar = _forward_gates(al, am, ar, has_l, has_r, NORMALIZE)
             # h is zero on the first line of a tile, so no extra masking is needed.
             hl, hr = _neighbours(h, h, idx_l, idx_r, has_l, has_r)
             h = lv * xv + al * hl + am * h + ar * hr
@@ -423,54 +471,27 @@ def line_scan_bwd_reg_kernel(
     BLOCK_P: tl.constexpr,
 ):
     """Adjoint recurrence with ``q_k = w_k a`` of the next line kept in registers (``P <= BLOCK_P``)."""
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n_cprog = tl.num_programs(1)
-    if VERTICAL:
-        line_stride = W
-        pos_stride = 1
-    else:
-        line_stride = 1
-        pos_stride = W
-
-    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
-    s_ok = s < S
-    b = s // C
-    c = s % C
-    g_base = (b * g_sb + c * g_sc)[:, None]
-    h_base = (b * h_sb + c * h_sc)[:, None]
-    x_base = (b * x_sb + c * x_sc)[:, None]
-    lam_base = _param_base(b, c, lam_sb, lam_sc, lam_div)[:, None]
-    wl_base = _param_base(b, c, wl_sb, wl_sc, wl_div)[:, None]
-    wm_base = _param_base(b, c, wm_sb, wm_sc, wm_div)[:, None]
-    wr_base = _param_base(b, c, wr_sb, wr_sc, wr_div)[:, None]
-    dx_base = (b * dx_sb + c * dx_sc)[:, None]
+    pid_c, n_cprog, s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
+    g_base = _slice_base(b, c, g_sb, g_sc)
+    h_base = _slice_base(b, c, h_sb, h_sc)
+    x_base = _slice_base(b, c, x_sb, x_sc)
+    lam_base, wl_base, wm_base, wr_base = _param_bases(
+        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    )
+    dx_base = _slice_base(b, c, dx_sb, dx_sc)
     d_base = (s * H * W)[:, None]
-
-    p = tl.arange(0, BLOCK_P)
-    m = s_ok[:, None] & (p < P)[None, :]
-    has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
-    has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
-    idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
-    idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
-    pos = (p.to(tl.int64) * pos_stride)[None, :]
+    p, m, has_l, has_r, idx_l, idx_r, pos = _whole_line(P, s_ok, pos_stride, BLOCK_S, BLOCK_P)
 
     for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
-        i_lo = chunk * CHUNK
-        n = tl.minimum(CHUNK, L - i_lo)
+        i_lo, n = _tile(chunk, CHUNK, L)
         ql = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
         qm = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
         qr = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
         for tt in range(0, n):
             t = n - 1 - tt
-            if REVERSE:
-                i = i_lo + n - 1 - t
-                i_prev = i + 1
-            else:
-                i = i_lo + t
-                i_prev = i - 1
-            off = i.to(tl.int64) * line_stride + pos
-            prev_off = i_prev.to(tl.int64) * line_stride + pos
+            line, prev_line = _line_offsets(i_lo, n, t, line_stride, REVERSE)
+            off = line + pos
+            prev_off = prev_line + pos
             mp = m & ((p * 0 + t) > 0)[None, :]  # the line does not start a tile
 
             # q of the next line is zero on the last line of a tile (reset per tile).
@@ -478,251 +499,9 @@ def line_scan_bwd_reg_kernel(
             from_l, from_r = _neighbours(qr, ql, idx_l, idx_r, has_l, has_r)
             a += from_r + qm + from_l
 
-            xv = tl.load(x_ptr + x_base + off, mask=m, other=0.0).to(ACC)
-            lv = tl.load(lam_ptr + lam_base + off, mask=m, other=0.0).to(ACC)
-            dx = lv * a
-            if ACCUMULATE_DX:
-                dx += tl.load(dx_ptr + dx_base + off, mask=m, other=0.0).to(ACC)
-            tl.store(dx_ptr + dx_base + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
-            tl.store(dlam_ptr + d_base + off, (xv * a).to(dlam_ptr.dtype.element_ty), mask=m)
-
-            al = tl.load(wl_ptr + wl_base + off, mask=mp, other=0.0).to(ACC)
-            am = tl.load(wm_ptr + wm_base + off, mask=mp, other=0.0).to(ACC)
-            ar = tl.load(wr_ptr + wr_base + off, mask=mp, other=0.0).to(ACC)
-            prev = h_ptr + h_base + prev_off
-            hl = tl.load(prev - pos_stride, mask=mp & has_l, other=0.0).to(ACC)
-            hm = tl.load(prev, mask=mp, other=0.0).to(ACC)
-            hr = tl.load(prev + pos_stride, mask=mp & has_r, other=0.0).to(ACC)
-            gl = a * hl
-            gm = a * hm
-            gr = a * hr
-            if NORMALIZE:
-                al, am, ar, cl, cm, cr = _stabilize(al, am, ar, has_l, has_r)
-                dot = gl * al + gm * am + gr * ar
-                gl = al * cl * (gl - dot)
-                gm = am * cm * (gm - dot)
-                gr = ar * cr * (gr - dot)
-            tl.store(dwl_ptr + d_base + off, gl.to(dwl_ptr.dtype.element_ty), mask=m)
-            tl.store(dwm_ptr + d_base + off, gm.to(dwm_ptr.dtype.element_ty), mask=m)
-            tl.store(dwr_ptr + d_base + off, gr.to(dwr_ptr.dtype.element_ty), mask=m)
-            ql = al * a
-            qm = am * a
-            qr = ar * a
-
-
-# -------------------------------------------------------------------------------------------------
-# Column-tile variants for the horizontal directions (experimental, ``kernel="columns"``): the
-# lines are columns, so reading one line touches one element per row. These kernels load
-# TILE_K consecutive columns at once ([BLOCK_S, BLOCK_P, TILE_K] tiles, contiguous along the last
-# axis, i.e. whole sectors), run the TILE_K line steps on register slices of the tiles, and store
-# the output tiles at the end. The state stays in registers as in the register variant.
-
-
-@triton.jit
-def _column(tile, sel):
-    """Slice ``tile[:, :, k]`` where ``sel`` is ``kk == k`` (in-register select and sum)."""
-    return tl.sum(tl.where(sel, tile, 0.0), axis=2)
-
-
-@triton.jit
-def line_scan_fwd_cols_kernel(
-    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, out_ptr,
-    x_sb, x_sc,
-    lam_sb, lam_sc, lam_div,
-    wl_sb, wl_sc, wl_div,
-    wm_sb, wm_sc, wm_div,
-    wr_sb, wr_sc, wr_div,
-    out_sb, out_sc,
-    S, C, W, L, P, CHUNK, NUM_CHUNKS,
-    REVERSE: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    TILE_K: tl.constexpr,
-):
-    """Forward recurrence of ``lr``/``rl`` over tiles of TILE_K columns (requires ``P <= BLOCK_P``)."""
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n_cprog = tl.num_programs(1)
-
-    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
-    s_ok = s < S
-    b = s // C
-    c = s % C
-    x_base = (b * x_sb + c * x_sc)[:, None, None]
-    lam_base = _param_base(b, c, lam_sb, lam_sc, lam_div)[:, None, None]
-    wl_base = _param_base(b, c, wl_sb, wl_sc, wl_div)[:, None, None]
-    wm_base = _param_base(b, c, wm_sb, wm_sc, wm_div)[:, None, None]
-    wr_base = _param_base(b, c, wr_sb, wr_sc, wr_div)[:, None, None]
-    out_base = (b * out_sb + c * out_sc)[:, None, None]
-
-    p = tl.arange(0, BLOCK_P)
-    m = (s_ok[:, None] & (p < P)[None, :])[:, :, None]
-    has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
-    has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
-    idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
-    idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
-    row = (p.to(tl.int64) * W)[None, :, None]
-    kk = tl.arange(0, TILE_K)[None, None, :]
-
-    for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
-        i_lo = chunk * CHUNK
-        n = tl.minimum(CHUNK, L - i_lo)
-        h = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
-        for t0 in range(0, n, TILE_K):
-            # Image columns [c0, c0 + TILE_K) hold the line steps t0 .. t0 + TILE_K - 1.
-            if REVERSE:  # noqa: SIM108 (a constexpr branch)
-                c0 = i_lo + n - t0 - TILE_K
-            else:
-                c0 = i_lo + t0
-            col = c0 + kk
-            mt = m & (col >= i_lo) & (col < i_lo + n)
-            off = row + col.to(tl.int64)
-            xt = tl.load(x_ptr + x_base + off, mask=mt, other=0.0).to(ACC)
-            lt = tl.load(lam_ptr + lam_base + off, mask=mt, other=0.0).to(ACC)
-            alt = tl.load(wl_ptr + wl_base + off, mask=mt, other=0.0).to(ACC)
-            amt = tl.load(wm_ptr + wm_base + off, mask=mt, other=0.0).to(ACC)
-            art = tl.load(wr_ptr + wr_base + off, mask=mt, other=0.0).to(ACC)
-            out = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
-            for k in tl.static_range(TILE_K):
-                if REVERSE:  # noqa: SIM108 (a constexpr branch)
-                    sel = kk == TILE_K - 1 - k
-                else:
-                    sel = kk == k
-                al = _column(alt, sel)
-                am = _column(amt, sel)
-                ar = _column(art, sel)
-                if NORMALIZE:
-                    al, am, ar, _cl, _cm, _cr = _stabilize(al, am, ar, has_l, has_r)
-                # h is zero before the first line of a tile; steps past the tile's end are not stored.
-                h = (
-                    _column(lt, sel) * _column(xt, sel)
-                    + al * _shift_from_left(h, idx_l, has_l)
-                    + am * h
-                    + ar * _shift_from_right(h, idx_r, has_r)
-                )
-                out = tl.where(sel, h[:, :, None], out)
-            tl.store(out_ptr + out_base + off, out.to(out_ptr.dtype.element_ty), mask=mt)
-
-
-@triton.jit
-def line_scan_bwd_cols_kernel(
-    g_ptr, h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr,
-    dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr,
-    g_sb, g_sc,
-    h_sb, h_sc,
-    x_sb, x_sc,
-    lam_sb, lam_sc, lam_div,
-    wl_sb, wl_sc, wl_div,
-    wm_sb, wm_sc, wm_div,
-    wr_sb, wr_sc, wr_div,
-    dx_sb, dx_sc,
-    S, C, H, W, L, P, CHUNK, NUM_CHUNKS,
-    REVERSE: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    ACCUMULATE_DX: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    TILE_K: tl.constexpr,
-):
-    """Adjoint recurrence of ``lr``/``rl`` over tiles of TILE_K columns (requires ``P <= BLOCK_P``)."""
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n_cprog = tl.num_programs(1)
-
-    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
-    s_ok = s < S
-    b = s // C
-    c = s % C
-    g_base = (b * g_sb + c * g_sc)[:, None, None]
-    h_base = (b * h_sb + c * h_sc)[:, None, None]
-    x_base = (b * x_sb + c * x_sc)[:, None, None]
-    lam_base = _param_base(b, c, lam_sb, lam_sc, lam_div)[:, None, None]
-    wl_base = _param_base(b, c, wl_sb, wl_sc, wl_div)[:, None, None]
-    wm_base = _param_base(b, c, wm_sb, wm_sc, wm_div)[:, None, None]
-    wr_base = _param_base(b, c, wr_sb, wr_sc, wr_div)[:, None, None]
-    dx_base = (b * dx_sb + c * dx_sc)[:, None, None]
-    d_base = (s * H * W)[:, None, None]
-
-    p = tl.arange(0, BLOCK_P)
-    m = (s_ok[:, None] & (p < P)[None, :])[:, :, None]
-    has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
-    has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
-    idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
-    idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
-    row = (p.to(tl.int64) * W)[None, :, None]
-    kk = tl.arange(0, TILE_K)[None, None, :]
-
-    for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
-        i_lo = chunk * CHUNK
-        n = tl.minimum(CHUNK, L - i_lo)
-        ql = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
-        qm = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
-        qr = tl.full([BLOCK_S, BLOCK_P], 0.0, ACC)
-        for t0 in range(0, n, TILE_K):
-            # Reverse scan order: step tt = t0 + k is line t = n - 1 - tt of the tile, whose image
-            # column is i_lo + t (forward directions) or i_lo + n - 1 - t (reversed ones).
-            if REVERSE:
-                c0 = i_lo + t0
-                col = c0 + kk
-                col_prev = col + 1
-            else:
-                c0 = i_lo + n - t0 - TILE_K
-                col = c0 + kk
-                col_prev = col - 1
-            in_tile = (col >= i_lo) & (col < i_lo + n)
-            mt = m & in_tile
-            mp = mt & (col_prev >= i_lo) & (col_prev < i_lo + n)  # the line does not start a tile
-            off = row + col.to(tl.int64)
-            prev = h_ptr + h_base + row + col_prev.to(tl.int64)
-            gt = tl.load(g_ptr + g_base + off, mask=mt, other=0.0).to(ACC)
-            xt = tl.load(x_ptr + x_base + off, mask=mt, other=0.0).to(ACC)
-            lt = tl.load(lam_ptr + lam_base + off, mask=mt, other=0.0).to(ACC)
-            alt = tl.load(wl_ptr + wl_base + off, mask=mp, other=0.0).to(ACC)
-            amt = tl.load(wm_ptr + wm_base + off, mask=mp, other=0.0).to(ACC)
-            art = tl.load(wr_ptr + wr_base + off, mask=mp, other=0.0).to(ACC)
-            hlt = tl.load(prev - W, mask=mp & has_l[:, :, None], other=0.0).to(ACC)
-            hmt = tl.load(prev, mask=mp, other=0.0).to(ACC)
-            hrt = tl.load(prev + W, mask=mp & has_r[:, :, None], other=0.0).to(ACC)
-            if ACCUMULATE_DX:
-                dxt = tl.load(dx_ptr + dx_base + off, mask=mt, other=0.0).to(ACC)
-            else:
-                dxt = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
-            dlt = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
-            dwlt = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
-            dwmt = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
-            dwrt = tl.full([BLOCK_S, BLOCK_P, TILE_K], 0.0, ACC)
-            for k in tl.static_range(TILE_K):
-                if REVERSE:  # noqa: SIM108 (a constexpr branch)
-                    sel = kk == k
-                else:
-                    sel = kk == TILE_K - 1 - k
-                a = _column(gt, sel) + qm
-                a += _shift_from_right(ql, idx_r, has_r) + _shift_from_left(qr, idx_l, has_l)
-                dxt = tl.where(sel, (dxt + (_column(lt, sel) * a)[:, :, None]), dxt)
-                dlt = tl.where(sel, (_column(xt, sel) * a)[:, :, None], dlt)
-                al = _column(alt, sel)
-                am = _column(amt, sel)
-                ar = _column(art, sel)
-                gl = a * _column(hlt, sel)
-                gm = a * _column(hmt, sel)
-                gr = a * _column(hrt, sel)
-                if NORMALIZE:
-                    al, am, ar, cl, cm, cr = _stabilize(al, am, ar, has_l, has_r)
-                    dot = gl * al + gm * am + gr * ar
-                    gl = al * cl * (gl - dot)
-                    gm = am * cm * (gm - dot)
-                    gr = ar * cr * (gr - dot)
-                dwlt = tl.where(sel, gl[:, :, None], dwlt)
-                dwmt = tl.where(sel, gm[:, :, None], dwmt)
-                dwrt = tl.where(sel, gr[:, :, None], dwrt)
-                ql = al * a
-                qm = am * a
-                qr = ar * a
-            tl.store(dx_ptr + dx_base + off, dxt.to(dx_ptr.dtype.element_ty), mask=mt)
-            tl.store(dlam_ptr + d_base + off, dlt.to(dlam_ptr.dtype.element_ty), mask=mt)
-            tl.store(dwl_ptr + d_base + off, dwlt.to(dwl_ptr.dtype.element_ty), mask=mt)
-            tl.store(dwm_ptr + d_base + off, dwmt.to(dwm_ptr.dtype.element_ty), mask=mt)
-            tl.store(dwr_ptr + d_base + off, dwrt.to(dwr_ptr.dtype.element_ty), mask=mt)
+            ql, qm, qr = _adjoint_line(
+                a, off, prev_off, m, mp, has_l, has_r, pos_stride,
+                h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr,
+                h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base,
+                NORMALIZE, ACCUMULATE_DX, ACC,
+            )
