@@ -2,8 +2,8 @@
 
 Nothing here fetches weights. Give a feature extractor as
 
-* a TorchScript file (``torch.jit.save`` of a module), e.g. an Inception-v3 exported on a machine
-  that has it (``torch.jit.script(model).save("inception.pt")``), or
+* a file: an exported program ``*.pt2`` (``torch.export.save``) or TorchScript (``torch.jit.save``),
+  e.g. an Inception-v3 exported on a machine that has it, or
 * any ``nn.Module`` / callable in Python.
 
 It must map images ``(B, 3, H, W)`` in ``[0, 1]`` to either pooled features ``(B, F)`` or a tuple
@@ -58,13 +58,16 @@ class FeatureExtractor:
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs: Any) -> FeatureExtractor:
-        """Load a TorchScript extractor from a local file (never downloads)."""
+        """Load an extractor from a local ``.pt2`` (torch.export) or TorchScript file (never downloads)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
                 f"feature extractor {str(path)!r} not found (weights are never downloaded)"
             )
-        net = torch.jit.load(str(path), map_location=kwargs.get("device", "cpu")).eval()
+        if path.suffix == ".pt2":  # torch.export.save(...) of an exported program
+            net = torch.export.load(str(path)).module()
+        else:  # TorchScript (torch.jit.save)
+            net = torch.jit.load(str(path), map_location=kwargs.get("device", "cpu")).eval()
         return cls(net, **kwargs)
 
     @torch.no_grad()
@@ -94,15 +97,10 @@ def _stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)``."""
-    from scipy import linalg
-
+    # tr (Σ1 Σ2)^½ = Σ_i √λ_i(Σ1 Σ2); the eigenvalues are real and ≥ 0 (Σ1 Σ2 is similar to a PSD matrix)
+    eig = np.linalg.eigvals(sigma1 @ sigma2).real.clip(min=0.0)
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.sqrt(eig).sum())
 
 
 def fid_from_features(
