@@ -305,23 +305,31 @@ def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):
     assert len(list((tmp_path / "samples").glob("000*_class*.png"))) == 2
 
 
-def test_fid_plumbing_with_a_stand_in_extractor(tmp_path):
-    class Tiny(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 6, 3, stride=2)
-            self.fc = torch.nn.Linear(6, 5)
+class _StandInExtractor(torch.nn.Module):
+    """A tiny stand-in for Inception: images → (pooled features, logits)."""
 
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            f = self.conv(x).relu().mean(dim=(2, 3))
-            return f, self.fc(f)
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, stride=2)
+        self.fc = torch.nn.Linear(6, 5)
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.conv(x).relu().mean(dim=(2, 3))
+        return f, self.fc(f)
+
+
+def _export_stand_in(path: Path) -> Path:
     torch.manual_seed(0)
-    net = Tiny().eval()
     batch = torch.export.Dim("batch", min=2)
-    program = torch.export.export(net, (torch.rand(4, 3, 16, 16),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(tmp_path / "ext.pt2"))
-    ext = FeatureExtractor.load(tmp_path / "ext.pt2", input_size=16)
+    program = torch.export.export(
+        _StandInExtractor().eval(), (torch.rand(4, 3, 16, 16),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, str(path))
+    return path
+
+
+def test_fid_plumbing_with_a_stand_in_extractor(tmp_path):
+    ext = FeatureExtractor.load(_export_stand_in(tmp_path / "ext.pt2"), input_size=16)
     real = load_digits(8, 1).tensors[0][:64]
     noise = torch.rand(64, 1, 8, 8) * 2 - 1
     same = fid_from_images(ext, real, real)
@@ -331,6 +339,43 @@ def test_fid_plumbing_with_a_stand_in_extractor(tmp_path):
     assert inception_score(torch.zeros(8, 5), splits=2)[0] == pytest.approx(1.0)
     with pytest.raises(FileNotFoundError):
         FeatureExtractor.load(tmp_path / "missing.pt")
+
+
+def test_sample_command_writes_images_and_fid(tmp_path):
+    from gspn.cli import main as cli_main
+    from gspn.diffusion.train import run_train
+
+    run_train(_train_args(tmp_path / "run", steps=1, ckpt_every=100))
+    ext = _export_stand_in(tmp_path / "ext.pt2")
+    out = tmp_path / "samples"
+    cli_main(
+        [
+            "sample",
+            "--ckpt",
+            str(tmp_path / "run" / "ema.safetensors"),
+            "--labels",
+            "0-2",
+            "--per-label",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--size",
+            "8",
+            "12",
+            "--no-progress",
+            "--fid-extractor",
+            str(ext),
+            "--fid-ref",
+            "digits",
+            "--fid-input-size",
+            "16",
+        ]
+    )
+    assert (out / "grid.png").is_file() and len(list(out.glob("0*_class*.png"))) == 6
+    fid = __import__("json").loads((out / "fid.json").read_text())
+    assert fid["fid"] >= 0 and fid["is_mean"] >= 1.0
 
 
 @pytest.mark.skipif(

@@ -197,6 +197,19 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument(
         "--save-latents", action="store_true", help="latent models: save latents.pt, no decoding"
     )
+    parser.add_argument(
+        "--fid-extractor",
+        default=None,
+        help="local feature extractor (.pt2 or TorchScript) for FID/IS; never downloaded",
+    )
+    parser.add_argument(
+        "--fid-ref",
+        default=None,
+        help="reference for FID: a .npz with mu/sigma, or data (digits | imagefolder:PATH)",
+    )
+    parser.add_argument(
+        "--fid-input-size", type=int, default=299, help="extractor input side (299 = Inception)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -251,7 +264,29 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
         order = [i * args.per_label + r for r in range(args.per_label) for i in range(distinct)]
         imgs, labels = imgs[order], [labels[i] for i in order]
     grid = save_images(imgs, out / "grid.png", nrow, out, labels, args.upscale)
-    return {"grid": str(grid), "images": len(labels), "labels": labels}
+    result: dict[str, Any] = {"grid": str(grid), "images": len(labels), "labels": labels}
+    if args.fid_extractor:
+        result.update(_fid(args, imgs, data))
+        (out / "fid.json").write_text(
+            json.dumps({k: v for k, v in result.items() if k != "labels"}, indent=2)
+        )
+    return result
+
+
+def _fid(args: argparse.Namespace, imgs: torch.Tensor, data: dict[str, Any]) -> dict[str, float]:
+    """FID/IS of the generated images with the user's extractor (see :mod:`gspn.diffusion.fid`)."""
+    from .data import load_dataset
+    from .fid import FeatureExtractor, fid_from_images
+
+    if not args.fid_ref:
+        raise ValueError("--fid-extractor needs --fid-ref (a .npz of mu/sigma, or digits | imagefolder:PATH)")
+    ext = FeatureExtractor.load(args.fid_extractor, input_size=args.fid_input_size)
+    if args.fid_ref.endswith(".npz"):
+        ref: Any = args.fid_ref
+    else:
+        c, h, _ = imgs.shape[1:]
+        ref = load_dataset(args.fid_ref, h, c)[0].tensors[0]
+    return fid_from_images(ext, imgs, ref)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
