@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--latents", type=int, nargs="+", default=[32, 64], help="latent sides (patch 2)")
     parser.add_argument("--batch", type=int, default=1, help="images per step (network batch = 2× for CFG)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed steps per model (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -180,8 +181,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         x = torch.randn(args.batch, 4, side, side, device=device)
         y = torch.randint(0, 1000, (args.batch,), device=device)
         times: dict[str, list[float]] = {"gspn": [], "attn": []}
-        for m in models.values():
-            time_step(m, x, y, device)  # warm-up
+        for _ in range(args.warmup):
+            for m in models.values():
+                time_step(m, x, y, device)
         for _ in range(args.rounds):
             for name, m in models.items():
                 times[name].append(time_step(m, x, y, device))
