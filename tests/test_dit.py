@@ -236,7 +236,7 @@ def test_parse_labels():
 def test_cli_registers_the_diffusion_commands():
     parser = build_parser()
     args = parser.parse_args(["sample", "--ckpt", "x.pt"])
-    assert args.command == "sample" and args.steps == 50
+    assert args.command == "sample" and args.steps == 100 and args.sampler == "ddpm"
     args = parser.parse_args(["train-dit", "--steps", "3"])
     assert args.steps == 3 and args.data == "digits"
     args = parser.parse_args(["extract-latents", "--vae", "v", "--out", "z.pt"])

@@ -3,7 +3,7 @@
 Example::
 
     python -m gspn.diffusion.sample --ckpt runs/dit_digits/last.pt --labels 0-9 --per-label 4 \\
-        --steps 50 --sampler ddim --cfg-scale 2 --seed 0 --out samples/
+        --steps 100 --sampler ddpm --cfg-scale 3 --seed 0 --out samples/
 
 writes ``OUT/grid.png`` (with ``--per-label > 1`` and at most 10 labels, one column per label;
 otherwise ``--nrow`` columns) and ``OUT/NNNN_classY.png`` per image. The same seed gives the same
@@ -174,9 +174,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--ckpt", required=True, help="trainer checkpoint (last.pt) or ema.safetensors")
     parser.add_argument("--labels", default="all", help='e.g. "all", "0-9", "1,7", "null" (unconditional)')
     parser.add_argument("--per-label", type=int, default=1, help="images per label")
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps")
-    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance (1 = off)")
+    parser.add_argument("--steps", type=int, default=100, help="sampling steps")
+    parser.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm uses the learned variance")
+    parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance (1 = off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--size",

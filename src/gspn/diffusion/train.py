@@ -104,10 +104,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--max-minutes", type=float, default=0.0, help="stop (with a checkpoint) after this wall time"
     )
     r.add_argument(
-        "--sample-steps", type=int, default=50, help="steps of the final sample grid (0 = no grid)"
+        "--sample-steps", type=int, default=100, help="steps of the final sample grid (0 = no grid)"
     )
-    r.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="sampler of the final grid")
-    r.add_argument("--cfg-scale", type=float, default=2.0, help="guidance of the final grid")
+    r.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="sampler of the final grid")
+    r.add_argument("--cfg-scale", type=float, default=3.0, help="guidance of the final grid")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="disable the progress bar")
