@@ -225,6 +225,30 @@ def test_sampling_is_deterministic_per_seed(sampler):
     assert not torch.equal(a, c)
 
 
+def test_image_folder_dataset(tmp_path):
+    from PIL import Image
+
+    from gspn.diffusion.data import load_dataset
+
+    rng = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            arr = (torch.rand(10, 14, 3, generator=rng) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / cls / f"{i}.png")
+    ds, meta = load_dataset(f"imagefolder:{tmp_path}", image_size=8, channels=3)
+    x, y = ds.tensors
+    assert x.shape == (6, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert y.tolist() == [0, 0, 0, 1, 1, 1] and meta["classes"] == ["cat", "dog"] and meta["num_classes"] == 2
+
+
+def test_cond_every_block_option_keeps_shapes_and_params():
+    a, b = _small(), _small(cond_every_block=True)
+    assert count_params(a) == count_params(b)
+    x = torch.randn(2, 1, 8, 8)
+    assert b(x, torch.tensor([1, 2]), torch.tensor([3, 4])).shape == (2, 2, 8, 8)
+
+
 def test_parse_labels():
     assert parse_labels("0-2,7", 10) == [0, 1, 2, 7]
     assert parse_labels("all", 3) == [0, 1, 2]
