@@ -206,7 +206,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             "model_args": unwrap(model).model_args,
             "schedule": schedule,
             "data": {k: v for k, v in meta.items() if k != "classes"},
-            "args": vars(args),
+            "args": {k: v for k, v in vars(args).items() if not callable(v)},  # drop the CLI's _run
         }
         if main:
             out.mkdir(parents=True, exist_ok=True)
