@@ -1,4 +1,5 @@
-"""The ``gspn`` command line: ``train``, ``eval``, ``flops``, ``bench``, ``distill``, ``generate``.
+"""The ``gspn`` command line: ``train``, ``eval``, ``flops``, ``bench``, ``train-dit``, ``sample``,
+``extract-latents``, ``distill``, ``generate``.
 
 Multi-GPU / multi-node training goes through ``torchrun``, e.g.::
 
@@ -266,6 +267,32 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench.add_arguments(sub.add_parser("bench", help=bench.HELP, description=bench.HELP))
 
 
+def _add_diffusion(sub: argparse._SubParsersAction) -> None:
+    """``train-dit``, ``sample``, ``extract-latents`` (:mod:`gspn.diffusion`): each run function
+    returns a summary dict, printed as JSON."""
+    from .diffusion.latents import add_extract_latents_arguments, run_extract_latents
+    from .diffusion.sample import add_sample_arguments, run_sample
+    from .diffusion.train import add_train_arguments, run_train
+
+    commands = [
+        ("train-dit", add_train_arguments, run_train,
+         "train a class-conditional GSPN-DiT (digits, ImageFolder or latents)"),
+        ("sample", add_sample_arguments, run_sample, "sample images from a GSPN-DiT checkpoint"),
+        ("extract-latents", add_extract_latents_arguments, run_extract_latents,
+         "encode a dataset with a diffusers AutoencoderKL"),
+    ]
+    for name, add, run, help_ in commands:
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.set_defaults(func=lambda args, run=run: _print_summary(run(args)))
+
+
+def _print_summary(result: dict | None) -> int:
+    if result:
+        print(json.dumps({k: v for k, v in result.items() if k != "labels"}, default=str))
+    return 0
+
+
 def _add_diffusers(sub: argparse._SubParsersAction) -> None:
     from .distill.command import add_distill_arguments, run_distill
     from .integrations.generate import add_generate_arguments, run_generate
@@ -291,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_flops(sub)
     _add_bench(sub)
+    _add_diffusion(sub)
     _add_diffusers(sub)
     return parser
 

@@ -1,0 +1,304 @@
+"""``gspn sample`` / ``python -m gspn.diffusion.sample``: class-conditional samples from a checkpoint.
+
+Example::
+
+    python -m gspn.diffusion.sample --ckpt runs/dit_digits/last.pt --labels 0-9 --per-label 4 \\
+        --steps 100 --sampler ddpm --cfg-scale 3 --seed 0 --out samples/
+
+writes ``OUT/grid.png`` (with ``--per-label > 1`` and at most 10 labels, one column per label;
+otherwise ``--nrow`` columns) and ``OUT/NNNN_classY.png`` per image. The same seed gives the same
+images. ``--ckpt`` is a trainer checkpoint (``last.pt``; the EMA weights are used unless
+``--no-ema``) or an ``ema.safetensors``. Latent models are decoded with the VAE recorded by
+``extract-latents`` or the one given with ``--vae`` (a local folder or hub name); ``--save-latents``
+keeps the raw latents instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models import create_model, load_model, read_metadata
+from .gaussian import SAMPLERS, make_sampling_scheduler, sample_loop
+
+__all__ = [
+    "add_sample_arguments",
+    "generate",
+    "load_for_sampling",
+    "main",
+    "parse_labels",
+    "run_sample",
+    "save_images",
+]
+
+
+def parse_labels(spec: str, num_classes: int) -> list[int]:
+    """``"3"``, ``"0,4,7"``, ``"0-9"``, ``"all"`` or ``"null"`` (unconditional) → list of labels."""
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part == "all":
+            out.extend(range(num_classes))
+        elif part == "null":
+            out.append(num_classes)
+        elif "-" in part:
+            a, b = (int(v) for v in part.split("-"))
+            out.extend(range(a, b + 1))
+        elif part:
+            out.append(int(part))
+    bad = [v for v in out if not 0 <= v <= num_classes]
+    if bad:
+        raise ValueError(f"labels {bad} are outside 0..{num_classes - 1} (or {num_classes} = null)")
+    return out
+
+
+def generate(
+    model: nn.Module,
+    schedule: dict[str, Any],
+    labels: Sequence[int],
+    shape: Sequence[int],
+    steps: int = 50,
+    sampler: str = "ddim",
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample ``len(labels)`` images ``(N, *shape)``; deterministic for a given ``seed``.
+
+    ``schedule`` holds ``num_train_timesteps``, ``beta_schedule``, ``learn_sigma`` and
+    ``clip_sample`` (as written by the trainer). Batches draw from one CPU generator in order.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for i in range(0, len(labels), batch_size):
+            scheduler = make_sampling_scheduler(sampler, **schedule)
+            chunks.append(
+                sample_loop(
+                    model,
+                    scheduler,
+                    list(labels[i : i + batch_size]),
+                    shape,
+                    steps,
+                    cfg_scale,
+                    gen,
+                    device,
+                    progress,
+                ).cpu()
+            )
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
+
+
+def save_images(
+    images: torch.Tensor,
+    grid_path: str | os.PathLike,
+    nrow: int = 10,
+    individual_dir: str | os.PathLike | None = None,
+    labels: Sequence[int] | None = None,
+    upscale: int = 1,
+) -> Path:
+    """Write ``images`` (``(N, 1 or 3, H, W)`` in ``[-1, 1]``) as a PNG grid, and optionally one PNG each.
+
+    Individual files are ``individual_dir/NNNN_classY.png``; ``upscale`` enlarges by pixel repetition.
+    """
+    from PIL import Image
+
+    imgs = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if upscale > 1:
+        imgs = imgs.repeat_interleave(upscale, dim=2).repeat_interleave(upscale, dim=3)
+    n, c, h, w = imgs.shape
+    nrow = max(1, min(nrow, n))
+    rows = math.ceil(n / nrow)
+    pad = 2
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[
+            :,
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + col * (w + pad) : pad + col * (w + pad) + w,
+        ] = imgs[i]
+
+    def to_pil(t: torch.Tensor) -> Image.Image:
+        arr = t.permute(1, 2, 0).numpy()
+        return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else np.ascontiguousarray(arr))
+
+    grid_path = Path(grid_path)
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(grid).save(grid_path)
+    if individual_dir is not None:
+        d = Path(individual_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            tag = f"_class{labels[i]}" if labels is not None else ""
+            to_pil(imgs[i]).save(d / f"{i:04d}{tag}.png")
+    return grid_path
+
+
+def load_for_sampling(
+    path: str | os.PathLike, use_ema: bool = True, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Load a model for sampling: ``(model, schedule, data_meta)`` from ``last.pt`` or ``ema.safetensors``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        model = load_model(path)
+        extra = json.loads(read_metadata(path).get("gspn.diffusion", "{}"))
+        schedule, data = extra.get("schedule", {}), extra.get("data", {})
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model = create_model(ckpt["arch"], **ckpt["model_args"])
+        model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
+        schedule, data = ckpt["schedule"], ckpt["data"]
+    if not schedule:
+        schedule = {"learn_sigma": getattr(model, "learn_sigma", True)}
+    return model.to(device).eval(), schedule, data
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``sample`` options to ``parser``."""
+    parser.add_argument("--ckpt", required=True, help="trainer checkpoint (last.pt) or ema.safetensors")
+    parser.add_argument("--labels", default="all", help='e.g. "all", "0-9", "1,7", "null" (unconditional)')
+    parser.add_argument("--per-label", type=int, default=1, help="images per label")
+    parser.add_argument("--steps", type=int, default=100, help="sampling steps")
+    parser.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm uses the learned variance")
+    parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance (1 = off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="sample size in data pixels/latents (default: training size; may be non-square)",
+    )
+    parser.add_argument("--out", default="samples", help="output folder")
+    parser.add_argument(
+        "--nrow", type=int, default=0, help="grid columns (default: number of distinct labels, ≤ 10)"
+    )
+    parser.add_argument("--upscale", type=int, default=1, help="enlarge PNGs by pixel repetition")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw (non-EMA) weights")
+    parser.add_argument("--vae", default=None, help="AutoencoderKL (folder or hub name) to decode latents")
+    parser.add_argument(
+        "--save-latents", action="store_true", help="latent models: save latents.pt, no decoding"
+    )
+    parser.add_argument(
+        "--fid-extractor",
+        default=None,
+        help="local feature extractor (.pt2 or TorchScript) for FID/IS; never downloaded",
+    )
+    parser.add_argument(
+        "--fid-ref",
+        default=None,
+        help="reference for FID: a .npz with mu/sigma, or data (digits | imagefolder:PATH)",
+    )
+    parser.add_argument(
+        "--fid-input-size", type=int, default=299, help="extractor input side (299 = Inception)"
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def run_sample(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``sample`` with parsed ``args``; returns ``{"grid", "images", "labels"}``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    model, schedule, data = load_for_sampling(args.ckpt, args.ema, device)
+    labels = [v for v in parse_labels(args.labels, model.num_classes) for _ in range(args.per_label)]
+    c = model.in_channels
+    if args.size is not None:
+        shape = (c, *args.size)
+    elif "shape" in data:
+        shape = tuple(data["shape"])
+    else:
+        shape = (c, model.input_size, model.input_size)
+    imgs = generate(
+        model,
+        schedule,
+        labels,
+        shape,
+        args.steps,
+        args.sampler,
+        args.cfg_scale,
+        args.seed,
+        args.batch_size,
+        device,
+        args.progress,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if data.get("kind") == "latents":
+        if args.save_latents:
+            torch.save({"latents": imgs, "labels": torch.tensor(labels)}, out / "latents.pt")
+            return {"latents": str(out / "latents.pt"), "labels": labels}
+        from .latents import decode_latents
+
+        vae = args.vae or data.get("vae")
+        if not vae:
+            raise ValueError("a latent model needs --vae to decode (or use --save-latents)")
+        imgs = decode_latents(vae, imgs, float(data.get("scaling_factor", 1.0)), device=device)
+    distinct = len(dict.fromkeys(labels))
+    nrow = args.nrow or (min(distinct, 10) if args.per_label > 1 else min(len(labels), 10))
+    if args.per_label > 1 and distinct <= 10:
+        # one column per label: reorder label-major → row-major
+        order = [i * args.per_label + r for r in range(args.per_label) for i in range(distinct)]
+        imgs, labels = imgs[order], [labels[i] for i in order]
+    grid = save_images(imgs, out / "grid.png", nrow, out, labels, args.upscale)
+    result: dict[str, Any] = {"grid": str(grid), "images": len(labels), "labels": labels}
+    if args.fid_extractor:
+        result.update(_fid(args, imgs, data))
+        (out / "fid.json").write_text(
+            json.dumps({k: v for k, v in result.items() if k != "labels"}, indent=2)
+        )
+    return result
+
+
+def _fid(args: argparse.Namespace, imgs: torch.Tensor, data: dict[str, Any]) -> dict[str, float]:
+    """FID/IS of the generated images with the user's extractor (see :mod:`gspn.diffusion.fid`)."""
+    from .data import load_dataset
+    from .fid import FeatureExtractor, fid_from_images
+
+    if not args.fid_ref:
+        raise ValueError("--fid-extractor needs --fid-ref (a .npz of mu/sigma, or digits | imagefolder:PATH)")
+    ext = FeatureExtractor.load(args.fid_extractor, input_size=args.fid_input_size)
+    if args.fid_ref.endswith(".npz"):
+        ref: Any = args.fid_ref
+    else:
+        c, h, _ = imgs.shape[1:]
+        ref = load_dataset(args.fid_ref, h, c)[0].tensors[0]
+    return fid_from_images(ext, imgs, ref)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``python -m gspn.diffusion.sample``."""
+    parser = argparse.ArgumentParser(
+        prog="gspn sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_sample_arguments(parser)
+    result = run_sample(parser.parse_args(argv))
+    print(json.dumps({k: v for k, v in result.items() if k != "labels"}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""``gspn train-dit`` / ``python -m gspn.diffusion.train``: train a class-conditional GSPN-DiT.
+
+Example (a fresh CPU machine, no download)::
+
+    python -m gspn.diffusion.train --model gspn_dit_tiny --data digits --image-size 16 \\
+        --steps 2000 --batch-size 64 --out runs/dit_digits
+
+Features: the bundled digits, an ImageFolder or pre-extracted VAE latents (``--data``); the
+diffusion loss of :mod:`gspn.diffusion.gaussian`; AdamW with linear warm-up; gradient clipping;
+EMA weights; an atomic checkpoint ``OUT/last.pt`` every ``--ckpt-every`` steps (and on
+``--max-minutes``) from which ``--resume`` continues *exactly* (the data order and all random
+draws are functions of ``(seed, step, rank)``); JSON-lines metrics ``OUT/metrics.jsonl`` and a
+loss plot ``OUT/loss.png``; a tqdm progress bar; a sample grid at the end (``OUT/samples.png``)
+and the EMA weights as ``OUT/ema.safetensors`` (loadable with :func:`gspn.models.load_model`).
+Multi-process: ``torchrun --nproc_per_node=N -m gspn.diffusion.train ...`` (gloo on CPU, NCCL on
+GPU; ``--batch-size`` is the global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import create_model, save_checkpoint
+from .data import load_dataset
+from .gaussian import SAMPLERS, diffusion_loss, make_train_scheduler
+from .utils import (
+    EMA,
+    MetricsLogger,
+    atomic_torch_save,
+    barrier_and_destroy,
+    get_rng_state,
+    init_distributed,
+    plot_metrics,
+    unwrap,
+)
+
+__all__ = ["add_train_arguments", "batch_indices", "main", "parse_model_args", "run_train"]
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """``["hidden_size=96", "learn_sigma=false"]`` → ``{"hidden_size": 96, "learn_sigma": False}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        if not key or not _:
+            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``train-dit`` options to ``parser``."""
+    g = parser.add_argument_group("model and data")
+    g.add_argument(
+        "--model", default="gspn_dit_tiny", help="registered GSPN-DiT name (gspn.list_models('gspn_dit*'))"
+    )
+    g.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="constructor override, e.g. hidden_size=96 (repeatable)",
+    )
+    g.add_argument("--data", default="digits", help="digits | imagefolder:PATH | latents:PATH")
+    g.add_argument("--image-size", type=int, default=16, help="pixel data: side after resizing")
+    g.add_argument("--channels", type=int, default=1, choices=(1, 3), help="pixel data: 1 (grey) or 3 (RGB)")
+    g.add_argument(
+        "--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance"
+    )
+    g.add_argument(
+        "--no-learn-sigma",
+        dest="learn_sigma",
+        action="store_false",
+        help="predict ε only (plain MSE; fixed variance at sampling)",
+    )
+    g.add_argument("--num-train-timesteps", type=int, default=1000)
+    g.add_argument(
+        "--beta-schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2")
+    )
+    o = parser.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=2000, help="total optimizer steps")
+    o.add_argument("--batch-size", type=int, default=64, help="global batch size (split over processes)")
+    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    o.add_argument("--ema-decay", type=float, default=0.999)
+    o.add_argument("--seed", type=int, default=0)
+    r = parser.add_argument_group("run")
+    r.add_argument("--out", default="runs/dit", help="output folder (checkpoints, metrics, samples)")
+    r.add_argument("--resume", default="auto", help="auto (OUT/last.pt if present) | none | PATH")
+    r.add_argument("--ckpt-every", type=int, default=500)
+    r.add_argument("--log-every", type=int, default=10)
+    r.add_argument(
+        "--max-minutes", type=float, default=0.0, help="stop (with a checkpoint) after this wall time"
+    )
+    r.add_argument(
+        "--sample-steps", type=int, default=100, help="steps of the final sample grid (0 = no grid)"
+    )
+    r.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="sampler of the final grid")
+    r.add_argument("--cfg-scale", type=float, default=3.0, help="guidance of the final grid")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="disable the progress bar")
+    return parser
+
+
+def batch_indices(
+    num_items: int, step: int, batch: int, seed: int, rank: int = 0, world: int = 1
+) -> torch.Tensor:
+    """Dataset indices of ``rank``'s batch at ``step``: a function of its arguments only (exact resume).
+
+    Each epoch is a permutation seeded by ``(seed, epoch)``; rank ``r`` takes ``perm[r::world]``
+    and cuts it into batches of ``batch``, dropping the remainder.
+    """
+    per_rank = num_items // world
+    steps_per_epoch = per_rank // batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_items} items cannot fill a batch of {batch} on each of {world} processes")
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    mine = perm[rank::world][:per_rank]
+    return mine[i * batch : (i + 1) * batch]
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+def _lr_at(step: int, args: argparse.Namespace) -> float:
+    return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``train-dit`` with parsed ``args``; returns a summary (final step, last losses, paths)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, local_rank = init_distributed()
+    main = rank == 0
+    device = _resolve_device(args.device, local_rank)
+    out = Path(args.out)
+    try:
+        dataset, meta = load_dataset(args.data, args.image_size, args.channels)
+        c, h, w = meta["shape"]
+        overrides = {
+            "in_channels": c,
+            "input_size": h,
+            "num_classes": meta["num_classes"],
+            "class_dropout_prob": args.class_dropout,
+            "learn_sigma": args.learn_sigma,
+            **parse_model_args(args.model_arg),
+        }
+        torch.manual_seed(args.seed)
+        model = create_model(args.model, **overrides).to(device)
+        ema = EMA(model, args.ema_decay)
+        learn_sigma = unwrap(model).learn_sigma
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        schedule = {
+            "num_train_timesteps": args.num_train_timesteps,
+            "beta_schedule": args.beta_schedule,
+            "learn_sigma": learn_sigma,
+            "clip_sample": meta["kind"] == "pixels",
+        }
+        scheduler = make_train_scheduler(**schedule)
+        start = 0
+        resume = (
+            out / "last.pt" if args.resume == "auto" else None if args.resume == "none" else Path(args.resume)
+        )
+        if resume is not None and resume.is_file():
+            ckpt = torch.load(resume, map_location=device, weights_only=False)
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+            start = int(ckpt["step"])
+            if main:
+                print(f"resumed from {resume} at step {start}")
+        elif args.resume not in ("auto", "none"):
+            raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint")
+        train_model: nn.Module = model
+        if world > 1:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        per_rank = args.batch_size // world
+        if per_rank * world != args.batch_size:
+            raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
+        logger = MetricsLogger(out / "metrics.jsonl", enabled=main)
+        logger.truncate_after(start)
+        record = {
+            "arch": args.model,
+            "model_args": unwrap(model).model_args,
+            "schedule": schedule,
+            "data": {k: v for k, v in meta.items() if k != "classes"},
+            "args": {k: v for k, v in vars(args).items() if not callable(v)},  # drop the CLI's _run
+        }
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(record, indent=2, default=str))
+
+        def save(step: int) -> None:
+            if main:
+                atomic_torch_save(
+                    {
+                        "model": unwrap(model).state_dict(),
+                        "ema": ema.state_dict(),
+                        "opt": opt.state_dict(),
+                        "step": step,
+                        "rng": get_rng_state(),
+                        **record,
+                    },
+                    out / "last.pt",
+                )
+                plot_metrics(out / "metrics.jsonl", out / "loss.png")
+
+        x_all, y_all = dataset.tensors
+        bar = None
+        if main and args.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=args.steps, initial=start, desc="train-dit", dynamic_ncols=True)
+        t0 = time.time()
+        window: dict[str, float] = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+        n_window, t_window, last = 0, time.time(), {}
+        step, timed_out = start, False
+        model.train()
+        while step < args.steps:
+            torch.manual_seed(_step_seed(args.seed, step, rank))
+            idx = batch_indices(len(x_all), step, per_rank, args.seed, rank, world)
+            x, y = x_all[idx].to(device), y_all[idx].to(device)
+            lr = _lr_at(step, args)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            losses = diffusion_loss(train_model, scheduler, x, y, learn_sigma)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                if args.grad_clip > 0
+                else torch.tensor(float("nan"))
+            )
+            opt.step()
+            ema.update(model)
+            step += 1
+            for k in window:
+                window[k] += float(losses[k].detach())
+            n_window += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(losses['loss']):.4f}")
+            if step % args.log_every == 0 or step == args.steps:
+                dt = time.time() - t_window
+                last = {k: v / n_window for k, v in window.items()}
+                logger.log(
+                    step=step,
+                    **last,
+                    lr=lr,
+                    grad_norm=float(grad_norm),
+                    sec_per_step=dt / n_window,
+                    imgs_per_sec=n_window * args.batch_size / max(dt, 1e-9),
+                    elapsed_min=(time.time() - t0) / 60,
+                )
+                window = dict.fromkeys(window, 0.0)
+                n_window, t_window = 0, time.time()
+            timed_out = args.max_minutes > 0 and (time.time() - t0) / 60 >= args.max_minutes
+            if step % args.ckpt_every == 0 or step == args.steps or timed_out:
+                save(step)
+            if timed_out:
+                if main:
+                    print(f"--max-minutes {args.max_minutes} reached at step {step}; checkpoint saved")
+                break
+        if bar is not None:
+            bar.close()
+        summary: dict[str, Any] = {"step": step, "out": str(out), "minutes": (time.time() - t0) / 60, **last}
+        if main and (step == args.steps or timed_out):
+            save_checkpoint(
+                ema.model,
+                out / "ema.safetensors",
+                metadata={"gspn.diffusion": json.dumps({"schedule": schedule, "data": record["data"]})},
+            )
+            if args.sample_steps > 0:
+                from .sample import generate, save_images
+
+                n = meta["num_classes"]
+                labels = [i % n for i in range(min(n, 10) * 8)]
+                imgs = generate(
+                    ema.model,
+                    schedule,
+                    labels,
+                    (c, h, w),
+                    args.sample_steps,
+                    args.sampler,
+                    args.cfg_scale,
+                    seed=args.seed,
+                    device=device,
+                )
+                if meta["kind"] == "pixels":
+                    save_images(imgs, out / "samples.png", nrow=min(n, 10))
+                    summary["samples"] = str(out / "samples.png")
+        return summary
+    finally:
+        barrier_and_destroy()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``python -m gspn.diffusion.train``."""
+    parser = argparse.ArgumentParser(
+        prog="gspn train-dit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_train_arguments(parser)
+    summary = run_train(parser.parse_args(argv))
+    if summary:
+        print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

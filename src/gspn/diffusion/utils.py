@@ -1,0 +1,183 @@
+"""Small, self-contained training helpers: EMA, atomic checkpoints, RNG state, metrics, DDP.
+
+These mirror what a trainer needs for *exact* resume: a checkpoint holds the model, EMA,
+optimizer, step counter and every RNG state (python, numpy, torch CPU, CUDA), and is written to a
+temporary file and renamed (``os.replace``) so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "EMA",
+    "MetricsLogger",
+    "atomic_torch_save",
+    "barrier_and_destroy",
+    "get_rng_state",
+    "init_distributed",
+    "is_main_process",
+    "plot_metrics",
+    "set_rng_state",
+    "unwrap",
+]
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied).
+
+    ``ema = decay·ema + (1 − decay)·param`` after every optimizer step. The shadow model is a
+    frozen deep copy kept in eval mode.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        src = unwrap(model)
+        ema_params = dict(self.model.named_parameters())
+        for name, p in src.named_parameters():
+            ema_params[name].lerp_(p.detach(), 1.0 - self.decay)
+        ema_buffers = dict(self.model.named_buffers())
+        for name, b in src.named_buffers():
+            ema_buffers[name].copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every global RNG state (python, numpy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states saved by :func:`get_rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLogger:
+    """Append one JSON object per line to ``path`` (main process only)."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, **record: Any) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records with ``step > step`` (after resuming from an older checkpoint)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+
+def plot_metrics(
+    jsonl: str | os.PathLike, out_png: str | os.PathLike, keys: tuple[str, ...] = ("loss", "mse")
+) -> bool:
+    """Plot ``keys`` against ``step`` from a metrics file to a PNG; ``False`` if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    records = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, label=key)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise ``torch.distributed`` when launched by ``torchrun``; returns ``(rank, world, local_rank)``.
+
+    Uses NCCL when CUDA is available, gloo otherwise. Without ``torchrun`` (no ``WORLD_SIZE``)
+    nothing is initialised and ``(0, 1, 0)`` is returned.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    return rank, world, local_rank
+
+
+def is_main_process() -> bool:
+    """Rank 0, or not distributed."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier_and_destroy() -> None:
+    """``barrier()`` then ``destroy_process_group()`` (without the barrier gloo exits are flaky)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
