@@ -228,9 +228,11 @@ def test_cpu_backend_matches_reference_property(
         assert_close(g, e)
 
 
-def test_float32_long_lines_match_float64():
-    # Lines longer than the CPU kernel's strip and SIMD widths, with a ragged last strip.
-    inputs = make_inputs((1, 2, 37, 50), dtype=torch.float32, requires_grad=True)
+@pytest.mark.parametrize("shape", [(1, 2, 37, 50), (2, 3, 40, 64)], ids=["ragged", "cache-line-aligned"])
+def test_float32_long_lines_match_float64(shape):
+    # Lines longer than the CPU kernel's strip and SIMD widths: a ragged last strip, and rows that
+    # start on cache lines (the kernel streams whole lines to memory there).
+    inputs = make_inputs(shape, dtype=torch.float32, requires_grad=True)
     for direction in DIRECTIONS:
         out = line_scan(*inputs, direction=direction, normalize=True, backend="cpu")
         ref = line_scan(*(t.double() for t in inputs), direction=direction, normalize=True, backend="reference")

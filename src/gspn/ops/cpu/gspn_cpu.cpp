@@ -317,9 +317,13 @@ void scatter_columns<float>(const float* __restrict__ src, int64_t H, int64_t W,
     for (int64_t i = 0; i < rows; ++i) {
       float* row = dst + (r0 + i) * W + c0;
       if (accumulate) v[i] = _mm512_add_ps(v[i], _mm512_maskz_loadu_ps(col_mask, row));
-      _mm512_mask_storeu_ps(row, col_mask, v[i]);
+      if (!accumulate && n == 16 && (reinterpret_cast<uintptr_t>(row) & 63) == 0)
+        _mm512_stream_ps(row, v[i]);  // a whole cache line: skip the read-for-ownership
+      else
+        _mm512_mask_storeu_ps(row, col_mask, v[i]);
     }
   }
+  _mm_sfence();  // order the streaming stores before the data is read by another thread
 }
 #endif
 
