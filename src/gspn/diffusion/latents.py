@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from .._files import atomic_torch_save
 from .data import load_dataset
-from .utils import atomic_torch_save
 
 __all__ = [
     "add_extract_latents_arguments",

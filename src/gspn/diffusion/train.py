@@ -27,15 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._files import atomic_torch_save
 from ..models import create_model, save_checkpoint
+from ..train.checkpoint import capture_rng
 from .data import load_dataset
 from .gaussian import SAMPLERS, diffusion_loss, make_train_scheduler
 from .utils import (
     EMA,
     MetricsLogger,
-    atomic_torch_save,
     barrier_and_destroy,
-    get_rng_state,
     init_distributed,
     plot_metrics,
     unwrap,
@@ -220,7 +220,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                         "ema": ema.state_dict(),
                         "opt": opt.state_dict(),
                         "step": step,
-                        "rng": get_rng_state(),
+                        "rng": capture_rng(),
                         **record,
                     },
                     out / "last.pt",

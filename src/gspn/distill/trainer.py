@@ -34,7 +34,6 @@ import contextlib
 import copy
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -42,13 +41,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .._files import atomic_torch_save
 from ..integrations.diffusers import GSPNAdapter, swap_self_attention
+from ..train.checkpoint import capture_rng, restore_rng
 from .data import CaptionData, load_captions, load_image
 
 __all__ = ["DistillConfig", "Distiller", "distill"]
@@ -90,16 +90,6 @@ class DistillConfig:
 def _dist_info() -> tuple[int, int, int]:
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _atomic_save_dir(save: Callable[[Path], None], path: Path) -> None:
@@ -343,15 +333,10 @@ class Distiller:
             "trainable": self._trainable_state(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-            },
+            "rng": capture_rng(),
             "config": asdict(self.cfg),
         }
-        _atomic_torch_save(state, out / CHECKPOINT_NAME)
+        atomic_torch_save(state, out / CHECKPOINT_NAME)
         _atomic_save_dir(lambda p: self.adapter.save_pretrained(p), out / ADAPTER_DIR)
 
     def load(self, path: str | os.PathLike | None = None) -> bool:
@@ -365,12 +350,7 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step = int(state["step"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        restore_rng(state["rng"])
         return True
 
     # ------------------------------------------------------------------ loop

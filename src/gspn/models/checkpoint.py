@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
+
+from .._files import atomic_write
 
 __all__ = ["load_checkpoint", "load_model", "load_pretrained", "read_metadata", "save_checkpoint"]
 
@@ -44,16 +46,7 @@ def save_checkpoint(
         except TypeError:
             warnings.warn("model_args are not JSON-serialisable; saving the architecture only", stacklevel=2)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(safetensors_bytes(tensors, metadata=meta)))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

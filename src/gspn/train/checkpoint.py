@@ -8,49 +8,21 @@ Windows: a crash leaves either the previous file or the new one, never a truncat
 
 from __future__ import annotations
 
-import io
 import os
 import random
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .._files import atomic_torch_save, atomic_write
+
 __all__ = ["atomic_write", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], Any]) -> None:
-    """Call ``write(f)`` on a temporary file next to ``path``, then atomically rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Atomically ``torch.save`` ``state`` to ``path``."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
