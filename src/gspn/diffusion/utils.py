@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..train.distributed import cleanup_distributed
+from ..train.distributed import init_distributed as _init_distributed
+
 __all__ = [
     "EMA",
     "MetricsLogger",
@@ -117,20 +120,12 @@ def plot_metrics(
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """Initialise ``torch.distributed`` when launched by ``torchrun``; returns ``(rank, world, local_rank)``.
+    """Join the ``torchrun`` process group if any (NCCL on CUDA, gloo otherwise); ``(rank, world, local_rank)``.
 
-    Uses NCCL when CUDA is available, gloo otherwise. Without ``torchrun`` (no ``WORLD_SIZE``)
-    nothing is initialised and ``(0, 1, 0)`` is returned.
+    A thin adapter over :func:`gspn.train.distributed.init_distributed`, which owns the set-up.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
-    return rank, world, local_rank
+    ctx = _init_distributed()
+    return ctx.rank, ctx.world_size, ctx.local_rank
 
 
 def is_main_process() -> bool:
@@ -140,6 +135,4 @@ def is_main_process() -> bool:
 
 def barrier_and_destroy() -> None:
     """``barrier()`` then ``destroy_process_group()`` (without the barrier gloo exits are flaky)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    cleanup_distributed(ok=True)
