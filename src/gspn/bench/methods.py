@@ -107,7 +107,29 @@ def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Ten
     return q, k, v
 
 
-class SelfAttention(nn.Module):
+class _ProjectedAttention(nn.Module):
+    """Fused q/k/v projection → :meth:`attend` over heads → output projection, ``(B, N, C) → (B, N, C)``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``(B, heads, N, d)`` each → ``(B, heads, N, d)``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (B, N, C) → (B, N, C)``."""
+        b, n, c = x.shape
+        out = self.attend(*_split_heads(self.qkv(x), self.heads))
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class SelfAttention(_ProjectedAttention):
     """Multi-head self-attention: fused q/k/v projection, SDPA, output projection.
 
     Args:
@@ -120,26 +142,16 @@ class SelfAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, backend: object | None = None) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
-        self.heads = heads
+        super().__init__(dim, heads)
         self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: (B, N, C) → (B, N, C)``."""
-        b, n, c = x.shape
-        q, k, v = _split_heads(self.qkv(x), self.heads)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.backend is None:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            from torch.nn.attention import sdpa_kernel
+            return F.scaled_dot_product_attention(q, k, v)
+        from torch.nn.attention import sdpa_kernel
 
-            with sdpa_kernel(self.backend):
-                out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        with sdpa_kernel(self.backend):
+            return F.scaled_dot_product_attention(q, k, v)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -164,27 +176,18 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     return (q @ kv) / (normaliser + eps)
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(_ProjectedAttention):
     """Multi-head linear attention (:func:`linear_attention`) with the projections of :class:`SelfAttention`.
 
     Shapes: ``(B, N, C) → (B, N, C)``.
     """
 
     def __init__(self, dim: int, heads: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
-        self.heads = heads
+        super().__init__(dim, heads)
         self.eps = eps
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: (B, N, C) → (B, N, C)``."""
-        b, n, c = x.shape
-        q, k, v = _split_heads(self.qkv(x), self.heads)
-        out = linear_attention(q, k, v, self.eps)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return linear_attention(q, k, v, self.eps)
 
 
 # --- builders ------------------------------------------------------------------------------------
