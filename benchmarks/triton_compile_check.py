@@ -31,8 +31,14 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 
 # (kernel, block_s, block_p, num_warps): the configurations launch_config picks on a GPU for
-# lines of 56-64, 128 and 1024 positions (register variant) and for longer lines (memory variant).
+# lines of 56-64, 128 and 1024 positions (register variant), for lines shared by several programs
+# (split variant: 16384-long lines use 1024-wide windows, 1024-long lines 512-wide ones) and for the
+# memory variant (the fallback).
 MAIN = [
+    ("line_scan_fwd_split_kernel", 1, 1024, 8),
+    ("line_scan_bwd_split_kernel", 1, 1024, 8),
+    ("line_scan_fwd_split_kernel", 1, 512, 4),
+    ("line_scan_bwd_split_kernel", 1, 512, 4),
     ("line_scan_fwd_reg_kernel", 16, 64, 8),
     ("line_scan_bwd_reg_kernel", 16, 64, 8),
     ("line_scan_fwd_reg_kernel", 1, 128, 4),
@@ -42,7 +48,8 @@ MAIN = [
     ("line_scan_fwd_kernel", 1, 1024, 4),
     ("line_scan_bwd_kernel", 1, 1024, 4),
 ]
-QUICK = [("line_scan_fwd_reg_kernel", 1, 128, 4), ("line_scan_bwd_kernel", 1, 128, 4)]
+QUICK = [("line_scan_fwd_reg_kernel", 1, 128, 4), ("line_scan_bwd_kernel", 1, 128, 4),
+         ("line_scan_fwd_split_kernel", 1, 256, 4)]
 
 
 def _signature(fn, consts: dict, dtype: str) -> tuple[dict, dict]:
@@ -52,7 +59,7 @@ def _signature(fn, consts: dict, dtype: str) -> tuple[dict, dict]:
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name == "state_ptr" else f"*{dtype}"
+            sig[name] = {"state_ptr": "*fp32", "sync_ptr": "*i32"}.get(name, f"*{dtype}")
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif name.endswith(("_sb", "_sc")):
             sig[name] = "i64"
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--quick", action="store_true", help="two kernels, one configuration each")
+    parser.add_argument("--quick", action="store_true", help="three kernels, one configuration each")
     args = parser.parse_args(argv)
 
     try:

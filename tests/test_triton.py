@@ -41,6 +41,9 @@ TOL = {
 VARIANTS = {
     "memory": {"kernel": "memory", "block_p": 4, "block_s": 4, "chunk_programs": 2},
     "register": {"kernel": "register", "block_s": 4, "chunk_programs": 2},
+    # Lines cut into 4-position segments with 2-position halos (2-line time blocks), 4 slices
+    # per program.
+    "split": {"kernel": "split", "block_p": 8, "halo": 2, "block_s": 4},
 }
 SMALL = VARIANTS["memory"]
 
@@ -159,14 +162,16 @@ def test_degenerate_shapes(device, variant, direction, shape):
         _compare(shape, [shape] * 4, torch.float32, device, overrides=variant, **kwargs)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "register"])
+@pytest.mark.parametrize("kernel", ["auto", "register", "split"])
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_line_longer_than_block(device, direction, kernel):
     """A 300-long line: with the default config the interpreter's memory variant loops over 256-wide
-    blocks; the register variant holds it in one 512-wide block."""
+    blocks; the register variant holds it in one 512-wide block; the split variant shares it
+    between 7 programs (48-position segments, 8-position halos) over 2 time blocks."""
     vertical = direction in ("tb", "bt")
-    shape = (1, 2, 3, 300) if vertical else (1, 2, 300, 3)
-    overrides = {} if kernel == "auto" else {"kernel": kernel}
+    shape = (1, 2, 12, 300) if vertical else (1, 2, 300, 12)
+    overrides = {"auto": {}, "register": {"kernel": "register"},
+                 "split": {"kernel": "split", "block_p": 64, "halo": 8}}[kernel]
     kwargs = {"direction": direction, "normalize": True}
     _compare(shape, [shape] * 4, torch.bfloat16, device, overrides=overrides, **kwargs)
 
@@ -176,6 +181,10 @@ def test_launch_config_choice(monkeypatch):
     assert triton_backend.launch_config(6, 200, 1, cpu, 400)["kernel"] == "register"
     long_line = triton_backend.launch_config(6, 300, 1, cpu, 600)
     assert long_line["kernel"] == "memory" and long_line["block_p"] == 256
+    split = triton_backend.launch_config(6, 300, 1, cpu, 600, kernel="split")
+    assert (split["kernel"], split["block_p"], split["halo"], split["block_s"]) == ("split", 256, 16, 1)
+    with triton_backend.launch_overrides(kernel="split", block_p=8, halo=3), pytest.raises(ValueError, match="halo"):
+        triton_backend.launch_config(6, 300, 1, cpu, 600)
     monkeypatch.setenv("GSPN_TRITON_KERNEL", "memory")
     assert triton_backend.launch_config(6, 8, 1, cpu, 16)["kernel"] == "memory"
     monkeypatch.setenv("GSPN_TRITON_KERNEL", "fast")
@@ -195,18 +204,19 @@ def test_line_scan_4d(device, variant, normalize):
         _compare(shape, param_shapes, dtype, device, fn=line_scan_4d, overrides=variant, **kwargs)
 
 
-def test_mixed_and_double_dtypes(device):
+def test_mixed_and_double_dtypes(device, variant):
     """bf16 x with float32 gates gives a float32 result; float64 runs with float64 state."""
     shape = (1, 2, 4, 5)
     x, params = _make(shape, [shape] * 4, torch.float32, device)
     xb = x.to(torch.bfloat16)
-    with triton_backend.launch_overrides(**SMALL):
+    with triton_backend.launch_overrides(**variant):
         got = _run(line_scan, xb, params, backend="triton", direction="lr", normalize=True)
     cpu_params = [p.cpu() for p in params]
     want = _run(line_scan, xb.cpu(), cpu_params, backend="reference", direction="lr", normalize=True)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
     _assert_close(got, want, torch.bfloat16)
-    _compare(shape, [shape] * 4, torch.float64, device, direction="rl", chunk_size=3, normalize=True)
+    _compare(shape, [shape] * 4, torch.float64, device, overrides=variant, direction="rl", chunk_size=3,
+             normalize=True)
 
 
 def test_extreme_logits_stay_finite(device):
@@ -252,19 +262,44 @@ class _FakeKernel:
 
 def test_register_variant_fallback(monkeypatch):
     """A GPU compile/resource failure retries without pipelining, then falls back to memory."""
-    monkeypatch.setattr(triton_backend, "_no_pipelining", set())
-    monkeypatch.setattr(triton_backend, "_register_broken", set())
+    monkeypatch.setattr(triton_backend, "_broken", set())
     cfg = {"kernel": "register", "num_stages": 3, "num_warps": 4, "block_p": 64}
     cuda = torch.device("cuda")
     kernel = _FakeKernel({3})
-    assert triton_backend._launch_register(kernel, (1, 1), (), {}, cfg, cuda)
-    assert kernel.calls == [3, 1] and triton_backend._no_pipelining == {64}
+    assert triton_backend._launch_gather_kernel(kernel, (1, 1), (), {}, cfg, cuda)
+    assert kernel.calls == [3, 1] and triton_backend._broken == {("pipelined", 64)}
     with pytest.warns(RuntimeWarning, match="memory"):
-        assert not triton_backend._launch_register(_FakeKernel({1, 3}), (1, 1), (), {}, cfg, cuda)
-    assert triton_backend._register_broken == {64}
+        assert not triton_backend._launch_gather_kernel(_FakeKernel({1, 3}), (1, 1), (), {}, cfg, cuda)
+    assert ("register", 64) in triton_backend._broken
     assert triton_backend.launch_config(6, 40, 1, torch.device("cpu"), 80)["kernel"] == "memory"
     with pytest.raises(RuntimeError, match="out of resource"):  # the interpreter never hides errors
-        triton_backend._launch_register(_FakeKernel({1}), (1, 1), (), {}, {**cfg, "num_stages": 1}, "cpu")
+        triton_backend._launch_gather_kernel(_FakeKernel({1}), (1, 1), (), {}, {**cfg, "num_stages": 1}, "cpu")
+
+
+def test_gpu_launch_choice(monkeypatch):
+    """On a (pretend) 132-SM GPU: whole lines in registers when planes fill the GPU, lines split
+    over programs when they do not or are longer than 1024; a broken split build uses memory."""
+    monkeypatch.setattr(triton_backend, "_broken", set())
+    props = type("Props", (), {"multi_processor_count": 132})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cuda = torch.device("cuda")
+
+    def pick(slices, length, chunks=1):
+        return triton_backend.launch_config(slices, length, chunks, cuda, 2 * length)
+
+    assert pick(8 * 1536, 56)["kernel"] == "register"
+    assert pick(1280, 128)["kernel"] == "register"
+    assert pick(128, 1024)["kernel"] == "register"
+    assert pick(8, 1024, chunks=64)["kernel"] == "register"  # many independent tiles
+    few = pick(8, 1024)
+    assert (few["kernel"], few["block_p"], few["halo"], few["block_s"]) == ("split", 512, 32, 1)
+    huge = pick(8, 16384)
+    assert (huge["kernel"], huge["block_p"], huge["halo"], huge["num_warps"]) == ("split", 1024, 64, 8)
+    segment, segments, groups, blocks = triton_backend.split_programs(8, 16384, 16384, huge)
+    assert (segment, segments, groups, blocks) == (896, 19, 8, 256)
+    assert pick(4096, 2048)["kernel"] == "split"  # longer than a register block
+    triton_backend._broken.add(("split", 1024))
+    assert pick(8, 16384)["kernel"] == "memory"
 
 
 def test_kernels_compile_for_sm90():

@@ -38,6 +38,7 @@ __all__ = [
     "launch_config",
     "launch_overrides",
     "scan",
+    "split_programs",
     "scan_backward",
     "unavailable_reason",
 ]
@@ -49,10 +50,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _kernel_module: ModuleType | None = None
 _import_error: str | None = None
 _overrides: dict[str, Any] = {}
-# Line blocks (BLOCK_P) for which the register variant failed on this GPU (then: memory),
-# and those that only compiled without software pipelining.
-_register_broken: set[int] = set()
-_no_pipelining: set[int] = set()
+# (variant, BLOCK_P) that failed to build or run on this GPU (then: the memory variant), and
+# ("pipelined", BLOCK_P) where the register variant only built without software pipelining.
+_broken: set[tuple[str, int]] = set()
 
 # Upper bounds of the tile a program holds in registers.
 _GPU_MAX_BLOCK_P = 1024
@@ -64,6 +64,10 @@ _GPU_NUM_STAGES = 1
 _GPU_MAX_TILE = 2048
 _INTERP_MAX_BLOCK_P = 256
 _INTERP_MAX_TILE = 4096
+# Split variant: windows of 256…1024 positions, halo (= lines per time block) 1/16 of the window,
+# so each program recomputes 2/14 of its segment again. Untuned: no GPU has run it yet.
+_SPLIT_MIN_BLOCK_P = 256
+_SPLIT_HALO_FRACTION = 16
 _MAX_SCRATCH_BYTES = 256 << 20
 
 
@@ -103,17 +107,18 @@ def unavailable_reason(device: torch.device | str) -> str:
     return ""
 
 
-_LAUNCH_KEYS = {"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages"}
-_KERNELS = ("auto", "register", "memory")
+_LAUNCH_KEYS = {"kernel", "block_s", "block_p", "halo", "chunk_programs", "num_warps", "num_stages"}
+_KERNELS = ("auto", "register", "split", "memory")
 
 
 @contextlib.contextmanager
 def launch_overrides(**values: Any) -> Iterator[None]:
     """Force launch parameters for the calls inside the ``with`` block (tests and experiments).
 
-    Keys: ``kernel`` (``"register"`` or ``"memory"``), ``block_s``, ``block_p``, ``chunk_programs``,
-    ``num_warps``, ``num_stages``. Lets the CPU tests drive the multi-block line loop and the split
-    over tiles with small shapes.
+    Keys: ``kernel`` (``"register"``, ``"split"`` or ``"memory"``), ``block_s``, ``block_p``,
+    ``halo`` (split variant: lines per time block, also the halo width), ``chunk_programs``,
+    ``num_warps``, ``num_stages``. Lets the CPU tests drive the multi-block line loop, the split of
+    lines over programs and the split over tiles with small shapes.
     """
     unknown = set(values) - _LAUNCH_KEYS
     if unknown:
@@ -137,10 +142,13 @@ def launch_config(
 ) -> dict[str, Any]:
     """Pick the kernel variant and its launch parameters for one call.
 
-    ``kernel="register"`` (state in registers, whole line in one block) is used when the line fits
-    in one block (``P <= 1024`` on a GPU, ``<= 256`` in the interpreter), ``"memory"`` (state
-    exchanged through memory, the line looped over in blocks) otherwise. ``GSPN_TRITON_KERNEL``
-    (``register`` / ``memory``) forces one where possible.
+    On a GPU, ``"register"`` (state in registers, whole line of a plane in one program) is used
+    when the line fits in one block (``P <= 1024``) and there are at least half as many programs
+    (planes × tiles) as SMs; otherwise ``"split"`` (each line shared by several programs, which
+    recompute a halo; time blocks chained through flags). In the interpreter: ``"register"`` for
+    ``P <= 256``, else ``"memory"`` (state exchanged through memory, the line looped over in
+    blocks). A variant that failed to build on this GPU falls back to ``"memory"``.
+    ``GSPN_TRITON_KERNEL`` forces one.
 
     Args:
         slices: ``B·C``.
@@ -151,7 +159,8 @@ def launch_config(
         kernel: force a variant (takes precedence over overrides and the environment).
 
     Returns:
-        ``{"kernel", "block_s", "block_p", "chunk_programs", "num_warps", "num_stages"}``.
+        ``{"kernel", "block_s", "block_p", "halo", "chunk_programs", "num_warps", "num_stages"}``
+        (``halo`` is 0 except for the split variant).
     """
     interp = device.type == "cpu"
     max_reg = _INTERP_MAX_BLOCK_P if interp else _GPU_MAX_REG_BLOCK_P
@@ -159,9 +168,30 @@ def launch_config(
     if kernel not in _KERNELS:
         raise ValueError(f"GSPN_TRITON_KERNEL must be one of {_KERNELS}, got {kernel!r}")
     block_p = _overrides.get("block_p")
+    sms = 0 if interp else torch.cuda.get_device_properties(device).multi_processor_count
     if kernel == "auto":
         whole = _next_pow2(line_length)
-        kernel = "register" if whole <= (block_p or max_reg) and whole not in _register_broken else "memory"
+        fits = whole <= (block_p or max_reg) and ("register", whole) not in _broken
+        if interp:
+            kernel = "register" if fits else "memory"
+        elif fits and slices * num_chunks >= sms // 2:
+            kernel = "register"
+        else:
+            kernel = "split"
+    if kernel == "split":
+        block_p = block_p or _split_block(line_length)
+        if ("split", block_p) in _broken:
+            kernel, block_p = "memory", None
+    if kernel == "split":
+        halo = _overrides.get("halo") or max(1, block_p // _SPLIT_HALO_FRACTION)
+        if not 1 <= 3 * halo <= block_p:
+            raise ValueError(f"the split kernel needs 1 <= 3 * halo <= block_p, got halo={halo}, block_p={block_p}")
+        config = {
+            "kernel": kernel, "block_s": 1, "block_p": block_p, "halo": halo, "chunk_programs": 1,
+            "num_warps": 1 if interp else max(4, min(16, block_p // (32 * 4))), "num_stages": 1,
+        }
+        config.update({k: v for k, v in _overrides.items() if k in ("block_s", "num_warps", "num_stages")})
+        return config
     if kernel == "register":
         block_p = _next_pow2(line_length)  # the whole line, whatever was asked
         scratch_floats_per_line = 0
@@ -174,7 +204,7 @@ def launch_config(
     else:
         max_tile = _GPU_MAX_REG_BLOCK_P if kernel == "register" else _GPU_MAX_TILE
         block_s = min(_next_pow2(slices), max(1, max_tile // block_p))
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 4 * sms
         # Smaller slice groups until there are enough programs to fill the GPU.
         while block_s > 1 and _cdiv(slices, block_s) * num_chunks < target:
             block_s //= 2
@@ -190,12 +220,24 @@ def launch_config(
         per_thread = 4 if kernel == "register" else 8
         num_warps = max(4, min(16, block_s * block_p // (32 * per_thread)))
     config: dict[str, Any] = {
-        "kernel": kernel, "block_s": block_s, "block_p": block_p, "chunk_programs": chunk_programs,
-        "num_warps": num_warps, "num_stages": 1 if interp or block_p in _no_pipelining else _GPU_NUM_STAGES,
+        "kernel": kernel, "block_s": block_s, "block_p": block_p, "halo": 0, "chunk_programs": chunk_programs,
+        "num_warps": num_warps, "num_stages": 1 if interp or ("pipelined", block_p) in _broken else _GPU_NUM_STAGES,
     }
-    config.update({k: v for k, v in _overrides.items() if k not in ("kernel", "block_p")})
+    config.update({k: v for k, v in _overrides.items() if k not in ("kernel", "block_p", "halo")})
     config["chunk_programs"] = max(1, min(config["chunk_programs"], num_chunks, 65535))
     return config
+
+
+def _split_block(line_length: int) -> int:
+    """Window of the split variant: 1024 positions for long lines, fewer for short ones."""
+    return max(_SPLIT_MIN_BLOCK_P, min(_GPU_MAX_REG_BLOCK_P, _next_pow2(line_length) // 2))
+
+
+def split_programs(slices: int, line_length: int, num_lines: int, cfg: dict[str, Any]) -> tuple[int, int, int, int]:
+    """``(segment, segments per line, slice groups, time blocks)`` of a split launch; the grid has
+    their product of programs (segments × groups × time blocks)."""
+    segment = cfg["block_p"] - 2 * cfg["halo"]
+    return segment, _cdiv(line_length, segment), _cdiv(slices, cfg["block_s"]), _cdiv(num_lines, cfg["halo"])
 
 
 def _next_pow2(n: int) -> int:
@@ -257,13 +299,13 @@ def _geometry(x: torch.Tensor, direction: str, chunk_size: int | None):
     return d, batch * channels, num_lines, line_length, chunk, _cdiv(num_lines, chunk)
 
 
-def _launch_register(kernel, grid, args: tuple, kwargs: dict[str, Any], cfg: dict[str, Any], device) -> bool:
-    """Launch a register kernel; ``False`` if it cannot be compiled here (use the memory variant).
+def _launch_gather_kernel(kernel, grid, args: tuple, kwargs: dict[str, Any], cfg: dict[str, Any], device) -> bool:
+    """Launch a register or split kernel; ``False`` if it cannot be built here (use the memory variant).
 
-    On a GPU, a compilation or resource error (this variant relies on ``tl.gather`` and on the
+    On a GPU, a compilation or resource error (these variants rely on ``tl.gather`` and on the
     software pipeliner, which a Triton version or GPU may not support, and may run out of shared
-    memory with pipelining) is retried once without pipelining, then recorded for this line block
-    size with a warning. In the interpreter every error propagates.
+    memory with pipelining) is retried once without pipelining, then recorded for this variant and
+    line block size with a warning. In the interpreter every error propagates.
     """
     stages = [cfg["num_stages"]] + ([1] if cfg["num_stages"] > 1 else [])
     for num_stages in stages:
@@ -275,9 +317,9 @@ def _launch_register(kernel, grid, args: tuple, kwargs: dict[str, Any], cfg: dic
             error = exc
             continue
         if num_stages == 1 and cfg["num_stages"] > 1:
-            _no_pipelining.add(cfg["block_p"])
+            _broken.add(("pipelined", cfg["block_p"]))
         return True
-    _register_broken.add(cfg["block_p"])
+    _broken.add((cfg["kernel"], cfg["block_p"]))
     warnings.warn(
         f"gspn: the {cfg['kernel']} Triton line-scan kernel failed on this GPU for lines of up to "
         f"{cfg['block_p']} positions ({type(error).__name__}: {str(error)[:300]}); using the memory "
@@ -328,11 +370,24 @@ def scan(
     )
     flags = {"VERTICAL": d.vertical, "REVERSE": d.reverse, "NORMALIZE": normalize, "ACC": acc}
     cfg = launch_config(slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length)
+    if cfg["kernel"] == "split":
+        segment, num_seg, groups, time_blocks = split_programs(slices, line_length, num_lines, cfg)
+        sync = torch.zeros(1 + time_blocks * groups * num_seg, dtype=torch.int32, device=x.device)
+        state = torch.empty(slices * 2 * line_length, dtype=acc_torch, device=x.device)
+        args = (x, lam, w_left, w_mid, w_right, out, state, sync, *strides[:-1],
+                segment, cfg["halo"], num_seg, groups)
+        kwargs = {**flags, "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
+        grid = (time_blocks * groups * num_seg,)
+        if _launch_gather_kernel(kernels.line_scan_fwd_split_kernel, grid, args, kwargs, cfg, x.device):
+            return out
+        cfg = launch_config(
+            slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length, kernel="memory"
+        )
     if cfg["kernel"] == "register":
         grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
         args = (x, lam, w_left, w_mid, w_right, out, *strides)
         kwargs = {**flags, "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
-        if _launch_register(kernels.line_scan_fwd_reg_kernel, grid, args, kwargs, cfg, x.device):
+        if _launch_gather_kernel(kernels.line_scan_fwd_reg_kernel, grid, args, kwargs, cfg, x.device):
             return out
         cfg = launch_config(
             slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length, kernel="memory"
@@ -395,10 +450,21 @@ def scan_backward(
         "ACCUMULATE_DX": accumulate_dx, "ACC": acc,
     }
     cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length)
+    kwargs = {**flags, "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
+    if cfg["kernel"] == "split":
+        segment, num_seg, groups, time_blocks = split_programs(slices, line_length, num_lines, cfg)
+        sync = torch.zeros(1 + time_blocks * groups * num_seg, dtype=torch.int32, device=x.device)
+        state = torch.empty(slices * 6 * line_length, dtype=acc_torch, device=x.device)
+        split_args = (*args, state, sync, *strides[:-1], segment, cfg["halo"], num_seg, groups)
+        grid = (time_blocks * groups * num_seg,)
+        if _launch_gather_kernel(kernels.line_scan_bwd_split_kernel, grid, split_args, kwargs, cfg, x.device):
+            _copy_back(grads, d_params)
+            return
+        cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length, kernel="memory")
     if cfg["kernel"] == "register":
         grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
         kwargs = {**flags, "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
-        if _launch_register(kernels.line_scan_bwd_reg_kernel, grid, (*args, *strides), kwargs, cfg, x.device):
+        if _launch_gather_kernel(kernels.line_scan_bwd_reg_kernel, grid, (*args, *strides), kwargs, cfg, x.device):
             _copy_back(grads, d_params)
             return
         cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length, kernel="memory")
