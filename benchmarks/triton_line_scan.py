@@ -132,11 +132,25 @@ def launch_summary(shape, direction: str, chunk_size: int | None, dtype: torch.d
     parts = []
     for label, floats in (("fwd", scratch), ("bwd", 6 * length)):
         cfg = triton_backend.launch_config(batch * channels, length, chunks, device, floats)
-        programs = -(-batch * channels // cfg["block_s"]) * cfg["chunk_programs"]
+        if cfg["kernel"] == "split":
+            segment, segments, groups, blocks = triton_backend.split_programs(batch * channels, length, lines, cfg)
+            programs = f"{segments * groups}x{blocks} (segment {segment}, halo {cfg['halo']})"
+        else:
+            programs = -(-batch * channels // cfg["block_s"]) * cfg["chunk_programs"]
         parts.append(f"{label}: {cfg['kernel']} BLOCK_S={cfg['block_s']} BLOCK_P={cfg['block_p']} "
                      f"warps={cfg['num_warps']} programs={programs}")
     label = "x".join(map(str, shape))
     return f"{label:>22} {direction:>3}  launch (auto) — " + "; ".join(parts)
+
+
+def kernel_overrides(spec: str) -> dict[str, object]:
+    """``"split/1024/64"`` → ``{"kernel": "split", "block_p": 1024, "halo": 64}``; ``"register"`` →
+    ``{"kernel": "register"}`` (see ``gspn.ops.triton.launch_overrides``)."""
+    name, *numbers = spec.split("/")
+    overrides: dict[str, object] = {"kernel": name}
+    for key, value in zip(("block_p", "halo"), numbers, strict=False):
+        overrides[key] = int(value)
+    return overrides
 
 
 def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> list[Row]:
@@ -163,7 +177,7 @@ def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> li
     for impl in impls:
         backend = "reference" if impl == "baseline" else "triton"
         rep = args.rep if backend == "triton" else max(1, args.rep // 4)
-        overrides = {"kernel": impl.split(":")[1]} if ":" in impl else {}
+        overrides = kernel_overrides(impl.split(":")[1]) if ":" in impl else {}
         for mode in ("fwd", "fwd+bwd"):
             try:
                 with triton_backend.launch_overrides(**overrides):
@@ -193,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=None, help="local GSPN tile size (default: global)")
     parser.add_argument("--quick", action="store_true", help="short timing, first direction only")
     parser.add_argument("--kernels", default="auto",
-                        help="comma-separated Triton kernel variants to time: auto, register, memory "
-                        "(default auto)")
+                        help="comma-separated Triton kernel variants to time: auto, register, memory, split "
+                        "or split/BLOCK_P/HALO, e.g. auto,register,split/512/32,split/1024/64 (default auto)")
     parser.add_argument("--no-baseline", action="store_true", help="do not time the per-line baseline")
     parser.add_argument("--baseline-max-numel", type=int, default=1 << 28,
                         help="skip the baseline above this many input elements (default 2^28)")

@@ -294,11 +294,11 @@ def test_gpu_launch_choice(monkeypatch):
     few = pick(8, 1024)
     assert (few["kernel"], few["block_p"], few["halo"], few["block_s"]) == ("split", 512, 32, 1)
     huge = pick(8, 16384)
-    assert (huge["kernel"], huge["block_p"], huge["halo"], huge["num_warps"]) == ("split", 1024, 64, 8)
+    assert (huge["kernel"], huge["block_p"], huge["halo"], huge["num_warps"]) == ("split", 512, 32, 4)
     segment, segments, groups, blocks = triton_backend.split_programs(8, 16384, 16384, huge)
-    assert (segment, segments, groups, blocks) == (896, 19, 8, 256)
+    assert (segment, segments, groups, blocks) == (448, 37, 8, 512)
     assert pick(4096, 2048)["kernel"] == "split"  # longer than a register block
-    triton_backend._broken.add(("split", 1024))
+    triton_backend._broken.add(("split", 512))
     assert pick(8, 16384)["kernel"] == "memory"
 
 

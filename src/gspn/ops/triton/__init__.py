@@ -38,8 +38,8 @@ __all__ = [
     "launch_config",
     "launch_overrides",
     "scan",
-    "split_programs",
     "scan_backward",
+    "split_programs",
     "unavailable_reason",
 ]
 
@@ -64,9 +64,10 @@ _GPU_NUM_STAGES = 1
 _GPU_MAX_TILE = 2048
 _INTERP_MAX_BLOCK_P = 256
 _INTERP_MAX_TILE = 4096
-# Split variant: windows of 256…1024 positions, halo (= lines per time block) 1/16 of the window,
+# Split variant: windows of 256 or 512 positions, halo (= lines per time block) 1/16 of the window,
 # so each program recomputes 2/14 of its segment again. Untuned: no GPU has run it yet.
 _SPLIT_MIN_BLOCK_P = 256
+_SPLIT_MAX_BLOCK_P = 512
 _SPLIT_HALO_FRACTION = 16
 _MAX_SCRATCH_BYTES = 256 << 20
 
@@ -229,8 +230,10 @@ def launch_config(
 
 
 def _split_block(line_length: int) -> int:
-    """Window of the split variant: 1024 positions for long lines, fewer for short ones."""
-    return max(_SPLIT_MIN_BLOCK_P, min(_GPU_MAX_REG_BLOCK_P, _next_pow2(line_length) // 2))
+    """Window of the split variant: 512 positions (4 warps, ~150 registers per thread: three programs
+    per SM, so one waiting for its neighbours or loading its first line does not leave the SM idle),
+    256 for lines shorter than 512."""
+    return max(_SPLIT_MIN_BLOCK_P, min(_SPLIT_MAX_BLOCK_P, _next_pow2(line_length) // 2))
 
 
 def split_programs(slices: int, line_length: int, num_lines: int, cfg: dict[str, Any]) -> tuple[int, int, int, int]:

@@ -538,7 +538,7 @@ def _split_program(
     """Ticket, time block ``k``, segment, slices and window of a split program.
 
     Returns the ticket (its flag is ``sync_ptr + 1 + ticket``), ``k``, ``seg``, the slices ``s``
-    (int64), their validity, the window's image positions ``p`` (may lie outside ``[0, P)``),
+    (int64), the window's image positions ``p`` (may lie outside ``[0, P)``),
     ``inside`` (``[BLOCK_S, BLOCK_P]``: slice and position exist) and ``own`` (``inside`` and in
     this program's segment).
     """
@@ -548,12 +548,11 @@ def _split_program(
     group = (ticket % per_block) // NUM_SEG
     seg = ticket % NUM_SEG
     s = (group * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
-    s_ok = s < S
     q = tl.arange(0, BLOCK_P)
     p = seg * SEG - HALO + q
-    inside = s_ok[:, None] & ((p >= 0) & (p < P))[None, :]
+    inside = (s < S)[:, None] & ((p >= 0) & (p < P))[None, :]
     own = inside & ((q >= HALO) & (q < HALO + SEG))[None, :]
-    return ticket, k, seg, s, s_ok, p, inside, own
+    return ticket, k, seg, s, p, inside, own
 
 
 @triton.jit
@@ -626,7 +625,7 @@ def line_scan_fwd_split_kernel(
     Grid: ``(NUM_TIME_BLOCKS · NUM_GROUPS · NUM_SEG,)``; ``sync_ptr``: int32 zeros, one ticket
     counter then one flag per program; ``state_ptr``: float32 ``(S, 2, P)`` scratch.
     """
-    ticket, k, seg, s, s_ok, p, inside, own = _split_program(
+    ticket, k, seg, s, p, inside, own = _split_program(
         sync_ptr, S, P, SEG, HALO, NUM_SEG, NUM_GROUPS, BLOCK_S, BLOCK_P
     )
     b = s // C
@@ -705,7 +704,7 @@ def line_scan_bwd_split_kernel(
     ``(S, 2, 3, P)`` float32); gradients as in :func:`_adjoint_line`, written for ``own``
     positions only.
     """
-    ticket, k, seg, s, s_ok, p, inside, own = _split_program(
+    ticket, k, seg, s, p, inside, own = _split_program(
         sync_ptr, S, P, SEG, HALO, NUM_SEG, NUM_GROUPS, BLOCK_S, BLOCK_P
     )
     b = s // C
