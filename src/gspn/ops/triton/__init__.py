@@ -14,7 +14,9 @@ Design and byte model: see ``README.md`` next to this file.
   parameters are read by index (batch stride 0, parameter channel ``c // (C / Cg)``).
 * ``normalize=True`` evaluates the stability–context normalisation inside the kernels (the backward
   recomputes it and returns gradients w.r.t. the logits).
-* Local GSPN tiles are independent and are spread over the second grid axis.
+* Local GSPN tiles are independent and are spread over the second grid axis; when the planes are
+  too few to fill the GPU (a global scan of ``(1, 8, 16384, 16384)``), each line is shared by
+  several programs (the *split* variant).
 """
 
 from __future__ import annotations

@@ -7,16 +7,20 @@ plane: ``(W, 1)`` for the vertical directions (lines are rows) and ``(1, W)`` fo
 ones (lines are columns). Reversed directions walk ``i`` downwards. Nothing is flipped or
 transposed in memory.
 
-Each program owns ``BLOCK_S`` slices and a set of tiles (chunks) of the scan axis, and walks the
-lines of each tile in scan order. Two kernel families (forward and adjoint each):
+Each program of the first two families owns ``BLOCK_S`` slices and a set of tiles (chunks) of the
+scan axis, and walks the lines of each tile in scan order. Three kernel families (forward and
+adjoint each):
 
 * *memory* (``line_scan_fwd_kernel``, ``line_scan_bwd_kernel``): a line is processed in blocks of
   ``BLOCK_P`` positions, so lines of any length work; the state of the previous line is exchanged
   through memory (the output itself when it is float32/float64, else a float32 scratch ping-pong
   buffer) with a block-wide barrier between lines;
-* *register* (``*_reg_kernel``): the whole line is one block and the state stays in registers.
+* *register* (``*_reg_kernel``): the whole line is one block and the state stays in registers;
+* *split* (``*_split_kernel``): a line is shared by several programs, each holding a window of it
+  in registers and recomputing a halo; programs of consecutive time blocks are chained by flags
+  (see the section comment above the kernels).
 
-Both families share the ``_``-prefixed ``@triton.jit`` helpers below (inlined by the compiler):
+All families share the ``_``-prefixed ``@triton.jit`` helpers below (inlined by the compiler):
 slice and base-offset set-up, line indexing, gate loading and normalisation, and the per-line
 gradient math of the adjoint.
 """
