@@ -1,4 +1,4 @@
-"""Public line-scan operators, registered as ``torch.library`` custom ops with an explicit adjoint.
+"""Public line-scan operators, registered as ``torch.library`` operators with an explicit adjoint.
 
 ``torch.ops.gspn.line_scan`` / ``line_scan_4d`` and their ``*_backward`` ops are opaque to
 ``torch.compile`` (no graph break), carry fake (meta) implementations, and have FLOP formulas
@@ -16,6 +16,35 @@ from .directions import DIRECTIONS, get_direction
 from .validation import check_line_scan_args, compute_dtype, reduce_to_shape, result_dtype
 
 __all__ = ["line_scan", "line_scan_4d", "scan_flops"]
+
+_LIB = torch.library.Library("gspn", "DEF")
+
+
+class _Op:
+    """A ``gspn::<name>`` operator defined from a Python function's signature.
+
+    ``torch.library.custom_op`` would do the same, but wraps the implementation in
+    ``torch._disable_dynamo``, whose first call imports ``torch._dynamo`` (0.7–2.7 s here): every
+    process paid that on its first scan. Defining the op with ``torch.library`` directly keeps the
+    schema inference, fake and autograd registrations, and is just as opaque to ``torch.compile``.
+    """
+
+    def __init__(self, name: str, impl) -> None:
+        self.qualname = f"gspn::{name}"
+        _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()))
+        _LIB.impl(name, impl, "CompositeExplicitAutograd")
+
+    def register_fake(self, fn):
+        torch.library.register_fake(self.qualname, fn, lib=_LIB)
+        return fn
+
+    def register_autograd(self, backward, *, setup_context) -> None:
+        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=_LIB)
+
+
+def _custom_op(name: str):
+    """Decorator: define ``gspn::<name>`` with the decorated function as its implementation."""
+    return lambda impl: _Op(name, impl)
 
 
 def _prepare(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -96,7 +125,7 @@ def _backward(grad, h, x, params, directions, chunk_size, normalize, backend, fo
 # --- one direction -------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gspn::line_scan", mutates_args=())
+@_custom_op("line_scan")
 def _line_scan_op(
     x: torch.Tensor,
     lam: torch.Tensor,
@@ -116,7 +145,7 @@ def _(x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend)
     return x.new_empty(x.shape, dtype=result_dtype(x, lam, w_left, w_mid, w_right))
 
 
-@torch.library.custom_op("gspn::line_scan_backward", mutates_args=())
+@_custom_op("line_scan_backward")
 def _line_scan_backward_op(
     grad: torch.Tensor,
     h: torch.Tensor,
@@ -157,7 +186,7 @@ _line_scan_op.register_autograd(_line_scan_autograd, setup_context=_setup_contex
 # --- four directions -----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gspn::line_scan_4d", mutates_args=())
+@_custom_op("line_scan_4d")
 def _line_scan_4d_op(
     x: torch.Tensor,
     lam: torch.Tensor,
@@ -176,7 +205,7 @@ def _(x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend):
     return x.new_empty((x.shape[0], 4, *x.shape[1:]), dtype=result_dtype(x, lam, w_left, w_mid, w_right))
 
 
-@torch.library.custom_op("gspn::line_scan_4d_backward", mutates_args=())
+@_custom_op("line_scan_4d_backward")
 def _line_scan_4d_backward_op(
     grad: torch.Tensor,
     h: torch.Tensor,
