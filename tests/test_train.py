@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -354,12 +354,6 @@ def test_benchmark_script_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
 # ----------------------------------------------------------------------------------------- flops
 
 
-def test_flops_cli_without_complexity_module(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.setitem(sys.modules, "gspn.models.complexity", None)
-    assert main(["flops"]) == 2
-    assert "gspn.models.complexity is not available" in capsys.readouterr().err
-
-
 def test_flops_cli_with_complexity(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     calls = []
 
@@ -367,9 +361,7 @@ def test_flops_cli_with_complexity(monkeypatch: pytest.MonkeyPatch, capsys) -> N
         calls.append((input_size, batch))
         return {"params": count_params(model), "macs": 123_000_000}
 
-    fake = types.ModuleType("gspn.models.complexity")
-    fake.complexity = complexity  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "gspn.models.complexity", fake)
+    monkeypatch.setattr(importlib.import_module("gspn.models.complexity"), "complexity", complexity)
     argv = ["flops", "--model", "baseline_conv", "--img-size", "64", "--num-classes", "10", "--json"]
     assert main(argv) == 0
     row = json.loads(capsys.readouterr().out.strip())
@@ -378,6 +370,29 @@ def test_flops_cli_with_complexity(monkeypatch: pytest.MonkeyPatch, capsys) -> N
     assert calls == [((3, 64, 64), 1)]
     assert main(["flops", "--model", "baseline_conv", "--img-size", "64"]) == 0
     assert "0.123" in capsys.readouterr().out
+
+
+def test_flops_cli_classifiers_and_diffusion_models(capsys) -> None:
+    """Each model at its own default input (a DiT takes latents), counted on the meta device."""
+    from gspn.models import create_model
+
+    assert main(["flops", "--model", "gspn_nano", "gspn_dit_tiny", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["model"], r["task"], r["input_size"]) for r in rows] == [
+        ("gspn_nano", "classification", [3, 32, 32]),
+        ("gspn_dit_tiny", "diffusion", [1, 16, 16]),
+    ]
+    assert rows[1]["params"] == count_params(create_model("gspn_dit_tiny"))
+    assert all(r["macs"] > 0 for r in rows)
+
+
+def test_cli_reports_bad_models_without_traceback(capsys, tmp_path) -> None:
+    assert main(["flops", "--model", "no_such_model"]) == 2
+    assert "gspn flops: error: unknown model 'no_such_model'" in capsys.readouterr().err
+    assert main(["flops", "--batch", "0"]) == 2
+    assert "--batch must be a positive integer" in capsys.readouterr().err
+    assert main(["train", "--model", "gspn_dit_tiny", "--out", str(tmp_path)]) == 2
+    assert "gspn train-dit" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------- DDP

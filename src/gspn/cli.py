@@ -211,53 +211,53 @@ def _add_flops(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "flops",
         help="print parameters and MACs per model",
+        description="Parameters and multiply-accumulates of one forward pass (the GSPN papers' convention: "
+        "convolutions, linears and matmuls, plus the line scans). Classifiers and diffusion models; each "
+        "model at its own default input unless --img-size / --in-chans are given.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", nargs="+", default=None, help="model names (default: every registered model)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--in-chans", type=int, default=3)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's, e.g. 224)")
+    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the model's)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.set_defaults(func=_cmd_flops)
 
 
 def _cmd_flops(args: argparse.Namespace) -> int:
-    try:
-        from .models.complexity import complexity
-    except ImportError as e:
-        print(
-            f"gspn flops: gspn.models.complexity is not available in this installation ({e}); "
-            "it ships with the gspn.models backbones.",
-            file=sys.stderr,
-        )
-        return 2
-    from .train import available_models, build_model
+    import torch
 
-    names = args.model or [n for n in available_models() if not n.startswith("baseline_")]
-    size = (args.in_chans, args.img_size, args.img_size)
+    from .models import create_model, get_default_cfg
+    from .models.complexity import complexity
+    from .train import available_models, build_model, model_task
+
+    names = args.model or [n for n in available_models(task=None) if not n.startswith("baseline_")]
+    for flag in ("img_size", "in_chans", "num_classes", "batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     if not args.json:
-        print(
-            f"{'model':<20} {'params (M)':>12} {'GMACs':>10}   "
-            f"@ {args.batch}x{args.in_chans}x{args.img_size}x{args.img_size}"
-        )
+        print(f"{'model':<20} {'input':>14} {'params (M)':>12} {'GMACs':>10}")
     for name in names:
-        model = build_model(name, num_classes=args.num_classes, in_chans=args.in_chans).eval()
+        task = model_task(name)
+        cfg = {} if name.startswith("baseline_") else get_default_cfg(name)
+        default_chans, default_size = cfg.get("input_size", (3, 224, 224))[:2]
+        size = (args.in_chans or default_chans, args.img_size or default_size, args.img_size or default_size)
+        num_classes = args.num_classes or cfg.get("num_classes", 1000)
+        with torch.device("meta"):  # shapes only: no memory, no compute
+            if task == "diffusion":
+                model = create_model(name, in_channels=size[0], input_size=size[1], num_classes=num_classes)
+            else:
+                model = build_model(name, num_classes=num_classes, in_chans=size[0])
         c = complexity(model, input_size=size, batch=args.batch)
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "model": name,
-                        "input_size": list(size),
-                        "batch": args.batch,
-                        "params": int(c["params"]),
-                        "macs": int(c["macs"]),
-                    }
-                )
-            )
+            record = {"model": name, "task": task, "input_size": list(size), "batch": args.batch,
+                      "params": int(c["params"]), "macs": int(c["macs"])}
+            print(json.dumps(record))
         else:
-            print(f"{name:<20} {c['params'] / 1e6:>12.3f} {c['macs'] / 1e9:>10.3f}")
+            shape = f"{args.batch}x{size[0]}x{size[1]}x{size[2]}"
+            print(f"{name:<20} {shape:>14} {c['params'] / 1e6:>12.3f} {c['macs'] / 1e9:>10.3f}")
     return 0
 
 
@@ -326,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gspn`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        # Bad arguments or files (the library's errors name the argument): a message, not a traceback.
+        print(f"gspn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

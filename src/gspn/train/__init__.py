@@ -10,7 +10,7 @@
 
 from .baselines import BASELINES, count_params, match_params
 from .data import build_data
-from .factory import available_models, build_model, parse_model_args
+from .factory import available_models, build_model, model_task, parse_model_args
 from .trainer import TrainConfig, evaluate, evaluate_checkpoint, train, weights_digest
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "evaluate",
     "evaluate_checkpoint",
     "match_params",
+    "model_task",
     "parse_model_args",
     "train",
     "weights_digest",

@@ -1,8 +1,9 @@
 """Model construction for the trainer: the ``gspn.models`` registry plus the training baselines.
 
-The trainer depends on exactly two things from :mod:`gspn.models`: ``create_model(name, num_classes=,
-in_chans=, **overrides)`` and ``list_models()``; and, optionally, a model's ``default_cfg`` dict
-(``input_size``, ``mean``, ``std``, ``num_classes``).
+The trainer depends on three things from :mod:`gspn.models`: ``create_model(name, num_classes=,
+in_chans=, **overrides)``, ``list_models()`` and ``get_default_cfg(name)`` (its ``"task"`` tells
+classifiers from diffusion models); and, optionally, a model's ``default_cfg`` dict (``input_size``,
+``mean``, ``std``, ``num_classes``).
 """
 
 from __future__ import annotations
@@ -14,23 +15,43 @@ from torch import nn
 
 from .baselines import BASELINES
 
-__all__ = ["available_models", "build_model", "model_default_cfg", "parse_model_args"]
+__all__ = ["available_models", "build_model", "model_default_cfg", "model_task", "parse_model_args"]
 
 
 def build_model(name: str, num_classes: int, in_chans: int = 3, **overrides: Any) -> nn.Module:
-    """Build ``name`` from the baselines or from the :mod:`gspn.models` registry."""
+    """Build classifier ``name`` from the baselines or from the :mod:`gspn.models` registry.
+
+    Raises:
+        ValueError: ``name`` is unknown, or a diffusion model (those take ``gspn train-dit``).
+    """
     if name in BASELINES:
         return BASELINES[name](num_classes=num_classes, in_chans=in_chans, **overrides)
     from ..models import create_model
 
+    if model_task(name) != "classification":
+        raise ValueError(
+            f"model {name!r} is a {model_task(name)} model, not a classifier: train it with `gspn train-dit`"
+        )
     return create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **overrides)
 
 
-def available_models() -> list[str]:
-    """All names :func:`build_model` accepts: the registry's models, then the baselines."""
+def model_task(name: str) -> str:
+    """``"classification"`` (backbones and baselines) or ``"diffusion"`` (GSPN-DiT), from the
+    model's default config; unknown names raise the registry's ``ValueError``."""
+    if name in BASELINES:
+        return "classification"
+    from ..models import get_default_cfg
+
+    return get_default_cfg(name).get("task", "classification")
+
+
+def available_models(task: str | None = "classification") -> list[str]:
+    """The registry's models of ``task`` (``None``: all), then, for classification, the baselines:
+    for ``"classification"``, every name :func:`build_model` accepts."""
     from ..models import list_models
 
-    return [*list_models(), *BASELINES]
+    names = [n for n in list_models() if task is None or model_task(n) == task]
+    return [*names, *BASELINES] if task in (None, "classification") else names
 
 
 def model_default_cfg(model: nn.Module) -> dict[str, Any]:
