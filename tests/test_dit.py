@@ -18,7 +18,7 @@ from gspn.cli import build_parser
 from gspn.diffusion import diffusion_loss, make_train_scheduler
 from gspn.diffusion.data import load_digits
 from gspn.diffusion.fid import FeatureExtractor, fid_from_images, inception_score
-from gspn.diffusion.sample import generate, parse_labels
+from gspn.diffusion.sample import generate, load_for_sampling, parse_labels
 from gspn.models import GSPNDiT, count_params, create_model, load_model
 from gspn.models.gspn_dit import GSPNDiTBlock
 
@@ -211,6 +211,9 @@ def test_resume_is_exact(tmp_path):
     assert (tmp_path / "straight" / "loss.png").is_file()
     ema = load_model(tmp_path / "straight" / "ema.safetensors")
     assert isinstance(ema, GSPNDiT) and ema.hidden_size == 32
+    sampled, _, _ = load_for_sampling(tmp_path / "straight" / "last.pt")  # the checkpoint's EMA entry
+    for name, tensor in ema.state_dict().items():
+        assert torch.equal(sampled.state_dict()[name], tensor), name
 
 
 @needs_diffusers

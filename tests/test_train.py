@@ -28,7 +28,8 @@ from gspn.train import (
 )
 from gspn.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from gspn.train.data import DigitsDataset, center_crop_resize, random_resized_crop
-from gspn.train.metrics import plot_metrics, read_metrics
+from gspn.train.ema import build_ema, load_ema_weights
+from gspn.train.metrics import Panel, append_metrics, plot_metrics, read_metrics, truncate_metrics
 from gspn.train.trainer import _cosine_with_warmup
 
 TINY_CONV = {"width": 8}
@@ -223,6 +224,41 @@ def test_plot_skipped_without_matplotlib(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.warns(UserWarning, match="matplotlib"):
         assert plot_metrics(log, tmp_path / "none.png") is False
     assert not (tmp_path / "none.png").exists()
+
+
+def test_metrics_truncate_by_key_and_plot_against_steps(tmp_path: Path) -> None:
+    log = tmp_path / "m.jsonl"
+    for step in (10, 20, 30):
+        append_metrics(log, {"step": step, "epoch": step // 20, "loss": 1.0 / step})
+    truncate_metrics(log, 20, key="step")  # resuming the DiT from its step-20 checkpoint
+    assert [r["step"] for r in read_metrics(log)] == [10, 20]
+    truncate_metrics(log, 0)  # the classifier's default: by epoch
+    assert [r["step"] for r in read_metrics(log)] == [10]
+    panel = Panel("loss", "", (("loss", "loss"),), log=True)
+    assert plot_metrics(log, tmp_path / "loss.png", (panel,), x="step", x_offset=0)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_ema_averages_parameters_and_buffers_and_reloads() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.BatchNorm1d(3)
+    ema = build_ema(model, decay=0.75)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        model.running_mean.fill_(4.0)
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model.weight.fill_(6.0)
+        model.running_mean.fill_(8.0)
+    ema.update_parameters(model)
+    assert torch.allclose(ema.module.weight, torch.full((3,), 3.0))  # 0.75·2 + 0.25·6
+    assert torch.allclose(ema.module.running_mean, torch.full((3,), 5.0))
+    assert model.weight[0] == 6.0  # the model itself is untouched
+    fresh = load_ema_weights(torch.nn.BatchNorm1d(3), ema.state_dict())
+    for name, t in ema.module.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], t), name
+    with pytest.raises(ValueError, match="not an EMA state dict"):
+        load_ema_weights(torch.nn.BatchNorm1d(3), model.state_dict())
 
 
 # ----------------------------------------------------------------------------------------- training

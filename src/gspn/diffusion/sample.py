@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..models import create_model, load_model, read_metadata
+from ..train.ema import load_ema_weights
 from .gaussian import SAMPLERS, make_sampling_scheduler, sample_loop
 
 __all__ = [
@@ -162,7 +163,10 @@ def load_for_sampling(
     else:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         model = create_model(ckpt["arch"], **ckpt["model_args"])
-        model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
+        if use_ema:
+            load_ema_weights(model, ckpt["ema"])
+        else:
+            model.load_state_dict(ckpt["model"])
         schedule, data = ckpt["schedule"], ckpt["data"]
     if not schedule:
         schedule = {"learn_sigma": getattr(model, "learn_sigma", True)}

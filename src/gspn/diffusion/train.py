@@ -30,18 +30,16 @@ from torch import nn
 from .._files import atomic_torch_save
 from ..models import create_model, save_checkpoint
 from ..train.checkpoint import capture_rng
+from ..train.distributed import cleanup_distributed, init_distributed
+from ..train.ema import build_ema
+from ..train.metrics import Panel, append_metrics, plot_metrics, truncate_metrics
 from .data import load_dataset
 from .gaussian import SAMPLERS, diffusion_loss, make_train_scheduler
-from .utils import (
-    EMA,
-    MetricsLogger,
-    barrier_and_destroy,
-    init_distributed,
-    plot_metrics,
-    unwrap,
-)
 
 __all__ = ["add_train_arguments", "batch_indices", "main", "parse_model_args", "run_train"]
+
+_LOSS_PANEL = Panel("diffusion loss", "", (("loss", "loss"), ("mse", "mse")), log=True)
+"""``loss.png``: the logged losses against the optimizer step."""
 
 
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
@@ -140,20 +138,15 @@ def _lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
-
-
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``train-dit`` with parsed ``args``; returns a summary (final step, last losses, paths)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, local_rank = init_distributed()
-    main = rank == 0
-    device = _resolve_device(args.device, local_rank)
+    ctx = init_distributed(args.device)
+    rank, world, main, device = ctx.rank, ctx.world_size, ctx.is_main, ctx.device
     out = Path(args.out)
+    metrics = out / "metrics.jsonl"
+    ok = False
     try:
         dataset, meta = load_dataset(args.data, args.image_size, args.channels)
         c, h, w = meta["shape"]
@@ -167,8 +160,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         }
         torch.manual_seed(args.seed)
         model = create_model(args.model, **overrides).to(device)
-        ema = EMA(model, args.ema_decay)
-        learn_sigma = unwrap(model).learn_sigma
+        ema = build_ema(model, args.ema_decay)
+        learn_sigma = model.learn_sigma
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         schedule = {
             "num_train_timesteps": args.num_train_timesteps,
@@ -199,24 +192,23 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         per_rank = args.batch_size // world
         if per_rank * world != args.batch_size:
             raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-        logger = MetricsLogger(out / "metrics.jsonl", enabled=main)
-        logger.truncate_after(start)
         record = {
             "arch": args.model,
-            "model_args": unwrap(model).model_args,
+            "model_args": model.model_args,
             "schedule": schedule,
             "data": {k: v for k, v in meta.items() if k != "classes"},
             "args": {k: v for k, v in vars(args).items() if not callable(v)},  # drop the CLI's _run
         }
         if main:
             out.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(metrics, start, key="step")
             (out / "config.json").write_text(json.dumps(record, indent=2, default=str))
 
         def save(step: int) -> None:
             if main:
                 atomic_torch_save(
                     {
-                        "model": unwrap(model).state_dict(),
+                        "model": model.state_dict(),
                         "ema": ema.state_dict(),
                         "opt": opt.state_dict(),
                         "step": step,
@@ -225,7 +217,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                     },
                     out / "last.pt",
                 )
-                plot_metrics(out / "metrics.jsonl", out / "loss.png")
+                plot_metrics(metrics, out / "loss.png", (_LOSS_PANEL,), x="step", x_offset=0)
 
         x_all, y_all = dataset.tensors
         bar = None
@@ -254,7 +246,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                 else torch.tensor(float("nan"))
             )
             opt.step()
-            ema.update(model)
+            ema.update_parameters(model)
             step += 1
             for k in window:
                 window[k] += float(losses[k].detach())
@@ -265,15 +257,19 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             if step % args.log_every == 0 or step == args.steps:
                 dt = time.time() - t_window
                 last = {k: v / n_window for k, v in window.items()}
-                logger.log(
-                    step=step,
-                    **last,
-                    lr=lr,
-                    grad_norm=float(grad_norm),
-                    sec_per_step=dt / n_window,
-                    imgs_per_sec=n_window * args.batch_size / max(dt, 1e-9),
-                    elapsed_min=(time.time() - t0) / 60,
-                )
+                if main:
+                    append_metrics(
+                        metrics,
+                        {
+                            "step": step,
+                            **last,
+                            "lr": lr,
+                            "grad_norm": float(grad_norm),
+                            "sec_per_step": dt / n_window,
+                            "imgs_per_sec": n_window * args.batch_size / max(dt, 1e-9),
+                            "elapsed_min": (time.time() - t0) / 60,
+                        },
+                    )
                 window = dict.fromkeys(window, 0.0)
                 n_window, t_window = 0, time.time()
             timed_out = args.max_minutes > 0 and (time.time() - t0) / 60 >= args.max_minutes
@@ -288,7 +284,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         summary: dict[str, Any] = {"step": step, "out": str(out), "minutes": (time.time() - t0) / 60, **last}
         if main and (step == args.steps or timed_out):
             save_checkpoint(
-                ema.model,
+                ema.module,
                 out / "ema.safetensors",
                 metadata={"gspn.diffusion": json.dumps({"schedule": schedule, "data": record["data"]})},
             )
@@ -298,7 +294,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                 n = meta["num_classes"]
                 labels = [i % n for i in range(min(n, 10) * 8)]
                 imgs = generate(
-                    ema.model,
+                    ema.module,
                     schedule,
                     labels,
                     (c, h, w),
@@ -311,9 +307,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                 if meta["kind"] == "pixels":
                     save_images(imgs, out / "samples.png", nrow=min(n, 10))
                     summary["samples"] = str(out / "samples.png")
+        ok = True
         return summary
     finally:
-        barrier_and_destroy()
+        cleanup_distributed(ok)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -33,20 +33,21 @@ class DistContext:
 def init_distributed(device: str = "auto", backend: str | None = None) -> DistContext:
     """Join the process group ``torchrun`` describes in the environment, if any, and pick the device.
 
-    ``device``: ``"auto"`` (CUDA when available, ``cuda:LOCAL_RANK`` under torchrun), ``"cpu"`` or
-    ``"cuda"``. ``backend`` defaults to NCCL on CUDA and gloo on CPU.
+    ``device``: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` (``cuda:LOCAL_RANK``
+    under torchrun) or an explicit ``"cuda:N"``. ``backend`` defaults to NCCL on CUDA and gloo otherwise.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available")
-    dev = torch.device("cuda", local % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
+        dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"))
     return DistContext(rank=rank, local_rank=local, world_size=world, device=dev)
 
 

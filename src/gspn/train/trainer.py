@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -37,6 +36,7 @@ from .distributed import (
     cleanup_distributed,
     init_distributed,
 )
+from .ema import build_ema, load_ema_weights
 from .factory import build_model, model_default_cfg
 from .metrics import append_metrics, plot_metrics, truncate_metrics
 
@@ -282,11 +282,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     model = build_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, **cfg.model_args)
     model.to(dev)
     n_params = sum(p.numel() for p in model.parameters())
-    ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-        if cfg.ema_decay
-        else None
-    )
+    ema = build_ema(model, cfg.ema_decay) if cfg.ema_decay else None
     ddp_model: nn.Module = model
     if ctx.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(
@@ -334,7 +330,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 warnings.warn(
                     "--resume: checkpoint has no EMA; starting the EMA from the current weights", stacklevel=2
                 )
-                ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+                ema = build_ema(model, cfg.ema_decay)
             else:
                 ema.load_state_dict(ckpt["ema"])
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
@@ -351,7 +347,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
             )
         _log(ctx, cfg.verbose, f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
         if ctx.is_main:
-            truncate_metrics(out / "metrics.jsonl", start_epoch)
+            truncate_metrics(out / "metrics.jsonl", ckpt["epoch"])
         del ckpt
 
     meta = {
@@ -573,9 +569,7 @@ def evaluate_checkpoint(
     if use_ema:
         if ckpt.get("ema") is None:
             raise ValueError(f"{checkpoint} has no EMA weights (train with --ema-decay)")
-        ema = AveragedModel(model, use_buffers=True)
-        ema.load_state_dict(ckpt["ema"])
-        model = ema.module
+        load_ema_weights(model, ckpt["ema"])
     else:
         model.load_state_dict(ckpt["model"])
     model.to(dev)
