@@ -429,6 +429,8 @@ def test_cli_reports_bad_models_without_traceback(capsys, tmp_path) -> None:
     assert "--batch must be a positive integer" in capsys.readouterr().err
     assert main(["train", "--model", "gspn_dit_tiny", "--out", str(tmp_path)]) == 2
     assert "gspn train-dit" in capsys.readouterr().err
+    assert main(["train-dit", "--model", "gspn_t", "--out", str(tmp_path)]) == 2
+    assert "'gspn_t' is not a diffusion model" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------- DDP

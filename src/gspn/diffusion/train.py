@@ -32,6 +32,7 @@ from ..models import create_model, save_checkpoint
 from ..train.checkpoint import capture_rng
 from ..train.distributed import cleanup_distributed, init_distributed
 from ..train.ema import build_ema
+from ..train.factory import available_models, model_task
 from ..train.metrics import Panel, append_metrics, plot_metrics, truncate_metrics
 from .data import load_dataset
 from .gaussian import SAMPLERS, diffusion_loss, make_train_scheduler
@@ -140,6 +141,9 @@ def _lr_at(step: int, args: argparse.Namespace) -> float:
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``train-dit`` with parsed ``args``; returns a summary (final step, last losses, paths)."""
+    if model_task(args.model) != "diffusion":
+        raise ValueError(f"--model {args.model!r} is not a diffusion model (train classifiers with `gspn train`); "
+                         f"choose from {', '.join(available_models(task='diffusion'))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device)
