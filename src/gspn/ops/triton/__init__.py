@@ -335,6 +335,28 @@ def _launch_gather_kernel(kernel, grid, args: tuple, kwargs: dict[str, Any], cfg
     return False
 
 
+def _launch_split(
+    kernel, tensors: tuple, strides: tuple, flags: dict[str, Any], cfg: dict[str, Any],
+    geometry: tuple[int, int, int], state_lines: int, state_dtype: torch.dtype,
+) -> bool:
+    """Launch a split kernel with its flags and ``state_lines`` scratch lines per slice; ``False``
+    if it cannot be built here (see :func:`_launch_gather_kernel`).
+
+    ``strides``: the scalar arguments the other variants take (ending in ``NUM_CHUNKS``, which the
+    split kernels replace by their segment and time-block sizes); ``geometry``: slices, line
+    length, number of lines.
+    """
+    device = tensors[0].device
+    slices, line_length, num_lines = geometry
+    segment, num_seg, groups, time_blocks = split_programs(slices, line_length, num_lines, cfg)
+    programs = time_blocks * groups * num_seg
+    sync = torch.zeros(1 + programs, dtype=torch.int32, device=device)  # ticket counter, then flags
+    state = torch.empty(slices * state_lines * line_length, dtype=state_dtype, device=device)
+    args = (*tensors, state, sync, *strides[:-1], segment, cfg["halo"], num_seg, groups)
+    kwargs = {**flags, "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
+    return _launch_gather_kernel(kernel, (programs,), args, kwargs, cfg, device)
+
+
 def _recoverable(exc: Exception) -> bool:
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
@@ -376,14 +398,9 @@ def scan(
     flags = {"VERTICAL": d.vertical, "REVERSE": d.reverse, "NORMALIZE": normalize, "ACC": acc}
     cfg = launch_config(slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length)
     if cfg["kernel"] == "split":
-        segment, num_seg, groups, time_blocks = split_programs(slices, line_length, num_lines, cfg)
-        sync = torch.zeros(1 + time_blocks * groups * num_seg, dtype=torch.int32, device=x.device)
-        state = torch.empty(slices * 2 * line_length, dtype=acc_torch, device=x.device)
-        args = (x, lam, w_left, w_mid, w_right, out, state, sync, *strides[:-1],
-                segment, cfg["halo"], num_seg, groups)
-        kwargs = {**flags, "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
-        grid = (time_blocks * groups * num_seg,)
-        if _launch_gather_kernel(kernels.line_scan_fwd_split_kernel, grid, args, kwargs, cfg, x.device):
+        tensors = (x, lam, w_left, w_mid, w_right, out)
+        geometry = (slices, line_length, num_lines)
+        if _launch_split(kernels.line_scan_fwd_split_kernel, tensors, strides, flags, cfg, geometry, 2, acc_torch):
             return out
         cfg = launch_config(
             slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length, kernel="memory"
@@ -457,12 +474,8 @@ def scan_backward(
     cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length)
     kwargs = {**flags, "BLOCK_S": cfg["block_s"], "BLOCK_P": cfg["block_p"]}
     if cfg["kernel"] == "split":
-        segment, num_seg, groups, time_blocks = split_programs(slices, line_length, num_lines, cfg)
-        sync = torch.zeros(1 + time_blocks * groups * num_seg, dtype=torch.int32, device=x.device)
-        state = torch.empty(slices * 6 * line_length, dtype=acc_torch, device=x.device)
-        split_args = (*args, state, sync, *strides[:-1], segment, cfg["halo"], num_seg, groups)
-        grid = (time_blocks * groups * num_seg,)
-        if _launch_gather_kernel(kernels.line_scan_bwd_split_kernel, grid, split_args, kwargs, cfg, x.device):
+        geometry = (slices, line_length, num_lines)
+        if _launch_split(kernels.line_scan_bwd_split_kernel, args, strides, flags, cfg, geometry, 6, acc_torch):
             _copy_back(grads, d_params)
             return
         cfg = launch_config(slices, line_length, num_chunks, x.device, 6 * line_length, kernel="memory")

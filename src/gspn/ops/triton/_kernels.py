@@ -89,6 +89,47 @@ def _param_bases(
 
 
 @triton.jit
+def _forward_bases(
+    b, c, x_sb, x_sc,
+    lam_sb, lam_sc, lam_div,
+    wl_sb, wl_sc, wl_div,
+    wm_sb, wm_sc, wm_div,
+    wr_sb, wr_sc, wr_div,
+    out_sb, out_sc,
+):
+    """Plane offsets ``[BLOCK_S, 1]`` of the forward's tensors: x, λ, the three gates, the output."""
+    lam_base, wl_base, wm_base, wr_base = _param_bases(
+        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    )
+    return (
+        _slice_base(b, c, x_sb, x_sc), lam_base, wl_base, wm_base, wr_base, _slice_base(b, c, out_sb, out_sc)
+    )
+
+
+@triton.jit
+def _adjoint_bases(
+    s, b, c, H, W,
+    g_sb, g_sc,
+    h_sb, h_sc,
+    x_sb, x_sc,
+    lam_sb, lam_sc, lam_div,
+    wl_sb, wl_sc, wl_div,
+    wm_sb, wm_sc, wm_div,
+    wr_sb, wr_sc, wr_div,
+    dx_sb, dx_sc,
+):
+    """Plane offsets ``[BLOCK_S, 1]`` of the backward's tensors: the output gradient, h, x, λ, the
+    three gates, dx, and the dense ``(B·C, H, W)`` gradients of λ and the gates."""
+    lam_base, wl_base, wm_base, wr_base = _param_bases(
+        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    )
+    return (
+        _slice_base(b, c, g_sb, g_sc), _slice_base(b, c, h_sb, h_sc), _slice_base(b, c, x_sb, x_sc),
+        lam_base, wl_base, wm_base, wr_base, _slice_base(b, c, dx_sb, dx_sc), (s * H * W)[:, None],
+    )
+
+
+@triton.jit
 def _tile(chunk, CHUNK, L):
     """First line and number of lines of tile ``chunk`` (the last tile may be shorter)."""
     i_lo = chunk * CHUNK
@@ -275,11 +316,10 @@ def line_scan_fwd_kernel(
     ``state_ptr``: float ``(chunk_programs, S, 2, P)`` scratch, unused if ``STATE_IN_OUT``.
     """
     pid_c, n_cprog, s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
-    x_base = _slice_base(b, c, x_sb, x_sc)
-    lam_base, wl_base, wm_base, wr_base = _param_bases(
-        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    x_base, lam_base, wl_base, wm_base, wr_base, out_base = _forward_bases(
+        b, c, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div,
+        wr_sb, wr_sc, wr_div, out_sb, out_sc,
     )
-    out_base = _slice_base(b, c, out_sb, out_sc)
     st_base = ((pid_c * S + s) * 2 * P)[:, None]
 
     for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
@@ -342,14 +382,10 @@ def line_scan_bwd_kernel(
     each line are those of :func:`_adjoint_line`. ``dlam``/``dw*`` are dense ``(B, C, H, W)``.
     """
     pid_c, n_cprog, s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
-    g_base = _slice_base(b, c, g_sb, g_sc)
-    h_base = _slice_base(b, c, h_sb, h_sc)
-    x_base = _slice_base(b, c, x_sb, x_sc)
-    lam_base, wl_base, wm_base, wr_base = _param_bases(
-        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    g_base, h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base = _adjoint_bases(
+        s, b, c, H, W, g_sb, g_sc, h_sb, h_sc, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div,
+        wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div, dx_sb, dx_sc,
     )
-    dx_base = _slice_base(b, c, dx_sb, dx_sc)
-    d_base = (s * H * W)[:, None]
     st_base = ((pid_c * S + s) * 6 * P)[:, None]
 
     for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
@@ -420,11 +456,10 @@ def line_scan_fwd_reg_kernel(
 ):
     """Forward recurrence, state in registers (requires ``P <= BLOCK_P``); grid as the memory variant."""
     pid_c, n_cprog, _s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
-    x_base = _slice_base(b, c, x_sb, x_sc)
-    lam_base, wl_base, wm_base, wr_base = _param_bases(
-        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    x_base, lam_base, wl_base, wm_base, wr_base, out_base = _forward_bases(
+        b, c, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div,
+        wr_sb, wr_sc, wr_div, out_sb, out_sc,
     )
-    out_base = _slice_base(b, c, out_sb, out_sc)
     p, m, has_l, has_r, idx_l, idx_r, pos = _whole_line(P, s_ok, pos_stride, BLOCK_S, BLOCK_P)
 
     for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
@@ -476,14 +511,10 @@ def line_scan_bwd_reg_kernel(
 ):
     """Adjoint recurrence with ``q_k = w_k a`` of the next line kept in registers (``P <= BLOCK_P``)."""
     pid_c, n_cprog, s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
-    g_base = _slice_base(b, c, g_sb, g_sc)
-    h_base = _slice_base(b, c, h_sb, h_sc)
-    x_base = _slice_base(b, c, x_sb, x_sc)
-    lam_base, wl_base, wm_base, wr_base = _param_bases(
-        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    g_base, h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base = _adjoint_bases(
+        s, b, c, H, W, g_sb, g_sc, h_sb, h_sc, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div,
+        wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div, dx_sb, dx_sc,
     )
-    dx_base = _slice_base(b, c, dx_sb, dx_sc)
-    d_base = (s * H * W)[:, None]
     p, m, has_l, has_r, idx_l, idx_r, pos = _whole_line(P, s_ok, pos_stride, BLOCK_S, BLOCK_P)
 
     for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
@@ -635,11 +666,10 @@ def line_scan_fwd_split_kernel(
     b = s // C
     c = s % C
     line_stride, pos_stride = _line_strides(W, VERTICAL)
-    x_base = _slice_base(b, c, x_sb, x_sc)
-    lam_base, wl_base, wm_base, wr_base = _param_bases(
-        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    x_base, lam_base, wl_base, wm_base, wr_base, out_base = _forward_bases(
+        b, c, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div,
+        wr_sb, wr_sc, wr_div, out_sb, out_sc,
     )
-    out_base = _slice_base(b, c, out_sb, out_sc)
     has_l, has_r, idx_l, idx_r = _window_neighbours(p, P, BLOCK_S, BLOCK_P)
     pos = (p.to(tl.int64) * pos_stride)[None, :]
     state = state_ptr + (s * 2 * P)[:, None] + p[None, :]
@@ -714,14 +744,10 @@ def line_scan_bwd_split_kernel(
     b = s // C
     c = s % C
     line_stride, pos_stride = _line_strides(W, VERTICAL)
-    g_base = _slice_base(b, c, g_sb, g_sc)
-    h_base = _slice_base(b, c, h_sb, h_sc)
-    x_base = _slice_base(b, c, x_sb, x_sc)
-    lam_base, wl_base, wm_base, wr_base = _param_bases(
-        b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
+    g_base, h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base = _adjoint_bases(
+        s, b, c, H, W, g_sb, g_sc, h_sb, h_sc, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div,
+        wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div, dx_sb, dx_sc,
     )
-    dx_base = _slice_base(b, c, dx_sb, dx_sc)
-    d_base = (s * H * W)[:, None]
     has_l, has_r, idx_l, idx_r = _window_neighbours(p, P, BLOCK_S, BLOCK_P)
     pos = (p.to(tl.int64) * pos_stride)[None, :]
     state = state_ptr + (s * 6 * P)[:, None] + p[None, :]
