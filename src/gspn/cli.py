@@ -117,7 +117,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--epochs and --resume continues",
     )
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument(
+        "--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: auto and cuda are cuda:LOCAL_RANK)"
+    )
     g.add_argument(
         "--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo on CPU)"
     )
