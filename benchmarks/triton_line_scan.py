@@ -28,6 +28,12 @@ the published GSPN-1 CUDA code's one launch per line. It is skipped for inputs a
 ``--baseline-max-numel`` elements (its float32 copies and per-line stacking need many times the
 input's memory); out-of-memory errors are reported as ``OOM`` and the run goes on.
 
+Before timing a case, every Triton variant is checked against a reference (``--no-verify`` skips
+it): the baseline when the case is small enough for it (output and all five gradients), else the
+Triton *memory* variant (output and dx) — on a GPU this is the only check of the split variant's
+inter-program synchronisation, which the CPU interpreter cannot exercise. A line ending in
+``MISMATCH`` means the timing of that variant is worthless.
+
 Exits with a message and status 1 when there is no CUDA device or triton is not installed.
 """
 
@@ -153,6 +159,65 @@ def kernel_overrides(spec: str) -> dict[str, object]:
     return overrides
 
 
+GRADIENT_NAMES = ("h", "dx", "dlam", "dw_left", "dw_mid", "dw_right")
+# Largest |got - want| / max|want| accepted by the verification, per input dtype.
+VERIFY_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+
+
+def scan_results(backend: str, overrides: dict, x, params, kwargs, keep: int) -> list[torch.Tensor]:
+    """``line_scan`` output and gradients (x, λ, three gates) for a fixed cotangent, one call of
+    ``backend`` under ``launch_overrides(**overrides)``; only the first ``keep`` are kept."""
+    from gspn.ops import line_scan
+    from gspn.ops import triton as triton_backend
+
+    leaves = [t.detach().requires_grad_() for t in (x, *params)]
+    gen = torch.Generator(device=x.device).manual_seed(1)
+    with triton_backend.launch_overrides(**overrides):
+        h = line_scan(*leaves, backend=backend, **kwargs)
+        h.backward(torch.randn(h.shape, generator=gen, device=h.device, dtype=h.dtype))
+    results = [h.detach(), *(leaf.grad for leaf in leaves)][:keep]
+    del h, leaves
+    return results
+
+
+def relative_errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[float]:
+    """``max |got - want| / max |want|`` per tensor (compared in float32, chunk by chunk)."""
+    errors = []
+    for a, b in zip(got, want, strict=True):
+        worst, scale = 0.0, 0.0
+        for ca, cb in zip(a.flatten().split(1 << 26), b.flatten().split(1 << 26), strict=True):
+            worst = max(worst, (ca.float() - cb.float()).abs().max().item())
+            scale = max(scale, cb.float().abs().max().item())
+        errors.append(worst / max(scale, 1e-30))
+    return errors
+
+
+def verify_case(impls: list[str], x, params, kwargs, small: bool) -> list[str]:
+    """Check every Triton variant against a reference before timing it: the per-line baseline when
+    the case is ``small`` (output and all five gradients), else the Triton *memory* variant (one
+    program per plane, a different algorithm and synchronisation: output and dx only, to bound
+    memory). Returns one report line per variant, ending in ``OK`` or ``MISMATCH``."""
+    keep = len(GRADIENT_NAMES) if small else 2
+    ref_label = "baseline" if small else "triton:memory"
+    want = scan_results("reference" if small else "triton", {} if small else {"kernel": "memory"},
+                        x, params, kwargs, keep)
+    tolerance = VERIFY_TOLERANCE.get(x.dtype, 1e-4)
+    lines = []
+    for impl in impls:
+        if impl in ("baseline", ref_label):
+            continue
+        overrides = kernel_overrides(impl.split(":")[1]) if ":" in impl else {}
+        try:
+            errors = relative_errors(scan_results("triton", overrides, x, params, kwargs, keep), want)
+        except Exception as exc:  # report and go on, as the timing does
+            lines.append(f"verify {impl} vs {ref_label}: ERROR {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        verdict = "OK" if max(errors) <= tolerance else "MISMATCH"
+        detail = " ".join(f"{n} {e:.1e}" for n, e in zip(GRADIENT_NAMES, errors, strict=False))
+        lines.append(f"verify {impl} vs {ref_label} (max|diff|/max|ref|): {detail}  {verdict}")
+    return lines
+
+
 def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> list[Row]:
     from gspn.ops import triton as triton_backend
 
@@ -174,6 +239,13 @@ def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> li
     impls = [f"triton:{k}" if k != "auto" else "triton" for k in args.kernels]
     if not args.no_baseline and numel <= args.baseline_max_numel:
         impls.append("baseline")
+    if args.verify:
+        try:
+            for line in verify_case(impls, x, params, kwargs, small=numel <= args.baseline_max_numel):
+                print(f"{'x'.join(map(str, shape)):>22} {direction:>3} {int(normalize):>4}   {line}")
+        except torch.cuda.OutOfMemoryError:
+            print(f"{'x'.join(map(str, shape)):>22} {direction:>3} {int(normalize):>4}   verify: OOM")
+        torch.cuda.empty_cache()
     for impl in impls:
         backend = "reference" if impl == "baseline" else "triton"
         rep = args.rep if backend == "triton" else max(1, args.rep // 4)
@@ -210,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated Triton kernel variants to time: auto, register, memory, split "
                         "or split/BLOCK_P/HALO, e.g. auto,register,split/512/32,split/1024/64 (default auto)")
     parser.add_argument("--no-baseline", action="store_true", help="do not time the per-line baseline")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking each Triton variant against a reference before timing it")
     parser.add_argument("--baseline-max-numel", type=int, default=1 << 28,
                         help="skip the baseline above this many input elements (default 2^28)")
     parser.add_argument("--device", default="cuda", help="CUDA device (default cuda)")

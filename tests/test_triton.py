@@ -332,3 +332,26 @@ def test_strided_and_expanded_inputs(device):
         want = line_scan(x.cpu(), *(p.cpu() for p in expanded), direction=direction, normalize=True,
                          backend="reference")
         torch.testing.assert_close(got.cpu(), want, **TOL[torch.float32])
+
+
+def test_benchmark_verification(device, monkeypatch):
+    """The GPU benchmark's pre-timing check, run here through the interpreter on a tiny case."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_line_scan.py"
+    spec = importlib.util.spec_from_file_location("bench_triton_line_scan", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    x, params = _make((1, 2, 6, 9), [(1, 2, 6, 9)] * 4, torch.float32, device)
+    kwargs = {"direction": "lr", "chunk_size": None, "normalize": True}
+    impls = ["triton:split/8/2", "triton:register", "baseline"]
+    for small in (True, False):
+        lines = bench.verify_case(impls, x, params, kwargs, small=small)
+        assert len(lines) == 2 and all(line.endswith("OK") for line in lines), lines
+    bad = [p.clone() for p in params]
+    want = bench.scan_results("reference", {}, x, params, kwargs, keep=6)
+    got = bench.scan_results("reference", {}, x, [bad[0] * 2, *bad[1:]], kwargs, keep=6)
+    assert max(bench.relative_errors(got, want)) > bench.VERIFY_TOLERANCE[torch.float32]
+
