@@ -95,20 +95,21 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 def run_distill(args: argparse.Namespace) -> int:
     """Run ``gspn distill`` with parsed arguments; returns the exit status."""
     from ..integrations.diffusers import GSPNAdapter
+    from ..train.distributed import cleanup_distributed
     from .trainer import Distiller
 
     cfg = config_from_args(args)
     adapter = GSPNAdapter.from_pretrained(args.init_adapter) if args.init_adapter else None
-    distiller = Distiller(cfg, adapter=adapter)
-    history = distiller.train()
-    if distiller.rank == 0:
-        last = history[-1] if history else {}
-        print(json.dumps({"step": distiller.step, "adapter": str(distiller.output_dir / "adapter"), **last}))
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    ok = False
+    try:
+        distiller = Distiller(cfg, adapter=adapter)
+        history = distiller.train()
+        if distiller.rank == 0:
+            last = history[-1] if history else {}
+            print(json.dumps({"step": distiller.step, "adapter": str(distiller.output_dir / "adapter"), **last}))
+        ok = True
+    finally:
+        cleanup_distributed(ok)
     return 0
 
 

@@ -49,6 +49,7 @@ from torch import nn
 from .._files import atomic_torch_save
 from ..integrations.diffusers import GSPNAdapter, swap_self_attention
 from ..train.checkpoint import capture_rng, restore_rng
+from ..train.distributed import init_distributed
 from .data import CaptionData, load_captions, load_image
 
 __all__ = ["DistillConfig", "Distiller", "distill"]
@@ -85,11 +86,6 @@ class DistillConfig:
     train_all: bool = False
     device: str | None = None
     gspn: dict[str, Any] = field(default_factory=dict)  # swap_self_attention options
-
-
-def _dist_info() -> tuple[int, int, int]:
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def _atomic_save_dir(save: Callable[[Path], None], path: Path) -> None:
@@ -136,16 +132,8 @@ class Distiller:
         from diffusers import DDPMScheduler
 
         self.cfg = cfg
-        self.rank, self.world, local_rank = _dist_info()
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        if cfg.device:
-            self.device = torch.device(cfg.device)
-        elif torch.cuda.is_available():
-            self.device = torch.device("cuda", local_rank if self.world > 1 else torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
+        ctx = init_distributed(cfg.device or "auto")
+        self.rank, self.world, self.device = ctx.rank, ctx.world_size, ctx.device
         self.pipe = pipe if pipe is not None else load_pipeline(cfg.model, self.device)
         self.pipe.to(self.device)
         self.data = data if data is not None else load_captions(cfg.captions)
