@@ -28,10 +28,9 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, **overrides: Any
         return BASELINES[name](num_classes=num_classes, in_chans=in_chans, **overrides)
     from ..models import create_model
 
-    if model_task(name) != "classification":
-        raise ValueError(
-            f"model {name!r} is a {model_task(name)} model, not a classifier: train it with `gspn train-dit`"
-        )
+    task = model_task(name)
+    if task != "classification":
+        raise ValueError(f"model {name!r} is a {task} model, not a classifier: train it with `gspn train-dit`")
     return create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **overrides)
 
 

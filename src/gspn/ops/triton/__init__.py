@@ -282,9 +282,11 @@ def _slice_strides(t: torch.Tensor) -> tuple[int, int]:
     return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
 
 
-def _param_args(t: torch.Tensor, channels: int) -> tuple[int, int, int]:
-    sb, sc = _slice_strides(t)
-    return sb, sc, channels // t.shape[1]
+def _param_args(channels: int, *params: torch.Tensor) -> tuple[int, ...]:
+    """``(batch stride, channel stride, channel divisor)`` of each parameter, concatenated: the
+    kernels' ``*_sb, *_sc, *_div`` arguments (image channel ``c`` reads parameter channel
+    ``c // divisor``)."""
+    return tuple(v for t in params for v in (*_slice_strides(t), channels // t.shape[1]))
 
 
 def _checked_kernels(*tensors: torch.Tensor) -> ModuleType:
@@ -390,8 +392,7 @@ def scan(
     state_in_out = out.dtype == acc_torch
     strides = (
         *_slice_strides(x),
-        *_param_args(lam, channels), *_param_args(w_left, channels),
-        *_param_args(w_mid, channels), *_param_args(w_right, channels),
+        *_param_args(channels, lam, w_left, w_mid, w_right),
         *_slice_strides(out),
         slices, channels, width, num_lines, line_length, chunk, num_chunks,
     )
@@ -462,8 +463,7 @@ def scan_backward(
     )
     strides = (
         *_slice_strides(grad), *_slice_strides(h), *_slice_strides(x),
-        *_param_args(lam, channels), *_param_args(w_left, channels),
-        *_param_args(w_mid, channels), *_param_args(w_right, channels),
+        *_param_args(channels, lam, w_left, w_mid, w_right),
         *_slice_strides(dx),
         slices, channels, height, width, num_lines, line_length, chunk, num_chunks,
     )
