@@ -1,6 +1,7 @@
 """Fast CPU backend: a C++/OpenMP kernel compiled on first use and called through ctypes.
 
-The source (``gspn_cpu.cpp``, no PyTorch headers) is compiled once per machine with the system C++
+The sources (``gspn_cpu.cpp``: the line scan; ``gspn_mix.cpp``: the fused GSPN layer; the shared
+``gspn_common.h``; no PyTorch headers) are compiled into one library once per machine with the system C++
 compiler (``$CXX``, default ``c++``) using ``-O3 -march=native -fopenmp`` into
 ``$GSPN_CACHE_DIR`` (default ``~/.cache/gspn``); later processes load the cached library in
 milliseconds. If no compiler is found the backend reports itself unavailable and ``"auto"`` falls
@@ -24,7 +25,9 @@ import torch
 
 from ..directions import get_direction
 
-_SOURCE = Path(__file__).with_name("gspn_cpu.cpp")
+_DIR = Path(__file__).parent
+_SOURCES = sorted(_DIR.glob("*.cpp"))
+_HEADERS = sorted(_DIR.glob("*.h"))
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC"]
 _HUGEPAGE_MIN_BYTES = 8 << 20
 _lock = threading.Lock()
@@ -59,7 +62,7 @@ def _cpu_signature() -> str:
 
 
 def _compile(compiler: str, output: Path) -> None:
-    base = [compiler, *_FLAGS, str(_SOURCE), "-o"]
+    base = [compiler, *_FLAGS, *(str(s) for s in _SOURCES), "-o"]
     attempts = [[*base[:-2], "-fopenmp", *base[-2:]], base]  # without OpenMP as a fallback
     errors = []
     for cmd in attempts:
@@ -88,7 +91,15 @@ def _load() -> ctypes.CDLL | None:
                 raise RuntimeError(f"no C++ compiler found ({wanted}); install g++ or set $CXX")
             version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
             key = hashlib.sha256(
-                b"\0".join(s.encode() for s in (_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_signature()))
+                b"\0".join(
+                    s.encode()
+                    for s in (
+                        *(f.read_text() for f in (*_SOURCES, *_HEADERS)),
+                        " ".join(_FLAGS),
+                        version,
+                        _cpu_signature(),
+                    )
+                )
             ).hexdigest()[:16]
             path = _cache_dir() / f"gspn_cpu_{key}.{'dylib' if sys.platform == 'darwin' else 'so'}"
             if not path.exists():
