@@ -9,6 +9,28 @@
 
 namespace {
 
+// Geometry of one scan direction over an H x W plane (see gspn/ops/directions.py).
+struct Geometry {
+  int64_t H, W;
+  int64_t L, P;  // number of lines, line length
+  bool vertical, reverse;
+  int64_t chunk;  // 0: global
+  Geometry(int direction, int64_t h, int64_t w, int64_t chunk_size)
+      : H(h), W(w), vertical(direction <= 1), reverse(direction == 1 || direction == 3), chunk(chunk_size) {
+    L = vertical ? H : W;
+    P = vertical ? W : H;
+  }
+  // Image index along the scan axis of scan-order line l.
+  int64_t img(int64_t l) const { return reverse ? L - 1 - l : l; }
+  // Whether line l enters a new tile (the state is reset to zero there).
+  bool starts(int64_t l) const {
+    if (l == 0) return true;
+    if (chunk <= 0) return false;
+    const int64_t i = img(l);
+    return reverse ? (i + 1) % chunk == 0 : i % chunk == 0;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Stability–context normalisation (same formula as gspn/ops/stabilize.py):
 //   s_k = sigmoid(a_k); w_k = s_k / sum_{valid j} s_j for valid k, 0 for a missing neighbour.
