@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -176,6 +177,147 @@ def test_safetensors_round_trip(nano, tmp_path):
     assert rehead.num_classes == 9
     torch.testing.assert_close(rehead.stem.conv1.weight, nano.stem.conv1.weight)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporary file
+
+
+# --- classifier mismatches (timm's rule) ------------------------------------------------------------
+
+
+def _headed_nano_ckpt(tmp_path, num_classes=5):
+    torch.manual_seed(1)
+    model = create_model("gspn_nano", num_classes=num_classes).eval()
+    return model, save_checkpoint(model, tmp_path / f"nano{num_classes}.safetensors")
+
+
+def _assert_body_loaded(model, source):
+    ref = {k: v for k, v in source.state_dict().items() if not k.startswith("head.fc.")}
+    got = model.state_dict()
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+
+
+HEADLESS_ENTRY_POINTS = {
+    "create_model": lambda path: create_model("gspn_nano", pretrained=path, num_classes=0),
+    "load_model": lambda path: load_model(path, num_classes=0),
+    "reset_classifier+load_checkpoint": lambda path: _reset_then_load(path, 0),
+}
+
+
+def _reset_then_load(path, num_classes):
+    model = create_model("gspn_nano", num_classes=5)
+    model.reset_classifier(num_classes)
+    load_checkpoint(model, path)
+    return model
+
+
+@pytest.mark.parametrize("entry", list(HEADLESS_ENTRY_POINTS))
+def test_headless_model_loads_a_headed_checkpoint(entry, tmp_path):
+    source, path = _headed_nano_ckpt(tmp_path)
+    with pytest.warns(UserWarning, match=r"head\.fc.*5 classes.*headless.*no classifier"):
+        model = HEADLESS_ENTRY_POINTS[entry](str(path)).eval()
+    assert model.num_classes == 0 and isinstance(model.get_classifier(), torch.nn.Identity)
+    _assert_body_loaded(model, source)
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        feats = model(x)
+        torch.testing.assert_close(feats, source.forward_head(source.forward_features(x), pre_logits=True))
+    assert feats.shape == (2, source.num_features)
+
+
+@pytest.mark.parametrize("entry", ["create_model", "load_model", "reset_classifier+load_checkpoint"])
+@pytest.mark.parametrize(("ckpt_classes", "model_classes"), [(5, 9), (0, 7)], ids=["other-classes", "ckpt-headless"])
+def test_classifier_mismatch_keeps_the_models_fresh_head(entry, ckpt_classes, model_classes, tmp_path):
+    source, path = _headed_nano_ckpt(tmp_path, ckpt_classes)
+    torch.manual_seed(2)
+    fresh = create_model("gspn_nano", num_classes=model_classes)
+    fresh_head = {k: v.clone() for k, v in fresh.head.fc.state_dict().items()}
+    expected = f"{ckpt_classes} classes" if ckpt_classes else "headless"
+    message = rf"head\.fc.*\({expected}\).*\({model_classes} classes\).*freshly initialised"
+    with pytest.warns(UserWarning, match=message):
+        if entry == "create_model":
+            torch.manual_seed(2)
+            model = create_model("gspn_nano", pretrained=str(path), num_classes=model_classes)
+        elif entry == "load_model":
+            torch.manual_seed(2)
+            model = load_model(path, num_classes=model_classes)
+        else:
+            model = fresh
+            load_checkpoint(model, path)
+    assert model.num_classes == model_classes
+    _assert_body_loaded(model, source)
+    for k, v in model.head.fc.state_dict().items():  # the model's own initialisation, not the checkpoint's
+        assert torch.equal(v, fresh_head[k]), k
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, model_classes)
+
+
+def test_matching_head_loads_without_warning(tmp_path):
+    source, path = _headed_nano_ckpt(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_model(path)
+    assert torch.equal(model.head.fc.weight, source.head.fc.weight)
+
+
+def test_keys_outside_the_classifier_still_load_strictly(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = _headed_nano_ckpt(tmp_path)
+    state = load_file(str(path))
+    broken = dict(state)
+    del broken["stem.conv1.weight"]
+    broken["stem.extra"] = torch.zeros(1)
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    model = create_model("gspn_nano", num_classes=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    message = r"missing key\(s\) \['stem\.conv1\.weight'\].*unexpected key\(s\) \['stem\.extra'\]"
+    with pytest.raises(RuntimeError, match=message):
+        load_checkpoint(model, tmp_path / "broken.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
+    # strict=False ignores them; a head mismatch is an error only when asked for
+    load_checkpoint(create_model("gspn_nano", num_classes=5), tmp_path / "broken.safetensors", strict=False)
+    with pytest.raises(RuntimeError, match=r"head\.fc"):
+        load_checkpoint(create_model("gspn_nano", num_classes=0), path, skip_mismatched_head=False)
+    shape = dict(state, **{"stem.conv1.bias": torch.zeros(3)})
+    save_file(shape, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(RuntimeError, match=r"stem\.conv1\.bias"):
+        load_checkpoint(create_model("gspn_nano", num_classes=5), tmp_path / "shape.safetensors")
+
+
+def test_reset_classifier_takes_timms_signature():
+    model = create_model("gspn_nano", num_classes=4)
+    model.reset_classifier(3, global_pool="avg")
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    model.reset_classifier(num_classes=0, global_pool=None)
+    assert model.num_classes == 0 and model.model_args["num_classes"] == 0
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(3, global_pool="max")
+
+
+@pytest.mark.parametrize("name", ["baseline_vit", "baseline_conv"])
+def test_baseline_heads_follow_the_same_rule(name, tmp_path):
+    from gspn.train import build_model
+
+    torch.manual_seed(0)
+    source = build_model(name, num_classes=5, in_chans=3).eval()
+    path = save_checkpoint(source, tmp_path / "b.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    headless = build_model(name, num_classes=0, in_chans=3).eval()
+    assert headless.num_classes == 0 and isinstance(headless.get_classifier(), torch.nn.Identity)
+    with pytest.warns(UserWarning, match=r"'head'.*5 classes.*headless"):
+        load_checkpoint(headless, path)
+    with torch.no_grad():
+        source.reset_classifier(0)  # the same body without its head: pooled features
+        torch.testing.assert_close(headless(x), source(x))
+    assert headless(x).shape == (2, source.num_features)
+    other = build_model(name, num_classes=3, in_chans=3)
+    with pytest.warns(UserWarning, match=r"'head'.*5 classes.*3 classes"):
+        load_checkpoint(other, path)
+    headless_path = save_checkpoint(source, tmp_path / "b0.safetensors")
+    with pytest.warns(UserWarning, match=r"'head'.*headless.*3 classes"):
+        load_checkpoint(other, headless_path)
+    other.reset_classifier(7, global_pool="avg")
+    assert other(x).shape == (2, 7) and other.default_cfg["num_classes"] == 7
+    with pytest.raises(ValueError, match="global_pool"):
+        other.reset_classifier(7, global_pool="max")
 
 
 # --- complexity ------------------------------------------------------------------------------------

@@ -21,7 +21,16 @@ from torch import nn
 
 from .._files import atomic_write
 
-__all__ = ["load_checkpoint", "load_model", "load_pretrained", "read_metadata", "save_checkpoint"]
+__all__ = [
+    "classifier_prefixes",
+    "drop_mismatched_classifier",
+    "load_checkpoint",
+    "load_model",
+    "load_pretrained",
+    "load_weights",
+    "read_metadata",
+    "save_checkpoint",
+]
 
 _ARCH_KEY = "gspn.architecture"
 _ARGS_KEY = "gspn.model_args"
@@ -55,29 +64,109 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Module names of ``model``'s classifier, from ``model.default_cfg["classifier"]`` (a name or
+    a tuple of names, timm's convention); ``()`` when the model declares none."""
+    head = getattr(model, "default_cfg", {}).get("classifier") or ()
+    return (head,) if isinstance(head, str) else tuple(head)
+
+
+def _describe_head(shapes: dict[str, tuple[int, ...]], prefix: str) -> str:
+    weight = shapes.get(f"{prefix}weight")
+    if not shapes:
+        return "headless"
+    if weight:
+        return f"{weight[0]} classes"
+    return ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+
+
+def drop_mismatched_classifier(
+    model: nn.Module, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Drop a checkpoint classifier that does not fit ``model``'s classifier (timm's rule).
+
+    For each classifier named by :func:`classifier_prefixes`, the tensors of ``state`` under it are
+    compared with the model's: when the key sets differ (the model is headless and the checkpoint
+    is not, or the reverse) or a shape differs (another number of classes), the checkpoint's
+    classifier tensors are removed and a ``UserWarning`` says so; the model keeps its freshly
+    initialised classifier (or none). Nothing outside the classifiers is touched.
+
+    Args:
+        model: the model to load into.
+        state: a state dict (name → tensor); not modified.
+
+    Returns:
+        ``(state, kept)``: the filtered copy of ``state``, and the model's state-dict keys that keep
+        their current values (to be excluded from the missing-key check of a strict load).
+    """
+    state = dict(state)
+    own = model.state_dict()
+    kept: list[str] = []
+    for head in classifier_prefixes(model):
+        prefix = f"{head}."
+        theirs = {k: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+        mine = {k: tuple(v.shape) for k, v in own.items() if k.startswith(prefix)}
+        if theirs == mine:
+            continue
+        for k in theirs:
+            del state[k]
+        kept.extend(mine)
+        warnings.warn(
+            f"classifier {head!r} of the checkpoint ({_describe_head(theirs, prefix)}) does not match "
+            f"the model's ({_describe_head(mine, prefix)}): not loading {sorted(theirs)}; the model keeps "
+            f"{'its freshly initialised classifier' if mine else 'no classifier (features only)'}",
+            stacklevel=2,
+        )
+    return state, kept
+
+
+def load_weights(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    skip_mismatched_head: bool = True,
+) -> Any:
+    """Load the state dict ``state`` into ``model``, tolerating only a classifier mismatch.
+
+    With ``skip_mismatched_head`` (default) a checkpoint classifier that does not fit the model's —
+    another number of classes, a headless model, a headless checkpoint — is dropped with a warning
+    and the model keeps its own (:func:`drop_mismatched_classifier`). With ``strict`` every other key
+    must match: missing or unexpected keys raise ``RuntimeError`` naming them, before anything is
+    loaded; shape mismatches raise ``torch.nn.Module.load_state_dict``'s ``RuntimeError``.
+
+    Returns ``torch.nn.Module.load_state_dict``'s result (the model's kept classifier keys appear
+    among its ``missing_keys``).
+    """
+    kept: list[str] = []
+    if skip_mismatched_head:
+        state, kept = drop_mismatched_classifier(model, state)
+    if strict:
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state) - set(kept))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            problems = [f"missing key(s) {missing}"] if missing else []
+            problems += [f"unexpected key(s) {unexpected}"] if unexpected else []
+            raise RuntimeError(f"error loading state dict into {type(model).__name__}: {'; '.join(problems)}")
+    return model.load_state_dict(state, strict=False)
+
+
 def load_checkpoint(
-    model: nn.Module, path: str | os.PathLike, *, strict: bool = True, skip_mismatched_head: bool = False
+    model: nn.Module, path: str | os.PathLike, *, strict: bool = True, skip_mismatched_head: bool = True
 ) -> Any:
     """Load a safetensors state dict into ``model`` (on the model's device).
 
-    With ``skip_mismatched_head=True`` the classifier tensors (``model.default_cfg["classifier"]``)
-    whose shapes differ from the model's are dropped with a warning, e.g. to fine-tune on a new
-    number of classes. Returns ``torch.nn.Module.load_state_dict``'s result.
+    A checkpoint classifier (``model.default_cfg["classifier"]``) that differs from the model's —
+    another number of classes, a headless model (``num_classes=0``), or a checkpoint without one —
+    is not loaded: a ``UserWarning`` says so and the model keeps its freshly initialised classifier
+    (or none). Everything else loads strictly: missing or unexpected keys raise ``RuntimeError``
+    naming them. ``skip_mismatched_head=False`` makes a classifier mismatch an error too.
+    Returns ``torch.nn.Module.load_state_dict``'s result; see :func:`load_weights`.
     """
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
     state = load_file(str(path), device=str(device))
-    if skip_mismatched_head:
-        own = model.state_dict()
-        head = getattr(model, "default_cfg", {}).get("classifier", "")
-        dropped = [
-            k for k, v in state.items() if k.startswith(f"{head}.") and k in own and v.shape != own[k].shape
-        ]
-        if dropped:
-            warnings.warn(f"not loading {dropped}: shape differs from the model's classifier", stacklevel=2)
-            for k in dropped:
-                del state[k]
-            strict = False
-    return model.load_state_dict(state, strict=strict)
+    return load_weights(model, state, strict=strict, skip_mismatched_head=skip_mismatched_head)
 
 
 def load_pretrained(model: nn.Module, pretrained: bool | str | os.PathLike) -> None:

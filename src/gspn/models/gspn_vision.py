@@ -251,12 +251,18 @@ class GSPNClassifier(nn.Module):
         """The final Linear (or ``Identity`` when ``num_classes == 0``)."""
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` outputs (0 = features only)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` outputs (0 = features only).
+
+        ``global_pool`` follows timm's signature: ``None`` keeps the pooling, ``"avg"`` (the only
+        pooling these models have) is accepted; anything else raises ``ValueError``.
+        """
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r} is not supported: GSPN classifiers pool by 'avg' only")
         self.num_classes = num_classes
-        device = self.head.norm.weight.device
+        weight = self.head.norm.weight
         if num_classes > 0:
-            self.head.fc = nn.Linear(self.num_features, num_classes, device=device)
+            self.head.fc = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
             self._init_weights(self.head.fc)
         else:
             self.head.fc = nn.Identity()

@@ -30,10 +30,40 @@ def _default_cfg(in_chans: int, num_classes: int, size: int = 32) -> dict[str, A
         "mean": (0.5,) * in_chans,
         "std": (0.5,) * in_chans,
         "num_classes": num_classes,
+        "classifier": "head",
     }
 
 
-class ViTBaseline(nn.Module):
+class _LinearHead(nn.Module):
+    """timm-style classifier API of the baselines: ``self.head`` is a Linear on ``num_features``
+    pooled features, or ``Identity`` when ``num_classes == 0`` (the model then returns the features)."""
+
+    num_features: int
+    num_classes: int
+    head: nn.Module
+    default_cfg: dict[str, Any]
+
+    def _make_head(self, num_classes: int, like: torch.Tensor | None = None) -> None:
+        self.num_classes = num_classes
+        kw = {"device": like.device, "dtype": like.dtype} if like is not None else {}
+        self.head = nn.Linear(self.num_features, num_classes, **kw) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        """The final Linear (or ``Identity`` when ``num_classes == 0``)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` outputs (0 = features only).
+
+        ``global_pool``: ``None`` or ``"avg"`` (the baselines mean-pool); anything else raises ``ValueError``.
+        """
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r} is not supported: the baselines pool by 'avg' only")
+        self._make_head(num_classes, like=next(self.parameters()))
+        self.default_cfg["num_classes"] = num_classes
+
+
+class ViTBaseline(_LinearHead):
     """A small pre-norm ViT: patch embedding, learned positional embedding, mean-pooled tokens.
 
     The positional embedding is defined on a ``pos_grid × pos_grid`` grid and bilinearly resized to the
@@ -73,11 +103,12 @@ class ViTBaseline(nn.Module):
         )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.num_features = embed_dim
+        self._make_head(num_classes)
         self.default_cfg = _default_cfg(in_chans, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` for images ``(B, C, H, W)``."""
+        """Logits ``(B, num_classes)`` for images ``(B, C, H, W)``; pooled ``(B, num_features)`` if headless."""
         x = self.patch_embed(x)
         pos = self.pos_embed
         if pos.shape[-2:] != x.shape[-2:]:
@@ -105,7 +136,7 @@ class _BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(y)) + self.short(x), inplace=True)
 
 
-class ConvBaseline(nn.Module):
+class ConvBaseline(_LinearHead):
     """A small ResNet: 3×3 stem, stages of basic blocks (widths ``width·2^i``, stride 2 after the first)."""
 
     def __init__(
@@ -127,11 +158,12 @@ class ConvBaseline(nn.Module):
                 blocks.append(_BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
                 cin = cout
         self.stages = nn.Sequential(*blocks)
-        self.head = nn.Linear(cin, num_classes)
+        self.num_features = cin
+        self._make_head(num_classes)
         self.default_cfg = _default_cfg(in_chans, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` for images ``(B, C, H, W)``."""
+        """Logits ``(B, num_classes)`` for images ``(B, C, H, W)``; pooled ``(B, num_features)`` if headless."""
         x = self.stages(self.stem(x))
         return self.head(x.mean(dim=(2, 3)))
 
