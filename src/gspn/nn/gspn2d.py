@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import DIRECTIONS, line_scan_4d
+from ..ops import DIRECTIONS, line_scan, line_scan_4d
 
 __all__ = ["GSPN2d"]
 
 _NUM_DIRECTIONS = len(DIRECTIONS)
 _NUM_GATES = 3
+MERGE_FRAMES = ("image", "scan")
 
 
 class GSPN2d(nn.Module):
@@ -43,6 +44,15 @@ class GSPN2d(nn.Module):
             group of ``C / Cg`` channels (GSPN-2's compact channel propagation), shrinking
             ``W_w`` from ``12·C`` to ``12·Cg`` outputs.
         backend: scan backend passed to :func:`gspn.ops.line_scan_4d`.
+        merge_frame: ``"image"`` (default) merges the four directions' results of the same pixel
+            (the alignment above). ``"scan"`` reproduces the reference code (NVlabs/GSPN): each
+            direction ``k`` scans a transposed/flipped copy ``X_k`` of ``x`` (its *scan frame*:
+            ``lr`` ← ``x``, ``tb`` ← ``xᵀ``, ``rl`` ← ``x`` flipped left-right, ``bt`` ← ``xᵀ``
+            flipped) left to right, with λ, u, D and the gates used at the frame index as computed
+            in the image frame, ``y_k = u_k ⊙ h_k + D_k ⊙ X_k``, and the merger adds the four
+            ``y_k`` without undoing the transpose/flip (so pixel ``(i, j)`` sums results of four
+            different pixels). Chunks are left-aligned in each frame. Needs ``H == W``; runs on
+            :func:`gspn.ops.line_scan` (every backend). Used for the authors' checkpoints.
 
     Shapes: ``(B, C, H, W) → (B, C, H, W)``; any ``H, W ≥ 1``.
 
@@ -60,8 +70,12 @@ class GSPN2d(nn.Module):
         chunk_size: int | None = None,
         gate_channels: int | None = None,
         backend: str = "auto",
+        merge_frame: str = "image",
     ) -> None:
         super().__init__()
+        if merge_frame not in MERGE_FRAMES:
+            raise ValueError(f"merge_frame must be one of {MERGE_FRAMES}, got {merge_frame!r}")
+        self.merge_frame = merge_frame
         gate_channels = channels if gate_channels is None else gate_channels
         if gate_channels <= 0 or channels % gate_channels:
             raise ValueError(
@@ -90,6 +104,8 @@ class GSPN2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (B, C, H, W) → (B, C, H, W)``."""
+        if self.merge_frame == "scan":
+            return self._forward_scan_frames(x)
         b, c, h, w = x.shape
         if c != self.channels:
             raise ValueError(f"expected {self.channels} channels, got input of shape {tuple(x.shape)}")
@@ -108,6 +124,36 @@ class GSPN2d(nn.Module):
         # The merger is the 1×1 conv ``m_conv`` (4 → 1) over the direction axis, applied as a
         # (1, 4) @ (B, 4, C·H·W) matmul: same numbers, several times faster than a 4-channel conv on CPU.
         return torch.matmul(self.m_conv.weight.view(1, nd), y.reshape(b, nd, c * h * w)).view(b, c, h, w)
+
+    def _forward_scan_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """``merge_frame="scan"`` (the reference's semantics): ``x: (B, C, H, W) → (B, C, H, W)``, ``H == W``."""
+        b, c, h, w = x.shape
+        if c != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got input of shape {tuple(x.shape)}")
+        if h != w:
+            raise ValueError(
+                f"merge_frame='scan' (the reference's semantics) needs a square map, got {h}x{w}: the "
+                "transposed scan frames must have the shape of the parameters"
+            )
+        nd = _NUM_DIRECTIONS
+        x = x.contiguous()
+        z = self.x_conv_down(x)
+        gates = self.w_conv_up(z).view(b, nd, _NUM_GATES, self.gate_channels, h, w)
+        lam = self.l_conv_up(z).view(b, nd, c, h, w)
+        u = self.u_conv_up(z).view(b, nd, c, h, w)
+        skip = self.d_conv(z).view(b, nd, c, h, w)
+        m = self.m_conv.weight.view(nd)
+        frames = {"lr": x, "tb": x.transpose(2, 3), "rl": x.flip(-1), "bt": x.transpose(2, 3).flip(-1)}
+        out = None
+        for k, direction in enumerate(DIRECTIONS):
+            frame = frames[direction].contiguous()
+            hidden = line_scan(
+                frame, lam[:, k], gates[:, k, 0], gates[:, k, 1], gates[:, k, 2], direction="lr",
+                chunk_size=self.chunk_size, normalize=True, backend=self.backend,
+            )
+            y = m[k] * torch.addcmul(u[:, k] * hidden, skip[:, k], frame)
+            out = y if out is None else out + y
+        return out
 
     def extra_repr(self) -> str:
         scope = "global" if self.is_global else f"local, chunk_size={self.chunk_size}"
