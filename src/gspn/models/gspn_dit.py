@@ -21,6 +21,16 @@ GSPN blocks are *local* (scans restart every ``local_chunk_size`` = 2 lines) exc
 over the whole token grid). The reference code flags those blocks global but still runs them
 local (research notes §11.2); here the flag is honoured.
 
+**Reference semantics** (the authors' checkpoints; :func:`gspn.models.reference_checkpoints.
+reference_model_args`): ``wiring="hidden_residual"`` — Mamba-style ``(hidden, residual)`` pairs::
+
+    res = h (first block) or res + h;   h = branch(LN(res))          every block
+    in-blocks push their branch output h; out-blocks first do h = Linear(concat(h, skip.pop()))
+    head on LN(res + h)
+
+— plus ``num_global_blocks=0`` (all blocks chunk 2), ``merge_frame="scan"`` (the GSPN merge in
+scan frames, square grids only), ``norm_eps=1e-5`` and ``final_norm_eps=1e-6``.
+
 The model predicts the noise ε and, with ``learn_sigma=True``, the interpolation ``v`` of the
 learned variance (``out_channels = 2·in_channels``; channels ``[:C]`` = ε, ``[C:]`` = v).
 
@@ -52,7 +62,9 @@ from ..nn import DropPath, GSPN2d
 from ._registry import register_model
 from .checkpoint import load_pretrained
 
-__all__ = ["GSPNDiT", "GSPNDiTBlock", "LabelEmbedder", "TimestepEmbedder", "timestep_embedding"]
+__all__ = ["WIRINGS", "GSPNDiT", "GSPNDiTBlock", "LabelEmbedder", "TimestepEmbedder", "timestep_embedding"]
+
+WIRINGS = ("residual", "hidden_residual")
 
 
 # --- conditioning ----------------------------------------------------------------------------------
@@ -137,6 +149,7 @@ class GSPNDiTBlock(nn.Module):
         drop_path: stochastic depth of the branch.
         norm_eps: LayerNorm epsilon.
         backend: scan backend.
+        merge_frame: :class:`~gspn.nn.GSPN2d`'s merge (``"image"`` aligned, ``"scan"`` the reference's).
 
     Shapes: ``x, skip: (B, H, W, D) → (B, H, W, D)``.
     """
@@ -151,13 +164,14 @@ class GSPNDiTBlock(nn.Module):
         drop_path: float = 0.0,
         norm_eps: float = 1e-6,
         backend: str = "auto",
+        merge_frame: str = "image",
     ) -> None:
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if long_skip else None
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.in_proj = nn.Linear(dim, dim, bias=False)
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.gspn = GSPN2d(dim, d_state=d_state, chunk_size=chunk_size, backend=backend)
+        self.gspn = GSPN2d(dim, d_state=d_state, chunk_size=chunk_size, backend=backend, merge_frame=merge_frame)
         self.out_conv = nn.Conv2d(dim, dim, 1, bias=False)
         self.out_dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
@@ -182,6 +196,21 @@ class GSPNDiTBlock(nn.Module):
                 raise ValueError("this block has a long skip: pass skip=")
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         return x + self.drop_path(self.branch(self.norm(x)))
+
+    def forward_hidden_residual(
+        self, h: torch.Tensor, res: torch.Tensor | None, skip: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference wiring (``wiring="hidden_residual"``): ``(h, res) → (branch(LN(res')), res')``.
+
+        ``h = Linear(concat(h, skip))`` first when the block has a long skip; then
+        ``res' = h`` if ``res is None`` (first block) else ``res + DropPath(h)``.
+        """
+        if self.skip_linear is not None:
+            if skip is None:
+                raise ValueError("this block has a long skip: pass skip=")
+            h = self.skip_linear(torch.cat([h, skip], dim=-1))
+        res = h if res is None else res + self.drop_path(h)
+        return self.branch(self.norm(res)), res
 
 
 class FinalLayer(nn.Module):
@@ -222,7 +251,13 @@ class GSPNDiT(nn.Module):
         num_global_blocks: the last this many out-blocks scan globally.
         kernel_size: first depthwise conv size in each block.
         drop_path_rate: stochastic depth, increasing linearly over the blocks.
-        norm_eps: LayerNorm epsilon.
+        norm_eps: epsilon of the blocks' LayerNorms and ``norm_f``.
+        final_norm_eps: epsilon of the final layer's (non-affine) LayerNorm; ``None`` = ``norm_eps``.
+        wiring: ``"residual"`` — pre-norm residual blocks ``x + branch(LN x)`` whose outputs feed the
+            long skips (default); ``"hidden_residual"`` — the reference code's Mamba-style
+            ``(hidden, residual)`` pairs, where the skips carry *branch outputs* (module docstring).
+        merge_frame: :class:`~gspn.nn.GSPN2d`'s merge: ``"image"`` (aligned) or ``"scan"`` (the
+            reference's; square token grids only).
         label_init_std: std of the class-embedding init (0.02 as in DiT; a larger value makes the
             label salient from the start, which helps tiny models trained briefly).
         cond_every_block: also add ``c`` to the tokens before every block (no parameters; the
@@ -252,11 +287,17 @@ class GSPNDiT(nn.Module):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
         backend: str = "auto",
+        final_norm_eps: float | None = None,
+        wiring: str = "residual",
+        merge_frame: str = "image",
     ) -> None:
         super().__init__()
         half = depth // 2
         if num_global_blocks > half:
             raise ValueError(f"num_global_blocks={num_global_blocks} exceeds the {half} out-blocks")
+        if wiring not in WIRINGS:
+            raise ValueError(f"wiring must be one of {WIRINGS}, got {wiring!r}")
+        self.wiring = wiring
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -273,7 +314,7 @@ class GSPNDiT(nn.Module):
 
         def block(i: int, chunk: int | None, long_skip: bool) -> GSPNDiTBlock:
             return GSPNDiTBlock(hidden_size, self.d_state, chunk, long_skip, kernel_size, rates[i], norm_eps,
-                                backend)
+                                backend, merge_frame)
 
         self.in_blocks = nn.ModuleList([block(i, local_chunk_size, False) for i in range(half)])
         self.mid_block = block(half, local_chunk_size, False)
@@ -282,7 +323,9 @@ class GSPNDiT(nn.Module):
             for i in range(half)
         ])
         self.norm_f = nn.LayerNorm(hidden_size, eps=norm_eps)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm_eps)
+        self.final_layer = FinalLayer(
+            hidden_size, patch_size, self.out_channels, norm_eps if final_norm_eps is None else final_norm_eps
+        )
         self.grad_checkpointing = False
         self.default_cfg: dict[str, Any] = {}
         self.model_args: dict[str, Any] = {}
@@ -306,6 +349,11 @@ class GSPNDiT(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """Alias of :attr:`default_cfg` (timm's newer name)."""
+        return self.default_cfg
 
     @property
     def blocks(self) -> list[GSPNDiTBlock]:
@@ -351,6 +399,8 @@ class GSPNDiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)
         cb = c[:, None, None, :]
         h = self.x_embedder(x).permute(0, 2, 3, 1) + cb
+        if self.wiring == "hidden_residual":
+            return self.unpatchify(self.final_layer(self.norm_f(self._forward_hidden_residual(h, cb)), c))
         skips = []
         for blk in self.in_blocks:
             h = self._run(blk, h + cb if self.cond_every_block else h)
@@ -359,6 +409,24 @@ class GSPNDiT(nn.Module):
         for blk in self.out_blocks:
             h = self._run(blk, h + cb if self.cond_every_block else h, skips.pop())
         return self.unpatchify(self.final_layer(self.norm_f(h), c))
+
+    def _forward_hidden_residual(self, h: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+        """The blocks with the reference wiring; returns the final residual stream ``res + h``."""
+        def run(blk: GSPNDiTBlock, h: torch.Tensor, res: torch.Tensor | None, skip: torch.Tensor | None = None):
+            if self.cond_every_block:
+                h = h + cb
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                return checkpoint(blk.forward_hidden_residual, h, res, skip, use_reentrant=False)
+            return blk.forward_hidden_residual(h, res, skip)
+
+        res, skips = None, []
+        for blk in self.in_blocks:
+            h, res = run(blk, h, res)
+            skips.append(h)
+        h, res = run(self.mid_block, h, res)
+        for blk in self.out_blocks:
+            h, res = run(blk, h, res, skips.pop())
+        return res + h
 
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float

@@ -56,11 +56,15 @@ def block_chunk_sizes(
     global_stages: Sequence[int],
     local_chunk_size: int | None = 2,
     global_period: int = 7,
+    global_chunk_sizes: Sequence[int | None] | None = None,
 ) -> list[list[int | None]]:
-    """Scan chunk size of every block: ``None`` (global) or ``local_chunk_size``.
+    """Scan chunk size of every block: the global chunk of its stage, or ``local_chunk_size``.
 
     In a stage listed in ``global_stages`` (0-based), block ``d`` is global if
-    ``d < global_period`` or ``(d + 1) % global_period == 0``; all other blocks are local.
+    ``d < global_period`` or ``(d + 1) % global_period == 0``; all other blocks are local. A global
+    block's chunk is ``None`` (the whole map, whatever its size) unless ``global_chunk_sizes`` gives
+    one per stage (the reference code's "global": the stage's configured feature size, e.g.
+    ``(56, 28, 14, 7)`` for 224² — the whole map only at that input size).
 
     >>> block_chunk_sizes([2, 9], global_stages=[1])
     [[2, 2], [None, None, None, None, None, None, None, 2, 2]]
@@ -68,8 +72,9 @@ def block_chunk_sizes(
     out = []
     for stage, depth in enumerate(depths):
         glob = stage in global_stages
+        whole = None if global_chunk_sizes is None else global_chunk_sizes[stage]
         out.append([
-            None if glob and (d < global_period or (d + 1) % global_period == 0) else local_chunk_size
+            whole if glob and (d < global_period or (d + 1) % global_period == 0) else local_chunk_size
             for d in range(depth)
         ])
     return out
@@ -167,10 +172,21 @@ class GSPNClassifier(nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over blocks up to this value
             (reference training: 0.2 / 0.4 / 0.5 for T / S / B).
-        norm_eps: LayerNorm epsilon.
+        norm_eps: LayerNorm epsilon (every LayerNorm: stem, downsamples, blocks, mixer, head).
         backend: scan backend (see :func:`gspn.ops.line_scan`).
+        conv_act: SiLU after the mixers' depthwise conv (see :class:`~gspn.nn.GSPNMixer`).
+        merge_frame: ``"image"`` (aligned merge) or ``"scan"`` (the reference's merge in scan
+            frames; square inputs only), see :class:`~gspn.nn.GSPN2d`.
+        global_chunk_sizes: per stage, the chunk of the global blocks; ``None`` = the whole map
+            (see :func:`block_chunk_sizes`).
 
-    Shapes: ``(B, in_chans, H, W) → (B, num_classes)`` for any ``H, W``.
+    The reference code's semantics (the authors' checkpoints) are ``norm_eps=1e-5,
+    conv_act=False, merge_frame="scan", global_chunk_sizes=(56, 28, 14, 7)``
+    (:func:`gspn.models.reference_checkpoints.reference_model_args`); ``create_model`` applies them
+    when it loads a reference checkpoint.
+
+    Shapes: ``(B, in_chans, H, W) → (B, num_classes)`` for any ``H, W`` (square with
+    ``merge_frame="scan"``).
     """
 
     def __init__(
@@ -191,10 +207,17 @@ class GSPNClassifier(nn.Module):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
         backend: str = "auto",
+        conv_act: bool = True,
+        merge_frame: str = "image",
+        global_chunk_sizes: Sequence[int | None] | None = None,
     ) -> None:
         super().__init__()
         dims = [embed_dim * 2**i for i in range(len(depths))]
-        chunks = block_chunk_sizes(depths, global_stages, local_chunk_size, global_period)
+        if global_chunk_sizes is not None and len(global_chunk_sizes) != len(depths):
+            raise ValueError(
+                f"global_chunk_sizes needs one entry per stage ({len(depths)}), got {tuple(global_chunk_sizes)}"
+            )
+        chunks = block_chunk_sizes(depths, global_stages, local_chunk_size, global_period, global_chunk_sizes)
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         self.num_classes = num_classes
@@ -213,7 +236,8 @@ class GSPNClassifier(nn.Module):
             stages.append(GSPNStage(
                 in_dim, dim, chunks[i], rates[start:start + depth], downsample=i > 0, norm_eps=norm_eps,
                 d_state=d_state, expand=expand, mlp_ratio=mlp_ratio, kernel_size=kernel_size,
-                gate_channels=d_inner // gate_group_size, backend=backend,
+                gate_channels=d_inner // gate_group_size, backend=backend, conv_act=conv_act,
+                merge_frame=merge_frame,
             ))
             start += depth
             in_dim = dim

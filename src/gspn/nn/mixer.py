@@ -18,7 +18,7 @@ class GSPNMixer(nn.Module):
 
     ::
 
-        x → Linear(dim → d_inner) → depthwise k×k conv → SiLU → GSPN2d
+        x → Linear(dim → d_inner) → depthwise k×k conv → SiLU (if conv_act) → GSPN2d
           → LayerNorm(d_inner) → GRN(d_inner) → Linear(d_inner → dim)
 
     with ``d_inner = round(expand · dim)``. The linears and the depthwise conv have no bias
@@ -33,6 +33,9 @@ class GSPNMixer(nn.Module):
         gate_channels: gate sharing of :class:`GSPN2d` (``None`` = per channel).
         norm_eps: epsilon of the output LayerNorm.
         backend: scan backend.
+        conv_act: apply SiLU after the depthwise conv (default). The reference code builds that
+            SiLU but never calls it: ``False`` reproduces it (used for the authors' checkpoints).
+        merge_frame: :class:`GSPN2d`'s merge (``"image"``, aligned; ``"scan"``, the reference's).
 
     Shapes: ``(B, H, W, D) → (B, H, W, D)``.
     """
@@ -47,6 +50,8 @@ class GSPNMixer(nn.Module):
         gate_channels: int | None = None,
         norm_eps: float = 1e-6,
         backend: str = "auto",
+        conv_act: bool = True,
+        merge_frame: str = "image",
     ) -> None:
         super().__init__()
         d_inner = round(expand * dim)
@@ -58,9 +63,9 @@ class GSPNMixer(nn.Module):
             if kernel_size
             else nn.Identity()
         )
-        self.act = nn.SiLU()
+        self.act = nn.SiLU() if conv_act else nn.Identity()
         self.gspn = GSPN2d(d_inner, d_state=d_state, chunk_size=chunk_size, gate_channels=gate_channels,
-                           backend=backend)
+                           backend=backend, merge_frame=merge_frame)
         self.out_norm = nn.LayerNorm(d_inner, eps=norm_eps)
         self.grn = GRN(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
