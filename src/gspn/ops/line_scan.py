@@ -93,7 +93,7 @@ def _forward(x, params, directions, chunk_size, normalize, backend, four_directi
 def _backward(grad, h, x, params, directions, chunk_size, normalize, backend, four_directions):
     cdtype = compute_dtype(result_dtype(x, *params))
     if grad.numel() == 0:
-        return [torch.zeros_like(t) for t in (x, *params)]
+        return [_dense_zeros(t) for t in (x, *params)]
     module = resolve_backend(backend, x.device)
     native = _native(module)
     xs = _prepare(x, x.dtype if native else cdtype)
@@ -117,9 +117,25 @@ def _backward(grad, h, x, params, directions, chunk_size, normalize, backend, fo
             dx=dx, accumulate_dx=k > 0, d_params=step_grads,
         )
     channel_dim = 2 if four_directions else 1
-    return [dx.to(x.dtype)] + [
-        reduce_to_shape(d, p.shape, channel_dim=channel_dim).to(p.dtype) for d, p in zip(d_params, params, strict=True)
+    return [dx.to(x.dtype).contiguous()] + [
+        reduce_to_shape(d, p.shape, channel_dim=channel_dim).to(p.dtype).contiguous()
+        for d, p in zip(d_params, params, strict=True)
     ]
+
+
+# Layout of the results: every gspn:: operator returns dense row-major (``torch.contiguous_format``)
+# tensors, whatever the layouts of its inputs (channels-last, transposed, expanded, sliced), and
+# its fake implementation says exactly that. Gradients therefore come back row-major too.
+
+
+def _dense_zeros(t: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``t``'s shape, dtype and device, row-major (not ``zeros_like``: that keeps t's layout)."""
+    return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    """Fake result of ``t``'s shape, dtype and device, row-major like the real results."""
+    return t.new_empty(t.shape)
 
 
 # --- one direction -------------------------------------------------------------------------------
@@ -165,7 +181,7 @@ def _line_scan_backward_op(
 
 @_line_scan_backward_op.register_fake
 def _(grad, h, x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend):
-    return [torch.empty_like(t) for t in (x, lam, w_left, w_mid, w_right)]
+    return [_dense_like(t) for t in (x, lam, w_left, w_mid, w_right)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -224,7 +240,7 @@ def _line_scan_4d_backward_op(
 
 @_line_scan_4d_backward_op.register_fake
 def _(grad, h, x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend):
-    return [torch.empty_like(t) for t in (x, lam, w_left, w_mid, w_right)]
+    return [_dense_like(t) for t in (x, lam, w_left, w_mid, w_right)]
 
 
 def _line_scan_4d_autograd(ctx, grad):
