@@ -126,6 +126,9 @@ def _load() -> ctypes.CDLL | None:
                 ]
             )
             lib.gspn_advise_hugepages.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+            geometry = [ctypes.c_int] + [ctypes.c_int64] * 6 + [ctypes.c_int]
+            lib.gspn_mix_forward.argtypes = geometry + [ctypes.c_void_p] * 5
+            lib.gspn_mix_backward.argtypes = geometry + [ctypes.c_void_p] * 9
             _library = lib
         except (OSError, RuntimeError) as exc:
             _error = str(exc)
@@ -193,3 +196,36 @@ def scan_backward(
     """Adjoint scan of one direction (see :mod:`gspn.ops.backends`)."""
     tensors = (grad, h, x, lam, w_left, w_mid, w_right, dx, *d_params)
     _launch("gspn_scan_backward", x, direction, chunk_size, normalize, (int(accumulate_dx),), tensors)
+
+
+# --- the fused GSPN layer (gspn_mix.cpp) -----------------------------------------------------------
+
+
+def mix_lanes() -> int:
+    """Channels per work item of the fused layer kernel; the caller pads C to a multiple of it."""
+    return _load().gspn_mix_lanes()
+
+
+def _mix_geometry(x_cl: torch.Tensor, z_cl: torch.Tensor, chunk_size) -> tuple:
+    batch, height, width, padded = x_cl.shape
+    return (_DTYPES[x_cl.dtype], batch, padded, height, width, z_cl.shape[3], chunk_size or 0, torch.get_num_threads())
+
+
+def _call_mix(kernel: str, geometry: tuple, tensors) -> None:
+    for t in tensors:
+        if not t.is_contiguous():
+            raise AssertionError(f"{kernel}: every buffer must be dense")
+    rc = getattr(_load(), kernel)(*geometry, *(t.data_ptr() for t in tensors))
+    if rc != 0:
+        raise RuntimeError(f"gspn CPU kernel {kernel} failed with code {rc}")
+
+
+def mix_forward(x_cl, z_cl, w, d, chunk_size, y) -> None:
+    """Fused layer forward into ``y (B, H, W, Cp)``; layouts in ``gspn_mix.cpp`` (see :mod:`gspn.ops.gspn_mix`)."""
+    _call_mix("gspn_mix_forward", _mix_geometry(x_cl, z_cl, chunk_size), (x_cl, z_cl, w, d, y))
+
+
+def mix_backward(x_cl, z_cl, w, d, grad_cl, chunk_size, dx, dz_part, dw_part, dd_part) -> None:
+    """Fused layer backward into ``dx`` and the per-item partial sums (see ``gspn_mix.cpp``)."""
+    tensors = (x_cl, z_cl, w, d, grad_cl, dx, dz_part, dw_part, dd_part)
+    _call_mix("gspn_mix_backward", _mix_geometry(x_cl, z_cl, chunk_size), tensors)

@@ -1,0 +1,412 @@
+// Fused GSPN layer on CPU: parameter generation, the four scans, gating and merge in one pass.
+//
+// Semantics are those of gspn/ops/gspn_mix.py (the reference composition). With the merge weights
+// folded in by the caller (u'_k = m_k u_k, D = sum_k m_k D_k), for a (b, channel block):
+//   y = (D z) x + sum_k (U'_k z) h_k,   h_k = scan_k(x; lam = L_k z, gates = stabilize(G_k z))
+// where z is the proxy (S values per pixel). No per-pixel parameter map is ever stored: every
+// pixel's 3 gate logits, lam and u are generated from z in registers right where the scan needs
+// them.
+//
+// Layout: channels-last. x, y, dx: (B, H, W, Cp) with Cp a multiple of LANES (the caller pads);
+// z: (B, H, W, S). A work item is one batch element and one block of LANES channels, so every
+// pixel update is LANES-wide vector work and the edge conditions of a pixel (first/last position
+// of its line) are the same for all lanes. Weights are packed per block:
+//   w: (nblk, 4 directions, 5 kinds [gate left, gate mid, gate right, lam, u'], S, LANES)
+//   d: (nblk, S, LANES)
+// Backward recomputes each direction's h (one block, one direction at a time: H*W*LANES values)
+// instead of storing the four hidden maps, then runs the adjoint scan with the parameters
+// regenerated again. Partial sums go to per-item buffers (deterministic, no atomics):
+//   dz_part (nblk, B, H, W, S), dw_part (B, nblk, 4, 5, S, LANES), dd_part (B, nblk, S, LANES).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "gspn_common.h"
+
+namespace {
+
+constexpr int64_t LANES = 16;
+constexpr int KINDS = 5;  // gate left, gate mid, gate right, lam, u'
+enum Kind { K_L, K_M, K_R, K_LAM, K_U };
+
+struct MixShape {
+  int64_t B, Cp, H, W, S, chunk;
+  int64_t nblk() const { return Cp / LANES; }
+  int64_t pixels() const { return H * W; }
+};
+
+// Pixel index (row * W + col) of position q on scan-order line l.
+inline int64_t pixel_of(const Geometry& geo, int64_t l, int64_t q) {
+  const int64_t i = geo.img(l);
+  return geo.vertical ? i * geo.W + q : q * geo.W + i;
+}
+
+// acc[k][j] = sum_s w[k][s][j] z[s] for kinds K0 .. K0+NK-1 of one direction's packed weights.
+template <typename T, int K0, int NK>
+inline void generate(const T* __restrict__ w, const T* __restrict__ z, int64_t S, T (&acc)[KINDS][LANES]) {
+  T a[NK][LANES] = {};
+  for (int64_t s = 0; s < S; ++s) {
+    const T zs = z[s];
+    for (int k = 0; k < NK; ++k) {
+      const T* __restrict__ row = w + ((K0 + k) * S + s) * LANES;
+#pragma omp simd
+      for (int64_t j = 0; j < LANES; ++j) a[k][j] += row[j] * zs;
+    }
+  }
+  for (int k = 0; k < NK; ++k)
+#pragma omp simd
+    for (int64_t j = 0; j < LANES; ++j) acc[K0 + k][j] = a[k][j];
+}
+
+// Stability-context weights of one pixel (all lanes share the pixel's edge conditions HL/HR: whether
+// the left/right neighbour exists). A missing neighbour's weight is exactly 0 whatever its logit;
+// the sigmoids are kept for the VJP.
+template <typename T, bool HL, bool HR>
+inline void normalize_lanes(const T (&acc)[KINDS][LANES], T (&w)[3][LANES], T (&s)[3][LANES]) {
+  int underflow = 0;
+#pragma omp simd reduction(| : underflow)
+  for (int64_t j = 0; j < LANES; ++j) {
+    const T vl = HL ? sigmoid(acc[K_L][j]) : T(0);
+    const T vm = sigmoid(acc[K_M][j]);
+    const T vr = HR ? sigmoid(acc[K_R][j]) : T(0);
+    const T sum = vl + vm + vr;
+    underflow |= sum < tiny_sum<T>();
+    const T inv = T(1) / std::max(sum, tiny_sum<T>());
+    s[0][j] = vl;
+    s[1][j] = vm;
+    s[2][j] = vr;
+    w[0][j] = vl * inv;
+    w[1][j] = vm * inv;
+    w[2][j] = vr * inv;
+  }
+  if (!underflow) return;
+  for (int64_t j = 0; j < LANES; ++j) {  // all valid sigmoids underflow: softmax of the valid logits
+    if (s[0][j] + s[1][j] + s[2][j] >= tiny_sum<T>()) continue;
+    T m = acc[K_M][j];
+    if (HL) m = std::max(m, acc[K_L][j]);
+    if (HR) m = std::max(m, acc[K_R][j]);
+    const T el = HL ? std::exp(acc[K_L][j] - m) : T(0);
+    const T em = std::exp(acc[K_M][j] - m);
+    const T er = HR ? std::exp(acc[K_R][j] - m) : T(0);
+    const T inv = T(1) / (el + em + er);
+    w[0][j] = el * inv;
+    w[1][j] = em * inv;
+    w[2][j] = er * inv;
+  }
+}
+
+template <typename T>
+inline void normalize_lanes(const T (&acc)[KINDS][LANES], bool has_l, bool has_r, T (&w)[3][LANES],
+                            T (&s)[3][LANES]) {
+  if (has_l && has_r)
+    normalize_lanes<T, true, true>(acc, w, s);
+  else if (has_l)
+    normalize_lanes<T, true, false>(acc, w, s);
+  else if (has_r)
+    normalize_lanes<T, false, true>(acc, w, s);
+  else
+    normalize_lanes<T, false, false>(acc, w, s);
+}
+
+// y = (D z) x for every pixel of the block (the merged skip term; initialises y).
+template <typename T>
+void skip_forward(const MixShape& sh, const T* x, const T* z, const T* d, T* y) {
+  for (int64_t p = 0; p < sh.pixels(); ++p) {
+    T acc[LANES] = {};
+    for (int64_t s = 0; s < sh.S; ++s) {
+      const T zs = z[p * sh.S + s];
+#pragma omp simd
+      for (int64_t j = 0; j < LANES; ++j) acc[j] += d[s * LANES + j] * zs;
+    }
+    const T* __restrict__ xp = x + p * sh.Cp;
+    T* __restrict__ yp = y + p * sh.Cp;
+#pragma omp simd
+    for (int64_t j = 0; j < LANES; ++j) yp[j] = acc[j] * xp[j];
+  }
+}
+
+// One direction's scan of one block. `line` holds 2 * (P + 2) * LANES values (two lines with a zero
+// lane-vector on each side). With STORE, every h is also written to hbuf (pixel-major, LANES per
+// pixel) for the backward; with ACCUMULATE, y += u' h.
+template <typename T, bool ACCUMULATE, bool STORE>
+void scan_direction(const MixShape& sh, const Geometry& geo, const T* x, const T* z, const T* w, T* y, T* hbuf,
+                    T* line) {
+  const int64_t P = geo.P, S = sh.S;
+  T* prev = line + LANES;
+  T* cur = line + (P + 2) * LANES + LANES;
+  std::fill(line, line + 2 * (P + 2) * LANES, T(0));
+  T acc[KINDS][LANES];
+  T gw[3][LANES], gs[3][LANES];
+  for (int64_t l = 0; l < geo.L; ++l) {
+    const bool start = geo.starts(l);
+    for (int64_t q = 0; q < P; ++q) {
+      const int64_t pix = pixel_of(geo, l, q);
+      const T* zp = z + pix * S;
+      const T* __restrict__ xp = x + pix * sh.Cp;
+      T* __restrict__ hq = cur + q * LANES;
+      if (start) {
+        generate<T, K_LAM, 2>(w, zp, S, acc);
+#pragma omp simd
+        for (int64_t j = 0; j < LANES; ++j) hq[j] = acc[K_LAM][j] * xp[j];
+      } else {
+        generate<T, 0, KINDS>(w, zp, S, acc);
+        normalize_lanes(acc, q > 0, q < P - 1, gw, gs);
+        const T* __restrict__ pl = prev + (q - 1) * LANES;
+        const T* __restrict__ pm = prev + q * LANES;
+        const T* __restrict__ pr = prev + (q + 1) * LANES;
+#pragma omp simd
+        for (int64_t j = 0; j < LANES; ++j)
+          hq[j] = acc[K_LAM][j] * xp[j] + gw[0][j] * pl[j] + gw[1][j] * pm[j] + gw[2][j] * pr[j];
+      }
+      if (ACCUMULATE) {
+        T* __restrict__ yp = y + pix * sh.Cp;
+#pragma omp simd
+        for (int64_t j = 0; j < LANES; ++j) yp[j] += acc[K_U][j] * hq[j];
+      }
+      if (STORE) std::memcpy(hbuf + pix * LANES, hq, sizeof(T) * LANES);
+    }
+    std::swap(prev, cur);
+  }
+}
+
+// Backward of the skip term; initialises dx, this block's dz and dd.
+template <typename T>
+void skip_backward(const MixShape& sh, const T* x, const T* z, const T* d, const T* gy, T* dx, T* dz, T* dd) {
+  const int64_t S = sh.S;
+  std::fill(dd, dd + S * LANES, T(0));
+  for (int64_t p = 0; p < sh.pixels(); ++p) {
+    const T* zp = z + p * S;
+    const T* __restrict__ xp = x + p * sh.Cp;
+    const T* __restrict__ gp = gy + p * sh.Cp;
+    T* __restrict__ dxp = dx + p * sh.Cp;
+    T acc[LANES] = {};
+    T e[LANES];
+    for (int64_t s = 0; s < S; ++s) {
+      const T zs = zp[s];
+#pragma omp simd
+      for (int64_t j = 0; j < LANES; ++j) acc[j] += d[s * LANES + j] * zs;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < LANES; ++j) {
+      dxp[j] = gp[j] * acc[j];
+      e[j] = gp[j] * xp[j];
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      const T zs = zp[s];
+      T* __restrict__ dds = dd + s * LANES;
+      const T* __restrict__ ds = d + s * LANES;
+      T dot = T(0);
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < LANES; ++j) {
+        dds[j] += e[j] * zs;
+        dot += ds[j] * e[j];
+      }
+      dz[p * S + s] = dot;
+    }
+  }
+}
+
+// Adjoint scan of one direction of one block, h of the direction already in hbuf. Adds to dx, dz
+// and this direction's dw (5 kinds x S x LANES). `line` holds 6 * (P + 2) * LANES values: the
+// scattered adjoint contributions (w_left a, w_mid a, w_right a) of the next line and of this one.
+template <typename T>
+void scan_direction_backward(const MixShape& sh, const Geometry& geo, const T* x, const T* z, const T* w,
+                             const T* gy, const T* hbuf, T* dx, T* dz, T* dw, T* line) {
+  const int64_t P = geo.P, S = sh.S, stride = (P + 2) * LANES;
+  std::fill(line, line + 6 * stride, T(0));
+  T* next = line + LANES;           // 3 lines: contributions of line l+1 (read)
+  T* cur = line + 3 * stride + LANES;  // 3 lines: contributions of line l (written)
+  T acc[KINDS][LANES];
+  T gw[3][LANES], gs[3][LANES];
+  T d[KINDS][LANES];  // gradients w.r.t. the generated values (gate logits, lam, u')
+  for (int64_t l = geo.L - 1; l >= 0; --l) {
+    const bool start = geo.starts(l);
+    const bool has_next = l + 1 < geo.L && !geo.starts(l + 1);
+    for (int64_t q = 0; q < P; ++q) {
+      const int64_t pix = pixel_of(geo, l, q);
+      const T* zp = z + pix * S;
+      const T* __restrict__ xp = x + pix * sh.Cp;
+      const T* __restrict__ gp = gy + pix * sh.Cp;
+      const T* __restrict__ hp = hbuf + pix * LANES;
+      T* __restrict__ dxp = dx + pix * sh.Cp;
+      generate<T, 0, KINDS>(w, zp, S, acc);
+      T a[LANES];
+#pragma omp simd
+      for (int64_t j = 0; j < LANES; ++j) {
+        a[j] = gp[j] * acc[K_U][j];
+        d[K_U][j] = gp[j] * hp[j];
+      }
+      if (has_next) {
+        const T* __restrict__ nl = next + (q + 1) * LANES;
+        const T* __restrict__ nm = next + stride + q * LANES;
+        const T* __restrict__ nr = next + 2 * stride + (q - 1) * LANES;
+#pragma omp simd
+        for (int64_t j = 0; j < LANES; ++j) a[j] += nl[j] + nm[j] + nr[j];
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < LANES; ++j) {
+        dxp[j] += acc[K_LAM][j] * a[j];
+        d[K_LAM][j] = xp[j] * a[j];
+      }
+      T* __restrict__ cl = cur + q * LANES;
+      T* __restrict__ cm = cur + stride + q * LANES;
+      T* __restrict__ cr = cur + 2 * stride + q * LANES;
+      if (start) {
+#pragma omp simd
+        for (int64_t j = 0; j < LANES; ++j) d[K_L][j] = d[K_M][j] = d[K_R][j] = cl[j] = cm[j] = cr[j] = T(0);
+      } else {
+        const bool has_l = q > 0, has_r = q < P - 1;
+        normalize_lanes(acc, has_l, has_r, gw, gs);
+        const T zero[LANES] = {};
+        const T* __restrict__ hl = has_l ? hbuf + pixel_of(geo, l - 1, q - 1) * LANES : zero;
+        const T* __restrict__ hm = hbuf + pixel_of(geo, l - 1, q) * LANES;
+        const T* __restrict__ hr = has_r ? hbuf + pixel_of(geo, l - 1, q + 1) * LANES : zero;
+#pragma omp simd
+        for (int64_t j = 0; j < LANES; ++j) {
+          const T g0 = a[j] * hl[j], g1 = a[j] * hm[j], g2 = a[j] * hr[j];
+          const T dot = g0 * gw[0][j] + g1 * gw[1][j] + g2 * gw[2][j];
+          d[K_L][j] = gw[0][j] * (T(1) - gs[0][j]) * (g0 - dot);
+          d[K_M][j] = gw[1][j] * (T(1) - gs[1][j]) * (g1 - dot);
+          d[K_R][j] = gw[2][j] * (T(1) - gs[2][j]) * (g2 - dot);
+          cl[j] = gw[0][j] * a[j];
+          cm[j] = gw[1][j] * a[j];
+          cr[j] = gw[2][j] * a[j];
+        }
+      }
+      // dw[k][s] += d[k] z[s]; dz[s] += sum_k sum_j w[k][s][j] d[k][j]
+      for (int64_t s = 0; s < S; ++s) {
+        const T zs = zp[s];
+        T dot = T(0);
+        for (int k = 0; k < KINDS; ++k) {
+          const T* __restrict__ row = w + (k * S + s) * LANES;
+          T* __restrict__ drow = dw + (k * S + s) * LANES;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t j = 0; j < LANES; ++j) {
+            drow[j] += d[k][j] * zs;
+            dot += row[j] * d[k][j];
+          }
+        }
+        dz[pix * S + s] += dot;
+      }
+    }
+    std::swap(next, cur);
+  }
+}
+
+int mix_threads(int nthreads) {
+#ifdef _OPENMP
+  return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+  (void)nthreads;
+  return 1;
+#endif
+}
+
+template <typename T>
+void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, const T* w, const T* d, T* y) {
+  const Geometry geos[4] = {Geometry(0, sh.H, sh.W, sh.chunk), Geometry(1, sh.H, sh.W, sh.chunk),
+                            Geometry(2, sh.H, sh.W, sh.chunk), Geometry(3, sh.H, sh.W, sh.chunk)};
+  const int64_t nblk = sh.nblk(), HW = sh.pixels();
+  const int64_t wsize = 4 * KINDS * sh.S * LANES;
+#pragma omp parallel num_threads(mix_threads(nthreads))
+  {
+    std::vector<T> line(2 * (std::max(sh.H, sh.W) + 2) * LANES);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < sh.B * nblk; ++item) {
+      const int64_t b = item / nblk, blk = item % nblk;
+      const T* xb = x + b * HW * sh.Cp + blk * LANES;
+      const T* zb = z + b * HW * sh.S;
+      T* yb = y + b * HW * sh.Cp + blk * LANES;
+      const T* wb = w + blk * wsize;
+      skip_forward(sh, xb, zb, d + blk * sh.S * LANES, yb);
+      for (int k = 0; k < 4; ++k)
+        scan_direction<T, true, false>(sh, geos[k], xb, zb, wb + k * KINDS * sh.S * LANES, yb, nullptr,
+                                       line.data());
+    }
+  }
+}
+
+template <typename T>
+void mix_backward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, const T* w, const T* d,
+                       const T* gy, T* dx, T* dz_part, T* dw_part, T* dd_part) {
+  const Geometry geos[4] = {Geometry(0, sh.H, sh.W, sh.chunk), Geometry(1, sh.H, sh.W, sh.chunk),
+                            Geometry(2, sh.H, sh.W, sh.chunk), Geometry(3, sh.H, sh.W, sh.chunk)};
+  const int64_t nblk = sh.nblk(), HW = sh.pixels();
+  const int64_t wdir = KINDS * sh.S * LANES, wsize = 4 * wdir;
+#pragma omp parallel num_threads(mix_threads(nthreads))
+  {
+    std::vector<T> line(6 * (std::max(sh.H, sh.W) + 2) * LANES);
+    std::vector<T> hbuf(HW * LANES);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < sh.B * nblk; ++item) {
+      const int64_t b = item / nblk, blk = item % nblk;
+      const int64_t off = b * HW * sh.Cp + blk * LANES;
+      const T* zb = z + b * HW * sh.S;
+      const T* wb = w + blk * wsize;
+      T* dz = dz_part + (blk * sh.B + b) * HW * sh.S;
+      T* dw = dw_part + item * wsize;
+      skip_backward(sh, x + off, zb, d + blk * sh.S * LANES, gy + off, dx + off, dz, dd_part + item * sh.S * LANES);
+      std::fill(dw, dw + wsize, T(0));
+      for (int k = 0; k < 4; ++k) {
+        scan_direction<T, false, true>(sh, geos[k], x + off, zb, wb + k * wdir, nullptr, hbuf.data(), line.data());
+        scan_direction_backward(sh, geos[k], x + off, zb, wb + k * wdir, gy + off, hbuf.data(), dx + off, dz,
+                                dw + k * wdir, line.data());
+      }
+    }
+  }
+}
+
+bool valid(const MixShape& sh) {
+  return sh.B >= 0 && sh.Cp > 0 && sh.Cp % LANES == 0 && sh.H > 0 && sh.W > 0 && sh.S > 0 && sh.chunk >= 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int gspn_mix_lanes() { return static_cast<int>(LANES); }
+
+// dtype: 0 = float32, 1 = float64; chunk 0 = global. Layouts in the header comment.
+int gspn_mix_forward(int dtype, int64_t B, int64_t Cp, int64_t H, int64_t W, int64_t S, int64_t chunk,
+                     int nthreads, const void* x, const void* z, const void* w, const void* d, void* y) {
+  const MixShape sh{B, Cp, H, W, S, chunk};
+  if (!valid(sh)) return 1;
+  if (dtype == 0)
+    mix_forward_impl(sh, nthreads, static_cast<const float*>(x), static_cast<const float*>(z),
+                     static_cast<const float*>(w), static_cast<const float*>(d), static_cast<float*>(y));
+  else if (dtype == 1)
+    mix_forward_impl(sh, nthreads, static_cast<const double*>(x), static_cast<const double*>(z),
+                     static_cast<const double*>(w), static_cast<const double*>(d), static_cast<double*>(y));
+  else
+    return 2;
+  return 0;
+}
+
+int gspn_mix_backward(int dtype, int64_t B, int64_t Cp, int64_t H, int64_t W, int64_t S, int64_t chunk,
+                      int nthreads, const void* x, const void* z, const void* w, const void* d, const void* gy,
+                      void* dx, void* dz_part, void* dw_part, void* dd_part) {
+  const MixShape sh{B, Cp, H, W, S, chunk};
+  if (!valid(sh)) return 1;
+  if (dtype == 0)
+    mix_backward_impl(sh, nthreads, static_cast<const float*>(x), static_cast<const float*>(z),
+                      static_cast<const float*>(w), static_cast<const float*>(d), static_cast<const float*>(gy),
+                      static_cast<float*>(dx), static_cast<float*>(dz_part), static_cast<float*>(dw_part),
+                      static_cast<float*>(dd_part));
+  else if (dtype == 1)
+    mix_backward_impl(sh, nthreads, static_cast<const double*>(x), static_cast<const double*>(z),
+                      static_cast<const double*>(w), static_cast<const double*>(d), static_cast<const double*>(gy),
+                      static_cast<double*>(dx), static_cast<double*>(dz_part), static_cast<double*>(dw_part),
+                      static_cast<double*>(dd_part));
+  else
+    return 2;
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,398 @@
+"""The fused GSPN layer operator: parameter generation, four scans, gating and merge in one op.
+
+``gspn_mix`` computes exactly what :class:`gspn.nn.GSPN2d` computes from its proxy, without ever
+materialising the ``(B, 4, C, H, W)`` parameter maps. ``torch.ops.gspn.gspn_mix`` and its
+``gspn_mix_backward`` are ``torch.library`` operators with fake kernels (``torch.compile`` traces
+them without a graph break), an explicit backward and a FLOP formula.
+
+Backends:
+
+* ``"reference"`` — the composition of the existing ops (1×1 generation as ``einsum``,
+  :func:`gspn.ops.line_scan_4d` with its reference backend, gating and merge): the readable
+  specification, and an explicit chain-rule backward through ``gspn::line_scan_4d_backward``.
+* ``"cpu"`` — the C++ kernel ``gspn_mix.cpp``: channels-last, one batch element × 16 channels per
+  work item, every pixel's gate logits, λ and u generated from the proxy in registers where the
+  scan needs them; the backward recomputes each direction's hidden state (one direction and one
+  channel block at a time) instead of storing four hidden maps.
+* ``"triton"`` — on CUDA tensors, the same composition as ``"reference"`` with the fused Triton
+  line-scan kernels (several launches; a single fused GPU kernel is not written yet).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+from .backends import resolve_backend
+from .directions import DIRECTIONS
+from .line_scan import _custom_op, scan_flops
+from .validation import check_chunk_size, compute_dtype
+
+__all__ = ["gspn_mix", "mix_flops"]
+
+_BACKENDS = ("auto", "reference", "cpu", "triton")
+_NUM_DIRECTIONS = len(DIRECTIONS)
+
+
+# --- argument checking ---------------------------------------------------------------------------
+
+
+def _check_args(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend):
+    tensors = {
+        "x": x, "proxy": proxy, "gate_weight": gate_weight, "lam_weight": lam_weight, "u_weight": u_weight,
+        "skip_weight": skip_weight, "merge_weight": merge_weight,
+    }
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a real floating-point tensor, got dtype {t.dtype}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all inputs must share one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
+    if x.ndim != 4:
+        raise ValueError(f"x must have 4 dims (B, C, H, W), got shape {tuple(x.shape)}")
+    batch, channels, height, width = x.shape
+    if channels == 0:
+        raise ValueError("x must have at least one channel, got C = 0")
+    if proxy.ndim != 4 or proxy.shape[0] != batch or tuple(proxy.shape[2:]) != (height, width):
+        raise ValueError(
+            f"proxy must have shape (B, S, H, W) = ({batch}, S, {height}, {width}), got {tuple(proxy.shape)}"
+        )
+    state = proxy.shape[1]
+    if state == 0:
+        raise ValueError("proxy must have at least one channel (S = d_state >= 1), got S = 0")
+    if gate_weight.ndim != 4 or tuple(gate_weight.shape[:2]) != (_NUM_DIRECTIONS, 3):
+        raise ValueError(f"gate_weight must have shape (4, 3, Cg, S), got {tuple(gate_weight.shape)}")
+    gate_channels = gate_weight.shape[2]
+    if gate_channels == 0 or channels % gate_channels:
+        raise ValueError(
+            f"gate_weight has Cg = {gate_channels} gate channels, which must divide C = {channels} "
+            f"(gate_weight shape {tuple(gate_weight.shape)})"
+        )
+    if gate_weight.shape[3] != state:
+        raise ValueError(
+            f"gate_weight has S = {gate_weight.shape[3]} but proxy has S = {state} channels "
+            f"(gate_weight shape {tuple(gate_weight.shape)}, proxy shape {tuple(proxy.shape)})"
+        )
+    for name in ("lam_weight", "u_weight", "skip_weight"):
+        w = tensors[name]
+        if tuple(w.shape) != (_NUM_DIRECTIONS, channels, state):
+            raise ValueError(f"{name} must have shape (4, C, S) = (4, {channels}, {state}), got {tuple(w.shape)}")
+    if tuple(merge_weight.shape) != (_NUM_DIRECTIONS,):
+        raise ValueError(f"merge_weight must have shape (4,), got {tuple(merge_weight.shape)}")
+    chunk_size = check_chunk_size(chunk_size)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return chunk_size
+
+
+# --- the reference composition -------------------------------------------------------------------
+
+
+def _generate(proxy, gate_weight, lam_weight, u_weight, skip_weight):
+    """Per-pixel parameters from the proxy: gate logits (B, 4, 3, Cg, H, W) and λ, u, D (B, 4, C, H, W)."""
+    gates = torch.einsum("kgcs,bshw->bkgchw", gate_weight, proxy)
+    lam, u, skip = (torch.einsum("kcs,bshw->bkchw", w, proxy) for w in (lam_weight, u_weight, skip_weight))
+    return gates, lam, u, skip
+
+
+def _compose_forward(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, scan):
+    gates, lam, u, skip = _generate(proxy, gate_weight, lam_weight, u_weight, skip_weight)
+    h = torch.ops.gspn.line_scan_4d(x, lam, gates[:, :, 0], gates[:, :, 1], gates[:, :, 2], chunk_size, True, scan)
+    return torch.einsum("k,bkchw->bchw", merge_weight, u * h + skip * x.unsqueeze(1))
+
+
+def _compose_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, scan):
+    """Chain rule through the composition, with the adjoint scan ``gspn::line_scan_4d_backward``."""
+    gates, lam, u, skip = _generate(proxy, gate_weight, lam_weight, u_weight, skip_weight)
+    wl, wm, wr = gates[:, :, 0], gates[:, :, 1], gates[:, :, 2]
+    h = torch.ops.gspn.line_scan_4d(x, lam, wl, wm, wr, chunk_size, True, scan)
+    m = merge_weight.view(1, _NUM_DIRECTIONS, 1, 1, 1)
+    g = grad.unsqueeze(1)  # (B, 1, C, H, W)
+    xk = x.unsqueeze(1)
+    d_merge = torch.einsum("bkchw->k", g * (u * h + skip * xk))
+    dh, du, dskip = m * g * u, m * g * h, m * g * xk
+    dx_scan, dlam, dwl, dwm, dwr = torch.ops.gspn.line_scan_4d_backward(
+        dh, h, x, lam, wl, wm, wr, chunk_size, True, scan
+    )
+    dx = dx_scan + (m * skip * g).sum(1)
+    dgates = torch.stack([dwl, dwm, dwr], dim=2)  # (B, 4, 3, Cg, H, W)
+    d_gate_weight = torch.einsum("bkgchw,bshw->kgcs", dgates, proxy)
+    d_lam_weight, d_u_weight, d_skip_weight = (
+        torch.einsum("bkchw,bshw->kcs", d, proxy) for d in (dlam, du, dskip)
+    )
+    dproxy = (
+        torch.einsum("kgcs,bkgchw->bshw", gate_weight, dgates)
+        + torch.einsum("kcs,bkchw->bshw", lam_weight, dlam)
+        + torch.einsum("kcs,bkchw->bshw", u_weight, du)
+        + torch.einsum("kcs,bkchw->bshw", skip_weight, dskip)
+    )
+    return [dx, dproxy, d_gate_weight, d_lam_weight, d_u_weight, d_skip_weight, d_merge]
+
+
+# --- the CPU kernel ------------------------------------------------------------------------------
+
+
+def _pad_channels(t: torch.Tensor, padded: int, dim: int) -> torch.Tensor:
+    extra = padded - t.shape[dim]
+    if extra == 0:
+        return t
+    pad = [0, 0] * (t.ndim - 1 - dim % t.ndim) + [0, extra]
+    return F.pad(t, pad)
+
+
+def _pack_weights(gate_weight, lam_weight, u_weight, skip_weight, merge_weight, channels: int, lanes: int):
+    """Kernel weight layout: ``w (nblk, 4, 5, S, lanes)`` with u pre-scaled by the merge weights,
+    and the merged skip ``d = Σ_k m_k D_k`` as ``(nblk, S, lanes)``."""
+    state = lam_weight.shape[2]
+    padded = -(-channels // lanes) * lanes
+    gates = gate_weight.repeat_interleave(channels // gate_weight.shape[2], dim=2)  # (4, 3, C, S)
+    u_scaled = merge_weight.view(-1, 1, 1) * u_weight
+    kinds = torch.cat([gates, lam_weight.unsqueeze(1), u_scaled.unsqueeze(1)], dim=1)  # (4, 5, C, S)
+    kinds = _pad_channels(kinds, padded, 2).view(_NUM_DIRECTIONS, 5, padded // lanes, lanes, state)
+    w = kinds.permute(2, 0, 1, 4, 3).contiguous()
+    skip = _pad_channels(torch.einsum("k,kcs->cs", merge_weight, skip_weight), padded, 0)
+    d = skip.view(padded // lanes, lanes, state).transpose(1, 2).contiguous()
+    return w, d
+
+
+def _channels_last(t: torch.Tensor, padded: int) -> torch.Tensor:
+    """``(B, C, H, W)`` → dense ``(B, H, W, padded)`` (free for a channels-last input of C = padded)."""
+    return _pad_channels(t.permute(0, 2, 3, 1), padded, 3).contiguous()
+
+
+def _to_image(t_cl: torch.Tensor, channels: int) -> torch.Tensor:
+    """``(B, H, W, Cp)`` → ``(B, C, H, W)`` in channels-last memory format."""
+    if t_cl.shape[3] != channels:
+        t_cl = t_cl[..., :channels].contiguous()
+    return t_cl.permute(0, 3, 1, 2)
+
+
+def _cpu_forward(module, x, proxy, weights, chunk_size):
+    batch, channels, height, width = x.shape
+    lanes = module.mix_lanes()
+    padded = -(-channels // lanes) * lanes
+    w, d = _pack_weights(*weights, channels, lanes)
+    x_cl, z_cl = _channels_last(x, padded), _channels_last(proxy, proxy.shape[1])
+    y = torch.empty((batch, height, width, padded), dtype=x.dtype, device=x.device)
+    module.mix_forward(x_cl, z_cl, w, d, chunk_size, y)
+    return _to_image(y, channels)
+
+
+def _cpu_backward(module, grad, x, proxy, weights, chunk_size):
+    gate_weight, lam_weight, u_weight, skip_weight, merge_weight = weights
+    batch, channels, height, width = x.shape
+    state = proxy.shape[1]
+    lanes = module.mix_lanes()
+    padded = -(-channels // lanes) * lanes
+    nblk = padded // lanes
+    w, d = _pack_weights(*weights, channels, lanes)
+    x_cl, z_cl, g_cl = _channels_last(x, padded), _channels_last(proxy, state), _channels_last(grad, padded)
+    dx = torch.empty_like(x_cl)
+    dz_part = torch.empty((nblk, batch, height, width, state), dtype=x.dtype, device=x.device)
+    dw_part = torch.empty((batch, *w.shape), dtype=x.dtype, device=x.device)
+    dd_part = torch.empty((batch, *d.shape), dtype=x.dtype, device=x.device)
+    module.mix_backward(x_cl, z_cl, w, d, g_cl, chunk_size, dx, dz_part, dw_part, dd_part)
+    # (nblk, 4, 5, S, lanes) → (4, 5, C, S)
+    dw = dw_part.sum(0).permute(1, 2, 0, 4, 3).reshape(_NUM_DIRECTIONS, 5, padded, state)[:, :, :channels]
+    dd = dd_part.sum(0).transpose(1, 2).reshape(padded, state)[:channels]
+    group = channels // gate_weight.shape[2]
+    d_gate_weight = dw[:, :3].reshape(_NUM_DIRECTIONS, 3, gate_weight.shape[2], group, state).sum(3)
+    d_u_scaled = dw[:, 4]
+    m = merge_weight.view(-1, 1, 1)
+    d_merge = (u_weight * d_u_scaled).sum((1, 2)) + (skip_weight * dd).sum((1, 2))
+    return [
+        _to_image(dx, channels),
+        dz_part.sum(0).permute(0, 3, 1, 2),
+        d_gate_weight,
+        dw[:, 3].contiguous(),
+        m * d_u_scaled,
+        m * dd.unsqueeze(0),
+        d_merge,
+    ]
+
+
+# --- operators -----------------------------------------------------------------------------------
+
+
+def _layout_like_kernel(t: torch.Tensor) -> torch.Tensor:
+    """The one output layout of every backend: channels-last memory for image-shaped results."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _run(x, proxy, weights, chunk_size, backend, grad=None):
+    dtype = x.dtype
+    cdtype = compute_dtype(dtype)
+    module = resolve_backend(backend, x.device)
+    x, proxy, *weights = (t.to(cdtype) for t in (x, proxy, *weights))
+    if grad is not None:
+        grad = grad.to(cdtype)
+    if getattr(module, "mix_forward", None) is not None:
+        if grad is None:
+            return _cpu_forward(module, x, proxy, weights, chunk_size).to(dtype)
+        outs = _cpu_backward(module, grad, x, proxy, weights, chunk_size)
+    else:
+        scan = module.__name__.rsplit(".", 1)[-1]
+        if grad is None:
+            return _layout_like_kernel(_compose_forward(x, proxy, *weights, chunk_size, scan)).to(dtype)
+        outs = _compose_backward(grad, x, proxy, *weights, chunk_size, scan)
+        outs = [_layout_like_kernel(o) for o in outs[:2]] + [o.contiguous() for o in outs[2:]]
+    return [o.to(dtype) for o in outs]
+
+
+def _image_like(x: torch.Tensor, channels: int) -> torch.Tensor:
+    b, _, h, w = x.shape
+    return x.new_empty((b, h, w, channels)).permute(0, 3, 1, 2)
+
+
+@_custom_op("gspn_mix")
+def _gspn_mix_op(
+    x: torch.Tensor,
+    proxy: torch.Tensor,
+    gate_weight: torch.Tensor,
+    lam_weight: torch.Tensor,
+    u_weight: torch.Tensor,
+    skip_weight: torch.Tensor,
+    merge_weight: torch.Tensor,
+    chunk_size: int | None,
+    backend: str,
+) -> torch.Tensor:
+    if x.numel() == 0:
+        return _image_like(x, x.shape[1])
+    weights = (gate_weight, lam_weight, u_weight, skip_weight, merge_weight)
+    return _run(x, proxy, weights, chunk_size, backend)
+
+
+@_gspn_mix_op.register_fake
+def _(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend):
+    return _image_like(x, x.shape[1])
+
+
+@_custom_op("gspn_mix_backward")
+def _gspn_mix_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    proxy: torch.Tensor,
+    gate_weight: torch.Tensor,
+    lam_weight: torch.Tensor,
+    u_weight: torch.Tensor,
+    skip_weight: torch.Tensor,
+    merge_weight: torch.Tensor,
+    chunk_size: int | None,
+    backend: str,
+) -> list[torch.Tensor]:
+    weights = (gate_weight, lam_weight, u_weight, skip_weight, merge_weight)
+    if x.numel() == 0:
+        return [_image_like(x, x.shape[1]), _image_like(proxy, proxy.shape[1])] + [torch.zeros_like(w) for w in weights]
+    return _run(x, proxy, weights, chunk_size, backend, grad=grad)
+
+
+@_gspn_mix_backward_op.register_fake
+def _(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend):
+    weights = (gate_weight, lam_weight, u_weight, skip_weight, merge_weight)
+    return [_image_like(x, x.shape[1]), _image_like(proxy, proxy.shape[1])] + [
+        torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, chunk_size, backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.options = (chunk_size, backend)
+
+
+def _gspn_mix_autograd(ctx, grad):
+    grads = torch.ops.gspn.gspn_mix_backward(grad, *ctx.saved_tensors, *ctx.options)
+    return (*grads, None, None)
+
+
+_gspn_mix_op.register_autograd(_gspn_mix_autograd, setup_context=_setup_context)
+
+
+# --- FLOP formulas -------------------------------------------------------------------------------
+
+
+def mix_flops(batch: int, channels: int, height: int, width: int, state: int, gate_channels: int) -> int:
+    """Multiply-accumulates of one :func:`gspn_mix` forward, in the papers' convention.
+
+    The 1×1 generation of the gate logits, λ, u and D (``B·H·W·S·(12·Cg + 12·C)`` MACs, what the four
+    up-projection convolutions of the unfused layer count) plus the four scans
+    (:func:`gspn.ops.scan_flops`). Gating, merge and normalisation are not counted, as in the papers.
+    """
+    generation = batch * height * width * state * (12 * gate_channels + 12 * channels)
+    scans = 2 * (scan_flops(batch, channels, height, width) + scan_flops(batch, channels, width, height))
+    return generation + scans
+
+
+@register_flop_formula(torch.ops.gspn.gspn_mix)
+def _(x_shape, proxy_shape, gate_shape, *args, out_shape=None, **kwargs) -> int:
+    batch, channels, height, width = x_shape
+    return mix_flops(batch, channels, height, width, proxy_shape[1], gate_shape[2])
+
+
+@register_flop_formula(torch.ops.gspn.gspn_mix_backward)
+def _(grad_shape, x_shape, proxy_shape, gate_shape, *args, **kwargs) -> int:
+    # Recomputed forward, adjoint scans, and two 1×1 products (weight gradient, proxy gradient)
+    # per generated value.
+    batch, channels, height, width = x_shape
+    forward = mix_flops(batch, channels, height, width, proxy_shape[1], gate_shape[2])
+    return 3 * forward
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+
+def gspn_mix(
+    x: torch.Tensor,
+    proxy: torch.Tensor,
+    gate_weight: torch.Tensor,
+    lam_weight: torch.Tensor,
+    u_weight: torch.Tensor,
+    skip_weight: torch.Tensor,
+    merge_weight: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""The GSPN layer in one operator: generate, scan four directions, gate and merge.
+
+    For direction ``k`` (order of :data:`gspn.ops.DIRECTIONS`) and pixel ``p``, with ``z = proxy[:, :, p]``::
+
+        a_k = gate_weight[k] @ z        (3 raw gate logits per gate channel)
+        λ_k = lam_weight[k] @ z,   u_k = u_weight[k] @ z,   D_k = skip_weight[k] @ z
+        h_k = line_scan(x, λ_k, *a_k, direction=k, chunk_size=chunk_size, normalize=True)
+        y   = Σ_k merge_weight[k] · (u_k ⊙ h_k + D_k ⊙ x)
+
+    which is :class:`gspn.nn.GSPN2d`'s computation after its down-projection ``proxy = x_conv_down(x)``.
+    Gate channel ``g`` serves the contiguous channel group ``[g·C/Cg, (g+1)·C/Cg)``.
+
+    Args:
+        x: ``(B, C, H, W)``, float32/float64 (float16/bfloat16 are computed in float32).
+        proxy: ``(B, S, H, W)``, ``S = d_state``.
+        gate_weight: ``(4, 3, Cg, S)``, ``Cg`` dividing ``C``; gate ``0/1/2`` = left/mid/right neighbour.
+        lam_weight, u_weight, skip_weight: ``(4, C, S)``.
+        merge_weight: ``(4,)``.
+        chunk_size: ``None`` (global scans) or the local tile size, as in :func:`gspn.ops.line_scan`.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"`` (see the module doc).
+
+    Returns:
+        ``y: (B, C, H, W)`` in ``x``'s dtype, in channels-last memory format on every backend.
+
+    Raises:
+        TypeError: a non-tensor, non-floating or mixed-dtype input.
+        ValueError: a shape that does not fit (naming the argument), ``S`` differing between
+            ``proxy`` and the weights, ``Cg`` not dividing ``C``, ``C = 0`` or ``S = 0``, mixed
+            devices, a bad ``chunk_size`` or ``backend``.
+
+    Autograd: an explicit backward gives ``dx``, ``dproxy`` and the five weight gradients in memory
+    O(size of ``x`` + ``proxy``): the CPU kernel recomputes each direction's hidden state (one
+    direction and one 16-channel block at a time) rather than saving the four hidden maps, which
+    would be 4× the size of ``x``. Double backward is not supported.
+    """
+    chunk_size = _check_args(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend)
+    return torch.ops.gspn.gspn_mix(
+        x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend
+    )
