@@ -37,6 +37,10 @@ BAD_CALLS = [
     ("chunk_size", TypeError, lambda x, l, a, b, c: line_scan(x, l, a, b, c, chunk_size=True)),
     ("direction", ValueError, lambda x, l, a, b, c: line_scan(x, l, a, b, c, direction="up")),
     ("direction", TypeError, lambda x, l, a, b, c: line_scan(x, l, a, b, c, direction=0)),
+    ("direction", TypeError, lambda x, l, a, b, c: line_scan(x, l, a, b, c, direction=None)),
+    ("w_left", TypeError, lambda x, l, a, b, c: stabilize(a.long(), b, c)),
+    ("w_right", TypeError, lambda x, l, a, b, c: stabilize(a, b, c.int())),
+    ("w_mid", TypeError, lambda x, l, a, b, c: stabilize(a, b.tolist(), c)),
     ("normalize", TypeError, lambda x, l, a, b, c: line_scan(x, l, a, b, c, normalize="yes")),
     ("backend", ValueError, lambda x, l, a, b, c: line_scan(x, l, a, b, c, backend="cuda")),
     ("lam", ValueError, lambda x, l, a, b, c: line_scan_4d(x, l, a, b, c)),  # 4-D params for the 4d op
@@ -59,6 +63,74 @@ def test_bad_input_names_the_argument(argname, error, call):
 def test_unavailable_backend_is_a_clear_error():
     with pytest.raises(RuntimeError, match="backend 'cpu'"):
         resolve_backend("cpu", torch.device("meta"))
+
+
+ALLOWED_DIRECTIONS = re.escape(repr(DIRECTIONS))
+ALLOWED_BACKENDS = re.escape("('auto', 'reference', 'cpu', 'triton')")
+
+
+def test_errors_list_the_allowed_values(monkeypatch):
+    x, lam, wl, wm, wr = inputs()
+    with pytest.raises(TypeError, match=rf"direction must be one of {ALLOWED_DIRECTIONS}"):
+        line_scan(x, lam, wl, wm, wr, direction=None)
+    with pytest.raises(TypeError, match=r"w_left must be a real floating-point tensor \(float16, .*int64"):
+        stabilize(wl.long(), wm, wr)
+    with pytest.raises(ValueError, match=rf"backend must be one of {ALLOWED_BACKENDS}, got 'cuda'"):
+        torch.ops.gspn.line_scan(x, lam, wl, wm, wr, "tb", None, False, "cuda")  # the operator itself too
+    monkeypatch.setenv("GSPN_BACKEND", "fast")
+    for call in (
+        lambda: line_scan(x, lam, wl, wm, wr),
+        lambda: line_scan_4d(x, *(p[:, None] for p in (lam, wl, wm, wr))),
+        lambda: resolve_backend("auto", torch.device("cpu")),
+    ):
+        with pytest.raises(ValueError, match=rf"GSPN_BACKEND must be one of {ALLOWED_BACKENDS}, got 'fast'"):
+            call()
+    line_scan(x, lam, wl, wm, wr, backend="reference")  # an explicit backend does not read the variable
+    monkeypatch.setenv("GSPN_BACKEND", "")  # empty: as if unset
+    assert resolve_backend("auto", torch.device("cpu")).__name__ == "gspn.ops.cpu"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("chunk_size", [2**63 - 1, 2**63, 2**100])
+def test_chunk_size_past_int64_is_global(chunk_size, backend):
+    """Any chunk at least as long as the scan axis is one tile, including ones past int64."""
+    x, lam, wl, wm, wr = (t.double().requires_grad_() for t in inputs((1, 2, 5, 4)))
+    for direction in ("bt", "lr"):
+        got = line_scan(x, lam, wl, wm, wr, direction=direction, chunk_size=chunk_size, normalize=True,
+                        backend=backend)
+        want = line_scan(x, lam, wl, wm, wr, direction=direction, normalize=True, backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        g = torch.randn_like(got)
+        got_grads = torch.autograd.grad(got, (x, lam, wl), g)
+        torch.testing.assert_close(got_grads, torch.autograd.grad(want, (x, lam, wl), g))
+    params = [p[:, None] for p in (lam, wl, wm, wr)]
+    got = line_scan_4d(x, *params, chunk_size=chunk_size, backend=backend)
+    torch.testing.assert_close(got, line_scan_4d(x, *params, backend=backend), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_zero_channels_give_empty_results_and_zero_gradients(backend):
+    """C = 0 (or B = 0, H = 0, W = 0) is a valid empty input for every operator: empty results,
+    zero gradients of each parameter's own shape (a parameter with channels is used by no channel)."""
+    for shape in ((2, 0, 3, 4), (0, 2, 3, 4), (2, 2, 0, 4), (2, 2, 3, 0)):
+        b, c, h, w = shape
+        x = torch.randn(shape, requires_grad=True)
+        lam = torch.randn(1, c, h, w, requires_grad=True)
+        wl, wm, wr = (torch.randn(b, max(c, 1) if i else c, h, w, requires_grad=True) for i in range(3))
+        out = line_scan(x, lam, wl, wm, wr, direction="lr", chunk_size=2, normalize=True, backend=backend)
+        assert out.shape == shape
+        grads = torch.autograd.grad(out.sum(), (x, lam, wl, wm, wr))
+        for g, t in zip(grads, (x, lam, wl, wm, wr), strict=True):
+            assert g.shape == t.shape and g.eq(0).all()
+        params = [p.unsqueeze(1) for p in (lam, wl, wm, wr)]
+        out4 = line_scan_4d(x, *params, normalize=True, backend=backend)
+        assert out4.shape == (b, 4, c, h, w)
+        grads = torch.autograd.grad(out4.sum(), (x, *params))
+        assert all(g.shape == t.shape and g.eq(0).all() for g, t in zip(grads, (x, *params), strict=True))
+        weights = stabilize(wl.detach(), wm.detach(), wr.detach()[:, :c], direction="tb")
+        assert all(t.shape == (b, c, h, w) for t in weights)
+    x, lam, wl, wm, wr = inputs((2, 0, 3, 4), dtype=torch.float64)
+    torch.library.opcheck(torch.ops.gspn.line_scan.default, (x, lam, wl, wm, wr, "tb", None, True, backend))
 
 
 # --- stabilisation ----------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from types import ModuleType
 
 import torch
 
+from .validation import BACKENDS
+
 _MODULES = {"reference": "gspn.ops.reference", "cpu": "gspn.ops.cpu", "triton": "gspn.ops.triton"}
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
 _warned: set[str] = set()
@@ -50,9 +52,13 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def resolve_backend(name: str, device: torch.device) -> ModuleType:
     """Return the backend module for ``name`` on ``device``; ``"auto"`` picks the fastest available."""
     if name == "auto":
-        name = os.environ.get("GSPN_BACKEND", "auto")
+        name = os.environ.get("GSPN_BACKEND") or "auto"  # unset or empty: auto
+        if name not in BACKENDS:
+            raise ValueError(f"the environment variable GSPN_BACKEND must be one of {BACKENDS}, got {name!r}")
+    elif name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name != "auto":
-        module = _module(name) if name in _MODULES else None
+        module = _module(name)
         if module is None or not module.is_available(device):
             reason = getattr(module, "unavailable_reason", lambda d: "it is not installed")(device)
             raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors: {reason}")

@@ -327,15 +327,26 @@ def line_scan(
             ``repeat_interleave`` semantics); H and W exact.
         direction: ``"tb"``, ``"bt"``, ``"lr"`` or ``"rl"``.
         chunk_size: ``None`` for global GSPN; ``k`` cuts the scan axis into image-aligned tiles
-            ``[j·k, (j+1)·k)`` and restarts the scan from zero state where it enters each tile.
+            ``[j·k, (j+1)·k)`` and restarts the scan from zero state where it enters each tile
+            (any ``k`` at least as long as the scan axis, even past int64, is global GSPN).
         normalize: if ``True``, the ``w_*`` are raw logits and the stability–context condition
             (:func:`gspn.ops.stabilize`) is applied inside the operator.
         backend: ``"auto"`` (fastest available for the device), ``"reference"``, ``"cpu"`` or
             ``"triton"``.
 
     Returns:
-        ``h`` with the shape of ``x`` and the promoted dtype of the inputs. float16/bfloat16 inputs
-        are accumulated in float32.
+        ``h`` with the shape of ``x`` and the promoted dtype of the inputs, row-major whatever the
+        input layouts (gradients too). float16/bfloat16 inputs are accumulated in float32. Empty
+        inputs (any of B, C, H, W = 0) give an empty result and zero gradients.
+
+    Raises:
+        TypeError: a non-tensor or non-floating-point input, a ``direction`` that is not a str
+            (``None`` included), a non-int ``chunk_size`` or a non-bool ``normalize``.
+        ValueError: wrong dims or shapes that do not broadcast as above, inputs on different
+            devices, ``chunk_size <= 0``, an unknown ``direction`` or ``backend``, or (with
+            ``backend="auto"``) an unknown ``GSPN_BACKEND`` in the environment. Every message
+            names the argument and the allowed values.
+        RuntimeError: the requested backend is not available for the tensors' device.
 
     Example:
         >>> import torch, gspn
@@ -373,8 +384,11 @@ def line_scan_4d(
         chunk_size, normalize, backend: as in :func:`line_scan`.
 
     Returns:
-        ``(B, 4, C, H, W)``; ``out[:, k]`` equals ``line_scan(x, ..., direction=DIRECTIONS[k])``.
+        ``(B, 4, C, H, W)``, row-major; ``out[:, k]`` equals ``line_scan(x, ..., direction=DIRECTIONS[k])``.
         No flipped or transposed copy of ``x`` is made: the fast backends index the image in place.
+
+    Raises:
+        TypeError, ValueError, RuntimeError: as :func:`line_scan`.
     """
     chunk_size = check_line_scan_args(
         x, (lam, w_left, w_mid, w_right), direction=None, chunk_size=chunk_size,

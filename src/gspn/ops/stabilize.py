@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .directions import get_direction
+from .validation import check_float_tensor
 
 
 def _valid_masks(size: int, line_dim: int, ndim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +46,15 @@ def stabilize(
         The three normalised weights, of the broadcast shape and dtype. Weights of missing neighbours (left at
         position 0, right at the last position of the line) are exactly 0.
 
+    Raises:
+        TypeError: a gate that is not a real floating-point tensor, or a ``direction`` that is not a str.
+        ValueError: shapes that do not broadcast, fewer than 2 dims, or an unknown ``direction``.
+
     Differentiable with ordinary autograd.
     """
     d = get_direction(direction)
+    for name, t in (("w_left", w_left), ("w_mid", w_mid), ("w_right", w_right)):
+        check_float_tensor(name, t)
     try:
         w_left, w_mid, w_right = torch.broadcast_tensors(w_left, w_mid, w_right)
     except RuntimeError:

@@ -24,24 +24,39 @@ PARAM_NAMES = ("lam", "w_left", "w_mid", "w_right")
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
+MAX_CHUNK_SIZE = 2**63 - 1
+"""Largest ``chunk_size`` handed to the operators (their schema and the kernels use int64)."""
+
+
+def check_float_tensor(name: str, t: object) -> torch.Tensor:
+    """``t`` itself if it is a real floating-point tensor, else a ``TypeError`` naming ``name``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a real floating-point tensor (float16, bfloat16, float32 or float64), got dtype {t.dtype}"
+        )
+    return t
+
+
 def _check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a real floating-point tensor, got dtype {t.dtype}")
-    return t
+    return check_float_tensor(name, t)
 
 
 def check_chunk_size(chunk_size: object) -> int | None:
+    """``None`` or a positive int; values past int64 are capped (any chunk at least as long as the scan
+    axis is one tile, i.e. global GSPN, so the result is the same)."""
     if chunk_size is None:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be None or a positive int, got {type(chunk_size).__name__}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size}")
-    return chunk_size
+    return min(chunk_size, MAX_CHUNK_SIZE)
 
 
 def check_flags(normalize: object, backend: object) -> None:
@@ -81,8 +96,7 @@ def check_line_scan_args(
         ok = (
             pb in (batch, 1)
             and (not four_directions or pd in (4, 1))
-            and pc >= 1
-            and channels % pc == 0
+            and (pc == channels or (pc >= 1 and channels % pc == 0))  # C = 0: empty result
             and (ph, pw) == (height, width)
         )
         if not ok:
@@ -92,7 +106,7 @@ def check_line_scan_args(
                 else f"(B or 1, C or a divisor of C, H, W) = ({batch}|1, {channels}|divisor, {height}, {width})"
             )
             raise ValueError(f"{name} has shape {tuple(p.shape)}, which does not broadcast to x: expected {expected}")
-    if direction is not None:
+    if not four_directions:
         get_direction(direction)
     chunk_size = check_chunk_size(chunk_size)
     check_flags(normalize, backend)
