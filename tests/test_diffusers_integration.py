@@ -194,27 +194,130 @@ def test_output_shapes_match_original(layout, hw):
     assert torch.isfinite(out).all()
     # every processor saw its transformer's own grid: the latent itself at the first level (SD-1.5),
     # the (ceil) half-size one at the second (SD-XL has no attention at the first level)
-    grids = {p.hw for p in adapter.processors}
+    seen = record_grids(adapter)
+    run(unet, layout, *hw)
     half = ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
-    assert grids == ({hw, half} if layout == "sd15" else {half})
+    assert set(seen.values()) == ({hw, half} if layout == "sd15" else {half})
+    assert all(p.hw is None for p in adapter.processors)  # passed with each call, never stored
+
+
+def record_grids(adapter) -> dict[str, tuple[int, int]]:
+    """The grid (``hw=``) each GSPN processor of ``adapter`` is called with, by layer (last call)."""
+    seen = {}
+    for key, proc in zip(adapter.config.layer_names, adapter.processors, strict=True):
+        proc.register_forward_pre_hook(
+            lambda m, a, kw, k=key: seen.__setitem__(k, kw.get("hw")), with_kwargs=True
+        )
+    return seen
 
 
 def test_grid_comes_from_the_latent_not_the_token_count():
     """4×16 latents give 64 tokens, a perfect square: a guess would say 8×8."""
     unet = tiny_unet("sd15")
     adapter = swap_self_attention(unet, d_state=4)
-    seen = {}
-    for key, proc in zip(adapter.config.layer_names, adapter.processors, strict=True):
-        proc.register_forward_pre_hook(lambda m, a, k=key: seen.__setitem__(k, m.hw))
+    seen = record_grids(adapter)
     run(unet, "sd15", 4, 16)
     assert seen["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"] == (4, 16)
     assert seen["mid_block.attentions.0.transformer_blocks.0.attn1.processor"] == (2, 8)
     # a grid that does not fit the tokens is an error, never a silent reshape
     proc = adapter.processors[0]
     attn = unet.get_submodule(adapter.config.layer_names[0].removesuffix(".processor"))
+    with pytest.raises(RuntimeError, match=r"64 tokens but a grid of \(3, 3\)"):
+        proc(attn, torch.randn(1, 64, 16), hw=(3, 3))
     proc.hw = (3, 3)
-    with pytest.raises(RuntimeError, match="recorded grid"):
+    with pytest.raises(RuntimeError, match=r"64 tokens but a grid of \(3, 3\)"):
         proc(attn, torch.randn(1, 64, 16))
+    assert proc(attn, torch.randn(1, 64, 16), hw=(4, 16)).shape == (1, 64, 16)  # the call's grid wins
+
+
+def _twin_unets(layout: str):
+    """Two identical UNets with identical mounted adapters (weights moved off their initialisation)."""
+    unet_a, unet_b = tiny_unet(layout), tiny_unet(layout)
+    adapter_a = swap_self_attention(unet_a, d_state=4)
+    with torch.no_grad():
+        for p in adapter_a.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    adapter_b = GSPNAdapter.from_unet(unet_b, d_state=4)
+    adapter_b.load_state_dict(adapter_a.state_dict())
+    adapter_b.mount(unet_b)
+    return unet_a, unet_b
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_with_several_sizes_before_one_backward(reentrant):
+    """Recomputation in the backward pass uses the grid of the tensors it recomputes: 4×16 and 8×8
+    latents have the same token count (64, then 16), so a grid left over by the last forward would
+    not even raise, only give wrong gradients."""
+    plain, ckpt = _twin_unets("sd15")
+    func = None
+    if reentrant:
+        def func(module, *args):
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=True)
+    ckpt.enable_gradient_checkpointing(func)
+    sizes = [(12, 8), (4, 16), (8, 8)]
+    for unet in (plain, ckpt):
+        unet.train()
+        loss = 0.0
+        for i, hw in enumerate(sizes):
+            args, kwargs = unet_inputs("sd15", *hw)
+            loss = loss + (i + 1) * unet(*args, **kwargs).sample.square().mean()
+        loss.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters()}
+    for name, p in ckpt.named_parameters():
+        if grads[name] is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any("attn1.processor" in n and g is not None for n, g in grads.items())
+
+
+def test_replaced_processors_are_noticed_and_mount_puts_them_back():
+    unet = tiny_unet("sd15")
+    adapter = swap_self_attention(unet, d_state=4)
+    names = list(adapter.config.layer_names)
+    reference = run(unet, "sd15", 8, 12)
+    unet.set_attention_slice(1)  # what pipe.enable_attention_slicing() does: every layer replaced
+    assert adapter.mounted_unet is None and adapter.replaced_layers() == names
+    with pytest.warns(UserWarning, match=r"4 of the 4 GSPN processors.*SlicedAttnProcessor.*NOT running GSPN"):
+        sliced = run(unet, "sd15", 8, 12)
+    assert not torch.allclose(sliced, reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per mount, not every call
+        run(unet, "sd15", 8, 12)
+    assert adapter.mount(unet) is adapter
+    procs = unet.attn_processors
+    assert all(procs[n] is p for n, p in zip(names, adapter.processors, strict=True))
+    assert all(type(p).__name__ == "SlicedAttnProcessor" for n, p in procs.items() if n not in names)
+    assert adapter.mounted_unet is unet and adapter.replaced_layers() == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(run(unet, "sd15", 8, 12), reference, rtol=1e-4, atol=1e-5)
+    # one layer replaced by hand: the truth is still read from the UNet
+    unet.set_attn_processor({**unet.attn_processors, names[1]: AttnProcessor2_0()})
+    assert adapter.mounted_unet is None and adapter.replaced_layers() == [names[1]]
+    with pytest.warns(UserWarning, match=r"1 of the 4 GSPN processors.*AttnProcessor2_0"):
+        run(unet, "sd15", 8, 12)
+    adapter.mount(unet)
+    assert adapter.mounted_unet is unet
+    adapter.unmount()
+    assert adapter.mounted_unet is None
+    assert not any(isinstance(p, GSPNAttnProcessor) for p in unet.attn_processors.values())
+
+
+def test_attention_mask_warning_once_per_adapter():
+    unet = tiny_unet("sd15")
+    adapter = swap_self_attention(unet, d_state=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # 4 GSPN layers, 2 calls
+            run(unet, "sd15", 8, 8, attention_mask=torch.ones(2, 5))
+    assert [str(w.message) for w in caught if "attention_mask" in str(w.message)] == [
+        "GSPNAttnProcessor ignores attention_mask (GSPN mixes the full grid)"
+    ]
+    other = GSPNAdapter.from_unet(tiny_unet("sd15"), d_state=4)  # another adapter warns on its own
+    attn = unet.get_submodule(adapter.config.layer_names[0].removesuffix(".processor"))
+    with pytest.warns(UserWarning, match="attention_mask"):
+        other.processors[0](attn, torch.randn(1, 12, 16), attention_mask=torch.ones(1, 12), hw=(3, 4))
 
 
 def test_kwargs_and_attention_mask_are_handled():
@@ -225,7 +328,7 @@ def test_kwargs_and_attention_mask_are_handled():
     proc = adapter.processors[0]
     attn = unet.get_submodule(adapter.config.layer_names[0].removesuffix(".processor"))
     x = torch.randn(1, 12, 16)
-    proc.hw = (3, 4)
+    proc.hw = (3, 4)  # a fixed grid for direct calls
     with pytest.warns(UserWarning, match="attention_mask"):
         y = proc(attn, x, attention_mask=torch.ones(1, 12), scale=1.0, unknown_kwarg=3)
     assert y.shape == x.shape

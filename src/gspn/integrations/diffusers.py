@@ -11,10 +11,16 @@ The integration goes through diffusers' own extension point, the attention *proc
   the ``attn1`` entries change; cross-attention stays) and :meth:`GSPNAdapter.unmount` restores
   the original processors.
 * The UNet does not pass the spatial size to attention. :meth:`GSPNAdapter.mount` therefore
-  registers a forward pre-hook on every ``Transformer2DModel`` that owns a swapped layer: the hook
-  reads ``(H, W)`` off the ``(B, C, H, W)`` map the transformer receives and hands it to its
-  processors. Nothing is guessed from the token count, so any latent shape works, square or not,
-  including sizes never seen in training (GSPN has no positional embedding).
+  hooks every ``Transformer2DModel`` that owns a swapped layer: the ``(H, W)`` of the
+  ``(B, C, H, W)`` map a transformer call receives is tied to the token tensors its blocks get in
+  that call, and passed to each GSPN processor *as an argument of its call* (``hw=``). Nothing is
+  guessed from the token count and nothing is left over from another call, so any latent shape
+  works, square or not, sizes never seen in training included (GSPN has no positional
+  embedding), and so does gradient checkpointing, whose recomputation in the backward pass gets
+  the grid of the tensors it recomputes, whatever the forwards in between.
+* Mount state is read from the UNet: :attr:`GSPNAdapter.mounted_unet` is ``None`` once anything
+  (``set_attention_slice``, ``set_attn_processor``, ...) has replaced a GSPN processor, a forward
+  through such a UNet warns, and :meth:`GSPNAdapter.mount` puts the processors back.
 
 :func:`swap_self_attention` does both steps in one call. :class:`ChunkedAttnProcessor` is an exact,
 memory-frugal softmax attention (queries processed in chunks) for the remaining cross-attention
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,8 +105,13 @@ class GSPNAttnProcessor(nn.Module):
 
     The group/spatial norms, ``residual_connection`` and ``rescale_output_factor`` of the host
     ``Attention`` are honoured as in diffusers' reference processor; ``to_q``/``to_k``/``to_v``
-    of the host are not used (the paper's "pure" mode). ``(H, W)`` comes from :attr:`hw`, which the
-    adapter's pre-hook sets before each call; 4-D inputs carry their own grid.
+    of the host are not used (the paper's "pure" mode).
+
+    The token grid ``(H, W)`` of a call comes, in this order, from a 4-D input ``(B, C, H, W)``, from
+    the ``hw=`` argument of the call (a mounted :class:`GSPNAdapter` passes it on every call), from
+    the attribute :attr:`hw` (``None`` unless you set it, for direct calls), or, for a perfect-square
+    token count only, is inferred. A grid whose ``H·W`` differs from the token count raises
+    ``RuntimeError``.
 
     Args:
         query_dim: token width ``C`` of the host layer.
@@ -134,9 +146,9 @@ class GSPNAttnProcessor(nn.Module):
         else:
             self.to_out = nn.Linear(query_dim, out_dim, bias=out_bias)
             self.out_bias = None
-        self.hw: tuple[int, int] | None = None
+        self.hw: tuple[int, int] | None = None  # fixed grid for direct calls; the adapter never sets it
         self.bypass = False  # teacher mode: run the host's own softmax attention instead
-        self._warned_mask = False
+        self._warned: set[str] = set()  # one-time warnings already given (shared by an adapter's processors)
 
     @torch.no_grad()
     def init_from_attention(self, attn: Attention) -> list[str]:
@@ -181,11 +193,12 @@ class GSPNAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         scale: float | None = None,
+        hw: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """diffusers' processor signature. ``scale`` (the legacy LoRA scale) and any other
-        ``cross_attention_kwargs`` are accepted and ignored."""
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        """diffusers' processor signature plus ``hw``, the token grid of this call. ``scale`` (the
+        legacy LoRA scale) and any other ``cross_attention_kwargs`` are accepted and ignored."""
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, hw=hw)
 
     def forward(
         self,
@@ -194,23 +207,22 @@ class GSPNAttnProcessor(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        hw: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Mix the tokens of ``hidden_states`` (``(B, T, C)`` or ``(B, C, H, W)``) with GSPN."""
+        """Mix the tokens of ``hidden_states`` (``(B, H·W, C)`` on the grid ``hw``, or ``(B, C, H, W)``)
+        with GSPN; returns the same shape (last dimension the host's output width)."""
         if self.bypass:
             return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if encoder_hidden_states is not None:
             raise ValueError("GSPNAttnProcessor replaces self-attention only; got encoder_hidden_states")
-        if attention_mask is not None and not self._warned_mask:
+        if attention_mask is not None and "attention_mask" not in self._warned:
+            self._warned.add("attention_mask")
             warnings.warn("GSPNAttnProcessor ignores attention_mask (GSPN mixes the full grid)", stacklevel=2)
-            self._warned_mask = True
         hidden_states, residual, grid = _tokens_in(attn, hidden_states, temb)
-        hw = grid if grid is not None else self.hw
+        hw = grid or hw or self.hw
         num_tokens = hidden_states.shape[1]
         if hw is not None and hw[0] * hw[1] != num_tokens:
-            raise RuntimeError(
-                f"GSPN layer got {num_tokens} tokens but its recorded grid is {hw}; the (H, W) pre-hook "
-                "did not run for this call (is the adapter mounted on this UNet?)"
-            )
+            raise RuntimeError(f"GSPN layer got {num_tokens} tokens but a grid of {tuple(hw)} for this call")
         out = self.mixer(hidden_states, hw=hw)
         if self.to_out is not None:
             out = self.to_out(out)
@@ -261,19 +273,78 @@ def _owner_path(unet: nn.Module, attn_path: str) -> str:
     raise ValueError(f"no 2-D transformer encloses {attn_path}; cannot recover its (H, W)")
 
 
-def _make_hw_hook(procs: list[GSPNAttnProcessor]) -> Callable[..., None]:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("hidden_states")
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            return  # not a map (e.g. already tokens): leave the grid unset, the processor checks
-        height, width = int(x.shape[-2]), int(x.shape[-1])
-        if getattr(module, "is_input_patches", False):
-            patch = int(module.patch_size)
-            height, width = height // patch, width // patch
-        for proc in procs:
-            proc.hw = (height, width)
+def _grid_of_map(module: nn.Module, x: Any) -> tuple[int, int] | None:
+    """The token grid of the ``(B, C, H, W)`` map ``x`` a 2-D transformer receives (``None`` if not a map)."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        return None
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    if getattr(module, "is_input_patches", False):
+        patch = int(module.patch_size)
+        height, width = height // patch, width // patch
+    return height, width
 
-    return hook
+
+def _first_arg(args: tuple, kwargs: dict) -> Any:
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` is ``b``, or an alias of it with the same layout (e.g. the detached input a reentrant
+    checkpoint recomputes from)."""
+    if a is b:
+        return True
+    try:
+        return (a.device, a.shape, a.stride(), a.data_ptr()) == (b.device, b.shape, b.stride(), b.data_ptr())
+    except RuntimeError:  # tensors without storage
+        return False
+
+
+class _TransformerGrids:
+    """Token grids of one 2-D transformer, call by call.
+
+    ``calls`` holds the grid of every call of the transformer in progress (a stack: pushed by its
+    forward pre-hook, popped by its forward hook, exceptions included). A block's input is tied to
+    the grid of the transformer call it first appears in, so a block recomputed later from the same
+    input (gradient checkpointing, in the backward pass, when the transformer is no longer running)
+    gets that grid again. ``blocks`` holds the grid of every block call in progress, by block.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int] | None] = []
+        self.inputs: list[tuple[weakref.ref[torch.Tensor], tuple[int, int]]] = []
+        self.blocks: dict[str, list[tuple[int, int] | None]] = {}
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls.append(_grid_of_map(module, _first_arg(args, kwargs)))
+
+    def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.calls:
+            self.calls.pop()
+
+    def grid_of_block_input(self, x: Any) -> tuple[int, int] | None:
+        if not isinstance(x, torch.Tensor):
+            return self.calls[-1] if self.calls else None
+        for ref, grid in self.inputs:
+            seen = ref()
+            if seen is not None and _same_tensor(x, seen):
+                return grid
+        grid = self.calls[-1] if self.calls else None
+        if grid is not None:
+            self.inputs = [(r, g) for r, g in self.inputs if r() is not None]
+            self.inputs.append((weakref.ref(x), grid))
+        return grid
+
+    def block_hooks(self, block: str) -> tuple[Callable[..., None], Callable[..., None]]:
+        stack = self.blocks.setdefault(block, [])
+
+        def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            stack.append(self.grid_of_block_input(_first_arg(args, kwargs)))
+
+        def leave(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if stack:
+                stack.pop()
+
+        return enter, leave
 
 
 @dataclass
@@ -281,6 +352,7 @@ class _Mount:
     unet: nn.Module
     originals: dict[str, Any]
     handles: list[Any] = field(default_factory=list)
+    warned_replaced: bool = False
 
 
 class GSPNAdapter(ModelMixin, ConfigMixin):
@@ -324,6 +396,9 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
             )
             for q, o, bias in zip(query_dims, out_dims, out_biases, strict=True)
         )
+        self._warned: set[str] = set()
+        for proc in self.processors:  # one-time warnings are given once per adapter, not per layer
+            proc._warned = self._warned
         self._mount: _Mount | None = None
 
     # ------------------------------------------------------------------ construction
@@ -376,20 +451,45 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ mounting
     @property
     def mounted_unet(self) -> nn.Module | None:
-        """The UNet the adapter is mounted on, or ``None``."""
-        return None if self._mount is None else self._mount.unet
+        """The UNet the adapter is mounted on, or ``None``: also ``None`` when any of its GSPN
+        processors has since been replaced in the UNet (e.g. by ``set_attention_slice``), which is
+        read from the UNet itself; :meth:`mount` puts them back."""
+        if self._mount is None or self.replaced_layers():
+            return None
+        return self._mount.unet
+
+    def replaced_layers(self) -> list[str]:
+        """Processor keys of the mounted UNet's layers whose processor is no longer this adapter's
+        (``[]`` when all are in place or the adapter is not mounted)."""
+        if self._mount is None:
+            return []
+        unet = self._mount.unet
+        return [
+            name for name, proc in zip(self.config.layer_names, self.processors, strict=True)
+            if getattr(unet.get_submodule(name[: -len(_PROC_SUFFIX)]), "processor", None) is not proc
+        ]
 
     def mount(self, pipe_or_unet: Any) -> GSPNAdapter:
         """Install the GSPN processors into a pipeline's UNet (or a UNet); returns ``self``.
 
         Only the adapter's ``attn1`` entries of ``unet.attn_processors`` change; the others are
         passed back unchanged through ``set_attn_processor``. The adapter is moved to the UNet's
-        device and dtype, and one ``(H, W)`` pre-hook is registered per owning 2-D transformer.
-        Mounting on a second UNet unmounts from the first.
+        device and dtype, and the UNet's 2-D transformers, their blocks and the swapped layers
+        get the hooks that pass each call its token grid. Mounting again on the same UNet puts
+        back any GSPN processor that was replaced since (and is a no-op otherwise); mounting on a
+        second UNet unmounts from the first.
+
+        Raises:
+            ValueError: the UNet lacks one of the adapter's layers, a layer's width differs, or a
+                layer already has another adapter's GSPN processor.
         """
         unet = get_unet(pipe_or_unet)
         if self._mount is not None:
             if self._mount.unet is unet:
+                replaced = set(self.replaced_layers())
+                if replaced:
+                    self._install(unet, replaced)
+                    self._mount.warned_replaced = False
                 return self
             self.unmount()
         current = unet.attn_processors
@@ -403,25 +503,78 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
             attn = unet.get_submodule(name[: -len(_PROC_SUFFIX)])
             if int(attn.query_dim) != qdim:
                 raise ValueError(f"{name}: the UNet layer has width {attn.query_dim}, the adapter {qdim}")
-        foreign = [n for n in names if isinstance(current[n], GSPNAttnProcessor)]
+        originals = {n: current[n] for n in names}
+        self._install(unet, set(names))
+        mount = _Mount(unet, originals)
+        grids: dict[str, _TransformerGrids] = {}
+        for name, proc in zip(names, self.processors, strict=True):
+            attn_path = name[: -len(_PROC_SUFFIX)]
+            owner = _owner_path(unet, attn_path)
+            if owner not in grids:
+                grids[owner] = tracker = _TransformerGrids()
+                module = unet.get_submodule(owner)
+                mount.handles.append(module.register_forward_pre_hook(tracker.enter, with_kwargs=True))
+                mount.handles.append(
+                    module.register_forward_hook(tracker.leave, with_kwargs=True, always_call=True)
+                )
+            tracker = grids[owner]
+            block = attn_path.rpartition(".")[0]
+            if block not in tracker.blocks:
+                enter, leave = tracker.block_hooks(block)
+                module = unet.get_submodule(block)
+                mount.handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+                mount.handles.append(module.register_forward_hook(leave, with_kwargs=True, always_call=True))
+            hook = self._layer_hook(proc, tracker.blocks[block])
+            mount.handles.append(unet.get_submodule(attn_path).register_forward_pre_hook(hook, with_kwargs=True))
+        self._mount = mount
+        return self
+
+    def _install(self, unet: nn.Module, names: set[str]) -> None:
+        """Set this adapter's processors on the layers ``names`` of ``unet``, the others unchanged."""
+        current = unet.attn_processors
+        ours = dict(zip(self.config.layer_names, self.processors, strict=True))
+        foreign = [n for n in sorted(names) if isinstance(current[n], GSPNAttnProcessor) and current[n] is not ours[n]]
         if foreign:
             raise ValueError(
                 f"{foreign[0]} already has a GSPN processor from another adapter; unmount that one first"
             )
         self._follow(unet)
-        originals = {n: current[n] for n in names}
-        new = dict(current)
-        new.update(zip(names, self.processors, strict=True))
-        unet.set_attn_processor(new)
-        mount = _Mount(unet, originals)
-        groups: dict[str, list[GSPNAttnProcessor]] = {}
-        for name, proc in zip(names, self.processors, strict=True):
-            groups.setdefault(_owner_path(unet, name[: -len(_PROC_SUFFIX)]), []).append(proc)
-        for owner, procs in groups.items():
-            hook = _make_hw_hook(procs)
-            mount.handles.append(unet.get_submodule(owner).register_forward_pre_hook(hook, with_kwargs=True))
-        self._mount = mount
-        return self
+        current.update({n: ours[n] for n in names})
+        unet.set_attn_processor(current)
+
+    def _layer_hook(
+        self, proc: GSPNAttnProcessor, block_grids: list[tuple[int, int] | None]
+    ) -> Callable[..., tuple[tuple, dict] | None]:
+        """Forward pre-hook of a swapped ``Attention``: passes the grid of the enclosing block call
+        to the processor (``hw=``); warns once per mount if the processor is no longer ours."""
+
+        def hook(attn: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if getattr(attn, "processor", None) is not proc:
+                self._warn_replaced()
+                return None
+            if block_grids and block_grids[-1] is not None and kwargs.get("hw") is None:
+                return args, {**kwargs, "hw": block_grids[-1]}
+            return None
+
+        return hook
+
+    def _warn_replaced(self) -> None:
+        mount = self._mount
+        if mount is None or mount.warned_replaced:
+            return
+        replaced = self.replaced_layers()
+        if not replaced:
+            return
+        mount.warned_replaced = True
+        first = mount.unet.get_submodule(replaced[0][: -len(_PROC_SUFFIX)]).processor
+        warnings.warn(
+            f"{len(replaced)} of the {len(self.processors)} GSPN processors of this adapter were replaced in "
+            f"the UNet (e.g. {replaced[0]} now has {type(first).__name__}; set_attention_slice / "
+            "enable_attention_slicing / set_attn_processor do that): those layers are NOT running GSPN. "
+            "Call adapter.mount(unet) to put them back (enable_chunked_cross_attention saves memory "
+            "without removing them), or adapter.unmount() to run the original attention.",
+            stacklevel=3,
+        )
 
     def unmount(self) -> None:
         """Restore the original processors of the mounted UNet and remove the hooks (no-op if unmounted)."""
@@ -433,8 +586,6 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         current = mount.unet.attn_processors
         current.update(mount.originals)
         mount.unet.set_attn_processor(current)
-        for proc in self.processors:
-            proc.hw = None
 
     @contextlib.contextmanager
     def teacher_mode(self) -> Iterator[None]:
