@@ -183,7 +183,7 @@ def _cpu_forward(module, x, proxy, weights, chunk_size):
 
 
 def _cpu_backward(module, grad, x, proxy, weights, chunk_size):
-    gate_weight, lam_weight, u_weight, skip_weight, merge_weight = weights
+    gate_weight, _, u_weight, skip_weight, merge_weight = weights
     batch, channels, height, width = x.shape
     state = proxy.shape[1]
     lanes = module.mix_lanes()
@@ -392,7 +392,9 @@ def gspn_mix(
     direction and one 16-channel block at a time) rather than saving the four hidden maps, which
     would be 4× the size of ``x``. Double backward is not supported.
     """
-    chunk_size = _check_args(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend)
+    chunk_size = _check_args(
+        x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend
+    )
     return torch.ops.gspn.gspn_mix(
         x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend
     )

@@ -65,6 +65,19 @@ inline void generate(const T* __restrict__ w, const T* __restrict__ z, int64_t S
     for (int64_t j = 0; j < LANES; ++j) acc[K0 + k][j] = a[k][j];
 }
 
+// Sum of the LANES values of u, as a fixed tree (an `omp simd` reduction without -ffast-math is a
+// serial chain of scalar adds here).
+template <typename T>
+inline T lane_sum(const T (&u)[LANES]) {
+  static_assert(LANES == 16, "the tree below sums 16 lanes");
+  T r8[8], r4[4];
+#pragma omp simd
+  for (int j = 0; j < 8; ++j) r8[j] = u[j] + u[j + 8];
+#pragma omp simd
+  for (int j = 0; j < 4; ++j) r4[j] = r8[j] + r8[j + 4];
+  return (r4[0] + r4[2]) + (r4[1] + r4[3]);
+}
+
 // Stability-context weights of one pixel (all lanes share the pixel's edge conditions HL/HR: whether
 // the left/right neighbour exists). A missing neighbour's weight is exactly 0 whatever its logit;
 // the sigmoids are kept for the VJP.
@@ -202,13 +215,13 @@ void skip_backward(const MixShape& sh, const T* x, const T* z, const T* d, const
       const T zs = zp[s];
       T* __restrict__ dds = dd + s * LANES;
       const T* __restrict__ ds = d + s * LANES;
-      T dot = T(0);
-#pragma omp simd reduction(+ : dot)
+      T u[LANES];
+#pragma omp simd
       for (int64_t j = 0; j < LANES; ++j) {
         dds[j] += e[j] * zs;
-        dot += ds[j] * e[j];
+        u[j] = ds[j] * e[j];
       }
-      dz[p * S + s] = dot;
+      dz[p * S + s] = lane_sum(u);
     }
   }
 }
@@ -283,17 +296,17 @@ void scan_direction_backward(const MixShape& sh, const Geometry& geo, const T* x
       // dw[k][s] += d[k] z[s]; dz[s] += sum_k sum_j w[k][s][j] d[k][j]
       for (int64_t s = 0; s < S; ++s) {
         const T zs = zp[s];
-        T dot = T(0);
+        T u[LANES] = {};
         for (int k = 0; k < KINDS; ++k) {
           const T* __restrict__ row = w + (k * S + s) * LANES;
           T* __restrict__ drow = dw + (k * S + s) * LANES;
-#pragma omp simd reduction(+ : dot)
+#pragma omp simd
           for (int64_t j = 0; j < LANES; ++j) {
             drow[j] += d[k][j] * zs;
-            dot += row[j] * d[k][j];
+            u[j] += row[j] * d[k][j];
           }
         }
-        dz[pix * S + s] += dot;
+        dz[pix * S + s] += lane_sum(u);
       }
     }
     std::swap(next, cur);
