@@ -120,6 +120,29 @@ def test_classifier_free_guidance():
     assert not torch.allclose(cond, uncond)
 
 
+@pytest.mark.parametrize("form", ["int", "0-d", "(1,)", "float"])
+def test_scalar_timestep_and_label_are_broadcast_to_the_batch(form):
+    """diffusers loops pass one timestep for the whole batch, as a 0-d tensor or a number."""
+    model = _randomize_head(_small()).eval()
+    x, y = torch.randn(3, 1, 8, 12), torch.tensor([0, 3, 9])
+    value = {"int": 250, "0-d": torch.tensor(250), "(1,)": torch.tensor([250]), "float": 250.0}[form]
+    with torch.no_grad():
+        ref = model(x, torch.full((3,), 250), y)
+        torch.testing.assert_close(model(x, value, y), ref, rtol=0, atol=0)
+        torch.testing.assert_close(model.forward_with_cfg(x, value, y, 2.0),
+                                   model.forward_with_cfg(x, torch.full((3,), 250), y, 2.0), rtol=0, atol=0)
+        torch.testing.assert_close(model(x, value, 3), model(x, value, torch.full((3,), 3)), rtol=0, atol=0)
+        torch.testing.assert_close(model(x, value), model(x, value, torch.full((3,), model.null_label)))
+
+
+def test_timestep_of_another_batch_size_is_a_clear_error():
+    model = _small().eval()
+    with pytest.raises(ValueError, match=r"t \(timestep\) .*\(B,\) = \(3,\).*got shape \(2,\)"):
+        model(torch.randn(3, 1, 8, 8), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"y \(label\).*got shape \(3, 1\)"):
+        model(torch.randn(3, 1, 8, 8), 5, torch.zeros(3, 1, dtype=torch.long))
+
+
 def test_label_dropout_uses_the_null_class():
     model = _small(class_dropout_prob=0.999999)
     emb = model.y_embedder
@@ -226,6 +249,36 @@ def test_sampling_is_deterministic_per_seed(sampler):
     assert a.shape == (3, 1, 8, 8) and torch.isfinite(a).all()
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+def test_samples_do_not_depend_on_the_batch_size(sampler):
+    """Each sample draws its initial and per-step noise from its own generator (seed, index)."""
+    model = _randomize_head(_small())
+    schedule = {"learn_sigma": True, "clip_sample": True}
+    labels = [0, 1, 10, 3, 3]
+    runs = {b: generate(model, schedule, labels, (1, 8, 8), 4, sampler, 2.0, seed=7, batch_size=b)
+            for b in (1, 3, len(labels))}
+    for b in (3, len(labels)):
+        assert torch.equal(runs[b], runs[1]), b
+    assert not torch.equal(runs[1][3], runs[1][4])  # same label, different noise
+
+
+@needs_diffusers
+def test_sample_command_batch_size_does_not_change_the_images(tmp_path):
+    from gspn.cli import main as cli_main
+    from gspn.models import save_checkpoint
+
+    ckpt = save_checkpoint(_randomize_head(_small()), tmp_path / "ema.safetensors")
+    grids = []
+    for b in (1, 4):
+        out = tmp_path / f"b{b}"
+        cli_main(["sample", "--ckpt", str(ckpt), "--labels", "0-2", "--per-label", "2", "--steps", "3",
+                  "--sampler", "ddpm", "--size", "8", "8", "--batch-size", str(b), "--seed", "3",
+                  "--out", str(out), "--no-progress"])
+        grids.append((out / "grid.png").read_bytes())
+    assert grids[0] == grids[1]
 
 
 def test_image_folder_dataset(tmp_path):

@@ -32,7 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SAMPLERS", "diffusion_loss", "make_sampling_scheduler", "make_train_scheduler", "sample_loop"]
+__all__ = [
+    "SAMPLERS",
+    "diffusion_loss",
+    "make_sampling_scheduler",
+    "make_train_scheduler",
+    "sample_generators",
+    "sample_loop",
+]
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 
@@ -156,6 +163,21 @@ def diffusion_loss(
     return {"loss": mse + vb, "mse": mse.detach(), "vb": vb.detach()}
 
 
+def sample_generators(seed: int, count: int, start: int = 0) -> list[torch.Generator]:
+    """One CPU generator per sample: sample ``i`` (``start ≤ i < start + count``) of a run with
+    ``seed`` gets a generator seeded from ``(seed, i)`` only, so its noise does not depend on the
+    batch it is drawn in. Distinct ``(seed, i)`` pairs give independent streams (NumPy's
+    ``SeedSequence`` mixes them into the 64-bit seed)."""
+    import numpy as np
+
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    return [
+        torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]))
+        for i in range(start, start + count)
+    ]
+
+
 @torch.no_grad()
 def sample_loop(
     model: nn.Module,
@@ -164,22 +186,33 @@ def sample_loop(
     shape: Sequence[int],
     num_steps: int = 50,
     cfg_scale: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
     """Generate ``len(labels)`` samples of ``shape = (C, H, W)`` with a diffusers scheduler.
 
     The initial noise and every stochastic step draw from ``generator`` (CPU), so a fixed seed
-    gives the same images. ``cfg_scale > 1`` uses classifier-free guidance; labels equal to the
-    model's ``null_label`` give unconditional samples.
+    gives the same images. A list of ``len(labels)`` generators gives each sample its own noise
+    (initial and per step), which makes a sample independent of the others in the batch (see
+    :func:`sample_generators`). ``cfg_scale > 1`` uses classifier-free guidance; labels equal to
+    the model's ``null_label`` give unconditional samples.
 
     Returns: ``(N, C, H, W)`` in the data scale (``[-1, 1]`` for images, scaled latents otherwise).
+
+    Raises:
+        ValueError: a list of generators whose length is not ``len(labels)``.
     """
     device = torch.device(device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     c = shape[0]
-    x = torch.randn((len(y), *shape), generator=generator, device="cpu").to(device)
+    if isinstance(generator, Sequence):
+        generator = list(generator)
+        if len(generator) != len(y):
+            raise ValueError(f"got {len(generator)} generators for {len(y)} samples: give one per sample")
+        x = torch.cat([torch.randn((1, *shape), generator=g, device="cpu") for g in generator]).to(device)
+    else:
+        x = torch.randn((len(y), *shape), generator=generator, device="cpu").to(device)
     scheduler.set_timesteps(num_steps)
     x = x * scheduler.init_noise_sigma
     learned = getattr(scheduler.config, "variance_type", None) == "learned_range"

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..models import create_model, load_model, read_metadata
 from ..train.ema import load_ema_weights
-from .gaussian import SAMPLERS, make_sampling_scheduler, sample_loop
+from .gaussian import SAMPLERS, make_sampling_scheduler, sample_generators, sample_loop
 
 __all__ = [
     "add_sample_arguments",
@@ -78,9 +78,11 @@ def generate(
     """Sample ``len(labels)`` images ``(N, *shape)``; deterministic for a given ``seed``.
 
     ``schedule`` holds ``num_train_timesteps``, ``beta_schedule``, ``learn_sigma`` and
-    ``clip_sample`` (as written by the trainer). Batches draw from one CPU generator in order.
+    ``clip_sample`` (as written by the trainer). Image ``i`` draws its initial noise and every
+    step's noise from its own CPU generator, seeded from ``(seed, i)``
+    (:func:`gspn.diffusion.gaussian.sample_generators`), so with any sampler it is the same image
+    whatever ``batch_size`` (up to the floating-point differences of batched kernels).
     """
-    gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     chunks = []
@@ -95,7 +97,7 @@ def generate(
                     shape,
                     steps,
                     cfg_scale,
-                    gen,
+                    sample_generators(seed, len(labels[i : i + batch_size]), start=i),
                     device,
                     progress,
                 ).cpu()

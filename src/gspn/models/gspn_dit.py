@@ -86,6 +86,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
+def _per_sample(
+    value: torch.Tensor | float, batch: int, device: torch.device, name: str, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``value`` as a ``(batch,)`` tensor on ``device``: a number, 0-d or ``(1,)`` tensor is broadcast."""
+    v = torch.as_tensor(value, device=device, dtype=dtype)
+    if v.ndim == 0 or v.shape == (1,):
+        return v.reshape(1).expand(batch)
+    if v.shape != (batch,):
+        raise ValueError(f"{name} must be a number or a tensor of shape (), (1,) or (B,) = ({batch},); "
+                         f"got shape {tuple(v.shape)}")
+    return v
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features → Linear → SiLU → Linear. ``t: (B,) → (B, D)``."""
 
@@ -386,16 +399,22 @@ class GSPNDiT(nn.Module):
     ) -> torch.Tensor:
         """``x: (B, C, H, W)``, ``t: (B,)``, ``y: (B,)`` → ``(B, out_channels, H, W)``.
 
-        ``t=None`` means timestep 0 and ``y=None`` the null (unconditional) label, so that
-        ``model(x)`` works for shape checks and :func:`gspn.models.complexity`.
+        ``t`` (timesteps, integer or fractional) and ``y`` (labels) may also be a Python number, a
+        0-d tensor or a ``(1,)`` tensor, broadcast to the batch as diffusers models do (diffusers
+        sampling loops pass one timestep for the whole batch). ``t=None`` means timestep 0 and
+        ``y=None`` the null (unconditional) label, so that ``model(x)`` works for shape checks and
+        :func:`gspn.models.complexity`.
+
+        Raises:
+            ValueError: ``x`` is not ``(B, C, H, W)`` with ``H, W`` multiples of the patch, or ``t``
+                / ``y`` has another shape than ``()``, ``(1,)`` or ``(B,)``.
         """
         p = self.patch_size
         if x.ndim != 4 or x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"expected (B, C, H, W) with H, W multiples of patch {p}, got {tuple(x.shape)}")
-        if t is None:
-            t = torch.zeros(x.shape[0], device=x.device)
-        if y is None:
-            y = torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)
+        batch = x.shape[0]
+        t = _per_sample(0 if t is None else t, batch, x.device, "t (timestep)")
+        y = _per_sample(self.null_label if y is None else y, batch, x.device, "y (label)", torch.long)
         c = self.t_embedder(t) + self.y_embedder(y)
         cb = c[:, None, None, :]
         h = self.x_embedder(x).permute(0, 2, 3, 1) + cb
@@ -438,10 +457,13 @@ class GSPNDiT(nn.Module):
         channels (``learn_sigma``) are the conditional ones. ``cfg_scale = 1`` is the plain
         conditional model.
 
-        Shapes: ``x: (B, C, H, W)``, ``t: (B,)``, ``y: (B,)`` → ``(B, out_channels, H, W)``.
+        Shapes: ``x: (B, C, H, W)``, ``t: (B,)``, ``y: (B,)`` → ``(B, out_channels, H, W)``; ``t`` and
+        ``y`` may be numbers or 0-d tensors, broadcast as in :meth:`forward`.
         """
         if cfg_scale == 1.0:
             return self.forward(x, t, y)
+        t = _per_sample(t, x.shape[0], x.device, "t (timestep)")
+        y = _per_sample(y, x.shape[0], x.device, "y (label)", torch.long)
         null = torch.full_like(y, self.null_label)
         out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = out.chunk(2)
