@@ -64,11 +64,20 @@ def create_model(name: str, pretrained: bool | str | os.PathLike = False, **over
 
     Args:
         name: a name from :func:`list_models`, e.g. ``"gspn_t"``.
-        pretrained: ``False`` (random init); a path to a ``.safetensors`` file to load (a classifier
-            whose shape does not fit ``num_classes`` is skipped with a warning). ``True`` raises:
-            no official GSPN weights are published.
+        pretrained: ``False`` (random init); ``True``: the authors' checkpoint from the Hugging
+            Face Hub (GSPN-T/S/B; needs ``huggingface_hub``, honours its cache and
+            ``HF_HUB_OFFLINE``); a path to a reference checkpoint (``.pth`` of the authors' code,
+            classifier or GSPN-DiT, read without running its pickle) or to one of our
+            ``.safetensors`` files. A classifier whose shape does not fit ``num_classes`` is
+            skipped with a warning; anything else that does not fit raises ``ValueError``.
+            Reference checkpoints build the model with the reference semantics
+            (:func:`gspn.models.reference_checkpoints.reference_model_args`).
         **overrides: constructor arguments that replace the model's configuration
-            (``num_classes``, ``drop_path_rate``, ``in_chans``, ...).
+            (``num_classes``, ``drop_path_rate``, ``in_chans``, ...). Two are consumed here:
+            ``pretrained_entry`` picks the state dict of a reference training checkpoint
+            (classifier: ``"model"`` (default) or ``"model_ema"``; generator: ``"ema"`` (default)
+            or ``"model"``), and ``semantics="reference"`` / ``"aligned"`` forces either set of
+            options (default: reference for reference weights, aligned otherwise).
 
     To count parameters without allocating memory, build on the meta device:
     ``with torch.device("meta"): model = create_model("gspn_b")``.

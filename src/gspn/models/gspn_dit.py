@@ -60,7 +60,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn import DropPath, GSPN2d
 from ._registry import register_model
-from .checkpoint import load_pretrained
+from .reference_checkpoints import plan_pretrained
 
 __all__ = ["WIRINGS", "GSPNDiT", "GSPNDiTBlock", "LabelEmbedder", "TimestepEmbedder", "timestep_embedding"]
 
@@ -501,12 +501,13 @@ default_cfgs: dict[str, dict[str, Any]] = {
 def _create(
     variant: str, pretrained: bool | str | os.PathLike, config: dict[str, Any], **overrides: Any
 ) -> GSPNDiT:
-    args = {**config, **overrides}
+    plan = plan_pretrained(variant, "generator", pretrained, overrides)
+    args = {**config, **plan.model_args, **plan.overrides}
     model = GSPNDiT(**args)
     model.default_cfg = {**default_cfgs[variant], "architecture": variant, "num_classes": model.num_classes,
                          "input_size": (model.in_channels, model.input_size, model.input_size)}
     model.model_args = args
-    load_pretrained(model, pretrained)
+    plan.load(model)
     return model
 
 

@@ -1,0 +1,811 @@
+"""The authors' GSPN checkpoints (NVlabs/GSPN): read them safely, convert them, compute what they compute.
+
+The reference code publishes ImageNet-1K classifiers GSPN-T/S/B on the Hugging Face Hub
+(``whj363636/GSPN``: ``tiny.pth``, ``small.pth``, ``base.pth``; **the authors report** 83.0 / 83.8 /
+84.3 % top-1 at 224² — not measured here). Its generator training writes checkpoints of the same
+kind for GSPN-DiT. Both are training checkpoints (``torch.save`` of a dict):
+
+* classifier: ``model`` (the weights the reference evaluates — our default), ``model_ema``,
+  ``optimizer``, ``lr_scheduler``, ``scaler``, ``epoch``, ``max_accuracy``, ``max_accuray_ema``
+  and ``config`` (a pickled ``yacs`` ``CfgNode``);
+* generator: ``model``, ``ema`` (what the reference's sampler loads — our default), ``opt`` and
+  ``args`` (an ``argparse.Namespace``).
+
+They are read through :mod:`gspn._pickle`'s allow-list unpickler (nothing in the file can run), only
+the chosen entry's tensors are read, names and values are converted to this library's layout
+(:func:`convert_reference_state`), and the model is built with the **reference semantics**
+(:func:`reference_model_args`) so that it computes what the reference computes:
+
+=============================== ================================ ===================================
+what                            this library's default           reference (``semantics="reference"``)
+=============================== ================================ ===================================
+GSPN merge of the 4 directions  same pixel (``merge_frame``      scan frames, parameters at the frame
+                                ``="image"``)                    index (``merge_frame="scan"``)
+SiLU after the depthwise conv   yes (``conv_act=True``)          no (``conv_act=False``)
+LayerNorm eps                   1e-6                             1e-5 (DiT final layer: 1e-6)
+classifier "global" blocks      whole map (chunk ``None``)       chunk = configured feature size
+                                                                 (``global_chunk_sizes``)
+DiT wiring                      residual blocks                  ``(hidden, residual)`` pairs
+                                                                 (``wiring="hidden_residual"``)
+DiT global out-blocks           last 2                           none (``num_global_blocks=0``)
+=============================== ================================ ===================================
+
+Value conversion: the reference orders the direction-dependent channels ``[gate][direction][c]``
+(w) and ``[direction][c]`` (λ, u, D), with its direction ``k`` = scan frame ``x``, ``xᵀ``,
+``flip(x)``, ``flip(xᵀ)``; this library orders ``[direction][gate][c]`` with directions
+``(tb, bt, lr, rl)``. Reference direction ``k`` goes to slot ``DIRECTION_SLOT[k]``
+(``lr, tb, rl, bt``), the merger's columns likewise; GRN's ``(1, C, 1, 1)`` γ/β become ``(C,)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._pickle import InertObject, LazyTensor, TorchArchive
+
+__all__ = [
+    "DEFAULT_ENTRY",
+    "DIRECTION_SLOT",
+    "HF_HUB_ID",
+    "HUB_FILES",
+    "REPORTED_TOP1",
+    "SEMANTIC_KEYS",
+    "PretrainedPlan",
+    "ReferenceCheckpoint",
+    "convert_checkpoint",
+    "convert_reference_state",
+    "download_reference_checkpoint",
+    "fit_state_dict",
+    "infer_model_args",
+    "load_reference_checkpoint",
+    "plan_pretrained",
+    "read_reference_checkpoint",
+    "reference_model_args",
+]
+
+HF_HUB_ID = "whj363636/GSPN"
+HUB_FILES: dict[str, str] = {"gspn_t": "tiny.pth", "gspn_s": "small.pth", "gspn_b": "base.pth"}
+REPORTED_TOP1: dict[str, float] = {"gspn_t": 83.0, "gspn_s": 83.8, "gspn_b": 84.3}
+"""ImageNet-1K top-1 (%) at 224² **reported by the authors** for their checkpoints; not measured here."""
+
+DIRECTION_SLOT: tuple[int, ...] = (2, 0, 3, 1)
+"""Reference direction ``k`` (scan frames ``x, xᵀ, flip(x), flip(xᵀ)``) → slot in ``gspn.ops.DIRECTIONS``."""
+
+DEFAULT_ENTRY: dict[str, str] = {"classifier": "model", "generator": "ema"}
+"""Entry loaded by default: what the reference's own evaluation (classifier) / sampler (generator) loads."""
+
+SEMANTIC_KEYS = frozenset(
+    {"norm_eps", "conv_act", "merge_frame", "global_chunk_sizes", "final_norm_eps", "wiring", "num_global_blocks"}
+)
+"""Constructor options that change what a model computes without changing its parameters."""
+
+_KINDS = ("classifier", "generator")
+_GSPN_PARAMS = ("x_conv_down", "w_conv_up", "l_conv_up", "u_conv_up", "d_conv", "m_conv")
+
+
+def reference_model_args(kind: str, feat_sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Constructor options that reproduce the reference code's semantics.
+
+    Args:
+        kind: ``"classifier"`` (:class:`~gspn.models.GSPNClassifier`) or ``"generator"``
+            (:class:`~gspn.models.GSPNDiT`).
+        feat_sizes: classifier only: the reference's configured feature size per stage, the chunk
+            of its "global" blocks (default ``(56, 28, 14, 7)``, i.e. 224² input).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    if kind == "classifier":
+        return {"norm_eps": 1e-5, "conv_act": False, "merge_frame": "scan",
+                "global_chunk_sizes": tuple(feat_sizes or (56, 28, 14, 7))}
+    if kind == "generator":
+        return {"norm_eps": 1e-5, "final_norm_eps": 1e-6, "merge_frame": "scan", "wiring": "hidden_residual",
+                "num_global_blocks": 0}
+    raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+
+
+def model_kind(model_or_name: nn.Module | str) -> str:
+    """``"generator"`` for diffusion models (``default_cfg["task"] == "diffusion"``), else ``"classifier"``."""
+    if isinstance(model_or_name, str):
+        from ._registry import get_default_cfg
+
+        cfg = get_default_cfg(model_or_name)
+    else:
+        cfg = getattr(model_or_name, "default_cfg", {}) or {}
+    return "generator" if cfg.get("task") == "diffusion" else "classifier"
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _is_tensor(v: Any) -> bool:
+    return isinstance(v, (torch.Tensor, LazyTensor))
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and _is_tensor(v) for k, v in obj.items()
+    )
+
+
+def _kind_of_keys(keys: list[str]) -> str | None:
+    if any(k.startswith(("patch_embed.", "layers.")) for k in keys):
+        return "classifier"
+    if any(k.startswith(("x_embedder.", "in_blocks.", "mid_block.")) for k in keys):
+        return "generator"
+    return None
+
+
+@dataclass
+class ReferenceCheckpoint:
+    """A reference checkpoint read through the allow-list, tensors not yet loaded.
+
+    Attributes:
+        path: the file.
+        kind: ``"classifier"`` or ``"generator"`` (from the tensor names).
+        entries: the state-dict entries (``("model", "model_ema")``, ``("model", "ema")``, or ``()``
+            for a bare state dict).
+        config: the pickled config (an inert ``CfgNode`` / ``Namespace`` stand-in) or ``None``.
+        obj: the whole unpickled object (tensors as :class:`gspn._pickle.LazyTensor`).
+    """
+
+    path: Path
+    kind: str
+    entries: tuple[str, ...]
+    config: Any
+    obj: Any = field(repr=False)
+
+    def entry_name(self, entry: str | None = None) -> str | None:
+        """The entry to load: ``entry``, or the default of the kind; ``None`` for a bare state dict.
+
+        Raises:
+            ValueError: ``entry`` is not in the file (the message lists the entries it has).
+        """
+        if not self.entries:
+            if entry is not None:
+                raise ValueError(f"{self.path} is a bare state dict: it has no entry {entry!r} to choose")
+            return None
+        wanted = entry or DEFAULT_ENTRY[self.kind]
+        if wanted in self.entries:
+            return wanted
+        aliases = {"ema": "model_ema", "model_ema": "ema"}
+        if entry is not None and aliases.get(entry) in self.entries:
+            return aliases[entry]
+        raise ValueError(
+            f"{self.path} has no {wanted!r} entry to load (its state-dict entries: {', '.join(self.entries)}); "
+            "choose one with pretrained_entry= (CLI: --entry)"
+        )
+
+    def state_dict(self, entry: str | None = None) -> dict[str, LazyTensor | torch.Tensor]:
+        """The (lazy) state dict of ``entry`` (see :meth:`entry_name`)."""
+        name = self.entry_name(entry)
+        return dict(self.obj if name is None else self.obj[name])
+
+
+def read_reference_checkpoint(archive: TorchArchive) -> ReferenceCheckpoint:
+    """Unpickle an open archive (allow-list, lazy) and recognise its layout.
+
+    Raises:
+        gspn._pickle.UnsafeCheckpointError: the pickle refers to a global outside the allow-list.
+        gspn._pickle.CheckpointFormatError: not a complete ``torch.save`` archive.
+        ValueError: no GSPN reference state dict in it (the message says what was found).
+    """
+    path = archive.path
+    obj = archive.load()
+    if _is_state_dict(obj):
+        entries: tuple[str, ...] = ()
+        keys = list(obj)
+    elif isinstance(obj, Mapping):
+        entries = tuple(k for k, v in obj.items() if isinstance(k, str) and _is_state_dict(v))
+        if not entries:
+            raise ValueError(
+                f"{path} holds no state dict (top-level keys: {', '.join(map(str, list(obj)[:12]))}); "
+                "expected a GSPN reference checkpoint (entries 'model'/'model_ema' or 'model'/'ema')"
+            )
+        keys = list(obj[entries[0]])
+    else:
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
+    kind = _kind_of_keys(keys)
+    if kind is None:
+        ours = any(k.startswith(("stem.", "stages.", "head.")) for k in keys)
+        hint = (" — these are this library's names: load it with gspn.models.load_checkpoint" if ours else "")
+        raise ValueError(
+            f"{path} is not a GSPN reference checkpoint: its tensor names ({', '.join(keys[:4])}, ...) are "
+            f"neither the classifier's (patch_embed.*, layers.*) nor the generator's (x_embedder.*, in_blocks.*){hint}"
+        )
+    config = None
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        config = obj.get("config", obj.get("args"))
+    return ReferenceCheckpoint(path=path, kind=kind, entries=entries, config=config, obj=obj)
+
+
+def _config_value(config: Any, key: str) -> Any:
+    """First value of ``key`` anywhere in an inert config tree (``None`` when absent)."""
+    if isinstance(config, InertObject):
+        config = config.__dict__
+    if isinstance(config, Mapping):
+        if key in config:
+            return config[key]
+        for v in config.values():
+            if isinstance(v, (Mapping, InertObject)):
+                found = _config_value(v, key)
+                if found is not None:
+                    return found
+    return None
+
+
+def _file_defaults(ref: ReferenceCheckpoint, num_stages: int = 4) -> dict[str, Any]:
+    """Options the file's own config fixes: the classifier's feature sizes, the generator's latent size."""
+    if ref.kind == "classifier":
+        feat = _config_value(ref.config, "FEAT_SIZE")
+        if isinstance(feat, (list, tuple)) and len(feat) == num_stages and all(isinstance(v, int) for v in feat):
+            return {"global_chunk_sizes": tuple(feat)}
+        img = _config_value(ref.config, "IMG_SIZE")
+        if isinstance(img, int) and img > 0:
+            return {"global_chunk_sizes": tuple(img // 4 // 2**i for i in range(num_stages))}
+        return {}
+    image_size = _config_value(ref.config, "image_size")
+    return {"input_size": image_size // 8} if isinstance(image_size, int) and image_size > 0 else {}
+
+
+# --- conversion ----------------------------------------------------------------------------------
+
+_BLOCK_INNER_CLS = {
+    "norm": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    "op.in_proj": "mixer.in_proj", "op.conv2d": "mixer.conv", "op.grn": "mixer.grn",
+    "op.out_norm": "mixer.out_norm", "op.out_proj": "mixer.out_proj",
+    **{f"op.{p}": f"mixer.gspn.{p}" for p in _GSPN_PARAMS},
+}
+_BLOCK_INNER_GEN = {
+    "norm": "norm", "in_proj": "in_proj", "conv2d": "conv", "out_conv": "out_conv", "out_dconv": "out_dwconv",
+    "out_proj": "out_proj", "skip_linear": "skip_linear", **{p: f"gspn.{p}" for p in _GSPN_PARAMS},
+}
+_CLS_FIXED = {
+    "patch_embed.0": "stem.conv1", "patch_embed.2": "stem.norm1", "patch_embed.5": "stem.conv2",
+    "patch_embed.7": "stem.norm2", "classifier.norm": "head.norm", "classifier.head": "head.fc",
+}
+_GEN_FIXED = {
+    "x_embedder.proj": "x_embedder", "t_embedder.mlp.0": "t_embedder.linear_1",
+    "t_embedder.mlp.2": "t_embedder.linear_2", "y_embedder.embedding_table": "y_embedder.embedding_table",
+    "norm_f": "norm_f", "final_layer.linear": "final_layer.linear",
+    "final_layer.adaLN_modulation.1": "final_layer.adaLN_modulation.1",
+}
+_CLS_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)\.(\w+)")
+_CLS_DOWN = re.compile(r"layers\.(\d+)\.downsample\.([13])\.(\w+)")
+_GEN_BLOCK = re.compile(r"(in_blocks\.\d+|mid_block|out_blocks\.\d+)\.(.+)\.(\w+)")
+
+
+def _map_name(key: str, kind: str) -> str | None:
+    """This library's name of reference tensor ``key`` (``None``: no such tensor in the reference)."""
+    module, _, leaf = key.rpartition(".")
+    fixed = _CLS_FIXED if kind == "classifier" else _GEN_FIXED
+    if module in fixed:
+        return f"{fixed[module]}.{leaf}"
+    if kind == "classifier":
+        m = _CLS_BLOCK.fullmatch(key)
+        if m and m[3] in _BLOCK_INNER_CLS:
+            return f"stages.{m[1]}.blocks.{m[2]}.{_BLOCK_INNER_CLS[m[3]]}.{m[4]}"
+        m = _CLS_DOWN.fullmatch(key)
+        if m:  # the reference's downsample ends layer i; ours starts stage i + 1
+            return f"stages.{int(m[1]) + 1}.downsample.{'conv' if m[2] == '1' else 'norm'}.{m[3]}"
+        return None
+    m = _GEN_BLOCK.fullmatch(key)
+    if m and m[2] in _BLOCK_INNER_GEN:
+        return f"{m[1]}.{_BLOCK_INNER_GEN[m[2]]}.{m[3]}"
+    return None
+
+
+def _rows_per_block(t: torch.Tensor, blocks: int, name: str) -> int:
+    if t.ndim < 1 or t.shape[0] % blocks:
+        raise ValueError(f"reference tensor {name} has shape {list(t.shape)}: its rows are not {blocks} blocks")
+    return t.shape[0] // blocks
+
+
+def _convert_value(name: str, t: torch.Tensor, ref_name: str) -> torch.Tensor:
+    """Reorder the direction-dependent channels of a GSPN tensor (see the module docstring)."""
+    s = DIRECTION_SLOT
+    if name.endswith("gspn.w_conv_up.weight"):
+        d = _rows_per_block(t, 12, ref_name)
+        perm = torch.empty(12 * d, dtype=torch.long)
+        for k in range(4):
+            for g in range(3):  # ref row g·4D + k·D + c → ours S[k]·3D + g·D + c
+                perm[s[k] * 3 * d + g * d : s[k] * 3 * d + (g + 1) * d] = torch.arange(d) + g * 4 * d + k * d
+        return t.index_select(0, perm.to(t.device))
+    if name.endswith(("gspn.l_conv_up.weight", "gspn.u_conv_up.weight", "gspn.d_conv.weight")):
+        d = _rows_per_block(t, 4, ref_name)
+        perm = torch.empty(4 * d, dtype=torch.long)
+        for k in range(4):  # ref row k·D + c → ours S[k]·D + c
+            perm[s[k] * d : (s[k] + 1) * d] = torch.arange(d) + k * d
+        return t.index_select(0, perm.to(t.device))
+    if name.endswith("gspn.m_conv.weight"):
+        if t.ndim != 4 or t.shape[1] != 4:
+            raise ValueError(f"reference tensor {ref_name} has shape {list(t.shape)}, expected (1, 4, 1, 1)")
+        inverse = [s.index(j) for j in range(4)]  # ours column S[k] ← ref column k
+        return t.index_select(1, torch.tensor(inverse, device=t.device))
+    return t
+
+
+def convert_reference_state(state: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """Rename a reference state dict to this library's names and reorder the GSPN channels.
+
+    Shapes that differ only by size-1 dimensions (GRN's ``(1, C, 1, 1)`` γ/β, 1×1 convs stored as
+    Linear weights) are adapted by :func:`fit_state_dict`, against the target model.
+
+    Args:
+        state: reference tensor name → tensor (any device, ``meta`` included).
+        kind: ``"classifier"`` or ``"generator"``.
+
+    Returns:
+        this library's name → tensor.
+
+    Raises:
+        ValueError: a tensor the reference model does not have (named), or a malformed GSPN tensor.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        name = _map_name(key, kind)
+        if name is None:
+            unknown.append(key)
+            continue
+        out[name] = _convert_value(name, value, key)
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} tensor(s) of the file have no counterpart in a reference GSPN {kind}: "
+            f"{_names(unknown)}"
+        )
+    return out
+
+
+def _names(keys: list[str], limit: int = 6) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _squeezed(shape: torch.Size) -> tuple[int, ...]:
+    return tuple(n for n in shape if n != 1)
+
+
+def fit_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "the checkpoint",
+    hint: Callable[[], str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Check that the converted ``state`` fits ``model`` exactly and adapt size-1 dimensions.
+
+    The classifier (``model.default_cfg["classifier"]``) may differ — another number of classes, a
+    headless model: the caller's loader drops it with a warning (``gspn.models.checkpoint``). Every
+    other tensor must be present, known and of the model's shape (up to size-1 dimensions).
+
+    Returns:
+        ``state`` with shapes adapted to the model's.
+
+    Raises:
+        ValueError: missing, unexpected or differently shaped tensors, all named (first few of
+            each), followed by ``hint()``.
+    """
+    from .checkpoint import classifier_prefixes
+
+    heads = tuple(f"{h}." for h in classifier_prefixes(model))
+    own = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    mismatched = []
+    for k, v in state.items():
+        target = own.get(k)
+        if target is None or v.shape == target.shape:
+            out[k] = v
+        elif v.numel() == target.numel() and _squeezed(v.shape) == _squeezed(target.shape):
+            out[k] = v.reshape(target.shape)
+        elif heads and k.startswith(heads):
+            out[k] = v  # a classifier of another size: the loader's head rule decides
+        else:
+            mismatched.append(f"{k}: file {list(v.shape)} vs model {list(target.shape)}")
+    missing = [k for k in own if k not in state and not k.startswith(heads or ("\0",))]
+    unexpected = [k for k in state if k not in own and not k.startswith(heads or ("\0",))]
+    if mismatched or missing or unexpected:
+        arch = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} tensor(s) differ in shape ({'; '.join(mismatched[:4])}"
+                         + (f"; ... {len(mismatched) - 4} more)" if len(mismatched) > 4 else ")"))
+        if missing:
+            parts.append(f"{len(missing)} model tensor(s) missing from the file ({_names(missing, 4)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} file tensor(s) the model does not have ({_names(unexpected, 4)})")
+        raise ValueError(f"{source} does not fit {arch}: {'; '.join(parts)}.{hint() if hint else ''}")
+    return out
+
+
+# --- architecture inference ----------------------------------------------------------------------
+
+
+def infer_model_args(state: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """Constructor arguments that the reference tensor shapes determine (names as in our models).
+
+    Classifier: ``embed_dim, depths, d_state, in_chans, expand, mlp_ratio, kernel_size,
+    num_classes``; generator: ``hidden_size, depth, patch_size, in_channels, d_state, kernel_size,
+    num_classes, learn_sigma``. Options without parameters (which blocks are global, ...) cannot be
+    inferred. Works on lazy or meta tensors.
+    """
+    shape = {k: tuple(v.shape) for k, v in state.items()}
+    out: dict[str, Any] = {}
+    if kind == "classifier":
+        if "patch_embed.5.weight" in shape:
+            out["embed_dim"] = shape["patch_embed.5.weight"][0]
+        if "patch_embed.0.weight" in shape:
+            out["in_chans"] = shape["patch_embed.0.weight"][1]
+        depths: dict[int, int] = {}
+        for k in shape:
+            m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k)
+            if m:
+                depths[int(m[1])] = max(depths.get(int(m[1]), 0), int(m[2]) + 1)
+        if depths:
+            out["depths"] = tuple(depths.get(i, 0) for i in range(max(depths) + 1))
+        b = "layers.0.blocks.0."
+        if f"{b}op.x_conv_down.weight" in shape:
+            out["d_state"] = shape[f"{b}op.x_conv_down.weight"][0]
+        if f"{b}op.in_proj.weight" in shape and "embed_dim" in out:
+            out["expand"] = shape[f"{b}op.in_proj.weight"][0] / out["embed_dim"]
+        if f"{b}mlp.fc1.weight" in shape and "embed_dim" in out:
+            out["mlp_ratio"] = shape[f"{b}mlp.fc1.weight"][0] / out["embed_dim"]
+        if f"{b}op.conv2d.weight" in shape:
+            out["kernel_size"] = shape[f"{b}op.conv2d.weight"][-1]
+        out["num_classes"] = shape["classifier.head.weight"][0] if "classifier.head.weight" in shape else 0
+        return out
+    if "x_embedder.proj.weight" in shape:
+        hidden, in_ch, p, _ = shape["x_embedder.proj.weight"]
+        out.update(hidden_size=hidden, in_channels=in_ch, patch_size=p)
+        if "final_layer.linear.weight" in shape:
+            out["learn_sigma"] = shape["final_layer.linear.weight"][0] == p * p * 2 * in_ch
+    n_in = len({m[1] for k in shape if (m := re.match(r"in_blocks\.(\d+)\.", k))})
+    if n_in:
+        out["depth"] = 2 * n_in
+    if "mid_block.x_conv_down.weight" in shape:
+        out["d_state"] = shape["mid_block.x_conv_down.weight"][0]
+    if "mid_block.conv2d.weight" in shape:
+        out["kernel_size"] = shape["mid_block.conv2d.weight"][-1]
+    if "y_embedder.embedding_table.weight" in shape:
+        out["num_classes"] = shape["y_embedder.embedding_table.weight"][0] - 1
+    return out
+
+
+def _matching_models(state: Mapping[str, Any], kind: str) -> list[str]:
+    """Registered models of ``kind`` whose default configuration the file's tensors fit (meta device)."""
+    from ._registry import create_model, list_models
+
+    converted = convert_reference_state({k: torch.empty(v.shape, dtype=v.dtype, device="meta")
+                                         for k, v in state.items()}, kind)
+    found = []
+    num_classes = infer_model_args(state, kind).get("num_classes")
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    for name in list_models("gspn_*"):
+        if model_kind(name) != kind:
+            continue
+        with torch.device("meta"):
+            model = create_model(name, **reference_model_args(kind), **extra)
+        own = model.state_dict()
+        if set(own) == set(converted) and all(
+            _squeezed(own[k].shape) == _squeezed(v.shape) for k, v in converted.items()
+        ):
+            found.append(name)
+    return found
+
+
+def _hint(state: Mapping[str, Any], kind: str) -> Callable[[], str]:
+    def hint() -> str:
+        args = infer_model_args(state, kind)
+        fits: list[str] = []
+        with contextlib.suppress(ValueError):
+            fits = _matching_models(state, kind)
+        shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
+        which = f" — that is {' / '.join(fits)}" if fits else ""
+        return f" The file's tensors say {shown}{which}; pass that model name or these overrides to create_model."
+    return hint
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_reference_checkpoint(
+    model: nn.Module, path: str | os.PathLike, *, entry: str | None = None
+) -> dict[str, Any]:
+    """Load a reference checkpoint into ``model`` (converted; strict except for a classifier mismatch).
+
+    Only the chosen entry's tensors are read. The model should have been built with
+    :func:`reference_model_args` (``create_model(..., pretrained=path)`` does that) to compute what
+    the reference computes.
+
+    Args:
+        model: a :class:`~gspn.models.GSPNClassifier` or :class:`~gspn.models.GSPNDiT`.
+        path: a reference ``.pth`` (training checkpoint or bare state dict).
+        entry: ``"model"`` / ``"model_ema"`` (classifier) or ``"model"`` / ``"ema"`` (generator);
+            default :data:`DEFAULT_ENTRY`.
+
+    Returns:
+        what was loaded: ``{"file", "checkpoint_entry", "checkpoint_kind"}``.
+
+    Raises:
+        gspn._pickle.UnsafeCheckpointError: the file's pickle could run code (refused, nothing ran).
+        gspn._pickle.CheckpointFormatError: truncated or not a ``torch.save`` archive.
+        ValueError: wrong kind of model (classifier file into a generator or the reverse), missing
+            entry, or tensors that do not fit the model (named, with the configuration they imply).
+    """
+    from .checkpoint import load_weights
+
+    kind = model_kind(model)
+    arch = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+    with TorchArchive(path) as archive:
+        ref = read_reference_checkpoint(archive)
+        if ref.kind != kind:
+            suggest = "gspn_t / gspn_s / gspn_b" if ref.kind == "classifier" else "gspn_dit_b_2 / _l_2 / _xl_2"
+            raise ValueError(
+                f"{ref.path} is a reference {ref.kind} checkpoint but {arch} is a {kind}: build a {ref.kind} "
+                f"({suggest})"
+            )
+        name = ref.entry_name(entry)
+        lazy = ref.state_dict(entry)
+        source = f"{ref.path}" + (f" (entry {name!r})" if name else "")
+        # Names and shapes first, on the meta device: a wrong model fails before any data is read.
+        meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in lazy.items()}
+        fit_state_dict(model, convert_reference_state(meta, kind), source=source, hint=_hint(lazy, kind))
+        tensors = {k: v.load() if isinstance(v, LazyTensor) else v for k, v in lazy.items()}
+    state = fit_state_dict(model, convert_reference_state(tensors, kind), source=source)
+    load_weights(model, state, strict=True, skip_mismatched_head=True)
+    return {"file": str(ref.path), "checkpoint_entry": name or "state_dict", "checkpoint_kind": ref.kind}
+
+
+# --- the hub -------------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if env.strip().lower() in ("1", "on", "yes", "true"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.is_offline_mode())
+
+
+def download_reference_checkpoint(filename: str, repo_id: str = HF_HUB_ID, revision: str | None = None) -> Path:
+    """The local path of ``repo_id/filename``: from the Hugging Face cache, else downloaded into it.
+
+    The cache (``HF_HUB_CACHE`` / ``HF_HOME``, as ``huggingface_hub`` resolves it) is tried first,
+    without network; a download is attempted only when the file is not cached and offline mode
+    (``HF_HUB_OFFLINE=1``) is off.
+
+    Raises:
+        ImportError: ``huggingface_hub`` is not installed (says what to install).
+        RuntimeError: offline and not cached, or the download failed (says how to get the file).
+    """
+    manual = (
+        f"download it on a connected machine (`hf download {repo_id} {filename}` fills the cache; or "
+        f"https://huggingface.co/{repo_id}/resolve/main/{filename}) and pass pretrained='path/to/{filename}'"
+    )
+    try:
+        from huggingface_hub import constants as hf_constants
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ImportError(
+            f"pretrained=True downloads {repo_id}/{filename} from the Hugging Face Hub, which needs "
+            f"huggingface_hub: pip install 'gspn[hub]' (or pip install huggingface_hub); or {manual}"
+        ) from None
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError and relatives)
+        pass
+    cache = hf_constants.HF_HUB_CACHE
+    if _offline():
+        raise RuntimeError(
+            f"{repo_id}/{filename} is not in the Hugging Face cache ({cache}) and offline mode is on "
+            f"(HF_HUB_OFFLINE): {manual}"
+        )
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except Exception as exc:
+        raise RuntimeError(
+            f"could not download {repo_id}/{filename} into the Hugging Face cache ({cache}): "
+            f"{type(exc).__name__}: {exc}. {manual[0].upper()}{manual[1:]}"
+        ) from exc
+
+
+# --- create_model's pretrained= ------------------------------------------------------------------
+
+
+@dataclass
+class PretrainedPlan:
+    """How ``create_model`` builds and loads a model for its ``pretrained`` argument.
+
+    Attributes:
+        model_args: options to apply under the user's overrides (the reference semantics for a
+            reference checkpoint, the semantic options stored in one of our files, the file's config).
+        overrides: the user's overrides minus ``pretrained_entry`` / ``semantics``.
+        load: call with the built model to load the weights and record the source in its config.
+    """
+
+    model_args: dict[str, Any]
+    overrides: dict[str, Any]
+    load: Callable[[nn.Module], None]
+
+
+def _is_zip(path: Path) -> bool:
+    """Whether the file starts like a zip archive (a ``torch.save`` file, possibly truncated)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def plan_pretrained(
+    variant: str, kind: str, pretrained: bool | str | os.PathLike | None, overrides: dict[str, Any]
+) -> PretrainedPlan:
+    """Resolve ``create_model(variant, pretrained=..., **overrides)`` before the model is built.
+
+    * ``pretrained=True``: the authors' checkpoint of ``variant`` from the Hub
+      (:data:`HUB_FILES`; :func:`download_reference_checkpoint`), reference semantics.
+    * a ``torch.save`` archive (``.pth``): a reference checkpoint, reference semantics; the entry is
+      ``overrides["pretrained_entry"]`` or :data:`DEFAULT_ENTRY`.
+    * any other path: one of our safetensors files; semantic options stored in it
+      (:data:`SEMANTIC_KEYS`, e.g. written by ``gspn convert``) apply.
+    * ``overrides["semantics"]``: ``"reference"`` forces the reference options (also without
+      weights), ``"aligned"`` keeps this library's defaults even for reference weights.
+
+    Explicit overrides always win over these defaults.
+
+    Raises:
+        RuntimeError / ImportError: ``pretrained=True`` and the file cannot be had (see
+            :func:`download_reference_checkpoint`), or no published weights for ``variant``.
+        FileNotFoundError: the path does not exist.
+        ValueError: bad ``semantics`` / ``pretrained_entry``, or a checkpoint of the wrong kind.
+    """
+    from .checkpoint import load_pretrained, read_metadata
+
+    overrides = dict(overrides)
+    entry = overrides.pop("pretrained_entry", None)
+    semantics = overrides.pop("semantics", None)
+    if semantics not in (None, "aligned", "reference"):
+        raise ValueError(f"semantics must be 'aligned' or 'reference', got {semantics!r}")
+    forced = reference_model_args(kind) if semantics == "reference" else {}
+
+    def record(model: nn.Module, info: dict[str, Any]) -> None:
+        cfg = getattr(model, "default_cfg", None)
+        if isinstance(cfg, dict):
+            cfg.update(info)
+
+    if pretrained is None or pretrained is False:
+        if entry is not None:
+            raise ValueError("pretrained_entry needs pretrained= (a reference checkpoint)")
+        return PretrainedPlan(forced, overrides, lambda model: None)
+
+    hub: dict[str, Any] = {}
+    if pretrained is True:
+        if variant not in HUB_FILES:
+            published = ", ".join(HUB_FILES)
+            raise RuntimeError(
+                f"no pretrained weights are published for {variant!r}: the authors publish the "
+                f"classifiers {published} ({HF_HUB_ID}); pass pretrained='path/to/checkpoint' "
+                "(a reference .pth or one of our .safetensors) to load other weights"
+            )
+        path = download_reference_checkpoint(HUB_FILES[variant])
+        hub = {"source": "hf-hub", "hf_hub_id": HF_HUB_ID, "hf_hub_filename": HUB_FILES[variant]}
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained checkpoint {str(path)!r} does not exist")
+
+    if pretrained is not True and not _is_zip(path):
+        # One of our safetensors files: the semantic options stored with it apply.
+        if entry is not None:
+            raise ValueError(f"pretrained_entry is for reference .pth checkpoints; {path} is not one")
+        stored: dict[str, Any] = {}
+        try:
+            stored = json.loads(read_metadata(path).get("gspn.model_args", "{}"))
+        except Exception:  # not safetensors: load_pretrained reports it
+            stored = {}
+        preset = {} if semantics == "aligned" else {k: v for k, v in stored.items() if k in SEMANTIC_KEYS}
+
+        def load_ours(model: nn.Module) -> None:
+            load_pretrained(model, path)
+            record(model, {"source": "file", "file": str(path), "checkpoint_format": "gspn"})
+
+        return PretrainedPlan({**preset, **forced}, overrides, load_ours)
+
+    with TorchArchive(path) as archive:
+        ref = read_reference_checkpoint(archive)
+        ref.entry_name(entry)  # a missing entry fails before the model is built
+    if ref.kind != kind:
+        suggest = "gspn_t / gspn_s / gspn_b" if ref.kind == "classifier" else "gspn_dit_b_2 / _l_2 / _xl_2"
+        raise ValueError(
+            f"{path} is a reference {ref.kind} checkpoint but {variant} is a {kind}: build a {ref.kind} "
+            f"({suggest})"
+        )
+    preset = _file_defaults(ref)
+    if semantics == "aligned":  # the reference's weights with this library's semantics, on request
+        preset = {k: v for k, v in preset.items() if k not in SEMANTIC_KEYS}
+    else:
+        preset = {**reference_model_args(kind), **preset}
+
+    def load_reference(model: nn.Module) -> None:
+        info = load_reference_checkpoint(model, path, entry=entry)
+        record(model, {"source": "file", **hub, **info, "checkpoint_format": "reference",
+                       "semantics": "aligned" if semantics == "aligned" else "reference"})
+        if kind == "classifier" and variant in REPORTED_TOP1:
+            record(model, {"reported_top1": REPORTED_TOP1[variant]})
+
+    return PretrainedPlan(preset, overrides, load_reference)
+
+
+# --- conversion to our format --------------------------------------------------------------------
+
+
+def infer_reference_model(path: str | os.PathLike) -> tuple[str, str]:
+    """``(kind, registered model name)`` that a reference checkpoint fits with default options.
+
+    Raises:
+        ValueError: no registered model fits (the message gives the shapes' configuration); pass
+            the model name and overrides explicitly then.
+    """
+    with TorchArchive(path) as archive:
+        ref = read_reference_checkpoint(archive)
+        state = ref.state_dict()
+        fits = _matching_models(state, ref.kind)
+        if len(fits) != 1:
+            raise ValueError(
+                f"cannot tell which model {ref.path} is ({'several fit: ' + ', '.join(fits) if fits else 'none fits'})."
+                f"{_hint(state, ref.kind)()} (CLI: --model NAME --model-arg KEY=VALUE)"
+            )
+    return ref.kind, fits[0]
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    model: str | None = None,
+    *,
+    entry: str | None = None,
+    **overrides: Any,
+) -> Path:
+    """Convert a reference checkpoint into one of our safetensors files (``gspn convert``).
+
+    The model is built with the reference semantics (under ``overrides``), loaded, and written by
+    :func:`gspn.models.save_checkpoint` with its architecture and constructor arguments — so
+    :func:`gspn.models.load_model` (or ``create_model(model, pretrained=dst)``) later rebuilds
+    the same model without any pickle. The source is recorded as metadata ``gspn.source``.
+
+    Args:
+        src: reference ``.pth``.
+        dst: output ``.safetensors``.
+        model: registered model name; inferred from the tensor shapes when ``None``.
+        entry: which state dict (default :data:`DEFAULT_ENTRY` of the kind).
+        **overrides: constructor arguments for a reference configuration other than the
+            registered one (e.g. ``embed_dim``, ``depths``).
+
+    Returns:
+        the path written.
+
+    Raises:
+        the errors of :func:`load_reference_checkpoint` and :func:`infer_reference_model`.
+    """
+    from ._registry import create_model
+    from .checkpoint import save_checkpoint
+
+    if model is None:
+        _, model = infer_reference_model(src)
+    net = create_model(model, pretrained=os.fspath(src), pretrained_entry=entry, **overrides)
+    cfg = getattr(net, "default_cfg", {})
+    source = {k: cfg[k] for k in ("file", "checkpoint_entry", "checkpoint_format", "semantics") if k in cfg}
+    return save_checkpoint(net, dst, metadata={"gspn.source": json.dumps(source)})
+
