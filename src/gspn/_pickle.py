@@ -54,8 +54,10 @@ __all__ = [
 ]
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint's pickle refers to a global outside the allow-list (it could run code)."""
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+    """A checkpoint's pickle refers to a global outside the allow-list (it could run code).
+
+    Also a ``ValueError`` (bad input), so callers that report bad files report it too."""
 
 
 class CheckpointFormatError(ValueError):

@@ -1,5 +1,5 @@
 """The ``gspn`` command line: ``train``, ``eval``, ``flops``, ``bench``, ``train-dit``, ``sample``,
-``extract-latents``, ``distill``, ``generate``.
+``extract-latents``, ``distill``, ``generate``, ``convert``.
 
 Multi-GPU / multi-node training goes through ``torchrun``, e.g.::
 
@@ -263,6 +263,38 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert an official GSPN checkpoint (.pth of the authors' code) to a .safetensors file",
+        description="Convert a checkpoint of the reference code (NVlabs/GSPN: classifier or GSPN-DiT) into "
+        "this library's safetensors format, with the architecture, the constructor arguments (reference "
+        "semantics included) and the source as metadata; gspn.models.load_model(OUT) then rebuilds the model "
+        "without unpickling anything. The .pth is read through an allow-list: a file whose pickle could run "
+        "code is refused.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("src", help="reference checkpoint (.pth: training checkpoint or bare state dict)")
+    p.add_argument("out", help="output .safetensors")
+    p.add_argument("--model", default=None,
+                   help="registered model, e.g. gspn_t or gspn_dit_xl_2 (default: inferred from the tensor shapes)")
+    p.add_argument("--entry", default=None,
+                   help="state dict to convert: classifier 'model' (default) or 'model_ema'; "
+                   "generator 'ema' (default) or 'model'")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="constructor override for other reference configurations (repeatable; Python literals)")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .models.reference_checkpoints import convert_checkpoint
+    from .train import parse_model_args
+
+    out = convert_checkpoint(args.src, args.out, args.model, entry=args.entry, **parse_model_args(args.model_arg))
+    print(json.dumps({"output": str(out), "src": args.src, "model": args.model or "inferred"}))
+    return 0
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from . import bench
 
@@ -319,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_flops(sub)
+    _add_convert(sub)
     _add_bench(sub)
     _add_diffusion(sub)
     _add_diffusers(sub)

@@ -8,7 +8,10 @@ Example::
 writes ``OUT/grid.png`` (with ``--per-label > 1`` and at most 10 labels, one column per label;
 otherwise ``--nrow`` columns) and ``OUT/NNNN_classY.png`` per image. The same seed gives the same
 images. ``--ckpt`` is a trainer checkpoint (``last.pt``; the EMA weights are used unless
-``--no-ema``) or an ``ema.safetensors``. Latent models are decoded with the VAE recorded by
+``--no-ema``), an ``ema.safetensors``, or a checkpoint of the reference code (GSPN-DiT training
+checkpoint, read through an allow-list; its ``ema`` entry unless ``--no-ema``; the model is inferred
+from the tensor shapes or given with ``--model``/``--model-arg``; DiT's 1000-step linear schedule and
+SD-VAE latent scale 0.18215). Latent models are decoded with the VAE recorded by
 ``extract-latents`` or the one given with ``--vae`` (a local folder or hub name); ``--save-latents``
 keeps the raw latents instead.
 """
@@ -153,11 +156,59 @@ def save_images(
     return grid_path
 
 
-def load_for_sampling(
-    path: str | os.PathLike, use_ema: bool = True, device: torch.device | str = "cpu"
+def _is_reference_generator(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint of the reference code's generator (read through the allow-list)."""
+    from .._pickle import TorchArchive
+    from ..models.reference_checkpoints import read_reference_checkpoint
+
+    try:
+        with TorchArchive(path) as archive:
+            return read_reference_checkpoint(archive).kind == "generator"
+    except (ValueError, OSError):  # refused globals (our own trainer files), other layouts, not a zip
+        return False
+
+
+def _load_reference_generator(
+    path: Path, use_ema: bool, model_name: str | None, model_args: dict[str, Any]
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """Load a model for sampling: ``(model, schedule, data_meta)`` from ``last.pt`` or ``ema.safetensors``."""
+    """A reference GSPN-DiT checkpoint: the model, DiT's diffusion schedule and its latent setup."""
+    from .._pickle import TorchArchive
+    from ..models.reference_checkpoints import infer_reference_model, read_reference_checkpoint
+
+    if model_name is None:
+        _, model_name = infer_reference_model(path)
+    model = create_model(model_name, pretrained=os.fspath(path), pretrained_entry="ema" if use_ema else "model",
+                         **model_args)
+    with TorchArchive(path) as archive:
+        config = read_reference_checkpoint(archive).config
+    schedule = {"num_train_timesteps": 1000, "beta_schedule": "linear", "learn_sigma": model.learn_sigma}
+    data: dict[str, Any] = {}
+    if model.in_channels == 4:  # Stable Diffusion VAE latents, as the reference trains on
+        data = {"kind": "latents", "scaling_factor": 0.18215,
+                "shape": [model.in_channels, model.input_size, model.input_size]}
+        vae = getattr(config, "vae", None)
+        if isinstance(vae, str) and vae in ("ema", "mse"):
+            data["vae"] = f"stabilityai/sd-vae-ft-{vae}"
+    return model, schedule, data
+
+
+def load_for_sampling(
+    path: str | os.PathLike,
+    use_ema: bool = True,
+    device: torch.device | str = "cpu",
+    model_name: str | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Load a model for sampling: ``(model, schedule, data_meta)``.
+
+    ``path`` is a trainer checkpoint (``last.pt``), an ``ema.safetensors``, or a reference GSPN-DiT
+    checkpoint (then ``model_name`` — inferred from the shapes when ``None`` — and ``model_args``
+    build the model; see :mod:`gspn.models.reference_checkpoints`).
+    """
     path = Path(path)
+    if path.suffix != ".safetensors" and (model_name is not None or _is_reference_generator(path)):
+        model, schedule, data = _load_reference_generator(path, use_ema, model_name, dict(model_args or {}))
+        return model.to(device).eval(), schedule, data
     if path.suffix == ".safetensors":
         model = load_model(path)
         extra = json.loads(read_metadata(path).get("gspn.diffusion", "{}"))
@@ -199,6 +250,10 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--upscale", type=int, default=1, help="enlarge PNGs by pixel repetition")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw (non-EMA) weights")
+    parser.add_argument("--model", default=None,
+                        help="reference checkpoints: registered model (default: inferred from the tensor shapes)")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="reference checkpoints: constructor override (repeatable; Python literals)")
     parser.add_argument("--vae", default=None, help="AutoencoderKL (folder or hub name) to decode latents")
     parser.add_argument(
         "--save-latents", action="store_true", help="latent models: save latents.pt, no decoding"
@@ -229,7 +284,10 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    model, schedule, data = load_for_sampling(args.ckpt, args.ema, device)
+    from ..train.factory import parse_model_args
+
+    model, schedule, data = load_for_sampling(args.ckpt, args.ema, device, getattr(args, "model", None),
+                                              parse_model_args(getattr(args, "model_arg", [])))
     labels = [v for v in parse_labels(args.labels, model.num_classes) for _ in range(args.per_label)]
     c = model.in_channels
     if args.size is not None:

@@ -503,12 +503,15 @@ def _create(
 ) -> GSPNDiT:
     plan = plan_pretrained(variant, "generator", pretrained, overrides)
     args = {**config, **plan.model_args, **plan.overrides}
-    model = GSPNDiT(**args)
-    model.default_cfg = {**default_cfgs[variant], "architecture": variant, "num_classes": model.num_classes,
-                         "input_size": (model.in_channels, model.input_size, model.input_size)}
-    model.model_args = args
-    plan.load(model)
-    return model
+
+    def build() -> GSPNDiT:
+        model = GSPNDiT(**args)
+        model.default_cfg = {**default_cfgs[variant], "architecture": variant, "num_classes": model.num_classes,
+                             "input_size": (model.in_channels, model.input_size, model.input_size)}
+        model.model_args = args
+        return model
+
+    return plan.create(build)
 
 
 @register_model

@@ -383,11 +383,14 @@ def _create_gspn(variant: str, pretrained: bool | str | os.PathLike, model_args:
     """Build ``variant`` from its configuration with user ``overrides``; attach cfg; load weights."""
     plan = plan_pretrained(variant, "classifier", pretrained, overrides)
     args = {**model_args, **plan.model_args, **plan.overrides}
-    model = GSPNClassifier(**args)
-    model.default_cfg = {**default_cfgs[variant], "architecture": variant, "num_classes": model.num_classes}
-    model.model_args = args
-    plan.load(model)
-    return model
+
+    def build() -> GSPNClassifier:
+        model = GSPNClassifier(**args)
+        model.default_cfg = {**default_cfgs[variant], "architecture": variant, "num_classes": model.num_classes}
+        model.model_args = args
+        return model
+
+    return plan.create(build)
 
 
 @register_model

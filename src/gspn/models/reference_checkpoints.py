@@ -138,10 +138,15 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
+_REF_GEN_KEY = re.compile(r"x_embedder\.proj\.|(in_blocks\.\d+|mid_block|out_blocks\.\d+)\.(conv2d|x_conv_down)\.")
+
+
 def _kind_of_keys(keys: list[str]) -> str | None:
+    """``"classifier"`` / ``"generator"`` from reference tensor names (ours, e.g. ``stem.*`` or
+    ``in_blocks.0.gspn.*``, are neither)."""
     if any(k.startswith(("patch_embed.", "layers.")) for k in keys):
         return "classifier"
-    if any(k.startswith(("x_embedder.", "in_blocks.", "mid_block.")) for k in keys):
+    if any(_REF_GEN_KEY.match(k) for k in keys):
         return "generator"
     return None
 
@@ -518,7 +523,7 @@ def _hint(state: Mapping[str, Any], kind: str) -> Callable[[], str]:
 
 
 def load_reference_checkpoint(
-    model: nn.Module, path: str | os.PathLike, *, entry: str | None = None
+    model: nn.Module, path: str | os.PathLike, *, entry: str | None = None, check_only: bool = False
 ) -> dict[str, Any]:
     """Load a reference checkpoint into ``model`` (converted; strict except for a classifier mismatch).
 
@@ -531,6 +536,7 @@ def load_reference_checkpoint(
         path: a reference ``.pth`` (training checkpoint or bare state dict).
         entry: ``"model"`` / ``"model_ema"`` (classifier) or ``"model"`` / ``"ema"`` (generator);
             default :data:`DEFAULT_ENTRY`.
+        check_only: only check names and shapes (``model`` may be on the meta device); read no data.
 
     Returns:
         what was loaded: ``{"file", "checkpoint_entry", "checkpoint_kind"}``.
@@ -559,10 +565,13 @@ def load_reference_checkpoint(
         # Names and shapes first, on the meta device: a wrong model fails before any data is read.
         meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in lazy.items()}
         fit_state_dict(model, convert_reference_state(meta, kind), source=source, hint=_hint(lazy, kind))
+        info = {"file": str(ref.path), "checkpoint_entry": name or "state_dict", "checkpoint_kind": ref.kind}
+        if check_only:
+            return info
         tensors = {k: v.load() if isinstance(v, LazyTensor) else v for k, v in lazy.items()}
     state = fit_state_dict(model, convert_reference_state(tensors, kind), source=source)
     load_weights(model, state, strict=True, skip_mismatched_head=True)
-    return {"file": str(ref.path), "checkpoint_entry": name or "state_dict", "checkpoint_kind": ref.kind}
+    return info
 
 
 # --- the hub -------------------------------------------------------------------------------------
@@ -633,11 +642,24 @@ class PretrainedPlan:
             reference checkpoint, the semantic options stored in one of our files, the file's config).
         overrides: the user's overrides minus ``pretrained_entry`` / ``semantics``.
         load: call with the built model to load the weights and record the source in its config.
+        precheck: called with the model built on the meta device, to reject a checkpoint that does
+            not fit before the real model is built and initialised (``None``: no check).
     """
 
     model_args: dict[str, Any]
     overrides: dict[str, Any]
     load: Callable[[nn.Module], None]
+    precheck: Callable[[nn.Module], Any] | None = None
+
+    def create(self, build: Callable[[], nn.Module]) -> nn.Module:
+        """``build()`` the model (after a meta-device :attr:`precheck`), then :attr:`load` it."""
+        if self.precheck is not None:
+            with torch.device("meta"):
+                probe = build()
+            self.precheck(probe)
+        model = build()
+        self.load(model)
+        return model
 
 
 def _is_zip(path: Path) -> bool:
@@ -745,7 +767,10 @@ def plan_pretrained(
         if kind == "classifier" and variant in REPORTED_TOP1:
             record(model, {"reported_top1": REPORTED_TOP1[variant]})
 
-    return PretrainedPlan(preset, overrides, load_reference)
+    def precheck(probe: nn.Module) -> None:
+        load_reference_checkpoint(probe, path, entry=entry, check_only=True)
+
+    return PretrainedPlan(preset, overrides, load_reference, precheck)
 
 
 # --- conversion to our format --------------------------------------------------------------------
