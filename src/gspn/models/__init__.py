@@ -4,20 +4,24 @@
 >>> gspn.list_models()
 ['gspn_b', 'gspn_dit_b_2', 'gspn_dit_b_4', ..., 'gspn_nano', 'gspn_s', 'gspn_t']
 >>> model = gspn.create_model("gspn_nano", num_classes=10)
+>>> # the authors' GSPN-T, computing what their code computes (needs huggingface_hub):
+>>> # model = gspn.create_model("gspn_t", pretrained=True)
 """
 
-from . import gspn_dit, gspn_vision
+from . import gspn_dit, gspn_vision, reference_checkpoints
 from ._registry import create_model, get_default_cfg, is_model, list_models, model_entrypoint, register_model
 from .checkpoint import load_checkpoint, load_model, read_metadata, save_checkpoint
 from .complexity import complexity, count_params
 from .gspn_dit import GSPNDiT
 from .gspn_vision import GSPNClassifier, block_chunk_sizes, gspn_b, gspn_micro, gspn_nano, gspn_s, gspn_t
+from .reference_checkpoints import convert_checkpoint, reference_model_args
 
 __all__ = [
     "GSPNClassifier",
     "GSPNDiT",
     "block_chunk_sizes",
     "complexity",
+    "convert_checkpoint",
     "count_params",
     "create_model",
     "get_default_cfg",
@@ -34,6 +38,8 @@ __all__ = [
     "load_model",
     "model_entrypoint",
     "read_metadata",
+    "reference_checkpoints",
+    "reference_model_args",
     "register_model",
     "save_checkpoint",
 ]
