@@ -424,6 +424,23 @@ def test_generator_computes_what_the_reference_computes(gen_ckpt):
             assert rel_err(raw(x, t, y), ref_generator_forward(model_sd, x, t, y, 4)) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("chunk, size", [(2, 5), (3, 7), (None, 6)])
+def test_gspn2d_scan_frames_on_every_backend(backend, chunk, size):
+    if backend not in gspn.ops.available_backends():
+        pytest.skip(f"{backend} backend unavailable")
+    d, ds = 6, 3
+    ref = random_state({"x_conv_down.weight": (ds, d, 1, 1), "w_conv_up.weight": (12 * d, ds, 1, 1),
+                        "l_conv_up.weight": (4 * d, ds, 1, 1), "u_conv_up.weight": (4 * d, ds, 1, 1),
+                        "d_conv.weight": (4 * d, ds, 1, 1), "m_conv.weight": (1, 4, 1, 1)}, 7)
+    layer = gspn.nn.GSPN2d(d, d_state=ds, chunk_size=chunk, merge_frame="scan", backend=backend)
+    ours = convert_reference_state({f"mid_block.{k}": v for k, v in ref.items()}, "generator")
+    layer.load_state_dict({k.removeprefix("mid_block.gspn."): v for k, v in ours.items()})
+    x = torch.randn(2, d, size, size, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert rel_err(layer(x), ref_core(x, ref, "", chunk or size)) <= 1e-5
+
+
 def test_scan_frame_merge_needs_a_square_map(cls_ckpt):
     model = create_model("gspn_nano", pretrained=cls_ckpt[0], **CLS)
     with pytest.raises(ValueError, match="square"):
@@ -560,6 +577,19 @@ def test_convert_writes_our_format(cls_ckpt, tmp_path, capsys):
     assert "classifier checkpoint but gspn_dit_tiny is a generator" in capsys.readouterr().err
 
 
+def test_convert_infers_the_model_from_the_shapes(tmp_path):
+    from gspn.models import convert_checkpoint
+
+    shapes = ref_classifier_shapes(16, (1, 1, 1, 1), 4)  # gspn_nano's configuration
+    torch.save({"model": random_state(shapes, 9)}, tmp_path / "nano.pth")
+    out = convert_checkpoint(tmp_path / "nano.pth", tmp_path / "nano.safetensors")
+    assert read_metadata(out)["gspn.architecture"] == "gspn_nano"
+    shapes = ref_classifier_shapes(24, (1, 1, 1, 1), 4)  # no registered model has this width
+    torch.save({"model": random_state(shapes, 9)}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match=r"none fits.*embed_dim=24.*--model NAME"):
+        convert_checkpoint(tmp_path / "odd.pth", tmp_path / "odd.safetensors")
+
+
 def test_sample_runs_on_a_reference_generator_checkpoint(gen_ckpt, tmp_path):
     from gspn.diffusion.sample import load_for_sampling
 
@@ -569,3 +599,15 @@ def test_sample_runs_on_a_reference_generator_checkpoint(gen_ckpt, tmp_path):
     assert schedule == {"num_train_timesteps": 1000, "beta_schedule": "linear", "learn_sigma": True}
     assert data["kind"] == "latents" and data["scaling_factor"] == 0.18215 and data["shape"] == [4, 8, 8]
     assert data["vae"] == "stabilityai/sd-vae-ft-ema"
+
+
+def test_gspn_sample_command_on_a_reference_checkpoint(gen_ckpt, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from gspn.cli import main
+
+    argv = ["sample", "--ckpt", str(gen_ckpt[0]), "--labels", "1,null", "--steps", "2", "--sampler", "ddim",
+            "--save-latents", "--out", str(tmp_path / "s"), "--no-progress", "--model", "gspn_dit_tiny"]
+    argv += [f"--model-arg={k}={v!r}" for k, v in GEN.items() if k != "input_size"]
+    assert main(argv) == 0
+    latents = torch.load(tmp_path / "s" / "latents.pt")["latents"]
+    assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()
