@@ -483,10 +483,13 @@ def test_missing_and_extra_tensors_are_named(tmp_path, cls_ckpt):
         create_model("gspn_nano", pretrained=cls_ckpt[0], pretrained_entry="nope", **CLS)
 
 
-def test_a_different_head_is_dropped_with_a_warning(cls_ckpt):
+def test_a_different_head_is_dropped_with_a_warning(cls_ckpt, gen_ckpt):
     with pytest.warns(UserWarning, match="classifier"):
         model = create_model("gspn_nano", pretrained=cls_ckpt[0], **{**CLS, "num_classes": 3})
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    # a generator's output layer is not a head to replace: learn_sigma=False does not fit
+    with pytest.raises(ValueError, match=r"final_layer\.linear\.weight: file \[32, 32\] vs model \[16, 32\]"):
+        create_model("gspn_dit_tiny", pretrained=gen_ckpt[0], **{**GEN, "learn_sigma": False})
 
 
 # --- pretrained=True through the Hugging Face cache ---------------------------------------------------

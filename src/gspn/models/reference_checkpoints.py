@@ -67,7 +67,9 @@ __all__ = [
     "download_reference_checkpoint",
     "fit_state_dict",
     "infer_model_args",
+    "infer_reference_model",
     "load_reference_checkpoint",
+    "model_kind",
     "plan_pretrained",
     "read_reference_checkpoint",
     "reference_model_args",
@@ -385,13 +387,14 @@ def _squeezed(shape: torch.Size) -> tuple[int, ...]:
 
 def fit_state_dict(
     model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "the checkpoint",
-    hint: Callable[[], str] | None = None,
+    hint: Callable[[], str] | None = None, allow_head_mismatch: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Check that the converted ``state`` fits ``model`` exactly and adapt size-1 dimensions.
 
-    The classifier (``model.default_cfg["classifier"]``) may differ — another number of classes, a
-    headless model: the caller's loader drops it with a warning (``gspn.models.checkpoint``). Every
-    other tensor must be present, known and of the model's shape (up to size-1 dimensions).
+    With ``allow_head_mismatch`` the classifier (``model.default_cfg["classifier"]``) may differ —
+    another number of classes, a headless model: the caller's loader drops it with a warning
+    (``gspn.models.checkpoint``). Every other tensor must be present, known and of the model's
+    shape (up to size-1 dimensions).
 
     Returns:
         ``state`` with shapes adapted to the model's.
@@ -402,7 +405,7 @@ def fit_state_dict(
     """
     from .checkpoint import classifier_prefixes
 
-    heads = tuple(f"{h}." for h in classifier_prefixes(model))
+    heads = tuple(f"{h}." for h in classifier_prefixes(model)) if allow_head_mismatch else ()
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     mismatched = []
@@ -564,13 +567,15 @@ def load_reference_checkpoint(
         source = f"{ref.path}" + (f" (entry {name!r})" if name else "")
         # Names and shapes first, on the meta device: a wrong model fails before any data is read.
         meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in lazy.items()}
-        fit_state_dict(model, convert_reference_state(meta, kind), source=source, hint=_hint(lazy, kind))
+        heads = kind == "classifier"  # a classifier may be re-headed; a generator's output layer may not
+        fit_state_dict(model, convert_reference_state(meta, kind), source=source, hint=_hint(lazy, kind),
+                       allow_head_mismatch=heads)
         info = {"file": str(ref.path), "checkpoint_entry": name or "state_dict", "checkpoint_kind": ref.kind}
         if check_only:
             return info
         tensors = {k: v.load() if isinstance(v, LazyTensor) else v for k, v in lazy.items()}
-    state = fit_state_dict(model, convert_reference_state(tensors, kind), source=source)
-    load_weights(model, state, strict=True, skip_mismatched_head=True)
+    state = fit_state_dict(model, convert_reference_state(tensors, kind), source=source, allow_head_mismatch=heads)
+    load_weights(model, state, strict=True, skip_mismatched_head=heads)
     return info
 
 
