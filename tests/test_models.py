@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -53,7 +54,7 @@ def test_reference_params_and_macs(name):
     assert res["params"] == params
     assert abs(res["gmacs"] - gmacs) / gmacs < 0.01, res["gmacs"]  # the requirement is 5 %
     assert res["macs"] == res["conv_linear_macs"] + res["scan_macs"]
-    assert res["scan_macs"] == res["flops_by_op"]["gspn.line_scan_4d"]
+    assert res["scan_macs"] == sum(n for op, n in res["flops_by_op"].items() if op.startswith("gspn."))
 
 
 def test_global_block_layout_matches_the_reference_rule():
@@ -327,16 +328,25 @@ def test_complexity_counts_scan_with_the_papers_formula(nano):
     h, w = 64, 40
     res = complexity(nano, (3, h, w))
     assert res == complexity(_meta("gspn_nano", num_classes=5), (3, h, w))  # meta and real agree
-    expected_scan = 0
+    expected_scan = expected_fused = 0
     for i, stage in enumerate(nano.stages):
         sh, sw = math.ceil(h / 2 ** (i + 2)), math.ceil(w / 2 ** (i + 2))
         for blk in stage.blocks:
-            c = blk.mixer.d_inner
+            c, layer = blk.mixer.d_inner, blk.mixer.gspn
             expected_scan += 2 * gspn.ops.scan_flops(1, c, sh, sw) + 2 * gspn.ops.scan_flops(1, c, sw, sh)
-    assert res["scan_macs"] == expected_scan
+            expected_fused += gspn.ops.mix_flops(1, c, sh, sw, layer.d_state, layer.gate_channels)
+    assert res["scan_macs"] == expected_fused == res["flops_by_op"]["gspn.gspn_mix"]
     dense = sum(v for k, v in res["flops_by_op"].items() if k.startswith("aten."))
     assert res["conv_linear_macs"] * 2 == dense
     assert nano.training is False
+    # The unfused layer counts its up-projections and merger as convolutions/matmuls: same total.
+    unfused_model = copy.deepcopy(nano)
+    for layer in unfused_model.modules():
+        if isinstance(layer, gspn.nn.GSPN2d):
+            layer.fused = False
+    unfused = complexity(unfused_model, (3, h, w))
+    assert unfused["scan_macs"] == expected_scan == unfused["flops_by_op"]["gspn.line_scan_4d"]
+    assert unfused["macs"] == res["macs"]
 
 
 def test_complexity_table_cli(capsys):

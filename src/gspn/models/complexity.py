@@ -1,10 +1,12 @@
 """Parameter and MAC counts in the GSPN papers' convention.
 
 ``MACs = (FLOPs of convolutions, linears and other matmuls, as counted by
-torch.utils.flop_counter) / 2 + scan cost``, where the scan cost of each direction over a
+torch.utils.flop_counter) / 2 + gspn op cost``, where the scan cost of each direction over a
 ``(B, C, H, W)`` input is ``B·C·(L − 1)·(7P − 4)`` for ``L`` lines of ``P`` pixels (the formula
 registered for ``torch.ops.gspn.line_scan*`` by :mod:`gspn.ops`; FlopCounterMode reports it
-per op, and it is already a MAC-style count, so it is not halved). Normalisations, activations
+per op, and it is already a MAC-style count, so it is not halved). The fused layer
+``gspn::gspn_mix`` reports its 1×1 generation and merge MACs plus its scans in the same MAC
+convention (:func:`gspn.ops.mix_flops`), so a model's total is the same fused or not. Normalisations, activations
 and elementwise products are not counted, as in the papers.
 
 Run ``python -m gspn.models`` for a table of all registered models (built on the meta
@@ -43,7 +45,8 @@ def complexity(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batc
 
     Returns:
         ``{"params", "macs", "gmacs", "conv_linear_macs", "scan_macs", "flops_by_op"}``, where
-        ``macs = conv_linear_macs + scan_macs`` and ``flops_by_op`` is FlopCounterMode's raw
+        ``macs = conv_linear_macs + scan_macs`` (``scan_macs``: every ``gspn::`` op, i.e. the scans and,
+        for fused layers, their parameter generation and merge) and ``flops_by_op`` is FlopCounterMode's raw
         per-op count (``"aten.convolution"``, ``"aten.mm"``, ``"gspn.line_scan_4d"``, ...).
     """
     try:

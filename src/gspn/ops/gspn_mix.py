@@ -220,7 +220,8 @@ def _cpu_backward(module, grad, x, proxy, weights, chunk_size):
 
 def _layout_like_kernel(t: torch.Tensor) -> torch.Tensor:
     """The one output layout of every backend: channels-last memory for image-shaped results."""
-    return t.contiguous(memory_format=torch.channels_last)
+    out = _image_like(t, t.shape[1])
+    return out.copy_(t)
 
 
 def _run(x, proxy, weights, chunk_size, backend, grad=None):
@@ -234,6 +235,7 @@ def _run(x, proxy, weights, chunk_size, backend, grad=None):
         if grad is None:
             return _cpu_forward(module, x, proxy, weights, chunk_size).to(dtype)
         outs = _cpu_backward(module, grad, x, proxy, weights, chunk_size)
+        outs = outs[:2] + [o.contiguous() for o in outs[2:]]
     else:
         scan = module.__name__.rsplit(".", 1)[-1]
         if grad is None:
@@ -312,6 +314,16 @@ def _gspn_mix_autograd(ctx, grad):
 _gspn_mix_op.register_autograd(_gspn_mix_autograd, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward (create_graph=True, e.g. a gradient penalty) through gspn.ops.gspn_mix is not "
+        "supported: its backward is an explicit adjoint scan that is not itself differentiable"
+    )
+
+
+_gspn_mix_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # --- FLOP formulas -------------------------------------------------------------------------------
 
 
@@ -319,12 +331,16 @@ def mix_flops(batch: int, channels: int, height: int, width: int, state: int, ga
     """Multiply-accumulates of one :func:`gspn_mix` forward, in the papers' convention.
 
     The 1×1 generation of the gate logits, λ, u and D (``B·H·W·S·(12·Cg + 12·C)`` MACs, what the four
-    up-projection convolutions of the unfused layer count) plus the four scans
-    (:func:`gspn.ops.scan_flops`). Gating, merge and normalisation are not counted, as in the papers.
+    up-projection convolutions of the unfused layer count), the merger (``4·B·C·H·W``, its 4 → 1
+    projection) and the four scans (:func:`gspn.ops.scan_flops`) — the same total as the unfused
+    :class:`gspn.nn.GSPN2d` after ``x_conv_down``. Gating products and normalisation are not counted,
+    as in the papers.
     """
-    generation = batch * height * width * state * (12 * gate_channels + 12 * channels)
+    pixels = batch * height * width
+    generation = pixels * state * (12 * gate_channels + 12 * channels)
+    merge = 4 * pixels * channels
     scans = 2 * (scan_flops(batch, channels, height, width) + scan_flops(batch, channels, width, height))
-    return generation + scans
+    return generation + merge + scans
 
 
 @register_flop_formula(torch.ops.gspn.gspn_mix)
