@@ -68,3 +68,26 @@ def oracle_line_scan(x, lam, w_left, w_mid, w_right, direction="tb", chunk_size=
             h[r, c] = value
     rows = [torch.stack([h[r, c] for c in range(width)], dim=-1) for r in range(height)]
     return torch.stack(rows, dim=-2)
+
+
+def unused_gates(height, width, direction="tb", chunk_size=None):
+    """Boolean ``(3, H, W)`` masks of the gates the recurrence never uses: all three on a line that
+    starts a tile (no previous line), ``w_left`` / ``w_right`` where that neighbour is outside the
+    image. Written from the equations, like :func:`oracle_line_scan`."""
+    vertical = direction in ("tb", "bt")
+    n = height if vertical else width
+
+    def starts(i):
+        if direction in ("tb", "lr"):
+            return i == 0 or (chunk_size is not None and i % chunk_size == 0)
+        return i == n - 1 or (chunk_size is not None and (i + 1) % chunk_size == 0)
+
+    mask = torch.zeros(3, height, width, dtype=torch.bool)
+    for r in range(height):
+        for c in range(width):
+            i, j, size = (r, c, width) if vertical else (c, r, height)
+            if starts(i):
+                mask[:, r, c] = True
+            mask[0, r, c] |= j == 0
+            mask[2, r, c] |= j == size - 1
+    return mask

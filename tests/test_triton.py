@@ -27,8 +27,10 @@ finally:
     if _SET_INTERPRET:
         del os.environ["TRITON_INTERPRET"]
 
+import inert_gates  # noqa: E402
 from gspn.ops import DIRECTIONS, available_backends, line_scan, line_scan_4d  # noqa: E402
 from gspn.ops import triton as triton_backend  # noqa: E402
+from oracle import unused_gates  # noqa: E402
 
 TOL = {
     torch.float32: {"atol": 2e-5, "rtol": 2e-5},
@@ -227,6 +229,21 @@ def test_extreme_logits_stay_finite(device):
     with triton_backend.launch_overrides(**SMALL):
         got = _run(line_scan, x, params, backend="triton", direction="bt", normalize=True)
     assert all(torch.isfinite(t).all() for t in got)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_unused_gates_never_influence(device, variant, normalize):
+    """NaN/±Inf in gates whose neighbour does not exist (w_left at the first position of a line,
+    w_right at the last, all gates on a line that starts a tile) change nothing, bit for bit, and
+    get exactly zero gradient (the rule of docs/operator.md; reference and cpu: test_nonfinite.py)."""
+    shape = (1, 2, 4, 5)
+    tensors = [t.float().to(device) for t in inert_gates.inputs(shape)]
+    for direction in DIRECTIONS:
+        inert_gates.check_unused_gates_are_inert(
+            line_scan, tensors, unused_gates(4, 5, direction, 3), "triton",
+            context=lambda: triton_backend.launch_overrides(**variant), shifts=1,
+            direction=direction, chunk_size=3, normalize=normalize,
+        )
 
 
 def test_missing_triton_is_reported(monkeypatch):

@@ -20,6 +20,11 @@ uses them; the fast backends index the image in place instead).
 Local GSPN (``chunk_size=k``) cuts the scan axis into image-aligned tiles ``[j*k, (j+1)*k)``; the
 state is reset to zero wherever a scan enters a tile: at image index ``i`` with ``i % k == 0``
 for forward scans, and at ``i == n - 1`` or ``(i + 1) % k == 0`` for reversed scans.
+
+A gate is *used* where its neighbour exists (:func:`used_gate_masks`): not on a line that starts a
+tile (no previous line), and for ``w_left`` / ``w_right`` not at the first / last position of the
+line. Unused gates never influence a result or a gradient, whatever their value (NaN and ±Inf
+included), and their own gradient is exactly 0, on every backend.
 """
 
 from __future__ import annotations
@@ -111,3 +116,28 @@ def tile_starts(num_lines: int, chunk_size: int | None, reverse: bool) -> list[b
         else:
             starts.append(line % chunk_size == 0)
     return starts
+
+
+def used_gate_masks(
+    height: int, width: int, direction: str, chunk_size: int | None, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the scan of an ``(H, W)`` image uses each gate: boolean ``(H, W)`` masks (image frame)
+    of ``w_left``, ``w_mid`` and ``w_right``.
+
+    A gate is unused on a line that starts a tile (there is no previous line to weight), and
+    ``w_left`` / ``w_right`` are unused at the first / last position of a line (no such neighbour).
+
+    >>> [m.int().tolist() for m in used_gate_masks(2, 3, "tb", None)]
+    [[[0, 0, 0], [0, 1, 1]], [[0, 0, 0], [1, 1, 1]], [[0, 0, 0], [1, 1, 0]]]
+    """
+    d = get_direction(direction)
+    num_lines, length = (height, width) if d.vertical else (width, height)
+    line_used = torch.tensor([not s for s in tile_starts(num_lines, chunk_size, d.reverse)], device=device)
+    if d.reverse:  # scan order -> image order
+        line_used = line_used.flip(0)
+    pos = torch.arange(length, device=device)
+    mid = line_used[:, None] & (pos >= 0)[None, :]  # (L, P) in image order
+    left = mid & (pos > 0)[None, :]
+    right = mid & (pos < length - 1)[None, :]
+    masks = (left, mid, right)
+    return masks if d.vertical else tuple(m.t() for m in masks)  # type: ignore[return-value]

@@ -319,6 +319,12 @@ def line_scan(
     ``"bt"`` reads row ``r+1`` instead; ``"lr"`` / ``"rl"`` scan columns and read column ``c∓1``
     at rows ``r-1, r, r+1`` (left/right = index −1/+1 along the axis perpendicular to the scan).
 
+    **Unused gates.** A gate whose neighbour does not exist — all three gates on a line that starts a
+    tile (no previous line), ``w_left`` at the first and ``w_right`` at the last position of a line —
+    is never used: whatever it holds (NaN, ±Inf included) it influences neither the output nor any
+    gradient, on every backend, direction, chunking and ``normalize`` mode, and its own gradient is
+    exactly 0.
+
     Args:
         x: input ``(B, C, H, W)``.
         lam, w_left, w_mid, w_right: per-pixel parameters in the image frame, ``(B, C, H, W)`` or

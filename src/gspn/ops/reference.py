@@ -14,6 +14,10 @@ pass is the adjoint recurrence, run over the lines in reverse: with ``g = dL/dh`
 ``dw_left[l, p] = a[l, p] h[l-1, p-1]``, ``dw_mid = a h[l-1, p]``, ``dw_right = a h[l-1, p+1]``.
 
 Everything is vectorised over batch, channels and positions; the only Python loop is over lines.
+
+Gates that the recurrence does not use (on a line that starts a tile; ``w_left`` / ``w_right`` at
+the first / last position of a line) are replaced by 0 before anything reads them, and their
+gradients are set to exactly 0: whatever they hold (NaN, ±Inf) never reaches a result.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .directions import from_line_frame, get_direction, tile_starts, to_line_frame
+from .directions import from_line_frame, get_direction, tile_starts, to_line_frame, used_gate_masks
 from .stabilize import stabilize, stabilize_vjp
 from .validation import expand_channels
 
@@ -45,6 +49,14 @@ def _from_right(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t[..., 1:], (0, 1))
 
 
+def _used_gates(w_left, w_mid, w_right, direction: str, chunk_size: int | None):
+    """The gates with their unused entries replaced by 0, and the masks of the used ones."""
+    height, width = w_left.shape[-2:]
+    masks = used_gate_masks(height, width, direction, chunk_size, w_left.device)
+    gates = tuple(torch.where(m, g, 0.0) for m, g in zip(masks, (w_left, w_mid, w_right), strict=True))
+    return gates, masks
+
+
 def _gates(w_left, w_mid, w_right, direction: str, normalize: bool, channels: int):
     """Gate weights as the scan uses them (normalised if ``normalize``)."""
     if not normalize:
@@ -63,6 +75,7 @@ def _full_line_frame(t: torch.Tensor, channels: int, direction: str) -> torch.Te
 def scan(x, lam, w_left, w_mid, w_right, *, direction: str, chunk_size: int | None, normalize: bool, out):
     """Forward scan of one direction; writes ``h`` (image frame, ``(B, C, H, W)``) into ``out``."""
     channels = x.shape[1]
+    (w_left, w_mid, w_right), _ = _used_gates(w_left, w_mid, w_right, direction, chunk_size)
     wl, wm, wr = _gates(w_left, w_mid, w_right, direction, normalize, channels)
     x_, lam_, wl, wm, wr = (_full_line_frame(t, channels, direction) for t in (x, lam, wl, wm, wr))
     starts = tile_starts(x_.shape[-2], chunk_size, get_direction(direction).reverse)
@@ -87,6 +100,7 @@ def scan_backward(
     ``d_params``; reducing them to broadcast shapes is the caller's job.
     """
     channels = x.shape[1]
+    (w_left, w_mid, w_right), masks = _used_gates(w_left, w_mid, w_right, direction, chunk_size)
     gates = _gates(w_left, w_mid, w_right, direction, normalize, channels)
     g_, h_, wl, wm, wr = (
         _full_line_frame(t.expand(x.shape[0], *t.shape[1:]), channels, direction) for t in (grad, h, *gates)
@@ -118,5 +132,6 @@ def scan_backward(
         logits = tuple(expand_channels(t, channels).expand_as(x) for t in (w_left, w_mid, w_right))
         weights = tuple(expand_channels(t, channels).expand_as(x) for t in gates)
         d_wl, d_wm, d_wr = stabilize_vjp(d_wl, d_wm, d_wr, logits, weights)
+    d_wl, d_wm, d_wr = (torch.where(m, d, 0.0) for m, d in zip(masks, (d_wl, d_wm, d_wr), strict=True))
     for buffer, value in zip(d_params, (d_lam, d_wl, d_wm, d_wr), strict=True):
         buffer.copy_(value)

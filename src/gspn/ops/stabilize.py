@@ -44,7 +44,8 @@ def stabilize(
 
     Returns:
         The three normalised weights, of the broadcast shape and dtype. Weights of missing neighbours (left at
-        position 0, right at the last position of the line) are exactly 0.
+        position 0, right at the last position of the line) are exactly 0, whatever their logits hold
+        (NaN and ±Inf included: such a logit influences no weight and gets gradient 0).
 
     Raises:
         TypeError: a gate that is not a real floating-point tensor, or a ``direction`` that is not a str.
@@ -65,11 +66,13 @@ def stabilize(
     if w_left.ndim < 2:
         raise ValueError(f"w_left must have at least 2 dims (..., H, W), got shape {tuple(w_left.shape)}")
     has_left, has_right = _valid_masks(w_left.shape[d.line_dim], d.line_dim, w_left.ndim, w_left.device)
+    # A missing neighbour's logit is not read at all (replaced before logsigmoid): whatever it holds
+    # (NaN, ±Inf) its weight is exactly 0, the other weights do not see it, and its gradient is 0.
     logits = torch.stack(
         [
-            F.logsigmoid(w_left).masked_fill(~has_left, float("-inf")),
+            F.logsigmoid(torch.where(has_left, w_left, 0.0)).masked_fill(~has_left, float("-inf")),
             F.logsigmoid(w_mid),
-            F.logsigmoid(w_right).masked_fill(~has_right, float("-inf")),
+            F.logsigmoid(torch.where(has_right, w_right, 0.0)).masked_fill(~has_right, float("-inf")),
         ]
     )
     weights = torch.softmax(logits, dim=0)

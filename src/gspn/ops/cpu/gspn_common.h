@@ -34,6 +34,8 @@ struct Geometry {
 // ---------------------------------------------------------------------------------------------
 // Stability–context normalisation (same formula as gspn/ops/stabilize.py):
 //   s_k = sigmoid(a_k); w_k = s_k / sum_{valid j} s_j for valid k, 0 for a missing neighbour.
+// A missing neighbour's logit (left at p = 0, right at p = P - 1) is never read into a result:
+// its weight and sigmoid are exactly 0 and its gradient exactly 0, whatever it holds (NaN, ±Inf).
 
 // exp(x) for x <= 0, float32: Cody–Waite reduction and a degree-6 polynomial; branch-free so the
 // compiler vectorises it (libm's expf is not vectorised without -ffast-math).
@@ -77,9 +79,10 @@ void normalize_line(int64_t P, const T* __restrict__ al, const T* __restrict__ a
   int underflow = 0;
 #pragma omp simd reduction(| : underflow)
   for (int64_t p = 0; p < P; ++p) {
-    const T vl = sigmoid(al[p]) * T(p > 0);  // missing neighbours get weight 0
+    // Missing neighbours get weight 0: selected, not multiplied (0 * NaN would be NaN).
+    const T vl = p > 0 ? sigmoid(al[p]) : T(0);
     const T vm = sigmoid(am[p]);
-    const T vr = sigmoid(ar[p]) * T(p < P - 1);
+    const T vr = p < P - 1 ? sigmoid(ar[p]) : T(0);
     const T sum = vl + vm + vr;
     underflow |= sum < tiny_sum<T>();
     const T inv = T(1) / std::max(sum, tiny_sum<T>());
@@ -108,7 +111,7 @@ void normalize_line(int64_t P, const T* __restrict__ al, const T* __restrict__ a
 }
 
 // Turn gradients w.r.t. the normalised weights (in gl, gm, gr) into gradients w.r.t. the logits:
-//   d a_k = w_k (1 - s_k) (g_k - sum_j g_j w_j)
+//   d a_k = w_k (1 - s_k) (g_k - sum_j g_j w_j),   exactly 0 for a missing neighbour.
 template <typename T>
 void normalize_line_vjp(int64_t P, const T* __restrict__ wl, const T* __restrict__ wm, const T* __restrict__ wr,
                         const T* __restrict__ sl, const T* __restrict__ sm, const T* __restrict__ sr,
@@ -116,9 +119,11 @@ void normalize_line_vjp(int64_t P, const T* __restrict__ wl, const T* __restrict
 #pragma omp simd
   for (int64_t p = 0; p < P; ++p) {
     const T dot = gl[p] * wl[p] + gm[p] * wm[p] + gr[p] * wr[p];
-    gl[p] = wl[p] * (T(1) - sl[p]) * (gl[p] - dot);
+    const T dl = wl[p] * (T(1) - sl[p]) * (gl[p] - dot);
+    const T dr = wr[p] * (T(1) - sr[p]) * (gr[p] - dot);
+    gl[p] = p > 0 ? dl : T(0);
     gm[p] = wm[p] * (T(1) - sm[p]) * (gm[p] - dot);
-    gr[p] = wr[p] * (T(1) - sr[p]) * (gr[p] - dot);
+    gr[p] = p < P - 1 ? dr : T(0);
   }
 }
 

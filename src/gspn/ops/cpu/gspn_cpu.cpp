@@ -14,6 +14,9 @@
 // would read one float per cache line, so they move a strip of STRIP columns of every tensor into
 // line-major buffers (a small transpose that stays in L2), scan there, and write the strip back.
 // Work is parallel over (b, c) slices with OpenMP.
+//
+// Unused gates (every gate of a line that starts a tile; w_left at p = 0 and w_right at p = P - 1)
+// are never read into a result and get exactly zero gradient, whatever they hold (NaN, ±Inf).
 
 #include <algorithm>
 #include <cmath>
@@ -331,7 +334,7 @@ struct BackwardWorker {
       backward_line(P, in[B_G] + off, has_next ? a_next : nullptr, next_w, prev_h, in[B_X] + off,
                     in[B_LAM] + off, a_cur, out[B_DX - B_DX] + off, accumulate_dx, out[B_DLAM - B_DX] + off,
                     out[B_DWL - B_DX] + off, out[B_DWM - B_DX] + off, out[B_DWR - B_DX] + off);
-      if (NORM)
+      if (NORM && prev_h != nullptr)  // a line that starts a tile keeps its zero gate gradients
         normalize_line_vjp(P, cur_w.l, cur_w.m, cur_w.r, w_cur + 3 * P, w_cur + 4 * P, w_cur + 5 * P,
                            out[B_DWL - B_DX] + off, out[B_DWM - B_DX] + off, out[B_DWR - B_DX] + off);
       std::swap(a_cur, a_next);
@@ -394,7 +397,7 @@ struct BackwardWorker {
         for (int k = 0; k < 5; ++k) o[k] = strip[B_DX + k] + q * H;
         backward_line(H, strip[B_G] + q * H, next_a, next_w, prev_h, strip[B_X] + q * H, strip[B_LAM] + q * H,
                       adj + q * H, o[0], false, o[1], o[2], o[3], o[4]);
-        if (NORM) {
+        if (NORM && prev_h != nullptr) {  // a line that starts a tile keeps its zero gate gradients
           const T* nq = norm + q * 6 * H;
           normalize_line_vjp(H, nq, nq + H, nq + 2 * H, nq + 3 * H, nq + 4 * H, nq + 5 * H, o[2], o[3], o[4]);
         }

@@ -196,7 +196,13 @@ def _stabilize(al, am, ar, has_l, has_r):
 
 @triton.jit
 def _forward_gates(al, am, ar, has_l, has_r, NORMALIZE: tl.constexpr):
-    """The gates the forward recurrence uses: the loaded values, or normalised logits."""
+    """The gates the forward recurrence uses: the loaded values, or normalised logits.
+
+    A missing neighbour's gate is replaced by 0 before anything reads it (0·NaN would be NaN), so
+    whatever it holds never reaches a result; gates of a line that starts a tile are loaded as 0.
+    """
+    al = tl.where(has_l, al, 0.0)
+    ar = tl.where(has_r, ar, 0.0)
     if NORMALIZE:
         al, am, ar, _cl, _cm, _cr = _stabilize(al, am, ar, has_l, has_r)
     return al, am, ar
@@ -267,6 +273,8 @@ def _adjoint_line(
     tl.store(dlam_ptr + d_base + off, (xv * a).to(dlam_ptr.dtype.element_ty), mask=m)
 
     al, am, ar = _load_gates(wl_ptr, wm_ptr, wr_ptr, wl_base, wm_base, wr_base, off, mp, ACC)
+    al = tl.where(has_l, al, 0.0)  # a missing neighbour's gate is never read (see _forward_gates)
+    ar = tl.where(has_r, ar, 0.0)
     hl, hm, hr = _load_neighbours(h_ptr + h_base + prev_off, pos_stride, mp, has_l, has_r, ACC)
     gl = a * hl
     gm = a * hm
@@ -277,6 +285,10 @@ def _adjoint_line(
         gl = al * cl * (gl - dot)
         gm = am * cm * (gm - dot)
         gr = ar * cr * (gr - dot)
+    # Unused gates (missing neighbour, or a line that starts a tile) get exactly 0.
+    gl = tl.where(mp & has_l, gl, 0.0)
+    gm = tl.where(mp, gm, 0.0)
+    gr = tl.where(mp & has_r, gr, 0.0)
     tl.store(dwl_ptr + d_base + off, gl.to(dwl_ptr.dtype.element_ty), mask=m)
     tl.store(dwm_ptr + d_base + off, gm.to(dwm_ptr.dtype.element_ty), mask=m)
     tl.store(dwr_ptr + d_base + off, gr.to(dwr_ptr.dtype.element_ty), mask=m)

@@ -1,0 +1,95 @@
+"""Gates that the recurrence does not use never influence anything, whatever they hold.
+
+The rule (docs/operator.md, "Unused gates"): a gate whose neighbour does not exist — ``w_left`` at
+the first position of a line, ``w_right`` at the last, all three gates on a line that starts a tile
+— is never read into the output or any gradient, on every backend, in every direction, chunking
+and normalize mode, even if it is NaN or ±Inf; its own gradient is exactly 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from gspn.ops import DIRECTIONS, line_scan, line_scan_4d, stabilize
+from inert_gates import GATES, POISONS, check_unused_gates_are_inert, inputs
+from oracle import unused_gates
+
+BACKENDS = ["reference", "cpu"]  # triton: tests/test_triton.py
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_unused_gates_never_influence_line_scan(direction, normalize, backend):
+    for shape, chunk_size in [((2, 3, 5, 6), None), ((2, 3, 5, 6), 2), ((1, 2, 4, 1), 3), ((1, 2, 1, 4), 1)]:
+        mask = unused_gates(shape[2], shape[3], direction, chunk_size)
+        kwargs = {"direction": direction, "chunk_size": chunk_size, "normalize": normalize}
+        check_unused_gates_are_inert(line_scan, inputs(shape), mask, backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+def test_unused_gates_never_influence_line_scan_4d(normalize, backend):
+    """Per-direction gates: each direction's unused entries poisoned in its own slice."""
+    shape = (2, 2, 5, 4)
+    x, lam, *gates = inputs((shape[0], 4, *shape[1:]))
+    x = x[:, 0]
+    mask = torch.stack([unused_gates(5, 4, d, 2) for d in DIRECTIONS], dim=1)  # (3, 4, H, W)
+    mask = mask[:, None, :, None]  # (3, 1, 4, 1, H, W): broadcast over batch and channels
+    check_unused_gates_are_inert(line_scan_4d, [x, lam, *gates], mask, backend, chunk_size=2, normalize=normalize)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+def test_unused_gates_float32_and_broadcast(normalize, backend):
+    """float32 (the vectorised CPU paths, strips of 16 columns) and channel/batch-shared gates."""
+    shape = (2, 4, 7, 19)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=gen)
+    lam = torch.randn(1, 4, 7, 19, generator=gen)
+    gates = [torch.randn(1, 2, 7, 19, generator=gen) for _ in range(3)]
+    for direction in DIRECTIONS:
+        mask = unused_gates(7, 19, direction, 3)
+        kwargs = {"direction": direction, "chunk_size": 3, "normalize": normalize}
+        check_unused_gates_are_inert(line_scan, [x, lam, *gates], mask, backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unused_gate_gradient_is_zero_even_with_non_finite_upstream(backend):
+    shape = (1, 2, 4, 5)
+    for direction, normalize in itertools.product(DIRECTIONS, (False, True)):
+        tensors = [t.requires_grad_() for t in inputs(shape)]
+        out = line_scan(*tensors, direction=direction, chunk_size=2, normalize=normalize, backend=backend)
+        upstream = torch.full(shape, float("nan"), dtype=torch.float64)
+        grads = torch.autograd.grad(out, tensors, upstream)
+        mask = unused_gates(4, 5, direction, 2)
+        for k in GATES:
+            assert grads[2 + k].masked_select(mask[k].expand(shape)).eq(0).all()
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_stabilize_ignores_missing_neighbours(direction):
+    gen = torch.Generator().manual_seed(2)
+    logits = [torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64) for _ in range(3)]
+    pos = torch.arange(5 if direction in ("tb", "bt") else 4)
+    line_dim = -1 if direction in ("tb", "bt") else -2
+    shape = [1, 1]
+    shape[line_dim] = pos.numel()
+    missing = torch.stack([pos == 0, torch.zeros_like(pos, dtype=torch.bool), pos == pos.numel() - 1])
+    mask = missing.view(3, *shape).expand(3, 4, 5)
+    clean = [t.detach().requires_grad_() for t in logits]
+    want = stabilize(*clean, direction=direction)
+    want_grads = torch.autograd.grad(sum(w.sin().sum() for w in want), clean)
+    for gate, value in itertools.product((0, 2), POISONS):
+        poisoned = [t.clone().requires_grad_() for t in logits]
+        poisoned[gate] = poisoned[gate].detach().masked_fill(mask[gate], value).requires_grad_()
+        got = stabilize(*poisoned, direction=direction)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        grads = torch.autograd.grad(sum(w.sin().sum() for w in got), poisoned)
+        for g, w in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        assert grads[gate].masked_select(mask[gate].expand_as(grads[gate])).eq(0).all()
