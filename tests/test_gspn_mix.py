@@ -265,3 +265,22 @@ def test_bad_input_names_the_argument(argname, error, call):
 
 def test_public_api():
     assert gspn.ops.gspn_mix is gspn_mix
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="CPU kernel not built")
+def test_cpu_kernel_is_deterministic_across_thread_counts():
+    args = make(3, 35, 6, 7, 3, 5, dtype=torch.float32)
+    grad = torch.randn(3, 35, 6, 7)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            leaves = [a.clone().requires_grad_() for a in args]
+            y = gspn_mix(*leaves, chunk_size=4, backend="cpu")
+            results.append([y, *torch.autograd.grad(y, leaves, grad)])
+    finally:
+        torch.set_num_threads(saved)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)

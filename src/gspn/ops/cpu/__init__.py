@@ -128,7 +128,7 @@ def _load() -> ctypes.CDLL | None:
             lib.gspn_advise_hugepages.argtypes = [ctypes.c_void_p, ctypes.c_int64]
             geometry = [ctypes.c_int] + [ctypes.c_int64] * 6 + [ctypes.c_int]
             lib.gspn_mix_forward.argtypes = geometry + [ctypes.c_void_p] * 5
-            lib.gspn_mix_backward.argtypes = geometry + [ctypes.c_void_p] * 9
+            lib.gspn_mix_backward.argtypes = geometry + [ctypes.c_void_p] * 10
             _library = lib
         except (OSError, RuntimeError) as exc:
             _error = str(exc)
@@ -226,6 +226,16 @@ def mix_forward(x_cl, z_cl, w, d, chunk_size, y) -> None:
 
 
 def mix_backward(x_cl, z_cl, w, d, grad_cl, chunk_size, dx, dz_part, dw_part, dd_part) -> None:
-    """Fused layer backward into ``dx`` and the per-item partial sums (see ``gspn_mix.cpp``)."""
-    tensors = (x_cl, z_cl, w, d, grad_cl, dx, dz_part, dw_part, dd_part)
-    _call_mix("gspn_mix_backward", _mix_geometry(x_cl, z_cl, chunk_size), tensors)
+    """Fused layer backward into ``dx`` and the per-item partial sums (see ``gspn_mix.cpp``).
+
+    Allocates the recomputation scratch, ``H·W·lanes`` values per thread, through torch (so memory
+    profilers see it); threads = ``min(torch.get_num_threads(), work items)``.
+    """
+    batch, height, width, padded = x_cl.shape
+    lanes = mix_lanes()
+    geometry = list(_mix_geometry(x_cl, z_cl, chunk_size))
+    threads = max(1, min(geometry[-1], batch * padded // lanes))
+    geometry[-1] = threads
+    scratch = torch.empty((threads, height * width * lanes), dtype=x_cl.dtype, device=x_cl.device)
+    tensors = (x_cl, z_cl, w, d, grad_cl, dx, dz_part, dw_part, dd_part, scratch)
+    _call_mix("gspn_mix_backward", tuple(geometry), tensors)

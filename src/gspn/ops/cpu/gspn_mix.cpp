@@ -13,8 +13,8 @@
 // of its line) are the same for all lanes. Weights are packed per block:
 //   w: (nblk, 4 directions, 5 kinds [gate left, gate mid, gate right, lam, u'], S, LANES)
 //   d: (nblk, S, LANES)
-// Backward recomputes each direction's h (one block, one direction at a time: H*W*LANES values)
-// instead of storing the four hidden maps, then runs the adjoint scan with the parameters
+// Backward recomputes each direction's h (one block, one direction at a time: H*W*LANES values per
+// thread, in a scratch buffer the caller allocates) instead of storing the four hidden maps, then runs the adjoint scan with the parameters
 // regenerated again. Partial sums go to per-item buffers (deterministic, no atomics):
 //   dz_part (nblk, B, H, W, S), dw_part (B, nblk, 4, 5, S, LANES), dd_part (B, nblk, S, LANES).
 
@@ -346,17 +346,22 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
   }
 }
 
+// scratch: nthreads * H * W * LANES values (each thread's recomputed hidden state of one direction).
 template <typename T>
 void mix_backward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, const T* w, const T* d,
-                       const T* gy, T* dx, T* dz_part, T* dw_part, T* dd_part) {
+                       const T* gy, T* dx, T* dz_part, T* dw_part, T* dd_part, T* scratch) {
   const Geometry geos[4] = {Geometry(0, sh.H, sh.W, sh.chunk), Geometry(1, sh.H, sh.W, sh.chunk),
                             Geometry(2, sh.H, sh.W, sh.chunk), Geometry(3, sh.H, sh.W, sh.chunk)};
   const int64_t nblk = sh.nblk(), HW = sh.pixels();
   const int64_t wdir = KINDS * sh.S * LANES, wsize = 4 * wdir;
-#pragma omp parallel num_threads(mix_threads(nthreads))
+#pragma omp parallel num_threads(nthreads)
   {
     std::vector<T> line(6 * (std::max(sh.H, sh.W) + 2) * LANES);
-    std::vector<T> hbuf(HW * LANES);
+#ifdef _OPENMP
+    T* hbuf = scratch + static_cast<int64_t>(omp_get_thread_num()) * HW * LANES;
+#else
+    T* hbuf = scratch;
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < sh.B * nblk; ++item) {
       const int64_t b = item / nblk, blk = item % nblk;
@@ -368,8 +373,8 @@ void mix_backward_impl(const MixShape& sh, int nthreads, const T* x, const T* z,
       skip_backward(sh, x + off, zb, d + blk * sh.S * LANES, gy + off, dx + off, dz, dd_part + item * sh.S * LANES);
       std::fill(dw, dw + wsize, T(0));
       for (int k = 0; k < 4; ++k) {
-        scan_direction<T, false, true>(sh, geos[k], x + off, zb, wb + k * wdir, nullptr, hbuf.data(), line.data());
-        scan_direction_backward(sh, geos[k], x + off, zb, wb + k * wdir, gy + off, hbuf.data(), dx + off, dz,
+        scan_direction<T, false, true>(sh, geos[k], x + off, zb, wb + k * wdir, nullptr, hbuf, line.data());
+        scan_direction_backward(sh, geos[k], x + off, zb, wb + k * wdir, gy + off, hbuf, dx + off, dz,
                                 dw + k * wdir, line.data());
       }
     }
@@ -402,21 +407,22 @@ int gspn_mix_forward(int dtype, int64_t B, int64_t Cp, int64_t H, int64_t W, int
   return 0;
 }
 
+// nthreads: exactly the number of threads the scratch buffer (nthreads * H * W * LANES) serves.
 int gspn_mix_backward(int dtype, int64_t B, int64_t Cp, int64_t H, int64_t W, int64_t S, int64_t chunk,
                       int nthreads, const void* x, const void* z, const void* w, const void* d, const void* gy,
-                      void* dx, void* dz_part, void* dw_part, void* dd_part) {
+                      void* dx, void* dz_part, void* dw_part, void* dd_part, void* scratch) {
   const MixShape sh{B, Cp, H, W, S, chunk};
-  if (!valid(sh)) return 1;
+  if (!valid(sh) || nthreads < 1) return 1;
   if (dtype == 0)
     mix_backward_impl(sh, nthreads, static_cast<const float*>(x), static_cast<const float*>(z),
                       static_cast<const float*>(w), static_cast<const float*>(d), static_cast<const float*>(gy),
                       static_cast<float*>(dx), static_cast<float*>(dz_part), static_cast<float*>(dw_part),
-                      static_cast<float*>(dd_part));
+                      static_cast<float*>(dd_part), static_cast<float*>(scratch));
   else if (dtype == 1)
     mix_backward_impl(sh, nthreads, static_cast<const double*>(x), static_cast<const double*>(z),
                       static_cast<const double*>(w), static_cast<const double*>(d), static_cast<const double*>(gy),
                       static_cast<double*>(dx), static_cast<double*>(dz_part), static_cast<double*>(dw_part),
-                      static_cast<double*>(dd_part));
+                      static_cast<double*>(dd_part), static_cast<double*>(scratch));
   else
     return 2;
   return 0;
