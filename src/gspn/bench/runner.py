@@ -36,7 +36,7 @@ import torch
 
 from .methods import BenchConfig, MethodSpec, Workload
 
-__all__ = ["Result", "available_memory_bytes", "benchmark", "measure", "warm_up"]
+__all__ = ["Result", "available_memory_bytes", "benchmark", "cpu_peak_bytes", "make_step", "measure", "warm_up"]
 
 OK = "ok"
 ABSENT = "absent"
@@ -94,7 +94,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _make_step(workload: Workload, backward: bool) -> Callable[[], None]:
+def make_step(workload: Workload, backward: bool) -> Callable[[], None]:
     """One forward (under ``inference_mode``) or forward+backward call of ``workload``."""
     if not backward:
 
@@ -135,7 +135,7 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _cpu_peak_bytes(step: Callable[[], None]) -> int | None:
+def cpu_peak_bytes(step: Callable[[], None]) -> int | None:
     """Peak of the running sum of CPU allocations minus frees during one ``step()``, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -175,7 +175,7 @@ def measure(
     :class:`Result` attributes measured (times in ms, peak memory).
     """
     device = config.device
-    step = _make_step(workload, config.backward)
+    step = make_step(workload, config.backward)
     if device.type == "cuda":
         baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -198,7 +198,7 @@ def measure(
             fields.update(peak_mem_bytes=int(torch.cuda.max_memory_allocated(device) - baseline),
                           mem_source="cuda.max_memory_allocated")
         elif time.perf_counter() - started + statistics.median(times) <= budget_s:
-            peak = _cpu_peak_bytes(step)
+            peak = cpu_peak_bytes(step)
             if peak is not None:
                 fields.update(peak_mem_bytes=peak, mem_source="torch.profiler")
     return OK, fields
@@ -211,7 +211,7 @@ def warm_up(method: MethodSpec, config: BenchConfig, side: int = 16) -> None:
     workload = None
     try:
         workload = method.build(config, side, side)
-        step = _make_step(workload, config.backward)
+        step = make_step(workload, config.backward)
         step()
         step()
         _sync(config.device)
