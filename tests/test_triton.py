@@ -246,6 +246,24 @@ def test_unused_gates_never_influence(device, variant, normalize):
         )
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_double_backward(device, variant, normalize):
+    """Second-order gradients (a penalty on the gradients, ``create_graph=True``) through the triton
+    kernels equal the reference backend's (which tests/test_double_backward.py checks against the
+    float64 oracle)."""
+    from test_double_backward import _inputs, second_order
+
+    inputs = [t.to(device) for t in _inputs((2, 2, 3, 4))]
+    for direction in ("bt", "lr"):
+        kwargs = {"direction": direction, "chunk_size": 2, "normalize": normalize}
+        with triton_backend.launch_overrides(**variant):
+            got = second_order(lambda *a, kw=kwargs: line_scan(*a, **kw, backend="triton"), inputs)
+        want = second_order(lambda *a, kw=kwargs: line_scan(*a, **kw, backend="reference"),
+                            [t.cpu() for t in inputs])
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.cpu(), w, **TOL[torch.float64])
+
+
 def test_missing_triton_is_reported(monkeypatch):
     """Without triton the backend is unavailable with a reason, and nothing else breaks."""
     monkeypatch.setitem(sys.modules, "triton", None)

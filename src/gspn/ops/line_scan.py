@@ -3,7 +3,8 @@
 ``torch.ops.gspn.line_scan`` / ``line_scan_4d`` and their ``*_backward`` ops are opaque to
 ``torch.compile`` (no graph break), carry fake (meta) implementations, and have FLOP formulas
 registered with :mod:`torch.utils.flop_counter`. Backward memory is O(input): the forward saves its
-inputs and output, and the backward is one reverse scan.
+inputs and output, and the backward is one reverse scan. The backward operators are differentiable
+as well (double backward, :mod:`gspn.ops.second_order`). Every operator returns row-major tensors.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from . import second_order
 from .backends import resolve_backend
 from .directions import DIRECTIONS, get_direction
 from .validation import check_line_scan_args, compute_dtype, reduce_to_shape, result_dtype
@@ -199,6 +201,24 @@ def _line_scan_autograd(ctx, grad):
 _line_scan_op.register_autograd(_line_scan_autograd, setup_context=_setup_context)
 
 
+def _setup_backward_context(ctx, inputs, output):
+    grad, h, x, lam, w_left, w_mid, w_right, *options = inputs
+    ctx.save_for_backward(grad, h, x, lam, w_left, w_mid, w_right)
+    ctx.options = options
+
+
+def _line_scan_backward_autograd(ctx, cotangents):
+    # cotangents: one per gradient the backward returned (a Tensor[] output: one list)
+    grad, h, x, *params = ctx.saved_tensors
+    grads = second_order.backward_vjp(grad, h, x, params, cotangents, *ctx.options)
+    return (*grads, *([None] * len(ctx.options)))
+
+
+# The backward is differentiable too (double backward, e.g. gradient penalties): its derivative is
+# one forward and one backward scan through these same operators (gspn/ops/second_order.py).
+_line_scan_backward_op.register_autograd(_line_scan_backward_autograd, setup_context=_setup_backward_context)
+
+
 # --- four directions -----------------------------------------------------------------------------
 
 
@@ -250,6 +270,15 @@ def _line_scan_4d_autograd(ctx, grad):
 
 
 _line_scan_4d_op.register_autograd(_line_scan_4d_autograd, setup_context=_setup_context)
+
+
+def _line_scan_4d_backward_autograd(ctx, cotangents):
+    grad, h, x, *params = ctx.saved_tensors
+    grads = second_order.backward_4d_vjp(grad, h, x, params, cotangents, *ctx.options)
+    return (*grads, *([None] * len(ctx.options)))
+
+
+_line_scan_4d_backward_op.register_autograd(_line_scan_4d_backward_autograd, setup_context=_setup_backward_context)
 
 
 # --- FLOP formulas -------------------------------------------------------------------------------
