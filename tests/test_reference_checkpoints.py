@@ -235,7 +235,7 @@ def ref_generator_forward(p, x, t, y, depth, patch=2):
     half = 128
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(x.dtype)
     c = F.linear(F.silu(F.linear(emb, p["t_embedder.mlp.0.weight"], p["t_embedder.mlp.0.bias"])),
                  p["t_embedder.mlp.2.weight"], p["t_embedder.mlp.2.bias"])
     c = c + p["y_embedder.embedding_table.weight"][y]
@@ -425,14 +425,16 @@ def test_generator_computes_what_the_reference_computes(gen_ckpt):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-@pytest.mark.parametrize("chunk, size", [(2, 5), (3, 7), (None, 6)])
-def test_gspn2d_scan_frames_on_every_backend(backend, chunk, size):
+@pytest.mark.parametrize("chunk, size, gate_scale", [(2, 5, 1), (3, 7, 1), (None, 6, 1), (2, 6, 60)])
+def test_gspn2d_scan_frames_on_every_backend(backend, chunk, size, gate_scale):
+    """gate_scale=60 saturates the gates: the reference's sum clamp (1e-7) then matters."""
     if backend not in gspn.ops.available_backends():
         pytest.skip(f"{backend} backend unavailable")
     d, ds = 6, 3
     ref = random_state({"x_conv_down.weight": (ds, d, 1, 1), "w_conv_up.weight": (12 * d, ds, 1, 1),
                         "l_conv_up.weight": (4 * d, ds, 1, 1), "u_conv_up.weight": (4 * d, ds, 1, 1),
                         "d_conv.weight": (4 * d, ds, 1, 1), "m_conv.weight": (1, 4, 1, 1)}, 7)
+    ref["w_conv_up.weight"] = ref["w_conv_up.weight"] * gate_scale
     layer = gspn.nn.GSPN2d(d, d_state=ds, chunk_size=chunk, merge_frame="scan", backend=backend)
     ours = convert_reference_state({f"mid_block.{k}": v for k, v in ref.items()}, "generator")
     layer.load_state_dict({k.removeprefix("mid_block.gspn."): v for k, v in ours.items()})

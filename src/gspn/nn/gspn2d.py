@@ -54,7 +54,8 @@ class GSPN2d(nn.Module):
             direction ``k`` scans a transposed/flipped copy ``X_k`` of ``x`` (its *scan frame*:
             ``lr`` ← ``x``, ``tb`` ← ``xᵀ``, ``rl`` ← ``x`` flipped left-right, ``bt`` ← ``xᵀ``
             flipped) left to right, with λ, u, D and the gates used at the frame index as computed
-            in the image frame, ``y_k = u_k ⊙ h_k + D_k ⊙ X_k``, and the merger adds the four
+            in the image frame, gates normalised as the reference does (their sum over the existing
+            neighbours clamped at 1e-7), ``y_k = u_k ⊙ h_k + D_k ⊙ X_k``, and the merger adds the four
             ``y_k`` without undoing the transpose/flip (so pixel ``(i, j)`` sums results of four
             different pixels). Chunks are left-aligned in each frame. Needs ``H == W``; runs on
             :func:`gspn.ops.line_scan` (every backend). Used for the authors' checkpoints.
@@ -173,13 +174,21 @@ class GSPN2d(nn.Module):
         u = self.u_conv_up(z).view(b, nd, c, h, w)
         skip = self.d_conv(z).view(b, nd, c, h, w)
         m = self.m_conv.weight.view(nd)
+        # The reference's gate normalisation: sigmoids over the sum of the existing neighbours'
+        # sigmoids (frame row i−1 exists for i > 0, row i+1 for i < H−1), the sum clamped at 1e-7 —
+        # unlike gspn.ops.stabilize, the gates of a saturated pixel then sum to less than 1.
+        rows = torch.arange(h, device=x.device).view(h, 1)
+        has_prev, has_next = rows > 0, rows < h - 1
         frames = {"lr": x, "tb": x.transpose(2, 3), "rl": x.flip(-1), "bt": x.transpose(2, 3).flip(-1)}
         out = None
         for k, direction in enumerate(DIRECTIONS):
             frame = frames[direction].contiguous()
+            sig = torch.sigmoid(gates[:, k])
+            prev, mid, nxt = sig[:, 0] * has_prev, sig[:, 1], sig[:, 2] * has_next
+            total = (prev + mid + nxt).clamp_min(1e-7)
             hidden = line_scan(
-                frame, lam[:, k], gates[:, k, 0], gates[:, k, 1], gates[:, k, 2], direction="lr",
-                chunk_size=self.chunk_size, normalize=True, backend=self.backend,
+                frame, lam[:, k], prev / total, mid / total, nxt / total, direction="lr",
+                chunk_size=self.chunk_size, normalize=False, backend=self.backend,
             )
             y = m[k] * torch.addcmul(u[:, k] * hidden, skip[:, k], frame)
             out = y if out is None else out + y
