@@ -21,6 +21,7 @@ what                            this library's default           reference (``se
 =============================== ================================ ===================================
 GSPN merge of the 4 directions  same pixel (``merge_frame``      scan frames, parameters at the frame
                                 ``="image"``)                    index (``merge_frame="scan"``)
+gate normalisation              sums to 1 (``stabilize``)        sum clamped at 1e-7 (with "scan")
 SiLU after the depthwise conv   yes (``conv_act=True``)          no (``conv_act=False``)
 LayerNorm eps                   1e-6                             1e-5 (DiT final layer: 1e-6)
 classifier "global" blocks      whole map (chunk ``None``)       chunk = configured feature size
