@@ -164,6 +164,17 @@ def _channels_last(t: torch.Tensor, padded: int) -> torch.Tensor:
     return _pad_channels(t.permute(0, 2, 3, 1), padded, 3).contiguous()
 
 
+def _kernel_x(module, x: torch.Tensor, padded: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``x`` as the kernel reads it, and its strides: in place when dense (NCHW or channels-last), else
+    a padded channels-last copy."""
+    strides = module.mix_x_strides(x, padded)
+    if strides is not None:
+        return x, strides
+    x_cl = _channels_last(x, padded)
+    batch, height, width, _ = x_cl.shape
+    return x_cl, (height * width * padded if batch > 1 else 0, 1, padded)
+
+
 def _to_image(t_cl: torch.Tensor, channels: int) -> torch.Tensor:
     """``(B, H, W, Cp)`` → ``(B, C, H, W)`` in channels-last memory format."""
     if t_cl.shape[3] != channels:
@@ -176,9 +187,10 @@ def _cpu_forward(module, x, proxy, weights, chunk_size):
     lanes = module.mix_lanes()
     padded = -(-channels // lanes) * lanes
     w, d = _pack_weights(*weights, channels, lanes)
-    x_cl, z_cl = _channels_last(x, padded), _channels_last(proxy, proxy.shape[1])
+    x_k, x_strides = _kernel_x(module, x, padded)
+    z_cl = _channels_last(proxy, proxy.shape[1])
     y = torch.empty((batch, height, width, padded), dtype=x.dtype, device=x.device)
-    module.mix_forward(x_cl, z_cl, w, d, chunk_size, y)
+    module.mix_forward(x_k, x_strides, z_cl, w, d, chunk_size, y)
     return _to_image(y, channels)
 
 
@@ -190,12 +202,13 @@ def _cpu_backward(module, grad, x, proxy, weights, chunk_size):
     padded = -(-channels // lanes) * lanes
     nblk = padded // lanes
     w, d = _pack_weights(*weights, channels, lanes)
-    x_cl, z_cl, g_cl = _channels_last(x, padded), _channels_last(proxy, state), _channels_last(grad, padded)
-    dx = torch.empty_like(x_cl)
+    x_k, x_strides = _kernel_x(module, x, padded)
+    z_cl, g_cl = _channels_last(proxy, state), _channels_last(grad, padded)
+    dx = torch.empty_like(g_cl)
     dz_part = torch.empty((nblk, batch, height, width, state), dtype=x.dtype, device=x.device)
     dw_part = torch.empty((batch, *w.shape), dtype=x.dtype, device=x.device)
     dd_part = torch.empty((batch, *d.shape), dtype=x.dtype, device=x.device)
-    module.mix_backward(x_cl, z_cl, w, d, g_cl, chunk_size, dx, dz_part, dw_part, dd_part)
+    module.mix_backward(x_k, x_strides, z_cl, w, d, g_cl, chunk_size, dx, dz_part, dw_part, dd_part)
     # (nblk, 4, 5, S, lanes) → (4, 5, C, S)
     dw = dw_part.sum(0).permute(1, 2, 0, 4, 3).reshape(_NUM_DIRECTIONS, 5, padded, state)[:, :, :channels]
     dd = dd_part.sum(0).transpose(1, 2).reshape(padded, state)[:channels]

@@ -126,7 +126,7 @@ def _load() -> ctypes.CDLL | None:
                 ]
             )
             lib.gspn_advise_hugepages.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-            geometry = [ctypes.c_int] + [ctypes.c_int64] * 6 + [ctypes.c_int]
+            geometry = [ctypes.c_int] + [ctypes.c_int64] * 6 + [ctypes.c_int] + [ctypes.c_int64] * 3
             lib.gspn_mix_forward.argtypes = geometry + [ctypes.c_void_p] * 5
             lib.gspn_mix_backward.argtypes = geometry + [ctypes.c_void_p] * 10
             _library = lib
@@ -206,36 +206,57 @@ def mix_lanes() -> int:
     return _load().gspn_mix_lanes()
 
 
-def _mix_geometry(x_cl: torch.Tensor, z_cl: torch.Tensor, chunk_size) -> tuple:
-    batch, height, width, padded = x_cl.shape
-    return (_DTYPES[x_cl.dtype], batch, padded, height, width, z_cl.shape[3], chunk_size or 0, torch.get_num_threads())
+def mix_x_strides(x: torch.Tensor, padded: int) -> tuple[int, int, int] | None:
+    """``(batch, channel, pixel)`` element strides under which the fused kernel reads ``x (B, C, H, W)``
+    in place, or ``None`` if it must be copied to a dense channels-last ``(B, H, W, padded)`` first.
+
+    In place: channels-last dense (channel stride 1, pixel stride ``C``) or planar dense (pixel
+    stride 1, channel stride ``H·W``), both only when ``C == padded``.
+    """
+    batch, channels, height, width = x.shape
+    if channels != padded:
+        return None
+    sb = x.stride(0) if batch > 1 else 0
+    if x.is_contiguous(memory_format=torch.channels_last) and (channels == 1 or x.stride(1) == 1):
+        return sb, 1, channels
+    if x.is_contiguous() and (height * width == 1 or x.stride(3) == 1):
+        return sb, height * width, 1
+    return None
+
+
+def _mix_geometry(out_cl: torch.Tensor, x_strides, state: int, chunk_size) -> tuple:
+    """Kernel arguments from a ``(B, H, W, Cp)`` output buffer's shape."""
+    batch, height, width, padded = out_cl.shape
+    return (
+        _DTYPES[out_cl.dtype], batch, padded, height, width, state, chunk_size or 0, torch.get_num_threads(),
+        *x_strides,
+    )
 
 
 def _call_mix(kernel: str, geometry: tuple, tensors) -> None:
-    for t in tensors:
-        if not t.is_contiguous():
-            raise AssertionError(f"{kernel}: every buffer must be dense")
     rc = getattr(_load(), kernel)(*geometry, *(t.data_ptr() for t in tensors))
     if rc != 0:
         raise RuntimeError(f"gspn CPU kernel {kernel} failed with code {rc}")
 
 
-def mix_forward(x_cl, z_cl, w, d, chunk_size, y) -> None:
-    """Fused layer forward into ``y (B, H, W, Cp)``; layouts in ``gspn_mix.cpp`` (see :mod:`gspn.ops.gspn_mix`)."""
-    _call_mix("gspn_mix_forward", _mix_geometry(x_cl, z_cl, chunk_size), (x_cl, z_cl, w, d, y))
+def mix_forward(x, x_strides, z_cl, w, d, chunk_size, y) -> None:
+    """Fused layer forward into ``y (B, H, W, Cp)``; ``x`` read with ``x_strides`` (see
+    :func:`mix_x_strides`); other layouts in ``gspn_mix.cpp`` (see :mod:`gspn.ops.gspn_mix`)."""
+    geometry = _mix_geometry(y, x_strides, z_cl.shape[3], chunk_size)
+    _call_mix("gspn_mix_forward", geometry, (x, z_cl, w, d, y))
 
 
-def mix_backward(x_cl, z_cl, w, d, grad_cl, chunk_size, dx, dz_part, dw_part, dd_part) -> None:
+def mix_backward(x, x_strides, z_cl, w, d, grad_cl, chunk_size, dx, dz_part, dw_part, dd_part) -> None:
     """Fused layer backward into ``dx`` and the per-item partial sums (see ``gspn_mix.cpp``).
 
     Allocates the recomputation scratch, ``H·W·lanes`` values per thread, through torch (so memory
     profilers see it); threads = ``min(torch.get_num_threads(), work items)``.
     """
-    batch, height, width, padded = x_cl.shape
+    batch, height, width, padded = dx.shape
     lanes = mix_lanes()
-    geometry = list(_mix_geometry(x_cl, z_cl, chunk_size))
-    threads = max(1, min(geometry[-1], batch * padded // lanes))
-    geometry[-1] = threads
-    scratch = torch.empty((threads, height * width * lanes), dtype=x_cl.dtype, device=x_cl.device)
-    tensors = (x_cl, z_cl, w, d, grad_cl, dx, dz_part, dw_part, dd_part, scratch)
+    geometry = list(_mix_geometry(dx, x_strides, z_cl.shape[3], chunk_size))
+    threads = max(1, min(geometry[7], batch * padded // lanes))
+    geometry[7] = threads
+    scratch = torch.empty((threads, height * width * lanes), dtype=dx.dtype, device=dx.device)
+    tensors = (x, z_cl, w, d, grad_cl, dx, dz_part, dw_part, dd_part, scratch)
     _call_mix("gspn_mix_backward", tuple(geometry), tensors)

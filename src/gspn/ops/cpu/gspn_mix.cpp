@@ -7,8 +7,8 @@
 // pixel's 3 gate logits, lam and u are generated from z in registers right where the scan needs
 // them.
 //
-// Layout: channels-last. x, y, dx: (B, H, W, Cp) with Cp a multiple of LANES (the caller pads);
-// z: (B, H, W, S). A work item is one batch element and one block of LANES channels, so every
+// Layout: channels-last. y, dx, the gradient: (B, H, W, Cp) with Cp a multiple of LANES (the caller
+// pads); z: (B, H, W, S); x channels-last like y, or planar (B, Cp, H, W) when C needs no padding. A work item is one batch element and one block of LANES channels, so every
 // pixel update is LANES-wide vector work and the edge conditions of a pixel (first/last position
 // of its line) are the same for all lanes. Weights are packed per block:
 //   w: (nblk, 4 directions, 5 kinds [gate left, gate mid, gate right, lam, u'], S, LANES)
@@ -22,6 +22,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -38,6 +40,7 @@ enum Kind { K_L, K_M, K_R, K_LAM, K_U };
 
 struct MixShape {
   int64_t B, Cp, H, W, S, chunk;
+  int64_t x_sb, x_sc, x_sp;  // strides of x: batch, channel, pixel (channels-last: x_sc == 1)
   int64_t nblk() const { return Cp / LANES; }
   int64_t pixels() const { return H * W; }
 };
@@ -128,9 +131,33 @@ inline void normalize_lanes(const T (&acc)[KINDS][LANES], bool has_l, bool has_r
     normalize_lanes<T, false, false>(acc, w, s);
 }
 
-// y = (D z) x for every pixel of the block (the merged skip term; initialises y).
+// The LANES channels of x at one pixel of a work item's block. x may be channels-last (LANES
+// consecutive values per pixel) or planar (NCHW: one H x W plane per channel, read with a stride).
 template <typename T>
-void skip_forward(const MixShape& sh, const T* x, const T* z, const T* d, T* y) {
+struct XChannelsLast {
+  const T* data;  // the block's first channel at pixel 0
+  int64_t pixel_stride;
+  inline void load(int64_t pix, T (&v)[LANES]) const {
+    const T* __restrict__ p = data + pix * pixel_stride;
+#pragma omp simd
+    for (int64_t j = 0; j < LANES; ++j) v[j] = p[j];
+  }
+};
+
+template <typename T>
+struct XPlanar {
+  const T* data;  // the block's first channel at pixel 0
+  int64_t plane_stride;
+  inline void load(int64_t pix, T (&v)[LANES]) const {
+    const T* __restrict__ p = data + pix;
+#pragma omp simd
+    for (int64_t j = 0; j < LANES; ++j) v[j] = p[j * plane_stride];
+  }
+};
+
+// y = (D z) x for every pixel of the block (the merged skip term; initialises y).
+template <typename T, typename X>
+void skip_forward(const MixShape& sh, const X& x, const T* z, const T* d, T* y) {
   for (int64_t p = 0; p < sh.pixels(); ++p) {
     T acc[LANES] = {};
     for (int64_t s = 0; s < sh.S; ++s) {
@@ -138,7 +165,8 @@ void skip_forward(const MixShape& sh, const T* x, const T* z, const T* d, T* y) 
 #pragma omp simd
       for (int64_t j = 0; j < LANES; ++j) acc[j] += d[s * LANES + j] * zs;
     }
-    const T* __restrict__ xp = x + p * sh.Cp;
+    T xp[LANES];
+    x.load(p, xp);
     T* __restrict__ yp = y + p * sh.Cp;
 #pragma omp simd
     for (int64_t j = 0; j < LANES; ++j) yp[j] = acc[j] * xp[j];
@@ -148,8 +176,8 @@ void skip_forward(const MixShape& sh, const T* x, const T* z, const T* d, T* y) 
 // One direction's scan of one block. `line` holds 2 * (P + 2) * LANES values (two lines with a zero
 // lane-vector on each side). With STORE, every h is also written to hbuf (pixel-major, LANES per
 // pixel) for the backward; with ACCUMULATE, y += u' h.
-template <typename T, bool ACCUMULATE, bool STORE>
-void scan_direction(const MixShape& sh, const Geometry& geo, const T* x, const T* z, const T* w, T* y, T* hbuf,
+template <typename T, bool ACCUMULATE, bool STORE, typename X>
+void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T* z, const T* w, T* y, T* hbuf,
                     T* line) {
   const int64_t P = geo.P, S = sh.S;
   T* prev = line + LANES;
@@ -162,7 +190,8 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const T* x, const T
     for (int64_t q = 0; q < P; ++q) {
       const int64_t pix = pixel_of(geo, l, q);
       const T* zp = z + pix * S;
-      const T* __restrict__ xp = x + pix * sh.Cp;
+      T xp[LANES];
+      x.load(pix, xp);
       T* __restrict__ hq = cur + q * LANES;
       if (start) {
         generate<T, K_LAM, 2>(w, zp, S, acc);
@@ -190,13 +219,14 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const T* x, const T
 }
 
 // Backward of the skip term; initialises dx, this block's dz and dd.
-template <typename T>
-void skip_backward(const MixShape& sh, const T* x, const T* z, const T* d, const T* gy, T* dx, T* dz, T* dd) {
+template <typename T, typename X>
+void skip_backward(const MixShape& sh, const X& x, const T* z, const T* d, const T* gy, T* dx, T* dz, T* dd) {
   const int64_t S = sh.S;
   std::fill(dd, dd + S * LANES, T(0));
   for (int64_t p = 0; p < sh.pixels(); ++p) {
     const T* zp = z + p * S;
-    const T* __restrict__ xp = x + p * sh.Cp;
+    T xp[LANES];
+    x.load(p, xp);
     const T* __restrict__ gp = gy + p * sh.Cp;
     T* __restrict__ dxp = dx + p * sh.Cp;
     T acc[LANES] = {};
@@ -229,8 +259,8 @@ void skip_backward(const MixShape& sh, const T* x, const T* z, const T* d, const
 // Adjoint scan of one direction of one block, h of the direction already in hbuf. Adds to dx, dz
 // and this direction's dw (5 kinds x S x LANES). `line` holds 6 * (P + 2) * LANES values: the
 // scattered adjoint contributions (w_left a, w_mid a, w_right a) of the next line and of this one.
-template <typename T>
-void scan_direction_backward(const MixShape& sh, const Geometry& geo, const T* x, const T* z, const T* w,
+template <typename T, typename X>
+void scan_direction_backward(const MixShape& sh, const Geometry& geo, const X& x, const T* z, const T* w,
                              const T* gy, const T* hbuf, T* dx, T* dz, T* dw, T* line) {
   const int64_t P = geo.P, S = sh.S, stride = (P + 2) * LANES;
   std::fill(line, line + 6 * stride, T(0));
@@ -245,7 +275,8 @@ void scan_direction_backward(const MixShape& sh, const Geometry& geo, const T* x
     for (int64_t q = 0; q < P; ++q) {
       const int64_t pix = pixel_of(geo, l, q);
       const T* zp = z + pix * S;
-      const T* __restrict__ xp = x + pix * sh.Cp;
+      T xp[LANES];
+      x.load(pix, xp);
       const T* __restrict__ gp = gy + pix * sh.Cp;
       const T* __restrict__ hp = hbuf + pix * LANES;
       T* __restrict__ dxp = dx + pix * sh.Cp;
@@ -322,7 +353,13 @@ int mix_threads(int nthreads) {
 #endif
 }
 
-template <typename T>
+template <typename T, template <typename> class XV>
+XV<T> x_view(const T* x, const MixShape& sh, int64_t b, int64_t blk) {
+  const T* data = x + b * sh.x_sb + blk * LANES * sh.x_sc;
+  return XV<T>{data, std::is_same<XV<T>, XChannelsLast<T>>::value ? sh.x_sp : sh.x_sc};
+}
+
+template <typename T, template <typename> class XV>
 void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, const T* w, const T* d, T* y) {
   const Geometry geos[4] = {Geometry(0, sh.H, sh.W, sh.chunk), Geometry(1, sh.H, sh.W, sh.chunk),
                             Geometry(2, sh.H, sh.W, sh.chunk), Geometry(3, sh.H, sh.W, sh.chunk)};
@@ -334,7 +371,7 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < sh.B * nblk; ++item) {
       const int64_t b = item / nblk, blk = item % nblk;
-      const T* xb = x + b * HW * sh.Cp + blk * LANES;
+      const XV<T> xb = x_view<T, XV>(x, sh, b, blk);
       const T* zb = z + b * HW * sh.S;
       T* yb = y + b * HW * sh.Cp + blk * LANES;
       const T* wb = w + blk * wsize;
@@ -347,7 +384,7 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
 }
 
 // scratch: nthreads * H * W * LANES values (each thread's recomputed hidden state of one direction).
-template <typename T>
+template <typename T, template <typename> class XV>
 void mix_backward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, const T* w, const T* d,
                        const T* gy, T* dx, T* dz_part, T* dw_part, T* dd_part, T* scratch) {
   const Geometry geos[4] = {Geometry(0, sh.H, sh.W, sh.chunk), Geometry(1, sh.H, sh.W, sh.chunk),
@@ -366,23 +403,50 @@ void mix_backward_impl(const MixShape& sh, int nthreads, const T* x, const T* z,
     for (int64_t item = 0; item < sh.B * nblk; ++item) {
       const int64_t b = item / nblk, blk = item % nblk;
       const int64_t off = b * HW * sh.Cp + blk * LANES;
+      const XV<T> xb = x_view<T, XV>(x, sh, b, blk);
       const T* zb = z + b * HW * sh.S;
       const T* wb = w + blk * wsize;
       T* dz = dz_part + (blk * sh.B + b) * HW * sh.S;
       T* dw = dw_part + item * wsize;
-      skip_backward(sh, x + off, zb, d + blk * sh.S * LANES, gy + off, dx + off, dz, dd_part + item * sh.S * LANES);
+      skip_backward(sh, xb, zb, d + blk * sh.S * LANES, gy + off, dx + off, dz, dd_part + item * sh.S * LANES);
       std::fill(dw, dw + wsize, T(0));
       for (int k = 0; k < 4; ++k) {
-        scan_direction<T, false, true>(sh, geos[k], x + off, zb, wb + k * wdir, nullptr, hbuf, line.data());
-        scan_direction_backward(sh, geos[k], x + off, zb, wb + k * wdir, gy + off, hbuf, dx + off, dz,
-                                dw + k * wdir, line.data());
+        scan_direction<T, false, true>(sh, geos[k], xb, zb, wb + k * wdir, nullptr, hbuf, line.data());
+        scan_direction_backward(sh, geos[k], xb, zb, wb + k * wdir, gy + off, hbuf, dx + off, dz, dw + k * wdir,
+                                line.data());
       }
     }
   }
 }
 
+template <typename T>
+void mix_forward(const MixShape& sh, int nthreads, const void* x, const void* z, const void* w, const void* d,
+                 void* y) {
+  const auto args = std::make_tuple(static_cast<const T*>(x), static_cast<const T*>(z), static_cast<const T*>(w),
+                                    static_cast<const T*>(d), static_cast<T*>(y));
+  if (sh.x_sc == 1)
+    std::apply([&](auto... a) { mix_forward_impl<T, XChannelsLast>(sh, nthreads, a...); }, args);
+  else
+    std::apply([&](auto... a) { mix_forward_impl<T, XPlanar>(sh, nthreads, a...); }, args);
+}
+
+template <typename T>
+void mix_backward(const MixShape& sh, int nthreads, const void* x, const void* z, const void* w, const void* d,
+                  const void* gy, void* dx, void* dz_part, void* dw_part, void* dd_part, void* scratch) {
+  const auto args = std::make_tuple(static_cast<const T*>(x), static_cast<const T*>(z), static_cast<const T*>(w),
+                                    static_cast<const T*>(d), static_cast<const T*>(gy), static_cast<T*>(dx),
+                                    static_cast<T*>(dz_part), static_cast<T*>(dw_part), static_cast<T*>(dd_part),
+                                    static_cast<T*>(scratch));
+  if (sh.x_sc == 1)
+    std::apply([&](auto... a) { mix_backward_impl<T, XChannelsLast>(sh, nthreads, a...); }, args);
+  else
+    std::apply([&](auto... a) { mix_backward_impl<T, XPlanar>(sh, nthreads, a...); }, args);
+}
+
 bool valid(const MixShape& sh) {
-  return sh.B >= 0 && sh.Cp > 0 && sh.Cp % LANES == 0 && sh.H > 0 && sh.W > 0 && sh.S > 0 && sh.chunk >= 0;
+  const bool shape_ok = sh.B >= 0 && sh.Cp > 0 && sh.Cp % LANES == 0 && sh.H > 0 && sh.W > 0 && sh.S > 0;
+  const bool x_ok = (sh.x_sc == 1 && sh.x_sp >= sh.Cp) || (sh.x_sp == 1 && sh.x_sc >= sh.H * sh.W);
+  return shape_ok && x_ok && sh.chunk >= 0;
 }
 
 }  // namespace
@@ -391,17 +455,17 @@ extern "C" {
 
 int gspn_mix_lanes() { return static_cast<int>(LANES); }
 
-// dtype: 0 = float32, 1 = float64; chunk 0 = global. Layouts in the header comment.
+// dtype: 0 = float32, 1 = float64; chunk 0 = global. x: channels-last (x_sc == 1) or planar
+// (x_sp == 1) with the given strides; the other buffers as in the header comment.
 int gspn_mix_forward(int dtype, int64_t B, int64_t Cp, int64_t H, int64_t W, int64_t S, int64_t chunk,
-                     int nthreads, const void* x, const void* z, const void* w, const void* d, void* y) {
-  const MixShape sh{B, Cp, H, W, S, chunk};
+                     int nthreads, int64_t x_sb, int64_t x_sc, int64_t x_sp, const void* x, const void* z,
+                     const void* w, const void* d, void* y) {
+  const MixShape sh{B, Cp, H, W, S, chunk, x_sb, x_sc, x_sp};
   if (!valid(sh)) return 1;
   if (dtype == 0)
-    mix_forward_impl(sh, nthreads, static_cast<const float*>(x), static_cast<const float*>(z),
-                     static_cast<const float*>(w), static_cast<const float*>(d), static_cast<float*>(y));
+    mix_forward<float>(sh, nthreads, x, z, w, d, y);
   else if (dtype == 1)
-    mix_forward_impl(sh, nthreads, static_cast<const double*>(x), static_cast<const double*>(z),
-                     static_cast<const double*>(w), static_cast<const double*>(d), static_cast<double*>(y));
+    mix_forward<double>(sh, nthreads, x, z, w, d, y);
   else
     return 2;
   return 0;
@@ -409,20 +473,15 @@ int gspn_mix_forward(int dtype, int64_t B, int64_t Cp, int64_t H, int64_t W, int
 
 // nthreads: exactly the number of threads the scratch buffer (nthreads * H * W * LANES) serves.
 int gspn_mix_backward(int dtype, int64_t B, int64_t Cp, int64_t H, int64_t W, int64_t S, int64_t chunk,
-                      int nthreads, const void* x, const void* z, const void* w, const void* d, const void* gy,
-                      void* dx, void* dz_part, void* dw_part, void* dd_part, void* scratch) {
-  const MixShape sh{B, Cp, H, W, S, chunk};
+                      int nthreads, int64_t x_sb, int64_t x_sc, int64_t x_sp, const void* x, const void* z,
+                      const void* w, const void* d, const void* gy, void* dx, void* dz_part, void* dw_part,
+                      void* dd_part, void* scratch) {
+  const MixShape sh{B, Cp, H, W, S, chunk, x_sb, x_sc, x_sp};
   if (!valid(sh) || nthreads < 1) return 1;
   if (dtype == 0)
-    mix_backward_impl(sh, nthreads, static_cast<const float*>(x), static_cast<const float*>(z),
-                      static_cast<const float*>(w), static_cast<const float*>(d), static_cast<const float*>(gy),
-                      static_cast<float*>(dx), static_cast<float*>(dz_part), static_cast<float*>(dw_part),
-                      static_cast<float*>(dd_part), static_cast<float*>(scratch));
+    mix_backward<float>(sh, nthreads, x, z, w, d, gy, dx, dz_part, dw_part, dd_part, scratch);
   else if (dtype == 1)
-    mix_backward_impl(sh, nthreads, static_cast<const double*>(x), static_cast<const double*>(z),
-                      static_cast<const double*>(w), static_cast<const double*>(d), static_cast<const double*>(gy),
-                      static_cast<double*>(dx), static_cast<double*>(dz_part), static_cast<double*>(dw_part),
-                      static_cast<double*>(dd_part), static_cast<double*>(scratch));
+    mix_backward<double>(sh, nthreads, x, z, w, d, gy, dx, dz_part, dw_part, dd_part, scratch);
   else
     return 2;
   return 0;
