@@ -320,8 +320,8 @@ def test_all_methods_run_backward_and_bfloat16(backward, dtype, one_thread):
     assert {m.name for m in methods} == {m.name for m in bench.METHODS}
     results = benchmark(cfg, methods, [8, 16], budget_s=5, repeats=1, log=None)
     status = {(r.method, r.resolution): r.status for r in results}
-    for name in ("gspn-global", "gspn-local", "gspn-scan-global", "gspn-scan-local", "attention-math",
-                 "linear-attention"):
+    for name in ("gspn-global", "gspn-local", "gspn-global-unfused", "gspn-scan-global", "gspn-scan-local",
+                 "attention-math", "linear-attention"):
         assert status[name, 8] == status[name, 16] == "ok", (name, [r for r in results if r.method == name])
     assert status["mamba", 8] == "absent"
 

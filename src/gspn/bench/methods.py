@@ -3,8 +3,11 @@
 Every method is one layer that mixes ``N = H·W`` tokens of width ``C``:
 
 * ``gspn-global`` / ``gspn-local``: :class:`gspn.nn.GSPN2d` (the 4-direction line scans *with* the
-  module's own proxy projections ``C → d_state → 4·C``, gates, ``u``/``D`` terms and the merger) on a
-  ``(B, C, H, W)`` map; local GSPN restarts the scans every ``local_chunk`` lines.
+  module's own proxy projections ``C → d_state → 4·C``, gates, ``u``/``D`` terms and the merger, run
+  as the fused operator :func:`gspn.ops.gspn_mix`) on a ``(B, C, H, W)`` map; local GSPN restarts
+  the scans every ``local_chunk`` lines.
+* ``gspn-global-unfused`` (opt-in): the same layer with ``fused=False``, every per-pixel parameter
+  map materialised before :func:`gspn.ops.line_scan_4d` (what the layer ran before the fused operator).
 * ``attention-math`` / ``attention-flash`` / ``attention-efficient``: multi-head self-attention with
   q/k/v and output projections (:class:`SelfAttention`) around
   :func:`torch.nn.functional.scaled_dot_product_attention`, pinned to one SDPA backend with
@@ -200,12 +203,12 @@ def _finish(module: nn.Module, x: torch.Tensor, cfg: BenchConfig, context=contex
     return Workload(module, (x,), context)
 
 
-def _gspn(chunk: bool) -> Callable[[BenchConfig, int, int], Workload]:
+def _gspn(chunk: bool, fused: bool = True) -> Callable[[BenchConfig, int, int], Workload]:
     def build(cfg: BenchConfig, height: int, width: int) -> Workload:
         from ..nn import GSPN2d
 
         module = GSPN2d(cfg.channels, d_state=cfg.d_state, chunk_size=cfg.local_chunk if chunk else None,
-                        backend=cfg.gspn_backend)
+                        backend=cfg.gspn_backend, fused=fused)
         return _finish(module, torch.randn(cfg.batch, cfg.channels, height, width), cfg)
 
     return build
@@ -338,13 +341,18 @@ def _math_attention_memory(cfg: BenchConfig, height: int, width: int) -> int:
     return n_score_tensors * scores * _size(cfg) + _linear_memory(8, 16)(cfg, height, width)
 
 
-# GSPN2d keeps the input, the proxy z, 12·Cg gate logits, λ/u/D (4·C each), the 4-direction hidden
-# state (float32), u⊙h and y (4·C each) and the output: about 30·C per pixel, rounded up to 40.
-_gspn_memory = _linear_memory(40, 100, fp32_inside=True)
+# The fused GSPN2d allocates the proxy, the output and (backward) dx, the gradient's channels-last
+# copy, the recomputed hidden state of one direction per thread: a few C per pixel. The unfused one
+# keeps the proxy z, 12·Cg gate logits, λ/u/D (4·C each), the 4-direction hidden state (float32),
+# u⊙h and y (4·C each) and the output: about 30·C per pixel, rounded up to 40.
+_gspn_memory = _linear_memory(4, 12, fp32_inside=True)
+_gspn_unfused_memory = _linear_memory(40, 100, fp32_inside=True)
 
 METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("gspn-global", "GSPN (global)", 1.0, _gspn(False), _gspn_memory, _gspn_unavailable),
     MethodSpec("gspn-local", "GSPN (local)", 1.0, _gspn(True), _gspn_memory, _gspn_unavailable),
+    MethodSpec("gspn-global-unfused", "GSPN (global, unfused)", 1.0, _gspn(False, fused=False),
+               _gspn_unfused_memory, _gspn_unavailable),
     MethodSpec("attention-math", "self-attention (SDPA math)", 2.0, _attention("MATH"),
                _math_attention_memory, _sdpa_unavailable("MATH")),
     MethodSpec("attention-flash", "self-attention (SDPA flash)", 2.0, _attention("FLASH_ATTENTION"),

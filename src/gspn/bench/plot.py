@@ -12,6 +12,7 @@ __all__ = ["plot_results"]
 _STYLE = {
     "gspn-global": ("tab:red", "o", "-"),
     "gspn-local": ("tab:orange", "o", "-"),
+    "gspn-global-unfused": ("tab:red", "v", "--"),
     "attention-math": ("tab:blue", "s", "-"),
     "attention-flash": ("tab:cyan", "s", "--"),
     "attention-efficient": ("tab:purple", "s", ":"),
