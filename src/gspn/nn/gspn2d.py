@@ -32,7 +32,8 @@ class GSPN2d(nn.Module):
     **Alignment.** :func:`gspn.ops.line_scan_4d` returns every direction in the image frame, so
     ``y_k[..., r, c]`` is pixel ``(r, c)``'s result for every ``k`` and the merger combines like with
     like. (The reference code sums the transposed/flipped scans in their own frames; this module
-    does not.) With a global scan the four causal cones of a pixel cover the whole image.
+    does so only with ``merge_frame="scan"``, for the authors' weights.) With a global scan the four
+    causal cones of a pixel cover the whole image.
 
     Args:
         channels: ``C``.
