@@ -330,7 +330,8 @@ _gspn_mix_op.register_autograd(_gspn_mix_autograd, setup_context=_setup_context)
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
         "double backward (create_graph=True, e.g. a gradient penalty) through gspn.ops.gspn_mix is not "
-        "supported: its backward is an explicit adjoint scan that is not itself differentiable"
+        "supported: its fused backward is not itself differentiable. GSPN2d(fused=False) computes the same "
+        "layer from gspn.ops.line_scan_4d, which supports double backward"
     )
 
 
@@ -419,7 +420,8 @@ def gspn_mix(
     Autograd: an explicit backward gives ``dx``, ``dproxy`` and the five weight gradients in memory
     O(size of ``x`` + ``proxy``): the CPU kernel recomputes each direction's hidden state (one
     direction and one 16-channel block at a time) rather than saving the four hidden maps, which
-    would be 4× the size of ``x``. Double backward is not supported.
+    would be 4× the size of ``x``. Double backward raises a ``RuntimeError`` (the unfused composition,
+    ``GSPN2d(fused=False)``, supports it).
     """
     chunk_size = _check_args(
         x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend
