@@ -372,7 +372,8 @@ def line_scan(
     Returns:
         ``h`` with the shape of ``x`` and the promoted dtype of the inputs, row-major whatever the
         input layouts (gradients too). float16/bfloat16 inputs are accumulated in float32. Empty
-        inputs (any of B, C, H, W = 0) give an empty result and zero gradients.
+        inputs (any of B, C, H, W = 0) give an empty result and zero gradients. Differentiable to
+        any order on every backend (double backward, e.g. a gradient penalty, is exact).
 
     Raises:
         TypeError: a non-tensor or non-floating-point input, a ``direction`` that is not a str
@@ -416,7 +417,8 @@ def line_scan_4d(
         lam, w_left, w_mid, w_right: ``(B, 4, C, H, W)`` in the direction order
             ``("tb", "bt", "lr", "rl")``; broadcast as in :func:`line_scan`, and the direction
             axis may also be 1 (shared by all directions).
-        chunk_size, normalize, backend: as in :func:`line_scan`.
+        chunk_size, normalize, backend: as in :func:`line_scan` (unused gates, layouts and
+            autograd, double backward included, also as there).
 
     Returns:
         ``(B, 4, C, H, W)``, row-major; ``out[:, k]`` equals ``line_scan(x, ..., direction=DIRECTIONS[k])``.
