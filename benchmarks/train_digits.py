@@ -140,10 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             device="cpu",
             progress=args.progress,
+            overwrite=True,  # a fresh run every time: stale checkpoints must not be resumed into a benchmark
         )
-        # a fresh run every time: stale checkpoints must not be resumed into a benchmark
-        for f in ("last.pt", "best.pt", "metrics.jsonl"):
-            (run_dir / f).unlink(missing_ok=True)
         t0 = time.perf_counter()
         s = train(cfg)
         wall = time.perf_counter() - t0

@@ -222,7 +222,7 @@ def test_resume_is_exact(tmp_path):
 
     run_train(_train_args(tmp_path / "straight", steps=4, ckpt_every=100))
     run_train(_train_args(tmp_path / "resumed", steps=2, ckpt_every=100))
-    summary = run_train(_train_args(tmp_path / "resumed", steps=4, ckpt_every=100))
+    summary = run_train(_train_args(tmp_path / "resumed", steps=4, ckpt_every=100, resume="auto"))
     assert summary["step"] == 4
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ["build_parser", "main"]
 
@@ -108,6 +109,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="CHECKPOINT",
         help="resume from a checkpoint; without a path, from <output>/last.pt if it exists",
     )
+    g.add_argument("--overwrite", action="store_true", help="replace the run already in the output directory")
     g.add_argument(
         "--stop-after-epochs",
         type=int,
@@ -123,6 +125,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo on CPU)"
     )
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0 = torch default)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="do not draw metrics.png")
     g.add_argument("--quiet", action="store_true", help="no per-epoch log lines")
@@ -154,6 +157,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         dist_backend=args.dist_backend,
         resume=args.resume,
+        overwrite=args.overwrite,
         stop_after_epochs=args.stop_after_epochs,
         train_limit=args.train_limit,
         val_limit=args.val_limit,
@@ -183,6 +187,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--val-limit", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_eval)
 
@@ -341,11 +346,24 @@ def _add_diffusers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_generate)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (``gspn train: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: Optional modules and the extra of ``pyproject.toml`` that installs each.
+_EXTRAS = {"sklearn": "data", "PIL": "data", "matplotlib": "plot", "diffusers": "diffusers",
+           "transformers": "diffusers", "accelerate": "diffusers", "huggingface_hub": "hub", "triton": "triton",
+           "tqdm": "data"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gspn`` argument parser."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="gspn", description="Generalized Spatial Propagation Networks")
+    parser = _Parser(prog="gspn", description="Generalized Spatial Propagation Networks")
     parser.add_argument("--version", action="version", version=f"gspn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
@@ -361,12 +379,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gspn`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    threads = getattr(args, "threads", 0)
+    if isinstance(threads, int) and threads < 0:
+        print(f"gspn {args.command}: error: --threads must be >= 0, got {threads}", file=sys.stderr)
+        return 2
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         # Bad arguments or files (the library's errors name the argument): a message, not a traceback.
         print(f"gspn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # divergence: the run stopped before writing the bad state
+        print(f"gspn {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in _EXTRAS:
+            raise
+        print(f"gspn {args.command}: error: this needs the optional package {top!r}: "
+              f"pip install 'gspn[{_EXTRAS[top]}]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gspn {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from .._files import safe_torch_load
+
 __all__ = ["IMAGE_EXTENSIONS", "load_dataset", "load_digits", "load_image_folder", "load_latents"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -82,7 +84,7 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, channels: i
 
 def load_latents(path: str | os.PathLike) -> tuple[TensorDataset, dict[str, Any]]:
     """Latents written by ``gspn extract-latents``: the dataset and its metadata (VAE, scaling, ...)."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = safe_torch_load(path)
     ds = TensorDataset(blob["latents"].float(), blob["labels"].long())
     return ds, dict(blob.get("meta", {}))
 

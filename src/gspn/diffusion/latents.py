@@ -110,11 +110,22 @@ def add_extract_latents_arguments(parser: argparse.ArgumentParser) -> argparse.A
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     return parser
 
 
 def run_extract_latents(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``extract-latents``; returns the output path, latent shape and count."""
+    from .._files import check_output_file
+    from .._validate import check_int
+
+    for name in ("image_size", "batch_size"):
+        check_int(name, getattr(args, name))
+    check_int("limit", args.limit, minimum=0)
+    check_int("threads", getattr(args, "threads", 0), minimum=0)
+    check_output_file(args.out)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     if args.data.startswith("latents:"):
         raise ValueError("--data must be pixel data (digits or imagefolder:PATH)")
     device = torch.device(
@@ -132,7 +143,7 @@ def run_extract_latents(args: argparse.Namespace) -> dict[str, Any]:
     scale = float(vae.config.scaling_factor if args.scaling_factor is None else args.scaling_factor)
     z = encode_dataset(vae, x, args.batch_size, args.deterministic, args.seed, scale, args.progress)
     info = {
-        "vae": str(args.vae),
+        "vae": os.path.abspath(args.vae) if Path(args.vae).exists() else str(args.vae),
         "scaling_factor": scale,
         "num_classes": meta["num_classes"],
         "image_size": args.image_size,

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._files import check_output_dir, safe_torch_load
+from .._validate import check_int, check_number
 from ..models import create_model, load_model, read_metadata
 from ..train.ema import load_ema_weights
 from .gaussian import SAMPLERS, make_sampling_scheduler, sample_generators, sample_loop
@@ -50,15 +52,22 @@ def parse_labels(spec: str, num_classes: int) -> list[int]:
     out: list[int] = []
     for part in spec.split(","):
         part = part.strip()
-        if part == "all":
-            out.extend(range(num_classes))
-        elif part == "null":
-            out.append(num_classes)
-        elif "-" in part:
-            a, b = (int(v) for v in part.split("-"))
-            out.extend(range(a, b + 1))
-        elif part:
-            out.append(int(part))
+        try:
+            if part == "all":
+                out.extend(range(num_classes))
+            elif part == "null":
+                out.append(num_classes)
+            elif "-" in part[1:]:
+                a, b = (int(v) for v in part.split("-"))
+                if a > b:
+                    raise ValueError
+                out.extend(range(a, b + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"--labels: {part!r} is not a label, a range A-B (A <= B), 'all' or 'null'") from None
+    if not out:
+        raise ValueError(f"--labels {spec!r} names no label")
     bad = [v for v in out if not 0 <= v <= num_classes]
     if bad:
         raise ValueError(f"labels {bad} are outside 0..{num_classes - 1} (or {num_classes} = null)")
@@ -214,7 +223,7 @@ def load_for_sampling(
         extra = json.loads(read_metadata(path).get("gspn.diffusion", "{}"))
         schedule, data = extra.get("schedule", {}), extra.get("data", {})
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = safe_torch_load(path)
         model = create_model(ckpt["arch"], **ckpt["model_args"])
         if use_ema:
             load_ema_weights(model, ckpt["ema"])
@@ -279,6 +288,17 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``sample`` with parsed ``args``; returns ``{"grid", "images", "labels"}``."""
+    for name in ("steps", "per_label", "batch_size", "upscale"):
+        check_int(name, getattr(args, name))
+    check_int("nrow", args.nrow, minimum=0)
+    check_int("threads", args.threads, minimum=0)
+    check_number("cfg_scale", args.cfg_scale, 0)
+    if args.size is not None:
+        for v in args.size:
+            check_int("size", v)
+    check_output_dir(args.out)
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"--checkpoint {args.ckpt}: no such file")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(

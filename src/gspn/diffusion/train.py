@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._files import atomic_torch_save
+from .._files import atomic_torch_save, check_output_dir, claim_run_dir, safe_torch_load
+from .._validate import check_int, check_number
 from ..models import create_model, save_checkpoint
 from ..train.checkpoint import capture_rng
 from ..train.distributed import cleanup_distributed, init_distributed
@@ -96,7 +98,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     o.add_argument("--seed", type=int, default=0)
     r = parser.add_argument_group("run")
     r.add_argument("--out", default="runs/dit", help="output folder (checkpoints, metrics, samples)")
-    r.add_argument("--resume", default="auto", help="auto (OUT/last.pt if present) | none | PATH")
+    r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue a run: without a value from OUT/last.pt (if present), else from CHECKPOINT")
+    r.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     r.add_argument("--ckpt-every", type=int, default=500)
     r.add_argument("--log-every", type=int, default=10)
     r.add_argument(
@@ -131,6 +135,39 @@ def batch_indices(
     return mine[i * batch : (i + 1) * batch]
 
 
+RUN_FILES = ("last.pt", "metrics.jsonl", "config.json", "ema.safetensors", "samples.png", "loss.png")
+"""The files a ``train-dit`` run writes in its folder (their presence marks the folder as a run's)."""
+
+
+def _validate_args(args: argparse.Namespace) -> None:
+    """Reject nonsense settings before any work (one ``ValueError`` naming the option)."""
+    for name in ("steps", "batch_size", "image_size", "num_train_timesteps", "ckpt_every", "log_every"):
+        check_int(name, getattr(args, name))
+    for name in ("sample_steps", "threads"):
+        check_int(name, getattr(args, name), minimum=0)
+    check_number("lr", args.lr, 0, lo_open=True)
+    check_number("weight_decay", args.weight_decay, 0)
+    check_number("grad_clip", args.grad_clip, 0)
+    check_number("ema_decay", args.ema_decay, 0, 1, hi_open=True)
+    check_number("class_dropout", args.class_dropout, 0, 1, hi_open=True)
+    check_number("cfg_scale", args.cfg_scale, 0)
+    check_number("max_minutes", args.max_minutes, 0)
+    check_int("warmup", args.warmup, minimum=0)
+    if getattr(args, "resume", None) not in (None, "none", "") and getattr(args, "overwrite", False):
+        raise ValueError("--resume and --overwrite exclude each other")
+    check_output_dir(args.out)
+
+
+def _check_finite(model: nn.Module, step: int, what: str = "weights") -> None:
+    """Raise ``FloatingPointError`` if any parameter of ``model`` is NaN or infinite."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite {what} at step {step} ({len(bad)} tensors, e.g. {bad[0]}); stopped before writing: "
+            "the run folder keeps the last good state (lower --lr or set --clip-grad)"
+        )
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
@@ -144,14 +181,22 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     if model_task(args.model) != "diffusion":
         raise ValueError(f"--model {args.model!r} is not a diffusion model (train classifiers with `gspn train`); "
                          f"choose from {', '.join(available_models(task='diffusion'))}")
+    _validate_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device)
     rank, world, main, device = ctx.rank, ctx.world_size, ctx.is_main, ctx.device
     out = Path(args.out)
     metrics = out / "metrics.jsonl"
+    resume_arg = getattr(args, "resume", None)
+    if resume_arg in ("none", ""):
+        resume_arg = None
     ok = False
+    run_dir = None
     try:
+        if main:  # rank 0 owns the folder; the others only read it
+            run_dir = claim_run_dir(out, RUN_FILES, resume=resume_arg is not None,
+                                    overwrite=bool(getattr(args, "overwrite", False)))
         dataset, meta = load_dataset(args.data, args.image_size, args.channels)
         c, h, w = meta["shape"]
         overrides = {
@@ -175,19 +220,17 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         }
         scheduler = make_train_scheduler(**schedule)
         start = 0
-        resume = (
-            out / "last.pt" if args.resume == "auto" else None if args.resume == "none" else Path(args.resume)
-        )
+        resume = out / "last.pt" if resume_arg == "auto" else None if resume_arg is None else Path(resume_arg)
         if resume is not None and resume.is_file():
-            ckpt = torch.load(resume, map_location=device, weights_only=False)
+            ckpt = safe_torch_load(resume, map_location=device)
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["opt"])
             start = int(ckpt["step"])
             if main:
                 print(f"resumed from {resume} at step {start}")
-        elif args.resume not in ("auto", "none"):
-            raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint")
+        elif resume_arg not in (None, "auto"):
+            raise FileNotFoundError(f"--resume {resume_arg}: no such checkpoint")
         train_model: nn.Module = model
         if world > 1:
             train_model = nn.parallel.DistributedDataParallel(
@@ -209,6 +252,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             (out / "config.json").write_text(json.dumps(record, indent=2, default=str))
 
         def save(step: int) -> None:
+            _check_finite(model, step)
             if main:
                 atomic_torch_save(
                     {
@@ -254,6 +298,11 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             step += 1
             for k in window:
                 window[k] += float(losses[k].detach())
+            if not math.isfinite(window["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step} (lr {lr:g}); stopped before writing anything of this "
+                    f"step: {out / 'last.pt'} keeps the last good state (lower --lr or set --clip-grad)"
+                )
             n_window += 1
             if bar is not None:
                 bar.update(1)
@@ -287,12 +336,13 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             bar.close()
         summary: dict[str, Any] = {"step": step, "out": str(out), "minutes": (time.time() - t0) / 60, **last}
         if main and (step == args.steps or timed_out):
+            _check_finite(ema.module, step, "EMA weights")
             save_checkpoint(
                 ema.module,
                 out / "ema.safetensors",
                 metadata={"gspn.diffusion": json.dumps({"schedule": schedule, "data": record["data"]})},
             )
-            if args.sample_steps > 0:
+            if args.sample_steps > 0 and meta["kind"] == "pixels":  # latents would need the VAE to view
                 from .sample import generate, save_images
 
                 n = meta["num_classes"]
@@ -308,12 +358,13 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                     seed=args.seed,
                     device=device,
                 )
-                if meta["kind"] == "pixels":
-                    save_images(imgs, out / "samples.png", nrow=min(n, 10))
-                    summary["samples"] = str(out / "samples.png")
+                save_images(imgs, out / "samples.png", nrow=min(n, 10))
+                summary["samples"] = str(out / "samples.png")
         ok = True
         return summary
     finally:
+        if run_dir is not None:
+            run_dir.release()
         cleanup_distributed(ok)
 
 

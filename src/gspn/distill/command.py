@@ -69,7 +69,10 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps")
     g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint.pt")
+    g.add_argument("--no-resume", action="store_true",
+                   help="do not continue the run in --output-dir (refused if one is there, unless --overwrite)")
+    g.add_argument("--overwrite", action="store_true", help="with --no-resume: replace the run in --output-dir")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     g.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) if available, else cpu")
     return parser
 
@@ -85,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         noise_weight=args.noise_weight, output_weight=args.output_weight,
         feature_weight=args.feature_weight, caption_dropout=args.caption_dropout, seed=args.seed,
         save_every=args.save_every, log_every=args.log_every, resume=not args.no_resume,
+        overwrite=getattr(args, "overwrite", False),
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         train_all=args.train_all, device=args.device,
         gspn={"d_state": args.d_state, "expand": args.expand, "kernel_size": args.kernel_size,
@@ -94,10 +98,25 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 def run_distill(args: argparse.Namespace) -> int:
     """Run ``gspn distill`` with parsed arguments; returns the exit status."""
+    from .._files import check_output_dir
+    from .._validate import check_int, check_number
     from ..integrations.diffusers import GSPNAdapter
     from ..train.distributed import cleanup_distributed
     from .trainer import Distiller
 
+    for name in ("steps", "batch_size", "resolution", "log_every", "d_state"):
+        check_int(name, getattr(args, name))
+    for name in ("save_every", "warmup_steps", "kernel_size", "threads"):
+        check_int(name, getattr(args, name, 0), minimum=0)
+    check_number("lr", args.lr, 0, lo_open=True)
+    for name in ("weight_decay", "max_grad_norm", "noise_weight", "output_weight", "feature_weight"):
+        check_number(name, getattr(args, name), 0)
+    check_number("caption_dropout", args.caption_dropout, 0, 1)
+    check_output_dir(args.output_dir)
+    if getattr(args, "threads", 0):
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
     adapter = GSPNAdapter.from_pretrained(args.init_adapter) if args.init_adapter else None
     ok = False

@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._files import atomic_torch_save
+from .._files import atomic_torch_save, claim_run_dir, safe_torch_load
 from ..integrations.diffusers import GSPNAdapter, swap_self_attention
 from ..train.checkpoint import capture_rng, restore_rng
 from ..train.distributed import init_distributed
@@ -81,6 +81,7 @@ class DistillConfig:
     save_every: int = 500
     log_every: int = 10
     resume: bool = True
+    overwrite: bool = False  # with resume=False: replace the run already in output_dir
     mixed_precision: str = "no"  # no | bf16
     gradient_checkpointing: bool = False
     train_all: bool = False
@@ -314,6 +315,13 @@ class Distiller:
         """Write ``checkpoint.pt`` and ``adapter/`` atomically (rank 0 only)."""
         if self.rank != 0:
             return
+        bad = [n for n, t in self._trainable_state().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite weights at step {self.step} (e.g. {bad[0]}); stopped before writing: "
+                f"{self.output_dir} keeps the last good state (lower --lr)"
+            )
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
         state = {
@@ -332,7 +340,7 @@ class Distiller:
         path = Path(path) if path is not None else self.output_dir / CHECKPOINT_NAME
         if not path.is_file():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = safe_torch_load(path)
         module = self.unet if self.cfg.train_all else self.adapter
         module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -362,6 +370,11 @@ class Distiller:
         """One optimisation step on the batch of the current step; returns the loss parts."""
         batch = self.make_batch(self.step)
         loss, parts = self.compute_loss(batch)
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(
+                f"non-finite loss at step {self.step + 1} ({parts}); stopped before writing: "
+                f"{self.output_dir} keeps the last good state (lower --lr)"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._sync_grads()
@@ -375,6 +388,16 @@ class Distiller:
 
     def train(self, log: Callable[[str], None] | None = print) -> list[dict[str, float]]:
         """Run (or resume) until ``cfg.steps``; returns the per-step loss parts of this call."""
+        cfg = self.cfg
+        run_dir = (claim_run_dir(self.output_dir, (CHECKPOINT_NAME, ADAPTER_DIR), resume=cfg.resume,
+                                 overwrite=cfg.overwrite) if self.rank == 0 else None)
+        try:
+            return self._train(log)
+        finally:
+            if run_dir is not None:
+                run_dir.release()
+
+    def _train(self, log: Callable[[str], None] | None) -> list[dict[str, float]]:
         cfg = self.cfg
         if cfg.resume and self.load() and log and self.rank == 0:
             log(f"resumed from {self.output_dir / CHECKPOINT_NAME} at step {self.step}")

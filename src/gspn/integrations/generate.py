@@ -174,11 +174,27 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="auto: float16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--output", default="gspn.png", help="image path (index appended for several)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     return parser
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """Run ``gspn generate`` with parsed arguments; returns the exit status."""
+    from .._files import check_output_file
+    from .._validate import check_int, check_number
+
+    for name in ("height", "width", "steps"):
+        check_int(name, getattr(args, name))
+    check_int("cross_attn_chunk", args.cross_attn_chunk, minimum=0)
+    check_number("guidance", args.guidance, 0)
+    check_number("strength", args.strength, 0, 1, lo_open=True)
+    check_number("skip_residual", args.skip_residual, 0)
+    for h, w in args.upscale_from or ():
+        check_int("upscale_from", h)
+        check_int("upscale_from", w)
+    check_output_file(args.output)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     from diffusers import DiffusionPipeline
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._files import atomic_torch_save, atomic_write
+from .._files import atomic_torch_save, atomic_write, safe_torch_load
 
 __all__ = ["atomic_write", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
 
@@ -27,7 +27,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors and primitives only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return safe_torch_load(path, map_location=map_location)
 
 
 def capture_rng(loader_generator: torch.Generator | None = None) -> dict[str, Any]:

@@ -16,11 +16,22 @@ __all__ = ["CLASSIFIER_PANELS", "Panel", "append_metrics", "plot_metrics", "read
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file (an empty list when it does not exist)."""
+    """All records of a ``metrics.jsonl`` file (an empty list when it does not exist).
+
+    A last line cut short by a killed writer (no newline, not valid JSON) is ignored.
+    """
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [line for line in p.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records
 
 
 def append_metrics(path: str | os.PathLike[str], record: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -27,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from .._files import claim_run_dir
 from .checkpoint import atomic_write, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .data import build_data
 from .distributed import (
@@ -38,7 +40,7 @@ from .distributed import (
 )
 from .ema import build_ema, load_ema_weights
 from .factory import build_model, model_default_cfg
-from .metrics import append_metrics, plot_metrics, truncate_metrics
+from .metrics import append_metrics, plot_metrics, read_metrics, truncate_metrics
 
 __all__ = ["TrainConfig", "evaluate", "evaluate_checkpoint", "train", "weights_digest"]
 
@@ -71,6 +73,7 @@ class TrainConfig:
     device: str = "auto"
     dist_backend: str | None = None
     resume: str | None = None
+    overwrite: bool = False
     stop_after_epochs: int | None = None
     train_limit: int | None = None
     val_limit: int | None = None
@@ -200,19 +203,86 @@ def _sync_buffers(model: nn.Module, ctx: DistContext) -> None:
 # ----------------------------------------------------------------------------------------------- train
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.png", "summary.json", "model.safetensors",
+             "model_ema.safetensors")
+"""The files a ``gspn train`` run writes in its folder (their presence marks the folder as a run's)."""
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train according to ``cfg``; return the run summary (also written to ``<output>/summary.json``).
 
-    Works the same in a single process and under ``torchrun`` (one process per device).
+    Works the same in a single process and under ``torchrun`` (one process per device). The output
+    folder must not hold another run unless ``cfg.resume`` continues it or ``cfg.overwrite`` replaces it;
+    rank 0 locks it for the duration of the run.
+
+    Writes are ordered so that a kill at any point leaves a consistent folder: each epoch writes
+    ``last.pt`` first (it carries the epoch's metrics record), then ``best.pt``, then the metrics line and
+    plot; a resume repairs whatever of the latter a kill left out.
     """
+    _validate(cfg)
     ctx = init_distributed(cfg.device, cfg.dist_backend)
     ok = False
+    run_dir = None
     try:
+        if ctx.is_main:
+            run_dir = claim_run_dir(cfg.output, RUN_FILES, resume=bool(cfg.resume), overwrite=cfg.overwrite)
         summary = _train(cfg, ctx)
         ok = True
         return summary
     finally:
+        if run_dir is not None:
+            run_dir.release()
         cleanup_distributed(ok)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    """Reject settings that cannot train, before any work (one ``ValueError`` naming the option)."""
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "in_chans": cfg.in_chans}
+    positive.update({k: v for k, v in (("img_size", cfg.img_size), ("train_limit", cfg.train_limit),
+                                       ("val_limit", cfg.val_limit), ("stop_after_epochs", cfg.stop_after_epochs))
+                     if v is not None})
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+    if cfg.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.clip_grad is not None and not (math.isfinite(cfg.clip_grad) and cfg.clip_grad >= 0):
+        raise ValueError(f"--clip-grad must be a finite number >= 0, got {cfg.clip_grad}")
+    if cfg.ema_decay is not None and not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+
+
+def _repair_after_kill(out: Path, ckpt: dict[str, Any], resume_path: Path, plot: bool) -> None:
+    """Bring ``best.pt`` and ``metrics.jsonl`` in line with the ``last.pt`` being resumed.
+
+    A kill after ``last.pt`` of epoch E was written can leave ``best.pt`` one improvement behind and
+    the metrics line of epoch E unwritten; both follow from ``last.pt`` (when epoch E was the best,
+    ``last.pt`` *is* the best state). Records of epochs after E (their ``last.pt`` never landed) are dropped.
+    """
+    epoch = ckpt["epoch"]
+    metrics = out / "metrics.jsonl"
+    truncate_metrics(metrics, epoch)
+    record = ckpt.get("record")
+    if record is not None and not any(r.get("epoch") == epoch for r in read_metrics(metrics)):
+        append_metrics(metrics, record)
+    best = out / "best.pt"
+    if (
+        ckpt.get("best_epoch") == epoch
+        and resume_path.resolve() == (out / "last.pt").resolve()
+        and (not best.exists() or load_checkpoint(best).get("epoch") != epoch)
+    ):
+        with resume_path.open("rb") as src:
+            atomic_write(best, lambda f: shutil.copyfileobj(src, f))
+    if plot and record is not None:
+        plot_metrics(metrics, out / "metrics.png")
 
 
 def _seed_all(seed: int) -> None:
@@ -347,7 +417,8 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
             )
         _log(ctx, cfg.verbose, f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
         if ctx.is_main:
-            truncate_metrics(out / "metrics.jsonl", ckpt["epoch"])
+            assert resume_path is not None
+            _repair_after_kill(out, ckpt, resume_path, cfg.plot)
         del ckpt
 
     meta = {
@@ -421,11 +492,12 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         bar.close()
         loss_sum, correct, seen = all_reduce_sum([loss_acc.item(), float(correct_acc.item()), seen], ctx)
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        if not math.isfinite(loss_sum) or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             # stop before diverged weights can overwrite a good checkpoint
             raise FloatingPointError(
-                f"non-finite weights after epoch {epoch + 1} (step {step}); "
-                f"mean training loss {loss_sum / seen}"
+                f"non-finite weights or loss after epoch {epoch + 1} (step {step}; mean training loss "
+                f"{loss_sum / seen}); stopped before writing: {out} keeps the last good state "
+                "(lower --lr or set --clip-grad)"
             )
         train_time = time.perf_counter() - t0
         _sync_buffers(model, ctx)
@@ -472,7 +544,9 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 "cpu_s": cpu_elapsed,
                 "world_size": ctx.world_size,
                 "rng": rng_all,
+                "record": record,
             }
+            # last.pt is the commit point; best.pt and the metrics line follow from it (see _repair_after_kill)
             save_checkpoint(out / "last.pt", state)
             if improved:
                 save_checkpoint(out / "best.pt", state)

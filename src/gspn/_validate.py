@@ -1,0 +1,55 @@
+"""Up-front checks of user-facing settings: each failure is one ``ValueError`` naming the option.
+
+Commands and recipes call these before any work, so a nonsense value never trains, samples or writes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["check_choice", "check_int", "check_number"]
+
+
+def _flag(name: str) -> str:
+    return name if name.startswith("-") else "--" + name.replace("_", "-")
+
+
+def check_int(name: str, value: Any, minimum: int = 1, allow_none: bool = False) -> None:
+    """``value`` must be an integer ``>= minimum`` (or ``None`` when ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{_flag(name)} must be {kind}, got {value!r}")
+
+
+def check_number(
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    allow_none: bool = False,
+) -> None:
+    """``value`` must be a finite number in the given range (``lo``/``hi`` inclusive unless ``*_open``)."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        lo_s = "" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
+        hi_s = "" if hi is None else f"{hi:g}{')' if hi_open else ']'}"
+        where = f" in {lo_s or '(-inf'}, {hi_s or 'inf)'}" if lo is not None or hi is not None else ""
+        raise ValueError(f"{_flag(name)} must be a finite number{where}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{_flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
