@@ -71,60 +71,177 @@ constexpr float tiny_sum<float>() { return 1e-30f; }
 template <>
 constexpr double tiny_sum<double>() { return 1e-300; }
 
-// Normalise one line of logits into weights (wl, wm, wr) and keep the sigmoids (sl, sm, sr).
-template <typename T>
-void normalize_line(int64_t P, const T* __restrict__ al, const T* __restrict__ am, const T* __restrict__ ar,
-                    T* __restrict__ wl, T* __restrict__ wm, T* __restrict__ wr, T* __restrict__ sl,
-                    T* __restrict__ sm, T* __restrict__ sr) {
-  int underflow = 0;
-#pragma omp simd reduction(| : underflow)
-  for (int64_t p = 0; p < P; ++p) {
-    // Missing neighbours get weight 0: selected, not multiplied (0 * NaN would be NaN).
-    const T vl = p > 0 ? sigmoid(al[p]) : T(0);
-    const T vm = sigmoid(am[p]);
-    const T vr = p < P - 1 ? sigmoid(ar[p]) : T(0);
-    const T sum = vl + vm + vr;
-    underflow |= sum < tiny_sum<T>();
-    const T inv = T(1) / std::max(sum, tiny_sum<T>());
-    sl[p] = vl;
-    sm[p] = vm;
-    sr[p] = vr;
-    wl[p] = vl * inv;
-    wm[p] = vm * inv;
-    wr[p] = vr * inv;
+// The stability-context weights of one position with one division (two with KEEP): with
+// t_k = exp(-|a_k|), sigmoid(a_k) = n_k / d_k (n_k = 1 if a_k >= 0 else t_k, d_k = 1 + t_k), so
+//   w_k = s_k / sum_j s_j = e_k / sum_j e_j,   e_k = n_k * prod_{j != k} d_j.
+// A missing neighbour has n = 0 and d = 1, selected: its logit (even NaN) never enters. Returns
+// sum_j e_j (the sum of the sigmoids times prod_j d_j, in [1, 8]) for the underflow test; with KEEP
+// also the sigmoids s_k = e_k / prod_j d_j (the backward's VJP needs them).
+template <typename T, bool KEEP>
+inline T stability_weights(T al, T am, T ar, bool has_l, bool has_r, T& wl, T& wm, T& wr, T& sl, T& sm, T& sr) {
+  const T tl = exp_nonpositive(-std::abs(al)), tm = exp_nonpositive(-std::abs(am));
+  const T tr = exp_nonpositive(-std::abs(ar));
+  const T nl = has_l ? (al >= T(0) ? T(1) : tl) : T(0);
+  const T nm = am >= T(0) ? T(1) : tm;
+  const T nr = has_r ? (ar >= T(0) ? T(1) : tr) : T(0);
+  const T dl = has_l ? T(1) + tl : T(1), dm = T(1) + tm, dr = has_r ? T(1) + tr : T(1);
+  const T el = nl * (dm * dr), em = nm * (dl * dr), er = nr * (dl * dm);
+  const T sum = el + em + er;
+  const T inv = T(1) / std::max(sum, tiny_sum<T>());
+  wl = el * inv;
+  wm = em * inv;
+  wr = er * inv;
+  if (KEEP) {
+    const T r = T(1) / (dl * dm * dr);
+    sl = el * r;
+    sm = em * r;
+    sr = er * r;
   }
-  if (!underflow) return;
-  // All valid sigmoids below ~1e-30: sigmoid(a) == exp(a) to working precision, so the weights
-  // are the softmax of the valid logits.
-  for (int64_t p = 0; p < P; ++p) {
-    if (sl[p] + sm[p] + sr[p] >= tiny_sum<T>()) continue;
-    const bool has_l = p > 0, has_r = p < P - 1;
-    T m = am[p];
-    if (has_l) m = std::max(m, al[p]);
-    if (has_r) m = std::max(m, ar[p]);
-    const T el = has_l ? std::exp(al[p] - m) : T(0), em = std::exp(am[p] - m), er = has_r ? std::exp(ar[p] - m) : T(0);
-    const T inv = T(1) / (el + em + er);
-    wl[p] = el * inv;
-    wm[p] = em * inv;
-    wr[p] = er * inv;
+  return sum;
+}
+
+// All valid sigmoids below ~1e-30: sigmoid(a) == exp(a) to working precision, so the weights are
+// the softmax of the valid logits (the direct formula would divide underflowed numbers).
+template <typename T>
+inline void softmax_weights(T al, T am, T ar, bool has_l, bool has_r, T& wl, T& wm, T& wr) {
+  T m = am;
+  if (has_l) m = std::max(m, al);
+  if (has_r) m = std::max(m, ar);
+  const T el = has_l ? std::exp(al - m) : T(0), em = std::exp(am - m), er = has_r ? std::exp(ar - m) : T(0);
+  const T inv = T(1) / (el + em + er);
+  wl = el * inv;
+  wm = em * inv;
+  wr = er * inv;
+}
+
+// Lines are processed in blocks of NORM_BLOCK positions through fixed-size local arrays: a loop of
+// runtime length P is vectorised only for long lines (GCC runs short ones, e.g. the 4-16 pixel lines
+// of deep stages and DiT grids, through its scalar epilogue), a fixed-length one always is.
+constexpr int64_t NORM_BLOCK = 16;
+
+template <typename T>
+inline void load_block(const T* __restrict__ src, int64_t n, T (&dst)[NORM_BLOCK]) {
+  if (n == NORM_BLOCK) {
+#pragma omp simd
+    for (int64_t j = 0; j < NORM_BLOCK; ++j) dst[j] = src[j];
+  } else {
+    for (int64_t j = 0; j < NORM_BLOCK; ++j) dst[j] = j < n ? src[j] : T(0);
   }
 }
 
-// Turn gradients w.r.t. the normalised weights (in gl, gm, gr) into gradients w.r.t. the logits:
+template <typename T>
+inline void store_block(const T (&src)[NORM_BLOCK], int64_t n, T* __restrict__ dst) {
+  if (n == NORM_BLOCK) {
+#pragma omp simd
+    for (int64_t j = 0; j < NORM_BLOCK; ++j) dst[j] = src[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+  }
+}
+
+// Positions in their line of the NORM_BLOCK elements from `first` (whose position is pos0), for
+// lines of length P stored one after another; returns the position of the next block's first element.
+inline int64_t block_positions(int64_t pos0, int64_t P, int64_t (&pos)[NORM_BLOCK]) {
+  int64_t q = pos0;
+  for (int64_t j = 0; j < NORM_BLOCK; ++j) {
+    pos[j] = q;
+    q = q + 1 == P ? 0 : q + 1;
+  }
+  return q;
+}
+
+// Normalise L lines of P logits stored one after another (line i at offset i * P) into weights
+// (wl, wm, wr), and with KEEP the sigmoids (sl, sm, sr; untouched otherwise). Short lines are
+// batched into full vector blocks.
+template <typename T, bool KEEP = true>
+void normalize_lines(int64_t L, int64_t P, const T* __restrict__ al, const T* __restrict__ am,
+                     const T* __restrict__ ar, T* __restrict__ wl, T* __restrict__ wm, T* __restrict__ wr,
+                     T* __restrict__ sl, T* __restrict__ sm, T* __restrict__ sr) {
+  const int64_t N = L * P;
+  int underflow = 0;
+  int64_t pos0 = 0;
+  for (int64_t p0 = 0; p0 < N; p0 += NORM_BLOCK) {
+    const int64_t n = std::min(NORM_BLOCK, N - p0);
+    int64_t pos[NORM_BLOCK];
+    pos0 = block_positions(pos0, P, pos);
+    T a[3][NORM_BLOCK], w[3][NORM_BLOCK], s[3][NORM_BLOCK];
+    load_block(al + p0, n, a[0]);
+    load_block(am + p0, n, a[1]);
+    load_block(ar + p0, n, a[2]);
+#pragma omp simd reduction(| : underflow)
+    for (int64_t j = 0; j < NORM_BLOCK; ++j) {
+      const T sum = stability_weights<T, KEEP>(a[0][j], a[1][j], a[2][j], pos[j] > 0, pos[j] < P - 1, w[0][j],
+                                               w[1][j], w[2][j], s[0][j], s[1][j], s[2][j]);
+      underflow |= sum < tiny_sum<T>();  // elements past the end have logits 0: never
+    }
+    if (KEEP) {
+      store_block(s[0], n, sl + p0);
+      store_block(s[1], n, sm + p0);
+      store_block(s[2], n, sr + p0);
+    }
+    store_block(w[0], n, wl + p0);
+    store_block(w[1], n, wm + p0);
+    store_block(w[2], n, wr + p0);
+  }
+  if (!underflow) return;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t p = i % P;
+    T w0, w1, w2, s0, s1, s2;
+    if (stability_weights<T, false>(al[i], am[i], ar[i], p > 0, p < P - 1, w0, w1, w2, s0, s1, s2) < tiny_sum<T>())
+      softmax_weights(al[i], am[i], ar[i], p > 0, p < P - 1, wl[i], wm[i], wr[i]);
+  }
+}
+
+template <typename T, bool KEEP = true>
+void normalize_line(int64_t P, const T* __restrict__ al, const T* __restrict__ am, const T* __restrict__ ar,
+                    T* __restrict__ wl, T* __restrict__ wm, T* __restrict__ wr, T* __restrict__ sl,
+                    T* __restrict__ sm, T* __restrict__ sr) {
+  normalize_lines<T, KEEP>(1, P, al, am, ar, wl, wm, wr, sl, sm, sr);
+}
+
+// Turn gradients w.r.t. the normalised weights (in gl, gm, gr) of L lines of P positions into
+// gradients w.r.t. the logits:
 //   d a_k = w_k (1 - s_k) (g_k - sum_j g_j w_j),   exactly 0 for a missing neighbour.
+template <typename T>
+void normalize_lines_vjp(int64_t L, int64_t P, const T* __restrict__ wl, const T* __restrict__ wm,
+                         const T* __restrict__ wr, const T* __restrict__ sl, const T* __restrict__ sm,
+                         const T* __restrict__ sr, T* __restrict__ gl, T* __restrict__ gm, T* __restrict__ gr) {
+  const int64_t N = L * P;
+  int64_t pos0 = 0;
+  for (int64_t p0 = 0; p0 < N; p0 += NORM_BLOCK) {
+    const int64_t n = std::min(NORM_BLOCK, N - p0);
+    int64_t pos[NORM_BLOCK];
+    pos0 = block_positions(pos0, P, pos);
+    T w[3][NORM_BLOCK], s[3][NORM_BLOCK], g[3][NORM_BLOCK];
+    load_block(wl + p0, n, w[0]);
+    load_block(wm + p0, n, w[1]);
+    load_block(wr + p0, n, w[2]);
+    load_block(sl + p0, n, s[0]);
+    load_block(sm + p0, n, s[1]);
+    load_block(sr + p0, n, s[2]);
+    load_block(gl + p0, n, g[0]);
+    load_block(gm + p0, n, g[1]);
+    load_block(gr + p0, n, g[2]);
+#pragma omp simd
+    for (int64_t j = 0; j < NORM_BLOCK; ++j) {
+      const T dot = g[0][j] * w[0][j] + g[1][j] * w[1][j] + g[2][j] * w[2][j];
+      const T dl = w[0][j] * (T(1) - s[0][j]) * (g[0][j] - dot);
+      const T dr = w[2][j] * (T(1) - s[2][j]) * (g[2][j] - dot);
+      g[1][j] = w[1][j] * (T(1) - s[1][j]) * (g[1][j] - dot);
+      g[0][j] = pos[j] > 0 ? dl : T(0);
+      g[2][j] = pos[j] < P - 1 ? dr : T(0);
+    }
+    store_block(g[0], n, gl + p0);
+    store_block(g[1], n, gm + p0);
+    store_block(g[2], n, gr + p0);
+  }
+}
+
 template <typename T>
 void normalize_line_vjp(int64_t P, const T* __restrict__ wl, const T* __restrict__ wm, const T* __restrict__ wr,
                         const T* __restrict__ sl, const T* __restrict__ sm, const T* __restrict__ sr,
                         T* __restrict__ gl, T* __restrict__ gm, T* __restrict__ gr) {
-#pragma omp simd
-  for (int64_t p = 0; p < P; ++p) {
-    const T dot = gl[p] * wl[p] + gm[p] * wm[p] + gr[p] * wr[p];
-    const T dl = wl[p] * (T(1) - sl[p]) * (gl[p] - dot);
-    const T dr = wr[p] * (T(1) - sr[p]) * (gr[p] - dot);
-    gl[p] = p > 0 ? dl : T(0);
-    gm[p] = wm[p] * (T(1) - sm[p]) * (gm[p] - dot);
-    gr[p] = p < P - 1 ? dr : T(0);
-  }
+  normalize_lines_vjp(1, P, wl, wm, wr, sl, sm, sr, gl, gm, gr);
 }
 
 }  // namespace

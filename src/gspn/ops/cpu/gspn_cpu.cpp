@@ -39,6 +39,7 @@
 namespace {
 
 constexpr int64_t STRIP = 16;  // columns per horizontal strip: one 64-byte cache line of float32
+constexpr int64_t SMALL_PLANE = 1024;  // planes of at most this many pixels are normalised in one call
 
 struct TensorArg {
   void* data;
@@ -232,16 +233,20 @@ struct ForwardWorker {
   std::vector<T> buf;  // horizontal strips and normalised weights
 
   explicit ForwardWorker(const Geometry& g) : geo(g) {
-    // vertical: normalisation scratch (6 lines); horizontal: 6 strips, the scratch and a carried line.
-    buf.resize(static_cast<size_t>(geo.vertical ? 6 * geo.P : (F_COUNT * STRIP + 7) * geo.H));
+    // vertical: normalisation scratch (6 lines, or 6 planes for a small plane); horizontal: 6 strips,
+    // 6 strips of normalised weights and sigmoids, and a carried line.
+    const int64_t vertical = 6 * (whole_plane() ? geo.H * geo.W : geo.P);
+    buf.resize(static_cast<size_t>(geo.vertical ? vertical : (F_COUNT * STRIP + 6 * STRIP + 1) * geo.H));
   }
+
+  // Small planes are normalised in one call (many short lines per vector block) before the scan.
+  bool whole_plane() const { return NORM && geo.H * geo.W <= SMALL_PLANE; }
 
   // Weights of one line, normalised into `scratch` (6 * P values) if NORM.
   LineWeights<T> weights(const T* al, const T* am, const T* ar, T* scratch) {
     if (!NORM) return {al, am, ar};
     const int64_t P = geo.P;
-    normalize_line(P, al, am, ar, scratch, scratch + P, scratch + 2 * P, scratch + 3 * P, scratch + 4 * P,
-                   scratch + 5 * P);
+    normalize_line<T, false>(P, al, am, ar, scratch, scratch + P, scratch + 2 * P, nullptr, nullptr, nullptr);
     return {scratch, scratch + P, scratch + 2 * P};
   }
 
@@ -253,12 +258,17 @@ struct ForwardWorker {
   }
 
   void run_vertical(const T* const* in, T* out) {
-    const int64_t W = geo.W;
+    const int64_t W = geo.W, HW = geo.H * geo.W;
     T* scratch = buf.data();
+    const bool whole = whole_plane();
+    if (whole)
+      normalize_lines<T, false>(geo.H, W, in[F_WL], in[F_WM], in[F_WR], scratch, scratch + HW, scratch + 2 * HW,
+                                nullptr, nullptr, nullptr);
     for (int64_t l = 0; l < geo.L; ++l) {
       const int64_t off = geo.img(l) * W;
       const T* prev = geo.starts(l) ? nullptr : out + geo.img(l - 1) * W;
-      const LineWeights<T> w = weights(in[F_WL] + off, in[F_WM] + off, in[F_WR] + off, scratch);
+      const LineWeights<T> w = whole ? LineWeights<T>{scratch + off, scratch + HW + off, scratch + 2 * HW + off}
+                                     : weights(in[F_WL] + off, in[F_WM] + off, in[F_WR] + off, scratch);
       forward_line(W, out + off, prev, in[F_X] + off, in[F_LAM] + off, w.l, w.m, w.r);
     }
   }
@@ -267,20 +277,24 @@ struct ForwardWorker {
     const int64_t H = geo.H, W = geo.W, S = STRIP * H;
     T* strip[F_COUNT];
     for (int k = 0; k < F_COUNT; ++k) strip[k] = buf.data() + k * S;
-    T* scratch = buf.data() + F_COUNT * S;  // 6 * H
-    T* carry = scratch + 6 * H;            // last line (scan order) of the previous strip
+    T* norm = buf.data() + F_COUNT * S;  // 6 strips: normalised weights (3) and sigmoids (3)
+    T* carry = norm + 6 * S;             // last line (scan order) of the previous strip
     const int64_t num_strips = (W + STRIP - 1) / STRIP;
     for (int64_t j = 0; j < num_strips; ++j) {
       const int64_t s = geo.reverse ? num_strips - 1 - j : j;
       const int64_t c0 = s * STRIP, n = std::min(STRIP, W - c0);
       for (int k = 0; k < F_OUT; ++k) gather_columns(in[k], H, W, c0, n, strip[k]);
+      if (NORM)  // the strip's n lines in one call
+        normalize_lines<T, false>(n, H, strip[F_WL], strip[F_WM], strip[F_WR], norm, norm + S, norm + 2 * S,
+                                  nullptr, nullptr, nullptr);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t q = geo.reverse ? n - 1 - i : i;  // column c0 + q, in scan order
         const int64_t c = c0 + q;
         const int64_t l = geo.reverse ? W - 1 - c : c;
         const T* prev = nullptr;
         if (!geo.starts(l)) prev = i == 0 ? carry : strip[F_OUT] + (geo.reverse ? q + 1 : q - 1) * H;
-        const LineWeights<T> w = weights(strip[F_WL] + q * H, strip[F_WM] + q * H, strip[F_WR] + q * H, scratch);
+        const LineWeights<T> w = NORM ? LineWeights<T>{norm + q * H, norm + S + q * H, norm + 2 * S + q * H}
+                                      : LineWeights<T>{strip[F_WL] + q * H, strip[F_WM] + q * H, strip[F_WR] + q * H};
         forward_line(H, strip[F_OUT] + q * H, prev, strip[F_X] + q * H, strip[F_LAM] + q * H, w.l, w.m, w.r);
       }
       const int64_t q_last = geo.reverse ? 0 : n - 1;
@@ -302,9 +316,34 @@ struct BackwardWorker {
   std::vector<T> buf;
 
   BackwardWorker(const Geometry& g, bool acc) : geo(g), accumulate_dx(acc) {
-    // vertical: 2 adjoint lines and 2 x 6 weight/sigmoid lines; horizontal: 12 tensor strips, the
-    // adjoint strip, 6 strips of weights/sigmoids, and 5 carried lines (adjoint, weights, h).
-    buf.resize(static_cast<size_t>(geo.vertical ? 14 * geo.P : ((B_COUNT + 7) * STRIP + 5) * geo.H));
+    // vertical: 2 adjoint lines and 2 x 6 weight/sigmoid lines (or 6 planes for a small plane);
+    // horizontal: 12 tensor strips, the adjoint strip, 6 strips of weights/sigmoids, and 5 carried
+    // lines (adjoint, weights, h).
+    const int64_t vertical = 2 * geo.P + (whole_plane() ? 6 * geo.H * geo.W : 12 * geo.P);
+    buf.resize(static_cast<size_t>(geo.vertical ? vertical : ((B_COUNT + 7) * STRIP + 5) * geo.H));
+  }
+
+  bool whole_plane() const { return NORM && geo.H * geo.W <= SMALL_PLANE; }
+
+  // VJP of the normalisation on the gate gradients of `count` lines of P positions stored one after
+  // another from line `first`, skipping lines that start a tile (their gates keep zero gradients).
+  // `is_start(i)` tells whether stored line i starts a tile; runs of other lines go in one call.
+  template <typename IsStart>
+  void vjp_runs(int64_t count, int64_t P, const T* norm, int64_t stride, T* const* grads, IsStart is_start) {
+    int64_t i = 0;
+    while (i < count) {
+      if (is_start(i)) {
+        ++i;
+        continue;
+      }
+      int64_t end = i + 1;
+      while (end < count && !is_start(end)) ++end;
+      const int64_t off = i * P;
+      normalize_lines_vjp(end - i, P, norm + off, norm + stride + off, norm + 2 * stride + off,
+                          norm + 3 * stride + off, norm + 4 * stride + off, norm + 5 * stride + off,
+                          grads[0] + off, grads[1] + off, grads[2] + off);
+      i = end;
+    }
   }
 
   void run(const T* const* in, T* const* out) {
@@ -315,16 +354,23 @@ struct BackwardWorker {
   }
 
   void run_vertical(const T* const* in, T* const* out) {
-    const int64_t P = geo.P, W = geo.W;
+    const int64_t P = geo.P, W = geo.W, HW = geo.H * geo.W;
     T* a_cur = buf.data();
     T* a_next = a_cur + P;
     T* w_cur = a_next + P;  // 6 * P: weights and sigmoids of line l
     T* w_next = w_cur + 6 * P;  // 6 * P: of line l+1
+    T* plane = a_next + P;  // small plane: 6 * HW weights and sigmoids of every line
+    const bool whole = whole_plane();
+    if (whole)
+      normalize_lines(geo.H, W, in[B_WL], in[B_WM], in[B_WR], plane, plane + HW, plane + 2 * HW, plane + 3 * HW,
+                      plane + 4 * HW, plane + 5 * HW);
     LineWeights<T> next_w{nullptr, nullptr, nullptr};
     for (int64_t l = geo.L - 1; l >= 0; --l) {
       const int64_t off = geo.img(l) * W;
       LineWeights<T> cur_w{in[B_WL] + off, in[B_WM] + off, in[B_WR] + off};
-      if (NORM) {
+      if (whole) {
+        cur_w = {plane + off, plane + HW + off, plane + 2 * HW + off};
+      } else if (NORM) {
         normalize_line(P, cur_w.l, cur_w.m, cur_w.r, w_cur, w_cur + P, w_cur + 2 * P, w_cur + 3 * P,
                        w_cur + 4 * P, w_cur + 5 * P);
         cur_w = {w_cur, w_cur + P, w_cur + 2 * P};
@@ -334,16 +380,20 @@ struct BackwardWorker {
       backward_line(P, in[B_G] + off, has_next ? a_next : nullptr, next_w, prev_h, in[B_X] + off,
                     in[B_LAM] + off, a_cur, out[B_DX - B_DX] + off, accumulate_dx, out[B_DLAM - B_DX] + off,
                     out[B_DWL - B_DX] + off, out[B_DWM - B_DX] + off, out[B_DWR - B_DX] + off);
-      if (NORM && prev_h != nullptr)  // a line that starts a tile keeps its zero gate gradients
+      if (NORM && !whole && prev_h != nullptr)  // a line that starts a tile keeps its zero gate gradients
         normalize_line_vjp(P, cur_w.l, cur_w.m, cur_w.r, w_cur + 3 * P, w_cur + 4 * P, w_cur + 5 * P,
                            out[B_DWL - B_DX] + off, out[B_DWM - B_DX] + off, out[B_DWR - B_DX] + off);
       std::swap(a_cur, a_next);
-      if (NORM) {
+      if (NORM && !whole) {
         std::swap(w_cur, w_next);
         next_w = {w_next, w_next + P, w_next + 2 * P};
       } else {
         next_w = cur_w;
       }
+    }
+    if (whole) {  // rows in image order; row r is scan line img(r) (img is its own inverse)
+      T* grads[3] = {out[B_DWL - B_DX], out[B_DWM - B_DX], out[B_DWR - B_DX]};
+      vjp_runs(geo.H, W, plane, HW, grads, [&](int64_t r) { return geo.starts(geo.img(r)); });
     }
   }
 
@@ -364,16 +414,13 @@ struct BackwardWorker {
       // The line preceding this strip in scan order (column c0-1 for lr, c0+n for rl).
       const int64_t c_before = geo.reverse ? c0 + n : c0 - 1;
       if (c_before >= 0 && c_before < W) gather_columns(in[B_H], H, W, c_before, 1, h_column);
+      if (NORM)  // the strip's n lines in one call
+        normalize_lines(n, H, strip[B_WL], strip[B_WM], strip[B_WR], norm, norm + S, norm + 2 * S, norm + 3 * S,
+                        norm + 4 * S, norm + 5 * S);
       LineWeights<T> w_of[STRIP];
-      for (int64_t q = 0; q < n; ++q) {
-        w_of[q] = {strip[B_WL] + q * H, strip[B_WM] + q * H, strip[B_WR] + q * H};
-        if (NORM) {
-          T* nq = norm + q * 6 * H;
-          normalize_line(H, w_of[q].l, w_of[q].m, w_of[q].r, nq, nq + H, nq + 2 * H, nq + 3 * H, nq + 4 * H,
-                         nq + 5 * H);
-          w_of[q] = {nq, nq + H, nq + 2 * H};
-        }
-      }
+      for (int64_t q = 0; q < n; ++q)
+        w_of[q] = NORM ? LineWeights<T>{norm + q * H, norm + S + q * H, norm + 2 * S + q * H}
+                       : LineWeights<T>{strip[B_WL] + q * H, strip[B_WM] + q * H, strip[B_WR] + q * H};
       for (int64_t i = n - 1; i >= 0; --i) {  // lines of the strip in reverse scan order
         const int64_t q = geo.reverse ? n - 1 - i : i;
         const int64_t c = c0 + q;
@@ -397,10 +444,13 @@ struct BackwardWorker {
         for (int k = 0; k < 5; ++k) o[k] = strip[B_DX + k] + q * H;
         backward_line(H, strip[B_G] + q * H, next_a, next_w, prev_h, strip[B_X] + q * H, strip[B_LAM] + q * H,
                       adj + q * H, o[0], false, o[1], o[2], o[3], o[4]);
-        if (NORM && prev_h != nullptr) {  // a line that starts a tile keeps its zero gate gradients
-          const T* nq = norm + q * 6 * H;
-          normalize_line_vjp(H, nq, nq + H, nq + 2 * H, nq + 3 * H, nq + 4 * H, nq + 5 * H, o[2], o[3], o[4]);
-        }
+      }
+      if (NORM) {  // the strip's lines in column order; column c0 + q is scan line l(c0 + q)
+        T* grads[3] = {strip[B_DWL], strip[B_DWM], strip[B_DWR]};
+        vjp_runs(n, H, norm, S, grads, [&](int64_t q) {
+          const int64_t c = c0 + q;
+          return geo.starts(geo.reverse ? W - 1 - c : c);
+        });
       }
       const int64_t q_first = geo.reverse ? n - 1 : 0;  // first line of the strip in scan order
       std::memcpy(carry_a, adj + q_first * H, sizeof(T) * H);

@@ -82,53 +82,37 @@ inline T lane_sum(const T (&u)[LANES]) {
 }
 
 // Stability-context weights of one pixel (all lanes share the pixel's edge conditions HL/HR: whether
-// the left/right neighbour exists). A missing neighbour's weight is exactly 0 whatever its logit;
-// the sigmoids are kept for the VJP.
-template <typename T, bool HL, bool HR>
+// the left/right neighbour exists), as gspn_common.h's stability_weights; with KEEP also the
+// sigmoids (for the VJP).
+template <typename T, bool HL, bool HR, bool KEEP>
 inline void normalize_lanes(const T (&acc)[KINDS][LANES], T (&w)[3][LANES], T (&s)[3][LANES]) {
   int underflow = 0;
 #pragma omp simd reduction(| : underflow)
   for (int64_t j = 0; j < LANES; ++j) {
-    const T vl = HL ? sigmoid(acc[K_L][j]) : T(0);
-    const T vm = sigmoid(acc[K_M][j]);
-    const T vr = HR ? sigmoid(acc[K_R][j]) : T(0);
-    const T sum = vl + vm + vr;
+    const T sum = stability_weights<T, KEEP>(acc[K_L][j], acc[K_M][j], acc[K_R][j], HL, HR, w[0][j], w[1][j],
+                                             w[2][j], s[0][j], s[1][j], s[2][j]);
     underflow |= sum < tiny_sum<T>();
-    const T inv = T(1) / std::max(sum, tiny_sum<T>());
-    s[0][j] = vl;
-    s[1][j] = vm;
-    s[2][j] = vr;
-    w[0][j] = vl * inv;
-    w[1][j] = vm * inv;
-    w[2][j] = vr * inv;
   }
   if (!underflow) return;
-  for (int64_t j = 0; j < LANES; ++j) {  // all valid sigmoids underflow: softmax of the valid logits
-    if (s[0][j] + s[1][j] + s[2][j] >= tiny_sum<T>()) continue;
-    T m = acc[K_M][j];
-    if (HL) m = std::max(m, acc[K_L][j]);
-    if (HR) m = std::max(m, acc[K_R][j]);
-    const T el = HL ? std::exp(acc[K_L][j] - m) : T(0);
-    const T em = std::exp(acc[K_M][j] - m);
-    const T er = HR ? std::exp(acc[K_R][j] - m) : T(0);
-    const T inv = T(1) / (el + em + er);
-    w[0][j] = el * inv;
-    w[1][j] = em * inv;
-    w[2][j] = er * inv;
+  for (int64_t j = 0; j < LANES; ++j) {
+    T w0, w1, w2, s0, s1, s2;
+    if (stability_weights<T, false>(acc[K_L][j], acc[K_M][j], acc[K_R][j], HL, HR, w0, w1, w2, s0, s1, s2) <
+        tiny_sum<T>())
+      softmax_weights(acc[K_L][j], acc[K_M][j], acc[K_R][j], HL, HR, w[0][j], w[1][j], w[2][j]);
   }
 }
 
-template <typename T>
+template <typename T, bool KEEP>
 inline void normalize_lanes(const T (&acc)[KINDS][LANES], bool has_l, bool has_r, T (&w)[3][LANES],
                             T (&s)[3][LANES]) {
   if (has_l && has_r)
-    normalize_lanes<T, true, true>(acc, w, s);
+    normalize_lanes<T, true, true, KEEP>(acc, w, s);
   else if (has_l)
-    normalize_lanes<T, true, false>(acc, w, s);
+    normalize_lanes<T, true, false, KEEP>(acc, w, s);
   else if (has_r)
-    normalize_lanes<T, false, true>(acc, w, s);
+    normalize_lanes<T, false, true, KEEP>(acc, w, s);
   else
-    normalize_lanes<T, false, false>(acc, w, s);
+    normalize_lanes<T, false, false, KEEP>(acc, w, s);
 }
 
 // The LANES channels of x at one pixel of a work item's block. x may be channels-last (LANES
@@ -199,7 +183,7 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
         for (int64_t j = 0; j < LANES; ++j) hq[j] = acc[K_LAM][j] * xp[j];
       } else {
         generate<T, 0, KINDS>(w, zp, S, acc);
-        normalize_lanes(acc, q > 0, q < P - 1, gw, gs);
+        normalize_lanes<T, false>(acc, q > 0, q < P - 1, gw, gs);
         const T* __restrict__ pl = prev + (q - 1) * LANES;
         const T* __restrict__ pm = prev + q * LANES;
         const T* __restrict__ pr = prev + (q + 1) * LANES;
@@ -307,7 +291,7 @@ void scan_direction_backward(const MixShape& sh, const Geometry& geo, const X& x
         for (int64_t j = 0; j < LANES; ++j) d[K_L][j] = d[K_M][j] = d[K_R][j] = cl[j] = cm[j] = cr[j] = T(0);
       } else {
         const bool has_l = q > 0, has_r = q < P - 1;
-        normalize_lanes(acc, has_l, has_r, gw, gs);
+        normalize_lanes<T, true>(acc, has_l, has_r, gw, gs);
         const T zero[LANES] = {};
         const T* __restrict__ hl = has_l ? hbuf + pixel_of(geo, l - 1, q - 1) * LANES : zero;
         const T* __restrict__ hm = hbuf + pixel_of(geo, l - 1, q) * LANES;
