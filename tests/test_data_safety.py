@@ -19,7 +19,7 @@ from gspn._pickle import UnsafeCheckpointError
 from gspn.cli import main
 from gspn.train import TrainConfig, train
 from gspn.train import trainer as trainer_mod
-from gspn.train.checkpoint import load_checkpoint
+from gspn.train.checkpoint import load_state
 from gspn.train.metrics import read_metrics
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gspn"
@@ -63,7 +63,7 @@ def _loaders(path: Path, tmp_path: Path):
 
     return {
         "safe_torch_load": lambda: safe_torch_load(path),
-        "train.load_checkpoint": lambda: load_checkpoint(path),
+        "train.load_state": lambda: load_state(path),
         "train.evaluate_checkpoint": lambda: trainer_mod.evaluate_checkpoint(path),
         "diffusion.load_latents": lambda: load_latents(path),
         "train-dit --data latents:": lambda: load_dataset(f"latents:{path}"),
@@ -72,7 +72,7 @@ def _loaders(path: Path, tmp_path: Path):
     }
 
 
-@pytest.mark.parametrize("loader", ["safe_torch_load", "train.load_checkpoint", "train.evaluate_checkpoint",
+@pytest.mark.parametrize("loader", ["safe_torch_load", "train.load_state", "train.evaluate_checkpoint",
                                     "diffusion.load_latents", "train-dit --data latents:",
                                     "sample.load_for_sampling", "distill resume"])
 def test_every_loader_refuses_a_pickle_that_runs_code(evil, tmp_path: Path, loader: str) -> None:
@@ -151,10 +151,10 @@ class _Killed(BaseException):
 
 def _consistent(out: Path) -> None:
     """The invariants a run folder keeps after any kill (and after the resume that follows)."""
-    last = load_checkpoint(out / "last.pt")
+    last = load_state(out / "last.pt")
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in recs] == list(range(last["epoch"] + 1))
-    best = load_checkpoint(out / "best.pt")
+    best = load_state(out / "best.pt")
     assert best["epoch"] == last["best_epoch"]
     assert max(r["val_acc"] for r in recs) == last["best_acc"]
 
@@ -162,7 +162,7 @@ def _consistent(out: Path) -> None:
 def test_a_kill_at_each_write_leaves_a_consistent_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(1)
     reference = train(_tiny_cfg(tmp_path, "ref"))
-    writes = {"save_checkpoint": trainer_mod.save_checkpoint, "append_metrics": trainer_mod.append_metrics,
+    writes = {"save_state": trainer_mod.save_state, "append_metrics": trainer_mod.append_metrics,
               "atomic_write": trainer_mod.atomic_write, "_export_safetensors": trainer_mod._export_safetensors}
     n = 0
     while True:
@@ -219,7 +219,7 @@ def test_a_new_run_into_an_existing_run_folder_is_refused(tmp_path: Path) -> Non
     assert len(read_metrics(tmp_path / "r/metrics.jsonl")) == 1
     train(_tiny_cfg(tmp_path, "r", epochs=1, lr=1e-2, overwrite=True))
     assert len(read_metrics(tmp_path / "r/metrics.jsonl")) == 1
-    assert load_checkpoint(tmp_path / "r/last.pt")["config"]["lr"] == 1e-2
+    assert load_state(tmp_path / "r/last.pt")["config"]["lr"] == 1e-2
 
 
 def test_a_run_folder_is_locked_while_a_run_owns_it(tmp_path: Path) -> None:

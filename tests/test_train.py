@@ -26,7 +26,7 @@ from gspn.train import (
     train,
     weights_digest,
 )
-from gspn.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from gspn.train.checkpoint import capture_rng, load_state, restore_rng, save_state
 from gspn.train.data import DigitsDataset, center_crop_resize, random_resized_crop
 from gspn.train.ema import build_ema, load_ema_weights
 from gspn.train.metrics import Panel, append_metrics, plot_metrics, read_metrics, truncate_metrics
@@ -146,7 +146,7 @@ def test_image_folder_training_and_eval(tmp_path: Path) -> None:
         ]
     )
     assert rc == 0
-    ck = load_checkpoint(out / "last.pt")
+    ck = load_state(out / "last.pt")
     assert ck["classes"] == ["cat", "dog"] and ck["img_size"] == 16 and ck["step"] == 3
     res = evaluate_checkpoint(out / "last.pt", workers=0)
     assert res["n"] == 6 and 0.0 <= res["val_acc"] <= 1.0
@@ -191,16 +191,16 @@ def test_rng_capture_restore_roundtrip(tmp_path: Path) -> None:
 
     g = torch.Generator().manual_seed(3)
     state = capture_rng(g)
-    save_checkpoint(tmp_path / "rng.pt", {"rng": state})
+    save_state(tmp_path / "rng.pt", {"rng": state})
     a = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=g))
-    restore_rng(load_checkpoint(tmp_path / "rng.pt")["rng"], g)
+    restore_rng(load_state(tmp_path / "rng.pt")["rng"], g)
     b = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=g))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and torch.equal(a[3], b[3])
 
 
 def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "ck.pt"
-    save_checkpoint(path, {"w": torch.ones(3)})
+    save_state(path, {"w": torch.ones(3)})
 
     def crashing_save(obj, f, *a, **k):
         f.write(b"partial garbage")
@@ -208,9 +208,9 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"w": torch.zeros(3)})
+        save_state(path, {"w": torch.zeros(3)})
     monkeypatch.undo()
-    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+    assert torch.equal(load_state(path)["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]  # no temporary file left behind
 
 
@@ -275,7 +275,7 @@ def test_resume_is_exact(tmp_path: Path, model: str, model_args: dict, workers: 
     assert first["steps"] == 5
     resumed = train(_cfg(tmp_path, "split", resume="auto", **kw))
     assert resumed["steps"] == straight["steps"] == 10
-    a, b = load_checkpoint(tmp_path / "straight/last.pt"), load_checkpoint(tmp_path / "split/last.pt")
+    a, b = load_state(tmp_path / "straight/last.pt"), load_state(tmp_path / "split/last.pt")
     _assert_same_state(a["model"], b["model"])
     _assert_same_state(a["ema"], b["ema"])
     assert a["scheduler"] == b["scheduler"]
@@ -356,7 +356,7 @@ def test_cuda_amp_training_and_resume(tmp_path: Path, amp: str) -> None:
         pytest.skip("no bf16 on this GPU")
     kw = dict(device="cuda", amp=amp, ema_decay=0.9, workers=1)
     train(_cfg(tmp_path, "gpu", stop_after_epochs=1, **kw))
-    ck = load_checkpoint(tmp_path / "gpu/last.pt")
+    ck = load_state(tmp_path / "gpu/last.pt")
     assert bool(ck["scaler"]) == (amp == "fp16")  # the grad scaler is used (and saved) for fp16 only
     s = train(_cfg(tmp_path, "gpu", resume="auto", **kw))
     assert s["steps"] == 10 and np.isfinite(s["final"]["val_loss"])
@@ -482,7 +482,7 @@ def test_torchrun_ddp_two_ranks_identical_weights(tmp_path: Path) -> None:
     assert summary["world_size"] == 2
     digests = summary["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    ck = load_checkpoint(out / "last.pt")
+    ck = load_state(out / "last.pt")
     assert ck["step"] == 8 and len(ck["rng"]) == 2  # 128 images / (2 ranks × 16) = 4 steps per epoch
     m = build_model("baseline_conv", num_classes=10, **TINY_CONV)
     m.load_state_dict(ck["model"])

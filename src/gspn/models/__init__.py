@@ -8,7 +8,7 @@
 >>> # model = gspn.create_model("gspn_t", pretrained=True)
 """
 
-from . import gspn_dit, gspn_vision, reference_checkpoints
+from . import baselines, gspn_dit, gspn_vision, reference_checkpoints
 from ._registry import create_model, get_default_cfg, is_model, list_models, model_entrypoint, register_model
 from .checkpoint import load_checkpoint, load_model, read_metadata, save_checkpoint
 from .complexity import complexity, count_params
@@ -19,6 +19,7 @@ from .reference_checkpoints import convert_checkpoint, reference_model_args
 __all__ = [
     "GSPNClassifier",
     "GSPNDiT",
+    "baselines",
     "block_chunk_sizes",
     "complexity",
     "convert_checkpoint",

@@ -32,9 +32,16 @@ def register_model(fn: F) -> F:
     return fn
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Sorted names of the registered models matching the shell-style ``pattern`` (e.g. ``"gspn_*"``)."""
-    return sorted(n for n in _ENTRYPOINTS if fnmatch.fnmatchcase(n, pattern))
+def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
+    """Sorted names of the registered models matching the shell-style ``pattern`` (e.g. ``"gspn_*"``).
+
+    ``task`` keeps only the models of that task tag (``"classification"`` or ``"diffusion"``; a model's
+    ``default_cfg["task"]``, classification when absent).
+    """
+    names = sorted(n for n in _ENTRYPOINTS if fnmatch.fnmatchcase(n, pattern))
+    if task is not None:
+        names = [n for n in names if get_default_cfg(n).get("task", "classification") == task]
+    return names
 
 
 def is_model(name: str) -> bool:

@@ -17,16 +17,18 @@ import torch
 
 from .._files import atomic_torch_save, atomic_write, safe_torch_load
 
-__all__ = ["atomic_write", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
+__all__ = ["atomic_write", "capture_rng", "load_state", "restore_rng", "save_state"]
 
 
-def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Atomically ``torch.save`` ``state`` to ``path``."""
+def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Atomically ``torch.save`` a training state (``last.pt``: weights, optimizer, RNG, ...) to ``path``.
+
+    Weights for use elsewhere are written by :func:`gspn.models.save_checkpoint` (safetensors)."""
     atomic_torch_save(state, path)
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and primitives only)."""
+def load_state(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a training state written by :func:`save_state` (tensors and primitives only; never runs code)."""
     return safe_torch_load(path, map_location=map_location)
 
 

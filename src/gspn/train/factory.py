@@ -13,8 +13,6 @@ from typing import Any
 
 from torch import nn
 
-from .baselines import BASELINES
-
 __all__ = ["available_models", "build_model", "model_default_cfg", "model_task", "parse_model_args"]
 
 
@@ -24,8 +22,6 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, **overrides: Any
     Raises:
         ValueError: ``name`` is unknown, or a diffusion model (those take ``gspn train-dit``).
     """
-    if name in BASELINES:
-        return BASELINES[name](num_classes=num_classes, in_chans=in_chans, **overrides)
     from ..models import create_model
 
     task = model_task(name)
@@ -37,8 +33,6 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, **overrides: Any
 def model_task(name: str) -> str:
     """``"classification"`` (backbones and baselines) or ``"diffusion"`` (GSPN-DiT), from the
     model's default config; unknown names raise the registry's ``ValueError``."""
-    if name in BASELINES:
-        return "classification"
     from ..models import get_default_cfg
 
     return get_default_cfg(name).get("task", "classification")
@@ -49,8 +43,7 @@ def available_models(task: str | None = "classification") -> list[str]:
     for ``"classification"``, every name :func:`build_model` accepts."""
     from ..models import list_models
 
-    names = [n for n in list_models() if task is None or model_task(n) == task]
-    return [*names, *BASELINES] if task in (None, "classification") else names
+    return list_models(task=task)
 
 
 def model_default_cfg(model: nn.Module) -> dict[str, Any]:

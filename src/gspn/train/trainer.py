@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .._files import claim_run_dir
-from .checkpoint import atomic_write, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import atomic_write, capture_rng, load_state, restore_rng, save_state
 from .data import build_data
 from .distributed import (
     DistContext,
@@ -277,7 +277,7 @@ def _repair_after_kill(out: Path, ckpt: dict[str, Any], resume_path: Path, plot:
     if (
         ckpt.get("best_epoch") == epoch
         and resume_path.resolve() == (out / "last.pt").resolve()
-        and (not best.exists() or load_checkpoint(best).get("epoch") != epoch)
+        and (not best.exists() or load_state(best).get("epoch") != epoch)
     ):
         with resume_path.open("rb") as src:
             atomic_write(best, lambda f: shutil.copyfileobj(src, f))
@@ -317,7 +317,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
             f"--resume: the ranks disagree on the checkpoint to resume from ({seen_by_rank}); "
             "the output directory must be on a filesystem shared by all nodes"
         )
-    ckpt = load_checkpoint(resume_path) if resume_path else None
+    ckpt = load_state(resume_path) if resume_path else None
     if ckpt is not None:
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{resume_path} is not a gspn training checkpoint")
@@ -547,9 +547,9 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 "record": record,
             }
             # last.pt is the commit point; best.pt and the metrics line follow from it (see _repair_after_kill)
-            save_checkpoint(out / "last.pt", state)
+            save_state(out / "last.pt", state)
             if improved:
-                save_checkpoint(out / "best.pt", state)
+                save_state(out / "best.pt", state)
             append_metrics(metrics_path, record)
             if cfg.plot:
                 plot_metrics(metrics_path, out / "metrics.png")
@@ -596,20 +596,19 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
 
 
 def _export_safetensors(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
-    """Final weights as safetensors, with the model name/config as string metadata."""
-    from safetensors.torch import save
+    """Final weights in the library's one weight format (:func:`gspn.models.save_checkpoint`: loads with
+    :func:`gspn.models.load_model` and ``create_model(name, pretrained=path)``), plus the training data's
+    setup (image size, mean/std, class names) as ``gspn.train.*`` string metadata."""
+    from ..models import save_checkpoint
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     md = {
-        k: json.dumps(_json_safe(meta[k]))
+        f"gspn.train.{k}": json.dumps(_json_safe(meta[k]))
         for k in ("model_name", "model_args", "num_classes", "in_chans", "img_size", "mean", "std", "classes")
     }
     try:
-        blob = save(tensors, metadata=md)
+        save_checkpoint(model, path, metadata=md)
     except RuntimeError as e:  # shared storage etc.: weights are still in the .pt checkpoint
         warnings.warn(f"safetensors export skipped: {e}", stacklevel=2)
-        return
-    atomic_write(path, lambda f: f.write(blob))
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -629,7 +628,7 @@ def evaluate_checkpoint(
     The data are prepared as in training (image size, channels, normalisation, ``val_limit``) unless
     overridden here.
     """
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_state(checkpoint)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{checkpoint} is not a gspn training checkpoint")
     dev = torch.device(
