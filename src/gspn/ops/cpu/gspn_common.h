@@ -7,6 +7,14 @@
 #include <cstdint>
 #include <cstring>
 
+// The gate maths must be inlined into the vector loops that call it: an out-of-line call makes
+// GCC run those loops one element at a time.
+#if defined(__GNUC__)
+#define GSPN_INLINE inline __attribute__((always_inline))
+#else
+#define GSPN_INLINE inline
+#endif
+
 namespace {
 
 // Geometry of one scan direction over an H x W plane (see gspn/ops/directions.py).
@@ -39,7 +47,7 @@ struct Geometry {
 
 // exp(x) for x <= 0, float32: Cody–Waite reduction and a degree-6 polynomial; branch-free so the
 // compiler vectorises it (libm's expf is not vectorised without -ffast-math).
-inline float exp_nonpositive(float x) {
+GSPN_INLINE float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   x = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -55,10 +63,10 @@ inline float exp_nonpositive(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return y * scale;
 }
-inline double exp_nonpositive(double x) { return std::exp(x); }
+GSPN_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
 template <typename T>
-inline T sigmoid(T a) {
+GSPN_INLINE T sigmoid(T a) {
   const T t = exp_nonpositive(-std::abs(a));
   const T inv = T(1) / (T(1) + t);
   return a >= T(0) ? inv : t * inv;
@@ -78,7 +86,7 @@ constexpr double tiny_sum<double>() { return 1e-300; }
 // sum_j e_j (the sum of the sigmoids times prod_j d_j, in [1, 8]) for the underflow test; with KEEP
 // also the sigmoids s_k = e_k / prod_j d_j (the backward's VJP needs them).
 template <typename T, bool KEEP>
-inline T stability_weights(T al, T am, T ar, bool has_l, bool has_r, T& wl, T& wm, T& wr, T& sl, T& sm, T& sr) {
+GSPN_INLINE T stability_weights(T al, T am, T ar, bool has_l, bool has_r, T& wl, T& wm, T& wr, T& sl, T& sm, T& sr) {
   const T tl = exp_nonpositive(-std::abs(al)), tm = exp_nonpositive(-std::abs(am));
   const T tr = exp_nonpositive(-std::abs(ar));
   const T nl = has_l ? (al >= T(0) ? T(1) : tl) : T(0);
