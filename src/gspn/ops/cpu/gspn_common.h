@@ -158,38 +158,97 @@ inline int64_t block_positions(int64_t pos0, int64_t P, int64_t (&pos)[NORM_BLOC
   return q;
 }
 
+// Weights (and with KEEP sigmoids) of n <= NORM_BLOCK consecutive elements of one line, the first at
+// position p0 of a line of P; FULL: n == NORM_BLOCK, read and written in place.
+template <typename T, bool KEEP, bool FULL>
+GSPN_INLINE int normalize_run(int64_t n, int64_t p0, int64_t P, const T* __restrict__ al, const T* __restrict__ am,
+                              const T* __restrict__ ar, T* __restrict__ wl, T* __restrict__ wm, T* __restrict__ wr,
+                              T* __restrict__ sl, T* __restrict__ sm, T* __restrict__ sr) {
+  int underflow = 0;
+  if (FULL) {
+#pragma omp simd reduction(| : underflow)
+    for (int64_t j = 0; j < NORM_BLOCK; ++j) {
+      T s0, s1, s2;
+      const T sum = stability_weights<T, KEEP>(al[j], am[j], ar[j], p0 + j > 0, p0 + j < P - 1, wl[j], wm[j], wr[j],
+                                               s0, s1, s2);
+      if (KEEP) {
+        sl[j] = s0;
+        sm[j] = s1;
+        sr[j] = s2;
+      }
+      underflow |= sum < tiny_sum<T>();
+    }
+    return underflow;
+  }
+  T a[3][NORM_BLOCK], w[3][NORM_BLOCK], s[3][NORM_BLOCK];
+  load_block(al, n, a[0]);
+  load_block(am, n, a[1]);
+  load_block(ar, n, a[2]);
+#pragma omp simd reduction(| : underflow)
+  for (int64_t j = 0; j < NORM_BLOCK; ++j) {
+    const T sum = stability_weights<T, KEEP>(a[0][j], a[1][j], a[2][j], p0 + j > 0, p0 + j < P - 1, w[0][j], w[1][j],
+                                             w[2][j], s[0][j], s[1][j], s[2][j]);
+    underflow |= sum < tiny_sum<T>();  // elements past the end have logits 0: never
+  }
+  if (KEEP) {
+    store_block(s[0], n, sl);
+    store_block(s[1], n, sm);
+    store_block(s[2], n, sr);
+  }
+  store_block(w[0], n, wl);
+  store_block(w[1], n, wm);
+  store_block(w[2], n, wr);
+  return underflow;
+}
+
 // Normalise L lines of P logits stored one after another (line i at offset i * P) into weights
-// (wl, wm, wr), and with KEEP the sigmoids (sl, sm, sr; untouched otherwise). Short lines are
-// batched into full vector blocks.
+// (wl, wm, wr), and with KEEP the sigmoids (sl, sm, sr; untouched otherwise). Long lines go block
+// by block; short lines (P < 2 * NORM_BLOCK) are batched several to a vector block.
 template <typename T, bool KEEP = true>
 void normalize_lines(int64_t L, int64_t P, const T* __restrict__ al, const T* __restrict__ am,
                      const T* __restrict__ ar, T* __restrict__ wl, T* __restrict__ wm, T* __restrict__ wr,
                      T* __restrict__ sl, T* __restrict__ sm, T* __restrict__ sr) {
   const int64_t N = L * P;
   int underflow = 0;
-  int64_t pos0 = 0;
-  for (int64_t p0 = 0; p0 < N; p0 += NORM_BLOCK) {
-    const int64_t n = std::min(NORM_BLOCK, N - p0);
-    int64_t pos[NORM_BLOCK];
-    pos0 = block_positions(pos0, P, pos);
-    T a[3][NORM_BLOCK], w[3][NORM_BLOCK], s[3][NORM_BLOCK];
-    load_block(al + p0, n, a[0]);
-    load_block(am + p0, n, a[1]);
-    load_block(ar + p0, n, a[2]);
+  if (L == 1 || P >= 2 * NORM_BLOCK) {
+    for (int64_t i = 0; i < N; i += P) {
+      int64_t p0 = 0;
+      for (; p0 + NORM_BLOCK <= P; p0 += NORM_BLOCK) {
+        const int64_t o = i + p0;
+        underflow |= normalize_run<T, KEEP, true>(NORM_BLOCK, p0, P, al + o, am + o, ar + o, wl + o, wm + o, wr + o,
+                                                  sl + (KEEP ? o : 0), sm + (KEEP ? o : 0), sr + (KEEP ? o : 0));
+      }
+      if (p0 < P) {
+        const int64_t o = i + p0;
+        underflow |= normalize_run<T, KEEP, false>(P - p0, p0, P, al + o, am + o, ar + o, wl + o, wm + o, wr + o,
+                                                   sl + (KEEP ? o : 0), sm + (KEEP ? o : 0), sr + (KEEP ? o : 0));
+      }
+    }
+  } else {
+    int64_t pos0 = 0;
+    for (int64_t p0 = 0; p0 < N; p0 += NORM_BLOCK) {
+      const int64_t n = std::min(NORM_BLOCK, N - p0);
+      int64_t pos[NORM_BLOCK];
+      pos0 = block_positions(pos0, P, pos);
+      T a[3][NORM_BLOCK], w[3][NORM_BLOCK], s[3][NORM_BLOCK];
+      load_block(al + p0, n, a[0]);
+      load_block(am + p0, n, a[1]);
+      load_block(ar + p0, n, a[2]);
 #pragma omp simd reduction(| : underflow)
-    for (int64_t j = 0; j < NORM_BLOCK; ++j) {
-      const T sum = stability_weights<T, KEEP>(a[0][j], a[1][j], a[2][j], pos[j] > 0, pos[j] < P - 1, w[0][j],
-                                               w[1][j], w[2][j], s[0][j], s[1][j], s[2][j]);
-      underflow |= sum < tiny_sum<T>();  // elements past the end have logits 0: never
+      for (int64_t j = 0; j < NORM_BLOCK; ++j) {
+        const T sum = stability_weights<T, KEEP>(a[0][j], a[1][j], a[2][j], pos[j] > 0, pos[j] < P - 1, w[0][j],
+                                                 w[1][j], w[2][j], s[0][j], s[1][j], s[2][j]);
+        underflow |= sum < tiny_sum<T>();  // elements past the end have logits 0: never
+      }
+      if (KEEP) {
+        store_block(s[0], n, sl + p0);
+        store_block(s[1], n, sm + p0);
+        store_block(s[2], n, sr + p0);
+      }
+      store_block(w[0], n, wl + p0);
+      store_block(w[1], n, wm + p0);
+      store_block(w[2], n, wr + p0);
     }
-    if (KEEP) {
-      store_block(s[0], n, sl + p0);
-      store_block(s[1], n, sm + p0);
-      store_block(s[2], n, sr + p0);
-    }
-    store_block(w[0], n, wl + p0);
-    store_block(w[1], n, wm + p0);
-    store_block(w[2], n, wr + p0);
   }
   if (!underflow) return;
   for (int64_t i = 0; i < N; ++i) {
