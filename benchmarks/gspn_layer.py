@@ -9,6 +9,12 @@ one call each per round, so machine noise hits them alike; ratios are taken with
     python benchmarks/gspn_layer.py                  # the issue's four shapes, 1 and 2 threads
     python benchmarks/gspn_layer.py --quick          # smaller shapes, a sanity run
     python benchmarks/gspn_layer.py --json out.json  # also write every measurement
+    python benchmarks/gspn_layer.py --operator       # line_scan_4d: normalisation cost, vs the reference loop
+
+``--operator`` times the scan operator alone (``gspn.ops.line_scan_4d`` on the CPU backend, with and
+without the fused normalisation, and the reference loop with it) at the small maps of the deep
+classifier stages and the DiT grids, ``(160, 128, 4, 4)``, ``(64, 128, 8, 8)``, ``(2, 384, 16, 16)``,
+and at the layer shapes above (the reference loop only where it takes under a few seconds).
 
 Methods (width ``C``; attention heads: 2 at C = 32 as in the issue's measurement, 3 at 96 and 144
 (Swin-T stage 1 / GSPN-T stage 1), 5 at 320 (Stable Diffusion's first stage), otherwise C / 32):
@@ -40,6 +46,7 @@ from gspn.nn import GSPN2d
 SHAPES = [(1, 32, 256, 256), (1, 96, 128, 128), (8, 144, 56, 56), (1, 320, 64, 64)]
 QUICK_SHAPES = [(1, 32, 64, 64), (2, 96, 32, 32)]
 METHODS = ("unfused", "fused", "fused-cl", "linear-attn", "sdpa")
+OPERATOR_SHAPES = [(160, 128, 4, 4), (64, 128, 8, 8), (2, 384, 16, 16), *SHAPES]
 
 
 HEADS = {32: 2, 96: 3, 144: 3, 320: 5}
@@ -102,6 +109,49 @@ def run(shapes, threads_list, repeats: int, sdpa_max_tokens: int) -> list[dict]:
     return records
 
 
+def run_operator(shapes, threads_list, repeats: int) -> list[dict]:
+    """``line_scan_4d`` forward: CPU backend with and without normalisation, and the reference loop
+    (normalised; only for maps of at most 64² pixels), round-robin as above."""
+    from gspn.ops import line_scan_4d
+
+    records = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for shape in shapes:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=gen)
+            params = [torch.randn(shape[0], 4, *shape[1:], generator=gen) for _ in range(4)]
+            calls = {
+                "cpu": lambda x=x, params=params: line_scan_4d(x, *params, normalize=True, backend="cpu"),
+                "cpu-unnormalised": lambda x=x, params=params: line_scan_4d(x, *params, normalize=False, backend="cpu"),
+            }
+            if shape[2] * shape[3] <= 64 * 64:
+                calls["reference"] = lambda x=x, params=params: line_scan_4d(
+                    x, *params, normalize=True, backend="reference"
+                )
+            times: dict[str, list[float]] = {name: [] for name in calls}
+            with torch.inference_mode():
+                for call in calls.values():
+                    call()
+                for _ in range(repeats):
+                    for name, call in calls.items():
+                        start = time.perf_counter()
+                        call()
+                        times[name].append((time.perf_counter() - start) * 1e3)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            record = {"threads": threads, "shape": list(shape), "median_ms": med, "times_ms": times}
+            records.append(record)
+            overhead = med["cpu"] / med["cpu-unnormalised"] - 1
+            ref = f" | reference {med['reference']:8.1f} -> cpu {med['reference'] / med['cpu']:5.2f}x faster" if (
+                "reference" in med) else ""
+            print(
+                f"threads={threads} line_scan_4d {tuple(shape)} ms: cpu {med['cpu']:7.2f}  unnormalised "
+                f"{med['cpu-unnormalised']:7.2f}  normalisation +{overhead * 100:4.0f}%{ref}",
+                flush=True,
+            )
+    return records
+
+
 def _print_row(threads, shape, backward, row, x_bytes) -> None:
     kind = "fwd+bwd" if backward else "fwd"
     times = "  ".join(f"{m} {row[m]['median_ms']:8.1f}" if row[m] else f"{m} skipped" for m in METHODS)
@@ -123,6 +173,7 @@ def _print_row(threads, shape, backward, row, x_bytes) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, one thread")
+    parser.add_argument("--operator", action="store_true", help="time line_scan_4d instead of the layers")
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 2)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sdpa-max-tokens", type=int, default=16384, help="skip SDPA above this many tokens")
@@ -131,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     threads = args.threads or ([1] if args.quick else [1, 2])
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, times are medians in ms")
-    records = run(shapes, threads, args.repeats, args.sdpa_max_tokens)
+    if args.operator:
+        records = run_operator(OPERATOR_SHAPES[:2] if args.quick else OPERATOR_SHAPES, threads, args.repeats)
+    else:
+        records = run(shapes, threads, args.repeats, args.sdpa_max_tokens)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "records": records}, f, indent=1)

@@ -163,6 +163,7 @@ class GSPNDiTBlock(nn.Module):
         norm_eps: LayerNorm epsilon.
         backend: scan backend.
         merge_frame: :class:`~gspn.nn.GSPN2d`'s merge (``"image"`` aligned, ``"scan"`` the reference's).
+        fused: :class:`~gspn.nn.GSPN2d` as the fused operator (default) or the composition.
 
     Shapes: ``x, skip: (B, H, W, D) → (B, H, W, D)``.
     """
@@ -178,13 +179,15 @@ class GSPNDiTBlock(nn.Module):
         norm_eps: float = 1e-6,
         backend: str = "auto",
         merge_frame: str = "image",
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if long_skip else None
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.in_proj = nn.Linear(dim, dim, bias=False)
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.gspn = GSPN2d(dim, d_state=d_state, chunk_size=chunk_size, backend=backend, merge_frame=merge_frame)
+        self.gspn = GSPN2d(dim, d_state=d_state, chunk_size=chunk_size, backend=backend, merge_frame=merge_frame,
+                           fused=fused)
         self.out_conv = nn.Conv2d(dim, dim, 1, bias=False)
         self.out_dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
@@ -276,6 +279,8 @@ class GSPNDiT(nn.Module):
         cond_every_block: also add ``c`` to the tokens before every block (no parameters; the
             reference adds it once, at the input — the default).
         backend: scan backend.
+        fused: GSPN layers as the fused operator :func:`gspn.ops.gspn_mix` (default) or as the
+            materialising composition (``False``; same weights and numbers, slower).
 
     Shapes: ``x: (B, C, H, W)``, ``t: (B,)`` (float or int), ``y: (B,)`` int64 →
     ``(B, out_channels, H, W)``.
@@ -303,6 +308,7 @@ class GSPNDiT(nn.Module):
         final_norm_eps: float | None = None,
         wiring: str = "residual",
         merge_frame: str = "image",
+        fused: bool = True,
     ) -> None:
         super().__init__()
         half = depth // 2
@@ -327,7 +333,7 @@ class GSPNDiT(nn.Module):
 
         def block(i: int, chunk: int | None, long_skip: bool) -> GSPNDiTBlock:
             return GSPNDiTBlock(hidden_size, self.d_state, chunk, long_skip, kernel_size, rates[i], norm_eps,
-                                backend, merge_frame)
+                                backend, merge_frame, fused)
 
         self.in_blocks = nn.ModuleList([block(i, local_chunk_size, False) for i in range(half)])
         self.mid_block = block(half, local_chunk_size, False)

@@ -183,6 +183,8 @@ class GSPNClassifier(nn.Module):
             frames; square inputs only), see :class:`~gspn.nn.GSPN2d`.
         global_chunk_sizes: per stage, the chunk of the global blocks; ``None`` = the whole map
             (see :func:`block_chunk_sizes`).
+        fused: GSPN layers as the fused operator :func:`gspn.ops.gspn_mix` (default) or as the
+            materialising composition (``False``; same weights and numbers, slower).
 
     The reference code's semantics (the authors' checkpoints) are ``norm_eps=1e-5,
     conv_act=False, merge_frame="scan", global_chunk_sizes=(56, 28, 14, 7)``
@@ -214,6 +216,7 @@ class GSPNClassifier(nn.Module):
         conv_act: bool = True,
         merge_frame: str = "image",
         global_chunk_sizes: Sequence[int | None] | None = None,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         dims = [embed_dim * 2**i for i in range(len(depths))]
@@ -241,7 +244,7 @@ class GSPNClassifier(nn.Module):
                 in_dim, dim, chunks[i], rates[start:start + depth], downsample=i > 0, norm_eps=norm_eps,
                 d_state=d_state, expand=expand, mlp_ratio=mlp_ratio, kernel_size=kernel_size,
                 gate_channels=d_inner // gate_group_size, backend=backend, conv_act=conv_act,
-                merge_frame=merge_frame,
+                merge_frame=merge_frame, fused=fused,
             ))
             start += depth
             in_dim = dim

@@ -23,7 +23,7 @@ class GSPNBlock(nn.Module):
         drop_path: stochastic-depth probability of both branches.
         norm_eps: LayerNorm epsilon.
         **mixer_kwargs: forwarded to :class:`GSPNMixer` (``d_state``, ``expand``, ``kernel_size``,
-            ``chunk_size``, ``gate_channels``, ``backend``, ``conv_act``, ``merge_frame``).
+            ``chunk_size``, ``gate_channels``, ``backend``, ``conv_act``, ``merge_frame``, ``fused``).
 
     Shapes: channels-last ``(B, H, W, D) → (B, H, W, D)``.
     """

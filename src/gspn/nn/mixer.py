@@ -36,6 +36,8 @@ class GSPNMixer(nn.Module):
         conv_act: apply SiLU after the depthwise conv (default). The reference code builds that
             SiLU but never calls it: ``False`` reproduces it (used for the authors' checkpoints).
         merge_frame: :class:`GSPN2d`'s merge (``"image"``, aligned; ``"scan"``, the reference's).
+        fused: run :class:`GSPN2d` as the fused operator :func:`gspn.ops.gspn_mix` (default) or as
+            the materialising composition (``False``; same parameters and numbers).
 
     Shapes: ``(B, H, W, D) → (B, H, W, D)``.
     """
@@ -52,6 +54,7 @@ class GSPNMixer(nn.Module):
         backend: str = "auto",
         conv_act: bool = True,
         merge_frame: str = "image",
+        fused: bool = True,
     ) -> None:
         super().__init__()
         d_inner = round(expand * dim)
@@ -65,7 +68,7 @@ class GSPNMixer(nn.Module):
         )
         self.act = nn.SiLU() if conv_act else nn.Identity()
         self.gspn = GSPN2d(d_inner, d_state=d_state, chunk_size=chunk_size, gate_channels=gate_channels,
-                           backend=backend, merge_frame=merge_frame)
+                           backend=backend, merge_frame=merge_frame, fused=fused)
         self.out_norm = nn.LayerNorm(d_inner, eps=norm_eps)
         self.grn = GRN(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
