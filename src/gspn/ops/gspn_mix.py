@@ -27,11 +27,10 @@ from torch.utils.flop_counter import register_flop_formula
 from .backends import resolve_backend
 from .directions import DIRECTIONS
 from .line_scan import _custom_op, scan_flops
-from .validation import check_chunk_size, compute_dtype
+from .validation import BACKENDS, check_chunk_size, compute_dtype
 
 __all__ = ["gspn_mix", "mix_flops"]
 
-_BACKENDS = ("auto", "reference", "cpu", "triton")
 _NUM_DIRECTIONS = len(DIRECTIONS)
 
 
@@ -84,8 +83,8 @@ def _check_args(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_
     if tuple(merge_weight.shape) != (_NUM_DIRECTIONS,):
         raise ValueError(f"merge_weight must have shape (4,), got {tuple(merge_weight.shape)}")
     chunk_size = check_chunk_size(chunk_size)
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return chunk_size
 
 
