@@ -164,6 +164,7 @@ class GSPNDiTBlock(nn.Module):
         backend: scan backend.
         merge_frame: :class:`~gspn.nn.GSPN2d`'s merge (``"image"`` aligned, ``"scan"`` the reference's).
         fused: :class:`~gspn.nn.GSPN2d` as the fused operator (default) or the composition.
+        propagation_channels: compact channel propagation of :class:`~gspn.nn.GSPN2d` (``None`` = off).
 
     Shapes: ``x, skip: (B, H, W, D) → (B, H, W, D)``.
     """
@@ -180,6 +181,7 @@ class GSPNDiTBlock(nn.Module):
         backend: str = "auto",
         merge_frame: str = "image",
         fused: bool = True,
+        propagation_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if long_skip else None
@@ -187,7 +189,7 @@ class GSPNDiTBlock(nn.Module):
         self.in_proj = nn.Linear(dim, dim, bias=False)
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.gspn = GSPN2d(dim, d_state=d_state, chunk_size=chunk_size, backend=backend, merge_frame=merge_frame,
-                           fused=fused)
+                           fused=fused, propagation_channels=propagation_channels)
         self.out_conv = nn.Conv2d(dim, dim, 1, bias=False)
         self.out_dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
@@ -281,6 +283,8 @@ class GSPNDiT(nn.Module):
         backend: scan backend.
         fused: GSPN layers as the fused operator :func:`gspn.ops.gspn_mix` (default) or as the
             materialising composition (``False``; same weights and numbers, slower).
+        propagation_channels: compact channel propagation of every :class:`~gspn.nn.GSPN2d`
+            (``None`` = off; an int ``Cp`` propagates in a ``Cp``-channel proxy space).
 
     Shapes: ``x: (B, C, H, W)``, ``t: (B,)`` (float or int), ``y: (B,)`` int64 →
     ``(B, out_channels, H, W)``.
@@ -309,6 +313,7 @@ class GSPNDiT(nn.Module):
         wiring: str = "residual",
         merge_frame: str = "image",
         fused: bool = True,
+        propagation_channels: int | None = None,
     ) -> None:
         super().__init__()
         half = depth // 2
@@ -333,7 +338,7 @@ class GSPNDiT(nn.Module):
 
         def block(i: int, chunk: int | None, long_skip: bool) -> GSPNDiTBlock:
             return GSPNDiTBlock(hidden_size, self.d_state, chunk, long_skip, kernel_size, rates[i], norm_eps,
-                                backend, merge_frame, fused)
+                                backend, merge_frame, fused, propagation_channels)
 
         self.in_blocks = nn.ModuleList([block(i, local_chunk_size, False) for i in range(half)])
         self.mid_block = block(half, local_chunk_size, False)

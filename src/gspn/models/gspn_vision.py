@@ -49,7 +49,7 @@ from ..nn import GSPNBlock, LayerNorm2d
 from ._registry import register_model
 from .reference_checkpoints import plan_pretrained
 
-__all__ = ["GSPNClassifier", "block_chunk_sizes"]
+__all__ = ["ClassifierAPI", "ClassifierHead", "GSPNClassifier", "block_chunk_sizes"]
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -156,7 +156,67 @@ class ClassifierHead(nn.Module):
         return x if pre_logits else self.fc(self.drop(x))
 
 
-class GSPNClassifier(nn.Module):
+class ClassifierAPI:
+    """The timm-style classifier methods shared by :class:`GSPNClassifier` and
+    :class:`~gspn.models.gspn_vit.GSPNViT`: the model has ``head`` (a :class:`ClassifierHead`),
+    ``num_features``, ``num_classes``, ``default_cfg``, ``model_args`` and ``forward_features``."""
+
+    head: ClassifierHead
+    num_features: int
+    num_classes: int
+    default_cfg: dict[str, Any]
+    model_args: dict[str, Any]
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """Alias of :attr:`default_cfg` (timm's newer name)."""
+        return self.default_cfg
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters conventionally excluded from weight decay (norms, biases, GRN, merger)."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith("m_conv.weight")}
+
+    def get_classifier(self) -> nn.Module:
+        """The final Linear (or ``Identity`` when ``num_classes == 0``)."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` outputs (0 = features only).
+
+        ``global_pool`` follows timm's signature: ``None`` keeps the pooling, ``"avg"`` (the only
+        pooling these models have) is accepted; anything else raises ``ValueError``.
+        """
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r} is not supported: GSPN classifiers pool by 'avg' only")
+        self.num_classes = num_classes
+        weight = self.head.norm.weight
+        if num_classes > 0:
+            self.head.fc = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
+            self._init_weights(self.head.fc)
+        else:
+            self.head.fc = nn.Identity()
+        if self.default_cfg:
+            self.default_cfg["num_classes"] = num_classes
+        if self.model_args:
+            self.model_args["num_classes"] = num_classes
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Head on :meth:`forward_features` output: ``(B, num_features)`` if ``pre_logits`` else logits."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W) → (B, num_classes)``."""
+        return self.forward_head(self.forward_features(x))
+
+
+class GSPNClassifier(ClassifierAPI, nn.Module):
     """GSPN image classifier (the backbone of GSPN-T/S/B).
 
     Args:
@@ -172,7 +232,12 @@ class GSPNClassifier(nn.Module):
         global_stages: 0-based stages whose blocks follow the global rule of :func:`block_chunk_sizes`.
         global_period: period of that rule (7).
         gate_group_size: channels sharing one propagation gate (1 = per channel, GSPN-1; larger =
-            GSPN-2 compact propagation; must divide every stage's ``d_inner``).
+            GSPN-2's gate sharing; must divide every stage's ``d_inner``, or its propagation
+            channels in the compact mode). ``None`` (default): 1, or, in the compact mode, one gate
+            shared by all propagation channels.
+        propagation_channels: compact channel propagation (:class:`~gspn.nn.GSPN2d`): ``None``
+            (default) propagates all ``d_inner`` channels; an int ``Cp`` gives every stage's GSPN
+            layers a ``Cp``-channel proxy space; a sequence gives one value (or ``None``) per stage.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over blocks up to this value
             (reference training: 0.2 / 0.4 / 0.5 for T / S / B).
@@ -208,7 +273,7 @@ class GSPNClassifier(nn.Module):
         local_chunk_size: int | None = 2,
         global_stages: Sequence[int] = (2, 3),
         global_period: int = 7,
-        gate_group_size: int = 1,
+        gate_group_size: int | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
@@ -217,9 +282,18 @@ class GSPNClassifier(nn.Module):
         merge_frame: str = "image",
         global_chunk_sizes: Sequence[int | None] | None = None,
         fused: bool = True,
+        propagation_channels: int | Sequence[int | None] | None = None,
     ) -> None:
         super().__init__()
         dims = [embed_dim * 2**i for i in range(len(depths))]
+        if propagation_channels is None or isinstance(propagation_channels, int):
+            stage_props: list[int | None] = [propagation_channels] * len(depths)
+        else:
+            stage_props = list(propagation_channels)
+            if len(stage_props) != len(depths):
+                raise ValueError(
+                    f"propagation_channels needs one entry per stage ({len(depths)}), got {tuple(stage_props)}"
+                )
         if global_chunk_sizes is not None and len(global_chunk_sizes) != len(depths):
             raise ValueError(
                 f"global_chunk_sizes needs one entry per stage ({len(depths)}), got {tuple(global_chunk_sizes)}"
@@ -236,15 +310,22 @@ class GSPNClassifier(nn.Module):
         stages, start, in_dim = [], 0, dims[0]
         for i, (dim, depth) in enumerate(zip(dims, depths, strict=True)):
             d_inner = round(expand * dim)
-            if d_inner % gate_group_size:
+            prop = stage_props[i]
+            scan_channels = d_inner if prop is None else prop
+            if gate_group_size is None:
+                gate_channels = None
+            elif gate_group_size <= 0 or scan_channels % gate_group_size:
+                what = "d_inner" if prop is None else "propagation_channels"
                 raise ValueError(
-                    f"gate_group_size={gate_group_size} does not divide d_inner={d_inner} of stage {i}"
+                    f"gate_group_size={gate_group_size} does not divide {what}={scan_channels} of stage {i}"
                 )
+            else:
+                gate_channels = scan_channels // gate_group_size
             stages.append(GSPNStage(
                 in_dim, dim, chunks[i], rates[start:start + depth], downsample=i > 0, norm_eps=norm_eps,
                 d_state=d_state, expand=expand, mlp_ratio=mlp_ratio, kernel_size=kernel_size,
-                gate_channels=d_inner // gate_group_size, backend=backend, conv_act=conv_act,
-                merge_frame=merge_frame, fused=fused,
+                gate_channels=gate_channels, backend=backend, conv_act=conv_act,
+                merge_frame=merge_frame, fused=fused, propagation_channels=prop,
             ))
             start += depth
             in_dim = dim
@@ -257,50 +338,10 @@ class GSPNClassifier(nn.Module):
         self.model_args: dict[str, Any] = {}
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    @property
-    def pretrained_cfg(self) -> dict[str, Any]:
-        """Alias of :attr:`default_cfg` (timm's newer name)."""
-        return self.default_cfg
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    def no_weight_decay(self) -> set[str]:
-        """Names of parameters conventionally excluded from weight decay (norms, biases, GRN, merger)."""
-        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith("m_conv.weight")}
-
-    def get_classifier(self) -> nn.Module:
-        """The final Linear (or ``Identity`` when ``num_classes == 0``)."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` outputs (0 = features only).
-
-        ``global_pool`` follows timm's signature: ``None`` keeps the pooling, ``"avg"`` (the only
-        pooling these models have) is accepted; anything else raises ``ValueError``.
-        """
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool={global_pool!r} is not supported: GSPN classifiers pool by 'avg' only")
-        self.num_classes = num_classes
-        weight = self.head.norm.weight
-        if num_classes > 0:
-            self.head.fc = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
-            self._init_weights(self.head.fc)
-        else:
-            self.head.fc = nn.Identity()
-        if self.default_cfg:
-            self.default_cfg["num_classes"] = num_classes
-        if self.model_args:
-            self.model_args["num_classes"] = num_classes
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W) → (B, num_features, ⌈H/32⌉, ⌈W/32⌉)``, before the head's norm."""
@@ -338,15 +379,6 @@ class GSPNClassifier(nn.Module):
             if i in wanted:
                 outs.append(x)
         return outs if intermediates_only else (x, outs)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Head on :meth:`forward_features` output: ``(B, num_features)`` if ``pre_logits`` else logits."""
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_chans, H, W) → (B, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
-
 
 # --- configurations and registry ------------------------------------------------------------------
 

@@ -23,7 +23,8 @@ class GSPNBlock(nn.Module):
         drop_path: stochastic-depth probability of both branches.
         norm_eps: LayerNorm epsilon.
         **mixer_kwargs: forwarded to :class:`GSPNMixer` (``d_state``, ``expand``, ``kernel_size``,
-            ``chunk_size``, ``gate_channels``, ``backend``, ``conv_act``, ``merge_frame``, ``fused``).
+            ``chunk_size``, ``gate_channels``, ``backend``, ``conv_act``, ``merge_frame``, ``fused``,
+            ``propagation_channels``).
 
     Shapes: channels-last ``(B, H, W, D) → (B, H, W, D)``.
     """

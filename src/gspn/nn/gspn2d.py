@@ -35,6 +35,21 @@ class GSPN2d(nn.Module):
     does so only with ``merge_frame="scan"``, for the authors' weights.) With a global scan the four
     causal cones of a pixel cover the whole image.
 
+    **Compact channel propagation** (``propagation_channels=Cp``; GSPN-2 [P2], C-GSPN [P3]). The
+    papers project the features to a small proxy channel space, propagate there with a set of
+    channel-shared propagation weights and lift the result back. Here::
+
+        x_p = W_in x                                         (C → Cp, 1×1, ``proj_in``, no bias)
+        y_p = the layer above on x_p, with Cp channels and Cg gate channels (default Cg = 1)
+        y   = W_out y_p                                      (Cp → C, 1×1, ``proj_out``, no bias)
+
+    so the scan, λ, u and D cost ``O(Cp)`` per pixel instead of ``O(C)``. The papers give neither
+    the proxy width nor the exact layout; **our choices** are: the propagation parameters are
+    generated from the projected features (``x_conv_down`` maps ``Cp → d_state``), the gates are
+    shared by all ``Cp`` channels unless ``gate_channels`` says otherwise (the papers' "channel-shared
+    propagation weights"), λ, u and D stay per proxy channel, both projections are bias-free 1×1
+    convolutions, and ``proj_out`` has PyTorch's default init.
+
     Args:
         channels: ``C``.
         d_state: proxy dimension (8 in GSPN-T/B, 16 in GSPN-S).
@@ -43,7 +58,8 @@ class GSPN2d(nn.Module):
         gate_channels: number ``Cg`` of independent gate channels; must divide ``C``. ``None``
             (default) gives per-channel gates (GSPN-1); smaller values share each gate over a
             group of ``C / Cg`` channels (GSPN-2's compact channel propagation), shrinking
-            ``W_w`` from ``12·C`` to ``12·Cg`` outputs.
+            ``W_w`` from ``12·C`` to ``12·Cg`` outputs. With ``propagation_channels`` it must divide
+            ``Cp`` instead, and ``None`` means ``Cg = 1`` (every proxy channel shares the gates).
         backend: backend of :func:`gspn.ops.gspn_mix` (or of the scans when ``fused=False``).
         fused: ``True`` (default) runs the layer after ``x_conv_down`` as one fused operator,
             :func:`gspn.ops.gspn_mix`, which never stores the per-pixel parameter maps (5–6× faster
@@ -60,6 +76,15 @@ class GSPN2d(nn.Module):
             ``y_k`` without undoing the transpose/flip (so pixel ``(i, j)`` sums results of four
             different pixels). Chunks are left-aligned in each frame. Needs ``H == W``; runs on
             :func:`gspn.ops.line_scan` (every backend). Used for the authors' checkpoints.
+        propagation_channels: ``None`` (default): propagate all ``C`` channels (GSPN-1; exactly the
+            parameters and ``state_dict`` keys of earlier versions). An int ``Cp ≥ 1``: compact
+            channel propagation (above), which adds the parameters ``proj_in.weight (Cp, C, 1, 1)``
+            and ``proj_out.weight (C, Cp, 1, 1)`` and sizes every other weight by ``Cp``.
+
+    Raises:
+        ValueError: a bad ``merge_frame``, ``chunk_size``, ``propagation_channels``, or a
+            ``gate_channels`` that does not divide the propagated channels; at call time, an input
+            that is not ``(B, C, H, W)``.
 
     Shapes: ``(B, C, H, W) → (B, C, H, W)``; any ``H, W ≥ 1``.
 
@@ -68,6 +93,8 @@ class GSPN2d(nn.Module):
         >>> from gspn.nn import GSPN2d
         >>> GSPN2d(16, d_state=4)(torch.randn(2, 16, 9, 13)).shape
         torch.Size([2, 16, 9, 13])
+        >>> GSPN2d(64, d_state=4, propagation_channels=8)(torch.randn(2, 64, 9, 13)).shape  # compact
+        torch.Size([2, 64, 9, 13])
     """
 
     def __init__(
@@ -79,16 +106,23 @@ class GSPN2d(nn.Module):
         backend: str = "auto",
         merge_frame: str = "image",
         fused: bool = True,
+        propagation_channels: int | None = None,
     ) -> None:
         super().__init__()
         if merge_frame not in MERGE_FRAMES:
             raise ValueError(f"merge_frame must be one of {MERGE_FRAMES}, got {merge_frame!r}")
         self.merge_frame = merge_frame
-        gate_channels = channels if gate_channels is None else gate_channels
-        if gate_channels <= 0 or channels % gate_channels:
-            raise ValueError(
-                f"gate_channels must be a positive divisor of channels={channels}, got {gate_channels}"
-            )
+        if propagation_channels is not None and (
+            isinstance(propagation_channels, bool) or not isinstance(propagation_channels, int)
+            or propagation_channels <= 0
+        ):
+            raise ValueError(f"propagation_channels must be None or a positive int, got {propagation_channels!r}")
+        compact = propagation_channels is not None
+        scan_channels = propagation_channels if compact else channels
+        gate_channels = (1 if compact else channels) if gate_channels is None else gate_channels
+        if gate_channels <= 0 or scan_channels % gate_channels:
+            what = f"propagation_channels={scan_channels}" if compact else f"channels={channels}"
+            raise ValueError(f"gate_channels must be a positive divisor of {what}, got {gate_channels}")
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be None (global) or a positive int, got {chunk_size}")
         self.channels = channels
@@ -97,13 +131,18 @@ class GSPN2d(nn.Module):
         self.gate_channels = gate_channels
         self.backend = backend
         self.fused = fused
+        self.propagation_channels = propagation_channels
+        self.scan_channels = scan_channels
         nd = _NUM_DIRECTIONS
-        self.x_conv_down = nn.Conv2d(channels, d_state, 1, bias=False)
+        # Registered only in the compact mode, so that the default layer keeps its state_dict keys.
+        self.proj_in: nn.Conv2d | None = nn.Conv2d(channels, scan_channels, 1, bias=False) if compact else None
+        self.x_conv_down = nn.Conv2d(scan_channels, d_state, 1, bias=False)
         self.w_conv_up = nn.Conv2d(d_state, nd * _NUM_GATES * gate_channels, 1, bias=False)
-        self.l_conv_up = nn.Conv2d(d_state, nd * channels, 1, bias=False)
-        self.u_conv_up = nn.Conv2d(d_state, nd * channels, 1, bias=False)
-        self.d_conv = nn.Conv2d(d_state, nd * channels, 1, bias=False)
+        self.l_conv_up = nn.Conv2d(d_state, nd * scan_channels, 1, bias=False)
+        self.u_conv_up = nn.Conv2d(d_state, nd * scan_channels, 1, bias=False)
+        self.d_conv = nn.Conv2d(d_state, nd * scan_channels, 1, bias=False)
         self.m_conv = nn.Conv2d(nd, 1, 1, bias=False)
+        self.proj_out: nn.Conv2d | None = nn.Conv2d(scan_channels, channels, 1, bias=False) if compact else None
         nn.init.constant_(self.m_conv.weight, 1.0 / nd)  # start as the mean of the four directions
 
     @property
@@ -111,24 +150,34 @@ class GSPN2d(nn.Module):
         """Whether the scans run over the whole image (``chunk_size is None``)."""
         return self.chunk_size is None
 
+    @property
+    def is_compact(self) -> bool:
+        """Whether the layer propagates in a projected channel space (``propagation_channels`` set)."""
+        return self.propagation_channels is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (B, C, H, W) → (B, C, H, W)``."""
-        if self.merge_frame == "scan":
-            return self._forward_scan_frames(x)
         c = x.shape[1] if x.ndim == 4 else None
         if x.ndim != 4 or c != self.channels:
             raise ValueError(f"expected {self.channels} channels, got input of shape {tuple(x.shape)}")
-        if self.fused:
+        if self.proj_in is not None:
+            x = self.proj_in(x)
+        if self.merge_frame == "scan":
+            y = self._forward_scan_frames(x)
+        elif self.fused:
             z = self.x_conv_down(x).to(x.dtype)
             weights = self.mix_weights(x.dtype)
-            return gspn_mix(x, z, *weights, chunk_size=self.chunk_size, backend=self.backend)
-        return self._forward_unfused(x)
+            y = gspn_mix(x, z, *weights, chunk_size=self.chunk_size, backend=self.backend)
+        else:
+            y = self._forward_unfused(x)
+        return y if self.proj_out is None else self.proj_out(y)
 
     def mix_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
         """The layer's weights in the argument layout of :func:`gspn.ops.gspn_mix` (views of the
         1×1 convolutions' weights, cast to ``dtype`` if given): ``gate_weight (4, 3, Cg, S)``,
-        ``lam_weight``, ``u_weight``, ``skip_weight`` ``(4, C, S)`` and ``merge_weight (4,)``."""
-        nd, c, s = _NUM_DIRECTIONS, self.channels, self.d_state
+        ``lam_weight``, ``u_weight``, ``skip_weight`` ``(4, Cs, S)`` and ``merge_weight (4,)``, with
+        ``Cs = scan_channels`` (``C``, or ``Cp`` in the compact mode)."""
+        nd, c, s = _NUM_DIRECTIONS, self.scan_channels, self.d_state
         weights = (
             self.w_conv_up.weight.view(nd, _NUM_GATES, self.gate_channels, s),
             self.l_conv_up.weight.view(nd, c, s),
@@ -139,7 +188,8 @@ class GSPN2d(nn.Module):
         return weights if dtype is None else tuple(w.to(dtype) for w in weights)
 
     def _forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
-        """``fused=False``: every per-pixel parameter map materialised, then ``line_scan_4d``."""
+        """``fused=False``: every per-pixel parameter map materialised, then ``line_scan_4d``.
+        ``x: (B, Cs, H, W) → (B, Cs, H, W)``."""
         b, c, h, w = x.shape
         nd = _NUM_DIRECTIONS
         x = x.contiguous()  # the scan needs dense (H, W) planes; channels-last input is copied once here
@@ -158,10 +208,8 @@ class GSPN2d(nn.Module):
         return torch.matmul(self.m_conv.weight.view(1, nd), y.reshape(b, nd, c * h * w)).view(b, c, h, w)
 
     def _forward_scan_frames(self, x: torch.Tensor) -> torch.Tensor:
-        """``merge_frame="scan"`` (the reference's semantics): ``x: (B, C, H, W) → (B, C, H, W)``, ``H == W``."""
+        """``merge_frame="scan"`` (the reference's semantics): ``x: (B, Cs, H, W) → (B, Cs, H, W)``, ``H == W``."""
         b, c, h, w = x.shape
-        if c != self.channels:
-            raise ValueError(f"expected {self.channels} channels, got input of shape {tuple(x.shape)}")
         if h != w:
             raise ValueError(
                 f"merge_frame='scan' (the reference's semantics) needs a square map, got {h}x{w}: the "
@@ -198,4 +246,6 @@ class GSPN2d(nn.Module):
     def extra_repr(self) -> str:
         scope = "global" if self.is_global else f"local, chunk_size={self.chunk_size}"
         fused = "" if self.fused else ", fused=False"
-        return f"{self.channels}, d_state={self.d_state}, gate_channels={self.gate_channels}, {scope}{fused}"
+        compact = "" if self.propagation_channels is None else f", propagation_channels={self.propagation_channels}"
+        return (f"{self.channels}, d_state={self.d_state}{compact}, gate_channels={self.gate_channels}, "
+                f"{scope}{fused}")

@@ -38,6 +38,9 @@ class GSPNMixer(nn.Module):
         merge_frame: :class:`GSPN2d`'s merge (``"image"``, aligned; ``"scan"``, the reference's).
         fused: run :class:`GSPN2d` as the fused operator :func:`gspn.ops.gspn_mix` (default) or as
             the materialising composition (``False``; same parameters and numbers).
+        propagation_channels: compact channel propagation of :class:`GSPN2d` (``None`` = off,
+            propagate all ``d_inner`` channels; an int ``Cp``: propagate in a ``Cp``-channel proxy
+            space with shared gates).
 
     Shapes: ``(B, H, W, D) → (B, H, W, D)``.
     """
@@ -55,6 +58,7 @@ class GSPNMixer(nn.Module):
         conv_act: bool = True,
         merge_frame: str = "image",
         fused: bool = True,
+        propagation_channels: int | None = None,
     ) -> None:
         super().__init__()
         d_inner = round(expand * dim)
@@ -68,7 +72,8 @@ class GSPNMixer(nn.Module):
         )
         self.act = nn.SiLU() if conv_act else nn.Identity()
         self.gspn = GSPN2d(d_inner, d_state=d_state, chunk_size=chunk_size, gate_channels=gate_channels,
-                           backend=backend, merge_frame=merge_frame, fused=fused)
+                           backend=backend, merge_frame=merge_frame, fused=fused,
+                           propagation_channels=propagation_channels)
         self.out_norm = nn.LayerNorm(d_inner, eps=norm_eps)
         self.grn = GRN(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
