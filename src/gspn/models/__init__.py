@@ -8,17 +8,19 @@
 >>> # model = gspn.create_model("gspn_t", pretrained=True)
 """
 
-from . import baselines, gspn_dit, gspn_vision, reference_checkpoints
+from . import baselines, gspn_dit, gspn_vision, gspn_vit, reference_checkpoints
 from ._registry import create_model, get_default_cfg, is_model, list_models, model_entrypoint, register_model
 from .checkpoint import load_checkpoint, load_model, read_metadata, save_checkpoint
 from .complexity import complexity, count_params
 from .gspn_dit import GSPNDiT
 from .gspn_vision import GSPNClassifier, block_chunk_sizes, gspn_b, gspn_micro, gspn_nano, gspn_s, gspn_t
+from .gspn_vit import GSPNViT
 from .reference_checkpoints import convert_checkpoint, reference_model_args
 
 __all__ = [
     "GSPNClassifier",
     "GSPNDiT",
+    "GSPNViT",
     "baselines",
     "block_chunk_sizes",
     "complexity",
@@ -33,6 +35,7 @@ __all__ = [
     "gspn_s",
     "gspn_t",
     "gspn_vision",
+    "gspn_vit",
     "is_model",
     "list_models",
     "load_checkpoint",
