@@ -23,6 +23,8 @@ Methods (width ``C``; attention heads: 2 at C = 32 as in the issue's measurement
   ``(B, 4·3·C + 3·4·C, H, W)`` parameters, then ``line_scan_4d``, gating and merge.
 * ``fused`` — ``GSPN2d(C, d_state=8)``: ``x_conv_down`` then the fused :func:`gspn.ops.gspn_mix`.
 * ``fused-cl`` — the same on a channels-last input (what :class:`gspn.nn.GSPNMixer` passes).
+* ``compact`` — ``GSPN2d(C, d_state=8, propagation_channels=C // 8)``: GSPN-2 / C-GSPN compact
+  channel propagation (1×1 to ``C/8`` proxy channels, one shared gate set, fused operator, 1×1 back).
 * ``linear-attn`` — :class:`gspn.bench.LinearAttention` (q/k/v/out projections, ``elu + 1``).
 * ``sdpa`` — :class:`gspn.bench.SelfAttention` (the same projections, SDPA pinned to its flash
   backend, which has a CPU kernel and O(N) memory); skipped above ``--sdpa-max-tokens`` tokens
@@ -45,7 +47,8 @@ from gspn.nn import GSPN2d
 
 SHAPES = [(1, 32, 256, 256), (1, 96, 128, 128), (8, 144, 56, 56), (1, 320, 64, 64)]
 QUICK_SHAPES = [(1, 32, 64, 64), (2, 96, 32, 32)]
-METHODS = ("unfused", "fused", "fused-cl", "linear-attn", "sdpa")
+METHODS = ("unfused", "fused", "fused-cl", "compact", "linear-attn", "sdpa")
+COMPACT_RATIO = 8  # compact: propagation_channels = C // COMPACT_RATIO
 OPERATOR_SHAPES = [(160, 128, 4, 4), (64, 128, 8, 8), (2, 384, 16, 16), *SHAPES]
 
 
@@ -64,6 +67,8 @@ def build(method: str, shape: tuple[int, int, int, int], backward: bool) -> Work
         module = GSPN2d(channels, d_state=8, fused=method != "unfused")
         if method == "fused-cl":
             x = x.contiguous(memory_format=torch.channels_last)
+    elif method == "compact":
+        module = GSPN2d(channels, d_state=8, propagation_channels=max(1, channels // COMPACT_RATIO))
     elif method == "linear-attn":
         module = LinearAttention(channels, _heads(channels))
     else:
@@ -162,10 +167,16 @@ def _print_row(threads, shape, backward, row, x_bytes) -> None:
     speedup = row["unfused"]["median_ms"] / row["fused"]["median_ms"]
     vs_linear = row["fused"]["median_ms"] / row["linear-attn"]["median_ms"]
     vs_linear_cl = row["fused-cl"]["median_ms"] / row["linear-attn"]["median_ms"]
+    compact = row["compact"]["median_ms"]
     print(f"threads={threads} {tuple(shape)} {kind:7s} ms: {times}", flush=True)
     print(
         f"    fused speed-up over unfused {speedup:5.2f}x | fused / linear-attn {vs_linear:4.2f} "
         f"(channels-last input {vs_linear_cl:4.2f}) | peak extra memory / size of x: {mem}",
+        flush=True,
+    )
+    print(
+        f"    compact (C/{COMPACT_RATIO}): speed-up over fused {row['fused']['median_ms'] / compact:5.2f}x | "
+        f"compact / linear-attn {compact / row['linear-attn']['median_ms']:4.2f}",
         flush=True,
     )
 
