@@ -163,11 +163,11 @@ def _channels_last(t: torch.Tensor, padded: int) -> torch.Tensor:
     return _pad_channels(t.permute(0, 2, 3, 1), padded, 3).contiguous()
 
 
-def _kernel_x(module, x: torch.Tensor, padded: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """``x`` as the kernel reads it, and its strides: in place when dense (NCHW or channels-last), else
-    a padded channels-last copy."""
+def _kernel_x(module, x: torch.Tensor, padded: int, planar: bool = True) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``x`` as the kernel reads it, and its strides: in place when dense (channels-last, or NCHW if
+    ``planar``), else a padded channels-last copy."""
     strides = module.mix_x_strides(x, padded)
-    if strides is not None:
+    if strides is not None and (planar or strides[1] == 1):
         return x, strides
     x_cl = _channels_last(x, padded)
     batch, height, width, _ = x_cl.shape
@@ -201,7 +201,9 @@ def _cpu_backward(module, grad, x, proxy, weights, chunk_size):
     padded = -(-channels // lanes) * lanes
     nblk = padded // lanes
     w, d = _pack_weights(*weights, channels, lanes)
-    x_k, x_strides = _kernel_x(module, x, padded)
+    # The backward reads x five times per direction pair (recomputation and adjoint, column scans
+    # included), where strided per-pixel reads of NCHW planes cost more than one channels-last copy.
+    x_k, x_strides = _kernel_x(module, x, padded, planar=False)
     z_cl, g_cl = _channels_last(proxy, state), _channels_last(grad, padded)
     dx = torch.empty_like(g_cl)
     dz_part = torch.empty((nblk, batch, height, width, state), dtype=x.dtype, device=x.device)
