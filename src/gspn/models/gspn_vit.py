@@ -232,6 +232,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj",
         "classifier": "head.fc",
+        "reference_semantics": False,  # no reference code or checkpoints exist for these models
         **kwargs,
     }
 
@@ -255,6 +256,8 @@ def _create_gspn_vit(variant: str, pretrained: bool | str | os.PathLike, model_a
     if overrides.get("semantics") == "reference":
         raise ValueError(f"{variant} has no reference semantics: the GSPN-2 / C-GSPN authors released no code")
     plan = plan_pretrained(variant, "classifier", pretrained, overrides)
+    if "global_chunk_sizes" in plan.model_args:
+        raise ValueError(f"{pretrained} is a reference GSPN classifier checkpoint; it cannot fit {variant}")
     args = {**model_args, **plan.model_args, **plan.overrides}
 
     def build() -> GSPNViT:

@@ -491,7 +491,7 @@ def infer_model_args(state: Mapping[str, Any], kind: str) -> dict[str, Any]:
 
 def _matching_models(state: Mapping[str, Any], kind: str) -> list[str]:
     """Registered models of ``kind`` whose default configuration the file's tensors fit (meta device)."""
-    from ._registry import create_model, list_models
+    from ._registry import create_model, get_default_cfg, list_models
 
     converted = convert_reference_state({k: torch.empty(v.shape, dtype=v.dtype, device="meta")
                                          for k, v in state.items()}, kind)
@@ -499,8 +499,8 @@ def _matching_models(state: Mapping[str, Any], kind: str) -> list[str]:
     num_classes = infer_model_args(state, kind).get("num_classes")
     extra = {} if num_classes is None else {"num_classes": num_classes}
     for name in list_models("gspn_*"):
-        if model_kind(name) != kind:
-            continue
+        if model_kind(name) != kind or not get_default_cfg(name).get("reference_semantics", True):
+            continue  # e.g. gspn_vit_*: no reference code, so no reference checkpoint can fit
         with torch.device("meta"):
             model = create_model(name, **reference_model_args(kind), **extra)
         own = model.state_dict()
