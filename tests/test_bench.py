@@ -33,19 +33,10 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 STATUSES = {"ok", "absent", "skip:memory", "skip:time", "over-budget", "oom", "error"}
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: timings of 2 OpenMP threads on a shared, loaded machine are erratic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return parser.parse_args(argv)
+    from gspn.commands import build_parser
+
+    return build_parser().parse_args(["bench", *argv])
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -54,9 +45,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def test_tiny_run_writes_json_table_and_plot(tmp_path, capsys):
     threads = torch.get_num_threads()
     args = _parse([
-        "--device", "cpu", "--threads", "1", "--resolutions", "8,16,32", "--channels", "8", "--heads", "2",
+        "--device", "cpu", "--threads", "1", "--resolutions", "8,16,32", "--dim", "8", "--heads", "2",
         "--repeats", "2",
-        "--budget-seconds", "5", "--out", str(tmp_path), "--quiet",
+        "--budget-seconds", "5", "--output-dir", str(tmp_path), "--quiet",
     ])
     assert args.func is bench.run
     assert bench.run(args) == 0
@@ -91,7 +82,7 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path, capsys):
 
     # --replot re-renders the same numbers without measuring anything.
     again = tmp_path / "again"
-    replot_args = _parse(["--replot", str(tmp_path / "results.json"), "--out", str(again), "--no-plot"])
+    replot_args = _parse(["--replot", str(tmp_path / "results.json"), "--output-dir", str(again), "--no-plot"])
     assert bench.run(replot_args) == 0
     replotted = json.loads((again / "results.json").read_text())
     assert replotted["results"] == payload["results"]
@@ -102,7 +93,7 @@ def test_quick_defaults_and_explicit_options_win():
     s = bench._settings(_parse(["--quick", "--device", "cpu"]))
     assert (s["channels"], s["heads"], s["repeats"], s["budget_seconds"]) == (32, 2, 3, 2.0)
     assert s["resolutions"] == [32, 64, 128, 256]
-    s = bench._settings(_parse(["--quick", "--device", "cpu", "--channels", "16", "--max-resolution", "64"]))
+    s = bench._settings(_parse(["--quick", "--device", "cpu", "--dim", "16", "--max-resolution", "64"]))
     assert s["channels"] == 16 and s["resolutions"] == [32, 64]
     s = bench._settings(_parse(["--device", "cpu"]))
     assert s["resolutions"] == [64, 128, 256, 512, 1024] and s["dtype"] == "float32"
@@ -110,11 +101,11 @@ def test_quick_defaults_and_explicit_options_win():
 
 @pytest.mark.parametrize("argv", [
     ["--max-resolution", "32"],  # below the default minimum of 64
-    ["--channels", "10", "--heads", "3"],
+    ["--dim", "10", "--heads", "3"],
     ["--repeats", "0"],
 ])
 def test_bad_options_exit_with_a_message(argv, tmp_path, capsys):
-    assert bench.run(_parse(["--device", "cpu", "--out", str(tmp_path), *argv])) == 2
+    assert bench.run(_parse(["--device", "cpu", "--output-dir", str(tmp_path), *argv])) == 2
     assert "gspn bench:" in capsys.readouterr().out
     assert not (tmp_path / "results.json").exists()
 

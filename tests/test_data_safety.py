@@ -86,13 +86,13 @@ def test_every_loader_refuses_a_pickle_that_runs_code(evil, tmp_path: Path, load
 def test_train_dit_resume_refuses_a_pickle_that_runs_code(evil, tmp_path: Path, capsys) -> None:
     path, marker = evil
     rc = main(["train-dit", "--model", "gspn_dit_tiny", "--image-size", "8", "--batch-size", "8", "--steps", "1",
-               "--out", str(tmp_path / "run"), "--resume", str(path), "--no-progress", "--sample-steps", "0",
+               "--output-dir", str(tmp_path / "run"), "--resume", str(path), "--no-progress", "--sample-steps", "0",
                "--model-arg", "hidden_size=32", "--model-arg", "depth=2", "--model-arg", "num_global_blocks=1"])
     assert rc == 2 and "refused" in capsys.readouterr().err
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("argv", [["sample", "--ckpt", "EVIL", "--steps", "1", "--out", "OUT"],
+@pytest.mark.parametrize("argv", [["sample", "--checkpoint", "EVIL", "--steps", "1", "--output-dir", "OUT"],
                                   ["eval", "--checkpoint", "EVIL"]])
 def test_commands_refuse_a_pickle_that_runs_code(evil, tmp_path: Path, capsys, argv: list[str]) -> None:
     path, marker = evil
@@ -119,14 +119,15 @@ def test_no_unsafe_torch_load_in_the_library() -> None:
 @needs_diffusers
 def test_train_dit_divergence_keeps_the_good_checkpoint(tmp_path: Path, capsys) -> None:
     out = tmp_path / "dit"
-    common = ["train-dit", "--model", "gspn_dit_tiny", "--image-size", "8", "--batch-size", "8", "--out", str(out),
+    common = ["train-dit", "--model", "gspn_dit_tiny", "--image-size", "8", "--batch-size", "8",
+              "--output-dir", str(out),
               "--no-progress", "--sample-steps", "0", "--model-arg", "hidden_size=32", "--model-arg", "depth=2",
               "--model-arg", "d_state=4", "--model-arg", "num_global_blocks=1"]
     assert main([*common, "--steps", "2", "--ckpt-every", "1"]) == 0
     good = (out / "last.pt").read_bytes()
     ema = (out / "ema.safetensors").read_bytes()
     capsys.readouterr()
-    rc = main([*common, "--steps", "6", "--lr", "1e30", "--grad-clip", "0", "--ckpt-every", "100", "--resume"])
+    rc = main([*common, "--steps", "6", "--lr", "1e30", "--clip-grad", "0", "--ckpt-every", "100", "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "non-finite" in err[0]
     assert (out / "last.pt").read_bytes() == good
@@ -134,9 +135,9 @@ def test_train_dit_divergence_keeps_the_good_checkpoint(tmp_path: Path, capsys) 
 
 
 def test_train_divergence_exits_non_zero_with_one_line(tmp_path: Path, capsys) -> None:
-    rc = main(["train", "--model", "baseline_conv", "--model-arg", "width=8", "--img-size", "16", "--epochs", "2",
+    rc = main(["train", "--model", "baseline_conv", "--model-arg", "width=8", "--image-size", "16", "--epochs", "2",
                "--train-limit", "160", "--val-limit", "32", "--workers", "0", "--lr", "1e30", "--clip-grad", "none",
-               "--weight-decay", "0", "--output", str(tmp_path / "nan"), "--no-progress", "--quiet", "--no-plot"])
+               "--weight-decay", "0", "--output-dir", str(tmp_path / "nan"), "--no-progress", "--quiet", "--no-plot"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "non-finite" in err[0]
     assert not (tmp_path / "nan/last.pt").exists()
@@ -256,21 +257,21 @@ def test_stale_temporary_files_are_cleaned_and_files_honour_the_umask(tmp_path: 
         (["train", "--epochs", "-1"], "--epochs"),
         (["train", "--batch-size", "0"], "--batch-size"),
         (["train", "--lr", "nan"], "--lr"),
-        (["train", "--output", "FILE"], "is a file"),
+        (["train", "--output-dir", "FILE"], "is a file"),
         (["train-dit", "--batch-size", "-1"], "--batch-size"),
         (["train-dit", "--batch-size", "0"], "--batch-size"),
         (["train-dit", "--steps", "0"], "--steps"),
         (["train-dit", "--cfg-scale", "nan"], "--cfg-scale"),
-        (["train-dit", "--out", "FILE/sub"], "is a file"),
-        (["sample", "--ckpt", "CKPT", "--labels", "-1"], "outside"),
-        (["sample", "--ckpt", "CKPT", "--labels", "5-2"], "--labels"),
-        (["sample", "--ckpt", "CKPT", "--labels", ""], "--labels"),
-        (["sample", "--ckpt", "CKPT", "--cfg-scale", "nan"], "--cfg-scale"),
-        (["sample", "--ckpt", "CKPT", "--out", "FILE"], "is a file"),
+        (["train-dit", "--output-dir", "FILE/sub"], "is a file"),
+        (["sample", "--checkpoint", "CKPT", "--labels", "-1"], "outside"),
+        (["sample", "--checkpoint", "CKPT", "--labels", "5-2"], "--labels"),
+        (["sample", "--checkpoint", "CKPT", "--labels", ""], "--labels"),
+        (["sample", "--checkpoint", "CKPT", "--cfg-scale", "nan"], "--cfg-scale"),
+        (["sample", "--checkpoint", "CKPT", "--output-dir", "FILE"], "is a file"),
         (["generate", "--prompt", "x", "--height", "0"], "--height"),
         (["generate", "--prompt", "x", "--strength", "1.5"], "--strength"),
         (["generate", "--prompt", "x", "--output", "FILE/x.png"], "is a file"),
-        (["extract-latents", "--vae", "v", "--out", "FILE/z.pt"], "is a file"),
+        (["extract-latents", "--vae", "v", "--output", "FILE/z.pt"], "is a file"),
         (["train", "--threads", "-2"], "--threads"),
     ],
 )
@@ -285,10 +286,10 @@ def test_commands_check_arguments_up_front_with_one_line(tmp_path: Path, capsys,
             "FILE/x.png": str(tmp_path / "afile/x.png"), "FILE/z.pt": str(tmp_path / "afile/z.pt"),
             "CKPT": str(tmp_path / "m.safetensors")}
     argv = [subs.get(a, a) for a in argv]
-    if argv[0] in ("train", "train-dit") and "--output" not in argv and "--out" not in argv:
-        argv += ["--output" if argv[0] == "train" else "--out", str(tmp_path / "never")]
-    if argv[0] == "sample" and "--out" not in argv:
-        argv += ["--out", str(tmp_path / "never")]
+    if argv[0] in ("train", "train-dit") and "--output-dir" not in argv:
+        argv += ["--output-dir", str(tmp_path / "never")]
+    if argv[0] == "sample" and "--output-dir" not in argv:
+        argv += ["--output-dir", str(tmp_path / "never")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err

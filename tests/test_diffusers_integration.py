@@ -450,7 +450,7 @@ def test_distill_cli_on_image_folder(saved_pipe, tmp_path, capsys):
         (folder / f"{i}.txt").write_text(f"a {color} square")
     out = tmp_path / "run"
     rc = main(["distill", "--model", str(saved_pipe), "--captions", str(folder), "--output-dir", str(out),
-               "--resolution", "16", "--steps", "2", "--d-state", "4", "--chunk-size", "2",
+               "--image-size", "16", "--steps", "2", "--d-state", "4", "--chunk-size", "2",
                "--gradient-checkpointing", "--caption-dropout", "0.5", "--device", "cpu"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -459,7 +459,7 @@ def test_distill_cli_on_image_folder(saved_pipe, tmp_path, capsys):
     assert adapter.config.chunk_size == 2
     # continue from the saved adapter in a new run
     rc = main(["distill", "--model", str(saved_pipe), "--captions", str(folder), "--output-dir",
-               str(tmp_path / "run2"), "--init-adapter", str(out / "adapter"), "--resolution", "16",
+               str(tmp_path / "run2"), "--init-adapter", str(out / "adapter"), "--image-size", "16",
                "--steps", "1", "--device", "cpu"])
     assert rc == 0 and GSPNAdapter.from_pretrained(tmp_path / "run2" / "adapter").config.chunk_size == 2
     state = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -500,7 +500,10 @@ def test_non_square_high_resolution_generation_end_to_end(tmp_path):
 
 
 def test_generate_cli(saved_pipe, tmp_path):
-    from gspn.integrations.generate import main
+    from gspn.commands import main as cli_main
+
+    def main(argv):
+        return cli_main(["generate", *argv])
 
     unet = UNet2DConditionModel.from_pretrained(saved_pipe, subfolder="unet")
     GSPNAdapter.from_unet(unet, d_state=4).save_pretrained(tmp_path / "adapter")
@@ -527,7 +530,7 @@ def test_distill_under_torchrun_two_processes(saved_pipe, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "gspn.distill", "--model", str(saved_pipe), "--captions", str(caps),
-           "--output-dir", str(out), "--resolution", "16", "--steps", "2", "--d-state", "4",
+           "--output-dir", str(out), "--image-size", "16", "--steps", "2", "--d-state", "4",
            "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]

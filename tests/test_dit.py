@@ -182,18 +182,15 @@ def test_a_few_training_steps_lower_the_loss():
 
 
 def _train_args(out: Path, **kw) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    from gspn.diffusion.train import add_train_arguments
-
-    add_train_arguments(parser)
     argv = [
+        "train-dit",
         "--model",
         "gspn_dit_tiny",
         "--image-size",
         "8",
         "--batch-size",
         "8",
-        "--out",
+        "--output-dir",
         str(out),
         "--sample-steps",
         "0",
@@ -213,7 +210,7 @@ def _train_args(out: Path, **kw) -> argparse.Namespace:
     ]
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 @needs_diffusers
@@ -274,9 +271,9 @@ def test_sample_command_batch_size_does_not_change_the_images(tmp_path):
     grids = []
     for b in (1, 4):
         out = tmp_path / f"b{b}"
-        cli_main(["sample", "--ckpt", str(ckpt), "--labels", "0-2", "--per-label", "2", "--steps", "3",
-                  "--sampler", "ddpm", "--size", "8", "8", "--batch-size", str(b), "--seed", "3",
-                  "--out", str(out), "--no-progress"])
+        cli_main(["sample", "--checkpoint", str(ckpt), "--labels", "0-2", "--per-label", "2", "--steps", "3",
+                  "--sampler", "ddpm", "--image-size", "8", "8", "--batch-size", str(b), "--seed", "3",
+                  "--output-dir", str(out), "--no-progress"])
         grids.append((out / "grid.png").read_bytes())
     assert grids[0] == grids[1]
 
@@ -315,11 +312,11 @@ def test_parse_labels():
 
 def test_cli_registers_the_diffusion_commands():
     parser = build_parser()
-    args = parser.parse_args(["sample", "--ckpt", "x.pt"])
+    args = parser.parse_args(["sample", "--checkpoint", "x.pt"])
     assert args.command == "sample" and args.steps == 100 and args.sampler == "ddpm"
     args = parser.parse_args(["train-dit", "--steps", "3"])
     assert args.steps == 3 and args.data == "digits"
-    args = parser.parse_args(["extract-latents", "--vae", "v", "--out", "z.pt"])
+    args = parser.parse_args(["extract-latents", "--vae", "v", "--output", "z.pt"])
     assert args.command == "extract-latents"
 
 
@@ -327,8 +324,8 @@ def test_cli_registers_the_diffusion_commands():
 def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):
     from diffusers import AutoencoderKL
 
-    from gspn.diffusion.latents import add_extract_latents_arguments, run_extract_latents
-    from gspn.diffusion.sample import add_sample_arguments, run_sample
+    from gspn.diffusion.latents import run_extract_latents
+    from gspn.diffusion.sample import run_sample
     from gspn.diffusion.train import run_train
 
     torch.manual_seed(0)
@@ -344,21 +341,21 @@ def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):
         scaling_factor=0.5,
     )
     vae.save_pretrained(tmp_path / "vae")
-    p = add_extract_latents_arguments(argparse.ArgumentParser())
     res = run_extract_latents(
-        p.parse_args(
+        build_parser().parse_args(
             [
+                "extract-latents",
                 "--vae",
                 str(tmp_path / "vae"),
                 "--data",
                 "digits",
                 "--image-size",
                 "16",
-                "--channels",
+                "--in-channels",
                 "1",
                 "--limit",
                 "16",
-                "--out",
+                "--output",
                 str(tmp_path / "z.pt"),
                 "--no-progress",
             ]
@@ -372,17 +369,17 @@ def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):
     args.data = f"latents:{tmp_path / 'z.pt'}"
     summary = run_train(args)
     assert summary["step"] == 2
-    sp = add_sample_arguments(argparse.ArgumentParser())
     out = run_sample(
-        sp.parse_args(
+        build_parser().parse_args(
             [
-                "--ckpt",
+                "sample",
+                "--checkpoint",
                 str(tmp_path / "run" / "last.pt"),
                 "--labels",
                 "0,1",
                 "--steps",
                 "2",
-                "--out",
+                "--output-dir",
                 str(tmp_path / "samples"),
                 "--no-progress",
             ]
@@ -439,7 +436,7 @@ def test_sample_command_writes_images_and_fid(tmp_path):
     cli_main(
         [
             "sample",
-            "--ckpt",
+            "--checkpoint",
             str(tmp_path / "run" / "ema.safetensors"),
             "--labels",
             "0-2",
@@ -447,9 +444,9 @@ def test_sample_command_writes_images_and_fid(tmp_path):
             "2",
             "--steps",
             "2",
-            "--out",
+            "--output-dir",
             str(out),
-            "--size",
+            "--image-size",
             "8",
             "12",
             "--no-progress",
@@ -477,7 +474,8 @@ def test_torchrun_ddp_two_processes(tmp_path):
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "gspn.diffusion.train",
+        "gspn",
+        "train-dit",
         "--model",
         "gspn_dit_tiny",
         "--image-size",
@@ -493,7 +491,7 @@ def test_torchrun_ddp_two_processes(tmp_path):
         "hidden_size=32",
         "--model-arg",
         "depth=2",
-        "--out",
+        "--output-dir",
         str(tmp_path / "ddp"),
     ]
     subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -350,9 +350,9 @@ def test_complexity_counts_scan_with_the_papers_formula(nano):
 
 
 def test_complexity_table_cli(capsys):
-    from gspn.models.complexity import main
+    from gspn.commands.classify import models_table as main
 
-    main(["gspn_t", "gspn_nano", "--img-size", "64", "96"])
+    main(["gspn_t", "gspn_nano", "--image-size", "64", "96"])
     out = capsys.readouterr().out
     assert "gspn_t" in out and "31,510,268" in out and "64x96" in out
 

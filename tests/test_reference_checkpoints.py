@@ -610,8 +610,8 @@ def test_gspn_sample_command_on_a_reference_checkpoint(gen_ckpt, tmp_path, capsy
     pytest.importorskip("diffusers")
     from gspn.cli import main
 
-    argv = ["sample", "--ckpt", str(gen_ckpt[0]), "--labels", "1,null", "--steps", "2", "--sampler", "ddim",
-            "--save-latents", "--out", str(tmp_path / "s"), "--no-progress", "--model", "gspn_dit_tiny"]
+    argv = ["sample", "--checkpoint", str(gen_ckpt[0]), "--labels", "1,null", "--steps", "2", "--sampler", "ddim",
+            "--save-latents", "--output-dir", str(tmp_path / "s"), "--no-progress", "--model", "gspn_dit_tiny"]
     argv += [f"--model-arg={k}={v!r}" for k, v in GEN.items() if k != "input_size"]
     assert main(argv) == 0
     latents = torch.load(tmp_path / "s" / "latents.pt")["latents"]

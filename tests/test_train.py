@@ -130,7 +130,7 @@ def test_image_folder_training_and_eval(tmp_path: Path) -> None:
             "width=8",
             "--data",
             str(tmp_path / "imgs"),
-            "--img-size",
+            "--image-size",
             "16",
             "--epochs",
             "1",
@@ -138,7 +138,7 @@ def test_image_folder_training_and_eval(tmp_path: Path) -> None:
             "4",
             "--workers",
             "0",
-            "--output",
+            "--output-dir",
             str(out),
             "--no-progress",
             "--no-plot",
@@ -398,13 +398,13 @@ def test_flops_cli_with_complexity(monkeypatch: pytest.MonkeyPatch, capsys) -> N
         return {"params": count_params(model), "macs": 123_000_000}
 
     monkeypatch.setattr(importlib.import_module("gspn.models.complexity"), "complexity", complexity)
-    argv = ["flops", "--model", "baseline_conv", "--img-size", "64", "--num-classes", "10", "--json"]
+    argv = ["flops", "--model", "baseline_conv", "--image-size", "64", "--num-classes", "10", "--json"]
     assert main(argv) == 0
     row = json.loads(capsys.readouterr().out.strip())
     assert row["model"] == "baseline_conv" and row["macs"] == 123_000_000
     assert row["params"] == count_params(build_model("baseline_conv", num_classes=10))
     assert calls == [((3, 64, 64), 1)]
-    assert main(["flops", "--model", "baseline_conv", "--img-size", "64"]) == 0
+    assert main(["flops", "--model", "baseline_conv", "--image-size", "64"]) == 0
     assert "0.123" in capsys.readouterr().out
 
 
@@ -425,11 +425,11 @@ def test_flops_cli_classifiers_and_diffusion_models(capsys) -> None:
 def test_cli_reports_bad_models_without_traceback(capsys, tmp_path) -> None:
     assert main(["flops", "--model", "no_such_model"]) == 2
     assert "gspn flops: error: unknown model 'no_such_model'" in capsys.readouterr().err
-    assert main(["flops", "--batch", "0"]) == 2
-    assert "--batch must be a positive integer" in capsys.readouterr().err
-    assert main(["train", "--model", "gspn_dit_tiny", "--out", str(tmp_path)]) == 2
+    assert main(["flops", "--batch-size", "0"]) == 2
+    assert "--batch-size must be a positive integer" in capsys.readouterr().err
+    assert main(["train", "--model", "gspn_dit_tiny", "--output-dir", str(tmp_path)]) == 2
     assert "gspn train-dit" in capsys.readouterr().err
-    assert main(["train-dit", "--model", "gspn_t", "--out", str(tmp_path)]) == 2
+    assert main(["train-dit", "--model", "gspn_t", "--output-dir", str(tmp_path)]) == 2
     assert "'gspn_t' is not a diffusion model" in capsys.readouterr().err
 
 
@@ -441,7 +441,7 @@ DDP_ARGS = [
     "baseline_conv",
     "--model-arg",
     "width=8",
-    "--img-size",
+    "--image-size",
     "16",
     "--epochs",
     "2",
@@ -469,7 +469,7 @@ def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         "-m",
         "gspn.cli",
     ]
-    cmd += ["train", *DDP_ARGS, "--output", str(out), *extra]
+    cmd += ["train", *DDP_ARGS, "--output-dir", str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -36,7 +36,7 @@ def test_train_dit_exports_load_with_load_model(tmp_path: Path) -> None:
 
     out = tmp_path / "dit"
     assert main(["train-dit", "--model", "gspn_dit_tiny", "--image-size", "8", "--batch-size", "8", "--steps", "1",
-                 "--out", str(out), "--no-progress", "--sample-steps", "0", "--model-arg", "hidden_size=32",
+                 "--output-dir", str(out), "--no-progress", "--sample-steps", "0", "--model-arg", "hidden_size=32",
                  "--model-arg", "depth=2", "--model-arg", "d_state=4", "--model-arg", "num_global_blocks=1"]) == 0
     m = load_model(out / "ema.safetensors")
     again = create_model("gspn_dit_tiny", pretrained=str(out / "ema.safetensors"), **m.model_args)

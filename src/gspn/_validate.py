@@ -5,10 +5,12 @@ Commands and recipes call these before any work, so a nonsense value never train
 
 from __future__ import annotations
 
+import ast
 import math
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_choice", "check_int", "check_number"]
+__all__ = ["check_choice", "check_int", "check_number", "parse_model_args"]
 
 
 def _flag(name: str) -> str:
@@ -53,3 +55,29 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     """``value`` must be one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{_flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:
+    """Parse ``--model-arg KEY=VALUE`` strings, the one parser of every command.
+
+    Values are Python literals (``depths=(1,1)``, ``drop=0.1``, ``act='gelu'``); JSON spellings of the
+    constants (``true``, ``false``, ``null``) and JSON lists work too; anything else is a string.
+
+    >>> parse_model_args(["depth=2", "depths=(1,1)", "act=gelu", "learn_sigma=false"])
+    {'depth': 2, 'depths': (1, 1), 'act': 'gelu', 'learn_sigma': False}
+    """
+    constants = {"true": True, "false": False, "null": None, "none": None}
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        if value.strip().lower() in constants:
+            out[key] = constants[value.strip().lower()]
+            continue
+        try:
+            out[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out

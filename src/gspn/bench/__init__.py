@@ -6,25 +6,18 @@ for exactly what is timed), skips configurations that would not fit in memory or
 (:mod:`gspn.bench.runner`), fits each method's scaling exponent in pixels, prints a table and the
 attention/GSPN time ratio, and writes ``results.json``, ``table.md`` and ``scaling.png``.
 
-Use it as ``python -m gspn.bench [options]`` or, once registered, ``gspn bench [options]``;
-``--quick`` finishes in well under a minute on a laptop CPU.
-
-Registering it in an argparse CLI takes :func:`add_arguments` (which also sets ``func=run`` as the
-parser default) and :func:`run`::
-
-    from gspn import bench
-    bench.add_arguments(subparsers.add_parser("bench", help=bench.HELP, description=bench.HELP))
+Use it as ``gspn bench [options]`` (flags: :mod:`gspn.commands.bench`); ``--quick`` finishes in
+well under a minute on a laptop CPU. :func:`run` takes the parsed options.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,7 +43,6 @@ __all__ = [
     "MethodSpec",
     "Result",
     "SelfAttention",
-    "add_arguments",
     "benchmark",
     "exponents",
     "fit_exponent",
@@ -77,72 +69,9 @@ _DEFAULTS = {
 }
 
 
-def _csv_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(",", " ").split()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _csv_methods(text: str) -> list[str]:
-    names = [v for v in text.replace(",", " ").split() if v]
-    valid = {m.name for m in METHODS} | {"all"}
-    bad = [n for n in names if n not in valid]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(sorted(valid))}")
-    return names
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``gspn bench`` options to ``parser`` and set ``func=run`` as its default."""
-    g = parser.add_argument_group("what to run")
-    g.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="device (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
-                   help="dtype of layers and inputs (default: float32 on cpu, bfloat16 on cuda)")
-    g.add_argument("--channels", type=int, default=None, help="layer width C (default 96; --quick 32)")
-    g.add_argument("--heads", type=int, default=None,
-                   help="attention heads (default 3, i.e. head dim 32 as in Swin-T stage 1; --quick 2)")
-    g.add_argument("--batch", type=int, default=None, help="batch size (default 1)")
-    g.add_argument("--d-state", type=int, default=8, help="GSPN proxy dimension (default 8)")
-    g.add_argument("--local-chunk", type=int, default=2, help="chunk size of local GSPN (default 2)")
-    g.add_argument("--gspn-backend", default="auto", help="GSPN scan backend: auto, cpu, triton, reference")
-    g.add_argument("--methods", type=_csv_methods, default=None,
-                   help=f"comma-separated list from: {', '.join(m.name for m in METHODS)}, or 'all' "
-                   f"(default: {', '.join(DEFAULT_METHODS)})")
-    g.add_argument("--backward", action="store_true", help="time forward+backward instead of forward only")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-    g = parser.add_argument_group("sizes and budget")
-    g.add_argument("--max-resolution", type=int, default=None,
-                   help="largest side (default 1024 on cpu, 16384 on cuda; --quick 256)")
-    g.add_argument("--min-resolution", type=int, default=None, help="smallest side (default 64; --quick 32)")
-    g.add_argument("--resolutions", type=_csv_ints, default=None,
-                   help="explicit comma-separated sides, e.g. 64,128,256 (overrides min/max)")
-    g.add_argument("--budget-seconds", type=float, default=None,
-                   help="time budget per configuration, warm-up included (default 10; --quick 2)")
-    g.add_argument("--repeats", type=int, default=None,
-                   help="timed calls after the warm-up (default 5; --quick 3)")
-    g.add_argument("--memory-limit-gb", type=float, default=None,
-                   help="skip configurations estimated above this (default: 80%% of available memory)")
-    g.add_argument("--fit-skip", type=int, default=1,
-                   help="smallest measured sizes left out of the exponent fits (default 1)")
-    g.add_argument("--no-memory", action="store_true",
-                   help="do not measure peak memory (on CPU this saves one profiled call)")
-    g.add_argument("--quick", action="store_true",
-                   help="small and fast: C=32, sides 32..256, 2 s budget, 3 repeats (< 1 minute on a CPU)")
-
-    g = parser.add_argument_group("output")
-    g.add_argument("--out", type=Path, default=Path("bench_out"),
-                   help="directory for results.json, table.md and scaling.png (default ./bench_out)")
-    g.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
-    g.add_argument("--replot", type=Path, default=None, metavar="RESULTS_JSON",
-                   help="measure nothing: re-render the tables, fits and plot of an earlier results.json")
-    g.add_argument("--quiet", action="store_true", help="no per-configuration progress lines")
-    parser.set_defaults(func=run)
+#: Settings whose command-line option has another name (``gspn bench --dim``, ``--batch-size``).
+_OPTION = {"channels": "dim", "batch": "batch_size"}
+_PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def resolutions_up_to(min_side: int, max_side: int) -> list[int]:
@@ -159,22 +88,24 @@ def resolutions_up_to(min_side: int, max_side: int) -> list[int]:
     return sides
 
 
-def _settings(args: argparse.Namespace) -> dict:
+def _settings(args: Any) -> dict:
     """Resolve defaults that depend on ``--quick`` and on the device; explicit options always win."""
-    s = {key: getattr(args, key, None) for key in _DEFAULTS}
+    s = {key: getattr(args, _OPTION.get(key, key), None) for key in _DEFAULTS}
     for key, (normal, quick) in _DEFAULTS.items():
         if s[key] is None:
             s[key] = quick if args.quick else normal
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     s["device"] = device
-    s["dtype"] = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    precision = getattr(args, "precision", None)
+    s["dtype"] = _PRECISION_DTYPE[precision] if precision else ("bfloat16" if device == "cuda" else "float32")
     if s["max_resolution"] is None:
         s["max_resolution"] = 16384 if device == "cuda" else 1024
     for key in ("channels", "heads", "batch", "repeats", "budget_seconds"):
         if s[key] <= 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be positive, got {s[key]}")
+            flag = _OPTION.get(key, key).replace("_", "-")
+            raise ValueError(f"--{flag} must be positive, got {s[key]}")
     if s["channels"] % s["heads"]:
-        raise ValueError(f"--channels {s['channels']} is not divisible by --heads {s['heads']}")
+        raise ValueError(f"--dim {s['channels']} is not divisible by --heads {s['heads']}")
     if args.local_chunk <= 0 or args.d_state <= 0:
         raise ValueError("--local-chunk and --d-state must be positive")
     s["resolutions"] = args.resolutions or resolutions_up_to(s["min_resolution"], s["max_resolution"])
@@ -194,8 +125,8 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark described by ``args`` (from :func:`add_arguments`); returns the exit code."""
+def run(args: Any) -> int:
+    """Run the benchmark of the parsed ``gspn bench`` options (:mod:`gspn.commands.bench`); returns the exit code."""
     if args.replot is not None:
         return _replot(args)
     try:
@@ -215,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
 
 
-def _run(args: argparse.Namespace, s: dict) -> int:
+def _run(args: Any, s: dict) -> int:
     device = torch.device(s["device"])
     config = BenchConfig(
         device=device, dtype=_DTYPES[s["dtype"]], channels=s["channels"], heads=s["heads"], batch=s["batch"],
@@ -260,7 +191,7 @@ def _run(args: argparse.Namespace, s: dict) -> int:
     return _report(payload, results, args)
 
 
-def _replot(args: argparse.Namespace) -> int:
+def _replot(args: Any) -> int:
     """Re-render tables, fits, ratios and the plot of an earlier ``results.json`` into ``--out``."""
     payload = json.loads(Path(args.replot).read_text())
     fields = set(Result.__dataclass_fields__)
@@ -270,7 +201,7 @@ def _replot(args: argparse.Namespace) -> int:
     return _report(payload, results, args)
 
 
-def _report(payload: dict, results: list[Result], args: argparse.Namespace) -> int:
+def _report(payload: dict, results: list[Result], args: Any) -> int:
     """Print the tables and ratios, and write ``results.json``, ``table.md`` and ``scaling.png``."""
     from .plot import plot_results
 
@@ -292,7 +223,7 @@ def _report(payload: dict, results: list[Result], args: argparse.Namespace) -> i
             print(f"  {p['method']:<20} / {p['gspn']:<11} at {p['resolution']}²: {p['ratio']:8.2f}x "
                   f"({p['method_ms']:.2f} ms vs {p['gspn_ms']:.2f} ms)")
 
-    out = Path(args.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "fit_skip": args.fit_skip, "exponents": fits, "ratios": pairs}
     json_path = write_json(out / "results.json", payload)
@@ -336,10 +267,3 @@ def _gspn_version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m gspn.bench``."""
-    parser = argparse.ArgumentParser(prog="python -m gspn.bench", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from .._files import safe_torch_load
+from .._images import IMAGE_EXTENSIONS
 
 __all__ = ["IMAGE_EXTENSIONS", "load_dataset", "load_digits", "load_image_folder", "load_latents"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 def load_digits(image_size: int = 16, channels: int = 1, limit: int | None = None) -> TensorDataset:

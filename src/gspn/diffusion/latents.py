@@ -3,7 +3,7 @@
 Example::
 
     gspn extract-latents --vae /models/sd-vae-ft-mse --data imagefolder:/data/imagenet_train \\
-        --image-size 256 --channels 3 --out latents_256.pt
+        --image-size 256 --in-channels 3 --output latents_256.pt
     gspn train-dit --model gspn_dit_b_2 --data latents:latents_256.pt ...
 
 ``--vae`` is a local folder (``AutoencoderKL.save_pretrained`` layout) or a hub name (only works
@@ -16,8 +16,6 @@ file holds ``latents (N, C, H/8, W/8)`` float32, ``labels (N,)`` and ``meta`` (`
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,11 +26,9 @@ from .._files import atomic_torch_save
 from .data import load_dataset
 
 __all__ = [
-    "add_extract_latents_arguments",
     "decode_latents",
     "encode_dataset",
     "load_vae",
-    "main",
     "run_extract_latents",
 ]
 
@@ -94,27 +90,7 @@ def decode_latents(
     return torch.cat(out)
 
 
-def add_extract_latents_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``extract-latents`` options to ``parser``."""
-    parser.add_argument("--vae", required=True, help="AutoencoderKL folder or hub name")
-    parser.add_argument("--data", default="digits", help="digits | imagefolder:PATH")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
-    parser.add_argument("--out", required=True, help="output .pt file")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--deterministic", action="store_true", help="use the posterior mean instead of a sample"
-    )
-    parser.add_argument("--scaling-factor", type=float, default=None, help="default: the VAE config's")
-    parser.add_argument("--limit", type=int, default=0, help="encode only the first N images (0 = all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    return parser
-
-
-def run_extract_latents(args: argparse.Namespace) -> dict[str, Any]:
+def run_extract_latents(args: Any) -> dict[str, Any]:
     """Run ``extract-latents``; returns the output path, latent shape and count."""
     from .._files import check_output_file
     from .._validate import check_int
@@ -123,7 +99,7 @@ def run_extract_latents(args: argparse.Namespace) -> dict[str, Any]:
         check_int(name, getattr(args, name))
     check_int("limit", args.limit, minimum=0)
     check_int("threads", getattr(args, "threads", 0), minimum=0)
-    check_output_file(args.out)
+    check_output_file(args.output)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     if args.data.startswith("latents:"):
@@ -131,14 +107,14 @@ def run_extract_latents(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    dataset, meta = load_dataset(args.data, args.image_size, args.channels)
+    dataset, meta = load_dataset(args.data, args.image_size, args.in_channels)
     x, y = dataset.tensors
     if args.limit:
         x, y = x[: args.limit], y[: args.limit]
     vae = load_vae(args.vae, device)
     if x.shape[1] != vae.config.in_channels:
         raise ValueError(
-            f"the VAE expects {vae.config.in_channels} channels; use --channels {vae.config.in_channels}"
+            f"the VAE expects {vae.config.in_channels} channels; use --in-channels {vae.config.in_channels}"
         )
     scale = float(vae.config.scaling_factor if args.scaling_factor is None else args.scaling_factor)
     z = encode_dataset(vae, x, args.batch_size, args.deterministic, args.seed, scale, args.progress)
@@ -147,23 +123,16 @@ def run_extract_latents(args: argparse.Namespace) -> dict[str, Any]:
         "scaling_factor": scale,
         "num_classes": meta["num_classes"],
         "image_size": args.image_size,
-        "channels": args.channels,
+        "channels": args.in_channels,
         "source": args.data,
     }
-    atomic_torch_save({"latents": z, "labels": y.clone(), "meta": info}, Path(args.out))
-    return {"out": str(args.out), "count": len(z), "shape": list(z.shape[1:]), **info}
+    atomic_torch_save({"latents": z, "labels": y.clone(), "meta": info}, Path(args.output))
+    return {"out": str(args.output), "count": len(z), "shape": list(z.shape[1:]), **info}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``python -m gspn.diffusion.latents``."""
-    parser = argparse.ArgumentParser(
-        prog="gspn extract-latents", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_extract_latents_arguments(parser)
-    result = run_extract_latents(parser.parse_args(argv))
-    print(json.dumps(result))
-    return result
+if __name__ == "__main__":  # deprecated spelling of ``gspn extract-latents`` (the command package owns the flags)
+    import sys
 
+    from ..commands import main as _main
 
-if __name__ == "__main__":
-    main()
+    sys.exit(_main(["extract-latents", *sys.argv[1:]]))

@@ -1,13 +1,13 @@
-"""``gspn sample`` / ``python -m gspn.diffusion.sample``: class-conditional samples from a checkpoint.
+"""``gspn sample``: class-conditional samples from a checkpoint.
 
 Example::
 
-    python -m gspn.diffusion.sample --ckpt runs/dit_digits/last.pt --labels 0-9 --per-label 4 \\
-        --steps 100 --sampler ddpm --cfg-scale 3 --seed 0 --out samples/
+    gspn sample --checkpoint runs/dit_digits/last.pt --labels 0-9 --per-label 4 \\
+        --steps 100 --sampler ddpm --cfg-scale 3 --seed 0 --output-dir samples/
 
 writes ``OUT/grid.png`` (with ``--per-label > 1`` and at most 10 labels, one column per label;
 otherwise ``--nrow`` columns) and ``OUT/NNNN_classY.png`` per image. The same seed gives the same
-images. ``--ckpt`` is a trainer checkpoint (``last.pt``; the EMA weights are used unless
+images. ``--checkpoint`` is a trainer checkpoint (``last.pt``; the EMA weights are used unless
 ``--no-ema``), an ``ema.safetensors``, or a checkpoint of the reference code (GSPN-DiT training
 checkpoint, read through an allow-list; its ``ema`` entry unless ``--no-ema``; the model is inferred
 from the tensor shapes or given with ``--model``/``--model-arg``; DiT's 1000-step linear schedule and
@@ -18,7 +18,6 @@ keeps the raw latents instead.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,16 +30,14 @@ import torch
 from torch import nn
 
 from .._files import check_output_dir, safe_torch_load
-from .._validate import check_int, check_number
+from .._validate import check_int, check_number, parse_model_args
 from ..models import create_model, load_model, read_metadata
 from ..train.ema import load_ema_weights
-from .gaussian import SAMPLERS, make_sampling_scheduler, sample_generators, sample_loop
+from .gaussian import make_sampling_scheduler, sample_generators, sample_loop
 
 __all__ = [
-    "add_sample_arguments",
     "generate",
     "load_for_sampling",
-    "main",
     "parse_labels",
     "run_sample",
     "save_images",
@@ -235,83 +232,35 @@ def load_for_sampling(
     return model.to(device).eval(), schedule, data
 
 
-def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``sample`` options to ``parser``."""
-    parser.add_argument("--ckpt", required=True, help="trainer checkpoint (last.pt) or ema.safetensors")
-    parser.add_argument("--labels", default="all", help='e.g. "all", "0-9", "1,7", "null" (unconditional)')
-    parser.add_argument("--per-label", type=int, default=1, help="images per label")
-    parser.add_argument("--steps", type=int, default=100, help="sampling steps")
-    parser.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm uses the learned variance")
-    parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance (1 = off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--size",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        default=None,
-        help="sample size in data pixels/latents (default: training size; may be non-square)",
-    )
-    parser.add_argument("--out", default="samples", help="output folder")
-    parser.add_argument(
-        "--nrow", type=int, default=0, help="grid columns (default: number of distinct labels, ≤ 10)"
-    )
-    parser.add_argument("--upscale", type=int, default=1, help="enlarge PNGs by pixel repetition")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw (non-EMA) weights")
-    parser.add_argument("--model", default=None,
-                        help="reference checkpoints: registered model (default: inferred from the tensor shapes)")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="reference checkpoints: constructor override (repeatable; Python literals)")
-    parser.add_argument("--vae", default=None, help="AutoencoderKL (folder or hub name) to decode latents")
-    parser.add_argument(
-        "--save-latents", action="store_true", help="latent models: save latents.pt, no decoding"
-    )
-    parser.add_argument(
-        "--fid-extractor",
-        default=None,
-        help="local feature extractor (.pt2 or TorchScript) for FID/IS; never downloaded",
-    )
-    parser.add_argument(
-        "--fid-ref",
-        default=None,
-        help="reference for FID: a .npz with mu/sigma, or data (digits | imagefolder:PATH)",
-    )
-    parser.add_argument(
-        "--fid-input-size", type=int, default=299, help="extractor input side (299 = Inception)"
-    )
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    return parser
-
-
-def run_sample(args: argparse.Namespace) -> dict[str, Any]:
+def run_sample(args: Any) -> dict[str, Any]:
     """Run ``sample`` with parsed ``args``; returns ``{"grid", "images", "labels"}``."""
     for name in ("steps", "per_label", "batch_size", "upscale"):
         check_int(name, getattr(args, name))
     check_int("nrow", args.nrow, minimum=0)
     check_int("threads", args.threads, minimum=0)
     check_number("cfg_scale", args.cfg_scale, 0)
-    if args.size is not None:
-        for v in args.size:
-            check_int("size", v)
-    check_output_dir(args.out)
-    if not Path(args.ckpt).is_file():
-        raise FileNotFoundError(f"--checkpoint {args.ckpt}: no such file")
+    size = args.image_size
+    if size is not None:
+        size = [size] if isinstance(size, int) else list(size)
+        if len(size) not in (1, 2):
+            raise ValueError(f"--image-size takes SIDE or H W, got {size}")
+        for v in size:
+            check_int("image_size", v)
+        size = size * (3 - len(size))
+    check_output_dir(args.output_dir)
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    from ..train.factory import parse_model_args
-
-    model, schedule, data = load_for_sampling(args.ckpt, args.ema, device, getattr(args, "model", None),
+    model, schedule, data = load_for_sampling(args.checkpoint, args.ema, device, getattr(args, "model", None),
                                               parse_model_args(getattr(args, "model_arg", [])))
     labels = [v for v in parse_labels(args.labels, model.num_classes) for _ in range(args.per_label)]
     c = model.in_channels
-    if args.size is not None:
-        shape = (c, *args.size)
+    if size is not None:
+        shape = (c, *size)
     elif "shape" in data:
         shape = tuple(data["shape"])
     else:
@@ -329,7 +278,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
         device,
         args.progress,
     )
-    out = Path(args.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if data.get("kind") == "latents":
         if args.save_latents:
@@ -357,7 +306,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _fid(args: argparse.Namespace, imgs: torch.Tensor, data: dict[str, Any]) -> dict[str, float]:
+def _fid(args: Any, imgs: torch.Tensor, data: dict[str, Any]) -> dict[str, float]:
     """FID/IS of the generated images with the user's extractor (see :mod:`gspn.diffusion.fid`)."""
     from .data import load_dataset
     from .fid import FeatureExtractor, fid_from_images
@@ -373,16 +322,9 @@ def _fid(args: argparse.Namespace, imgs: torch.Tensor, data: dict[str, Any]) -> 
     return fid_from_images(ext, imgs, ref)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``python -m gspn.diffusion.sample``."""
-    parser = argparse.ArgumentParser(
-        prog="gspn sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_sample_arguments(parser)
-    result = run_sample(parser.parse_args(argv))
-    print(json.dumps({k: v for k, v in result.items() if k != "labels"}))
-    return result
+if __name__ == "__main__":  # deprecated spelling of ``gspn sample`` (the command package owns the flags)
+    import sys
 
+    from ..commands import main as _main
 
-if __name__ == "__main__":
-    main()
+    sys.exit(_main(["sample", *sys.argv[1:]]))

@@ -1,9 +1,9 @@
-"""``gspn train-dit`` / ``python -m gspn.diffusion.train``: train a class-conditional GSPN-DiT.
+"""``gspn train-dit``: train a class-conditional GSPN-DiT.
 
 Example (a fresh CPU machine, no download)::
 
-    python -m gspn.diffusion.train --model gspn_dit_tiny --data digits --image-size 16 \\
-        --steps 2000 --batch-size 64 --out runs/dit_digits
+    gspn train-dit --model gspn_dit_tiny --data digits --image-size 16 \\
+        --steps 2000 --batch-size 64 --output-dir runs/dit_digits
 
 Features: the bundled digits, an ImageFolder or pre-extracted VAE latents (``--data``); the
 diffusion loss of :mod:`gspn.diffusion.gaussian`; AdamW with linear warm-up; gradient clipping;
@@ -12,13 +12,12 @@ EMA weights; an atomic checkpoint ``OUT/last.pt`` every ``--ckpt-every`` steps (
 draws are functions of ``(seed, step, rank)``); JSON-lines metrics ``OUT/metrics.jsonl`` and a
 loss plot ``OUT/loss.png``; a tqdm progress bar; a sample grid at the end (``OUT/samples.png``)
 and the EMA weights as ``OUT/ema.safetensors`` (loadable with :func:`gspn.models.load_model`).
-Multi-process: ``torchrun --nproc_per_node=N -m gspn.diffusion.train ...`` (gloo on CPU, NCCL on
+Multi-process: ``torchrun --nproc_per_node=N -m gspn train-dit ...`` (gloo on CPU, NCCL on
 GPU; ``--batch-size`` is the global batch).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from .._files import atomic_torch_save, check_output_dir, claim_run_dir, safe_torch_load
-from .._validate import check_int, check_number
+from .._validate import check_int, check_number, parse_model_args
 from ..models import create_model, save_checkpoint
 from ..train.checkpoint import capture_rng
 from ..train.distributed import cleanup_distributed, init_distributed
@@ -37,84 +36,14 @@ from ..train.ema import build_ema
 from ..train.factory import available_models, model_task
 from ..train.metrics import Panel, append_metrics, plot_metrics, truncate_metrics
 from .data import load_dataset
-from .gaussian import SAMPLERS, diffusion_loss, make_train_scheduler
+from .gaussian import diffusion_loss, make_train_scheduler
 
-__all__ = ["add_train_arguments", "batch_indices", "main", "parse_model_args", "run_train"]
+__all__ = ["batch_indices", "parse_model_args", "run_train"]
 
 _LOSS_PANEL = Panel("diffusion loss", "", (("loss", "loss"), ("mse", "mse")), log=True)
 """``loss.png``: the logged losses against the optimizer step."""
 
 
-def parse_model_args(items: list[str] | None) -> dict[str, Any]:
-    """``["hidden_size=96", "learn_sigma=false"]`` → ``{"hidden_size": 96, "learn_sigma": False}``."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, _, value = item.partition("=")
-        if not key or not _:
-            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``train-dit`` options to ``parser``."""
-    g = parser.add_argument_group("model and data")
-    g.add_argument(
-        "--model", default="gspn_dit_tiny", help="registered GSPN-DiT name (gspn.list_models('gspn_dit*'))"
-    )
-    g.add_argument(
-        "--model-arg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="constructor override, e.g. hidden_size=96 (repeatable)",
-    )
-    g.add_argument("--data", default="digits", help="digits | imagefolder:PATH | latents:PATH")
-    g.add_argument("--image-size", type=int, default=16, help="pixel data: side after resizing")
-    g.add_argument("--channels", type=int, default=1, choices=(1, 3), help="pixel data: 1 (grey) or 3 (RGB)")
-    g.add_argument(
-        "--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance"
-    )
-    g.add_argument(
-        "--no-learn-sigma",
-        dest="learn_sigma",
-        action="store_false",
-        help="predict ε only (plain MSE; fixed variance at sampling)",
-    )
-    g.add_argument("--num-train-timesteps", type=int, default=1000)
-    g.add_argument(
-        "--beta-schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2")
-    )
-    o = parser.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=2000, help="total optimizer steps")
-    o.add_argument("--batch-size", type=int, default=64, help="global batch size (split over processes)")
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    o.add_argument("--ema-decay", type=float, default=0.999)
-    o.add_argument("--seed", type=int, default=0)
-    r = parser.add_argument_group("run")
-    r.add_argument("--out", default="runs/dit", help="output folder (checkpoints, metrics, samples)")
-    r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue a run: without a value from OUT/last.pt (if present), else from CHECKPOINT")
-    r.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
-    r.add_argument("--ckpt-every", type=int, default=500)
-    r.add_argument("--log-every", type=int, default=10)
-    r.add_argument(
-        "--max-minutes", type=float, default=0.0, help="stop (with a checkpoint) after this wall time"
-    )
-    r.add_argument(
-        "--sample-steps", type=int, default=100, help="steps of the final sample grid (0 = no grid)"
-    )
-    r.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="sampler of the final grid")
-    r.add_argument("--cfg-scale", type=float, default=3.0, help="guidance of the final grid")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="disable the progress bar")
-    return parser
 
 
 def batch_indices(
@@ -139,7 +68,7 @@ RUN_FILES = ("last.pt", "metrics.jsonl", "config.json", "ema.safetensors", "samp
 """The files a ``train-dit`` run writes in its folder (their presence marks the folder as a run's)."""
 
 
-def _validate_args(args: argparse.Namespace) -> None:
+def _validate_args(args: Any) -> None:
     """Reject nonsense settings before any work (one ``ValueError`` naming the option)."""
     for name in ("steps", "batch_size", "image_size", "num_train_timesteps", "ckpt_every", "log_every"):
         check_int(name, getattr(args, name))
@@ -147,15 +76,15 @@ def _validate_args(args: argparse.Namespace) -> None:
         check_int(name, getattr(args, name), minimum=0)
     check_number("lr", args.lr, 0, lo_open=True)
     check_number("weight_decay", args.weight_decay, 0)
-    check_number("grad_clip", args.grad_clip, 0)
+    check_number("clip_grad", args.clip_grad, 0, allow_none=True)
     check_number("ema_decay", args.ema_decay, 0, 1, hi_open=True)
     check_number("class_dropout", args.class_dropout, 0, 1, hi_open=True)
     check_number("cfg_scale", args.cfg_scale, 0)
     check_number("max_minutes", args.max_minutes, 0)
-    check_int("warmup", args.warmup, minimum=0)
+    check_int("warmup_steps", args.warmup_steps, minimum=0)
     if getattr(args, "resume", None) not in (None, "none", "") and getattr(args, "overwrite", False):
         raise ValueError("--resume and --overwrite exclude each other")
-    check_output_dir(args.out)
+    check_output_dir(args.output_dir)
 
 
 def _check_finite(model: nn.Module, step: int, what: str = "weights") -> None:
@@ -172,11 +101,11 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
-def _lr_at(step: int, args: argparse.Namespace) -> float:
-    return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+def _lr_at(step: int, args: Any) -> float:
+    return args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
 
 
-def run_train(args: argparse.Namespace) -> dict[str, Any]:
+def run_train(args: Any) -> dict[str, Any]:
     """Run ``train-dit`` with parsed ``args``; returns a summary (final step, last losses, paths)."""
     if model_task(args.model) != "diffusion":
         raise ValueError(f"--model {args.model!r} is not a diffusion model (train classifiers with `gspn train`); "
@@ -186,7 +115,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device)
     rank, world, main, device = ctx.rank, ctx.world_size, ctx.is_main, ctx.device
-    out = Path(args.out)
+    out = Path(args.output_dir)
     metrics = out / "metrics.jsonl"
     resume_arg = getattr(args, "resume", None)
     if resume_arg in ("none", ""):
@@ -197,7 +126,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         if main:  # rank 0 owns the folder; the others only read it
             run_dir = claim_run_dir(out, RUN_FILES, resume=resume_arg is not None,
                                     overwrite=bool(getattr(args, "overwrite", False)))
-        dataset, meta = load_dataset(args.data, args.image_size, args.channels)
+        dataset, meta = load_dataset(args.data, args.image_size, args.in_channels)
         c, h, w = meta["shape"]
         overrides = {
             "in_channels": c,
@@ -289,8 +218,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                if args.grad_clip > 0
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                if args.clip_grad
                 else torch.tensor(float("nan"))
             )
             opt.step()
@@ -368,17 +297,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         cleanup_distributed(ok)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``python -m gspn.diffusion.train``."""
-    parser = argparse.ArgumentParser(
-        prog="gspn train-dit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_train_arguments(parser)
-    summary = run_train(parser.parse_args(argv))
-    if summary:
-        print(json.dumps(summary))
-    return summary
+if __name__ == "__main__":  # deprecated spelling of ``gspn train-dit`` (the command package owns the flags)
+    import sys
 
+    from ..commands import main as _main
 
-if __name__ == "__main__":
-    main()
+    sys.exit(_main(["train-dit", *sys.argv[1:]]))

@@ -1,6 +1,8 @@
-"""``python -m gspn.distill``: same as ``gspn distill``."""
+"""``python -m gspn.distill``: deprecated spelling of ``gspn distill``."""
 
-from .command import main
+import sys
+
+from ..commands import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(["distill", *sys.argv[1:]]))

@@ -4,7 +4,7 @@ Two sources:
 
 * a text file: one caption per line (blank lines and lines starting with ``#`` are skipped);
   no images, the trainer then uses Gaussian latents (see :mod:`gspn.distill.trainer`);
-* an image-caption folder: every image (``.png/.jpg/.jpeg/.webp/.bmp``, searched recursively)
+* an image-caption folder: every image (:data:`gspn._images.IMAGE_EXTENSIONS`, searched recursively)
   with a sibling ``<stem>.txt`` caption, or a ``metadata.jsonl`` with ``file_name`` and ``text``
   fields (the Hugging Face *imagefolder* layout). Images without a caption get an empty one.
 """
@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from .._images import IMAGE_EXTENSIONS
+
 __all__ = ["CaptionData", "load_captions", "load_image"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS
 
 
 @dataclass

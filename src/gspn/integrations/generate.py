@@ -1,6 +1,6 @@
 """High-resolution text-to-image with a GSPN-swapped UNet (``gspn generate``).
 
-``python -m gspn.integrations.generate --prompt "a lighthouse" --height 2048 --width 4096 \\
+``gspn generate --prompt "a lighthouse" --height 2048 --width 4096 \\
 --adapter runs/sd15-gspn/adapter --model stable-diffusion-v1-5/stable-diffusion-v1-5``
 
 What makes large sizes fit:
@@ -19,7 +19,6 @@ progressive high-resolution scripts do (e.g. 512 → 1K → 2K).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -32,20 +31,10 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "add_generate_arguments",
     "generate",
-    "main",
     "prepare_pipeline",
     "run_generate",
 ]
-
-
-def _size(s: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in s.lower().replace("*", "x").split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, got {s!r}") from None
-    return h, w
 
 
 def prepare_pipeline(
@@ -147,38 +136,7 @@ def _skip_residual(reference: torch.Tensor, noise: torch.Tensor, alpha: float) -
     return callback
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``gspn generate`` options to ``parser``; returns it."""
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--height", type=int, default=1024, help="pixels (a multiple of 8·2^levels)")
-    parser.add_argument("--width", type=int, default=1024, help="pixels")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                        help="diffusers pipeline folder or hub name (from the local HF cache; "
-                             "HF_HUB_OFFLINE=1 forbids downloads)")
-    parser.add_argument("--adapter", default=None,
-                        help="saved GSPN adapter folder (without it the original attention runs)")
-    parser.add_argument("--upscale-from", type=_size, nargs="+", default=None, metavar="HxW",
-                        help="generate at the first size, then upsample the latents and refine (img2img) "
-                             "at each further size and the target")
-    parser.add_argument("--strength", type=float, default=0.6, help="img2img strength of the upscaling pass")
-    parser.add_argument("--skip-residual", type=float, default=0.0, metavar="ALPHA",
-                        help="DemoFusion-style skip residuals in the upscaling passes (0: off; DemoFusion 3)")
-    parser.add_argument("--cross-attn-chunk", type=int, default=4096,
-                        help="queries per cross-attention chunk (0: diffusers' default processor)")
-    parser.add_argument("--no-vae-tiling", action="store_true")
-    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                        help="auto: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--output", default="gspn.png", help="image path (index appended for several)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    return parser
-
-
-def run_generate(args: argparse.Namespace) -> int:
+def run_generate(args: Any) -> int:
     """Run ``gspn generate`` with parsed arguments; returns the exit status."""
     from .._files import check_output_file
     from .._validate import check_int, check_number
@@ -198,10 +156,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from diffusers import DiffusionPipeline
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.dtype == "auto":
+    if args.precision == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
-        dtype = getattr(torch, args.dtype)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype (FutureWarning)
         warnings.simplefilter("ignore", FutureWarning)
         pipe = DiffusionPipeline.from_pretrained(
@@ -228,15 +186,9 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m gspn.integrations.generate``."""
-    parser = argparse.ArgumentParser(
-        prog="gspn generate", description="High-resolution text-to-image with a GSPN-swapped UNet.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_generate_arguments(parser)
-    return run_generate(parser.parse_args(argv))
+if __name__ == "__main__":  # deprecated spelling of ``gspn generate``
+    import sys
 
+    from ..commands import main as _main
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(_main(["generate", *sys.argv[1:]]))

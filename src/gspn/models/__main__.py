@@ -1,5 +1,5 @@
-"""``python -m gspn.models [names] [--img-size H W]``: parameter and MAC table of the registered models."""
+"""``python -m gspn.models [names] [--image-size H [W]]``: parameter and MAC table of the registered models."""
 
-from .complexity import main
+from ..commands.classify import models_table
 
-main()
+models_table()

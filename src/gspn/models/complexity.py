@@ -15,7 +15,6 @@ device: no memory, a few seconds).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,31 +77,3 @@ def complexity(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batc
         "scan_macs": scan,
         "flops_by_op": by_op,
     }
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Print parameters and MACs of registered models (``python -m gspn.models``)."""
-    from . import get_default_cfg, list_models
-    from ._registry import create_model
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("models", nargs="*", help="model names (default: all registered)")
-    parser.add_argument("--img-size", type=int, nargs="+", default=None, help="H [W] (default: model's cfg)")
-    parser.add_argument("--num-classes", type=int, default=None)
-    args = parser.parse_args(argv)
-    print(f"{'model':<12} {'input':>9} {'params':>14} {'GMACs':>8} {'ref params':>12} {'ref GMACs':>10}")
-    for name in args.models or list_models():
-        cfg = get_default_cfg(name)
-        overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
-        with torch.device("meta"):
-            model = create_model(name, **overrides)
-        size = tuple(cfg["input_size"][1:]) if args.img_size is None else tuple(args.img_size * 2)[:2]
-        res = complexity(model, (cfg["input_size"][0], *size))
-        ref_p = f"{cfg['reference_params']:,}" if "reference_params" in cfg else "-"
-        ref_m = f"{cfg['reference_gmacs']:.2f}" if "reference_gmacs" in cfg else "-"
-        shape = f"{size[0]}x{size[1]}"
-        print(f"{name:<12} {shape:>9} {res['params']:>14,} {res['gmacs']:>8.3f} {ref_p:>12} {ref_m:>10}")
-
-
-if __name__ == "__main__":
-    main()

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from .._images import IMAGE_EXTENSIONS
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataBundle",
@@ -37,7 +39,6 @@ __all__ = [
     "random_resized_crop",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -8,10 +8,11 @@ classifiers from diffusion models); and, optionally, a model's ``default_cfg`` d
 
 from __future__ import annotations
 
-import ast
 from typing import Any
 
 from torch import nn
+
+from .._validate import parse_model_args
 
 __all__ = ["available_models", "build_model", "model_default_cfg", "model_task", "parse_model_args"]
 
@@ -52,19 +53,3 @@ def model_default_cfg(model: nn.Module) -> dict[str, Any]:
     return dict(cfg) if isinstance(cfg, dict) else {}
 
 
-def parse_model_args(items: list[str] | None) -> dict[str, Any]:
-    """Parse ``KEY=VALUE`` strings; values are Python literals when they parse as one, else strings.
-
-    >>> parse_model_args(["depth=2", "depths=(1,1)", "act=gelu"])
-    {'depth': 2, 'depths': (1, 1), 'act': 'gelu'}
-    """
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"model argument {item!r} is not KEY=VALUE")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
