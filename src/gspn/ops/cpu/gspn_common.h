@@ -7,6 +7,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 // The gate maths must be inlined into the vector loops that call it: an out-of-line call makes
 // GCC run those loops one element at a time.
 #if defined(__GNUC__)
@@ -16,6 +20,16 @@
 #endif
 
 namespace {
+
+// OpenMP team size for a requested thread count (<= 0: OpenMP's default).
+inline int resolve_threads(int nthreads) {
+#ifdef _OPENMP
+  return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+  (void)nthreads;
+  return 1;
+#endif
+}
 
 // Geometry of one scan direction over an H x W plane (see gspn/ops/directions.py).
 struct Geometry {

@@ -463,15 +463,6 @@ struct BackwardWorker {
   }
 };
 
-inline int resolve_threads(int nthreads) {
-#ifdef _OPENMP
-  return nthreads > 0 ? nthreads : omp_get_max_threads();
-#else
-  (void)nthreads;
-  return 1;
-#endif
-}
-
 template <typename T, bool NORM>
 void forward_impl(const Geometry& geo, int64_t B, int64_t C, int nthreads, const TensorArg* args) {
 #pragma omp parallel num_threads(resolve_threads(nthreads))

@@ -328,15 +328,6 @@ void scan_direction_backward(const MixShape& sh, const Geometry& geo, const X& x
   }
 }
 
-int mix_threads(int nthreads) {
-#ifdef _OPENMP
-  return nthreads > 0 ? nthreads : omp_get_max_threads();
-#else
-  (void)nthreads;
-  return 1;
-#endif
-}
-
 template <typename T, template <typename> class XV>
 XV<T> x_view(const T* x, const MixShape& sh, int64_t b, int64_t blk) {
   const T* data = x + b * sh.x_sb + blk * LANES * sh.x_sc;
@@ -349,7 +340,7 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
                             Geometry(2, sh.H, sh.W, sh.chunk), Geometry(3, sh.H, sh.W, sh.chunk)};
   const int64_t nblk = sh.nblk(), HW = sh.pixels();
   const int64_t wsize = 4 * KINDS * sh.S * LANES;
-#pragma omp parallel num_threads(mix_threads(nthreads))
+#pragma omp parallel num_threads(resolve_threads(nthreads))
   {
     std::vector<T> line(2 * (std::max(sh.H, sh.W) + 2) * LANES);
 #pragma omp for schedule(dynamic, 1)
