@@ -121,6 +121,7 @@ template <typename T>
 struct XChannelsLast {
   const T* data;  // the block's first channel at pixel 0
   int64_t pixel_stride;
+  inline void prefetch(int64_t pix) const { __builtin_prefetch(data + pix * pixel_stride); }
   inline void load(int64_t pix, T (&v)[LANES]) const {
     const T* __restrict__ p = data + pix * pixel_stride;
 #pragma omp simd
@@ -132,6 +133,7 @@ template <typename T>
 struct XPlanar {
   const T* data;  // the block's first channel at pixel 0
   int64_t plane_stride;
+  inline void prefetch(int64_t) const {}
   inline void load(int64_t pix, T (&v)[LANES]) const {
     const T* __restrict__ p = data + pix;
 #pragma omp simd
@@ -171,8 +173,17 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
   T gw[3][LANES], gs[3][LANES];
   for (int64_t l = 0; l < geo.L; ++l) {
     const bool start = geo.starts(l);
+    // Column scans step through memory a whole image row per pixel: fetch the next line's data
+    // while this line is computed (the hardware prefetchers do not follow page-crossing strides).
+    const bool prefetch = !geo.vertical && l + 1 < geo.L;
     for (int64_t q = 0; q < P; ++q) {
       const int64_t pix = pixel_of(geo, l, q);
+      if (prefetch) {
+        const int64_t next = pixel_of(geo, l + 1, q);
+        x.prefetch(next);
+        __builtin_prefetch(z + next * S);
+        if (ACCUMULATE) __builtin_prefetch(y + next * sh.Cp, 1);
+      }
       const T* zp = z + pix * S;
       T xp[LANES];
       x.load(pix, xp);
