@@ -157,9 +157,10 @@ class GSPN2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (B, C, H, W) → (B, C, H, W)``."""
-        c = x.shape[1] if x.ndim == 4 else None
-        if x.ndim != 4 or c != self.channels:
-            raise ValueError(f"expected {self.channels} channels, got input of shape {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"x must be (B, C, H, W) with C = {self.channels} channels, got input of shape {tuple(x.shape)}"
+            )
         if self.proj_in is not None:
             x = self.proj_in(x)
         if self.merge_frame == "scan":

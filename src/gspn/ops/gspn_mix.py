@@ -413,10 +413,11 @@ def gspn_mix(
         ``y: (B, C, H, W)`` in ``x``'s dtype, in channels-last memory format on every backend.
 
     Raises:
-        TypeError: a non-tensor, non-floating or mixed-dtype input.
+        TypeError: a non-tensor, non-floating or mixed-dtype input; a non-int ``chunk_size``.
         ValueError: a shape that does not fit (naming the argument), ``S`` differing between
             ``proxy`` and the weights, ``Cg`` not dividing ``C``, ``C = 0`` or ``S = 0``, mixed
-            devices, a bad ``chunk_size`` or ``backend``.
+            devices, ``chunk_size <= 0``, an unknown ``backend``.
+        RuntimeError: a known backend that cannot run here (e.g. ``"triton"`` on CPU tensors).
 
     Autograd: an explicit backward gives ``dx``, ``dproxy`` and the five weight gradients in memory
     O(size of ``x`` + ``proxy``): the CPU kernel recomputes each direction's hidden state (one
