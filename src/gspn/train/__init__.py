@@ -1,6 +1,7 @@
 """Training and evaluation for GSPN classifiers (``gspn train`` / ``gspn eval``).
 
-* :class:`TrainConfig` + :func:`train` — AdamW, cosine schedule with warm-up, label smoothing, gradient
+* :class:`TrainConfig` + :func:`run` (alias :func:`train`) — the classification recipe on the training kit
+  :mod:`gspn.training_utils`: AdamW, cosine schedule with warm-up, label smoothing, gradient
   clipping, AMP on CUDA, optional EMA, atomic per-epoch checkpoints with exact ``--resume``, JSON-lines
   metrics with a PNG plot, DDP under ``torchrun``.
 * :func:`evaluate_checkpoint` — loss/accuracy of a saved checkpoint.
@@ -11,7 +12,7 @@
 from .baselines import BASELINES, count_params, match_params
 from .data import build_data
 from .factory import available_models, build_model, model_task, parse_model_args
-from .trainer import TrainConfig, evaluate, evaluate_checkpoint, train, weights_digest
+from .trainer import TrainConfig, evaluate, evaluate_checkpoint, run, train, weights_digest
 
 __all__ = [
     "BASELINES",
@@ -25,6 +26,7 @@ __all__ = [
     "match_params",
     "model_task",
     "parse_model_args",
+    "run",
     "train",
     "weights_digest",
 ]

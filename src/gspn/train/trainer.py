@@ -7,42 +7,57 @@ writes checkpoints, metrics, the plot and the progress bar.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .._files import claim_run_dir
-from .checkpoint import atomic_write, capture_rng, load_state, restore_rng, save_state
-from .data import build_data
-from .distributed import (
+from ..training_utils import (
     DistContext,
     all_gather_objects,
     all_reduce_sum,
+    append_metrics,
+    atomic_write,
+    autocast_dtype,
+    build_ema,
+    build_lr_scheduler,
+    capture_rng,
     cleanup_distributed,
+    derive_seed,
+    evaluate,
     init_distributed,
+    load_ema_weights,
+    load_state,
+    param_groups,
+    plot_metrics,
+    read_metrics,
+    restore_rng,
+    save_state,
+    seed_all,
+    sync_buffers,
+    train_one_epoch,
+    truncate_metrics,
+    weights_digest,
 )
-from .ema import build_ema, load_ema_weights
+from ..training_utils.schedule import schedule_fn
+from .data import build_data
 from .factory import build_model, model_default_cfg
-from .metrics import append_metrics, plot_metrics, read_metrics, truncate_metrics
 
-__all__ = ["TrainConfig", "evaluate", "evaluate_checkpoint", "train", "weights_digest"]
+__all__ = ["TrainConfig", "evaluate", "evaluate_checkpoint", "run", "train", "weights_digest"]
 
 CHECKPOINT_FORMAT = "gspn-train-v1"
 _REFRESH_EVERY = 10  # progress-bar refresh interval, in optimizer steps
@@ -90,48 +105,10 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    if mode not in ("auto", "off", "bf16", "fp16"):
-        raise ValueError(f"--amp must be auto, off, bf16 or fp16, not {mode!r}")
-    if mode == "off" or device.type != "cuda":
-        if mode in ("bf16", "fp16") and device.type != "cuda":
-            warnings.warn("mixed precision is only used on CUDA; training in float32", stacklevel=3)
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices and kernels only; none on biases, norm scales, embeddings of rank ≤ 1."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _cosine_with_warmup(total: int, warmup: int, base_lr: float, min_lr: float):
-    """LR multiplier per optimizer step: linear warm-up from ~0, then cosine down to ``min_lr``."""
-    floor = min_lr / base_lr if base_lr > 0 else 0.0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return factor
-
-
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 over the model's parameters and buffers (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def _cosine_with_warmup(total: int, warmup: int, base_lr: float, min_lr: float) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear warm-up from ~0, then cosine down to ``min_lr``
+    (:func:`gspn.training_utils.schedule.schedule_fn`)."""
+    return schedule_fn("cosine", total, warmup, min_lr / base_lr if base_lr > 0 else 0.0)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -166,46 +143,17 @@ def _loader(ds: Dataset, batch: int, workers: int, device: torch.device, **kw: A
     )
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    ctx: DistContext | None = None,
-    amp_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader`` (summed over ranks)."""
-    ctx = ctx or DistContext(device=device)
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, n = 0.0, 0.0, 0.0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(
-            device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        n += y.numel()
-    model.train(was_training)
-    loss_sum, correct, n = all_reduce_sum([loss_sum, correct, n], ctx)
-    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": int(n)}
-
-
-def _sync_buffers(model: nn.Module, ctx: DistContext) -> None:
-    """Copy rank 0's buffers (BatchNorm statistics) to every rank so evaluation and checkpoints agree."""
-    if ctx.distributed:
-        for b in model.buffers():
-            dist.broadcast(b.data, src=0)
-
-
 # ----------------------------------------------------------------------------------------------- train
 
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.png", "summary.json", "model.safetensors",
              "model_ema.safetensors")
 """The files a ``gspn train`` run writes in its folder (their presence marks the folder as a run's)."""
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """The classification recipe's entry point (``gspn train``): :func:`train` of ``config``."""
+    return train(config)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -285,12 +233,6 @@ def _repair_after_kill(out: Path, ckpt: dict[str, Any], resume_path: Path, plot:
         plot_metrics(metrics, out / "metrics.png")
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
     if not cfg.resume:
         return None
@@ -303,13 +245,40 @@ def _resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
     return p
 
 
-def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
-    out = Path(cfg.output)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    dev = ctx.device
-    amp_dtype = _amp_dtype(cfg.amp, dev)
+@dataclass
+class _Run:
+    """The objects one classification run trains (built by :func:`_setup`)."""
 
+    model: nn.Module
+    ddp_model: nn.Module
+    ema: Any
+    data: Any
+    sampler: DistributedSampler | None
+    gen: torch.Generator
+    train_loader: DataLoader
+    val_loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None
+    steps_per_epoch: int
+    n_params: int
+
+
+@dataclass
+class _Progress:
+    """The counters a checkpoint carries (restored by :func:`_restore`)."""
+
+    start_epoch: int = 0
+    step: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    elapsed: float = 0.0
+    cpu_elapsed: float = 0.0
+
+
+def _load_resume(cfg: TrainConfig, ctx: DistContext, out: Path) -> tuple[Path | None, dict[str, Any] | None]:
     resume_path = _resolve_resume(cfg, out)
     seen_by_rank = all_gather_objects(str(resume_path) if resume_path else None, ctx)
     if len(set(seen_by_rank)) > 1:
@@ -326,9 +295,14 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 f"--resume: checkpoint is for model {ckpt['model_name']} {ckpt['model_args']}, "
                 f"not {cfg.model} {cfg.model_args}"
             )
+    return resume_path, ckpt
 
+
+def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
+    """Data, model (and its DDP wrapper and EMA), loaders, optimizer, schedule; seeded as the seeding rule says."""
+    dev = ctx.device
     # The model is built with the same seed on every rank (DDP also broadcasts rank 0's weights).
-    _seed_all(cfg.seed)
+    seed_all(cfg.seed)
     model_cfg: dict[str, Any] = {}
     if cfg.data != "digits" and not (cfg.img_size and cfg.mean and cfg.std):
         # image folders default to the model's input size and statistics: read its default_cfg
@@ -348,7 +322,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         val_limit=cfg.val_limit,
         model_cfg=model_cfg,
     )
-    _seed_all(cfg.seed)
+    seed_all(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, **cfg.model_args)
     model.to(dev)
     n_params = sum(p.numel() for p in model.parameters())
@@ -360,8 +334,9 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         )
 
     # Per-rank data RNG: a different augmentation stream on each rank, reproducible per rank.
-    _seed_all(cfg.seed + 1000 * ctx.rank)
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * ctx.rank)
+    rank_seed = derive_seed(cfg.seed, rank=ctx.rank)
+    seed_all(rank_seed)
+    gen = torch.Generator().manual_seed(rank_seed)
     sampler = (
         DistributedSampler(
             data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
@@ -378,44 +353,94 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("the training set is empty")
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _cosine_with_warmup(total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = build_lr_scheduler(
+        optimizer,
+        "cosine",
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        min_lr_ratio=cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0,
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    amp_dtype = autocast_dtype(cfg.amp, dev)
+    return _Run(
+        model=model,
+        ddp_model=ddp_model,
+        ema=ema,
+        data=data,
+        sampler=sampler,
+        gen=gen,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        amp_dtype=amp_dtype,
+        steps_per_epoch=steps_per_epoch,
+        n_params=n_params,
+    )
 
-    start_epoch, step, best_acc, best_epoch = 0, 0, -1.0, -1
-    elapsed, cpu_elapsed = 0.0, 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None:
-            if ckpt.get("ema") is None:
-                warnings.warn(
-                    "--resume: checkpoint has no EMA; starting the EMA from the current weights", stacklevel=2
-                )
-                ema = build_ema(model, cfg.ema_decay)
-            else:
-                ema.load_state_dict(ckpt["ema"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        best_acc, best_epoch = ckpt["best_acc"], ckpt["best_epoch"]
-        elapsed, cpu_elapsed = ckpt.get("elapsed_s", 0.0), ckpt.get("cpu_s", 0.0)
-        rng = ckpt["rng"]
-        if len(rng) == ctx.world_size:
-            restore_rng(rng[ctx.rank], gen)
-        else:
+
+def _restore(cfg: TrainConfig, ctx: DistContext, run: _Run, ckpt: dict[str, Any]) -> _Progress:
+    """Load a training state into ``run`` (weights, optimizer, schedule, scaler, EMA, RNG); its counters."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    if run.ema is not None:
+        if ckpt.get("ema") is None:
             warnings.warn(
-                f"--resume: checkpoint was written by {len(rng)} processes, this run has {ctx.world_size}; "
-                "RNG streams are re-seeded, so the continuation is not bit-exact",
-                stacklevel=2,
+                "--resume: checkpoint has no EMA; starting the EMA from the current weights", stacklevel=3
             )
-        _log(ctx, cfg.verbose, f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
+            run.ema = build_ema(run.model, cfg.ema_decay)
+        else:
+            run.ema.load_state_dict(ckpt["ema"])
+    rng = ckpt["rng"]
+    if len(rng) == ctx.world_size:
+        restore_rng(rng[ctx.rank], run.gen)
+    else:
+        warnings.warn(
+            f"--resume: checkpoint was written by {len(rng)} processes, this run has {ctx.world_size}; "
+            "RNG streams are re-seeded, so the continuation is not bit-exact",
+            stacklevel=3,
+        )
+    return _Progress(
+        start_epoch=ckpt["epoch"] + 1,
+        step=ckpt["step"],
+        best_acc=ckpt["best_acc"],
+        best_epoch=ckpt["best_epoch"],
+        elapsed=ckpt.get("elapsed_s", 0.0),
+        cpu_elapsed=ckpt.get("cpu_s", 0.0),
+    )
+
+
+def _write_epoch(
+    out: Path, cfg: TrainConfig, state: dict[str, Any], record: dict[str, Any], improved: bool
+) -> None:
+    """Rank 0's files of one epoch, in kill-safe order: ``last.pt`` is the commit point; ``best.pt``
+    and the metrics line follow from it (see :func:`_repair_after_kill`)."""
+    save_state(out / "last.pt", state)
+    if improved:
+        save_state(out / "best.pt", state)
+    metrics_path = out / "metrics.jsonl"
+    append_metrics(metrics_path, record)
+    if cfg.plot:
+        plot_metrics(metrics_path, out / "metrics.png")
+
+
+def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    out = Path(cfg.output)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dev = ctx.device
+    resume_path, ckpt = _load_resume(cfg, ctx, out)
+    run = _setup(cfg, ctx)
+    model, ema, data = run.model, run.ema, run.data
+    prog = _Progress()
+    if ckpt is not None:
+        prog = _restore(cfg, ctx, run, ckpt)
+        ema = run.ema
+        _log(ctx, cfg.verbose, f"resumed from {resume_path} at epoch {prog.start_epoch}, step {prog.step}")
         if ctx.is_main:
             assert resume_path is not None
             _repair_after_kill(out, ckpt, resume_path, cfg.plot)
@@ -437,61 +462,44 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     _log(
         ctx,
         cfg.verbose,
-        f"model {cfg.model}: {n_params / 1e6:.3f}M params | data {data.source}: {len(data.train)} train / "
+        f"model {cfg.model}: {run.n_params / 1e6:.3f}M params | data {data.source}: {len(data.train)} train / "
         f"{len(data.val)} val, {data.num_classes} classes, {data.img_size}px | {ctx.world_size} process(es) "
-        f"on {dev.type} | {cfg.epochs} epochs × {steps_per_epoch} steps",
+        f"on {dev.type} | {cfg.epochs} epochs × {run.steps_per_epoch} steps",
     )
 
     from tqdm.auto import tqdm
 
-    metrics_path = out / "metrics.jsonl"
     last_val: dict[str, float] = {}
     end_epoch = cfg.epochs
     if cfg.stop_after_epochs is not None:
-        end_epoch = min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
-    for epoch in range(start_epoch, end_epoch):
+        end_epoch = min(cfg.epochs, prog.start_epoch + cfg.stop_after_epochs)
+    for epoch in range(prog.start_epoch, end_epoch):
         t0, c0 = time.perf_counter(), time.process_time()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        ddp_model.train()
-        # running sums stay on the device: no host sync per step (the bar refreshes every few steps)
-        loss_acc = torch.zeros((), dtype=torch.float64, device=dev)
-        correct_acc = torch.zeros((), dtype=torch.int64, device=dev)
-        seen = 0
+        if run.sampler is not None:
+            run.sampler.set_epoch(epoch)
         bar = tqdm(
-            train_loader,
+            run.train_loader,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not (cfg.progress and ctx.is_main),
             leave=False,
             dynamic_ncols=True,
             file=sys.stderr,
         )
-        for x, y in bar:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            with torch.autocast(
-                device_type=dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-            ):
-                logits = ddp_model(x)
-                loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            if ema is not None:
-                ema.update_parameters(model)
-            bs = y.numel()
-            loss_acc += loss.detach().double() * bs
-            correct_acc += (logits.detach().argmax(-1) == y).sum()
-            seen += bs
+
+        def on_step(step: int, loss: torch.Tensor, bar: Any = bar) -> None:
             if step % _REFRESH_EVERY == 0 and bar.disable is False:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+
+        stats = train_one_epoch(
+            run.ddp_model, bar, run.optimizer, run.criterion, dev, params_of=model, scheduler=run.scheduler,
+            scaler=run.scaler, clip_grad=cfg.clip_grad, ema=ema, amp_dtype=run.amp_dtype, step=prog.step,
+            on_step=on_step,
+        )
         bar.close()
-        loss_sum, correct, seen = all_reduce_sum([loss_acc.item(), float(correct_acc.item()), seen], ctx)
+        prog.step = step = stats.step
+        loss_sum, correct, seen = all_reduce_sum(
+            [stats.loss_sum.item(), float(stats.correct.item()), stats.seen], ctx
+        )
         if not math.isfinite(loss_sum) or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             # stop before diverged weights can overwrite a good checkpoint
             raise FloatingPointError(
@@ -500,59 +508,53 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 "(lower --lr or set --clip-grad)"
             )
         train_time = time.perf_counter() - t0
-        _sync_buffers(model, ctx)
+        sync_buffers(model, ctx)
         if ema is not None:
-            _sync_buffers(ema, ctx)
-        val = evaluate(model, val_loader, dev, ctx, amp_dtype)
-        ema_val = evaluate(ema.module, val_loader, dev, ctx, amp_dtype) if ema is not None else None
-        elapsed += time.perf_counter() - t0
-        cpu_elapsed += time.process_time() - c0
+            sync_buffers(ema, ctx)
+        val = evaluate(model, run.val_loader, dev, ctx, run.amp_dtype)
+        ema_val = evaluate(ema.module, run.val_loader, dev, ctx, run.amp_dtype) if ema is not None else None
+        prog.elapsed += time.perf_counter() - t0
+        prog.cpu_elapsed += time.process_time() - c0
         score = ema_val["acc"] if ema_val is not None else val["acc"]
-        improved = score > best_acc
+        improved = score > prog.best_acc
         if improved:
-            best_acc, best_epoch = score, epoch
+            prog.best_acc, prog.best_epoch = score, epoch
         record = {
             "epoch": epoch,
             "step": step,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": run.scheduler.get_last_lr()[0],
             "train_loss": loss_sum / seen,
             "train_acc": correct / seen,
             "val_loss": val["loss"],
             "val_acc": val["acc"],
             **({"ema_val_loss": ema_val["loss"], "ema_val_acc": ema_val["acc"]} if ema_val else {}),
-            "best_acc": best_acc,
+            "best_acc": prog.best_acc,
             "epoch_s": time.perf_counter() - t0,
             "train_imgs_per_s": seen / train_time,
-            "elapsed_s": elapsed,
-            "cpu_s": cpu_elapsed,
+            "elapsed_s": prog.elapsed,
+            "cpu_s": prog.cpu_elapsed,
         }
         last_val = record
-        rng_all = all_gather_objects(capture_rng(gen), ctx)
+        rng_all = all_gather_objects(capture_rng(run.gen), ctx)
         if ctx.is_main:
             state = {
                 **meta,
                 "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "epoch": epoch,
                 "step": step,
-                "best_acc": best_acc,
-                "best_epoch": best_epoch,
-                "elapsed_s": elapsed,
-                "cpu_s": cpu_elapsed,
+                "best_acc": prog.best_acc,
+                "best_epoch": prog.best_epoch,
+                "elapsed_s": prog.elapsed,
+                "cpu_s": prog.cpu_elapsed,
                 "world_size": ctx.world_size,
                 "rng": rng_all,
                 "record": record,
             }
-            # last.pt is the commit point; best.pt and the metrics line follow from it (see _repair_after_kill)
-            save_state(out / "last.pt", state)
-            if improved:
-                save_state(out / "best.pt", state)
-            append_metrics(metrics_path, record)
-            if cfg.plot:
-                plot_metrics(metrics_path, out / "metrics.png")
+            _write_epoch(out, cfg, state, record, improved)
             ema_txt = f" | ema val {ema_val['loss']:.4f} / {100 * ema_val['acc']:.2f}%" if ema_val else ""
             _log(
                 ctx,
@@ -564,33 +566,47 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
             )
         if ctx.distributed:
             dist.barrier()
+    return _finish(cfg, ctx, out, run, prog, meta, last_val)
 
-    digests = all_gather_objects(weights_digest(model), ctx)
+
+def _finish(
+    cfg: TrainConfig,
+    ctx: DistContext,
+    out: Path,
+    run: _Run,
+    prog: _Progress,
+    meta: dict[str, Any],
+    last_val: dict[str, Any],
+) -> dict[str, Any]:
+    """The run summary; rank 0 exports the weights and writes ``summary.json``."""
+    digests = all_gather_objects(weights_digest(run.model), ctx)
     summary = {
         "model": cfg.model,
         "model_args": cfg.model_args,
-        "params": n_params,
+        "params": run.n_params,
         "epochs": cfg.epochs,
-        "steps": step,
+        "steps": prog.step,
         "world_size": ctx.world_size,
-        "best_acc": best_acc,
-        "best_epoch": best_epoch,
+        "best_acc": prog.best_acc,
+        "best_epoch": prog.best_epoch,
         "final": last_val,
-        "elapsed_s": elapsed,
-        "cpu_s": cpu_elapsed,
+        "elapsed_s": prog.elapsed,
+        "cpu_s": prog.cpu_elapsed,
         "rank_weight_digests": digests,
         "output": str(out),
     }
     if ctx.is_main:
         if len(set(digests)) > 1:
             warnings.warn("DDP ranks ended with different weights: " + ", ".join(digests), stacklevel=2)
-        _export_safetensors(model, out / "model.safetensors", meta)
-        if ema is not None:
-            _export_safetensors(ema.module, out / "model_ema.safetensors", meta)
+        _export_safetensors(run.model, out / "model.safetensors", meta)
+        if run.ema is not None:
+            _export_safetensors(run.ema.module, out / "model_ema.safetensors", meta)
         text = json.dumps(_json_safe(summary), indent=2).encode()
         atomic_write(out / "summary.json", lambda f: f.write(text))
         _log(
-            ctx, cfg.verbose, f"best val acc {100 * best_acc:.2f}% (epoch {best_epoch + 1}); outputs in {out}"
+            ctx,
+            cfg.verbose,
+            f"best val acc {100 * prog.best_acc:.2f}% (epoch {prog.best_epoch + 1}); outputs in {out}",
         )
     return summary
 

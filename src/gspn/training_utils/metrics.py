@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write
+from .state import atomic_write
 
 __all__ = ["CLASSIFIER_PANELS", "Panel", "append_metrics", "plot_metrics", "read_metrics", "truncate_metrics"]
 

@@ -1,0 +1,65 @@
+"""The training kit every recipe (``gspn.train``, ``gspn.diffusion``, ``gspn.distill``) builds on.
+
+It imports nothing above :mod:`gspn.models`:
+
+* :mod:`.state` — one training-state format (an atomic, weights-only ``torch.save`` dict) and one RNG
+  capture/restore (:func:`capture_rng`, :func:`restore_rng`) for exact resume;
+* :mod:`.seeding` — one seeding rule (:func:`derive_seed` of ``(seed, step, rank)``, :func:`seed_all`);
+* :mod:`.ema` — one EMA (:func:`build_ema`, a ``torch.optim.swa_utils.AveragedModel``);
+* :mod:`.schedule` — one LR-schedule helper (:func:`build_lr_scheduler`, a ``LambdaLR``: warm-up, then
+  constant or cosine);
+* :mod:`.distributed` — ``torchrun`` set-up/tear-down and reductions;
+* :mod:`.metrics` — the JSON-lines log and its plot;
+* :mod:`.loop` — :func:`train_one_epoch`, :func:`evaluate`, :func:`check_finite` and friends.
+"""
+
+from .distributed import DistContext, all_gather_objects, all_reduce_sum, cleanup_distributed, init_distributed
+from .ema import build_ema, load_ema_weights
+from .loop import (
+    EpochStats,
+    autocast_dtype,
+    check_finite,
+    evaluate,
+    param_groups,
+    sync_buffers,
+    train_one_epoch,
+    weights_digest,
+)
+from .metrics import Panel, append_metrics, plot_metrics, read_metrics, truncate_metrics
+from .schedule import SCHEDULES, build_lr_scheduler, lr_factor
+from .seeding import derive_seed, seed_all, step_generator
+from .state import atomic_write, capture_rng, load_state, restore_rng, save_state
+
+__all__ = [
+    "SCHEDULES",
+    "DistContext",
+    "EpochStats",
+    "Panel",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "append_metrics",
+    "atomic_write",
+    "autocast_dtype",
+    "build_ema",
+    "build_lr_scheduler",
+    "capture_rng",
+    "check_finite",
+    "cleanup_distributed",
+    "derive_seed",
+    "evaluate",
+    "init_distributed",
+    "load_ema_weights",
+    "load_state",
+    "lr_factor",
+    "param_groups",
+    "plot_metrics",
+    "read_metrics",
+    "restore_rng",
+    "save_state",
+    "seed_all",
+    "step_generator",
+    "sync_buffers",
+    "train_one_epoch",
+    "truncate_metrics",
+    "weights_digest",
+]
