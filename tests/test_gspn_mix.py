@@ -290,10 +290,11 @@ def test_cpu_kernel_is_deterministic_across_thread_counts():
 @pytest.mark.parametrize("layout", ["planar", "channels_last"])
 def test_cpu_reads_dense_inputs_in_place(layout):
     # C a multiple of the kernel's 16 lanes: x is read where it is (no copy), NCHW or channels-last.
-    args = make(2, 32, 5, 7, 3, 8)
+    # W = 37: the column scans of a planar x go through three staged 16-column strips, the last partial.
+    args = make(2, 32, 5, 37, 3, 8)
     x = args[0] if layout == "planar" else args[0].contiguous(memory_format=torch.channels_last)
     strides = gspn.ops.cpu.mix_x_strides(x, 32)
-    assert strides == ((32 * 35, 35, 1) if layout == "planar" else (32 * 35, 1, 32))
+    assert strides == ((32 * 185, 185, 1) if layout == "planar" else (32 * 185, 1, 32))
     leaves = [t.clone().requires_grad_() for t in (x, *args[1:])]
     expected = [t.clone().requires_grad_() for t in args]
     y, want = gspn_mix(*leaves, chunk_size=3, backend="cpu"), gspn_mix(*expected, chunk_size=3, backend="reference")

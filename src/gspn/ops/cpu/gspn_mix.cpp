@@ -141,6 +141,25 @@ struct XPlanar {
   }
 };
 
+// Columns [c0, c0 + n) (n <= LANES) of a planar x block staged channels-last, strip[(col * H + row) *
+// LANES + channel]: a column scan then reads one contiguous vector per pixel instead of LANES values
+// from LANES planes a whole row apart (each a cache miss once the planes outgrow L1).
+template <typename T>
+void stage_columns(const XPlanar<T>& x, int64_t H, int64_t W, int64_t c0, int64_t n, T* __restrict__ strip) {
+  for (int64_t r = 0; r < H; ++r) {
+    T tile[LANES][LANES];  // [channel][column]
+    for (int64_t j = 0; j < LANES; ++j) {
+      const T* __restrict__ src = x.data + j * x.plane_stride + r * W + c0;
+      for (int64_t col = 0; col < n; ++col) tile[j][col] = src[col];
+    }
+    for (int64_t col = 0; col < n; ++col) {
+      T* __restrict__ dst = strip + (col * H + r) * LANES;
+#pragma omp simd
+      for (int64_t j = 0; j < LANES; ++j) dst[j] = tile[j][col];
+    }
+  }
+}
+
 // y = (D z) x for every pixel of the block (the merged skip term; initialises y).
 template <typename T, typename X>
 void skip_forward(const MixShape& sh, const X& x, const T* z, const T* d, T* y) {
@@ -164,8 +183,13 @@ void skip_forward(const MixShape& sh, const X& x, const T* z, const T* d, T* y) 
 // pixel) for the backward; with ACCUMULATE, y += u' h.
 template <typename T, bool ACCUMULATE, bool STORE, typename X>
 void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T* z, const T* w, T* y, T* hbuf,
-                    T* line) {
+                    T* line, T* strip = nullptr) {
   const int64_t P = geo.P, S = sh.S;
+  // Planar x in a column scan: read through LANES-column strips staged channels-last (`strip`,
+  // LANES * H * LANES values).
+  constexpr bool PLANAR = std::is_same<X, XPlanar<T>>::value;
+  const bool staged = PLANAR && !geo.vertical && strip != nullptr;
+  int64_t staged_c0 = -1;
   T* prev = line + LANES;
   T* cur = line + (P + 2) * LANES + LANES;
   std::fill(line, line + 2 * (P + 2) * LANES, T(0));
@@ -176,6 +200,11 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
     // Column scans step through memory a whole image row per pixel: fetch the next line's data
     // while this line is computed (the hardware prefetchers do not follow page-crossing strides).
     const bool prefetch = !geo.vertical && l + 1 < geo.L;
+    const int64_t column = geo.img(l), c0 = column / LANES * LANES;
+    if (staged && c0 != staged_c0) {
+      if constexpr (PLANAR) stage_columns(x, sh.H, sh.W, c0, std::min(LANES, sh.W - c0), strip);
+      staged_c0 = c0;
+    }
     for (int64_t q = 0; q < P; ++q) {
       const int64_t pix = pixel_of(geo, l, q);
       if (prefetch) {
@@ -186,7 +215,10 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
       }
       const T* zp = z + pix * S;
       T xp[LANES];
-      x.load(pix, xp);
+      if (staged)
+        std::memcpy(xp, strip + ((column - c0) * sh.H + q) * LANES, sizeof(T) * LANES);
+      else
+        x.load(pix, xp);
       T* __restrict__ hq = cur + q * LANES;
       if (start) {
         generate<T, K_LAM, 2>(w, zp, S, acc);
@@ -354,6 +386,7 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
 #pragma omp parallel num_threads(resolve_threads(nthreads))
   {
     std::vector<T> line(2 * (std::max(sh.H, sh.W) + 2) * LANES);
+    std::vector<T> strip(std::is_same<XV<T>, XPlanar<T>>::value ? LANES * sh.H * LANES : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < sh.B * nblk; ++item) {
       const int64_t b = item / nblk, blk = item % nblk;
@@ -364,7 +397,7 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
       skip_forward(sh, xb, zb, d + blk * sh.S * LANES, yb);
       for (int k = 0; k < 4; ++k)
         scan_direction<T, true, false>(sh, geos[k], xb, zb, wb + k * KINDS * sh.S * LANES, yb, nullptr,
-                                       line.data());
+                                       line.data(), strip.empty() ? nullptr : strip.data());
     }
   }
 }
