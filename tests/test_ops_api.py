@@ -91,12 +91,11 @@ def test_errors_list_the_allowed_values(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-@pytest.mark.parametrize("chunk_size", [2**63 - 1, 2**63, 2**100])
-def test_chunk_size_past_int64_is_global(chunk_size, backend):
-    """Any chunk at least as long as the scan axis is one tile, including ones past int64."""
+def test_largest_int64_chunk_size_is_global(backend):
+    """A chunk at least as long as the scan axis is one tile, up to the largest int64."""
     x, lam, wl, wm, wr = (t.double().requires_grad_() for t in inputs((1, 2, 5, 4)))
     for direction in ("bt", "lr"):
-        got = line_scan(x, lam, wl, wm, wr, direction=direction, chunk_size=chunk_size, normalize=True,
+        got = line_scan(x, lam, wl, wm, wr, direction=direction, chunk_size=2**63 - 1, normalize=True,
                         backend=backend)
         want = line_scan(x, lam, wl, wm, wr, direction=direction, normalize=True, backend=backend)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -104,19 +103,39 @@ def test_chunk_size_past_int64_is_global(chunk_size, backend):
         got_grads = torch.autograd.grad(got, (x, lam, wl), g)
         torch.testing.assert_close(got_grads, torch.autograd.grad(want, (x, lam, wl), g))
     params = [p[:, None] for p in (lam, wl, wm, wr)]
-    got = line_scan_4d(x, *params, chunk_size=chunk_size, backend=backend)
+    got = line_scan_4d(x, *params, chunk_size=2**63 - 1, backend=backend)
     torch.testing.assert_close(got, line_scan_4d(x, *params, backend=backend), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("chunk_size", [2**63, 2**100])
+def test_chunk_size_past_int64_is_an_error_naming_the_range(chunk_size):
+    x, lam, wl, wm, wr = inputs((1, 2, 5, 4))
+    with pytest.raises(ValueError, match=r"chunk_size must be None \(global\) or an int in \[1, 2\*\*63 - 1\]"):
+        line_scan(x, lam, wl, wm, wr, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=r"chunk_size"):
+        line_scan_4d(x, *(p[:, None] for p in (lam, wl, wm, wr)), chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=r"chunk_size"):
+        gspn.ops.gspn_mix(x, x[:, :1], torch.zeros(4, 3, 2, 1), *[torch.zeros(4, 2, 1)] * 3, torch.zeros(4),
+                          chunk_size=chunk_size)
+
+
+def test_zero_channels_is_an_error_naming_x():
+    x, lam, wl, wm, wr = inputs((2, 0, 3, 4))
+    with pytest.raises(ValueError, match=r"x has C = 0 channels .*C must be >= 1"):
+        line_scan(x, lam, wl, wm, wr)
+    with pytest.raises(ValueError, match=r"x has C = 0 channels"):
+        line_scan_4d(x, *(p[:, None] for p in (lam, wl, wm, wr)))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_zero_channels_give_empty_results_and_zero_gradients(backend):
-    """C = 0 (or B = 0, H = 0, W = 0) is a valid empty input for every operator: empty results,
-    zero gradients of each parameter's own shape (a parameter with channels is used by no channel)."""
-    for shape in ((2, 0, 3, 4), (0, 2, 3, 4), (2, 2, 0, 4), (2, 2, 3, 0)):
+def test_empty_batch_or_plane_gives_empty_results_and_zero_gradients(backend):
+    """B = 0, H = 0 or W = 0 is a valid empty input for every operator: empty results, zero gradients
+    of each parameter's own shape."""
+    for shape in ((0, 2, 3, 4), (2, 2, 0, 4), (2, 2, 3, 0)):
         b, c, h, w = shape
         x = torch.randn(shape, requires_grad=True)
         lam = torch.randn(1, c, h, w, requires_grad=True)
-        wl, wm, wr = (torch.randn(b, max(c, 1) if i else c, h, w, requires_grad=True) for i in range(3))
+        wl, wm, wr = (torch.randn(b, 1 if i else c, h, w, requires_grad=True) for i in range(3))
         out = line_scan(x, lam, wl, wm, wr, direction="lr", chunk_size=2, normalize=True, backend=backend)
         assert out.shape == shape
         grads = torch.autograd.grad(out.sum(), (x, lam, wl, wm, wr))
@@ -127,9 +146,9 @@ def test_zero_channels_give_empty_results_and_zero_gradients(backend):
         assert out4.shape == (b, 4, c, h, w)
         grads = torch.autograd.grad(out4.sum(), (x, *params))
         assert all(g.shape == t.shape and g.eq(0).all() for g, t in zip(grads, (x, *params), strict=True))
-        weights = stabilize(wl.detach(), wm.detach(), wr.detach()[:, :c], direction="tb")
+        weights = stabilize(wl.detach(), wm.detach(), wr.detach(), direction="tb")
         assert all(t.shape == (b, c, h, w) for t in weights)
-    x, lam, wl, wm, wr = inputs((2, 0, 3, 4), dtype=torch.float64)
+    x, lam, wl, wm, wr = inputs((0, 2, 3, 4), dtype=torch.float64)
     torch.library.opcheck(torch.ops.gspn.line_scan.default, (x, lam, wl, wm, wr, "tb", None, True, backend))
 
 

@@ -48,15 +48,19 @@ def _check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
 
 
 def check_chunk_size(chunk_size: object) -> int | None:
-    """``None`` or a positive int; values past int64 are capped (any chunk at least as long as the scan
-    axis is one tile, i.e. global GSPN, so the result is the same)."""
+    """``None`` or a positive int that fits the operators' int64 (``1 <= chunk_size < 2**63``);
+    anything else raises a ``TypeError``/``ValueError`` naming ``chunk_size`` and the allowed values.
+    (A chunk at least as long as the scan axis is one tile: use ``None`` for global GSPN.)"""
     if chunk_size is None:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be None or a positive int, got {type(chunk_size).__name__}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size}")
-    return min(chunk_size, MAX_CHUNK_SIZE)
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(
+            f"chunk_size must be None (global) or an int in [1, 2**63 - 1] (the operators take int64), "
+            f"got {chunk_size}"
+        )
+    return chunk_size
 
 
 def check_flags(normalize: object, backend: object) -> None:
@@ -83,6 +87,11 @@ def check_line_scan_args(
     """
     _check_tensor("x", x, 4, "(B, C, H, W)")
     batch, channels, height, width = x.shape
+    if channels == 0:
+        raise ValueError(
+            f"x has C = 0 channels (shape {tuple(x.shape)}); C must be >= 1 (parameters broadcast over "
+            "channel groups that divide C, which C = 0 leaves undefined)"
+        )
     param_ndim = 5 if four_directions else 4
     layout = "(B, 4, C, H, W)" if four_directions else "(B, C, H, W)"
     for name, p in zip(PARAM_NAMES, params, strict=True):
@@ -96,7 +105,8 @@ def check_line_scan_args(
         ok = (
             pb in (batch, 1)
             and (not four_directions or pd in (4, 1))
-            and (pc == channels or (pc >= 1 and channels % pc == 0))  # C = 0: empty result
+            and pc >= 1
+            and channels % pc == 0
             and (ph, pw) == (height, width)
         )
         if not ok:
