@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from gspn.train import TrainConfig, build_model, count_params, match_params, parse_model_args, train
-from gspn.train.metrics import read_metrics
+from gspn.training_utils import read_metrics
 
 
 def _cpu_name() -> str:

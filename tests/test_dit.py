@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import shutil
@@ -181,7 +180,10 @@ def test_a_few_training_steps_lower_the_loss():
     assert after < 0.8 * before, (before, after)
 
 
-def _train_args(out: Path, **kw) -> argparse.Namespace:
+def _train_args(out: Path, **kw):
+    """The ``DiTTrainConfig`` the command builds from these flags."""
+    from gspn.commands.diffusion import train_dit_config
+
     argv = [
         "train-dit",
         "--model",
@@ -210,7 +212,7 @@ def _train_args(out: Path, **kw) -> argparse.Namespace:
     ]
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
-    return build_parser().parse_args(argv)
+    return train_dit_config(build_parser().parse_args(argv))
 
 
 @needs_diffusers
@@ -369,7 +371,9 @@ def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):
     args.data = f"latents:{tmp_path / 'z.pt'}"
     summary = run_train(args)
     assert summary["step"] == 2
-    out = run_sample(
+    from gspn.commands.diffusion import sample_config
+
+    out = run_sample(sample_config(
         build_parser().parse_args(
             [
                 "sample",
@@ -384,7 +388,7 @@ def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):
                 "--no-progress",
             ]
         )
-    )
+    ))
     assert Path(out["grid"]).is_file()
     assert len(list((tmp_path / "samples").glob("000*_class*.png"))) == 2
 

@@ -31,6 +31,7 @@ __all__ = [
     "add_threads",
     "add_warmup_epochs",
     "add_warmup_steps",
+    "config_from_args",
     "none_or_float",
     "parse_model_args",
     "precision",
@@ -206,3 +207,15 @@ def add_threads(parser: Any, default: int | None = 0) -> None:
 def add_device(parser: Any, default: str | None = "auto", help: str = "auto | cpu | cuda | cuda:N") -> None:
     """``--device``."""
     parser.add_argument("--device", default=default, help=help)
+
+
+def config_from_args(cls: type[Any], args: Any, **overrides: Any) -> Any:
+    """The recipe config dataclass ``cls`` of parsed ``args``: each field from the flag of the same
+    name (``model_args`` from the parsed ``--model-arg`` list), then ``overrides``."""
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if any(f.name == "model_args" for f in dataclasses.fields(cls)) and hasattr(args, "model_arg"):
+        values["model_args"] = parse_model_args(args.model_arg)
+    values.update(overrides)
+    return cls(**values)

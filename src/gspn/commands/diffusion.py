@@ -8,7 +8,7 @@ from typing import Any
 
 from . import _flags as F
 
-__all__ = ["register"]
+__all__ = ["register", "sample_config", "train_dit_config"]
 
 
 
@@ -18,21 +18,47 @@ def register(sub: Any) -> None:
 
     commands = [
         ("train-dit", _add_train_dit, "train a class-conditional GSPN-DiT (digits, ImageFolder or latents)",
-         "run_train", "gspn.diffusion.train"),
-        ("sample", _add_sample, "sample images from a GSPN-DiT checkpoint", "run_sample", "gspn.diffusion.sample"),
+         _cmd_train_dit),
+        ("sample", _add_sample, "sample images from a GSPN-DiT checkpoint", _cmd_sample),
         ("extract-latents", _add_extract_latents, "encode a dataset with a diffusers AutoencoderKL",
-         "run_extract_latents", "gspn.diffusion.latents"),
+         _cmd_extract_latents),
     ]
-    for name, add, help_, run, module in commands:
+    for name, add, help_, cmd in commands:
         p = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add(p, SAMPLERS)
-        p.set_defaults(func=lambda args, run=run, module=module: _print_summary(_call(module, run, args)))
+        p.set_defaults(func=lambda args, cmd=cmd: _print_summary(cmd(args)))
 
 
-def _call(module: str, name: str, args: argparse.Namespace) -> dict | None:
-    import importlib
+def train_dit_config(args: argparse.Namespace) -> Any:
+    """The :class:`~gspn.diffusion.train.DiTTrainConfig` of parsed ``train-dit`` flags."""
+    from ..diffusion.train import DiTTrainConfig
 
-    return getattr(importlib.import_module(module), name)(args)
+    return F.config_from_args(DiTTrainConfig, args)
+
+
+def sample_config(args: argparse.Namespace) -> Any:
+    """The :class:`~gspn.diffusion.sample.SampleConfig` of parsed ``sample`` flags."""
+    from ..diffusion.sample import SampleConfig
+
+    return F.config_from_args(SampleConfig, args)
+
+
+def _cmd_train_dit(args: argparse.Namespace) -> dict | None:
+    from ..diffusion.train import run
+
+    return run(train_dit_config(args))
+
+
+def _cmd_sample(args: argparse.Namespace) -> dict | None:
+    from ..diffusion.sample import run
+
+    return run(sample_config(args))
+
+
+def _cmd_extract_latents(args: argparse.Namespace) -> dict | None:
+    from ..diffusion.latents import run_extract_latents
+
+    return run_extract_latents(args)
 
 
 def _print_summary(result: dict | None) -> int:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,17 @@ import torch
 from torch import nn
 
 from .._files import check_output_dir, safe_torch_load
-from .._validate import check_int, check_number, parse_model_args
+from .._validate import check_int, check_number
 from ..models import create_model, load_model, read_metadata
-from ..train.ema import load_ema_weights
+from ..training_utils import load_ema_weights
 from .gaussian import make_sampling_scheduler, sample_generators, sample_loop
 
 __all__ = [
+    "SampleConfig",
     "generate",
     "load_for_sampling",
     "parse_labels",
+    "run",
     "run_sample",
     "save_images",
 ]
@@ -232,8 +235,39 @@ def load_for_sampling(
     return model.to(device).eval(), schedule, data
 
 
-def run_sample(args: Any) -> dict[str, Any]:
-    """Run ``sample`` with parsed ``args``; returns ``{"grid", "images", "labels"}``."""
+@dataclass
+class SampleConfig:
+    """Everything one ``gspn sample`` call depends on (``gspn sample --help`` documents each field;
+    ``model_args`` are the parsed ``--model-arg`` overrides for reference checkpoints)."""
+
+    checkpoint: str = ""
+    labels: str = "all"
+    per_label: int = 1
+    steps: int = 100
+    sampler: str = "ddpm"
+    cfg_scale: float = 3.0
+    seed: int = 0
+    image_size: int | Sequence[int] | None = None
+    output_dir: str = "samples"
+    nrow: int = 0
+    upscale: int = 1
+    batch_size: int = 64
+    ema: bool = True
+    model: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    vae: str | None = None
+    save_latents: bool = False
+    fid_extractor: str | None = None
+    fid_ref: str | None = None
+    fid_input_size: int = 299
+    device: str = "auto"
+    threads: int = 0
+    progress: bool = True
+
+
+def run_sample(config: SampleConfig) -> dict[str, Any]:
+    """Sample as ``config`` says; returns ``{"grid", "images", "labels"}``."""
+    args = config
     for name in ("steps", "per_label", "batch_size", "upscale"):
         check_int(name, getattr(args, name))
     check_int("nrow", args.nrow, minimum=0)
@@ -255,8 +289,7 @@ def run_sample(args: Any) -> dict[str, Any]:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    model, schedule, data = load_for_sampling(args.checkpoint, args.ema, device, getattr(args, "model", None),
-                                              parse_model_args(getattr(args, "model_arg", [])))
+    model, schedule, data = load_for_sampling(args.checkpoint, args.ema, device, args.model, args.model_args)
     labels = [v for v in parse_labels(args.labels, model.num_classes) for _ in range(args.per_label)]
     c = model.in_channels
     if size is not None:
@@ -306,7 +339,11 @@ def run_sample(args: Any) -> dict[str, Any]:
     return result
 
 
-def _fid(args: Any, imgs: torch.Tensor, data: dict[str, Any]) -> dict[str, float]:
+run = run_sample
+"""The recipe's entry point, :func:`run_sample`."""
+
+
+def _fid(args: SampleConfig, imgs: torch.Tensor, data: dict[str, Any]) -> dict[str, float]:
     """FID/IS of the generated images with the user's extractor (see :mod:`gspn.diffusion.fid`)."""
     from .data import load_dataset
     from .fid import FeatureExtractor, fid_from_images

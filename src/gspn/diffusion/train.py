@@ -21,29 +21,74 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._files import atomic_torch_save, check_output_dir, claim_run_dir, safe_torch_load
+from .._files import check_output_dir, claim_run_dir
 from .._validate import check_int, check_number, parse_model_args
-from ..models import create_model, save_checkpoint
-from ..train.checkpoint import capture_rng
-from ..train.distributed import cleanup_distributed, init_distributed
-from ..train.ema import build_ema
-from ..train.factory import available_models, model_task
-from ..train.metrics import Panel, append_metrics, plot_metrics, truncate_metrics
+from ..models import create_model, get_default_cfg, list_models, save_checkpoint
+from ..training_utils import (
+    Panel,
+    append_metrics,
+    build_ema,
+    build_lr_scheduler,
+    capture_rng,
+    check_finite,
+    cleanup_distributed,
+    derive_seed,
+    init_distributed,
+    load_state,
+    plot_metrics,
+    save_state,
+    truncate_metrics,
+)
 from .data import load_dataset
 from .gaussian import diffusion_loss, make_train_scheduler
 
-__all__ = ["batch_indices", "parse_model_args", "run_train"]
+__all__ = ["DiTTrainConfig", "batch_indices", "parse_model_args", "run", "run_train"]
 
 _LOSS_PANEL = Panel("diffusion loss", "", (("loss", "loss"), ("mse", "mse")), log=True)
 """``loss.png``: the logged losses against the optimizer step."""
 
 
+@dataclass
+class DiTTrainConfig:
+    """Everything one ``train-dit`` run depends on (``gspn train-dit --help`` documents each field;
+    ``model_args`` are the parsed ``--model-arg`` overrides)."""
+
+    model: str = "gspn_dit_tiny"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    image_size: int = 16
+    in_channels: int = 1
+    class_dropout: float = 0.1
+    learn_sigma: bool = True
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    clip_grad: float | None = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    output_dir: str = "runs/dit"
+    resume: str | None = None
+    overwrite: bool = False
+    ckpt_every: int = 500
+    log_every: int = 10
+    max_minutes: float = 0.0
+    sample_steps: int = 100
+    sampler: str = "ddpm"
+    cfg_scale: float = 3.0
+    device: str = "auto"
+    threads: int = 0
+    progress: bool = True
 
 
 def batch_indices(
@@ -68,162 +113,208 @@ RUN_FILES = ("last.pt", "metrics.jsonl", "config.json", "ema.safetensors", "samp
 """The files a ``train-dit`` run writes in its folder (their presence marks the folder as a run's)."""
 
 
-def _validate_args(args: Any) -> None:
+def _validate(cfg: DiTTrainConfig) -> None:
     """Reject nonsense settings before any work (one ``ValueError`` naming the option)."""
+    if get_default_cfg(cfg.model).get("task", "classification") != "diffusion":
+        raise ValueError(f"--model {cfg.model!r} is not a diffusion model (train classifiers with `gspn train`); "
+                         f"choose from {', '.join(list_models(task='diffusion'))}")
     for name in ("steps", "batch_size", "image_size", "num_train_timesteps", "ckpt_every", "log_every"):
-        check_int(name, getattr(args, name))
+        check_int(name, getattr(cfg, name))
     for name in ("sample_steps", "threads"):
-        check_int(name, getattr(args, name), minimum=0)
-    check_number("lr", args.lr, 0, lo_open=True)
-    check_number("weight_decay", args.weight_decay, 0)
-    check_number("clip_grad", args.clip_grad, 0, allow_none=True)
-    check_number("ema_decay", args.ema_decay, 0, 1, hi_open=True)
-    check_number("class_dropout", args.class_dropout, 0, 1, hi_open=True)
-    check_number("cfg_scale", args.cfg_scale, 0)
-    check_number("max_minutes", args.max_minutes, 0)
-    check_int("warmup_steps", args.warmup_steps, minimum=0)
-    if getattr(args, "resume", None) not in (None, "none", "") and getattr(args, "overwrite", False):
+        check_int(name, getattr(cfg, name), minimum=0)
+    check_number("lr", cfg.lr, 0, lo_open=True)
+    check_number("weight_decay", cfg.weight_decay, 0)
+    check_number("clip_grad", cfg.clip_grad, 0, allow_none=True)
+    check_number("ema_decay", cfg.ema_decay, 0, 1, hi_open=True)
+    check_number("class_dropout", cfg.class_dropout, 0, 1, hi_open=True)
+    check_number("cfg_scale", cfg.cfg_scale, 0)
+    check_number("max_minutes", cfg.max_minutes, 0)
+    check_int("warmup_steps", cfg.warmup_steps, minimum=0)
+    if cfg.resume not in (None, "none", "") and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    check_output_dir(args.output_dir)
+    check_output_dir(cfg.output_dir)
 
 
-def _check_finite(model: nn.Module, step: int, what: str = "weights") -> None:
-    """Raise ``FloatingPointError`` if any parameter of ``model`` is NaN or infinite."""
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise FloatingPointError(
-            f"non-finite {what} at step {step} ({len(bad)} tensors, e.g. {bad[0]}); stopped before writing: "
-            "the run folder keeps the last good state (lower --lr or set --clip-grad)"
+@dataclass
+class _Run:
+    """What one ``train-dit`` run trains (built by :func:`_setup`)."""
+
+    model: nn.Module
+    train_model: nn.Module
+    ema: Any
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    noise_scheduler: Any
+    schedule: dict[str, Any]
+    meta: dict[str, Any]
+    x_all: torch.Tensor
+    y_all: torch.Tensor
+    per_rank: int
+    record: dict[str, Any]
+
+
+def _setup(cfg: DiTTrainConfig, ctx: Any) -> _Run:
+    dataset, meta = load_dataset(cfg.data, cfg.image_size, cfg.in_channels)
+    c, h, _ = meta["shape"]
+    overrides = {
+        "in_channels": c,
+        "input_size": h,
+        "num_classes": meta["num_classes"],
+        "class_dropout_prob": cfg.class_dropout,
+        "learn_sigma": cfg.learn_sigma,
+        **cfg.model_args,
+    }
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **overrides).to(ctx.device)
+    ema = build_ema(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_scheduler = build_lr_scheduler(opt, "constant", cfg.steps, cfg.warmup_steps)
+    schedule = {
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_schedule": cfg.beta_schedule,
+        "learn_sigma": model.learn_sigma,
+        "clip_sample": meta["kind"] == "pixels",
+    }
+    per_rank = cfg.batch_size // ctx.world_size
+    if per_rank * ctx.world_size != cfg.batch_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {ctx.world_size} processes")
+    record = {
+        "arch": cfg.model,
+        "model_args": model.model_args,
+        "schedule": schedule,
+        "data": {k: v for k, v in meta.items() if k != "classes"},
+        "args": asdict(cfg),
+    }
+    x_all, y_all = dataset.tensors
+    return _Run(model=model, train_model=model, ema=ema, optimizer=opt, lr_scheduler=lr_scheduler,
+                noise_scheduler=make_train_scheduler(**schedule), schedule=schedule, meta=meta,
+                x_all=x_all, y_all=y_all, per_rank=per_rank, record=record)
+
+
+def _restore(run: _Run, path: Path, device: torch.device) -> int:
+    """Load ``last.pt`` into ``run``; returns its step."""
+    ckpt = load_state(path, map_location=device)
+    run.model.load_state_dict(ckpt["model"])
+    run.ema.load_state_dict(ckpt["ema"])
+    run.optimizer.load_state_dict(ckpt["opt"])
+    start = int(ckpt["step"])
+    # The schedule is a function of the step and of this run's --lr/--warmup-steps (which may differ
+    # from the checkpoint's): fast-forward the LambdaLR to ``start`` instead of loading its state.
+    sched = run.lr_scheduler
+    sched.last_epoch = start
+    for group, base, fn in zip(run.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(start)
+    return start
+
+
+def train_step(run: _Run, cfg: DiTTrainConfig, step: int, rank: int, world: int,
+               device: torch.device) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
+    """Optimizer step ``step`` (0-based): its batch and noise are functions of ``(seed, step, rank)``.
+
+    Returns the losses, the learning rate used and the gradient norm (NaN without clipping)."""
+    torch.manual_seed(derive_seed(cfg.seed, step, rank))
+    idx = batch_indices(len(run.x_all), step, run.per_rank, cfg.seed, rank, world)
+    x, y = run.x_all[idx].to(device), run.y_all[idx].to(device)
+    lr = run.optimizer.param_groups[0]["lr"]
+    losses = diffusion_loss(run.train_model, run.noise_scheduler, x, y, run.model.learn_sigma)
+    run.optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    grad_norm = (
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+        if cfg.clip_grad
+        else torch.tensor(float("nan"))
+    )
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.ema.update_parameters(run.model)
+    return losses, lr, grad_norm
+
+
+def _save(run: _Run, out: Path, step: int, main: bool) -> None:
+    """``last.pt`` (the one training-state format) and the loss plot; never non-finite weights."""
+    check_finite(run.model, step)
+    if main:
+        save_state(
+            out / "last.pt",
+            {
+                "model": run.model.state_dict(),
+                "ema": run.ema.state_dict(),
+                "opt": run.optimizer.state_dict(),
+                "step": step,
+                "rng": capture_rng(),
+                **run.record,
+            },
         )
+        plot_metrics(out / "metrics.jsonl", out / "loss.png", (_LOSS_PANEL,), x="step", x_offset=0)
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+def _export(run: _Run, cfg: DiTTrainConfig, out: Path, step: int, device: torch.device) -> dict[str, Any]:
+    """The EMA weights as ``ema.safetensors`` and, for pixel data, a sample grid."""
+    check_finite(run.ema.module, step, "EMA weights")
+    save_checkpoint(
+        run.ema.module,
+        out / "ema.safetensors",
+        metadata={"gspn.diffusion": json.dumps({"schedule": run.schedule, "data": run.record["data"]})},
+    )
+    if cfg.sample_steps > 0 and run.meta["kind"] == "pixels":  # latents would need the VAE to view
+        from .sample import generate, save_images
+
+        n = run.meta["num_classes"]
+        labels = [i % n for i in range(min(n, 10) * 8)]
+        imgs = generate(run.ema.module, run.schedule, labels, tuple(run.meta["shape"]), cfg.sample_steps,
+                        cfg.sampler, cfg.cfg_scale, seed=cfg.seed, device=device)
+        save_images(imgs, out / "samples.png", nrow=min(n, 10))
+        return {"samples": str(out / "samples.png")}
+    return {}
 
 
-def _lr_at(step: int, args: Any) -> float:
-    return args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
-
-
-def run_train(args: Any) -> dict[str, Any]:
-    """Run ``train-dit`` with parsed ``args``; returns a summary (final step, last losses, paths)."""
-    if model_task(args.model) != "diffusion":
-        raise ValueError(f"--model {args.model!r} is not a diffusion model (train classifiers with `gspn train`); "
-                         f"choose from {', '.join(available_models(task='diffusion'))}")
-    _validate_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ctx = init_distributed(args.device)
+def run(config: DiTTrainConfig) -> dict[str, Any]:
+    """Train a GSPN-DiT as ``config`` says; returns a summary (final step, last losses, paths)."""
+    cfg = config
+    _validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ctx = init_distributed(cfg.device)
     rank, world, main, device = ctx.rank, ctx.world_size, ctx.is_main, ctx.device
-    out = Path(args.output_dir)
+    out = Path(cfg.output_dir)
     metrics = out / "metrics.jsonl"
-    resume_arg = getattr(args, "resume", None)
-    if resume_arg in ("none", ""):
-        resume_arg = None
+    resume_arg = None if cfg.resume in ("none", "") else cfg.resume
     ok = False
     run_dir = None
     try:
         if main:  # rank 0 owns the folder; the others only read it
-            run_dir = claim_run_dir(out, RUN_FILES, resume=resume_arg is not None,
-                                    overwrite=bool(getattr(args, "overwrite", False)))
-        dataset, meta = load_dataset(args.data, args.image_size, args.in_channels)
-        c, h, w = meta["shape"]
-        overrides = {
-            "in_channels": c,
-            "input_size": h,
-            "num_classes": meta["num_classes"],
-            "class_dropout_prob": args.class_dropout,
-            "learn_sigma": args.learn_sigma,
-            **parse_model_args(args.model_arg),
-        }
-        torch.manual_seed(args.seed)
-        model = create_model(args.model, **overrides).to(device)
-        ema = build_ema(model, args.ema_decay)
-        learn_sigma = model.learn_sigma
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        schedule = {
-            "num_train_timesteps": args.num_train_timesteps,
-            "beta_schedule": args.beta_schedule,
-            "learn_sigma": learn_sigma,
-            "clip_sample": meta["kind"] == "pixels",
-        }
-        scheduler = make_train_scheduler(**schedule)
+            run_dir = claim_run_dir(out, RUN_FILES, resume=resume_arg is not None, overwrite=cfg.overwrite)
+        r = _setup(cfg, ctx)
         start = 0
         resume = out / "last.pt" if resume_arg == "auto" else None if resume_arg is None else Path(resume_arg)
         if resume is not None and resume.is_file():
-            ckpt = safe_torch_load(resume, map_location=device)
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["opt"])
-            start = int(ckpt["step"])
+            start = _restore(r, resume, device)
             if main:
                 print(f"resumed from {resume} at step {start}")
         elif resume_arg not in (None, "auto"):
             raise FileNotFoundError(f"--resume {resume_arg}: no such checkpoint")
-        train_model: nn.Module = model
         if world > 1:
-            train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
+            r.train_model = nn.parallel.DistributedDataParallel(
+                r.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        per_rank = args.batch_size // world
-        if per_rank * world != args.batch_size:
-            raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-        record = {
-            "arch": args.model,
-            "model_args": model.model_args,
-            "schedule": schedule,
-            "data": {k: v for k, v in meta.items() if k != "classes"},
-            "args": {k: v for k, v in vars(args).items() if not callable(v)},  # drop the CLI's _run
-        }
         if main:
             out.mkdir(parents=True, exist_ok=True)
             truncate_metrics(metrics, start, key="step")
-            (out / "config.json").write_text(json.dumps(record, indent=2, default=str))
+            (out / "config.json").write_text(json.dumps(r.record, indent=2, default=str))
 
-        def save(step: int) -> None:
-            _check_finite(model, step)
-            if main:
-                atomic_torch_save(
-                    {
-                        "model": model.state_dict(),
-                        "ema": ema.state_dict(),
-                        "opt": opt.state_dict(),
-                        "step": step,
-                        "rng": capture_rng(),
-                        **record,
-                    },
-                    out / "last.pt",
-                )
-                plot_metrics(metrics, out / "loss.png", (_LOSS_PANEL,), x="step", x_offset=0)
-
-        x_all, y_all = dataset.tensors
         bar = None
-        if main and args.progress:
+        if main and cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=args.steps, initial=start, desc="train-dit", dynamic_ncols=True)
+            bar = tqdm(total=cfg.steps, initial=start, desc="train-dit", dynamic_ncols=True)
         t0 = time.time()
         window: dict[str, float] = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
         n_window, t_window, last = 0, time.time(), {}
         step, timed_out = start, False
-        model.train()
-        while step < args.steps:
-            torch.manual_seed(_step_seed(args.seed, step, rank))
-            idx = batch_indices(len(x_all), step, per_rank, args.seed, rank, world)
-            x, y = x_all[idx].to(device), y_all[idx].to(device)
-            lr = _lr_at(step, args)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            losses = diffusion_loss(train_model, scheduler, x, y, learn_sigma)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                if args.clip_grad
-                else torch.tensor(float("nan"))
-            )
-            opt.step()
-            ema.update_parameters(model)
+        r.model.train()
+        while step < cfg.steps:
+            losses, lr, grad_norm = train_step(r, cfg, step, rank, world, device)
             step += 1
             for k in window:
                 window[k] += float(losses[k].detach())
@@ -236,7 +327,7 @@ def run_train(args: Any) -> dict[str, Any]:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(losses['loss']):.4f}")
-            if step % args.log_every == 0 or step == args.steps:
+            if step % cfg.log_every == 0 or step == cfg.steps:
                 dt = time.time() - t_window
                 last = {k: v / n_window for k, v in window.items()}
                 if main:
@@ -248,53 +339,34 @@ def run_train(args: Any) -> dict[str, Any]:
                             "lr": lr,
                             "grad_norm": float(grad_norm),
                             "sec_per_step": dt / n_window,
-                            "imgs_per_sec": n_window * args.batch_size / max(dt, 1e-9),
+                            "imgs_per_sec": n_window * cfg.batch_size / max(dt, 1e-9),
                             "elapsed_min": (time.time() - t0) / 60,
                         },
                     )
                 window = dict.fromkeys(window, 0.0)
                 n_window, t_window = 0, time.time()
-            timed_out = args.max_minutes > 0 and (time.time() - t0) / 60 >= args.max_minutes
-            if step % args.ckpt_every == 0 or step == args.steps or timed_out:
-                save(step)
+            timed_out = cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or timed_out:
+                _save(r, out, step, main)
             if timed_out:
                 if main:
-                    print(f"--max-minutes {args.max_minutes} reached at step {step}; checkpoint saved")
+                    print(f"--max-minutes {cfg.max_minutes} reached at step {step}; checkpoint saved")
                 break
         if bar is not None:
             bar.close()
         summary: dict[str, Any] = {"step": step, "out": str(out), "minutes": (time.time() - t0) / 60, **last}
-        if main and (step == args.steps or timed_out):
-            _check_finite(ema.module, step, "EMA weights")
-            save_checkpoint(
-                ema.module,
-                out / "ema.safetensors",
-                metadata={"gspn.diffusion": json.dumps({"schedule": schedule, "data": record["data"]})},
-            )
-            if args.sample_steps > 0 and meta["kind"] == "pixels":  # latents would need the VAE to view
-                from .sample import generate, save_images
-
-                n = meta["num_classes"]
-                labels = [i % n for i in range(min(n, 10) * 8)]
-                imgs = generate(
-                    ema.module,
-                    schedule,
-                    labels,
-                    (c, h, w),
-                    args.sample_steps,
-                    args.sampler,
-                    args.cfg_scale,
-                    seed=args.seed,
-                    device=device,
-                )
-                save_images(imgs, out / "samples.png", nrow=min(n, 10))
-                summary["samples"] = str(out / "samples.png")
+        if main and (step == cfg.steps or timed_out):
+            summary.update(_export(r, cfg, out, step, device))
         ok = True
         return summary
     finally:
         if run_dir is not None:
             run_dir.release()
         cleanup_distributed(ok)
+
+
+run_train = run
+"""The name of :func:`run` before the recipes took dataclass configs."""
 
 
 if __name__ == "__main__":  # deprecated spelling of ``gspn train-dit`` (the command package owns the flags)
