@@ -519,7 +519,7 @@ def test_generate_cli(saved_pipe, tmp_path):
 
 
 def test_distill_under_torchrun_two_processes(saved_pipe, tmp_path):
-    """Two CPU processes (gloo): gradients averaged with one all_reduce, rank 0 writes the checkpoint."""
+    """Two CPU processes (gloo): gradients averaged by DDP, rank 0 writes the checkpoint."""
     import os
     import subprocess
     import sys

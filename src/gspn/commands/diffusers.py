@@ -7,7 +7,7 @@ from typing import Any
 
 from . import _flags as F
 
-__all__ = ["register"]
+__all__ = ["distill_config", "register"]
 
 
 def _optional_int(s: str) -> int | None:
@@ -36,10 +36,34 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
-    from ..distill.command import run_distill
+def distill_config(args: argparse.Namespace) -> Any:
+    """The :class:`~gspn.distill.trainer.DistillConfig` of parsed ``distill`` flags."""
+    from ..distill.trainer import DistillConfig
 
-    return run_distill(args)
+    return DistillConfig(
+        model=args.model, captions=args.captions, output_dir=args.output_dir, resolution=args.image_size,
+        batch_size=args.batch_size, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, max_grad_norm=args.clip_grad or 0.0,
+        noise_weight=args.noise_weight, output_weight=args.output_weight,
+        feature_weight=args.feature_weight, caption_dropout=args.caption_dropout, seed=args.seed,
+        save_every=args.save_every, log_every=args.log_every, resume=not args.no_resume,
+        overwrite=args.overwrite, mixed_precision="bf16" if args.precision == "bf16" else "no",
+        gradient_checkpointing=args.gradient_checkpointing, train_all=args.train_all, device=args.device,
+        gspn={"d_state": args.d_state, "expand": args.expand, "kernel_size": args.kernel_size,
+              "chunk_size": args.chunk_size, "gate_channels": args.gate_channels},
+        init_adapter=args.init_adapter, threads=args.threads,
+    )
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import json
+
+    from ..distill.trainer import run
+
+    summary = run(distill_config(args))
+    if summary is not None:
+        print(json.dumps(summary))
+    return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

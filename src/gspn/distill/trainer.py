@@ -25,7 +25,12 @@ atomically (temporary file + ``os.replace``), and the adapter is saved with ``sa
 ``<output_dir>/adapter`` (directory swapped in atomically).
 
 Multi-GPU: launch with ``torchrun`` or ``accelerate launch`` (both set ``RANK``/``WORLD_SIZE``);
-gradients of the trainable parameters are averaged with ``all_reduce``.
+the student forward runs through :class:`torch.nn.parallel.DistributedDataParallel`, which averages
+the gradients of the trainable parameters, as in the other recipes.
+
+The recipe's entry point is :func:`run` of a :class:`DistillConfig` (``gspn distill`` builds it from
+its flags); it is written on the training kit :mod:`gspn.training_utils` (state format, RNG capture,
+seeding rule, LR schedule, distributed set-up).
 """
 
 from __future__ import annotations
@@ -42,17 +47,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._files import atomic_torch_save, claim_run_dir, safe_torch_load
+from .._files import check_output_dir, claim_run_dir
+from .._validate import check_int, check_number
 from ..integrations.diffusers import GSPNAdapter, swap_self_attention
-from ..train.checkpoint import capture_rng, restore_rng
-from ..train.distributed import init_distributed
+from ..training_utils import (
+    build_lr_scheduler,
+    capture_rng,
+    cleanup_distributed,
+    init_distributed,
+    load_state,
+    restore_rng,
+    save_state,
+    step_generator,
+)
 from .data import CaptionData, load_captions, load_image
 
-__all__ = ["DistillConfig", "Distiller", "distill"]
+__all__ = ["DistillConfig", "Distiller", "distill", "run", "validate"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 ADAPTER_DIR = "adapter"
@@ -87,6 +100,24 @@ class DistillConfig:
     train_all: bool = False
     device: str | None = None
     gspn: dict[str, Any] = field(default_factory=dict)  # swap_self_attention options
+    init_adapter: str | None = None  # start from this saved adapter (used by :func:`run`)
+    threads: int = 0  # torch intra-op threads (0: torch's default; used by :func:`run`)
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Reject nonsense settings before any work (one ``ValueError`` naming the ``gspn distill`` flag)."""
+    for flag, value in (("steps", cfg.steps), ("batch_size", cfg.batch_size), ("image_size", cfg.resolution),
+                        ("log_every", cfg.log_every), ("d_state", cfg.gspn.get("d_state", 1))):
+        check_int(flag, value)
+    for flag, value in (("save_every", cfg.save_every), ("warmup_steps", cfg.warmup_steps),
+                        ("kernel_size", cfg.gspn.get("kernel_size", 0)), ("threads", cfg.threads)):
+        check_int(flag, value, minimum=0)
+    check_number("lr", cfg.lr, 0, lo_open=True)
+    check_number("clip_grad", cfg.max_grad_norm, 0, allow_none=True)
+    for name in ("weight_decay", "noise_weight", "output_weight", "feature_weight"):
+        check_number(name, getattr(cfg, name), 0)
+    check_number("caption_dropout", cfg.caption_dropout, 0, 1)
+    check_output_dir(cfg.output_dir)
 
 
 def _atomic_save_dir(save: Callable[[Path], None], path: Path) -> None:
@@ -163,23 +194,20 @@ class Distiller:
         self.unet.train()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        # the student runs through DDP under torchrun: it averages the trainable parameters' gradients
+        self.student: nn.Module = self.unet
+        if self.world > 1:
+            self.student = nn.parallel.DistributedDataParallel(
+                self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_schedule, cfg.steps, cfg.warmup_steps)
         self.step = 0
         self._feats: dict[str, torch.Tensor] | None = None
         self._handles = []
         self._feature_hooks()
 
     # ------------------------------------------------------------------ setup helpers
-    def _lr_factor(self, step: int) -> float:
-        cfg = self.cfg
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "cosine":
-            span = max(1, cfg.steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
-        return 1.0
-
     def _feature_hooks(self) -> None:
         if not self.cfg.feature_weight:
             return
@@ -208,7 +236,7 @@ class Distiller:
 
     # ------------------------------------------------------------------ data
     def _generator(self, step: int) -> torch.Generator:
-        return torch.Generator().manual_seed(hash((self.cfg.seed, step, self.rank)) & 0x7FFF_FFFF_FFFF)
+        return step_generator(self.cfg.seed, step, self.rank)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
@@ -285,7 +313,7 @@ class Distiller:
                             teacher_out = self.unet(*args, **kwargs).sample
             student_feats: dict[str, torch.Tensor] = {}
             self._feats = student_feats
-            out = self.unet(*args, **kwargs).sample
+            out = self.student(*args, **kwargs).sample
             self._feats = None
         out = out.float()
         parts: dict[str, torch.Tensor] = {}
@@ -332,7 +360,7 @@ class Distiller:
             "rng": capture_rng(),
             "config": asdict(self.cfg),
         }
-        atomic_torch_save(state, out / CHECKPOINT_NAME)
+        save_state(out / CHECKPOINT_NAME, state)
         _atomic_save_dir(lambda p: self.adapter.save_pretrained(p), out / ADAPTER_DIR)
 
     def load(self, path: str | os.PathLike | None = None) -> bool:
@@ -340,7 +368,7 @@ class Distiller:
         path = Path(path) if path is not None else self.output_dir / CHECKPOINT_NAME
         if not path.is_file():
             return False
-        state = safe_torch_load(path)
+        state = load_state(path)
         module = self.unet if self.cfg.train_all else self.adapter
         module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -350,22 +378,6 @@ class Distiller:
         return True
 
     # ------------------------------------------------------------------ loop
-    def _sync_grads(self) -> None:
-        if self.world == 1:
-            return
-        grads = []
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective instead of one per tensor
-        dist.all_reduce(flat)
-        flat.div_(self.world)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
     def train_step(self) -> dict[str, float]:
         """One optimisation step on the batch of the current step; returns the loss parts."""
         batch = self.make_batch(self.step)
@@ -377,7 +389,6 @@ class Distiller:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._sync_grads()
         if self.cfg.max_grad_norm:
             parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
         self.optimizer.step()
@@ -424,3 +435,26 @@ def distill(
     distiller = Distiller(cfg, pipe=pipe, data=data, adapter=adapter)
     distiller.train()
     return distiller
+
+
+def run(config: DistillConfig) -> dict[str, Any] | None:
+    """The distillation recipe's entry point (``gspn distill``): validate ``config``, build a
+    :class:`Distiller` (from ``config.init_adapter`` if set), train it to ``config.steps``.
+
+    Returns the summary (final step, adapter folder, last loss parts) on rank 0, ``None`` elsewhere."""
+    validate(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    adapter = GSPNAdapter.from_pretrained(config.init_adapter) if config.init_adapter else None
+    ok = False
+    try:
+        distiller = Distiller(config, adapter=adapter)
+        history = distiller.train()
+        summary = None
+        if distiller.rank == 0:
+            last = history[-1] if history else {}
+            summary = {"step": distiller.step, "adapter": str(distiller.output_dir / ADAPTER_DIR), **last}
+        ok = True
+        return summary
+    finally:
+        cleanup_distributed(ok)

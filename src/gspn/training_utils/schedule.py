@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 
 import torch
 
@@ -37,9 +36,11 @@ def schedule_fn(
     """:func:`lr_factor` with everything but the step bound (the ``lr_lambda`` of :func:`build_lr_scheduler`)."""
     if kind not in SCHEDULES:
         raise ValueError(f"LR schedule must be one of {', '.join(SCHEDULES)}, not {kind!r}")
-    return partial(
-        lr_factor, kind=kind, total_steps=total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio
-    )
+
+    def factor(step: int) -> float:  # a plain function: LambdaLR's state dict then stores nothing of it
+        return lr_factor(step, kind, total_steps, warmup_steps, min_lr_ratio)
+
+    return factor
 
 
 def build_lr_scheduler(
