@@ -267,13 +267,13 @@ class SampleConfig:
 
 def run_sample(config: SampleConfig) -> dict[str, Any]:
     """Sample as ``config`` says; returns ``{"grid", "images", "labels"}``."""
-    args = config
+    cfg = config
     for name in ("steps", "per_label", "batch_size", "upscale"):
-        check_int(name, getattr(args, name))
-    check_int("nrow", args.nrow, minimum=0)
-    check_int("threads", args.threads, minimum=0)
-    check_number("cfg_scale", args.cfg_scale, 0)
-    size = args.image_size
+        check_int(name, getattr(cfg, name))
+    check_int("nrow", cfg.nrow, minimum=0)
+    check_int("threads", cfg.threads, minimum=0)
+    check_number("cfg_scale", cfg.cfg_scale, 0)
+    size = cfg.image_size
     if size is not None:
         size = [size] if isinstance(size, int) else list(size)
         if len(size) not in (1, 2):
@@ -281,16 +281,16 @@ def run_sample(config: SampleConfig) -> dict[str, Any]:
         for v in size:
             check_int("image_size", v)
         size = size * (3 - len(size))
-    check_output_dir(args.output_dir)
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_output_dir(cfg.output_dir)
+    if not Path(cfg.checkpoint).is_file():
+        raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
-    model, schedule, data = load_for_sampling(args.checkpoint, args.ema, device, args.model, args.model_args)
-    labels = [v for v in parse_labels(args.labels, model.num_classes) for _ in range(args.per_label)]
+    model, schedule, data = load_for_sampling(cfg.checkpoint, cfg.ema, device, cfg.model, cfg.model_args)
+    labels = [v for v in parse_labels(cfg.labels, model.num_classes) for _ in range(cfg.per_label)]
     c = model.in_channels
     if size is not None:
         shape = (c, *size)
@@ -303,36 +303,36 @@ def run_sample(config: SampleConfig) -> dict[str, Any]:
         schedule,
         labels,
         shape,
-        args.steps,
-        args.sampler,
-        args.cfg_scale,
-        args.seed,
-        args.batch_size,
+        cfg.steps,
+        cfg.sampler,
+        cfg.cfg_scale,
+        cfg.seed,
+        cfg.batch_size,
         device,
-        args.progress,
+        cfg.progress,
     )
-    out = Path(args.output_dir)
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if data.get("kind") == "latents":
-        if args.save_latents:
+        if cfg.save_latents:
             torch.save({"latents": imgs, "labels": torch.tensor(labels)}, out / "latents.pt")
             return {"latents": str(out / "latents.pt"), "labels": labels}
         from .latents import decode_latents
 
-        vae = args.vae or data.get("vae")
+        vae = cfg.vae or data.get("vae")
         if not vae:
             raise ValueError("a latent model needs --vae to decode (or use --save-latents)")
         imgs = decode_latents(vae, imgs, float(data.get("scaling_factor", 1.0)), device=device)
     distinct = len(dict.fromkeys(labels))
-    nrow = args.nrow or (min(distinct, 10) if args.per_label > 1 else min(len(labels), 10))
-    if args.per_label > 1 and distinct <= 10:
+    nrow = cfg.nrow or (min(distinct, 10) if cfg.per_label > 1 else min(len(labels), 10))
+    if cfg.per_label > 1 and distinct <= 10:
         # one column per label: reorder label-major → row-major
-        order = [i * args.per_label + r for r in range(args.per_label) for i in range(distinct)]
+        order = [i * cfg.per_label + r for r in range(cfg.per_label) for i in range(distinct)]
         imgs, labels = imgs[order], [labels[i] for i in order]
-    grid = save_images(imgs, out / "grid.png", nrow, out, labels, args.upscale)
+    grid = save_images(imgs, out / "grid.png", nrow, out, labels, cfg.upscale)
     result: dict[str, Any] = {"grid": str(grid), "images": len(labels), "labels": labels}
-    if args.fid_extractor:
-        result.update(_fid(args, imgs, data))
+    if cfg.fid_extractor:
+        result.update(_fid(cfg, imgs, data))
         (out / "fid.json").write_text(
             json.dumps({k: v for k, v in result.items() if k != "labels"}, indent=2)
         )
@@ -343,19 +343,19 @@ run = run_sample
 """The recipe's entry point, :func:`run_sample`."""
 
 
-def _fid(args: SampleConfig, imgs: torch.Tensor, data: dict[str, Any]) -> dict[str, float]:
+def _fid(cfg: SampleConfig, imgs: torch.Tensor, data: dict[str, Any]) -> dict[str, float]:
     """FID/IS of the generated images with the user's extractor (see :mod:`gspn.diffusion.fid`)."""
     from .data import load_dataset
     from .fid import FeatureExtractor, fid_from_images
 
-    if not args.fid_ref:
+    if not cfg.fid_ref:
         raise ValueError("--fid-extractor needs --fid-ref (a .npz of mu/sigma, or digits | imagefolder:PATH)")
-    ext = FeatureExtractor.load(args.fid_extractor, input_size=args.fid_input_size)
-    if args.fid_ref.endswith(".npz"):
-        ref: Any = args.fid_ref
+    ext = FeatureExtractor.load(cfg.fid_extractor, input_size=cfg.fid_input_size)
+    if cfg.fid_ref.endswith(".npz"):
+        ref: Any = cfg.fid_ref
     else:
         c, h, _ = imgs.shape[1:]
-        ref = load_dataset(args.fid_ref, h, c)[0].tensors[0]
+        ref = load_dataset(cfg.fid_ref, h, c)[0].tensors[0]
     return fid_from_images(ext, imgs, ref)
 
 
