@@ -8,14 +8,16 @@
 // them.
 //
 // Layout: channels-last. y, dx, the gradient: (B, H, W, Cp) with Cp a multiple of LANES (the caller
-// pads); z: (B, H, W, S); x channels-last like y, or planar (B, Cp, H, W) when C needs no padding. A work item is one batch element and one block of LANES channels, so every
-// pixel update is LANES-wide vector work and the edge conditions of a pixel (first/last position
-// of its line) are the same for all lanes. Weights are packed per block:
+// pads); z: (B, H, W, S); x channels-last like y, or planar (B, Cp, H, W) when C needs no padding.
+// A work item is one batch element and one block of LANES channels, so every pixel update is
+// LANES-wide vector work and the edge conditions of a pixel (first/last position of its line) are
+// the same for all lanes. Weights are packed per block:
 //   w: (nblk, 4 directions, 5 kinds [gate left, gate mid, gate right, lam, u'], S, LANES)
 //   d: (nblk, S, LANES)
 // Backward recomputes each direction's h (one block, one direction at a time: H*W*LANES values per
-// thread, in a scratch buffer the caller allocates) instead of storing the four hidden maps, then runs the adjoint scan with the parameters
-// regenerated again. Partial sums go to per-item buffers (deterministic, no atomics):
+// thread, in a scratch buffer the caller allocates) instead of storing the four hidden maps, then
+// runs the adjoint scan with the parameters regenerated again. Partial sums go to per-item buffers
+// (deterministic, no atomics):
 //   dz_part (nblk, B, H, W, S), dw_part (B, nblk, 4, 5, S, LANES), dd_part (B, nblk, S, LANES).
 
 #include <algorithm>
