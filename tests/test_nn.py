@@ -158,6 +158,12 @@ def test_bad_arguments():
         GSPN2d(6, chunk_size=0)
     with pytest.raises(ValueError, match="channels"):
         GSPN2d(6)(torch.randn(1, 5, 3, 3))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GSPN2d(6, backend="bogus")
+    with pytest.raises(ValueError, match="d_state must be a positive int, got 0"):
+        GSPN2d(6, d_state=0)
+    with pytest.raises(TypeError, match="chunk_size"):
+        GSPN2d(6, chunk_size=2.0)
 
 
 # --- token mixer -----------------------------------------------------------------------------------
