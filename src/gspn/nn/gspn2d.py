@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..ops import DIRECTIONS, gspn_mix, line_scan, line_scan_4d
-from ..ops.validation import BACKENDS, check_chunk_size
+from ..ops.validation import check_backend, check_chunk_size
 
 __all__ = ["GSPN2d"]
 
@@ -125,8 +125,7 @@ class GSPN2d(nn.Module):
             what = f"propagation_channels={scan_channels}" if compact else f"channels={channels}"
             raise ValueError(f"gate_channels must be a positive divisor of {what}, got {gate_channels}")
         chunk_size = check_chunk_size(chunk_size)  # the operators' own rule, checked at construction
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         if isinstance(d_state, bool) or not isinstance(d_state, int) or d_state <= 0:
             raise ValueError(f"d_state must be a positive int, got {d_state!r}")
         self.channels = channels

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .backends import resolve_backend
 from .directions import DIRECTIONS
 from .line_scan import _custom_op, scan_flops
-from .validation import BACKENDS, check_chunk_size, compute_dtype
+from .validation import check_backend, check_chunk_size, check_tensor, compute_dtype
 
 __all__ = ["gspn_mix", "mix_flops"]
 
@@ -39,31 +39,31 @@ _NUM_DIRECTIONS = len(DIRECTIONS)
 
 def _check_args(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend):
     tensors = {
-        "x": x, "proxy": proxy, "gate_weight": gate_weight, "lam_weight": lam_weight, "u_weight": u_weight,
-        "skip_weight": skip_weight, "merge_weight": merge_weight,
+        "x": (x, 4, "(B, C, H, W)"),
+        "proxy": (proxy, 4, "(B, S, H, W)"),
+        "gate_weight": (gate_weight, 4, "(4, 3, Cg, S)"),
+        "lam_weight": (lam_weight, 3, "(4, C, S)"),
+        "u_weight": (u_weight, 3, "(4, C, S)"),
+        "skip_weight": (skip_weight, 3, "(4, C, S)"),
+        "merge_weight": (merge_weight, 1, "(4,)"),
     }
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a real floating-point tensor, got dtype {t.dtype}")
+    for name, (t, ndim, layout) in tensors.items():
+        check_tensor(name, t, ndim, layout)
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all inputs must share one dtype")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
-    if x.ndim != 4:
-        raise ValueError(f"x must have 4 dims (B, C, H, W), got shape {tuple(x.shape)}")
     batch, channels, height, width = x.shape
     if channels == 0:
         raise ValueError("x must have at least one channel, got C = 0")
-    if proxy.ndim != 4 or proxy.shape[0] != batch or tuple(proxy.shape[2:]) != (height, width):
+    if proxy.shape[0] != batch or tuple(proxy.shape[2:]) != (height, width):
         raise ValueError(
             f"proxy must have shape (B, S, H, W) = ({batch}, S, {height}, {width}), got {tuple(proxy.shape)}"
         )
     state = proxy.shape[1]
     if state == 0:
         raise ValueError("proxy must have at least one channel (S = d_state >= 1), got S = 0")
-    if gate_weight.ndim != 4 or tuple(gate_weight.shape[:2]) != (_NUM_DIRECTIONS, 3):
+    if tuple(gate_weight.shape[:2]) != (_NUM_DIRECTIONS, 3):
         raise ValueError(f"gate_weight must have shape (4, 3, Cg, S), got {tuple(gate_weight.shape)}")
     gate_channels = gate_weight.shape[2]
     if gate_channels == 0 or channels % gate_channels:
@@ -76,15 +76,13 @@ def _check_args(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_
             f"gate_weight has S = {gate_weight.shape[3]} but proxy has S = {state} channels "
             f"(gate_weight shape {tuple(gate_weight.shape)}, proxy shape {tuple(proxy.shape)})"
         )
-    for name in ("lam_weight", "u_weight", "skip_weight"):
-        w = tensors[name]
+    for name, w in (("lam_weight", lam_weight), ("u_weight", u_weight), ("skip_weight", skip_weight)):
         if tuple(w.shape) != (_NUM_DIRECTIONS, channels, state):
             raise ValueError(f"{name} must have shape (4, C, S) = (4, {channels}, {state}), got {tuple(w.shape)}")
     if tuple(merge_weight.shape) != (_NUM_DIRECTIONS,):
         raise ValueError(f"merge_weight must have shape (4,), got {tuple(merge_weight.shape)}")
     chunk_size = check_chunk_size(chunk_size)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     return chunk_size
 
 

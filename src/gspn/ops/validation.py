@@ -39,7 +39,7 @@ def check_float_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def _check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
+def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != ndim:
@@ -63,11 +63,16 @@ def check_chunk_size(chunk_size: object) -> int | None:
     return chunk_size
 
 
+def check_backend(backend: object) -> None:
+    """``backend`` must be one of :data:`BACKENDS` (``ValueError`` listing them otherwise)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def check_flags(normalize: object, backend: object) -> None:
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
 
 
 def check_line_scan_args(
@@ -85,7 +90,7 @@ def check_line_scan_args(
     Raises ``TypeError`` for wrong types/dtypes and ``ValueError`` for wrong shapes or values, each
     message naming the offending argument and what was expected.
     """
-    _check_tensor("x", x, 4, "(B, C, H, W)")
+    check_tensor("x", x, 4, "(B, C, H, W)")
     batch, channels, height, width = x.shape
     if channels == 0:
         raise ValueError(
@@ -95,7 +100,7 @@ def check_line_scan_args(
     param_ndim = 5 if four_directions else 4
     layout = "(B, 4, C, H, W)" if four_directions else "(B, C, H, W)"
     for name, p in zip(PARAM_NAMES, params, strict=True):
-        _check_tensor(name, p, param_ndim, layout)
+        check_tensor(name, p, param_ndim, layout)
         if p.device != x.device:
             raise ValueError(f"{name} is on {p.device} but x is on {x.device}; all inputs must share a device")
         pb, *rest = p.shape
