@@ -278,7 +278,7 @@ def test_linear_attention_is_not_causal_and_permutation_equivariant():
 
 def test_linear_attention_module_shapes_and_projections():
     torch.manual_seed(2)
-    layer = LinearAttention(12, heads=3).double()
+    layer = LinearAttention(12, num_heads=3).double()
     x = torch.randn(2, 30, 12, dtype=torch.float64)
     y = layer(x)
     assert y.shape == (2, 30, 12)
@@ -286,7 +286,7 @@ def test_linear_attention_module_shapes_and_projections():
     expected = layer.proj(_naive_linear_attention(q, k, v).transpose(1, 2).reshape(2, 30, 12))
     torch.testing.assert_close(y, expected)
     with pytest.raises(ValueError):
-        LinearAttention(10, heads=3)
+        LinearAttention(10, num_heads=3)
 
 
 def test_self_attention_matches_explicit_softmax():
@@ -324,3 +324,11 @@ def test_plot_is_skipped_with_a_message_without_matplotlib(tmp_path, monkeypatch
     assert plot_results([_result("gspn-global", 64, 1.0)], tmp_path / "x.png") is None
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "x.png").exists()
+
+
+def test_bench_attention_layers_are_the_library_ones():
+    import gspn.nn
+
+    assert bench.LinearAttention is gspn.nn.LinearAttention
+    assert bench.linear_attention is gspn.nn.linear_attention
+    assert issubclass(bench.SelfAttention, gspn.nn.MultiHeadSelfAttention)

@@ -9,10 +9,10 @@ Every method is one layer that mixes ``N = H·W`` tokens of width ``C``:
 * ``gspn-global-unfused`` (opt-in): the same layer with ``fused=False``, every per-pixel parameter
   map materialised before :func:`gspn.ops.line_scan_4d` (what the layer ran before the fused operator).
 * ``attention-math`` / ``attention-flash`` / ``attention-efficient``: multi-head self-attention with
-  q/k/v and output projections (:class:`SelfAttention`) around
-  :func:`torch.nn.functional.scaled_dot_product_attention`, pinned to one SDPA backend with
+  q/k/v and output projections (:class:`gspn.nn.MultiHeadSelfAttention`, as :class:`SelfAttention`)
+  around :func:`torch.nn.functional.scaled_dot_product_attention`, pinned to one SDPA backend with
   :func:`torch.nn.attention.sdpa_kernel`, on ``(B, N, C)`` tokens.
-* ``linear-attention``: :class:`LinearAttention`, the same projections around the ``elu + 1``
+* ``linear-attention``: :class:`gspn.nn.LinearAttention`, the same projections around the ``elu + 1``
   kernelised attention, ``O(N·d²)``.
 * ``gspn-scan-global`` / ``gspn-scan-local`` (opt-in, not in :data:`DEFAULT_METHODS`): the bare
   operator :func:`gspn.ops.line_scan_4d` (4 directions, ``normalize=True``) on precomputed
@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..nn.attention import LinearAttention, MultiHeadSelfAttention, linear_attention
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -103,45 +105,16 @@ class MethodSpec:
 # --- layers --------------------------------------------------------------------------------------
 
 
-def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(B, N, 3·C)`` → three ``(B, heads, N, C / heads)`` tensors."""
-    b, n, c3 = qkv.shape
-    q, k, v = qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
-    return q, k, v
-
-
-class _ProjectedAttention(nn.Module):
-    """Fused q/k/v projection → :meth:`attend` over heads → output projection, ``(B, N, C) → (B, N, C)``."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``(B, heads, N, d)`` each → ``(B, heads, N, d)``."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: (B, N, C) → (B, N, C)``."""
-        b, n, c = x.shape
-        out = self.attend(*_split_heads(self.qkv(x), self.heads))
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class SelfAttention(_ProjectedAttention):
-    """Multi-head self-attention: fused q/k/v projection, SDPA, output projection.
+class SelfAttention(MultiHeadSelfAttention):
+    """:class:`gspn.nn.MultiHeadSelfAttention` pinned to one SDPA backend.
 
     Args:
         dim: token width ``C`` (divisible by ``heads``).
         heads: number of heads.
-        backend: SDPA backend to pin with :func:`torch.nn.attention.sdpa_kernel`, or ``None`` to let
-            PyTorch choose.
+        backend: SDPA backend (a :class:`torch.nn.attention.SDPBackend`) to pin with
+            :func:`torch.nn.attention.sdpa_kernel`, or ``None`` to let PyTorch choose.
 
-    Shapes: ``(B, N, C) → (B, N, C)``.
+    Shapes: ``(B, N, C) → (B, N, C)``. Raises ``ValueError`` as :class:`~gspn.nn.MultiHeadSelfAttention`.
     """
 
     def __init__(self, dim: int, heads: int, backend: object | None = None) -> None:
@@ -150,47 +123,11 @@ class SelfAttention(_ProjectedAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.backend is None:
-            return F.scaled_dot_product_attention(q, k, v)
+            return super().attend(q, k, v)
         from torch.nn.attention import sdpa_kernel
 
         with sdpa_kernel(self.backend):
-            return F.scaled_dot_product_attention(q, k, v)
-
-
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    r"""Non-causal linear attention with the ``φ(x) = elu(x) + 1`` feature map.
-
-    .. math::
-        o_i = \frac{φ(q_i)^T \sum_j φ(k_j) v_j^T}{φ(q_i)^T \sum_j φ(k_j) + ε}
-
-    computed right-to-left in ``O(N·d²)`` time and ``O(N·d + d²)`` memory.
-
-    Args:
-        q, k: ``(..., N, d)``; v: ``(..., N, e)``.
-        eps: added to the normaliser.
-
-    Returns:
-        ``(..., N, e)``.
-    """
-    q = F.elu(q) + 1
-    k = F.elu(k) + 1
-    kv = k.transpose(-2, -1) @ v  # (..., d, e)
-    normaliser = q @ k.sum(dim=-2).unsqueeze(-1)  # (..., N, 1)
-    return (q @ kv) / (normaliser + eps)
-
-
-class LinearAttention(_ProjectedAttention):
-    """Multi-head linear attention (:func:`linear_attention`) with the projections of :class:`SelfAttention`.
-
-    Shapes: ``(B, N, C) → (B, N, C)``.
-    """
-
-    def __init__(self, dim: int, heads: int, eps: float = 1e-6) -> None:
-        super().__init__(dim, heads)
-        self.eps = eps
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return linear_attention(q, k, v, self.eps)
+            return super().attend(q, k, v)
 
 
 # --- builders ------------------------------------------------------------------------------------
@@ -258,7 +195,7 @@ def _attention(backend_name: str) -> Callable[[BenchConfig, int, int], Workload]
 
 
 def _build_linear(cfg: BenchConfig, height: int, width: int) -> Workload:
-    return _finish(LinearAttention(cfg.channels, cfg.heads), _tokens(cfg, height, width), cfg)
+    return _finish(LinearAttention(cfg.channels, num_heads=cfg.heads), _tokens(cfg, height, width), cfg)
 
 
 def _build_mamba(cfg: BenchConfig, height: int, width: int) -> Workload:
