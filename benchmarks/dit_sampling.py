@@ -12,8 +12,8 @@ both.
 The attention baseline (:class:`AttnDiT`) is written here from the DiT paper's description (not
 copied): patch embedding + fixed 2-D sin-cos positions, ``depth`` blocks of
 ``x += g1·Attn(mod(LN x))``, ``x += g2·MLP(mod(LN x))`` with adaLN-Zero modulation from
-``c = t_emb + y_emb``, MLP ratio 4, multi-head SDPA with head dim 64 (or the nearest divisor),
-and the same final layer. The GSPN model is :class:`gspn.models.GSPNDiT` with the same width and
+``c = t_emb + y_emb``, MLP ratio 4, multi-head SDPA (:class:`gspn.nn.MultiHeadSelfAttention`) with
+head dim 64 (or the nearest divisor), and the same final layer. The GSPN model is :class:`gspn.models.GSPNDiT` with the same width and
 number of blocks.
 
     python benchmarks/dit_sampling.py                      # width 384, 13 blocks (CPU friendly)
@@ -36,6 +36,7 @@ from torch import nn
 
 from gspn.models import GSPNDiT, count_params
 from gspn.models.gspn_dit import FinalLayer, LabelEmbedder, TimestepEmbedder
+from gspn.nn import MultiHeadSelfAttention
 
 PRESETS = {
     "s": (384, 12),
@@ -61,22 +62,16 @@ class AttnBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.heads = heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.attn = MultiHeadSelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
         s1, sc1, g1, s2, sc2, g2 = self.modulation(c)[:, None, :].chunk(6, dim=-1)
-        h = self.norm1(x) * (1 + sc1) + s1
-        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
-        x = x + g1 * self.proj(a)
+        x = x + g1 * self.attn(self.norm1(x) * (1 + sc1) + s1)
         h = self.norm2(x) * (1 + sc2) + s2
         return x + g2 * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
 
