@@ -8,7 +8,7 @@
 >>> # model = gspn.create_model("gspn_t", pretrained=True)
 """
 
-from . import baselines, gspn_dit, gspn_vision, gspn_vit, reference_checkpoints
+from . import baselines, gspn_dit, gspn_vision, gspn_vit, reference_checkpoints, vit
 from ._registry import create_model, get_default_cfg, is_model, list_models, model_entrypoint, register_model
 from .checkpoint import load_checkpoint, load_model, read_metadata, save_checkpoint
 from .complexity import complexity, count_params
