@@ -186,6 +186,30 @@ def test_baselines_any_resolution_and_matched_size() -> None:
         assert abs(n - target) / target < 0.15, (name, kw, n)
 
 
+def test_vit_baseline_keeps_the_transformer_encoder_layer_format_and_values() -> None:
+    """The ViT baseline's blocks were ``nn.TransformerEncoderLayer``; with gspn.nn's attention inside, its
+    state-dict keys (names and order) are unchanged, old weights load, and the outputs are the same."""
+    import gspn.models.baselines as baselines
+    from gspn.nn import MultiHeadSelfAttention
+
+    torch.manual_seed(0)
+    old = build_model("baseline_vit", num_classes=5, in_chans=3, embed_dim=32, depth=2, drop=0.0)
+    layer = torch.nn.TransformerEncoderLayer(32, 2, dim_feedforward=64, dropout=0.0, activation="gelu",
+                                             batch_first=True, norm_first=True)
+    old.blocks = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    new = build_model("baseline_vit", num_classes=5, in_chans=3, embed_dim=32, depth=2, drop=0.0)
+    assert list(new.state_dict()) == list(old.state_dict())
+    assert "blocks.layers.1.self_attn.in_proj_weight" in new.state_dict()
+    assert isinstance(new.blocks.layers[0].self_attn, MultiHeadSelfAttention)
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(new.train()(x), old.train()(x), rtol=0, atol=0)  # same ops in training mode
+    with torch.no_grad():  # torch's fused inference path: same values up to rounding
+        torch.testing.assert_close(new.eval()(x), old.eval()(x), rtol=1e-5, atol=1e-6)
+    assert baselines.count_params is count_params is importlib.import_module("gspn.models").count_params
+    assert count_params(new) == sum(p.numel() for p in old.parameters())
+
+
 def test_rng_capture_restore_roundtrip(tmp_path: Path) -> None:
     import random
 

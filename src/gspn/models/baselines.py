@@ -18,15 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.attention import MultiHeadSelfAttention
 from ._registry import register_model
 from .checkpoint import load_pretrained
+from .complexity import count_params
 
 __all__ = ["BASELINES", "ConvBaseline", "ViTBaseline", "count_params", "match_params"]
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (trainable or not)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def _default_cfg(in_chans: int, num_classes: int, size: int = 32) -> dict[str, Any]:
@@ -68,11 +65,82 @@ class _LinearHead(nn.Module):
         self.default_cfg["num_classes"] = num_classes
 
 
+#: Parameter names of :class:`MultiHeadSelfAttention` → those of ``nn.MultiheadAttention`` (same tensors,
+#: same ``[q; k; v]`` row layout), in ``nn.MultiheadAttention``'s order.
+_TORCH_MHA_NAMES = {"qkv.weight": "in_proj_weight", "qkv.bias": "in_proj_bias",
+                    "proj.weight": "out_proj.weight", "proj.bias": "out_proj.bias"}
+
+
+class _TorchLayoutAttention(MultiHeadSelfAttention):
+    """:class:`MultiHeadSelfAttention` whose state dict uses ``nn.MultiheadAttention``'s parameter names.
+
+    The ViT baseline's blocks were ``nn.TransformerEncoderLayer``; this keeps its weight files (and the
+    keys of every file written since) unchanged: ``state_dict()`` writes ``in_proj_weight``,
+    ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias`` and ``load_state_dict`` reads them.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float) -> None:
+        super().__init__(dim, num_heads, attn_drop=attn_drop)
+        self.register_state_dict_post_hook(_to_torch_mha_names)
+        self.register_load_state_dict_pre_hook(_from_torch_mha_names)
+
+
+def _to_torch_mha_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for ours, theirs in _TORCH_MHA_NAMES.items():
+        if prefix + ours in state_dict:
+            state_dict[prefix + theirs] = state_dict.pop(prefix + ours)
+
+
+def _from_torch_mha_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    for ours, theirs in _TORCH_MHA_NAMES.items():
+        if prefix + theirs in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+
+
+class _EncoderLayer(nn.Module):
+    """Pre-norm transformer encoder layer: ``x + drop(attn(norm1 x))``, then ``x + drop(mlp(norm2 x))``.
+
+    The computation and state-dict keys of ``torch.nn.TransformerEncoderLayer(norm_first=True,
+    activation="gelu", batch_first=True)``, which the ViT baseline used before, with the attention of
+    :class:`gspn.nn.MultiHeadSelfAttention`. Shapes: ``(B, N, C) → (B, N, C)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, hidden: int, drop: float) -> None:
+        super().__init__()
+        self.self_attn = _TorchLayoutAttention(dim, num_heads, attn_drop=drop)
+        self.linear1 = nn.Linear(dim, hidden)
+        self.dropout = nn.Dropout(drop)
+        self.linear2 = nn.Linear(hidden, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout1 = nn.Dropout(drop)
+        self.dropout2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout1(self.self_attn(self.norm1(x)))
+        return x + self.dropout2(self.linear2(self.dropout(F.gelu(self.linear1(self.norm2(x))))))
+
+
+class _Encoder(nn.Module):
+    """``layers`` applied in order (the ``blocks.layers.<i>`` key layout of ``nn.TransformerEncoder``)."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 class ViTBaseline(_LinearHead):
     """A small pre-norm ViT: patch embedding, learned positional embedding, mean-pooled tokens.
 
     The positional embedding is defined on a ``pos_grid × pos_grid`` grid and bilinearly resized to the
-    actual token grid, so any input size works.
+    actual token grid, so any input size works. The attention is :class:`gspn.nn.MultiHeadSelfAttention`;
+    the state-dict keys are those of the ``nn.TransformerEncoderLayer`` blocks it had before
+    (``blocks.layers.<i>.self_attn.in_proj_weight`` …), so earlier weight files load unchanged.
     """
 
     def __init__(
@@ -97,16 +165,8 @@ class ViTBaseline(_LinearHead):
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, pos_grid, pos_grid))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            embed_dim,
-            heads,
-            dim_feedforward=int(embed_dim * mlp_ratio),
-            dropout=drop,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        hidden = int(embed_dim * mlp_ratio)
+        self.blocks = _Encoder([_EncoderLayer(embed_dim, heads, hidden, drop) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
         self.num_features = embed_dim
         self._make_head(num_classes)
