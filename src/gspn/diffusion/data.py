@@ -17,28 +17,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from .._files import safe_torch_load
-from .._images import IMAGE_EXTENSIONS
+from .._images import IMAGE_EXTENSIONS, find_images, read_image, to_float
+from .._images import load_digits as _digit_images
 
 __all__ = ["IMAGE_EXTENSIONS", "load_dataset", "load_digits", "load_image_folder", "load_latents"]
 
 
-
 def load_digits(image_size: int = 16, channels: int = 1, limit: int | None = None) -> TensorDataset:
-    """sklearn digits as ``(N, channels, image_size, image_size)`` in ``[-1, 1]`` and labels ``(N,)``."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    data = sk_digits()
-    x = torch.from_numpy(data.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8) in [0, 1]
-    if image_size != 8:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    """sklearn's bundled digits (:func:`gspn._images.load_digits`, bilinearly upsampled to ``image_size``)
+    as ``(N, channels, image_size, image_size)`` float32 in ``[-1, 1]`` and int64 labels ``(N,)``; the
+    first ``limit`` images if given. ``ModuleNotFoundError`` naming ``gspn[data]`` without scikit-learn."""
+    x, y = _digit_images(image_size)  # (N, 1, S, S) in [0, 1]
     x = (x.clamp(0, 1) * 2 - 1).repeat(1, channels, 1, 1)
-    y = torch.from_numpy(data.target.astype(np.int64))
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return TensorDataset(x.contiguous(), y)
@@ -50,33 +44,24 @@ def _list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
         raise ValueError(f"{root} has no class sub-folders (expected ROOT/<class>/<image>)")
     paths, labels = [], []
     for i, name in enumerate(classes):
-        for p in sorted((root / name).rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(p)
-                labels.append(i)
+        found = find_images(root / name)
+        paths += found
+        labels += [i] * len(found)
     if not paths:
         raise ValueError(f"no images found under {root}")
     return paths, labels, classes
 
 
 def load_image_folder(root: str | os.PathLike, image_size: int = 32, channels: int = 3) -> TensorDataset:
-    """An ImageFolder tree as tensors in ``[-1, 1]``; ``dataset.classes`` lists the class names."""
-    from PIL import Image
-
+    """An ImageFolder tree ``root/<class>/<image>`` (classes sorted by name) as ``(N, channels, S, S)``
+    float32 in ``[-1, 1]`` (:func:`gspn._images.read_image`: shorter side to ``S = image_size``, bicubic,
+    centre crop) and int64 labels; ``dataset.classes`` lists the class names. ``ValueError`` when there
+    are no class folders or no images, or ``channels`` is not 1 or 3."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB) for image folders, got {channels!r}")
     paths, labels, classes = _list_image_folder(Path(root))
     mode = "RGB" if channels == 3 else "L"
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            im = im.convert(mode)
-            w, h = im.size
-            s = image_size / min(w, h)
-            im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - image_size) // 2, (h - image_size) // 2
-            im = im.crop((left, top, left + image_size, top + image_size))
-            arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-        out.append(torch.from_numpy(arr.reshape(image_size, image_size, channels)).permute(2, 0, 1))
+    out = [to_float(read_image(p, mode, image_size), (-1.0, 1.0)) for p in paths]
     ds = TensorDataset(torch.stack(out), torch.tensor(labels, dtype=torch.long))
     ds.classes = classes  # type: ignore[attr-defined]
     return ds

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .._images import IMAGE_EXTENSIONS
+from .._images import IMAGE_EXTENSIONS, find_images, read_image, to_float
 
 __all__ = ["CaptionData", "load_captions", "load_image"]
 
@@ -61,7 +61,7 @@ def load_captions(path: str | os.PathLike) -> CaptionData:
                 images.append(path / rec["file_name"])
                 captions.append(str(rec.get("text", "")))
     else:
-        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = find_images(path)
         captions = []
         for img in images:
             txt = img.with_suffix(".txt")
@@ -72,16 +72,6 @@ def load_captions(path: str | os.PathLike) -> CaptionData:
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """An image as a ``(3, R, R)`` tensor in ``[-1, 1]``: shorter side resized to ``R``, centre crop."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    return data.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+    """An image as a ``(3, R, R)`` float32 tensor in ``[-1, 1]``: RGB, shorter side resized to ``R``
+    (bicubic), centre crop (:func:`gspn._images.read_image`)."""
+    return to_float(read_image(path, "RGB", resolution), (-1.0, 1.0))

@@ -8,6 +8,7 @@ Two sources:
 * a directory in the ImageFolder layout — ``root/train/<class>/*.png|jpg|…`` and ``root/val/<class>/…``
   — decoded with Pillow.
 
+Decoding, resizing and cropping are :mod:`gspn._images`' (the one image-loading module of the library).
 Augmentation (random resized crop, horizontal flip) and normalisation are written with torch ops and
 draw from torch's global RNG, which :class:`torch.utils.data.DataLoader` seeds per worker from its
 generator; so a run is reproducible from the loader generator's state.
@@ -15,7 +16,6 @@ generator; so a run is reproducible from the loader generator's state.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from .._images import IMAGE_EXTENSIONS
+from .._images import (
+    IMAGE_EXTENSIONS,
+    center_crop_resize,
+    find_images,
+    load_digits,
+    random_resized_crop,
+    read_image,
+    to_float,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -38,57 +46,6 @@ __all__ = [
     "center_crop_resize",
     "random_resized_crop",
 ]
-
-
-
-def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(img.shape[-2:]) == size:
-        return img
-    return F.interpolate(img[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-
-
-def random_resized_crop(
-    img: torch.Tensor,
-    size: int,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> torch.Tensor:
-    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``, resize to ``size²``.
-
-    ``img`` is ``(C, H, W)`` float. Falls back to a central crop of the nearest admissible aspect ratio
-    after 10 rejected draws (the usual Inception-style procedure).
-    """
-    _, h, w = img.shape
-    area = h * w
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(()).item())
-        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * torch.rand(()).item())
-        cw = round(math.sqrt(target * aspect))
-        ch = round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, ()).item())
-            left = int(torch.randint(0, w - cw + 1, ()).item())
-            return _resize(img[:, top : top + ch, left : left + cw], (size, size))
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        cw, ch = w, round(w / ratio[0])
-    elif in_ratio > ratio[1]:
-        ch, cw = h, round(h * ratio[1])
-    else:
-        cw, ch = w, h
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return _resize(img[:, top : top + ch, left : left + cw], (size, size))
-
-
-def center_crop_resize(img: torch.Tensor, size: int, crop_pct: float = 0.875) -> torch.Tensor:
-    """Evaluation transform: resize the shorter side to ``size / crop_pct``, then centre-crop ``size²``."""
-    _, h, w = img.shape
-    short = size / crop_pct
-    nh, nw = max(size, round(h * short / min(h, w))), max(size, round(w * short / min(h, w)))
-    img = _resize(img, (nh, nw))
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return img[:, top : top + size, left : left + size]
 
 
 @dataclass
@@ -133,11 +90,8 @@ class DigitsDataset(Dataset):
         val_fraction: float = 0.2,
         seed: int = 0,
     ) -> None:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = np.asarray(digits.images, dtype=np.float32) / 16.0
-        targets = np.asarray(digits.target, dtype=np.int64)
+        images, labels = load_digits()  # (N, 1, 8, 8) in [0, 1]
+        targets = labels.numpy()
         rng = np.random.RandomState(seed)
         val_idx: list[np.ndarray] = []
         for c in range(10):
@@ -151,7 +105,7 @@ class DigitsDataset(Dataset):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
         #: indices into ``load_digits()`` of this split's images
         self.indices = np.flatnonzero(keep)
-        x = torch.from_numpy(images[keep])[:, None]
+        x = images[torch.from_numpy(keep)]
         self.images = F.interpolate(x, size=(base_size, base_size), mode="bilinear", align_corners=False)
         self.targets = torch.from_numpy(targets[keep])
         self.in_chans = in_chans
@@ -193,8 +147,7 @@ class ImageFolderDataset(Dataset):
             d = root / name
             if not d.is_dir():
                 continue
-            files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            self.samples += [(p, idx) for p in files]
+            self.samples += [(p, idx) for p in find_images(d)]
         if not self.samples:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
         self.mode = "RGB" if in_chans == 3 else "L"
@@ -204,13 +157,8 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         path, target = self.samples[i]
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert(self.mode), dtype=np.uint8)
-        img = torch.from_numpy(arr.copy()).float().div_(255.0)
-        img = img[None] if img.ndim == 2 else img.permute(2, 0, 1)
+        img = to_float(read_image(path, self.mode))
         if self.transform is not None:
             img = self.transform(img)
         return img, target
