@@ -240,6 +240,8 @@ def _run(x, proxy, weights, chunk_size, backend, grad=None):
     dtype = x.dtype
     cdtype = compute_dtype(dtype)
     module = resolve_backend(backend, x.device)
+    if module.__name__ == "gspn.ops.triton":
+        return _triton_run(module, x, proxy, weights, chunk_size, grad)
     x, proxy, *weights = (t.to(cdtype) for t in (x, proxy, *weights))
     if grad is not None:
         grad = grad.to(cdtype)
@@ -254,6 +256,22 @@ def _run(x, proxy, weights, chunk_size, backend, grad=None):
             return _layout_like_kernel(_compose_forward(x, proxy, *weights, chunk_size, scan)).to(dtype)
         outs = _compose_backward(grad, x, proxy, *weights, chunk_size, scan)
         outs = [_layout_like_kernel(o) for o in outs[:2]] + [o.contiguous() for o in outs[2:]]
+    return [o.to(dtype) for o in outs]
+
+
+def _triton_run(module, x, proxy, weights, chunk_size, grad):
+    """The Triton backend: the fused forward kernels (inputs read in their own dtype, ``y`` written
+    channels-last in place); the backward recomputes one direction at a time in the compute dtype
+    (see :mod:`gspn.ops.triton._mix`)."""
+    from .triton import _mix  # imports triton: only once the backend is known to be available
+
+    if grad is None:
+        return _mix.mix_forward(x, proxy, *weights, chunk_size, _image_like(x, x.shape[1]))
+    dtype = x.dtype
+    cdtype = compute_dtype(dtype)
+    grad, x, proxy, *weights = (t.to(cdtype) for t in (grad, x, proxy, *weights))
+    outs = _mix.mix_backward(module, grad, x, proxy, *weights, chunk_size)
+    outs = [_layout_like_kernel(o) for o in outs[:2]] + [o.contiguous() for o in outs[2:]]
     return [o.to(dtype) for o in outs]
 
 

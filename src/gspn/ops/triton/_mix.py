@@ -1,0 +1,517 @@
+"""Triton kernels of the fused GSPN layer :func:`gspn.ops.gspn_mix` (imported lazily, with triton).
+
+Forward (``mix_forward``): the fusion of the CPU kernel on a GPU. For direction ``k`` and pixel
+``p`` with proxy column ``z = proxy[b, :, p]`` (``S`` values)::
+
+    a_k = gate_weight[k] @ z (3 logits per gate channel),  λ_k = lam_weight[k] @ z,  u_k = u_weight[k] @ z
+    w_k = stabilize(a_k)   (masked softmax of log-sigmoids: the stability–context condition)
+    h_k[l, p] = λ_k x[l, p] + w_left h_k[l-1, p-1] + w_mid h_k[l-1, p] + w_right h_k[l-1, p+1]
+    y = Σ_k m_k (u_k ⊙ h_k + D_k ⊙ x) = (Σ_k m_k D_k) ⊙ x + Σ_k (m_k u_k) ⊙ h_k
+
+(``h_k[l-1] = 0`` where line ``l`` starts a tile of ``chunk_size`` lines; ``m = merge_weight``.)
+
+* **Launches.** Four, one per direction in :data:`gspn.ops.DIRECTIONS` order; each accumulates its
+  term into ``y``. The first also adds the merged skip ``(Σ_k m_k D_k) ⊙ x`` (one weight matrix
+  ``Σ_k m_k skip_weight[k]``, packed on the host), the last writes the result in the output dtype.
+  Between launches ``y`` lives in an accumulation buffer (the output itself for float32/float64
+  outputs, else one float32 ``(B, C, H, W)`` buffer).
+* **What a program owns.** Grid ``(cdiv(B·C, BLOCK_S), tile_programs)``: program ``(i, j)`` owns
+  the ``BLOCK_S`` slices ``s = b·C + c`` of group ``i`` and the tiles ``j, j + tile_programs, …`` of
+  the scan axis, and walks each tile's lines in scan order. For each line it generates the line's
+  gate logits, λ and ``m_k u_k`` (and, in the first launch, the merged ``D``) from the proxy line in
+  registers with a loop over ``S`` (weights packed as ``(4, C, 6, S)``, the gates expanded from
+  ``Cg`` to ``C``: ``4·6·C·S`` values), normalises the gates, advances the state and
+  read-modify-writes its own elements of ``y``. No two programs touch the same element of ``y`` or
+  of the scratch, so there is no cross-program communication.
+* **Two variants.** *register* (the whole line, ``P <= BLOCK_P``, in one ``[BLOCK_S, BLOCK_P]``
+  block; the state stays in registers and the ``p ± 1`` neighbours come from one ``tl.gather``) and
+  *memory* (lines of any length in blocks of ``BLOCK_P`` positions; the state of the line before
+  goes through a float scratch ping-pong ``(tile_programs, B·C, 2, P)``, with a block barrier
+  ``tl.debug_barrier()`` after every line). On a GPU a register build that fails falls back to the
+  memory variant.
+* **Memory.** ``y`` (plus the float32 accumulator for half outputs), the packed weights and the
+  memory variant's scratch (two lines per slice and tile program). No ``(B, 4, C, H, W)`` or
+  ``(B, 12·Cg, H, W)`` tensor, and no per-pixel parameter map, is ever materialised.
+* **Layouts and dtypes.** Every image tensor is addressed through its four strides (NCHW,
+  channels-last, transposed or expanded views are read in place; ``y`` is written channels-last).
+  ``x`` and ``proxy`` are read in their own dtype (float32/float64/bfloat16/float16); the state and
+  all arithmetic are float32 (float64 for float64 inputs).
+
+Backward (``mix_backward``): **not fused**. It recomputes per direction, one direction at a time:
+the direction's λ, gate logits and u are materialised from the proxy (``einsum``), the hidden map
+``h_k`` is recomputed with the Triton line-scan forward kernel, and the Triton adjoint kernel
+(``gspn::line_scan`` backend ``scan_backward``, ``normalize=True``) gives ``dx`` (accumulated) and
+the gradients of λ and of the gate logits; the 1×1 weight and proxy gradients are ``einsum``
+products with the proxy. Peak extra memory is about 11 maps of the size of ``x`` (one direction's
+λ, u, 3 gate logits, h, its cotangent, ``du`` and 4 parameter gradients), independent of the four
+directions: O(x), not the O(4·x) that a stored or materialised 4-direction computation needs. The
+skip path needs no per-pixel ``D``: its gradients reduce to ``Σ_hw (g ⊙ x) proxyᵀ``. A fused
+backward (adjoint scan with on-the-fly generation) is left to later work.
+
+Verified only under the Triton interpreter (``TRITON_INTERPRET=1``, ``tests/test_triton_mix.py``),
+never on a GPU: barriers, register pressure and speed are unverified there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from ..directions import DIRECTIONS, get_direction
+from ._kernels import _forward_gates, _load_neighbours, _neighbours
+
+__all__ = ["launch_overrides", "mix_backward", "mix_forward"]
+
+# Packed weight rows per channel: 3 gate logits, λ, m_k·u_k, Σ_k m_k D_k.
+_KINDS = 6
+_KINDS_ = tl.constexpr(_KINDS)
+_INTERP_MAX_BLOCK_P = 256
+_INTERP_MAX_TILE = 4096
+_GPU_MAX_REG_BLOCK_P = 1024
+_GPU_MAX_BLOCK_P = 1024
+_GPU_MAX_TILE = 2048
+_MAX_SCRATCH_BYTES = 256 << 20
+_LAUNCH_KEYS = {"kernel", "block_s", "block_p", "chunk_programs", "num_warps"}
+_overrides: dict[str, Any] = {}
+_broken_register: set[int] = set()  # BLOCK_P values whose register build failed on this GPU
+
+
+@contextlib.contextmanager
+def launch_overrides(**values: Any) -> Iterator[None]:
+    """Force launch parameters of :func:`mix_forward` inside the ``with`` block (tests).
+
+    Keys: ``kernel`` (``"register"`` or ``"memory"``), ``block_s``, ``block_p`` (memory variant),
+    ``chunk_programs`` (programs sharing the tiles of the scan axis), ``num_warps``.
+
+    Raises:
+        ValueError: an unknown key.
+    """
+    unknown = set(values) - _LAUNCH_KEYS
+    if unknown:
+        raise ValueError(f"unknown launch parameters: {sorted(unknown)}")
+    saved = dict(_overrides)
+    _overrides.update(values)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+# -------------------------------------------------------------------------------------------------
+# Kernels.
+
+
+@triton.jit
+def _line_pos_strides(sh, sw, VERTICAL: tl.constexpr):
+    """``(line stride, position stride)`` of an image tensor: rows for vertical scans, else columns."""
+    if VERTICAL:
+        return sh, sw
+    return sw, sh
+
+
+@triton.jit
+def _line_index(i_lo, n, t, REVERSE: tl.constexpr):
+    """Image index (int64) of scan-order line ``t`` of the tile ``[i_lo, i_lo + n)``."""
+    if REVERSE:  # noqa: SIM108 (a constexpr branch, clearer than a ternary in a Triton kernel)
+        i = i_lo + n - 1 - t
+    else:
+        i = i_lo + t
+    return i.to(tl.int64)
+
+
+@triton.jit
+def _generate(z_ptrs, z_sc, w_rows, w_ok, m, S, FIRST: tl.constexpr, ACC: tl.constexpr):
+    """One line's parameters from its proxy line: ``Σ_j W[c, kind, j] · z[b, j, p]`` for the six
+    kinds (``z_ptrs``: ``[BLOCK_S, BLOCK_P]`` pointers of proxy channel 0; ``w_rows``:
+    ``[BLOCK_S, 1]`` pointers of ``W[c, 0, 0]``). The merged skip is generated only if ``FIRST``."""
+    al = tl.zeros(m.shape, ACC)
+    am = tl.zeros(m.shape, ACC)
+    ar = tl.zeros(m.shape, ACC)
+    lam = tl.zeros(m.shape, ACC)
+    u = tl.zeros(m.shape, ACC)
+    d = tl.zeros(m.shape, ACC)
+    for j in range(0, S):
+        z = tl.load(z_ptrs + j * z_sc, mask=m, other=0.0).to(ACC)
+        w = w_rows + j
+        al += tl.load(w, mask=w_ok, other=0.0) * z
+        am += tl.load(w + S, mask=w_ok, other=0.0) * z
+        ar += tl.load(w + 2 * S, mask=w_ok, other=0.0) * z
+        lam += tl.load(w + 3 * S, mask=w_ok, other=0.0) * z
+        u += tl.load(w + 4 * S, mask=w_ok, other=0.0) * z
+        if FIRST:
+            d += tl.load(w + 5 * S, mask=w_ok, other=0.0) * z
+    return al, am, ar, lam, u, d
+
+
+@triton.jit
+def _emit(h, u, d, xv, acc_ptrs, out_ptrs, m, FIRST: tl.constexpr, LAST: tl.constexpr, ACC: tl.constexpr):
+    """Add this direction's ``(m_k u_k) ⊙ h`` (and, if ``FIRST``, the merged skip ``D ⊙ x``) to ``y``."""
+    if FIRST:  # noqa: SIM108 (a constexpr branch: the first launch reads no accumulator)
+        y = d * xv + u * h
+    else:
+        y = tl.load(acc_ptrs, mask=m, other=0.0).to(ACC) + u * h
+    if LAST:
+        tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=m)
+    else:
+        tl.store(acc_ptrs, y.to(acc_ptrs.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _setup(
+    NS, C, S,
+    x_sb, x_sc, x_sh, x_sw, z_sb, z_sh, z_sw, a_sb, a_sc, a_sh, a_sw, o_sb, o_sc, o_sh, o_sw,
+    VERTICAL: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Slices of this program, which exist, their plane offsets ``[BLOCK_S, 1]`` in x, proxy, the
+    accumulator and the output, the weight-row offsets, and the line/position strides."""
+    s = (tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    s_ok = s < NS
+    b = s // C
+    c = s % C
+    x_l, x_p = _line_pos_strides(x_sh, x_sw, VERTICAL)
+    z_l, z_p = _line_pos_strides(z_sh, z_sw, VERTICAL)
+    a_l, a_p = _line_pos_strides(a_sh, a_sw, VERTICAL)
+    o_l, o_p = _line_pos_strides(o_sh, o_sw, VERTICAL)
+    return (
+        s, s_ok,
+        (b * x_sb + c * x_sc)[:, None], (b * z_sb)[:, None], (b * a_sb + c * a_sc)[:, None],
+        (b * o_sb + c * o_sc)[:, None], (c * _KINDS_ * S)[:, None],
+        x_l, x_p, z_l, z_p, a_l, a_p, o_l, o_p,
+    )
+
+
+@triton.jit
+def gspn_mix_fwd_kernel(
+    x_ptr, z_ptr, w_ptr, acc_ptr, out_ptr, state_ptr,
+    x_sb, x_sc, x_sh, x_sw,
+    z_sb, z_sc, z_sh, z_sw,
+    a_sb, a_sc, a_sh, a_sw,
+    o_sb, o_sc, o_sh, o_sw,
+    NS, C, S, L, P, CHUNK, NUM_CHUNKS,
+    VERTICAL: tl.constexpr,
+    REVERSE: tl.constexpr,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Memory variant: one direction's term of ``y``, lines of any length in blocks of ``BLOCK_P``.
+
+    ``w_ptr``: packed weights ``(C, 6, S)`` of this direction (ACC); ``state_ptr``: ACC scratch
+    ``(tile_programs, NS, 2, P)``; ``acc_ptr``/``out_ptr``: the accumulator and the output (may
+    be the same tensor). Masks are built as vectors (``(p * 0 + t) > 0``): the interpreter
+    mis-types ``tensor & 0-d tensor``.
+    """
+    pid_c = tl.program_id(1)
+    n_cprog = tl.num_programs(1)
+    (s, s_ok, x_base, z_base, a_base, o_base, w_base,
+     x_l, x_p, z_l, z_p, a_l, a_p, o_l, o_p) = _setup(
+        NS, C, S, x_sb, x_sc, x_sh, x_sw, z_sb, z_sh, z_sw, a_sb, a_sc, a_sh, a_sw, o_sb, o_sc, o_sh, o_sw,
+        VERTICAL, BLOCK_S,
+    )
+    w_rows = w_ptr + w_base
+    w_ok = s_ok[:, None]
+    st_base = ((pid_c * NS + s) * 2 * P)[:, None]
+    for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
+        i_lo = chunk * CHUNK
+        n = tl.minimum(CHUNK, L - i_lo)
+        for t in range(0, n):
+            i = _line_index(i_lo, n, t, REVERSE)
+            slot = t % 2
+            for p0 in range(0, P, BLOCK_P):
+                p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+                m = s_ok[:, None] & (p < P)[None, :]
+                has_l = (p >= 1)[None, :]
+                has_r = (p + 1 < P)[None, :]
+                mp = m & ((p * 0 + t) > 0)[None, :]  # the line does not start a tile
+                xv = tl.load(x_ptr + x_base + (i * x_l + p * x_p)[None, :], mask=m, other=0.0).to(ACC)
+                al, am, ar, lam, u, d = _generate(
+                    z_ptr + z_base + (i * z_l + p * z_p)[None, :], z_sc, w_rows, w_ok, m, S, FIRST, ACC
+                )
+                al, am, ar = _forward_gates(al, am, ar, has_l, has_r, True)
+                prev = state_ptr + st_base + (1 - slot) * P + p[None, :]
+                hl, hm, hr = _load_neighbours(prev, 1, mp, has_l, has_r, ACC)
+                h = lam * xv + al * hl + am * hm + ar * hr
+                tl.store(state_ptr + st_base + slot * P + p[None, :], h, mask=m)
+                _emit(
+                    h, u, d, xv, acc_ptr + a_base + (i * a_l + p * a_p)[None, :],
+                    out_ptr + o_base + (i * o_l + p * o_p)[None, :], m, FIRST, LAST, ACC,
+                )
+            # Line i must be complete (all blocks, all threads) before line i+1 reads it.
+            tl.debug_barrier()
+
+
+@triton.jit
+def gspn_mix_fwd_reg_kernel(
+    x_ptr, z_ptr, w_ptr, acc_ptr, out_ptr,
+    x_sb, x_sc, x_sh, x_sw,
+    z_sb, z_sc, z_sh, z_sw,
+    a_sb, a_sc, a_sh, a_sw,
+    o_sb, o_sc, o_sh, o_sw,
+    NS, C, S, L, P, CHUNK, NUM_CHUNKS,
+    VERTICAL: tl.constexpr,
+    REVERSE: tl.constexpr,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Register variant (``P <= BLOCK_P``): the state of the whole line stays in registers and
+    its ``p ± 1`` neighbours come from one ``tl.gather``; arguments as the memory variant's."""
+    pid_c = tl.program_id(1)
+    n_cprog = tl.num_programs(1)
+    (_s, s_ok, x_base, z_base, a_base, o_base, w_base,
+     x_l, x_p, z_l, z_p, a_l, a_p, o_l, o_p) = _setup(
+        NS, C, S, x_sb, x_sc, x_sh, x_sw, z_sb, z_sh, z_sw, a_sb, a_sc, a_sh, a_sw, o_sb, o_sc, o_sh, o_sw,
+        VERTICAL, BLOCK_S,
+    )
+    w_rows = w_ptr + w_base
+    w_ok = s_ok[:, None]
+    p = tl.arange(0, BLOCK_P).to(tl.int64)
+    m = s_ok[:, None] & (p < P)[None, :]
+    has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
+    has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
+    idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
+    idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
+    for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
+        i_lo = chunk * CHUNK
+        n = tl.minimum(CHUNK, L - i_lo)
+        h = tl.zeros([BLOCK_S, BLOCK_P], ACC)  # zero state before the tile's first line
+        for t in range(0, n):
+            i = _line_index(i_lo, n, t, REVERSE)
+            xv = tl.load(x_ptr + x_base + (i * x_l + p * x_p)[None, :], mask=m, other=0.0).to(ACC)
+            al, am, ar, lam, u, d = _generate(
+                z_ptr + z_base + (i * z_l + p * z_p)[None, :], z_sc, w_rows, w_ok, m, S, FIRST, ACC
+            )
+            al, am, ar = _forward_gates(al, am, ar, has_l, has_r, True)
+            hl, hr = _neighbours(h, h, idx_l, idx_r, has_l, has_r)
+            h = lam * xv + al * hl + am * h + ar * hr
+            _emit(
+                h, u, d, xv, acc_ptr + a_base + (i * a_l + p * a_p)[None, :],
+                out_ptr + o_base + (i * o_l + p * o_p)[None, :], m, FIRST, LAST, ACC,
+            )
+
+
+# -------------------------------------------------------------------------------------------------
+# Host side.
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _launch_config(slices: int, line_length: int, num_chunks: int, device: torch.device) -> dict[str, Any]:
+    """Variant and launch parameters of one direction's launch.
+
+    Interpreter (CPU tensors): as few programs as possible (its cost is per program and operation):
+    the register variant for lines up to 256, else the memory variant with 256-position blocks;
+    up to 4096 elements per program. GPU: the register variant for lines up to 1024 positions,
+    slice groups halved until there are 4 programs per SM, the tiles of a local scan spread over
+    the second grid axis (memory variant: within a 256 MiB scratch), ~4 (register) or 8 (memory)
+    elements per thread. Untuned: no GPU has run these kernels.
+    """
+    interp = device.type == "cpu"
+    whole = _next_pow2(line_length)
+    max_reg = _INTERP_MAX_BLOCK_P if interp else _GPU_MAX_REG_BLOCK_P
+    kernel = _overrides.get("kernel") or (
+        "register" if whole <= max_reg and whole not in _broken_register else "memory"
+    )
+    if kernel == "register":
+        block_p = whole
+    else:
+        block_p = _overrides.get("block_p") or min(whole, _INTERP_MAX_BLOCK_P if interp else _GPU_MAX_BLOCK_P)
+    if interp:
+        block_s = min(_next_pow2(slices), max(1, _INTERP_MAX_TILE // block_p))
+        chunk_programs, num_warps = 1, 1
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        max_tile = _GPU_MAX_REG_BLOCK_P if kernel == "register" else _GPU_MAX_TILE
+        block_s = min(_next_pow2(slices), max(1, max_tile // block_p))
+        while block_s > 1 and _cdiv(slices, block_s) * num_chunks < 4 * sms:
+            block_s //= 2
+        slice_programs = _cdiv(slices, block_s)
+        chunk_programs = min(num_chunks, max(1, _cdiv(4 * sms, slice_programs)))
+        if kernel == "memory":
+            per_program = slice_programs * block_s * 2 * line_length * 4
+            chunk_programs = max(1, min(chunk_programs, _MAX_SCRATCH_BYTES // max(per_program, 1)))
+        per_thread = 4 if kernel == "register" else 8
+        num_warps = max(4, min(16, block_s * block_p // (32 * per_thread)))
+    cfg = {"kernel": kernel, "block_s": block_s, "block_p": block_p, "chunk_programs": chunk_programs,
+           "num_warps": num_warps}
+    cfg.update({k: v for k, v in _overrides.items() if k in ("block_s", "chunk_programs", "num_warps")})
+    cfg["chunk_programs"] = max(1, min(cfg["chunk_programs"], num_chunks, 65535))
+    return cfg
+
+
+def _recoverable(exc: Exception) -> bool:
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    return isinstance(exc, (CompilationError, OutOfResources, RuntimeError))
+
+
+def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, Any]:
+    if dtype == torch.float64:
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def _pack_weights(gate_weight, lam_weight, u_weight, skip_weight, merge_weight, dtype) -> torch.Tensor:
+    """``(4, C, 6, S)`` in ``dtype``: gate logits (expanded from ``Cg`` to ``C``), λ, ``m_k u_k``
+    and (the same for every k) the merged skip ``Σ_k m_k D_k``."""
+    channels = lam_weight.shape[1]
+    gate_weight, lam_weight, u_weight, skip_weight, merge_weight = (
+        t.to(dtype) for t in (gate_weight, lam_weight, u_weight, skip_weight, merge_weight)
+    )
+    gates = gate_weight.repeat_interleave(channels // gate_weight.shape[2], dim=2)  # (4, 3, C, S)
+    u_scaled = merge_weight.view(-1, 1, 1) * u_weight
+    skip = torch.einsum("k,kcs->cs", merge_weight, skip_weight).expand_as(lam_weight)
+    kinds = torch.cat([gates, lam_weight.unsqueeze(1), u_scaled.unsqueeze(1), skip.unsqueeze(1)], dim=1)
+    return kinds.transpose(1, 2).contiguous()  # (4, C, 6, S)
+
+
+def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of a ``(B, C, H, W)`` tensor, with 0 along size-1 dimensions (never stepped)."""
+    return tuple(st if n > 1 else 0 for st, n in zip(t.stride(), t.shape, strict=True))  # type: ignore[return-value]
+
+
+def mix_forward(
+    x: torch.Tensor,
+    proxy: torch.Tensor,
+    gate_weight: torch.Tensor,
+    lam_weight: torch.Tensor,
+    u_weight: torch.Tensor,
+    skip_weight: torch.Tensor,
+    merge_weight: torch.Tensor,
+    chunk_size: int | None,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """The fused forward of :func:`gspn.ops.gspn_mix` into ``out`` (four launches; see the module doc).
+
+    Args:
+        x: ``(B, C, H, W)``, ``proxy``: ``(B, S, H, W)``, any strides, float32/float64/bfloat16/float16
+            (read in their own dtype).
+        gate_weight: ``(4, 3, Cg, S)``; lam_weight, u_weight, skip_weight: ``(4, C, S)``;
+            merge_weight: ``(4,)`` (any float dtype; packed in the accumulation dtype).
+        chunk_size: ``None`` (global scans) or the tile length along each scan axis.
+        out: ``(B, C, H, W)`` result buffer, any strides and float dtype; must not overlap the inputs.
+
+    Arguments are assumed validated (:func:`gspn.ops.gspn_mix` does it) and ``x.numel() > 0``.
+    Accumulation is float64 if ``x`` is float64, else float32.
+
+    Returns:
+        ``out``.
+    """
+    batch, channels, height, width = x.shape
+    state = proxy.shape[1]
+    acc_torch, acc = _acc_dtype(x.dtype)
+    w = _pack_weights(gate_weight, lam_weight, u_weight, skip_weight, merge_weight, acc_torch)
+    y_acc = out if out.dtype == acc_torch else torch.empty(x.shape, dtype=acc_torch, device=x.device)
+    slices = batch * channels
+    strides = (*_strides4(x), *_strides4(proxy), *_strides4(y_acc), *_strides4(out))
+    for k, name in enumerate(DIRECTIONS):
+        d = get_direction(name)
+        num_lines, line_length = (height, width) if d.vertical else (width, height)
+        chunk = min(chunk_size or num_lines, num_lines)
+        num_chunks = _cdiv(num_lines, chunk)
+        cfg = _launch_config(slices, line_length, num_chunks, x.device)
+        grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+        scalars = (slices, channels, state, num_lines, line_length, chunk, num_chunks)
+        flags = {
+            "VERTICAL": d.vertical, "REVERSE": d.reverse, "FIRST": k == 0, "LAST": k == len(DIRECTIONS) - 1,
+            "ACC": acc, "BLOCK_S": cfg["block_s"], "num_warps": cfg["num_warps"],
+        }
+        if cfg["kernel"] == "register":
+            try:
+                gspn_mix_fwd_reg_kernel[grid](
+                    x, proxy, w[k], y_acc, out, *strides, *scalars, **flags, BLOCK_P=cfg["block_p"]
+                )
+                continue
+            except Exception as exc:  # a GPU whose Triton cannot build tl.gather: the memory variant
+                if x.device.type != "cuda" or not _recoverable(exc):
+                    raise
+                _broken_register.add(cfg["block_p"])
+                cfg = _launch_config(slices, line_length, num_chunks, x.device)
+                grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+                flags.update(BLOCK_S=cfg["block_s"], num_warps=cfg["num_warps"])
+        scratch = torch.empty(cfg["chunk_programs"] * slices * 2 * line_length, dtype=acc_torch, device=x.device)
+        gspn_mix_fwd_kernel[grid](
+            x, proxy, w[k], y_acc, out, scratch, *strides, *scalars, **flags, BLOCK_P=cfg["block_p"]
+        )
+    return out
+
+
+def mix_backward(scan_module, grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight,
+                 chunk_size):
+    """Gradients of :func:`gspn.ops.gspn_mix`, recomputed one direction at a time (see the module doc).
+
+    Args:
+        scan_module: the Triton line-scan backend module (its ``scan`` and ``scan_backward``).
+        grad, x: ``(B, C, H, W)``; proxy: ``(B, S, H, W)``; weights as :func:`mix_forward`'s. All in
+            one accumulation dtype (float32 or float64), any strides.
+        chunk_size: ``None`` or the tile length.
+
+    Returns:
+        ``[dx, dproxy, d_gate_weight, d_lam_weight, d_u_weight, d_skip_weight, d_merge_weight]``,
+        ``dx``/``dproxy`` contiguous NCHW.
+    """
+    grad, x, proxy = (t.contiguous() for t in (grad, x, proxy))  # the scan kernels need dense planes
+    channels = x.shape[1]
+    gate_channels = gate_weight.shape[2]
+    group = channels // gate_channels
+    gx = grad * x
+    e = torch.einsum("bchw,bshw->cs", gx, proxy)  # Σ_hw (g ⊙ x) proxyᵀ
+    skip_merged = torch.einsum("k,kcs->cs", merge_weight, skip_weight)
+    d_skip_weight = merge_weight.view(-1, 1, 1) * e
+    d_merge = (skip_weight * e).sum((1, 2))
+    dproxy = torch.einsum("cs,bchw->bshw", skip_merged, gx)
+    del gx
+    dx = torch.einsum("cs,bshw->bchw", skip_merged, proxy).mul_(grad)  # (Σ_k m_k D_k) ⊙ g
+    d_gate_weight = torch.empty_like(gate_weight)
+    d_lam_weight = torch.empty_like(lam_weight)
+    d_u_weight = torch.empty_like(u_weight)
+    d_merge_u = []
+    for k, name in enumerate(DIRECTIONS):
+        gates = torch.einsum("gcs,bshw->gbchw", gate_weight[k], proxy)  # (3, B, Cg, H, W)
+        lam = torch.einsum("cs,bshw->bchw", lam_weight[k], proxy)
+        u = torch.einsum("cs,bshw->bchw", u_weight[k], proxy)
+        h = torch.empty_like(x)
+        scan_module.scan(x, lam, gates[0], gates[1], gates[2], direction=name, chunk_size=chunk_size,
+                         normalize=True, out=h)
+        gu = grad * u
+        del u
+        d_merge_u.append((gu * h).sum())
+        du = (grad * h).mul_(merge_weight[k])  # dL/du_k = m_k g ⊙ h_k
+        dh = gu.mul_(merge_weight[k])  # dL/dh_k = m_k g ⊙ u_k
+        d_params = [torch.empty_like(x) for _ in range(4)]
+        scan_module.scan_backward(
+            dh, h, x, lam, gates[0], gates[1], gates[2], direction=name, chunk_size=chunk_size,
+            normalize=True, dx=dx, accumulate_dx=True, d_params=d_params,
+        )
+        del dh, h, lam, gates
+        dlam = d_params[0]
+        batch, _, height, width = x.shape
+        dgates = torch.stack(d_params[1:]).view(3, batch, gate_channels, group, height, width).sum(3)
+        del d_params
+        d_gate_weight[k] = torch.einsum("gbchw,bshw->gcs", dgates, proxy)
+        d_lam_weight[k] = torch.einsum("bchw,bshw->cs", dlam, proxy)
+        d_u_weight[k] = torch.einsum("bchw,bshw->cs", du, proxy)
+        dproxy += (
+            torch.einsum("gcs,gbchw->bshw", gate_weight[k], dgates)
+            + torch.einsum("cs,bchw->bshw", lam_weight[k], dlam)
+            + torch.einsum("cs,bchw->bshw", u_weight[k], du)
+        )
+    d_merge = d_merge + torch.stack(d_merge_u)
+    return [dx, dproxy, d_gate_weight, d_lam_weight, d_u_weight, d_skip_weight, d_merge]

@@ -1,0 +1,189 @@
+"""The Triton backend of ``gspn.ops.gspn_mix`` (fused forward kernels, per-direction recomputing
+backward) against the float64 reference backend: output and all seven gradients.
+
+Without a GPU the kernels run on CPU tensors through the Triton interpreter, set up as in
+``tests/test_triton.py``: ``TRITON_INTERPRET=1`` only around this module's import of triton and,
+through a module-scoped fixture, while its tests run, so that it does not leak into other modules.
+The interpreter supports float64, so the float64 comparisons are tight (1e-10); float32, bfloat16
+and float16 inputs are compared with the float64 result at stated tolerances. Shapes are small and
+some launches are forced small (``_mix.launch_overrides``) so that several programs, partial slice
+tiles, tiles of a local scan shared by two programs and the memory variant's multi-block lines
+are exercised. The interpreter runs programs one after another: it cannot catch a missing barrier
+or a race; only a GPU run can.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+_SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
+if _SET_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip("triton")
+    from gspn.ops.triton import _mix
+finally:
+    if _SET_INTERPRET:
+        del os.environ["TRITON_INTERPRET"]
+
+from gspn.ops import gspn_mix  # noqa: E402
+from gspn.ops import triton as triton_backend  # noqa: E402
+
+NAMES = ("y", "dx", "dproxy", "d_gate_weight", "d_lam_weight", "d_u_weight", "d_skip_weight", "d_merge_weight")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_without_gpu():
+    """Run the kernels through the Triton interpreter (no CUDA device) while this module runs."""
+    if not _SET_INTERPRET:
+        yield
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+
+@pytest.fixture(autouse=True)
+def _available():
+    if not triton_backend.is_available(DEVICE):
+        pytest.skip(f"triton backend unavailable: {triton_backend.unavailable_reason(DEVICE)}")
+
+
+def make(batch, channels, height, width, state, gate_channels, dtype=torch.float64, seed=0):
+    """``(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight)``, float64 on CPU
+    then cast; gate logits of scale 2 so the normalisation is far from uniform."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+    return [
+        rand(batch, channels, height, width),
+        rand(batch, state, height, width),
+        rand(4, 3, gate_channels, state, scale=2.0),
+        rand(4, channels, state, scale=0.5),
+        rand(4, channels, state),
+        rand(4, channels, state),
+        rand(4),
+    ]
+
+
+def _value_and_grads(args, chunk_size, backend, grad_out=None, device="cpu"):
+    leaves = [a.detach().to(device).requires_grad_() for a in args]
+    y = gspn_mix(*leaves, chunk_size=chunk_size, backend=backend)
+    if grad_out is None:
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(y, leaves, grad_out.to(device=device, dtype=y.dtype))
+    return [y.detach().cpu(), *(g.cpu() for g in grads)], grad_out
+
+
+def _compare(args, chunk_size, rtol=1e-10, atol=1e-10, overrides=None, backward=True):
+    """Triton (with ``overrides``) and float64 reference: the output and (if ``backward``) all
+    seven gradients; tolerances relative to each tensor's largest magnitude."""
+    args64 = [a.double() for a in args]
+    if backward:
+        want, grad_out = _value_and_grads(args64, chunk_size, "reference")
+        with _mix.launch_overrides(**(overrides or {})):
+            got, _ = _value_and_grads(args, chunk_size, "triton", grad_out, DEVICE)
+    else:
+        want = [gspn_mix(*args64, chunk_size=chunk_size, backend="reference")]
+        with _mix.launch_overrides(**(overrides or {})):
+            got = [gspn_mix(*(a.to(DEVICE) for a in args), chunk_size=chunk_size, backend="triton").cpu()]
+    for name, g, w in zip(NAMES, got, want, strict=False):
+        assert g.dtype == args[0].dtype and g.shape == w.shape, name
+        scale = max(w.abs().max().item(), 1.0)
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+CASES = {  # (B, C, H, W, S, Cg, chunk_size)
+    "global, batch 2, non-square": (2, 5, 4, 6, 3, 5, None),
+    "chunk 2, one shared gate": (2, 6, 5, 5, 2, 1, 2),
+    "chunk 4 not dividing 7, shared gates": (2, 4, 7, 3, 3, 2, 4),
+    "H = 1": (1, 3, 1, 5, 2, 3, None),
+    "W = 1, chunk 3": (1, 3, 5, 1, 2, 3, 3),
+    "chunk 1 (no propagation)": (1, 2, 3, 2, 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_matches_reference_float64(case):
+    """Default launch (interpreter: register variant, all slices in one program)."""
+    *shape, chunk_size = case
+    _compare(make(*shape), chunk_size)
+
+
+# Several programs: 4-slice groups over B·C = 6 (a partial group), the tiles of a local scan shared
+# by two programs; the memory variant with 2-position blocks (lines of 3 and 5 span 2-3 blocks).
+# Forward only: the backward does not use these kernels.
+VARIANTS = {
+    "register": {"kernel": "register", "block_s": 4, "chunk_programs": 2},
+    "memory": {"kernel": "memory", "block_p": 2, "block_s": 4, "chunk_programs": 2},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_variants_with_several_programs(variant, chunk_size):
+    _compare(make(2, 3, 5, 3, 2, 3, seed=2), chunk_size, overrides=VARIANTS[variant], backward=False)
+
+
+@pytest.mark.parametrize(
+    "dtype, tol, backward",
+    [(torch.float32, 2e-5, True), (torch.bfloat16, 5e-2, True), (torch.float16, 5e-3, False)],
+    ids=str,
+)
+def test_low_precision_against_float64(dtype, tol, backward):
+    """Inputs rounded to ``dtype``, compared with the float64 result of the rounded inputs: the
+    forward kernels read them natively and accumulate in float32 (y rounded to ``dtype``); the
+    backward runs in float32 and rounds the gradients to ``dtype``. Tolerances relative to each
+    tensor's largest magnitude: about the rounding of the result (bfloat16 8 bits, float16 11 bits)."""
+    args = [a.to(dtype) for a in make(2, 4, 5, 6, 3, 2, seed=3)]
+    _compare(args, 2, rtol=tol, atol=tol, backward=backward)
+
+
+def test_layouts_read_in_place():
+    """Channels-last, transposed, expanded and strided inputs give the contiguous result; y is
+    channels-last."""
+    args = make(2, 4, 3, 5, 2, 2, seed=4)
+    x, proxy, *weights = args
+
+    def transposed(t):
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    def sliced(t):
+        return torch.cat([t, t], -1)[..., ::2]
+
+    layouts = {
+        "channels_last": (x.contiguous(memory_format=torch.channels_last),
+                          proxy.contiguous(memory_format=torch.channels_last)),
+        "transposed": (transposed(x), transposed(proxy)),
+        "sliced": (sliced(x), sliced(proxy)),
+        "expanded": (x[:1].expand_as(x), proxy[:1].expand_as(proxy)),
+    }
+    for name, (xv, zv) in layouts.items():
+        want = gspn_mix(xv.contiguous(), zv.contiguous(), *weights, chunk_size=2, backend="reference")
+        y = gspn_mix(xv.to(DEVICE), zv.to(DEVICE), *(w.to(DEVICE) for w in weights), chunk_size=2, backend="triton")
+        assert y.is_contiguous(memory_format=torch.channels_last), name
+        torch.testing.assert_close(y.cpu(), want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_opcheck():
+    """The ``torch.library`` contract (fake kernels, schema, autograd registration) with the Triton
+    backend."""
+    args = [a.to(DEVICE) for a in make(1, 2, 3, 2, 2, 1, dtype=torch.float32)]
+    leaves = [a.requires_grad_() for a in args]
+    torch.library.opcheck(torch.ops.gspn.gspn_mix.default, (*leaves, 2, "triton"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_empty_and_unknown_override():
+    args = [a.to(DEVICE) for a in make(0, 4, 3, 3, 2, 4)]
+    assert gspn_mix(*args, backend="triton").shape == (0, 4, 3, 3)
+    with pytest.raises(ValueError, match="unknown launch parameters"), _mix.launch_overrides(size=3):
+        pass
