@@ -1,5 +1,5 @@
 """Layering of the application half: the training kit imports nothing above ``gspn.models``, and the
-recipes (classification, DiT, distillation) never import each other."""
+recipes (classification, DiT, distillation, encoder distillation) never import each other."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-RECIPES = {"classification": "gspn.train", "dit": "gspn.diffusion", "distill": "gspn.distill"}
+RECIPES = {"classification": "gspn.train", "dit": "gspn.diffusion", "distill": "gspn.distill",
+           "encoder distillation": "gspn.distill_encoder"}
 
 
 def _loaded(module: str) -> set[str]:
@@ -33,9 +34,10 @@ def test_training_kit_imports_nothing_above_models():
     ("gspn.diffusion.train", "gspn.diffusion"),
     ("gspn.diffusion.sample", "gspn.diffusion"),
     ("gspn.distill.trainer", "gspn.distill"),
+    ("gspn.distill_encoder.trainer", "gspn.distill_encoder"),
 ])
 def test_recipes_never_import_each_other(module, own):
-    if module.startswith("gspn.distill"):
+    if module.startswith("gspn.distill."):
         pytest.importorskip("diffusers")
     loaded = _loaded(module)
     others = [p for p in RECIPES.values() if p != own]

@@ -1,8 +1,9 @@
 """The ``gspn`` command line: the only package that parses arguments.
 
 Commands: ``train``, ``eval``, ``flops``, ``convert`` (:mod:`.classify`); ``train-dit``, ``sample``,
-``extract-latents`` (:mod:`.diffusion`); ``distill``, ``generate`` (:mod:`.diffusers`); ``bench``
-(:mod:`.bench`). Every command spells a concept the same way (:mod:`._flags`, ``docs/cli.md``).
+``extract-latents`` (:mod:`.diffusion`); ``distill``, ``generate`` (:mod:`.diffusers`); ``distill-encoder``
+(:mod:`.distill_encoder`); ``bench`` (:mod:`.bench`). Every command spells a concept the same way
+(:mod:`._flags`, ``docs/cli.md``).
 ``python -m gspn`` is the same program; multi-GPU / multi-node training goes through ``torchrun``::
 
     torchrun --standalone --nproc_per_node=8 -m gspn train --model gspn_t --data /data/imagenet
@@ -36,7 +37,7 @@ _EXTRAS = {"sklearn": "data", "PIL": "data", "matplotlib": "plot", "diffusers": 
 def build_parser() -> argparse.ArgumentParser:
     """The ``gspn`` argument parser (every command)."""
     from .. import __version__
-    from . import bench, classify, diffusers, diffusion
+    from . import bench, classify, diffusers, diffusion, distill_encoder
 
     parser = _Parser(prog="gspn", description="Generalized Spatial Propagation Networks")
     parser.add_argument("--version", action="version", version=f"gspn {__version__}")
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
     diffusion.register(sub)
     diffusers.register(sub)
+    distill_encoder.register(sub)
     return parser
 
 

@@ -198,7 +198,8 @@ class VisionTransformer(ClassifierAPI, nn.Module):
         pos = self.pos_embed
         if pos is None or tuple(pos.shape[-2:]) == (h, w):
             return pos
-        return F.interpolate(pos.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
+        src = pos if pos.dtype in (torch.float32, torch.float64) else pos.float()  # bicubic in >= fp32
+        return F.interpolate(src, size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W)`` → channels-last tokens with position ``(B, h, w, D)``."""
