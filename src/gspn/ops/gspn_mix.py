@@ -14,8 +14,14 @@ Backends:
   work item, every pixel's gate logits, λ and u generated from the proxy in registers where the
   scan needs them; the backward recomputes each direction's hidden state (one direction and one
   channel block at a time) instead of storing four hidden maps.
-* ``"triton"`` — on CUDA tensors, the same composition as ``"reference"`` with the fused Triton
-  line-scan kernels (several launches; a single fused GPU kernel is not written yet).
+* ``"triton"`` — :mod:`gspn.ops.triton._mix`, the same fusion on a GPU in four launches (one per
+  direction, each adding its term to ``y``): every line's gate logits, λ, ``m_k u_k`` and (first
+  launch) the merged ``D`` are generated from the proxy in registers, the gates normalised, the
+  state advanced and ``y`` read-modify-written; inputs are read in place in their own dtype. The
+  backward is not fused: it recomputes one direction at a time (that direction's parameters by
+  ``einsum``, its hidden map by the Triton scan kernel, then the Triton adjoint scan), about 11
+  ``x``-sized maps at a time, never four directions' worth. Every case is fused; there is no
+  fallback to the composition. Verified only under the Triton interpreter, never on a GPU.
 """
 
 from __future__ import annotations
@@ -438,8 +444,9 @@ def gspn_mix(
     Autograd: an explicit backward gives ``dx``, ``dproxy`` and the five weight gradients in memory
     O(size of ``x`` + ``proxy``): the CPU kernel recomputes each direction's hidden state (one
     direction and one 16-channel block at a time) rather than saving the four hidden maps, which
-    would be 4× the size of ``x``. Double backward raises a ``RuntimeError`` (the unfused composition,
-    ``GSPN2d(fused=False)``, supports it).
+    would be 4× the size of ``x``; the Triton backend recomputes one direction at a time with
+    materialised parameters of that direction only (about 11× the size of ``x``). Double backward
+    raises a ``RuntimeError`` (the unfused composition, ``GSPN2d(fused=False)``, supports it).
     """
     chunk_size = _check_args(
         x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend

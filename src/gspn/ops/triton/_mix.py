@@ -55,6 +55,7 @@ never on a GPU: barriers, register pressure and speed are unverified there.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -355,11 +356,21 @@ def _launch_config(slices: int, line_length: int, num_chunks: int, device: torch
     return cfg
 
 
-def _recoverable(exc: Exception) -> bool:
+def _cannot_build(exc: BaseException) -> bool:
+    """Whether ``exc`` says the register kernel cannot be *built* on this GPU (the line-scan
+    backend's fallback rule): a Triton ``CompilationError``, ``OutOfResources``, ``PTXASError`` or
+    the ``RuntimeError("PassManager::run failed")`` of an MLIR pass (e.g. lowering ``tl.gather``).
+    Anything else (CUDA faults, interpreter errors) propagates."""
     from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
+    from triton.runtime import errors
 
-    return isinstance(exc, (CompilationError, OutOfResources, RuntimeError))
+    build_errors: tuple[type[BaseException], ...] = (CompilationError, errors.OutOfResources)
+    ptxas = getattr(errors, "PTXASError", None)
+    if ptxas is not None:
+        build_errors = (*build_errors, ptxas)
+    if isinstance(exc, build_errors):
+        return True
+    return type(exc) is RuntimeError and str(exc).startswith("PassManager::run failed")
 
 
 def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, Any]:
@@ -440,9 +451,16 @@ def mix_forward(
                 )
                 continue
             except Exception as exc:  # a GPU whose Triton cannot build tl.gather: the memory variant
-                if x.device.type != "cuda" or not _recoverable(exc):
+                if x.device.type != "cuda" or not _cannot_build(exc):
                     raise
                 _broken_register.add(cfg["block_p"])
+                warnings.warn(
+                    f"gspn: the register gspn_mix Triton kernel cannot be built on this GPU for lines of up to "
+                    f"{cfg['block_p']} positions ({type(exc).__name__}: {str(exc)[:300]}); using the memory "
+                    "variant for them from now on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 cfg = _launch_config(slices, line_length, num_chunks, x.device)
                 grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
                 flags.update(BLOCK_S=cfg["block_s"], num_warps=cfg["num_warps"])
