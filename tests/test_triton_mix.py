@@ -102,25 +102,36 @@ def _compare(args, chunk_size, rtol=1e-10, atol=1e-10, overrides=None, backward=
 
 
 CASES = {  # (B, C, H, W, S, Cg, chunk_size)
-    "global, batch 2, non-square": (2, 5, 4, 6, 3, 5, None),
-    "chunk 2, one shared gate": (2, 6, 5, 5, 2, 1, 2),
-    "chunk 4 not dividing 7, shared gates": (2, 4, 7, 3, 3, 2, 4),
+    "global, batch 2, non-square": (2, 3, 4, 5, 2, 3, None),
+    "chunk 3 not dividing 7, one shared gate": (1, 4, 7, 3, 2, 1, 3),
     "H = 1": (1, 3, 1, 5, 2, 3, None),
-    "W = 1, chunk 3": (1, 3, 5, 1, 2, 3, 3),
+    "W = 1, chunk 3": (1, 2, 5, 1, 2, 2, 3),
     "chunk 1 (no propagation)": (1, 2, 3, 2, 1, 1, 1),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_matches_reference_float64(case):
-    """Default launch (interpreter: register variant, all slices in one program)."""
+    """Default launch (interpreter: register variant, all slices in one program; the fused backward)."""
     *shape, chunk_size = case
     _compare(make(*shape), chunk_size)
 
 
-# Several programs: 4-slice groups over B·C = 6 (a partial group), the tiles of a local scan shared
-# by two programs; the memory variant with 2-position blocks (lines of 3 and 5 span 2-3 blocks).
-# Forward only: the backward does not use these kernels.
+def test_backward_fused_with_several_programs():
+    """The fused backward with 2-channel groups over C = 3 (a partial group; the proxy partials of two
+    groups summed) and the tiles of a local scan shared by two programs."""
+    _compare(make(2, 3, 5, 4, 2, 3, seed=5), 2, overrides={"block_s": 2, "chunk_programs": 2})
+
+
+def test_backward_by_scans():
+    """``kernel="memory"`` forces the memory forward and the backward's fallback (the case of lines
+    longer than a register block): recomputation through the line-scan kernels."""
+    _compare(make(1, 3, 4, 5, 2, 1, seed=6), 3, overrides={"kernel": "memory"})
+
+
+# Forward with several programs: 4-slice groups over B·C = 6 (a partial group), the tiles of a local
+# scan shared by two programs; the memory variant with 2-position blocks (lines of 3 and 5 span 2-3
+# blocks).
 VARIANTS = {
     "register": {"kernel": "register", "block_s": 4, "chunk_programs": 2},
     "memory": {"kernel": "memory", "block_p": 2, "block_s": 4, "chunk_programs": 2},
@@ -130,21 +141,22 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_variants_with_several_programs(variant, chunk_size):
-    _compare(make(2, 3, 5, 3, 2, 3, seed=2), chunk_size, overrides=VARIANTS[variant], backward=False)
+    _compare(make(1, 6, 5, 3, 2, 3, seed=2), chunk_size, overrides=VARIANTS[variant], backward=False)
 
 
 @pytest.mark.parametrize(
-    "dtype, tol, backward",
-    [(torch.float32, 2e-5, True), (torch.bfloat16, 5e-2, True), (torch.float16, 5e-3, False)],
+    "dtype, tol, shape",
+    [(torch.float32, 2e-5, (2, 4, 4, 5, 3, 2)), (torch.bfloat16, 5e-2, (1, 2, 3, 4, 2, 1)),
+     (torch.float16, 5e-3, (1, 2, 3, 4, 2, 2))],
     ids=str,
 )
-def test_low_precision_against_float64(dtype, tol, backward):
+def test_low_precision_against_float64(dtype, tol, shape):
     """Inputs rounded to ``dtype``, compared with the float64 result of the rounded inputs: the
-    forward kernels read them natively and accumulate in float32 (y rounded to ``dtype``); the
-    backward runs in float32 and rounds the gradients to ``dtype``. Tolerances relative to each
-    tensor's largest magnitude: about the rounding of the result (bfloat16 8 bits, float16 11 bits)."""
-    args = [a.to(dtype) for a in make(2, 4, 5, 6, 3, 2, seed=3)]
-    _compare(args, 2, rtol=tol, atol=tol, backward=backward)
+    kernels read them natively and accumulate in float32, results are rounded to ``dtype``.
+    Tolerances relative to each tensor's largest magnitude: about the rounding of the result
+    (bfloat16 8 bits, float16 11 bits)."""
+    args = [a.to(dtype) for a in make(*shape, seed=3)]
+    _compare(args, 2, rtol=tol, atol=tol)
 
 
 def test_layouts_read_in_place():

@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 
 from ..directions import DIRECTIONS, get_direction
-from ._kernels import _forward_gates, _load_neighbours, _neighbours
+from ._kernels import _forward_gates, _load_neighbours, _neighbours, _stabilize
 
 __all__ = ["launch_overrides", "mix_backward", "mix_forward"]
 
@@ -261,12 +261,15 @@ def gspn_mix_fwd_reg_kernel(
     REVERSE: tl.constexpr,
     FIRST: tl.constexpr,
     LAST: tl.constexpr,
+    STORE_H: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     """Register variant (``P <= BLOCK_P``): the state of the whole line stays in registers and
-    its ``p ± 1`` neighbours come from one ``tl.gather``; arguments as the memory variant's."""
+    its ``p ± 1`` neighbours come from one ``tl.gather``; arguments as the memory variant's.
+    ``STORE_H``: write the hidden map ``h`` of this direction into ``out_ptr`` instead (the
+    backward's recomputation; ``y`` is not touched)."""
     pid_c = tl.program_id(1)
     n_cprog = tl.num_programs(1)
     (_s, s_ok, x_base, z_base, a_base, o_base, w_base,
@@ -295,10 +298,153 @@ def gspn_mix_fwd_reg_kernel(
             al, am, ar = _forward_gates(al, am, ar, has_l, has_r, True)
             hl, hr = _neighbours(h, h, idx_l, idx_r, has_l, has_r)
             h = lam * xv + al * hl + am * h + ar * hr
-            _emit(
-                h, u, d, xv, acc_ptr + a_base + (i * a_l + p * a_p)[None, :],
-                out_ptr + o_base + (i * o_l + p * o_p)[None, :], m, FIRST, LAST, ACC,
+            if STORE_H:
+                tl.store(out_ptr + o_base + (i * o_l + p * o_p)[None, :], h.to(out_ptr.dtype.element_ty), mask=m)
+            else:
+                _emit(
+                    h, u, d, xv, acc_ptr + a_base + (i * a_l + p * a_p)[None, :],
+                    out_ptr + o_base + (i * o_l + p * o_p)[None, :], m, FIRST, LAST, ACC,
+                )
+
+
+@triton.jit
+def _reduce_rows(ptrs, v, mask):
+    """``*ptrs += Σ_p v[:, p]`` for ``[BLOCK_S, 1]`` pointers this program owns."""
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + tl.sum(v, axis=1)[:, None], mask=mask)
+
+
+@triton.jit
+def gspn_mix_bwd_reg_kernel(
+    g_ptr, x_ptr, z_ptr, w_ptr, h_ptr, dx_ptr, dz_ptr, dw_ptr,
+    g_sb, g_sc, g_sh, g_sw,
+    x_sb, x_sc, x_sh, x_sw,
+    z_sb, z_sc, z_sh, z_sw,
+    h_sb, h_sc, h_sh, h_sw,
+    dx_sb, dx_sc, dx_sh, dx_sw,
+    dz_sblk, dz_sb, dz_sc, dz_sh, dz_sw,
+    B, C, S, L, P, CHUNK, NUM_CHUNKS, NBLK,
+    VERTICAL: tl.constexpr,
+    REVERSE: tl.constexpr,
+    FIRST: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Adjoint of one direction, parameters generated again from the proxy line by line.
+
+    Program ``(i, j)``: batch element ``b = i // NBLK``, channels ``[blk·BLOCK_S, (blk+1)·BLOCK_S)``
+    (``blk = i % NBLK``), tiles ``j, j + tile_programs, …`` walked in reverse scan order; the whole
+    line is one block (``P <= BLOCK_P``). With ``g = dL/dy``, ``u' = m_k u_k`` and
+    ``q_k = w_k a`` of the line after (in registers)::
+
+        a = u' g + q_left[p+1] + q_mid[p] + q_right[p-1]
+        dx += λ a (+ D g in the first launch),   dλ = x a,   du' = g h,   dD = g x (first launch)
+        da_k = w_k (1 - sigmoid(a_k)) (a h_prev[p+k-1] - Σ_j w_j a h_prev[p+j-1])
+
+    (gates of a line that starts a tile, or of a missing neighbour, get 0). These per-pixel
+    gradients never leave registers: each line adds ``Σ_p dP[c, kind, p] z[b, j, p]`` to the
+    weight partials ``dw_ptr`` ``(tile_programs, B, C, 6, S)`` and
+    ``Σ_c Σ_kind W[c, kind, j] dP[c, kind, p]`` to the proxy partials ``dz_ptr``
+    ``(NBLK, B, S, H, W)`` (both zero-initialised and owned by this program: no atomics). ``h_ptr``:
+    the direction's hidden map, recomputed by the forward kernel (``STORE_H``).
+    """
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_cprog = tl.num_programs(1)
+    b = (pid // NBLK).to(tl.int64)
+    blk = pid % NBLK
+    c = (blk * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    s_ok = c < C
+    w_ok = s_ok[:, None]
+    g_l, g_p = _line_pos_strides(g_sh, g_sw, VERTICAL)
+    x_l, x_p = _line_pos_strides(x_sh, x_sw, VERTICAL)
+    z_l, z_p = _line_pos_strides(z_sh, z_sw, VERTICAL)
+    h_l, h_p = _line_pos_strides(h_sh, h_sw, VERTICAL)
+    dx_l, dx_p = _line_pos_strides(dx_sh, dx_sw, VERTICAL)
+    dz_l, dz_p = _line_pos_strides(dz_sh, dz_sw, VERTICAL)
+    g_base = (b * g_sb + c * g_sc)[:, None]
+    x_base = (b * x_sb + c * x_sc)[:, None]
+    h_base = (b * h_sb + c * h_sc)[:, None]
+    dx_base = (b * dx_sb + c * dx_sc)[:, None]
+    w_rows = w_ptr + (c * _KINDS_ * S)[:, None]
+    dw_rows = dw_ptr + (((pid_c * B + b) * C + c) * _KINDS_ * S)[:, None]
+    z_row = z_ptr + b * z_sb
+    dz_row = dz_ptr + blk * dz_sblk + b * dz_sb
+    p = tl.arange(0, BLOCK_P).to(tl.int64)
+    pv = p < P
+    m = s_ok[:, None] & pv[None, :]
+    has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
+    has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
+    idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
+    idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
+    for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
+        i_lo = chunk * CHUNK
+        n = tl.minimum(CHUNK, L - i_lo)
+        ql = tl.zeros([BLOCK_S, BLOCK_P], ACC)  # nothing flows back into a tile's last line
+        qm = tl.zeros([BLOCK_S, BLOCK_P], ACC)
+        qr = tl.zeros([BLOCK_S, BLOCK_P], ACC)
+        for tt in range(0, n):
+            t = n - 1 - tt
+            i = _line_index(i_lo, n, t, REVERSE)
+            i_prev = _line_index(i_lo, n, t - 1, REVERSE)  # read only where the line does not start the tile
+            mp = m & ((p * 0 + t) > 0)[None, :]
+            gv = tl.load(g_ptr + g_base + (i * g_l + p * g_p)[None, :], mask=m, other=0.0).to(ACC)
+            xv = tl.load(x_ptr + x_base + (i * x_l + p * x_p)[None, :], mask=m, other=0.0).to(ACC)
+            hv = tl.load(h_ptr + h_base + (i * h_l + p * h_p)[None, :], mask=m, other=0.0).to(ACC)
+            z_line = z_row + i * z_l + p * z_p  # [BLOCK_P]
+            al, am, ar, lam, u, d = _generate(z_line[None, :], z_sc, w_rows, w_ok, m, S, FIRST, ACC)
+            from_l, from_r = _neighbours(qr, ql, idx_l, idx_r, has_l, has_r)
+            a = tl.where(m, u * gv + from_r + qm + from_l, 0.0)
+            dx_ptrs = dx_ptr + dx_base + (i * dx_l + p * dx_p)[None, :]
+            dx = lam * a + tl.load(dx_ptrs, mask=m, other=0.0).to(ACC)
+            if FIRST:
+                dx += d * gv
+            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+            # Gates: normalised weights and 1 - sigmoid(logit); the state of the line before.
+            al = tl.where(has_l, al, 0.0)
+            ar = tl.where(has_r, ar, 0.0)
+            wl, wm, wr, cl, cm, cr = _stabilize(al, am, ar, has_l, has_r)
+            hl, hm, hr = _load_neighbours(
+                h_ptr + h_base + (i_prev * h_l + p * h_p)[None, :], h_p, mp, has_l, has_r, ACC
             )
+            gl = a * hl
+            gm = a * hm
+            gr = a * hr
+            dot = gl * wl + gm * wm + gr * wr
+            gl = tl.where(mp & has_l, wl * cl * (gl - dot), 0.0)
+            gm = tl.where(mp, wm * cm * (gm - dot), 0.0)
+            gr = tl.where(mp & has_r, wr * cr * (gr - dot), 0.0)
+            ql = tl.where(mp, wl * a, 0.0)  # a line that starts a tile passes nothing back
+            qm = tl.where(mp, wm * a, 0.0)
+            qr = tl.where(mp, wr * a, 0.0)
+            dlam = xv * a
+            du = gv * hv
+            dd = gv * xv
+            # Weight partials Σ_p dP z_j and proxy partials Σ_c Σ_kind W dP, one proxy channel at a time.
+            dz_line = dz_row + i * dz_l + p * dz_p
+            for j in range(0, S):
+                zj = tl.load(z_line + j * z_sc, mask=pv, other=0.0).to(ACC)[None, :]
+                wj = w_rows + j
+                dzj = (
+                    gl * tl.load(wj, mask=w_ok, other=0.0)
+                    + gm * tl.load(wj + S, mask=w_ok, other=0.0)
+                    + gr * tl.load(wj + 2 * S, mask=w_ok, other=0.0)
+                    + dlam * tl.load(wj + 3 * S, mask=w_ok, other=0.0)
+                    + du * tl.load(wj + 4 * S, mask=w_ok, other=0.0)
+                )
+                dwj = dw_rows + j
+                _reduce_rows(dwj, gl * zj, w_ok)
+                _reduce_rows(dwj + S, gm * zj, w_ok)
+                _reduce_rows(dwj + 2 * S, gr * zj, w_ok)
+                _reduce_rows(dwj + 3 * S, dlam * zj, w_ok)
+                _reduce_rows(dwj + 4 * S, du * zj, w_ok)
+                if FIRST:
+                    dzj += dd * tl.load(wj + 5 * S, mask=w_ok, other=0.0)
+                    _reduce_rows(dwj + 5 * S, dd * zj, w_ok)
+                dz_ptrs = dz_line + j * dz_sc
+                tl.store(dz_ptrs, tl.load(dz_ptrs, mask=pv, other=0.0) + tl.sum(dzj, axis=0), mask=pv)
+            # The weight partials are read again on the next line (possibly by other threads).
+            tl.debug_barrier()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -447,7 +593,7 @@ def mix_forward(
         if cfg["kernel"] == "register":
             try:
                 gspn_mix_fwd_reg_kernel[grid](
-                    x, proxy, w[k], y_acc, out, *strides, *scalars, **flags, BLOCK_P=cfg["block_p"]
+                    x, proxy, w[k], y_acc, out, *strides, *scalars, **flags, STORE_H=False, BLOCK_P=cfg["block_p"]
                 )
                 continue
             except Exception as exc:  # a GPU whose Triton cannot build tl.gather: the memory variant
@@ -471,9 +617,103 @@ def mix_forward(
     return out
 
 
+def _backward_config(batch: int, channels: int, line_length: int, num_chunks: int, device: torch.device):
+    """Launch parameters of the fused adjoint (register kernel), or ``None`` where it does not apply:
+    lines longer than one register block (1024 positions on a GPU, 256 in the interpreter), a GPU
+    where that block size failed to build, or ``kernel="memory"`` forced by :func:`launch_overrides`.
+
+    A program owns ``block_s`` channels of one batch element (its proxy partials are summed over
+    those channels in registers); the slice groups are halved until there are 4 programs per SM and
+    the tiles of a local scan spread over the second grid axis, as in the forward.
+    """
+    interp = device.type == "cpu"
+    block_p = _next_pow2(line_length)
+    if _overrides.get("kernel") == "memory" or block_p in _broken_register:
+        return None
+    if block_p > (_INTERP_MAX_BLOCK_P if interp else _GPU_MAX_REG_BLOCK_P):
+        return None
+    if interp:
+        block_s = min(_next_pow2(channels), max(1, _INTERP_MAX_TILE // block_p))
+        chunk_programs, num_warps = 1, 1
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        block_s = min(_next_pow2(channels), max(1, _GPU_MAX_REG_BLOCK_P // block_p))
+        while block_s > 1 and batch * _cdiv(channels, block_s) * num_chunks < 4 * sms:
+            block_s //= 2
+        chunk_programs = min(num_chunks, max(1, _cdiv(4 * sms, batch * _cdiv(channels, block_s))))
+        num_warps = max(4, min(16, block_s * block_p // (32 * 4)))
+    cfg = {"block_s": block_s, "block_p": block_p, "chunk_programs": chunk_programs, "num_warps": num_warps}
+    cfg.update({k: v for k, v in _overrides.items() if k in ("block_s", "chunk_programs", "num_warps")})
+    cfg["chunk_programs"] = max(1, min(cfg["chunk_programs"], num_chunks, 65535))
+    return cfg
+
+
+def _fused_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size):
+    """The fused backward (two launches per direction; see the module doc), or ``None`` if a
+    direction's lines do not fit the register kernel (:func:`_backward_config`)."""
+    batch, channels, height, width = x.shape
+    state = proxy.shape[1]
+    gate_channels = gate_weight.shape[2]
+    acc_torch, acc = _acc_dtype(x.dtype)
+    geometry = []
+    for name in DIRECTIONS:
+        d = get_direction(name)
+        num_lines, line_length = (height, width) if d.vertical else (width, height)
+        chunk = min(chunk_size or num_lines, num_lines)
+        num_chunks = _cdiv(num_lines, chunk)
+        cfg = _backward_config(batch, channels, line_length, num_chunks, x.device)
+        if cfg is None:
+            return None
+        geometry.append((d, num_lines, line_length, chunk, num_chunks, cfg))
+    w = _pack_weights(gate_weight, lam_weight, u_weight, skip_weight, merge_weight, acc_torch)
+    h = torch.empty(x.shape, dtype=acc_torch, device=x.device)
+    dx = x.new_zeros((batch, height, width, channels), dtype=acc_torch).permute(0, 3, 1, 2)
+    nblk = max(_cdiv(channels, g[-1]["block_s"]) for g in geometry)
+    dz = torch.zeros((nblk, batch, state, height, width), dtype=acc_torch, device=x.device)
+    dw = []
+    slices = batch * channels
+    for k, (d, num_lines, line_length, chunk, num_chunks, cfg) in enumerate(geometry):
+        # Recompute h_k (the register forward kernel, slices b·C + c) ...
+        fcfg = _launch_config(slices, line_length, num_chunks, x.device)
+        strides = (*_strides4(x), *_strides4(proxy), *_strides4(h), *_strides4(h))
+        scalars = (slices, channels, state, num_lines, line_length, chunk, num_chunks)
+        gspn_mix_fwd_reg_kernel[(_cdiv(slices, fcfg["block_s"]), fcfg["chunk_programs"])](
+            x, proxy, w[k], h, h, *strides, *scalars, VERTICAL=d.vertical, REVERSE=d.reverse, FIRST=False,
+            LAST=False, STORE_H=True, ACC=acc, BLOCK_S=fcfg["block_s"], BLOCK_P=_next_pow2(line_length),
+            num_warps=fcfg["num_warps"],
+        )
+        # ... then its adjoint, channel groups of one batch element per program.
+        blocks = _cdiv(channels, cfg["block_s"])
+        dw_k = torch.zeros((cfg["chunk_programs"], batch, channels, _KINDS, state), dtype=acc_torch, device=x.device)
+        dz_k = dz[:blocks]
+        gspn_mix_bwd_reg_kernel[(batch * blocks, cfg["chunk_programs"])](
+            grad, x, proxy, w[k], h, dx, dz_k, dw_k,
+            *_strides4(grad), *_strides4(x), *_strides4(proxy), *_strides4(h), *_strides4(dx),
+            *dz_k.stride(),
+            batch, channels, state, num_lines, line_length, chunk, num_chunks, blocks,
+            VERTICAL=d.vertical, REVERSE=d.reverse, FIRST=k == 0, ACC=acc,
+            BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
+        )
+        dw.append(dw_k.sum((0, 1)))  # (C, 6, S)
+    dw = torch.stack(dw)  # (4, C, 6, S): gradients of the packed weights
+    m = merge_weight.to(acc_torch)
+    group = channels // gate_channels
+    d_gate_weight = dw[:, :, :3].reshape(4, gate_channels, group, 3, state).sum(2).transpose(1, 2)
+    d_u_scaled = dw[:, :, 4]
+    d_skip_merged = dw[0, :, 5]  # gradient of Σ_k m_k skip_weight[k]
+    d_merge = (u_weight * d_u_scaled).sum((1, 2)) + (skip_weight * d_skip_merged).sum((1, 2))
+    return [
+        dx, dz.sum(0), d_gate_weight, dw[:, :, 3], m.view(-1, 1, 1) * d_u_scaled,
+        m.view(-1, 1, 1) * d_skip_merged, d_merge,
+    ]
+
+
 def mix_backward(scan_module, grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight,
                  chunk_size):
-    """Gradients of :func:`gspn.ops.gspn_mix`, recomputed one direction at a time (see the module doc).
+    """Gradients of :func:`gspn.ops.gspn_mix` (see the module doc).
+
+    The fused kernels when every direction's lines fit one register block; otherwise (and on a GPU
+    where they cannot be built) the per-direction recomputation through the line-scan kernels.
 
     Args:
         scan_module: the Triton line-scan backend module (its ``scan`` and ``scan_backward``).
@@ -482,9 +722,31 @@ def mix_backward(scan_module, grad, x, proxy, gate_weight, lam_weight, u_weight,
         chunk_size: ``None`` or the tile length.
 
     Returns:
-        ``[dx, dproxy, d_gate_weight, d_lam_weight, d_u_weight, d_skip_weight, d_merge_weight]``,
-        ``dx``/``dproxy`` contiguous NCHW.
+        ``[dx, dproxy, d_gate_weight, d_lam_weight, d_u_weight, d_skip_weight, d_merge_weight]``.
     """
+    args = (grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size)
+    try:
+        outs = _fused_backward(*args)
+    except Exception as exc:
+        if x.device.type != "cuda" or not _cannot_build(exc):
+            raise
+        _broken_register.update(_next_pow2(n) for n in x.shape[2:])
+        warnings.warn(
+            f"gspn: the fused gspn_mix Triton backward cannot be built on this GPU ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); recomputing through the line-scan kernels instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        outs = None
+    if outs is not None:
+        return outs
+    return _backward_by_scans(scan_module, *args)
+
+
+def _backward_by_scans(scan_module, grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight,
+                       chunk_size):
+    """The backward through the line-scan kernels, one direction at a time (arguments and result as
+    :func:`mix_backward`'s; ``dx``/``dproxy`` contiguous NCHW)."""
     grad, x, proxy = (t.contiguous() for t in (grad, x, proxy))  # the scan kernels need dense planes
     channels = x.shape[1]
     gate_channels = gate_weight.shape[2]
