@@ -13,8 +13,8 @@ The attention baseline (:class:`AttnDiT`) is written here from the DiT paper's d
 copied): patch embedding + fixed 2-D sin-cos positions, ``depth`` blocks of
 ``x += g1·Attn(mod(LN x))``, ``x += g2·MLP(mod(LN x))`` with adaLN-Zero modulation from
 ``c = t_emb + y_emb``, MLP ratio 4, multi-head SDPA (:class:`gspn.nn.MultiHeadSelfAttention`) with
-head dim 64 (or the nearest divisor), and the same final layer. The GSPN model is :class:`gspn.models.GSPNDiT` with the same width and
-number of blocks.
+head dim 64 (or the nearest divisor), and the same final layer. The GSPN model is
+:class:`gspn.models.GSPNDiT` with the same width and number of blocks.
 
     python benchmarks/dit_sampling.py                      # width 384, 13 blocks (CPU friendly)
     python benchmarks/dit_sampling.py --preset b           # GSPN-B/2 width 900, 31 blocks

@@ -464,7 +464,7 @@ def test_distill_cli_on_image_folder(saved_pipe, tmp_path, capsys):
     assert rc == 0 and GSPNAdapter.from_pretrained(tmp_path / "run2" / "adapter").config.chunk_size == 2
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["config"]["gradient_checkpointing"] and state["config"]["captions"] == str(folder)
-    assert state["step"] == 2 and {"optimizer", "lr_scheduler", "rng", "trainable"} <= state.keys()
+    assert state["step"] == 2 and {"optimizer", "scheduler", "rng", "model", "format"} <= state.keys()
 
 
 # ---------------------------------------------------------------------------------------- generation

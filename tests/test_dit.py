@@ -323,10 +323,23 @@ def test_cli_registers_the_diffusion_commands():
 
 
 @needs_diffusers
+def test_extract_latents_config_is_checked_before_any_work(tmp_path):
+    from gspn.diffusion.latents import ExtractLatentsConfig, run
+
+    ok = {"vae": str(tmp_path / "no-such-vae"), "output": str(tmp_path / "z.pt")}
+    for bad, needle in (({"vae": ""}, "--vae"), ({"output": ""}, "--output"), ({"image_size": 0}, "--image-size"),
+                        ({"limit": -1}, "--limit"), ({"in_channels": 2}, "--in-channels"),
+                        ({"scaling_factor": 0.0}, "--scaling-factor"), ({"data": "latents:z.pt"}, "pixel data")):
+        with pytest.raises(ValueError, match=needle):
+            run(ExtractLatentsConfig(**{**ok, **bad}))
+    assert not (tmp_path / "z.pt").exists()
+
+
 def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):
     from diffusers import AutoencoderKL
 
-    from gspn.diffusion.latents import run_extract_latents
+    from gspn.commands.diffusion import extract_latents_config
+    from gspn.diffusion.latents import ExtractLatentsConfig, run, run_extract_latents
     from gspn.diffusion.sample import run_sample
     from gspn.diffusion.train import run_train
 
@@ -343,7 +356,10 @@ def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):
         scaling_factor=0.5,
     )
     vae.save_pretrained(tmp_path / "vae")
-    res = run_extract_latents(
+    assert run_extract_latents is run
+    with pytest.raises(TypeError, match="ExtractLatentsConfig"):
+        run(build_parser().parse_args(["extract-latents", "--vae", "v", "--output", str(tmp_path / "x.pt")]))
+    config = extract_latents_config(
         build_parser().parse_args(
             [
                 "extract-latents",
@@ -363,6 +379,10 @@ def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):
             ]
         )
     )
+    assert config == ExtractLatentsConfig(vae=str(tmp_path / "vae"), output=str(tmp_path / "z.pt"), data="digits",
+                                          image_size=16, in_channels=1, limit=16, progress=False)
+    res = run(config)
+    assert res["vae"] == os.path.abspath(tmp_path / "vae")  # an absolute VAE path is stored
     assert res["count"] == 16 and res["shape"] == [4, 8, 8] and res["scaling_factor"] == 0.5
     blob = torch.load(tmp_path / "z.pt", weights_only=False)
     assert blob["latents"].shape == (16, 4, 8, 8) and blob["labels"].shape == (16,)

@@ -8,8 +8,7 @@ from typing import Any
 
 from . import _flags as F
 
-__all__ = ["register", "sample_config", "train_dit_config"]
-
+__all__ = ["extract_latents_config", "register", "sample_config", "train_dit_config"]
 
 
 def register(sub: Any) -> None:
@@ -43,6 +42,13 @@ def sample_config(args: argparse.Namespace) -> Any:
     return F.config_from_args(SampleConfig, args)
 
 
+def extract_latents_config(args: argparse.Namespace) -> Any:
+    """The :class:`~gspn.diffusion.latents.ExtractLatentsConfig` of parsed ``extract-latents`` flags."""
+    from ..diffusion.latents import ExtractLatentsConfig
+
+    return F.config_from_args(ExtractLatentsConfig, args)
+
+
 def _cmd_train_dit(args: argparse.Namespace) -> dict | None:
     from ..diffusion.train import run
 
@@ -56,9 +62,9 @@ def _cmd_sample(args: argparse.Namespace) -> dict | None:
 
 
 def _cmd_extract_latents(args: argparse.Namespace) -> dict | None:
-    from ..diffusion.latents import run_extract_latents
+    from ..diffusion.latents import run
 
-    return run_extract_latents(args)
+    return run(extract_latents_config(args))
 
 
 def _print_summary(result: dict | None) -> int:

@@ -12,11 +12,15 @@ with ``--deterministic`` or a seeded sample otherwise — multiplied by the VAE'
 ``scaling_factor`` (``config.scaling_factor``, override with ``--scaling-factor``). The output
 file holds ``latents (N, C, H/8, W/8)`` float32, ``labels (N,)`` and ``meta`` (``vae``,
 ``scaling_factor``, ``num_classes``, image size).
+
+The recipe's entry point is :func:`run` of an :class:`ExtractLatentsConfig` (no argparse here: the
+command package builds the config from the flags).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +30,13 @@ from .._files import atomic_torch_save
 from .data import load_dataset
 
 __all__ = [
+    "ExtractLatentsConfig",
     "decode_latents",
     "encode_dataset",
     "load_vae",
+    "run",
     "run_extract_latents",
+    "validate",
 ]
 
 
@@ -90,44 +97,90 @@ def decode_latents(
     return torch.cat(out)
 
 
-def run_extract_latents(args: Any) -> dict[str, Any]:
-    """Run ``extract-latents``; returns the output path, latent shape and count."""
-    from .._files import check_output_file
-    from .._validate import check_int
+@dataclass
+class ExtractLatentsConfig:
+    """Everything one ``gspn extract-latents`` call depends on (``gspn extract-latents --help`` documents
+    each field; the command builds it with :func:`gspn.commands.diffusion.extract_latents_config`)."""
 
+    vae: str = ""  # AutoencoderKL folder or hub name (required)
+    output: str = ""  # the .pt file to write (required)
+    data: str = "digits"  # digits | imagefolder:PATH
+    image_size: int = 256
+    in_channels: int = 3
+    batch_size: int = 32
+    deterministic: bool = False
+    scaling_factor: float | None = None
+    limit: int = 0  # encode only the first N images (0 = all)
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    threads: int = 0
+
+
+def validate(cfg: ExtractLatentsConfig) -> None:
+    """Reject nonsense settings before any work: one ``ValueError`` naming the flag (or
+    :func:`gspn._files.check_output_file`'s error for an unusable ``output``)."""
+    from .._files import check_output_file
+    from .._validate import check_int, check_number
+
+    if not cfg.vae:
+        raise ValueError("--vae is required (an AutoencoderKL folder or hub name)")
+    if not cfg.output:
+        raise ValueError("--output is required (the .pt file to write)")
     for name in ("image_size", "batch_size"):
-        check_int(name, getattr(args, name))
-    check_int("limit", args.limit, minimum=0)
-    check_int("threads", getattr(args, "threads", 0), minimum=0)
-    check_output_file(args.output)
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
-    if args.data.startswith("latents:"):
+        check_int(name, getattr(cfg, name))
+    check_int("limit", cfg.limit, minimum=0)
+    check_int("threads", cfg.threads, minimum=0)
+    if cfg.in_channels not in (1, 3):
+        raise ValueError(f"--in-channels must be 1 or 3, got {cfg.in_channels!r}")
+    check_number("scaling_factor", cfg.scaling_factor, 0, lo_open=True, allow_none=True)
+    if cfg.data.startswith("latents:"):
         raise ValueError("--data must be pixel data (digits or imagefolder:PATH)")
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    dataset, meta = load_dataset(args.data, args.image_size, args.in_channels)
+    check_output_file(cfg.output)
+
+
+def run(config: ExtractLatentsConfig) -> dict[str, Any]:
+    """Encode ``config.data`` with ``config.vae`` and write the latents file (``gspn extract-latents``).
+
+    Returns the output path, latent count and shape, and the stored metadata (absolute VAE path for a
+    local folder, scaling factor, classes, image size, channels, source). Raises ``TypeError`` for a
+    config of another type, ``ValueError`` for invalid settings (:func:`validate`) or a VAE whose input
+    channels differ from ``in_channels``."""
+    if not isinstance(config, ExtractLatentsConfig):
+        raise TypeError(
+            f"config must be an ExtractLatentsConfig, got {type(config).__name__} (the command line builds it "
+            "with gspn.commands.diffusion.extract_latents_config)"
+        )
+    cfg = config
+    validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    dataset, meta = load_dataset(cfg.data, cfg.image_size, cfg.in_channels)
     x, y = dataset.tensors
-    if args.limit:
-        x, y = x[: args.limit], y[: args.limit]
-    vae = load_vae(args.vae, device)
+    if cfg.limit:
+        x, y = x[: cfg.limit], y[: cfg.limit]
+    vae = load_vae(cfg.vae, device)
     if x.shape[1] != vae.config.in_channels:
         raise ValueError(
             f"the VAE expects {vae.config.in_channels} channels; use --in-channels {vae.config.in_channels}"
         )
-    scale = float(vae.config.scaling_factor if args.scaling_factor is None else args.scaling_factor)
-    z = encode_dataset(vae, x, args.batch_size, args.deterministic, args.seed, scale, args.progress)
+    scale = float(vae.config.scaling_factor if cfg.scaling_factor is None else cfg.scaling_factor)
+    z = encode_dataset(vae, x, cfg.batch_size, cfg.deterministic, cfg.seed, scale, cfg.progress)
     info = {
-        "vae": os.path.abspath(args.vae) if Path(args.vae).exists() else str(args.vae),
+        "vae": os.path.abspath(cfg.vae) if Path(cfg.vae).exists() else str(cfg.vae),
         "scaling_factor": scale,
         "num_classes": meta["num_classes"],
-        "image_size": args.image_size,
-        "channels": args.in_channels,
-        "source": args.data,
+        "image_size": cfg.image_size,
+        "channels": cfg.in_channels,
+        "source": cfg.data,
     }
-    atomic_torch_save({"latents": z, "labels": y.clone(), "meta": info}, Path(args.output))
-    return {"out": str(args.output), "count": len(z), "shape": list(z.shape[1:]), **info}
+    atomic_torch_save({"latents": z, "labels": y.clone(), "meta": info}, Path(cfg.output))
+    return {"out": str(cfg.output), "count": len(z), "shape": list(z.shape[1:]), **info}
+
+
+run_extract_latents = run
+"""The name of :func:`run` before the recipes took dataclass configs (it took parsed arguments)."""
 
 
 if __name__ == "__main__":  # deprecated spelling of ``gspn extract-latents`` (the command package owns the flags)

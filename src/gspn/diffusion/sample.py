@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import check_output_dir, safe_torch_load
+from .._files import check_output_dir
 from .._validate import check_int, check_number
 from ..models import create_model, load_model, read_metadata
-from ..training_utils import load_ema_weights
+from ..training_utils import load_ema_weights, load_state
 from .gaussian import make_sampling_scheduler, sample_generators, sample_loop
 
 __all__ = [
@@ -223,8 +223,8 @@ def load_for_sampling(
         extra = json.loads(read_metadata(path).get("gspn.diffusion", "{}"))
         schedule, data = extra.get("schedule", {}), extra.get("data", {})
     else:
-        ckpt = safe_torch_load(path)
-        model = create_model(ckpt["arch"], **ckpt["model_args"])
+        ckpt = load_state(path)  # the kit's training state (older DiT key names are read too)
+        model = create_model(ckpt["model_name"], **ckpt["model_args"])
         if use_ema:
             load_ema_weights(model, ckpt["ema"])
         else:

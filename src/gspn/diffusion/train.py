@@ -33,6 +33,7 @@ from .._validate import check_int, check_number, parse_model_args
 from ..models import create_model, get_default_cfg, list_models, save_checkpoint
 from ..training_utils import (
     Panel,
+    all_gather_objects,
     append_metrics,
     build_ema,
     build_lr_scheduler,
@@ -43,7 +44,9 @@ from ..training_utils import (
     init_distributed,
     load_state,
     plot_metrics,
+    restore_rank_rng,
     save_state,
+    training_state,
     truncate_metrics,
 )
 from .data import load_dataset
@@ -179,11 +182,11 @@ def _setup(cfg: DiTTrainConfig, ctx: Any) -> _Run:
     if per_rank * ctx.world_size != cfg.batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {ctx.world_size} processes")
     record = {
-        "arch": cfg.model,
+        "model_name": cfg.model,
         "model_args": model.model_args,
         "schedule": schedule,
         "data": {k: v for k, v in meta.items() if k != "classes"},
-        "args": asdict(cfg),
+        "config": asdict(cfg),
     }
     x_all, y_all = dataset.tensors
     return _Run(model=model, train_model=model, ema=ema, optimizer=opt, lr_scheduler=lr_scheduler,
@@ -191,12 +194,15 @@ def _setup(cfg: DiTTrainConfig, ctx: Any) -> _Run:
                 x_all=x_all, y_all=y_all, per_rank=per_rank, record=record)
 
 
-def _restore(run: _Run, path: Path, device: torch.device) -> int:
-    """Load ``last.pt`` into ``run``; returns its step."""
-    ckpt = load_state(path, map_location=device)
+def _restore(run: _Run, path: Path, ctx: Any) -> int:
+    """Load ``last.pt`` (the kit's training state; older DiT key names are read too) into ``run``;
+    returns its step."""
+    ckpt = load_state(path, map_location=ctx.device)
     run.model.load_state_dict(ckpt["model"])
     run.ema.load_state_dict(ckpt["ema"])
-    run.optimizer.load_state_dict(ckpt["opt"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("rng") is not None:  # every random draw of a step is re-seeded anyway (derive_seed)
+        restore_rank_rng(ckpt["rng"], ctx.rank, ctx.world_size)
     start = int(ckpt["step"])
     # The schedule is a function of the step and of this run's --lr/--warmup-steps (which may differ
     # from the checkpoint's): fast-forward the LambdaLR to ``start`` instead of loading its state.
@@ -231,21 +237,24 @@ def train_step(run: _Run, cfg: DiTTrainConfig, step: int, rank: int, world: int,
     return losses, lr, grad_norm
 
 
-def _save(run: _Run, out: Path, step: int, main: bool) -> None:
-    """``last.pt`` (the one training-state format) and the loss plot; never non-finite weights."""
+def _save(run: _Run, out: Path, step: int, ctx: Any) -> None:
+    """``last.pt`` (the kit's one training-state format, :func:`~gspn.training_utils.training_state`) and
+    the loss plot; never non-finite weights. Called on every rank (the RNG states are gathered)."""
     check_finite(run.model, step)
-    if main:
-        save_state(
-            out / "last.pt",
-            {
-                "model": run.model.state_dict(),
-                "ema": run.ema.state_dict(),
-                "opt": run.optimizer.state_dict(),
-                "step": step,
-                "rng": capture_rng(),
-                **run.record,
-            },
+    rngs = all_gather_objects(capture_rng(), ctx)
+    if ctx.is_main:
+        extra = {k: v for k, v in run.record.items() if k != "config"}
+        state = training_state(
+            model=run.model.state_dict(),
+            optimizer=run.optimizer.state_dict(),
+            scheduler=run.lr_scheduler.state_dict(),
+            ema=run.ema.state_dict(),
+            step=step,
+            rng=rngs,
+            config=run.record["config"],
+            **extra,
         )
+        save_state(out / "last.pt", state)
         plot_metrics(out / "metrics.jsonl", out / "loss.png", (_LOSS_PANEL,), x="step", x_offset=0)
 
 
@@ -289,7 +298,7 @@ def run(config: DiTTrainConfig) -> dict[str, Any]:
         start = 0
         resume = out / "last.pt" if resume_arg == "auto" else None if resume_arg is None else Path(resume_arg)
         if resume is not None and resume.is_file():
-            start = _restore(r, resume, device)
+            start = _restore(r, resume, ctx)
             if main:
                 print(f"resumed from {resume} at step {start}")
         elif resume_arg not in (None, "auto"):
@@ -347,7 +356,7 @@ def run(config: DiTTrainConfig) -> dict[str, Any]:
                 n_window, t_window = 0, time.time()
             timed_out = cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes
             if step % cfg.ckpt_every == 0 or step == cfg.steps or timed_out:
-                _save(r, out, step, main)
+                _save(r, out, step, ctx)
             if timed_out:
                 if main:
                     print(f"--max-minutes {cfg.max_minutes} reached at step {step}; checkpoint saved")

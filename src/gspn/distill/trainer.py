@@ -20,9 +20,13 @@ noise term is dropped (the teacher is the only supervision).
 
 Randomness is derived per step from ``(seed, step, rank)``, so a resumed run draws exactly the
 batches, timesteps and noise the uninterrupted run would have. Checkpoints
-(``checkpoint.pt``: trainable weights, optimiser, LR schedule, step, RNG states) are written
+(``checkpoint.pt``: the training kit's one state format, :func:`gspn.training_utils.training_state`,
+with the trainable weights under ``model``, the optimiser, LR schedule, step and RNG states) are written
 atomically (temporary file + ``os.replace``), and the adapter is saved with ``save_pretrained`` to
-``<output_dir>/adapter`` (directory swapped in atomically).
+``<output_dir>/adapter`` (directory swapped in atomically). Every ``log_every`` steps rank 0 appends
+``{"step", loss parts, "grad_norm", "loss", "lr", "steps_per_sec"}`` to ``<output_dir>/metrics.jsonl``
+(the kit's metrics log, as in the other recipes); a resumed run first drops the records past its
+checkpoint.
 
 Multi-GPU: launch with ``torchrun`` or ``accelerate launch`` (both set ``RANK``/``WORLD_SIZE``);
 the student forward runs through :class:`torch.nn.parallel.DistributedDataParallel`, which averages
@@ -54,14 +58,18 @@ from .._files import check_output_dir, claim_run_dir
 from .._validate import check_int, check_number
 from ..integrations.diffusers import GSPNAdapter, swap_self_attention
 from ..training_utils import (
+    all_gather_objects,
+    append_metrics,
     build_lr_scheduler,
     capture_rng,
     cleanup_distributed,
     init_distributed,
     load_state,
-    restore_rng,
+    restore_rank_rng,
     save_state,
     step_generator,
+    training_state,
+    truncate_metrics,
 )
 from .data import CaptionData, load_captions, load_image
 
@@ -69,6 +77,9 @@ __all__ = ["DistillConfig", "Distiller", "distill", "run", "validate"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 ADAPTER_DIR = "adapter"
+METRICS_NAME = "metrics.jsonl"
+#: The files a distillation run writes in its output folder.
+RUN_FILES = (CHECKPOINT_NAME, ADAPTER_DIR, METRICS_NAME)
 
 
 @dataclass
@@ -165,6 +176,7 @@ class Distiller:
 
         self.cfg = cfg
         ctx = init_distributed(cfg.device or "auto")
+        self.ctx = ctx
         self.rank, self.world, self.device = ctx.rank, ctx.world_size, ctx.device
         self.pipe = pipe if pipe is not None else load_pipeline(cfg.model, self.device)
         self.pipe.to(self.device)
@@ -340,7 +352,9 @@ class Distiller:
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
     def save(self) -> None:
-        """Write ``checkpoint.pt`` and ``adapter/`` atomically (rank 0 only)."""
+        """Write ``checkpoint.pt`` (the kit's training state: ``model`` holds the trainable weights) and
+        ``adapter/`` atomically. Called on every rank (the RNG states are gathered); rank 0 writes."""
+        rngs = all_gather_objects(capture_rng(), self.ctx)
         if self.rank != 0:
             return
         bad = [n for n, t in self._trainable_state().items()
@@ -352,29 +366,30 @@ class Distiller:
             )
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": self.step,
-            "trainable": self._trainable_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "rng": capture_rng(),
-            "config": asdict(self.cfg),
-        }
+        state = training_state(
+            model=self._trainable_state(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.lr_scheduler.state_dict(),
+            step=self.step,
+            rng=rngs,
+            config=asdict(self.cfg),
+        )
         save_state(out / CHECKPOINT_NAME, state)
         _atomic_save_dir(lambda p: self.adapter.save_pretrained(p), out / ADAPTER_DIR)
 
     def load(self, path: str | os.PathLike | None = None) -> bool:
-        """Resume from ``checkpoint.pt`` (default: in ``output_dir``); returns whether one was found."""
+        """Resume from ``checkpoint.pt`` (default: in ``output_dir``; files with the older key names
+        ``trainable``/``lr_scheduler`` are read too); returns whether one was found."""
         path = Path(path) if path is not None else self.output_dir / CHECKPOINT_NAME
         if not path.is_file():
             return False
         state = load_state(path)
         module = self.unet if self.cfg.train_all else self.adapter
-        module.load_state_dict(state["trainable"])
+        module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        restore_rng(state["rng"])
+        restore_rank_rng(state["rng"], self.rank, self.world)
         return True
 
     # ------------------------------------------------------------------ loop
@@ -400,8 +415,8 @@ class Distiller:
     def train(self, log: Callable[[str], None] | None = print) -> list[dict[str, float]]:
         """Run (or resume) until ``cfg.steps``; returns the per-step loss parts of this call."""
         cfg = self.cfg
-        run_dir = (claim_run_dir(self.output_dir, (CHECKPOINT_NAME, ADAPTER_DIR), resume=cfg.resume,
-                                 overwrite=cfg.overwrite) if self.rank == 0 else None)
+        run_dir = (claim_run_dir(self.output_dir, RUN_FILES, resume=cfg.resume, overwrite=cfg.overwrite)
+                   if self.rank == 0 else None)
         try:
             return self._train(log)
         finally:
@@ -412,16 +427,22 @@ class Distiller:
         cfg = self.cfg
         if cfg.resume and self.load() and log and self.rank == 0:
             log(f"resumed from {self.output_dir / CHECKPOINT_NAME} at step {self.step}")
+        metrics = self.output_dir / METRICS_NAME
+        if self.rank == 0:  # records past the checkpoint being resumed belong to a run that was cut short
+            truncate_metrics(metrics, self.step, key="step")
         history = []
         start = time.perf_counter()
         while self.step < cfg.steps:
+            lr = self.lr_scheduler.get_last_lr()[0]
             parts = self.train_step()
             history.append(parts)
-            if log and self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                 rate = len(history) / (time.perf_counter() - start)
-                text = " ".join(f"{k}={v:.4g}" for k, v in parts.items())
-                log(f"step {self.step}/{cfg.steps} {text} lr={self.lr_scheduler.get_last_lr()[0]:.3g} "
-                    f"({rate:.2f} it/s)")
+                append_metrics(metrics, {"step": self.step, **parts, "lr": lr, "steps_per_sec": rate})
+                if log:
+                    text = " ".join(f"{k}={v:.4g}" for k, v in parts.items())
+                    log(f"step {self.step}/{cfg.steps} {text} lr={self.lr_scheduler.get_last_lr()[0]:.3g} "
+                        f"({rate:.2f} it/s)")
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save()
         self.save()

@@ -27,6 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .._files import claim_run_dir
 from ..training_utils import (
+    STATE_FORMAT,
     DistContext,
     all_gather_objects,
     all_reduce_sum,
@@ -45,11 +46,12 @@ from ..training_utils import (
     param_groups,
     plot_metrics,
     read_metrics,
-    restore_rng,
+    restore_rank_rng,
     save_state,
     seed_all,
     sync_buffers,
     train_one_epoch,
+    training_state,
     truncate_metrics,
     weights_digest,
 )
@@ -59,7 +61,7 @@ from .factory import build_model, model_default_cfg
 
 __all__ = ["TrainConfig", "evaluate", "evaluate_checkpoint", "run", "train", "weights_digest"]
 
-CHECKPOINT_FORMAT = "gspn-train-v1"
+CHECKPOINT_FORMAT = STATE_FORMAT  # the name this module gave the kit's one training-state format
 _REFRESH_EVERY = 10  # progress-bar refresh interval, in optimizer steps
 
 
@@ -396,9 +398,7 @@ def _restore(cfg: TrainConfig, ctx: DistContext, run: _Run, ckpt: dict[str, Any]
         else:
             run.ema.load_state_dict(ckpt["ema"])
     rng = ckpt["rng"]
-    if len(rng) == ctx.world_size:
-        restore_rng(rng[ctx.rank], run.gen)
-    else:
+    if not restore_rank_rng(rng, ctx.rank, ctx.world_size, run.gen):
         warnings.warn(
             f"--resume: checkpoint was written by {len(rng)} processes, this run has {ctx.world_size}; "
             "RNG streams are re-seeded, so the continuation is not bit-exact",
@@ -447,7 +447,6 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         del ckpt
 
     meta = {
-        "format": CHECKPOINT_FORMAT,
         "model_name": cfg.model,
         "model_args": cfg.model_args,
         "num_classes": data.num_classes,
@@ -537,23 +536,23 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         last_val = record
         rng_all = all_gather_objects(capture_rng(run.gen), ctx)
         if ctx.is_main:
-            state = {
+            state = training_state(
+                model=model.state_dict(),
+                optimizer=run.optimizer.state_dict(),
+                scheduler=run.scheduler.state_dict(),
+                scaler=run.scaler.state_dict(),
+                ema=ema.state_dict() if ema is not None else None,
+                epoch=epoch,
+                step=step,
+                rng=rng_all,
                 **meta,
-                "model": model.state_dict(),
-                "optimizer": run.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict(),
-                "scaler": run.scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch,
-                "step": step,
-                "best_acc": prog.best_acc,
-                "best_epoch": prog.best_epoch,
-                "elapsed_s": prog.elapsed,
-                "cpu_s": prog.cpu_elapsed,
-                "world_size": ctx.world_size,
-                "rng": rng_all,
-                "record": record,
-            }
+                best_acc=prog.best_acc,
+                best_epoch=prog.best_epoch,
+                elapsed_s=prog.elapsed,
+                cpu_s=prog.cpu_elapsed,
+                world_size=ctx.world_size,
+                record=record,
+            )
             _write_epoch(out, cfg, state, record, improved)
             ema_txt = f" | ema val {ema_val['loss']:.4f} / {100 * ema_val['acc']:.2f}%" if ema_val else ""
             _log(

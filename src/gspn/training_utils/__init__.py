@@ -2,8 +2,10 @@
 
 It imports nothing above :mod:`gspn.models`:
 
-* :mod:`.state` — one training-state format (an atomic, weights-only ``torch.save`` dict) and one RNG
-  capture/restore (:func:`capture_rng`, :func:`restore_rng`) for exact resume;
+* :mod:`.state` — one training-state format (:func:`training_state`: the same key names in every
+  recipe, an atomic, weights-only ``torch.save`` dict; :func:`load_state` reads the older key names too)
+  and one RNG capture/restore (:func:`capture_rng`, :func:`restore_rng`, :func:`restore_rank_rng`) for
+  exact resume;
 * :mod:`.seeding` — one seeding rule (:func:`derive_seed` of ``(seed, step, rank)``, :func:`seed_all`);
 * :mod:`.ema` — one EMA (:func:`build_ema`, a ``torch.optim.swa_utils.AveragedModel``);
 * :mod:`.schedule` — one LR-schedule helper (:func:`build_lr_scheduler`, a ``LambdaLR``: warm-up, then
@@ -28,10 +30,23 @@ from .loop import (
 from .metrics import Panel, append_metrics, plot_metrics, read_metrics, truncate_metrics
 from .schedule import SCHEDULES, build_lr_scheduler, lr_factor
 from .seeding import derive_seed, seed_all, step_generator
-from .state import atomic_write, capture_rng, load_state, restore_rng, save_state
+from .state import (
+    STATE_FORMAT,
+    STATE_KEYS,
+    atomic_write,
+    capture_rng,
+    load_state,
+    restore_rank_rng,
+    restore_rng,
+    save_state,
+    training_state,
+    upgrade_state,
+)
 
 __all__ = [
     "SCHEDULES",
+    "STATE_FORMAT",
+    "STATE_KEYS",
     "DistContext",
     "EpochStats",
     "Panel",
@@ -54,12 +69,15 @@ __all__ = [
     "param_groups",
     "plot_metrics",
     "read_metrics",
+    "restore_rank_rng",
     "restore_rng",
     "save_state",
     "seed_all",
     "step_generator",
     "sync_buffers",
     "train_one_epoch",
+    "training_state",
     "truncate_metrics",
+    "upgrade_state",
     "weights_digest",
 ]

@@ -1,9 +1,29 @@
-"""Atomic checkpoint files and RNG-state capture for exact resumption.
+"""The one training-state format (``last.pt``) of every recipe, atomic checkpoint files and RNG capture.
 
-A checkpoint is a plain dict of tensors and Python primitives, so it loads with
-``torch.load(..., weights_only=True)``. Files are written to a temporary file in the same directory,
-flushed and fsync'ed, then moved into place with :func:`os.replace`, which is atomic on POSIX and
-Windows: a crash leaves either the previous file or the new one, never a truncated one.
+A training state is a plain dict of tensors and Python primitives, so it loads with
+``torch.load(..., weights_only=True)``. Every recipe builds it with :func:`training_state`, so the same
+thing has the same key in all of them:
+
+==============  ==========================================================================================
+``format``      :data:`STATE_FORMAT`
+``model``       the trained module's ``state_dict()`` (distillation: the adapter's, or the UNet's)
+``optimizer``   ``optimizer.state_dict()``
+``scheduler``   the LR scheduler's ``state_dict()`` (``None`` if the recipe has none)
+``scaler``      the ``torch.amp.GradScaler``'s ``state_dict()`` (``None`` if the recipe has none)
+``ema``         the EMA's ``state_dict()`` (``None`` without EMA)
+``epoch``       the last finished epoch (``None`` for step-based recipes)
+``step``        optimizer steps done
+``rng``         a list with one :func:`capture_rng` per process, indexed by rank
+``config``      the recipe's config as a dict
+==============  ==========================================================================================
+
+plus recipe-specific entries (``model_name``, ``model_args``, ...). :func:`load_state` reads files
+written before the key names were unified (``opt``, ``lr_scheduler``, ``trainable``, ``args``, ``arch``)
+as if they had been written now, and :func:`restore_rank_rng` their single RNG dict.
+
+Files are written to a temporary file in the same directory, flushed and fsync'ed, then moved into
+place with :func:`os.replace`, which is atomic on POSIX and Windows: a crash leaves either the previous
+file or the new one, never a truncated one.
 """
 
 from __future__ import annotations
@@ -17,7 +37,81 @@ import torch
 
 from .._files import atomic_torch_save, atomic_write, safe_torch_load
 
-__all__ = ["atomic_write", "capture_rng", "load_state", "restore_rng", "save_state"]
+__all__ = [
+    "STATE_FORMAT",
+    "STATE_KEYS",
+    "atomic_write",
+    "capture_rng",
+    "load_state",
+    "restore_rank_rng",
+    "restore_rng",
+    "save_state",
+    "training_state",
+    "upgrade_state",
+]
+
+#: Value of the ``format`` entry of a training state (the classification recipe's since its first release).
+STATE_FORMAT = "gspn-train-v1"
+
+#: The entries every training state has (see the module docstring).
+STATE_KEYS: tuple[str, ...] = (
+    "format", "model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step", "rng", "config",
+)
+
+#: Key names of the DiT (``opt``, ``args``, ``arch``) and distillation (``trainable``, ``lr_scheduler``)
+#: states written before the format was shared → today's names.
+_LEGACY_KEYS = {"opt": "optimizer", "lr_scheduler": "scheduler", "trainable": "model", "args": "config",
+                "arch": "model_name"}
+
+
+def training_state(
+    *,
+    model: dict[str, Any],
+    optimizer: dict[str, Any],
+    step: int,
+    rng: list[dict[str, Any]],
+    config: dict[str, Any],
+    scheduler: dict[str, Any] | None = None,
+    scaler: dict[str, Any] | None = None,
+    ema: dict[str, Any] | None = None,
+    epoch: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A training state with the shared key names (:data:`STATE_KEYS`) plus the recipe's ``extra`` entries.
+
+    ``rng`` is the list of every process's :func:`capture_rng`, indexed by rank (``[capture_rng()]`` for
+    one process). Raises ``TypeError`` when ``rng`` is not a list and ``ValueError`` when an ``extra``
+    key is one of :data:`STATE_KEYS` or a legacy name.
+    """
+    if not isinstance(rng, list):
+        raise TypeError(f"rng must be a list of per-rank capture_rng() states, got {type(rng).__name__}")
+    clash = sorted(set(extra) & (set(STATE_KEYS) | set(_LEGACY_KEYS)))
+    if clash:
+        raise ValueError(f"extra entries {clash} would shadow the shared training-state keys")
+    return {
+        "format": STATE_FORMAT,
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+        "ema": ema,
+        "epoch": epoch,
+        "step": int(step),
+        "rng": rng,
+        "config": config,
+        **extra,
+    }
+
+
+def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Rename the legacy keys of ``state`` in place (``opt`` → ``optimizer``, ``lr_scheduler`` →
+    ``scheduler``, ``trainable`` → ``model``, ``args`` → ``config``, ``arch`` → ``model_name``) and return
+    it. A key already present under its new name wins. States written by :func:`training_state` are
+    returned unchanged."""
+    for old, new in _LEGACY_KEYS.items():
+        if old in state and new not in state:
+            state[new] = state.pop(old)
+    return state
 
 
 def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
@@ -28,8 +122,12 @@ def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
 
 
 def load_state(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a training state written by :func:`save_state` (tensors and primitives only; never runs code)."""
-    return safe_torch_load(path, map_location=map_location)
+    """Load a training state written by :func:`save_state` (tensors and primitives only; never runs code).
+
+    A dict with legacy key names is upgraded (:func:`upgrade_state`); raises
+    :class:`gspn._pickle.UnsafeCheckpointError` for a pickle that would run code."""
+    state = safe_torch_load(path, map_location=map_location)
+    return upgrade_state(state) if isinstance(state, dict) else state
 
 
 def capture_rng(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -66,3 +164,24 @@ def restore_rng(state: dict[str, Any], loader_generator: torch.Generator | None 
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if loader_generator is not None and state.get("loader") is not None:
         loader_generator.set_state(state["loader"].cpu())
+
+
+def restore_rank_rng(
+    rng: list[dict[str, Any]] | dict[str, Any],
+    rank: int,
+    world_size: int,
+    loader_generator: torch.Generator | None = None,
+) -> bool:
+    """Restore this process's entry of a training state's ``rng`` list (:func:`restore_rng`).
+
+    A single :func:`capture_rng` dict (the DiT and distillation states written before the format was
+    shared held rank 0's only) is restored on every rank. Returns ``False``, restoring nothing, when the
+    list was written by another number of processes (the continuation then is not bit-exact; the caller
+    decides whether to warn)."""
+    if isinstance(rng, dict):
+        restore_rng(rng, loader_generator)
+        return True
+    if len(rng) != world_size:
+        return False
+    restore_rng(rng[rank], loader_generator)
+    return True

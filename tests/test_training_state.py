@@ -1,0 +1,163 @@
+"""The training kit's one training-state format: the same key names in every recipe, older files still
+load, and distillation logs ``metrics.jsonl`` like the other recipes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gspn.training_utils import (
+    STATE_FORMAT,
+    STATE_KEYS,
+    capture_rng,
+    load_state,
+    read_metrics,
+    restore_rank_rng,
+    save_state,
+    training_state,
+    upgrade_state,
+)
+
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers")
+TINY_DIT = {"hidden_size": 32, "depth": 2, "d_state": 4, "num_global_blocks": 1}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _state(**extra):
+    return training_state(model={"w": torch.ones(2)}, optimizer={"state": {}, "param_groups": []}, step=3,
+                          rng=[capture_rng()], config={"lr": 0.1}, **extra)
+
+
+def test_training_state_has_the_shared_keys_and_round_trips(tmp_path):
+    state = _state(model_name="m")
+    assert tuple(k for k in state if k in STATE_KEYS) == STATE_KEYS
+    assert state["format"] == STATE_FORMAT == "gspn-train-v1"  # the classification format's value, kept
+    assert state["scheduler"] is state["scaler"] is state["ema"] is state["epoch"] is None
+    save_state(tmp_path / "last.pt", state)
+    back = load_state(tmp_path / "last.pt")
+    assert back.keys() == state.keys() and back["step"] == 3 and back["model_name"] == "m"
+    assert torch.equal(back["model"]["w"], torch.ones(2))
+    for clash in ({"format": "x"}, {"opt": {}}, {"arch": "x"}):  # shared or legacy names
+        with pytest.raises(ValueError, match="shadow"):
+            training_state(model={}, optimizer={}, step=0, rng=[], config={}, **clash)
+    with pytest.raises(TypeError, match="rng"):
+        training_state(model={}, optimizer={}, step=0, rng=capture_rng(), config={})
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    # DiT states before the shared format
+    ({"model": 1, "ema": 2, "opt": 3, "step": 4, "rng": {}, "arch": "gspn_dit_tiny", "args": {"lr": 1}},
+     {"model": 1, "ema": 2, "optimizer": 3, "step": 4, "rng": {}, "model_name": "gspn_dit_tiny",
+      "config": {"lr": 1}}),
+    # distillation states before the shared format
+    ({"step": 5, "trainable": 1, "optimizer": 2, "lr_scheduler": 3, "rng": {}, "config": {"a": 1}},
+     {"step": 5, "model": 1, "optimizer": 2, "scheduler": 3, "rng": {}, "config": {"a": 1}}),
+])
+def test_old_key_names_are_read_as_the_shared_ones(tmp_path, old, new):
+    save_state(tmp_path / "old.pt", old)
+    assert load_state(tmp_path / "old.pt") == new
+    assert upgrade_state(dict(new)) == new  # today's states are left alone
+
+
+def test_rank_rng_restore_takes_this_ranks_entry_or_an_old_single_dict():
+    a = capture_rng()
+    x = torch.rand(3)
+    b = capture_rng()
+    torch.manual_seed(123)
+    assert restore_rank_rng([b, a], rank=1, world_size=2)
+    torch.testing.assert_close(torch.rand(3), x, rtol=0, atol=0)
+    assert restore_rank_rng(a, rank=1, world_size=2)  # legacy: one dict, restored on every rank
+    torch.testing.assert_close(torch.rand(3), x, rtol=0, atol=0)
+    before = torch.get_rng_state()
+    assert not restore_rank_rng([a], rank=0, world_size=2)  # written by another number of processes
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_classification_and_dit_states_use_the_shared_keys(tmp_path):
+    from gspn.diffusion.train import DiTTrainConfig
+    from gspn.diffusion.train import run as run_dit
+    from gspn.train import TrainConfig, train
+
+    train(TrainConfig(model="baseline_conv", model_args={"width": 4, "depths": (1,)}, data="digits", epochs=1,
+                      img_size=16, batch_size=32, train_limit=64, val_limit=32, workers=0,
+                      output=str(tmp_path / "cls"), plot=False, verbose=False, progress=False))
+    run_dit(DiTTrainConfig(model="gspn_dit_tiny", data="digits", image_size=8, steps=2, batch_size=4,
+                           output_dir=str(tmp_path / "dit"), sample_steps=0, log_every=1, ckpt_every=2,
+                           model_args=dict(TINY_DIT), progress=False))
+    cls, dit = load_state(tmp_path / "cls/last.pt"), load_state(tmp_path / "dit/last.pt")
+    for state in (cls, dit):
+        assert set(STATE_KEYS) <= state.keys() and state["format"] == STATE_FORMAT
+        assert isinstance(state["rng"], list) and len(state["rng"]) == 1
+    assert cls["epoch"] == 0 and cls["step"] == 2 and cls["model_name"] == "baseline_conv"
+    assert dit["epoch"] is None and dit["step"] == 2 and dit["model_name"] == "gspn_dit_tiny"
+    assert dit["config"]["steps"] == 2 and "args" not in dit and "opt" not in dit
+    assert dit["scheduler"]["last_epoch"] == 2
+    assert json.loads((tmp_path / "dit/config.json").read_text())["model_name"] == "gspn_dit_tiny"
+
+
+def test_dit_resumes_from_an_old_format_last_pt(tmp_path):
+    """A ``last.pt`` with the DiT's former key names (``opt``, ``arch``, ``args``, one RNG dict) resumes
+    exactly: the continued run ends with the weights of the uninterrupted one."""
+    from gspn.diffusion.train import DiTTrainConfig
+    from gspn.diffusion.train import run as run_dit
+
+    def cfg(out, steps, resume="none"):
+        return DiTTrainConfig(model="gspn_dit_tiny", data="digits", image_size=8, steps=steps, batch_size=4,
+                              output_dir=str(tmp_path / out), sample_steps=0, log_every=1, ckpt_every=2,
+                              resume=resume, model_args=dict(TINY_DIT), progress=False)
+
+    run_dit(cfg("straight", 4))
+    run_dit(cfg("split", 2))
+    path = tmp_path / "split/last.pt"
+    new = load_state(path)
+    old = {"model": new["model"], "ema": new["ema"], "opt": new["optimizer"], "step": new["step"],
+           "rng": new["rng"][0], "arch": new["model_name"], "model_args": new["model_args"],
+           "schedule": new["schedule"], "data": new["data"], "args": new["config"]}
+    save_state(path, old)
+    run_dit(cfg("split", 4, resume="auto"))
+    a, b = load_state(tmp_path / "straight/last.pt"), load_state(path)
+    assert b["format"] == STATE_FORMAT and b["step"] == 4
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+
+
+@needs_diffusers
+def test_distillation_writes_the_shared_state_and_metrics_jsonl(tmp_path):
+    from test_diffusers_integration import _distiller  # the tiny SD pipeline of the integration tests
+    d = _distiller(tmp_path, "run", steps=3)
+    d.cfg.log_every = 1
+    history = d.train(log=None)
+    out = tmp_path / "run"
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for rec, parts in zip(records, history, strict=True):
+        assert {k: rec[k] for k in parts} == parts  # the logged losses are the step's
+        assert rec["lr"] == pytest.approx(5e-3) and rec["steps_per_sec"] > 0
+    state = load_state(out / "checkpoint.pt")
+    assert set(STATE_KEYS) <= state.keys() and state["step"] == 3 and state["scheduler"] is not None
+    assert state["model"].keys() == d.adapter.state_dict().keys()
+    assert "trainable" not in state and "lr_scheduler" not in state
+
+    # an old-format checkpoint (trainable / lr_scheduler / one RNG dict) resumes, and the records past
+    # the checkpoint (a run cut short after logging) are dropped before the continuation logs its own
+    old = {"step": 2, "trainable": state["model"], "optimizer": state["optimizer"],
+           "lr_scheduler": state["scheduler"], "rng": state["rng"][0], "config": state["config"]}
+    save_state(out / "checkpoint.pt", old)
+    resumed = _distiller(tmp_path, "run", steps=4)
+    resumed.cfg.log_every = 1
+    assert resumed.load() and resumed.step == 2
+    resumed.train(log=None)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert Path(out / "checkpoint.pt").is_file() and load_state(out / "checkpoint.pt")["step"] == 4
