@@ -274,6 +274,39 @@ def test_auto_picks_the_cpu_backend_and_env_override(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")).__name__ == "gspn.ops.reference"
 
 
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+def test_backend_modules_satisfy_the_protocol(name):
+    """Every backend module has every member of ``ScanBackend`` (``isinstance``) with the protocol's
+    parameter names and kinds (``inspect``), so nothing needs probing with ``getattr``."""
+    import importlib
+    import inspect
+
+    from gspn.ops.backends import ScanBackend
+    from gspn.ops.validation import BACKENDS
+
+    assert BACKENDS == ("auto", "reference", "cpu", "triton")
+    module = importlib.import_module(f"gspn.ops.{name}")
+    assert isinstance(module, ScanBackend)
+    assert isinstance(module.NATIVE_DTYPES, bool)
+    for member in ("is_available", "unavailable_reason", "allocate", "scan", "scan_backward"):
+        want = list(inspect.signature(getattr(ScanBackend, member)).parameters.values())[1:]  # without self
+        got = list(inspect.signature(getattr(module, member)).parameters.values())
+        assert [(p.name, p.kind) for p in got] == [(p.name, p.kind) for p in want], (name, member)
+    reason = module.unavailable_reason(torch.device("cpu"))
+    assert isinstance(reason, str) and (reason == "") == module.is_available(torch.device("cpu"))
+    buffer = module.allocate((2, 3), torch.float64, torch.device("cpu"))
+    assert buffer.shape == (2, 3) and buffer.dtype == torch.float64
+
+
+def test_resolve_backend_returns_a_scan_backend():
+    from gspn.ops.backends import ScanBackend
+
+    for name in ("auto", "reference", "cpu"):
+        assert isinstance(resolve_backend(name, torch.device("cpu")), ScanBackend)
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available for meta tensors: .*meta"):
+        resolve_backend("triton", torch.device("meta"))
+
+
 def test_threads_do_not_change_results():
     x, lam, wl, wm, wr = inputs((2, 8, 17, 19))
     threads = torch.get_num_threads()

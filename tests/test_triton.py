@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -30,6 +31,8 @@ finally:
 import inert_gates  # noqa: E402
 from gspn.ops import DIRECTIONS, available_backends, line_scan, line_scan_4d  # noqa: E402
 from gspn.ops import triton as triton_backend  # noqa: E402
+from gspn.ops.triton import _backend as triton_surface  # noqa: E402
+from gspn.ops.triton import _launch as triton_launch  # noqa: E402
 from oracle import unused_gates  # noqa: E402
 
 TOL = {
@@ -268,8 +271,8 @@ def test_missing_triton_is_reported(monkeypatch):
     """Without triton the backend is unavailable with a reason, and nothing else breaks."""
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.delitem(sys.modules, "gspn.ops.triton._kernels", raising=False)
-    monkeypatch.setattr(triton_backend, "_kernel_module", None)
-    monkeypatch.setattr(triton_backend, "_import_error", None)
+    monkeypatch.setattr(triton_surface, "_kernel_module", None)
+    monkeypatch.setattr(triton_surface, "_import_error", None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not triton_backend.is_available("cpu")
     assert "triton is not installed" in triton_backend.unavailable_reason("cpu")
@@ -279,42 +282,150 @@ def test_missing_triton_is_reported(monkeypatch):
         line_scan(x, x, x, x, x, backend="triton")
 
 
-class _FakeKernel:
-    """Stands in for a Triton kernel: ``kernel[grid](...)`` fails for the listed ``num_stages``."""
+# --- fallback: only when a variant cannot be built ----------------------------------------------
 
-    def __init__(self, failing_stages):
-        self.failing_stages = failing_stages
-        self.calls = []
+
+def _out_of_resources() -> Exception:
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources(232448, 227 * 1024, "shared memory")
+
+
+ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
+
+
+def test_cannot_build_is_precise():
+    """Compile and resource errors mean "cannot build"; a CUDA fault, a bad argument or an interpreter
+    error does not."""
+    from triton.compiler.errors import CompilationError, CompileTimeAssertionFailure
+    from triton.runtime import errors
+
+    build = [CompilationError("src", None, "gather is not supported"),
+             CompileTimeAssertionFailure("src", None, "static_assert"), _out_of_resources(),
+             RuntimeError("PassManager::run failed")]
+    if hasattr(errors, "PTXASError"):
+        build.append(errors.PTXASError("ptxas fatal"))
+    for exc in build:
+        assert triton_backend.cannot_build(exc), exc
+    for exc in (RuntimeError(ILLEGAL_ACCESS), RuntimeError("out of resource: shared memory"),
+                ValueError("bad"), errors.InterpreterError("boom"), torch.cuda.OutOfMemoryError("oom")):
+        assert not triton_backend.cannot_build(exc), exc
+
+
+def test_run_variants_chain(monkeypatch):
+    """register (pipelined, then one stage) → memory; the fallback is recorded and warned about once,
+    and a fault propagates with nothing recorded."""
+    monkeypatch.setattr(triton_launch, "_broken", set())
+    cpu = torch.device("cpu")
+    calls = []
+
+    def launchers(register_error):
+        def register(cfg):
+            calls.append(("register", cfg["num_stages"]))
+            error = register_error(cfg)
+            if error is not None:
+                raise error
+
+        return {"register": register, "split": None, "memory": lambda cfg: calls.append(("memory", cfg["block_p"]))}
+
+    geometry = (6, 40, 1, cpu, 80)  # lines of 40: BLOCK_P 64
+    with triton_backend.launch_overrides(num_stages=3):
+        only_pipelined = launchers(lambda cfg: _out_of_resources() if cfg["num_stages"] > 1 else None)
+        assert triton_backend.run_variants(only_pipelined, *geometry)["kernel"] == "register"
+    assert calls == [("register", 3), ("register", 1)] and triton_launch._broken == {("pipelined", 64)}
+
+    calls.clear()
+    fault = launchers(lambda cfg: RuntimeError(ILLEGAL_ACCESS))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        triton_backend.run_variants(fault, *geometry)
+    assert calls == [("register", 1)] and triton_launch._broken == {("pipelined", 64)}
+
+    calls.clear()
+    never = launchers(lambda cfg: _out_of_resources())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert triton_backend.run_variants(never, *geometry)["kernel"] == "memory"
+    assert [str(w.message).count("cannot be built") for w in caught] == [1], [str(w.message) for w in caught]
+    assert caught[0].category is RuntimeWarning and "OutOfResources" in str(caught[0].message)
+    assert calls == [("register", 1), ("memory", 64), ("memory", 64), ("memory", 64)]
+    assert ("register", 64) in triton_launch._broken
+    with triton_backend.launch_overrides(kernel="register"):  # forcing a broken variant gives memory too
+        assert triton_backend.launch_config(6, 40, 1, cpu, 80)["kernel"] == "memory"
+
+
+class _FailingKernel:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` raises ``error``."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+        self.launches = 0
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps, num_stages, **kwargs):
-            self.calls.append(num_stages)
-            if num_stages in self.failing_stages:
-                raise RuntimeError("out of resource: shared memory")
+        def launch(*args, **kwargs):
+            self.launches += 1
+            raise self.error
 
         return launch
 
 
-def test_register_variant_fallback(monkeypatch):
-    """A GPU compile/resource failure retries without pipelining, then falls back to memory."""
-    monkeypatch.setattr(triton_backend, "_broken", set())
-    cfg = {"kernel": "register", "num_stages": 3, "num_warps": 4, "block_p": 64}
-    cuda = torch.device("cuda")
-    kernel = _FakeKernel({3})
-    assert triton_backend._launch_gather_kernel(kernel, (1, 1), (), {}, cfg, cuda)
-    assert kernel.calls == [3, 1] and triton_backend._broken == {("pipelined", 64)}
-    with pytest.warns(RuntimeWarning, match="memory"):
-        assert not triton_backend._launch_gather_kernel(_FakeKernel({1, 3}), (1, 1), (), {}, cfg, cuda)
-    assert ("register", 64) in triton_backend._broken
-    assert triton_backend.launch_config(6, 40, 1, torch.device("cpu"), 80)["kernel"] == "memory"
-    with pytest.raises(RuntimeError, match="out of resource"):  # the interpreter never hides errors
-        triton_backend._launch_gather_kernel(_FakeKernel({1}), (1, 1), (), {}, {**cfg, "num_stages": 1}, "cpu")
+def _scan_with_gradients(x, params, overrides):
+    with triton_backend.launch_overrides(**overrides):
+        return _run(line_scan, x, params, backend="triton", direction="lr", chunk_size=3, normalize=True)
+
+
+@pytest.mark.parametrize("variant", ["register", "split"])
+def test_kernel_fault_propagates(monkeypatch, variant):
+    """An illegal memory access raised by a register/split launch reaches the caller unchanged; no
+    fallback is recorded and the next call uses the same variant."""
+    monkeypatch.setattr(triton_launch, "_broken", set())
+    kernels = triton_surface._load()
+    fault = _FailingKernel(RuntimeError(ILLEGAL_ACCESS))
+    monkeypatch.setattr(kernels, f"line_scan_fwd_{'reg' if variant == 'register' else 'split'}_kernel", fault)
+    x, params = _make((1, 2, 5, 6), [(1, 2, 5, 6)] * 4, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _scan_with_gradients(x, params, VARIANTS[variant])
+    assert fault.launches == 1 and triton_launch._broken == set()
+    with triton_backend.launch_overrides(**VARIANTS[variant]):
+        assert triton_backend.launch_config(2, 5, 2, torch.device("cpu"), 10)["kernel"] == variant
+
+
+@pytest.mark.parametrize("variant", ["register", "split"])
+def test_unbuildable_variant_falls_back_exactly(monkeypatch, variant):
+    """A register/split kernel that runs out of resources (forward) or fails to compile (backward) is
+    replaced by the memory variant: same bits as the memory variant run directly, one warning."""
+    from triton.compiler.errors import CompilationError
+
+    monkeypatch.setattr(triton_launch, "_broken", set())
+    kernels = triton_surface._load()
+    suffix = "reg" if variant == "register" else "split"
+    failing = {
+        "fwd": _FailingKernel(_out_of_resources()),
+        "bwd": _FailingKernel(CompilationError("src", None, "tl.gather is not supported")),
+    }
+    for pass_, kernel in failing.items():
+        monkeypatch.setattr(kernels, f"line_scan_{pass_}_{suffix}_kernel", kernel)
+    x, params = _make((1, 2, 5, 6), [(1, 2, 5, 6)] * 4, torch.float32, "cpu")
+    overrides = VARIANTS[variant]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _scan_with_gradients(x, params, overrides)
+        again = _scan_with_gradients(x, params, overrides)
+    messages = [str(w.message) for w in caught if "cannot be built" in str(w.message)]
+    # The forward records (variant, BLOCK_P), so the backward and the second call pick memory directly.
+    assert len(messages) == 1 and "OutOfResources" in messages[0], messages
+    assert failing["fwd"].launches == 1 and failing["bwd"].launches == 0
+    want = _scan_with_gradients(x, params, {**overrides, "kernel": "memory"})
+    for a, b, c in zip(got, again, want, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    reference = _run(line_scan, x, params, backend="reference", direction="lr", chunk_size=3, normalize=True)
+    _assert_close(got, reference, torch.float32)
 
 
 def test_gpu_launch_choice(monkeypatch):
     """On a (pretend) 132-SM GPU: whole lines in registers when planes fill the GPU, lines split
     over programs when they do not or are longer than 1024; a broken split build uses memory."""
-    monkeypatch.setattr(triton_backend, "_broken", set())
+    monkeypatch.setattr(triton_launch, "_broken", set())
     props = type("Props", (), {"multi_processor_count": 132})()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     cuda = torch.device("cuda")
@@ -333,7 +444,7 @@ def test_gpu_launch_choice(monkeypatch):
     segment, segments, groups, blocks = triton_backend.split_programs(8, 16384, 16384, huge)
     assert (segment, segments, groups, blocks) == (448, 37, 8, 512)
     assert pick(4096, 2048)["kernel"] == "split"  # longer than a register block
-    triton_backend._broken.add(("split", 512))
+    triton_launch._broken.add(("split", 512))
     assert pick(8, 16384)["kernel"] == "memory"
 
 

@@ -25,9 +25,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backends import plain_allocate as allocate
 from .directions import from_line_frame, get_direction, tile_starts, to_line_frame, used_gate_masks
 from .stabilize import stabilize, stabilize_vjp
 from .validation import expand_channels
+
+__all__ = ["NATIVE_DTYPES", "allocate", "is_available", "scan", "scan_backward", "unavailable_reason"]
+
+NATIVE_DTYPES = False
+"""Inputs arrive in the float32/float64 accumulation dtype (the caller up-casts float16/bfloat16)."""
 
 
 def is_available(device: torch.device) -> bool:
@@ -36,6 +42,7 @@ def is_available(device: torch.device) -> bool:
 
 
 def unavailable_reason(device: torch.device) -> str:
+    """Always ``""``: the reference backend runs on any device."""
     return ""
 
 

@@ -22,6 +22,8 @@ from .directions import get_direction
 
 PARAM_NAMES = ("lam", "w_left", "w_mid", "w_right")
 BACKENDS = ("auto", "reference", "cpu", "triton")
+"""Values of ``backend=``: ``"auto"``, then each named backend, the module ``gspn.ops.<name>``
+(the one list of backends; :mod:`gspn.ops.backends` imports them from it)."""
 
 
 MAX_CHUNK_SIZE = 2**63 - 1

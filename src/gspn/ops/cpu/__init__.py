@@ -141,6 +141,8 @@ def is_available(device: torch.device) -> bool:
 
 
 def unavailable_reason(device: torch.device) -> str:
+    """``""`` for CPU tensors once the kernel library is built (builds it on the first call), else
+    why not: not a CPU tensor, or the compiler's error."""
     if torch.device(device).type != "cpu":
         return "the 'cpu' backend only runs on CPU tensors"
     _load()
@@ -148,6 +150,8 @@ def unavailable_reason(device: torch.device) -> str:
 
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
+NATIVE_DTYPES = False
+"""The kernels read float32/float64 only: the caller up-casts float16/bfloat16 inputs."""
 
 
 def _arg(t: torch.Tensor, channels: int) -> _TensorArg:

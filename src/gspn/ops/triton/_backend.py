@@ -1,0 +1,263 @@
+"""The scan-backend surface of the Triton line scan (:class:`gspn.ops.backends.ScanBackend`):
+availability, argument checks, and the forward and adjoint entry points that build the kernels'
+arguments and hand one launcher per variant to :func:`._launch.run_variants`."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ..backends import plain_allocate as allocate
+from ..directions import get_direction
+from ._launch import cdiv, interpreting, run_variants, split_programs
+
+__all__ = ["NATIVE_DTYPES", "allocate", "is_available", "scan", "scan_backward", "unavailable_reason"]
+
+NATIVE_DTYPES = True
+"""The kernels read float32/float16/bfloat16/float64 directly; the caller must not up-cast."""
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_kernel_module: ModuleType | None = None
+_import_error: str | None = None
+
+
+def _load() -> ModuleType | None:
+    """Import triton and the kernels once; ``None`` (with the reason kept) if that fails."""
+    global _kernel_module, _import_error
+    if _kernel_module is None and _import_error is None:
+        try:
+            _kernel_module = importlib.import_module(f"{__package__}._kernels")
+        except ImportError as exc:
+            _import_error = f"triton is not installed ({exc}); pip install 'gspn[triton]'"
+    return _kernel_module
+
+
+def is_available(device: torch.device | str) -> bool:
+    """True for CUDA tensors when triton is installed, and for CPU tensors under ``TRITON_INTERPRET=1``."""
+    return unavailable_reason(device) == ""
+
+
+def unavailable_reason(device: torch.device | str) -> str:
+    """Empty string if the backend can run on ``device``, else why not (imports triton on first call)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        if not interpreting():
+            return "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
+    elif device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+    else:
+        return f"the triton backend does not support {device.type} tensors"
+    if _load() is None:
+        return _import_error or "triton could not be imported"
+    return ""
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> tuple[torch.dtype, Any]:
+    import triton.language as tl
+
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def _check(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"the triton backend does not support dtype {t.dtype}")
+        h, w = t.shape[-2:]
+        if (w > 1 and t.stride(-1) != 1) or (h > 1 and t.stride(-2) != w):
+            raise ValueError("the triton backend needs every (H, W) plane dense row-major")
+
+
+def _slice_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(batch, channel) strides; a size-1 (broadcast) batch gets stride 0."""
+    return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
+
+
+def _param_args(channels: int, *params: torch.Tensor) -> tuple[int, ...]:
+    """``(batch stride, channel stride, channel divisor)`` of each parameter, concatenated: the
+    kernels' ``*_sb, *_sc, *_div`` arguments (image channel ``c`` reads parameter channel
+    ``c // divisor``)."""
+    return tuple(v for t in params for v in (*_slice_strides(t), channels // t.shape[1]))
+
+
+def _checked_kernels(*tensors: torch.Tensor) -> ModuleType:
+    """The kernel module, once ``tensors`` (all on one device) are checked (:func:`_check`)."""
+    kernels = _load()
+    assert kernels is not None, unavailable_reason(tensors[0].device)
+    _check(*tensors)
+    return kernels
+
+
+def _geometry(x: torch.Tensor, direction: str, chunk_size: int | None):
+    """Direction, slices ``B·C``, lines, line length, tile size and number of tiles of a scan of ``x``."""
+    d = get_direction(direction)
+    batch, channels, height, width = x.shape
+    num_lines, line_length = (height, width) if d.vertical else (width, height)
+    chunk = min(chunk_size or num_lines, num_lines)
+    return d, batch * channels, num_lines, line_length, chunk, cdiv(num_lines, chunk)
+
+
+def _launch(kernel, grid: tuple[int, ...], args: tuple, flags: dict[str, Any], cfg: dict[str, Any],
+            stages: bool = True) -> None:
+    """``kernel[grid](*args, **flags)`` with the block sizes and warps of ``cfg`` (and its
+    ``num_stages`` if ``stages``; the memory variant keeps Triton's default)."""
+    options = {"num_warps": cfg["num_warps"], **({"num_stages": cfg["num_stages"]} if stages else {})}
+    kernel[grid](*args, **flags, BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], **options)
+
+
+def _tile_grid(slices: int, cfg: dict[str, Any]) -> tuple[int, int]:
+    """Grid of the register and memory variants: slice groups × tile programs."""
+    return cdiv(slices, cfg["block_s"]), cfg["chunk_programs"]
+
+
+def _launch_split(
+    kernel, tensors: tuple, strides: tuple, flags: dict[str, Any], cfg: dict[str, Any],
+    geometry: tuple[int, int, int], state_lines: int, state_dtype: torch.dtype,
+) -> None:
+    """Launch a split kernel with its flags and ``state_lines`` scratch lines per slice.
+
+    ``strides``: the scalar arguments the other variants take (ending in ``NUM_CHUNKS``, which the
+    split kernels replace by their segment and time-block sizes); ``geometry``: slices, line
+    length, number of lines.
+    """
+    device = tensors[0].device
+    slices, line_length, num_lines = geometry
+    segment, num_seg, groups, time_blocks = split_programs(slices, line_length, num_lines, cfg)
+    programs = time_blocks * groups * num_seg
+    sync = torch.zeros(1 + programs, dtype=torch.int32, device=device)  # ticket counter, then flags
+    state = torch.empty(slices * state_lines * line_length, dtype=state_dtype, device=device)
+    args = (*tensors, state, sync, *strides[:-1], segment, cfg["halo"], num_seg, groups)
+    _launch(kernel, (programs,), args, flags, cfg)
+
+
+def scan(
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    w_left: torch.Tensor,
+    w_mid: torch.Tensor,
+    w_right: torch.Tensor,
+    *,
+    direction: str,
+    chunk_size: int | None,
+    normalize: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Forward scan of one direction into ``out`` (see :class:`gspn.ops.backends.ScanBackend`).
+
+    Args:
+        x: ``(B, C, H, W)``; lam, w_*: ``(B or 1, C or Cg, H, W)``; out: ``(B, C, H, W)``, possibly
+            a strided view (e.g. ``out[:, k]`` of a ``(B, 4, C, H, W)`` buffer). Every (H, W) plane
+            dense row-major; any mix of float32, float16, bfloat16, float64.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        TypeError: a tensor of another dtype. ValueError: a plane that is not dense row-major.
+    """
+    kernels = _checked_kernels(x, lam, w_left, w_mid, w_right, out)
+    channels, width = x.shape[1], x.shape[3]
+    d, slices, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
+    acc_torch, acc = _acc_dtype(out)
+    state_in_out = out.dtype == acc_torch
+    tensors = (x, lam, w_left, w_mid, w_right, out)
+    strides = (
+        *_slice_strides(x),
+        *_param_args(channels, lam, w_left, w_mid, w_right),
+        *_slice_strides(out),
+        slices, channels, width, num_lines, line_length, chunk, num_chunks,
+    )
+    flags = {"VERTICAL": d.vertical, "REVERSE": d.reverse, "NORMALIZE": normalize, "ACC": acc}
+
+    def memory(cfg: dict[str, Any]) -> None:
+        if state_in_out:
+            state = out  # unused placeholder pointer
+        else:
+            state = torch.empty(cfg["chunk_programs"] * slices * 2 * line_length, dtype=acc_torch, device=x.device)
+        _launch(kernels.line_scan_fwd_kernel, _tile_grid(slices, cfg), (*tensors, state, *strides),
+                {**flags, "STATE_IN_OUT": state_in_out}, cfg, stages=False)
+
+    run_variants(
+        {
+            "register": lambda cfg: _launch(
+                kernels.line_scan_fwd_reg_kernel, _tile_grid(slices, cfg), (*tensors, *strides), flags, cfg),
+            "split": lambda cfg: _launch_split(
+                kernels.line_scan_fwd_split_kernel, tensors, strides, flags, cfg,
+                (slices, line_length, num_lines), 2, acc_torch),
+            "memory": memory,
+        },
+        slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length,
+    )
+    return out
+
+
+def scan_backward(
+    grad: torch.Tensor,
+    h: torch.Tensor,
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    w_left: torch.Tensor,
+    w_mid: torch.Tensor,
+    w_right: torch.Tensor,
+    *,
+    direction: str,
+    chunk_size: int | None,
+    normalize: bool,
+    dx: torch.Tensor,
+    accumulate_dx: bool,
+    d_params: Sequence[torch.Tensor],
+) -> None:
+    """Adjoint scan of one direction (see :class:`gspn.ops.backends.ScanBackend`).
+
+    Writes (or adds to, if ``accumulate_dx``) ``dL/dx`` into ``dx`` (``(B, C, H, W)``, any float
+    dtype, may be strided between planes) and ``(d_lam, d_w_left, d_w_mid, d_w_right)`` into the
+    four ``d_params`` buffers (``(B, C, H, W)``, any float dtype; w.r.t. the logits when
+    ``normalize``). The kernels write dense buffers directly; a strided buffer (one direction of a
+    ``(B, 4, C, H, W)`` gradient) is filled through a dense temporary.
+
+    Raises:
+        TypeError: a tensor of an unsupported dtype. ValueError: a plane that is not dense row-major.
+    """
+    kernels = _checked_kernels(grad, h, x, lam, w_left, w_mid, w_right, dx)
+    _, channels, height, width = x.shape
+    d, slices, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
+    acc_torch, acc = _acc_dtype(grad, h, x, lam, w_left, w_mid, w_right, dx)
+    grads = tuple(g if g.is_contiguous() else torch.empty_like(g, memory_format=torch.contiguous_format)
+                  for g in d_params)
+    tensors = (grad, h, x, lam, w_left, w_mid, w_right, dx, *grads)
+    strides = (
+        *_slice_strides(grad), *_slice_strides(h), *_slice_strides(x),
+        *_param_args(channels, lam, w_left, w_mid, w_right),
+        *_slice_strides(dx),
+        slices, channels, height, width, num_lines, line_length, chunk, num_chunks,
+    )
+    flags = {
+        "VERTICAL": d.vertical, "REVERSE": d.reverse, "NORMALIZE": normalize,
+        "ACCUMULATE_DX": accumulate_dx, "ACC": acc,
+    }
+
+    def memory(cfg: dict[str, Any]) -> None:
+        state = torch.empty(cfg["chunk_programs"] * slices * 6 * line_length, dtype=acc_torch, device=x.device)
+        _launch(kernels.line_scan_bwd_kernel, _tile_grid(slices, cfg), (*tensors, state, *strides), flags, cfg,
+                stages=False)
+
+    run_variants(
+        {
+            "register": lambda cfg: _launch(
+                kernels.line_scan_bwd_reg_kernel, _tile_grid(slices, cfg), (*tensors, *strides), flags, cfg),
+            "split": lambda cfg: _launch_split(
+                kernels.line_scan_bwd_split_kernel, tensors, strides, flags, cfg,
+                (slices, line_length, num_lines), 6, acc_torch),
+            "memory": memory,
+        },
+        slices, line_length, num_chunks, x.device, 6 * line_length,
+    )
+    for g, buffer in zip(grads, d_params, strict=True):
+        if g is not buffer:
+            buffer.copy_(g)
