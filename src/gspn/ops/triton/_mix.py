@@ -76,6 +76,7 @@ _INTERP_MAX_TILE = 4096
 _GPU_MAX_REG_BLOCK_P = 1024
 _GPU_MAX_BLOCK_P = 1024
 _GPU_MAX_TILE = 2048
+_GPU_MAX_PRODUCT = 8192  # elements of the backward's [BLOCK_S, BLOCK_J, BLOCK_P] products
 _MAX_SCRATCH_BYTES = 256 << 20
 _LAUNCH_KEYS = {"kernel", "block_s", "block_p", "chunk_programs", "num_warps"}
 _overrides: dict[str, Any] = {}
@@ -308,9 +309,21 @@ def gspn_mix_fwd_reg_kernel(
 
 
 @triton.jit
-def _reduce_rows(ptrs, v, mask):
-    """``*ptrs += Σ_p v[:, p]`` for ``[BLOCK_S, 1]`` pointers this program owns."""
-    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + tl.sum(v, axis=1)[:, None], mask=mask)
+def _weight_tile(w_rows, kind, S, jr, ok):
+    """``W[c, kind, :]`` of this program's channels as a ``[BLOCK_S, BLOCK_J]`` tile (0 outside)."""
+    return tl.load(w_rows + kind * S + jr[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _project(w, z):
+    """``Σ_j w[c, j] z[j, p]``: ``[BLOCK_S, BLOCK_J] × [BLOCK_J, BLOCK_P] → [BLOCK_S, BLOCK_P]``."""
+    return tl.sum(w[:, :, None] * z[None, :, :], axis=1)
+
+
+@triton.jit
+def _correlate(d, z):
+    """``Σ_p d[c, p] z[j, p]``: ``[BLOCK_S, BLOCK_P] × [BLOCK_J, BLOCK_P] → [BLOCK_S, BLOCK_J]``."""
+    return tl.sum(d[:, None, :] * z[None, :, :], axis=2)
 
 
 @triton.jit
@@ -328,25 +341,27 @@ def gspn_mix_bwd_reg_kernel(
     FIRST: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     """Adjoint of one direction, parameters generated again from the proxy line by line.
 
     Program ``(i, j)``: batch element ``b = i // NBLK``, channels ``[blk·BLOCK_S, (blk+1)·BLOCK_S)``
     (``blk = i % NBLK``), tiles ``j, j + tile_programs, …`` walked in reverse scan order; the whole
-    line is one block (``P <= BLOCK_P``). With ``g = dL/dy``, ``u' = m_k u_k`` and
-    ``q_k = w_k a`` of the line after (in registers)::
+    line is one block (``P <= BLOCK_P``), the ``S`` proxy channels one ``BLOCK_J`` block. With
+    ``g = dL/dy``, ``u' = m_k u_k`` and ``q_k = w_k a`` of the line after (in registers)::
 
         a = u' g + q_left[p+1] + q_mid[p] + q_right[p-1]
         dx += λ a (+ D g in the first launch),   dλ = x a,   du' = g h,   dD = g x (first launch)
         da_k = w_k (1 - sigmoid(a_k)) (a h_prev[p+k-1] - Σ_j w_j a h_prev[p+j-1])
 
     (gates of a line that starts a tile, or of a missing neighbour, get 0). These per-pixel
-    gradients never leave registers: each line adds ``Σ_p dP[c, kind, p] z[b, j, p]`` to the
-    weight partials ``dw_ptr`` ``(tile_programs, B, C, 6, S)`` and
-    ``Σ_c Σ_kind W[c, kind, j] dP[c, kind, p]`` to the proxy partials ``dz_ptr``
-    ``(NBLK, B, S, H, W)`` (both zero-initialised and owned by this program: no atomics). ``h_ptr``:
-    the direction's hidden map, recomputed by the forward kernel (``STORE_H``).
+    gradients ``dP[c, kind, p]`` never leave registers: ``Σ_p dP z[j, p]`` accumulates in registers
+    (``[BLOCK_S, BLOCK_J]`` per kind) and is written once into ``dw_ptr``
+    ``(tile_programs, B, C, 6, S)``; each line adds ``Σ_c Σ_kind W[c, kind, j] dP`` to its line of
+    the proxy partials ``dz_ptr`` ``(NBLK, B, S, H, W)`` (zero-initialised). Both are owned by this
+    program: no atomics. ``h_ptr``: the direction's hidden map, recomputed by the forward kernel
+    (``STORE_H``).
     """
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -355,7 +370,9 @@ def gspn_mix_bwd_reg_kernel(
     blk = pid % NBLK
     c = (blk * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
     s_ok = c < C
-    w_ok = s_ok[:, None]
+    jr = tl.arange(0, BLOCK_J)
+    j_ok = jr < S
+    w_ok = s_ok[:, None] & j_ok[None, :]
     g_l, g_p = _line_pos_strides(g_sh, g_sw, VERTICAL)
     x_l, x_p = _line_pos_strides(x_sh, x_sw, VERTICAL)
     z_l, z_p = _line_pos_strides(z_sh, z_sw, VERTICAL)
@@ -366,17 +383,30 @@ def gspn_mix_bwd_reg_kernel(
     x_base = (b * x_sb + c * x_sc)[:, None]
     h_base = (b * h_sb + c * h_sc)[:, None]
     dx_base = (b * dx_sb + c * dx_sc)[:, None]
+    # This program's weights, loaded once: [BLOCK_S, BLOCK_J] per kind.
     w_rows = w_ptr + (c * _KINDS_ * S)[:, None]
-    dw_rows = dw_ptr + (((pid_c * B + b) * C + c) * _KINDS_ * S)[:, None]
-    z_row = z_ptr + b * z_sb
-    dz_row = dz_ptr + blk * dz_sblk + b * dz_sb
+    w_al = _weight_tile(w_rows, 0, S, jr, w_ok).to(ACC)
+    w_am = _weight_tile(w_rows, 1, S, jr, w_ok).to(ACC)
+    w_ar = _weight_tile(w_rows, 2, S, jr, w_ok).to(ACC)
+    w_lam = _weight_tile(w_rows, 3, S, jr, w_ok).to(ACC)
+    w_u = _weight_tile(w_rows, 4, S, jr, w_ok).to(ACC)
+    w_d = _weight_tile(w_rows, 5, S, jr, w_ok).to(ACC)
+    z_rows = z_ptr + b * z_sb + (jr.to(tl.int64) * z_sc)[:, None]  # [BLOCK_J, 1]
+    dz_rows = dz_ptr + blk * dz_sblk + b * dz_sb + (jr.to(tl.int64) * dz_sc)[:, None]
     p = tl.arange(0, BLOCK_P).to(tl.int64)
     pv = p < P
     m = s_ok[:, None] & pv[None, :]
+    mz = j_ok[:, None] & pv[None, :]
     has_l = tl.broadcast_to((p >= 1)[None, :], [BLOCK_S, BLOCK_P])
     has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
     idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
     idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
+    dw_al = tl.zeros([BLOCK_S, BLOCK_J], ACC)
+    dw_am = tl.zeros([BLOCK_S, BLOCK_J], ACC)
+    dw_ar = tl.zeros([BLOCK_S, BLOCK_J], ACC)
+    dw_lam = tl.zeros([BLOCK_S, BLOCK_J], ACC)
+    dw_u = tl.zeros([BLOCK_S, BLOCK_J], ACC)
+    dw_d = tl.zeros([BLOCK_S, BLOCK_J], ACC)
     for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
         i_lo = chunk * CHUNK
         n = tl.minimum(CHUNK, L - i_lo)
@@ -391,19 +421,19 @@ def gspn_mix_bwd_reg_kernel(
             gv = tl.load(g_ptr + g_base + (i * g_l + p * g_p)[None, :], mask=m, other=0.0).to(ACC)
             xv = tl.load(x_ptr + x_base + (i * x_l + p * x_p)[None, :], mask=m, other=0.0).to(ACC)
             hv = tl.load(h_ptr + h_base + (i * h_l + p * h_p)[None, :], mask=m, other=0.0).to(ACC)
-            z_line = z_row + i * z_l + p * z_p  # [BLOCK_P]
-            al, am, ar, lam, u, d = _generate(z_line[None, :], z_sc, w_rows, w_ok, m, S, FIRST, ACC)
+            z = tl.load(z_rows + (i * z_l + p * z_p)[None, :], mask=mz, other=0.0).to(ACC)  # [BLOCK_J, BLOCK_P]
+            lam = _project(w_lam, z)
             from_l, from_r = _neighbours(qr, ql, idx_l, idx_r, has_l, has_r)
-            a = tl.where(m, u * gv + from_r + qm + from_l, 0.0)
+            a = tl.where(m, _project(w_u, z) * gv + from_r + qm + from_l, 0.0)
             dx_ptrs = dx_ptr + dx_base + (i * dx_l + p * dx_p)[None, :]
             dx = lam * a + tl.load(dx_ptrs, mask=m, other=0.0).to(ACC)
             if FIRST:
-                dx += d * gv
+                dx += _project(w_d, z) * gv
             tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=m)
             # Gates: normalised weights and 1 - sigmoid(logit); the state of the line before.
-            al = tl.where(has_l, al, 0.0)
-            ar = tl.where(has_r, ar, 0.0)
-            wl, wm, wr, cl, cm, cr = _stabilize(al, am, ar, has_l, has_r)
+            al = tl.where(has_l, _project(w_al, z), 0.0)
+            ar = tl.where(has_r, _project(w_ar, z), 0.0)
+            wl, wm, wr, cl, cm, cr = _stabilize(al, _project(w_am, z), ar, has_l, has_r)
             hl, hm, hr = _load_neighbours(
                 h_ptr + h_base + (i_prev * h_l + p * h_p)[None, :], h_p, mp, has_l, has_r, ACC
             )
@@ -419,32 +449,28 @@ def gspn_mix_bwd_reg_kernel(
             qr = tl.where(mp, wr * a, 0.0)
             dlam = xv * a
             du = gv * hv
-            dd = gv * xv
-            # Weight partials Σ_p dP z_j and proxy partials Σ_c Σ_kind W dP, one proxy channel at a time.
-            dz_line = dz_row + i * dz_l + p * dz_p
-            for j in range(0, S):
-                zj = tl.load(z_line + j * z_sc, mask=pv, other=0.0).to(ACC)[None, :]
-                wj = w_rows + j
-                dzj = (
-                    gl * tl.load(wj, mask=w_ok, other=0.0)
-                    + gm * tl.load(wj + S, mask=w_ok, other=0.0)
-                    + gr * tl.load(wj + 2 * S, mask=w_ok, other=0.0)
-                    + dlam * tl.load(wj + 3 * S, mask=w_ok, other=0.0)
-                    + du * tl.load(wj + 4 * S, mask=w_ok, other=0.0)
-                )
-                dwj = dw_rows + j
-                _reduce_rows(dwj, gl * zj, w_ok)
-                _reduce_rows(dwj + S, gm * zj, w_ok)
-                _reduce_rows(dwj + 2 * S, gr * zj, w_ok)
-                _reduce_rows(dwj + 3 * S, dlam * zj, w_ok)
-                _reduce_rows(dwj + 4 * S, du * zj, w_ok)
-                if FIRST:
-                    dzj += dd * tl.load(wj + 5 * S, mask=w_ok, other=0.0)
-                    _reduce_rows(dwj + 5 * S, dd * zj, w_ok)
-                dz_ptrs = dz_line + j * dz_sc
-                tl.store(dz_ptrs, tl.load(dz_ptrs, mask=pv, other=0.0) + tl.sum(dzj, axis=0), mask=pv)
-            # The weight partials are read again on the next line (possibly by other threads).
-            tl.debug_barrier()
+            # Weight gradients Σ_p dP z (registers) and proxy gradients Σ_c Σ_kind W dP (this line).
+            dw_al += _correlate(gl, z)
+            dw_am += _correlate(gm, z)
+            dw_ar += _correlate(gr, z)
+            dw_lam += _correlate(dlam, z)
+            dw_u += _correlate(du, z)
+            t3 = (w_al[:, :, None] * gl[:, None, :] + w_am[:, :, None] * gm[:, None, :]
+                  + w_ar[:, :, None] * gr[:, None, :] + w_lam[:, :, None] * dlam[:, None, :]
+                  + w_u[:, :, None] * du[:, None, :])
+            if FIRST:
+                dd = gv * xv
+                dw_d += _correlate(dd, z)
+                t3 += w_d[:, :, None] * dd[:, None, :]
+            dz_ptrs = dz_rows + (i * dz_l + p * dz_p)[None, :]
+            tl.store(dz_ptrs, tl.load(dz_ptrs, mask=mz, other=0.0) + tl.sum(t3, axis=0), mask=mz)
+    dw_rows = dw_ptr + (((pid_c * B + b) * C + c) * _KINDS_ * S)[:, None] + jr[None, :]
+    tl.store(dw_rows, dw_al, mask=w_ok)
+    tl.store(dw_rows + S, dw_am, mask=w_ok)
+    tl.store(dw_rows + 2 * S, dw_ar, mask=w_ok)
+    tl.store(dw_rows + 3 * S, dw_lam, mask=w_ok)
+    tl.store(dw_rows + 4 * S, dw_u, mask=w_ok)
+    tl.store(dw_rows + 5 * S, dw_d, mask=w_ok)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -617,17 +643,20 @@ def mix_forward(
     return out
 
 
-def _backward_config(batch: int, channels: int, line_length: int, num_chunks: int, device: torch.device):
+def _backward_config(batch: int, channels: int, state: int, line_length: int, num_chunks: int, device: torch.device):
     """Launch parameters of the fused adjoint (register kernel), or ``None`` where it does not apply:
     lines longer than one register block (1024 positions on a GPU, 256 in the interpreter), a GPU
     where that block size failed to build, or ``kernel="memory"`` forced by :func:`launch_overrides`.
 
-    A program owns ``block_s`` channels of one batch element (its proxy partials are summed over
-    those channels in registers); the slice groups are halved until there are 4 programs per SM and
-    the tiles of a local scan spread over the second grid axis, as in the forward.
+    A program owns ``block_s`` channels of one batch element (its proxy gradients are summed over
+    those channels in registers). Its 1×1 products are ``[block_s, block_j, block_p]`` broadcasts
+    (``block_j = next_pow2(S)``), kept to at most 8192 elements on a GPU; slice groups are halved
+    until there are 4 programs per SM and the tiles of a local scan spread over the second grid
+    axis, as in the forward. Untuned: no GPU has run it.
     """
     interp = device.type == "cpu"
     block_p = _next_pow2(line_length)
+    block_j = _next_pow2(state)
     if _overrides.get("kernel") == "memory" or block_p in _broken_register:
         return None
     if block_p > (_INTERP_MAX_BLOCK_P if interp else _GPU_MAX_REG_BLOCK_P):
@@ -637,12 +666,14 @@ def _backward_config(batch: int, channels: int, line_length: int, num_chunks: in
         chunk_programs, num_warps = 1, 1
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        block_s = min(_next_pow2(channels), max(1, _GPU_MAX_REG_BLOCK_P // block_p))
+        block_s = min(_next_pow2(channels), max(1, _GPU_MAX_REG_BLOCK_P // block_p),
+                      max(1, _GPU_MAX_PRODUCT // (block_p * block_j)))
         while block_s > 1 and batch * _cdiv(channels, block_s) * num_chunks < 4 * sms:
             block_s //= 2
         chunk_programs = min(num_chunks, max(1, _cdiv(4 * sms, batch * _cdiv(channels, block_s))))
         num_warps = max(4, min(16, block_s * block_p // (32 * 4)))
-    cfg = {"block_s": block_s, "block_p": block_p, "chunk_programs": chunk_programs, "num_warps": num_warps}
+    cfg = {"block_s": block_s, "block_j": block_j, "block_p": block_p, "chunk_programs": chunk_programs,
+           "num_warps": num_warps}
     cfg.update({k: v for k, v in _overrides.items() if k in ("block_s", "chunk_programs", "num_warps")})
     cfg["chunk_programs"] = max(1, min(cfg["chunk_programs"], num_chunks, 65535))
     return cfg
@@ -661,7 +692,7 @@ def _fused_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weig
         num_lines, line_length = (height, width) if d.vertical else (width, height)
         chunk = min(chunk_size or num_lines, num_lines)
         num_chunks = _cdiv(num_lines, chunk)
-        cfg = _backward_config(batch, channels, line_length, num_chunks, x.device)
+        cfg = _backward_config(batch, channels, state, line_length, num_chunks, x.device)
         if cfg is None:
             return None
         geometry.append((d, num_lines, line_length, chunk, num_chunks, cfg))
@@ -684,7 +715,7 @@ def _fused_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weig
         )
         # ... then its adjoint, channel groups of one batch element per program.
         blocks = _cdiv(channels, cfg["block_s"])
-        dw_k = torch.zeros((cfg["chunk_programs"], batch, channels, _KINDS, state), dtype=acc_torch, device=x.device)
+        dw_k = torch.empty((cfg["chunk_programs"], batch, channels, _KINDS, state), dtype=acc_torch, device=x.device)
         dz_k = dz[:blocks]
         gspn_mix_bwd_reg_kernel[(batch * blocks, cfg["chunk_programs"])](
             grad, x, proxy, w[k], h, dx, dz_k, dw_k,
@@ -692,7 +723,7 @@ def _fused_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weig
             *dz_k.stride(),
             batch, channels, state, num_lines, line_length, chunk, num_chunks, blocks,
             VERTICAL=d.vertical, REVERSE=d.reverse, FIRST=k == 0, ACC=acc,
-            BLOCK_S=cfg["block_s"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
+            BLOCK_S=cfg["block_s"], BLOCK_J=cfg["block_j"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
         )
         dw.append(dw_k.sum((0, 1)))  # (C, 6, S)
     dw = torch.stack(dw)  # (4, C, 6, S): gradients of the packed weights
