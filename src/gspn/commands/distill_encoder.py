@@ -59,7 +59,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-limit", type=int, default=None, help="use only this many validation images")
     g = p.add_argument_group("stages and losses")
     g.add_argument("--epochs", type=int, default=10, help="total epochs of both stages")
-    g.add_argument("--stage1-epochs", type=int, default=5,
+    g.add_argument("--stage1-epochs", type=int, default=3,
                    help="epochs of stage 1 (per-layer supervision); stage 2 runs the rest")
     g.add_argument("--stage1-inputs", choices=("student", "teacher"), default="student",
                    help="stage 1: every student block on the student's own features, or on the teacher's previous "

@@ -136,7 +136,7 @@ class EncoderDistillConfig:
     image_size: int | None = None
     in_channels: int | None = None
     epochs: int = 10
-    stage1_epochs: int = 5
+    stage1_epochs: int = 3
     batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-5
