@@ -18,10 +18,11 @@ Backends:
   direction, each adding its term to ``y``): every line's gate logits, λ, ``m_k u_k`` and (first
   launch) the merged ``D`` are generated from the proxy in registers, the gates normalised, the
   state advanced and ``y`` read-modify-written; inputs are read in place in their own dtype. The
-  backward is not fused: it recomputes one direction at a time (that direction's parameters by
-  ``einsum``, its hidden map by the Triton scan kernel, then the Triton adjoint scan), about 11
-  ``x``-sized maps at a time, never four directions' worth. Every case is fused; there is no
-  fallback to the composition. Verified only under the Triton interpreter, never on a GPU.
+  backward is fused too (two launches per direction: recompute ``h_k``, then an adjoint kernel that
+  regenerates the parameters and reduces the weight and proxy gradients in registers); lines
+  longer than one register block (1024 positions on a GPU) fall back to recomputing one direction
+  at a time through the line-scan kernels. Verified only under the Triton interpreter, never on a
+  GPU.
 """
 
 from __future__ import annotations
@@ -266,9 +267,9 @@ def _run(x, proxy, weights, chunk_size, backend, grad=None):
 
 
 def _triton_run(module, x, proxy, weights, chunk_size, grad):
-    """The Triton backend: the fused forward kernels (inputs read in their own dtype, ``y`` written
-    channels-last in place); the backward recomputes one direction at a time in the compute dtype
-    (see :mod:`gspn.ops.triton._mix`)."""
+    """The Triton backend (:mod:`gspn.ops.triton._mix`): the fused forward kernels (inputs read in
+    their own dtype, ``y`` written channels-last in place) and the fused backward in the compute
+    dtype (``dx`` written channels-last in place; ``dproxy`` copied to channels-last)."""
     from .triton import _mix  # imports triton: only once the backend is known to be available
 
     if grad is None:
@@ -277,7 +278,8 @@ def _triton_run(module, x, proxy, weights, chunk_size, grad):
     cdtype = compute_dtype(dtype)
     grad, x, proxy, *weights = (t.to(cdtype) for t in (grad, x, proxy, *weights))
     outs = _mix.mix_backward(module, grad, x, proxy, *weights, chunk_size)
-    outs = [_layout_like_kernel(o) for o in outs[:2]] + [o.contiguous() for o in outs[2:]]
+    outs = [o if o.stride() == _image_like(o[:0], o.shape[1]).stride() else _layout_like_kernel(o)
+            for o in outs[:2]] + [o.contiguous() for o in outs[2:]]
     return [o.to(dtype) for o in outs]
 
 
@@ -444,8 +446,8 @@ def gspn_mix(
     Autograd: an explicit backward gives ``dx``, ``dproxy`` and the five weight gradients in memory
     O(size of ``x`` + ``proxy``): the CPU kernel recomputes each direction's hidden state (one
     direction and one 16-channel block at a time) rather than saving the four hidden maps, which
-    would be 4× the size of ``x``; the Triton backend recomputes one direction at a time with
-    materialised parameters of that direction only (about 11× the size of ``x``). Double backward
+    would be 4× the size of ``x``; the Triton backend recomputes one direction's hidden map at a
+    time (two maps of ``x``'s size plus proxy-sized partials). Double backward
     raises a ``RuntimeError`` (the unfused composition, ``GSPN2d(fused=False)``, supports it).
     """
     chunk_size = _check_args(

@@ -37,19 +37,38 @@ Forward (``mix_forward``): the fusion of the CPU kernel on a GPU. For direction 
   ``x`` and ``proxy`` are read in their own dtype (float32/float64/bfloat16/float16); the state and
   all arithmetic are float32 (float64 for float64 inputs).
 
-Backward (``mix_backward``): **not fused**. It recomputes per direction, one direction at a time:
-the direction's λ, gate logits and u are materialised from the proxy (``einsum``), the hidden map
-``h_k`` is recomputed with the Triton line-scan forward kernel, and the Triton adjoint kernel
-(``gspn::line_scan`` backend ``scan_backward``, ``normalize=True``) gives ``dx`` (accumulated) and
-the gradients of λ and of the gate logits; the 1×1 weight and proxy gradients are ``einsum``
-products with the proxy. Peak extra memory is about 11 maps of the size of ``x`` (one direction's
-λ, u, 3 gate logits, h, its cotangent, ``du`` and 4 parameter gradients), independent of the four
-directions: O(x), not the O(4·x) that a stored or materialised 4-direction computation needs. The
-skip path needs no per-pixel ``D``: its gradients reduce to ``Σ_hw (g ⊙ x) proxyᵀ``. A fused
-backward (adjoint scan with on-the-fly generation) is left to later work.
+Backward (``mix_backward``): **fused**, two launches per direction (eight in all), nothing stored
+by the forward but its inputs:
+
+1. the register forward kernel with ``STORE_H`` recomputes the direction's hidden map ``h_k`` into
+   one ``(B, C, H, W)`` buffer (reused by the four directions);
+2. the adjoint kernel (``gspn_mix_bwd_reg_kernel``) walks each tile's lines in reverse scan order.
+   A program owns ``BLOCK_S`` channels of one batch element and the tiles ``j, j + tile_programs,
+   …``; it loads its weight rows once, regenerates each line's parameters from the proxy line,
+   carries the adjoint ``q_k = w_k a`` of the line after in registers, accumulates ``dx``
+   (read-modify-write of its own elements; the first launch adds the merged skip ``D ⊙ g``), and
+   reduces the per-pixel gradients of the gate logits, λ, ``m_k u_k`` and ``D`` on the spot: into
+   weight partials held in registers (``Σ_p dP z``, written once per program to
+   ``(tile_programs, B, C, 6, S)``) and into the proxy gradient of the line (``Σ_c Σ_kind W dP``,
+   added to a ``(channel groups, B, S, H, W)`` partial buffer that the host sums). The 1×1
+   products are ``[BLOCK_S, BLOCK_J, BLOCK_P]`` broadcasts (``BLOCK_J = next_pow2(S)``).
+
+Extra memory: ``h_k`` and ``dx`` (two maps of ``x``'s size, in the accumulation dtype), the proxy
+partials (one proxy-sized buffer per channel group: one in the interpreter, ``C / BLOCK_S`` on a
+GPU) and the small weight partials — no per-pixel parameter map, no four hidden maps. The gradient
+of ``merge_weight`` follows from the packed weights' gradients (``Σ u_weight[k] ⊙ dW_u'``, and
+likewise for the skip).
+
+Fallback: when a direction's lines do not fit one register block (``P`` > 1024 on a GPU, > 256 in
+the interpreter), when ``launch_overrides(kernel="memory")`` is set, or on a GPU where the register
+kernels cannot be built, the backward recomputes per direction through the line-scan kernels
+instead: that direction's λ, gate logits and u are materialised from the proxy (``einsum``), ``h_k``
+by the Triton scan kernel, then the Triton adjoint scan; about 11 ``x``-sized maps at a time, still
+one direction at a time (O(x), not O(4·x)).
 
 Verified only under the Triton interpreter (``TRITON_INTERPRET=1``, ``tests/test_triton_mix.py``),
-never on a GPU: barriers, register pressure and speed are unverified there.
+never on a GPU: barriers, register pressure (the backward's 3-D broadcasts above all), launch sizes
+and speed are unverified there.
 """
 
 from __future__ import annotations
