@@ -359,10 +359,10 @@ class _Distiller(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         if stage == 1 and cfg.stage1_inputs == "teacher":
             student = self.student
-            h = student.patch_embed(x).permute(0, 2, 3, 1)
+            h = student.patch_embed(x).permute(0, 2, 3, 1)  # (B, h, w, D)
             outs = []
             for i, block in enumerate(student.blocks):
-                inp = h if i == 0 else t_maps[i - 1].permute(0, 2, 3, 1)
+                inp = h if i == 0 else t_blocks[i - 1].reshape(h.shape)  # the teacher's tokens on the grid
                 outs.append(_tokens(block(inp).permute(0, 3, 1, 2), "--model"))
             parts["layer"] = self._layer_loss(outs, t_blocks)
             self._parts = parts
@@ -517,9 +517,11 @@ class _Run:
         """Probe both models on one validation image: protocol, token grids, widths, layer map."""
         cfg = self.cfg
         x = self.data.val[0][0][None].to(self.ctx.device)
+        self.student.eval()
         with torch.no_grad():
             t_final, t_blocks = block_outputs(self.teacher, x, "--teacher")
             s_final, s_blocks = block_outputs(self.student, x, "--model")
+        self.student.train()
         self.teacher_logits = False
         if callable(getattr(self.teacher, "forward_head", None)):
             with torch.no_grad():
@@ -695,7 +697,7 @@ class _Run:
             sync_buffers(self.module, ctx)
             val = evaluate(self.student, self.val_loader, dev, ctx, self.amp_dtype)
             elapsed += time.perf_counter() - t0
-            if stage == 2 and val["acc"] > best_acc:
+            if val["acc"] > best_acc:
                 best_acc, best_epoch = val["acc"], epoch
             record = {
                 "epoch": epoch, "stage": stage, "step": step, "lr": self.scheduler.get_last_lr()[0],
