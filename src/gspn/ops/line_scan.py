@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import second_order
-from .backends import resolve_backend
+from .backends import ScanBackend, resolve_backend
 from .directions import DIRECTIONS, get_direction
 from .validation import check_line_scan_args, compute_dtype, reduce_to_shape, result_dtype
 
@@ -58,10 +58,9 @@ def _prepare(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def _allocate(module, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised output buffer, from the backend's allocator if it has one."""
-    allocate = getattr(module, "allocate", None)
-    return allocate(shape, dtype, device) if allocate else torch.empty(shape, dtype=dtype, device=device)
+def _allocate(module: ScanBackend, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output buffer from the backend's allocator."""
+    return module.allocate(shape, dtype, device)
 
 
 def _direction_slice(p: torch.Tensor, k: int) -> torch.Tensor:
@@ -69,9 +68,9 @@ def _direction_slice(p: torch.Tensor, k: int) -> torch.Tensor:
     return p[:, k if p.shape[1] == 4 else 0]
 
 
-def _native(module) -> bool:
+def _native(module: ScanBackend) -> bool:
     """Whether the backend reads half/float inputs in their own dtype (no up-cast copies)."""
-    return getattr(module, "NATIVE_DTYPES", False)
+    return module.NATIVE_DTYPES
 
 
 def _forward(x, params, directions, chunk_size, normalize, backend, four_directions):
