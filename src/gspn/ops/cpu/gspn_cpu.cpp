@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -75,6 +76,54 @@ void forward_line(int64_t P, T* __restrict__ h, const T* __restrict__ prev, cons
     h[p] = lam[p] * x[p] + wl[p] * prev[p - 1] + wm[p] * prev[p] + wr[p] * prev[p + 1];
   h[P - 1] = lam[P - 1] * x[P - 1] + wl[P - 1] * prev[P - 2] + wm[P - 1] * prev[P - 1];
 }
+
+#if defined(__AVX512F__)
+// forward_line for float32 with AVX-512, 16 positions per vector (the last vector masked). NORM: the
+// gates are logits, normalised here in registers on the way (no weight buffer, parameters read
+// once); otherwise they are the weights. A neighbour outside the line is a masked-off lane: neither
+// its gate nor its h is read.
+template <bool NORM>
+void forward_line16(int64_t P, float* __restrict__ h, const float* __restrict__ prev, const float* __restrict__ x,
+                    const float* __restrict__ lam, const float* __restrict__ gl, const float* __restrict__ gm,
+                    const float* __restrict__ gr) {
+  for (int64_t p0 = 0; p0 < P; p0 += 16) {
+    const __mmask16 act = P - p0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (P - p0)) - 1u);
+    __m512 hv = _mm512_mul_ps(_mm512_maskz_loadu_ps(act, lam + p0), _mm512_maskz_loadu_ps(act, x + p0));
+    if (prev != nullptr) {
+      const __mmask16 has_l = p0 == 0 ? __mmask16(act & 0xFFFEu) : act;
+      const __mmask16 has_r = P - 1 - p0 < 16 ? __mmask16(act & ~(1u << (P - 1 - p0))) : act;
+      __m512 wl = _mm512_maskz_loadu_ps(has_l, gl + p0), wm = _mm512_maskz_loadu_ps(act, gm + p0);
+      __m512 wr = _mm512_maskz_loadu_ps(has_r, gr + p0);
+      if (NORM) {
+        __m512 s0, s1, s2;
+        const __mmask16 under = stability_weights16<false>(wl, wm, wr, has_l, has_r, wl, wm, wr, s0, s1, s2) & act;
+        if (under) {  // rare: all valid sigmoids underflowed
+          alignas(64) float w[3][16];
+          _mm512_store_ps(w[0], wl);
+          _mm512_store_ps(w[1], wm);
+          _mm512_store_ps(w[2], wr);
+          for (int64_t j = 0; j < 16; ++j)
+            if ((under >> j) & 1)
+              softmax_weights(gl[p0 + j], gm[p0 + j], gr[p0 + j], p0 + j > 0, p0 + j < P - 1, w[0][j], w[1][j],
+                              w[2][j]);
+          wl = _mm512_load_ps(w[0]);
+          wm = _mm512_load_ps(w[1]);
+          wr = _mm512_load_ps(w[2]);
+        }
+      }
+      hv = _mm512_fmadd_ps(wl, _mm512_maskz_loadu_ps(has_l, prev + p0 - 1), hv);
+      hv = _mm512_fmadd_ps(wm, _mm512_maskz_loadu_ps(act, prev + p0), hv);
+      hv = _mm512_fmadd_ps(wr, _mm512_maskz_loadu_ps(has_r, prev + p0 + 1), hv);
+    }
+    _mm512_mask_storeu_ps(h + p0, act, hv);
+  }
+}
+#endif
+
+// Lines at least this long are scanned with the gate normalisation fused into the line (float32,
+// AVX-512); shorter ones (4 or 8 pixels: most lanes of a 16-vector would idle) are normalised
+// several lines to a vector first.
+constexpr int64_t FUSED_MIN_LINE = 12;
 
 // Gate weights of one line as seen by the kernels (normalised weights, or the raw inputs).
 template <typename T>
@@ -232,6 +281,31 @@ struct ForwardWorker {
   const Geometry& geo;
   std::vector<T> buf;  // horizontal strips and normalised weights
 
+  // float32 with AVX-512: every line goes through forward_line16, lines of FUSED_MIN_LINE or more
+  // normalise their gates in it.
+#if defined(__AVX512F__)
+  static constexpr bool SIMD16 = std::is_same<T, float>::value;
+#else
+  static constexpr bool SIMD16 = false;
+#endif
+  bool fused() const { return SIMD16 && NORM && geo.P >= FUSED_MIN_LINE; }
+
+  // One line: raw gates (weights if !NORM, logits normalised on the way if fused()) or normalised
+  // weights (already_normalised).
+  void line(int64_t P, T* h, const T* prev, const T* x, const T* lam, LineWeights<T> w, bool already_normalised) {
+#if defined(__AVX512F__)
+    if constexpr (SIMD16) {
+      if (NORM && !already_normalised)
+        forward_line16<true>(P, h, prev, x, lam, w.l, w.m, w.r);
+      else
+        forward_line16<false>(P, h, prev, x, lam, w.l, w.m, w.r);
+      return;
+    }
+#endif
+    (void)already_normalised;
+    forward_line(P, h, prev, x, lam, w.l, w.m, w.r);
+  }
+
   explicit ForwardWorker(const Geometry& g) : geo(g) {
     // vertical: normalisation scratch (6 lines, or 6 planes for a small plane); horizontal: 6 strips,
     // 6 strips of normalised weights and sigmoids, and a carried line.
@@ -240,11 +314,11 @@ struct ForwardWorker {
   }
 
   // Small planes are normalised in one call (many short lines per vector block) before the scan.
-  bool whole_plane() const { return NORM && geo.H * geo.W <= SMALL_PLANE; }
+  bool whole_plane() const { return NORM && !fused() && geo.H * geo.W <= SMALL_PLANE; }
 
-  // Weights of one line, normalised into `scratch` (6 * P values) if NORM.
+  // Weights of one line, normalised into `scratch` (6 * P values) if NORM and not fused().
   LineWeights<T> weights(const T* al, const T* am, const T* ar, T* scratch) {
-    if (!NORM) return {al, am, ar};
+    if (!NORM || fused()) return {al, am, ar};
     const int64_t P = geo.P;
     normalize_line<T, false>(P, al, am, ar, scratch, scratch + P, scratch + 2 * P, nullptr, nullptr, nullptr);
     return {scratch, scratch + P, scratch + 2 * P};
@@ -269,7 +343,7 @@ struct ForwardWorker {
       const T* prev = geo.starts(l) ? nullptr : out + geo.img(l - 1) * W;
       const LineWeights<T> w = whole ? LineWeights<T>{scratch + off, scratch + HW + off, scratch + 2 * HW + off}
                                      : weights(in[F_WL] + off, in[F_WM] + off, in[F_WR] + off, scratch);
-      forward_line(W, out + off, prev, in[F_X] + off, in[F_LAM] + off, w.l, w.m, w.r);
+      line(W, out + off, prev, in[F_X] + off, in[F_LAM] + off, w, whole || (NORM && !fused()));
     }
   }
 
@@ -295,7 +369,7 @@ struct ForwardWorker {
         if (!geo.starts(l)) prev = i == 0 ? carry : strip[F_OUT] + (geo.reverse ? q + 1 : q - 1) * H;
         const LineWeights<T> w = NORM ? LineWeights<T>{norm + q * H, norm + S + q * H, norm + 2 * S + q * H}
                                       : LineWeights<T>{strip[F_WL] + q * H, strip[F_WM] + q * H, strip[F_WR] + q * H};
-        forward_line(H, strip[F_OUT] + q * H, prev, strip[F_X] + q * H, strip[F_LAM] + q * H, w.l, w.m, w.r);
+        line(H, strip[F_OUT] + q * H, prev, strip[F_X] + q * H, strip[F_LAM] + q * H, w, NORM);
       }
       const int64_t q_last = geo.reverse ? 0 : n - 1;
       std::memcpy(carry, strip[F_OUT] + q_last * H, sizeof(T) * H);

@@ -88,6 +88,25 @@ inline T lane_sum(const T (&u)[LANES]) {
 // sigmoids (for the VJP).
 template <typename T, bool HL, bool HR, bool KEEP>
 inline void normalize_lanes(const T (&acc)[KINDS][LANES], T (&w)[3][LANES], T (&s)[3][LANES]) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value && LANES == 16) {  // the 16-lane intrinsics of gspn_common.h
+    __m512 w0, w1, w2, s0, s1, s2;
+    const __mmask16 under =
+        stability_weights16<KEEP>(_mm512_loadu_ps(acc[K_L]), _mm512_loadu_ps(acc[K_M]), _mm512_loadu_ps(acc[K_R]),
+                                  HL ? 0xFFFF : 0, HR ? 0xFFFF : 0, w0, w1, w2, s0, s1, s2);
+    _mm512_storeu_ps(w[0], w0);
+    _mm512_storeu_ps(w[1], w1);
+    _mm512_storeu_ps(w[2], w2);
+    if (KEEP) {
+      _mm512_storeu_ps(s[0], s0);
+      _mm512_storeu_ps(s[1], s1);
+      _mm512_storeu_ps(s[2], s2);
+    }
+    for (int64_t j = 0; under != 0 && j < LANES; ++j)
+      if ((under >> j) & 1) softmax_weights(acc[K_L][j], acc[K_M][j], acc[K_R][j], HL, HR, w[0][j], w[1][j], w[2][j]);
+    return;
+  }
+#endif
   int underflow = 0;
 #pragma omp simd reduction(| : underflow)
   for (int64_t j = 0; j < LANES; ++j) {
