@@ -95,7 +95,9 @@ _INTERP_MAX_TILE = 4096
 _GPU_MAX_REG_BLOCK_P = 1024
 _GPU_MAX_BLOCK_P = 1024
 _GPU_MAX_TILE = 2048
-_GPU_MAX_PRODUCT = 8192  # elements of the backward's [BLOCK_S, BLOCK_J, BLOCK_P] products
+# Elements of the backward's [BLOCK_S, BLOCK_J, BLOCK_P] products: ahead-of-time sm_90 builds spill
+# at 8192 ([16, 8, 64], 8 warps: 456-568 stack bytes), not at 2048 ([4, 8, 64] and [2, 8, 128], 4 warps).
+_GPU_MAX_PRODUCT = 2048
 _MAX_SCRATCH_BYTES = 256 << 20
 _LAUNCH_KEYS = {"kernel", "block_s", "block_p", "chunk_programs", "num_warps"}
 _overrides: dict[str, Any] = {}
@@ -346,6 +348,12 @@ def _correlate(d, z):
 
 
 @triton.jit
+def _spread(w, d):
+    """``Σ_c w[c, j] d[c, p]``: ``[BLOCK_S, BLOCK_J] × [BLOCK_S, BLOCK_P] → [BLOCK_J, BLOCK_P]``."""
+    return tl.sum(w[:, :, None] * d[:, None, :], axis=0)
+
+
+@triton.jit
 def gspn_mix_bwd_reg_kernel(
     g_ptr, x_ptr, z_ptr, w_ptr, h_ptr, dx_ptr, dz_ptr, dw_ptr,
     g_sb, g_sc, g_sh, g_sw,
@@ -474,15 +482,14 @@ def gspn_mix_bwd_reg_kernel(
             dw_ar += _correlate(gr, z)
             dw_lam += _correlate(dlam, z)
             dw_u += _correlate(du, z)
-            t3 = (w_al[:, :, None] * gl[:, None, :] + w_am[:, :, None] * gm[:, None, :]
-                  + w_ar[:, :, None] * gr[:, None, :] + w_lam[:, :, None] * dlam[:, None, :]
-                  + w_u[:, :, None] * du[:, None, :])
+            dzv = (_spread(w_al, gl) + _spread(w_am, gm) + _spread(w_ar, gr) + _spread(w_lam, dlam)
+                   + _spread(w_u, du))
             if FIRST:
                 dd = gv * xv
                 dw_d += _correlate(dd, z)
-                t3 += w_d[:, :, None] * dd[:, None, :]
+                dzv += _spread(w_d, dd)
             dz_ptrs = dz_rows + (i * dz_l + p * dz_p)[None, :]
-            tl.store(dz_ptrs, tl.load(dz_ptrs, mask=mz, other=0.0) + tl.sum(t3, axis=0), mask=mz)
+            tl.store(dz_ptrs, tl.load(dz_ptrs, mask=mz, other=0.0) + dzv, mask=mz)
     dw_rows = dw_ptr + (((pid_c * B + b) * C + c) * _KINDS_ * S)[:, None] + jr[None, :]
     tl.store(dw_rows, dw_al, mask=w_ok)
     tl.store(dw_rows + S, dw_am, mask=w_ok)
@@ -669,7 +676,8 @@ def _backward_config(batch: int, channels: int, state: int, line_length: int, nu
 
     A program owns ``block_s`` channels of one batch element (its proxy gradients are summed over
     those channels in registers). Its 1×1 products are ``[block_s, block_j, block_p]`` broadcasts
-    (``block_j = next_pow2(S)``), kept to at most 8192 elements on a GPU; slice groups are halved
+    (``block_j = next_pow2(S)``), kept to at most 2048 elements on a GPU (more spills registers;
+    a single channel of a line longer than ``2048 / block_j`` exceeds it and spills); slice groups are halved
     until there are 4 programs per SM and the tiles of a local scan spread over the second grid
     axis, as in the forward. Untuned: no GPU has run it.
     """
