@@ -9,8 +9,8 @@ Usage::
 Like ``benchmarks/triton_compile_check.py`` (whose ``cuobjdump`` helper it uses), this builds ahead
 of time with the ``ptxas`` in Triton's wheel: it proves the kernels *build* for the target and shows
 whether they spill, nothing about speed or correctness on a GPU. The configurations are those
-``gspn.ops.triton._mix`` picks on a GPU for lines of 64, 128 and 1024 positions and ``S = 8``.
-Exits non-zero if a kernel fails to compile. Run it without ``TRITON_INTERPRET``.
+``gspn.ops.triton._mix`` picks on a GPU for lines of 64, 128, 256 and 1024 positions and ``S = 8``
+(one ``S = 16`` case). Exits non-zero if a kernel fails to compile. Run it without ``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ CASES = [
     ("gspn_mix_fwd_kernel", {"BLOCK_S": 2, "BLOCK_P": 1024}, 8, "bf16"),
     ("gspn_mix_bwd_reg_kernel", {"BLOCK_S": 4, "BLOCK_J": 8, "BLOCK_P": 64}, 4, "fp32"),
     ("gspn_mix_bwd_reg_kernel", {"BLOCK_S": 2, "BLOCK_J": 8, "BLOCK_P": 128}, 4, "fp32"),
+    ("gspn_mix_bwd_reg_kernel", {"BLOCK_S": 1, "BLOCK_J": 8, "BLOCK_P": 256}, 4, "fp32"),
+    ("gspn_mix_bwd_reg_kernel", {"BLOCK_S": 1, "BLOCK_J": 16, "BLOCK_P": 128}, 4, "fp32"),
     ("gspn_mix_bwd_reg_kernel", {"BLOCK_S": 1, "BLOCK_J": 8, "BLOCK_P": 1024}, 8, "fp32"),
 ]
 
