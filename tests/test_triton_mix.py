@@ -6,7 +6,7 @@ Without a GPU the kernels run on CPU tensors through the Triton interpreter, set
 through a module-scoped fixture, while its tests run, so that it does not leak into other modules.
 The interpreter supports float64, so the float64 comparisons are tight (1e-10); float32, bfloat16
 and float16 inputs are compared with the float64 result at stated tolerances. Shapes are small and
-some launches are forced small (``_mix.launch_overrides``) so that several programs, partial slice
+some launches are forced small (``gspn.ops.triton.launch_overrides``) so that several programs, partial slice
 tiles, tiles of a local scan shared by two programs and the memory variant's multi-block lines
 are exercised. The interpreter runs programs one after another: it cannot catch a missing barrier
 or a race; only a GPU run can.
@@ -24,7 +24,7 @@ if _SET_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     triton = pytest.importorskip("triton")
-    from gspn.ops.triton import _mix
+    from gspn.ops.triton import _mix  # noqa: F401  (its kernels are defined while TRITON_INTERPRET is set)
 finally:
     if _SET_INTERPRET:
         del os.environ["TRITON_INTERPRET"]
@@ -89,11 +89,11 @@ def _compare(args, chunk_size, rtol=1e-10, atol=1e-10, overrides=None, backward=
     args64 = [a.double() for a in args]
     if backward:
         want, grad_out = _value_and_grads(args64, chunk_size, "reference")
-        with _mix.launch_overrides(**(overrides or {})):
+        with triton_backend.launch_overrides(**(overrides or {})):
             got, _ = _value_and_grads(args, chunk_size, "triton", grad_out, DEVICE)
     else:
         want = [gspn_mix(*args64, chunk_size=chunk_size, backend="reference")]
-        with _mix.launch_overrides(**(overrides or {})):
+        with triton_backend.launch_overrides(**(overrides or {})):
             got = [gspn_mix(*(a.to(DEVICE) for a in args), chunk_size=chunk_size, backend="triton").cpu()]
     for name, g, w in zip(NAMES, got, want, strict=False):
         assert g.dtype == args[0].dtype and g.shape == w.shape, name
@@ -196,5 +196,5 @@ def test_opcheck():
 def test_empty_and_unknown_override():
     args = [a.to(DEVICE) for a in make(0, 4, 3, 3, 2, 4)]
     assert gspn_mix(*args, backend="triton").shape == (0, 4, 3, 3)
-    with pytest.raises(ValueError, match="unknown launch parameters"), _mix.launch_overrides(size=3):
+    with pytest.raises(ValueError, match="unknown launch parameters"), triton_backend.launch_overrides(size=3):
         pass

@@ -247,21 +247,21 @@ def _run(x, proxy, weights, chunk_size, backend, grad=None):
     dtype = x.dtype
     cdtype = compute_dtype(dtype)
     module = resolve_backend(backend, x.device)
-    if module.__name__ == "gspn.ops.triton":
+    name = module.__name__.rsplit(".", 1)[-1]  # backend "<name>" is the module gspn.ops.<name>
+    if name == "triton":
         return _triton_run(module, x, proxy, weights, chunk_size, grad)
     x, proxy, *weights = (t.to(cdtype) for t in (x, proxy, *weights))
     if grad is not None:
         grad = grad.to(cdtype)
-    if getattr(module, "mix_forward", None) is not None:
+    if name == "cpu":
         if grad is None:
             return _cpu_forward(module, x, proxy, weights, chunk_size).to(dtype)
         outs = _cpu_backward(module, grad, x, proxy, weights, chunk_size)
         outs = outs[:2] + [o.contiguous() for o in outs[2:]]
     else:
-        scan = module.__name__.rsplit(".", 1)[-1]
         if grad is None:
-            return _layout_like_kernel(_compose_forward(x, proxy, *weights, chunk_size, scan)).to(dtype)
-        outs = _compose_backward(grad, x, proxy, *weights, chunk_size, scan)
+            return _layout_like_kernel(_compose_forward(x, proxy, *weights, chunk_size, name)).to(dtype)
+        outs = _compose_backward(grad, x, proxy, *weights, chunk_size, name)
         outs = [_layout_like_kernel(o) for o in outs[:2]] + [o.contiguous() for o in outs[2:]]
     return [o.to(dtype) for o in outs]
 

@@ -80,7 +80,10 @@ def cdiv(a: int, b: int) -> int:
 
 @contextlib.contextmanager
 def launch_overrides(**values: Any) -> Iterator[None]:
-    """Force launch parameters for the calls inside the ``with`` block (tests and experiments).
+    """Force launch parameters for the calls inside the ``with`` block (tests and experiments), for
+    the line-scan kernels and the fused :func:`gspn.ops.gspn_mix` kernels alike (the latter take
+    ``kernel="register"``/``"memory"``, ``block_s``, ``block_p``, ``chunk_programs``, ``num_warps``
+    and ignore the rest).
 
     Keys: ``kernel`` (``"register"``, ``"split"`` or ``"memory"``), ``block_s``, ``block_p``,
     ``halo`` (split variant: lines per time block, also the halo width), ``chunk_programs``,

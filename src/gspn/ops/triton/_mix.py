@@ -60,7 +60,7 @@ of ``merge_weight`` follows from the packed weights' gradients (``Σ u_weight[k]
 likewise for the skip).
 
 Fallback: when a direction's lines do not fit one register block (``P`` > 1024 on a GPU, > 256 in
-the interpreter), when ``launch_overrides(kernel="memory")`` is set, or on a GPU where the register
+the interpreter), when ``gspn.ops.triton.launch_overrides(kernel="memory")`` is set, or on a GPU where the register
 kernels cannot be built, the backward recomputes per direction through the line-scan kernels
 instead: that direction's λ, gate logits and u are materialised from the proxy (``einsum``), ``h_k``
 by the Triton scan kernel, then the Triton adjoint scan; about 11 ``x``-sized maps at a time, still
@@ -75,9 +75,7 @@ sizes picked for lines up to 256 positions with ``S <= 8``, spills 8–32 bytes 
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -86,46 +84,30 @@ import triton.language as tl
 
 from ..directions import DIRECTIONS, get_direction
 from ._kernels import _forward_gates, _load_neighbours, _neighbours, _stabilize
+from ._launch import (
+    _GPU_MAX_BLOCK_P,
+    _GPU_MAX_REG_BLOCK_P,
+    _GPU_MAX_TILE,
+    _INTERP_MAX_BLOCK_P,
+    _INTERP_MAX_TILE,
+    _MAX_SCRATCH_BYTES,
+    _broken,
+    _overrides,
+    cannot_build,
+    cdiv,
+    next_pow2,
+)
 
-__all__ = ["launch_overrides", "mix_backward", "mix_forward"]
+__all__ = ["mix_backward", "mix_forward"]
 
 # Packed weight rows per channel: 3 gate logits, λ, m_k·u_k, Σ_k m_k D_k.
 _KINDS = 6
 _KINDS_ = tl.constexpr(_KINDS)
-_INTERP_MAX_BLOCK_P = 256
-_INTERP_MAX_TILE = 4096
-_GPU_MAX_REG_BLOCK_P = 1024
-_GPU_MAX_BLOCK_P = 1024
-_GPU_MAX_TILE = 2048
 # Elements of the backward's [BLOCK_S, BLOCK_J, BLOCK_P] products: ahead-of-time sm_90 builds spill
 # at 8192 ([16, 8, 64], 8 warps: 456-568 stack bytes), not at 2048 ([4, 8, 64] and [2, 8, 128], 4 warps).
 _GPU_MAX_PRODUCT = 2048
-_MAX_SCRATCH_BYTES = 256 << 20
-_LAUNCH_KEYS = {"kernel", "block_s", "block_p", "chunk_programs", "num_warps"}
-_overrides: dict[str, Any] = {}
-_broken_register: set[int] = set()  # BLOCK_P values whose register build failed on this GPU
-
-
-@contextlib.contextmanager
-def launch_overrides(**values: Any) -> Iterator[None]:
-    """Force launch parameters of :func:`mix_forward` inside the ``with`` block (tests).
-
-    Keys: ``kernel`` (``"register"`` or ``"memory"``), ``block_s``, ``block_p`` (memory variant),
-    ``chunk_programs`` (programs sharing the tiles of the scan axis), ``num_warps``.
-
-    Raises:
-        ValueError: an unknown key.
-    """
-    unknown = set(values) - _LAUNCH_KEYS
-    if unknown:
-        raise ValueError(f"unknown launch parameters: {sorted(unknown)}")
-    saved = dict(_overrides)
-    _overrides.update(values)
-    try:
-        yield
-    finally:
-        _overrides.clear()
-        _overrides.update(saved)
+# Key of this module's register kernels in the line-scan backend's record of builds that failed.
+_REGISTER = "mix_register"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -505,14 +487,6 @@ def gspn_mix_bwd_reg_kernel(
 # Host side.
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _launch_config(slices: int, line_length: int, num_chunks: int, device: torch.device) -> dict[str, Any]:
     """Variant and launch parameters of one direction's launch.
 
@@ -524,26 +498,24 @@ def _launch_config(slices: int, line_length: int, num_chunks: int, device: torch
     elements per thread. Untuned: no GPU has run these kernels.
     """
     interp = device.type == "cpu"
-    whole = _next_pow2(line_length)
+    whole = next_pow2(line_length)
     max_reg = _INTERP_MAX_BLOCK_P if interp else _GPU_MAX_REG_BLOCK_P
-    kernel = _overrides.get("kernel") or (
-        "register" if whole <= max_reg and whole not in _broken_register else "memory"
-    )
+    kernel = _forced_kernel() or ("register" if whole <= max_reg and (_REGISTER, whole) not in _broken else "memory")
     if kernel == "register":
         block_p = whole
     else:
         block_p = _overrides.get("block_p") or min(whole, _INTERP_MAX_BLOCK_P if interp else _GPU_MAX_BLOCK_P)
     if interp:
-        block_s = min(_next_pow2(slices), max(1, _INTERP_MAX_TILE // block_p))
+        block_s = min(next_pow2(slices), max(1, _INTERP_MAX_TILE // block_p))
         chunk_programs, num_warps = 1, 1
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         max_tile = _GPU_MAX_REG_BLOCK_P if kernel == "register" else _GPU_MAX_TILE
-        block_s = min(_next_pow2(slices), max(1, max_tile // block_p))
-        while block_s > 1 and _cdiv(slices, block_s) * num_chunks < 4 * sms:
+        block_s = min(next_pow2(slices), max(1, max_tile // block_p))
+        while block_s > 1 and cdiv(slices, block_s) * num_chunks < 4 * sms:
             block_s //= 2
-        slice_programs = _cdiv(slices, block_s)
-        chunk_programs = min(num_chunks, max(1, _cdiv(4 * sms, slice_programs)))
+        slice_programs = cdiv(slices, block_s)
+        chunk_programs = min(num_chunks, max(1, cdiv(4 * sms, slice_programs)))
         if kernel == "memory":
             per_program = slice_programs * block_s * 2 * line_length * 4
             chunk_programs = max(1, min(chunk_programs, _MAX_SCRATCH_BYTES // max(per_program, 1)))
@@ -556,21 +528,11 @@ def _launch_config(slices: int, line_length: int, num_chunks: int, device: torch
     return cfg
 
 
-def _cannot_build(exc: BaseException) -> bool:
-    """Whether ``exc`` says the register kernel cannot be *built* on this GPU (the line-scan
-    backend's fallback rule): a Triton ``CompilationError``, ``OutOfResources``, ``PTXASError`` or
-    the ``RuntimeError("PassManager::run failed")`` of an MLIR pass (e.g. lowering ``tl.gather``).
-    Anything else (CUDA faults, interpreter errors) propagates."""
-    from triton.compiler.errors import CompilationError
-    from triton.runtime import errors
-
-    build_errors: tuple[type[BaseException], ...] = (CompilationError, errors.OutOfResources)
-    ptxas = getattr(errors, "PTXASError", None)
-    if ptxas is not None:
-        build_errors = (*build_errors, ptxas)
-    if isinstance(exc, build_errors):
-        return True
-    return type(exc) is RuntimeError and str(exc).startswith("PassManager::run failed")
+def _forced_kernel() -> str | None:
+    """The variant forced by :func:`gspn.ops.triton.launch_overrides` (``kernel=``), if this module
+    has it: ``"register"`` or ``"memory"`` (a forced ``"split"`` only concerns the line scan)."""
+    kernel = _overrides.get("kernel")
+    return kernel if kernel in ("register", "memory") else None
 
 
 def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, Any]:
@@ -636,9 +598,9 @@ def mix_forward(
         d = get_direction(name)
         num_lines, line_length = (height, width) if d.vertical else (width, height)
         chunk = min(chunk_size or num_lines, num_lines)
-        num_chunks = _cdiv(num_lines, chunk)
+        num_chunks = cdiv(num_lines, chunk)
         cfg = _launch_config(slices, line_length, num_chunks, x.device)
-        grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+        grid = (cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
         scalars = (slices, channels, state, num_lines, line_length, chunk, num_chunks)
         flags = {
             "VERTICAL": d.vertical, "REVERSE": d.reverse, "FIRST": k == 0, "LAST": k == len(DIRECTIONS) - 1,
@@ -651,9 +613,9 @@ def mix_forward(
                 )
                 continue
             except Exception as exc:  # a GPU whose Triton cannot build tl.gather: the memory variant
-                if x.device.type != "cuda" or not _cannot_build(exc):
+                if x.device.type != "cuda" or not cannot_build(exc):
                     raise
-                _broken_register.add(cfg["block_p"])
+                _broken.add((_REGISTER, cfg["block_p"]))
                 warnings.warn(
                     f"gspn: the register gspn_mix Triton kernel cannot be built on this GPU for lines of up to "
                     f"{cfg['block_p']} positions ({type(exc).__name__}: {str(exc)[:300]}); using the memory "
@@ -662,7 +624,7 @@ def mix_forward(
                     stacklevel=2,
                 )
                 cfg = _launch_config(slices, line_length, num_chunks, x.device)
-                grid = (_cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
+                grid = (cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
                 flags.update(BLOCK_S=cfg["block_s"], num_warps=cfg["num_warps"])
         scratch = torch.empty(cfg["chunk_programs"] * slices * 2 * line_length, dtype=acc_torch, device=x.device)
         gspn_mix_fwd_kernel[grid](
@@ -674,7 +636,7 @@ def mix_forward(
 def _backward_config(batch: int, channels: int, state: int, line_length: int, num_chunks: int, device: torch.device):
     """Launch parameters of the fused adjoint (register kernel), or ``None`` where it does not apply:
     lines longer than one register block (1024 positions on a GPU, 256 in the interpreter), a GPU
-    where that block size failed to build, or ``kernel="memory"`` forced by :func:`launch_overrides`.
+    where that block size failed to build, or ``kernel="memory"`` forced by :func:`gspn.ops.triton.launch_overrides`.
 
     A program owns ``block_s`` channels of one batch element (its proxy gradients are summed over
     those channels in registers). Its 1×1 products are ``[block_s, block_j, block_p]`` broadcasts
@@ -684,22 +646,22 @@ def _backward_config(batch: int, channels: int, state: int, line_length: int, nu
     axis, as in the forward. Untuned: no GPU has run it.
     """
     interp = device.type == "cpu"
-    block_p = _next_pow2(line_length)
-    block_j = _next_pow2(state)
-    if _overrides.get("kernel") == "memory" or block_p in _broken_register:
+    block_p = next_pow2(line_length)
+    block_j = next_pow2(state)
+    if _forced_kernel() == "memory" or (_REGISTER, block_p) in _broken:
         return None
     if block_p > (_INTERP_MAX_BLOCK_P if interp else _GPU_MAX_REG_BLOCK_P):
         return None
     if interp:
-        block_s = min(_next_pow2(channels), max(1, _INTERP_MAX_TILE // block_p))
+        block_s = min(next_pow2(channels), max(1, _INTERP_MAX_TILE // block_p))
         chunk_programs, num_warps = 1, 1
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        block_s = min(_next_pow2(channels), max(1, _GPU_MAX_REG_BLOCK_P // block_p),
+        block_s = min(next_pow2(channels), max(1, _GPU_MAX_REG_BLOCK_P // block_p),
                       max(1, _GPU_MAX_PRODUCT // (block_p * block_j)))
-        while block_s > 1 and batch * _cdiv(channels, block_s) * num_chunks < 4 * sms:
+        while block_s > 1 and batch * cdiv(channels, block_s) * num_chunks < 4 * sms:
             block_s //= 2
-        chunk_programs = min(num_chunks, max(1, _cdiv(4 * sms, batch * _cdiv(channels, block_s))))
+        chunk_programs = min(num_chunks, max(1, cdiv(4 * sms, batch * cdiv(channels, block_s))))
         num_warps = max(4, min(16, block_s * block_p // (32 * 4)))
     cfg = {"block_s": block_s, "block_j": block_j, "block_p": block_p, "chunk_programs": chunk_programs,
            "num_warps": num_warps}
@@ -720,7 +682,7 @@ def _fused_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weig
         d = get_direction(name)
         num_lines, line_length = (height, width) if d.vertical else (width, height)
         chunk = min(chunk_size or num_lines, num_lines)
-        num_chunks = _cdiv(num_lines, chunk)
+        num_chunks = cdiv(num_lines, chunk)
         cfg = _backward_config(batch, channels, state, line_length, num_chunks, x.device)
         if cfg is None:
             return None
@@ -728,7 +690,7 @@ def _fused_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weig
     w = _pack_weights(gate_weight, lam_weight, u_weight, skip_weight, merge_weight, acc_torch)
     h = torch.empty(x.shape, dtype=acc_torch, device=x.device)
     dx = x.new_zeros((batch, height, width, channels), dtype=acc_torch).permute(0, 3, 1, 2)
-    nblk = max(_cdiv(channels, g[-1]["block_s"]) for g in geometry)
+    nblk = max(cdiv(channels, g[-1]["block_s"]) for g in geometry)
     dz = torch.zeros((nblk, batch, state, height, width), dtype=acc_torch, device=x.device)
     dw = []
     slices = batch * channels
@@ -737,13 +699,13 @@ def _fused_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weig
         fcfg = _launch_config(slices, line_length, num_chunks, x.device)
         strides = (*_strides4(x), *_strides4(proxy), *_strides4(h), *_strides4(h))
         scalars = (slices, channels, state, num_lines, line_length, chunk, num_chunks)
-        gspn_mix_fwd_reg_kernel[(_cdiv(slices, fcfg["block_s"]), fcfg["chunk_programs"])](
+        gspn_mix_fwd_reg_kernel[(cdiv(slices, fcfg["block_s"]), fcfg["chunk_programs"])](
             x, proxy, w[k], h, h, *strides, *scalars, VERTICAL=d.vertical, REVERSE=d.reverse, FIRST=False,
-            LAST=False, STORE_H=True, ACC=acc, BLOCK_S=fcfg["block_s"], BLOCK_P=_next_pow2(line_length),
+            LAST=False, STORE_H=True, ACC=acc, BLOCK_S=fcfg["block_s"], BLOCK_P=next_pow2(line_length),
             num_warps=fcfg["num_warps"],
         )
         # ... then its adjoint, channel groups of one batch element per program.
-        blocks = _cdiv(channels, cfg["block_s"])
+        blocks = cdiv(channels, cfg["block_s"])
         dw_k = torch.empty((cfg["chunk_programs"], batch, channels, _KINDS, state), dtype=acc_torch, device=x.device)
         dz_k = dz[:blocks]
         gspn_mix_bwd_reg_kernel[(batch * blocks, cfg["chunk_programs"])](
@@ -788,9 +750,9 @@ def mix_backward(scan_module, grad, x, proxy, gate_weight, lam_weight, u_weight,
     try:
         outs = _fused_backward(*args)
     except Exception as exc:
-        if x.device.type != "cuda" or not _cannot_build(exc):
+        if x.device.type != "cuda" or not cannot_build(exc):
             raise
-        _broken_register.update(_next_pow2(n) for n in x.shape[2:])
+        _broken.update((_REGISTER, next_pow2(n)) for n in x.shape[2:])
         warnings.warn(
             f"gspn: the fused gspn_mix Triton backward cannot be built on this GPU ({type(exc).__name__}: "
             f"{str(exc)[:300]}); recomputing through the line-scan kernels instead",
