@@ -10,6 +10,7 @@ one call each per round, so machine noise hits them alike; ratios are taken with
     python benchmarks/gspn_layer.py --quick          # smaller shapes, a sanity run
     python benchmarks/gspn_layer.py --json out.json  # also write every measurement
     python benchmarks/gspn_layer.py --operator       # line_scan_4d: normalisation cost, vs the reference loop
+    python benchmarks/gspn_layer.py --threads 1 --shapes 1,96,128,128 1,320,64,64   # only these shapes
 
 ``--operator`` times the scan operator alone (``gspn.ops.line_scan_4d`` on the CPU backend, with and
 without the fused normalisation, and the reference loop with it) at the small maps of the deep
@@ -189,12 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sdpa-max-tokens", type=int, default=16384, help="skip SDPA above this many tokens")
     parser.add_argument("--json", default=None, help="write every measurement to this file")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="B,C,H,W",
+                        help="only these shapes (layers and --operator), e.g. 1,96,128,128 1,320,64,64")
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
     threads = args.threads or ([1] if args.quick else [1, 2])
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, times are medians in ms")
     if args.operator:
-        records = run_operator(OPERATOR_SHAPES[:2] if args.quick else OPERATOR_SHAPES, threads, args.repeats)
+        operator_shapes = shapes if args.shapes else OPERATOR_SHAPES[:2] if args.quick else OPERATOR_SHAPES
+        records = run_operator(operator_shapes, threads, args.repeats)
     else:
         records = run(shapes, threads, args.repeats, args.sdpa_max_tokens)
     if args.json:

@@ -166,12 +166,15 @@ GSPN_INLINE __mmask16 stability_weights16(__m512 al, __m512 am, __m512 ar, __mma
                                           __m512& wl, __m512& wm, __m512& wr, __m512& sl, __m512& sm, __m512& sr) {
   const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
   const __m512 tl = exp_neg_abs16(has_l, al), tm = exp_neg_abs16(0xFFFF, am), tr = exp_neg_abs16(has_r, ar);
-  const __m512 nl = _mm512_mask_mov_ps(tl, _mm512_mask_cmp_ps_mask(has_l, al, zero, _CMP_GE_OQ), one);
-  const __m512 nm = _mm512_mask_mov_ps(tm, _mm512_cmp_ps_mask(am, zero, _CMP_GE_OQ), one);
-  const __m512 nr = _mm512_mask_mov_ps(tr, _mm512_mask_cmp_ps_mask(has_r, ar, zero, _CMP_GE_OQ), one);
   const __m512 dl = _mm512_add_ps(one, tl), dm = _mm512_add_ps(one, tm), dr = _mm512_add_ps(one, tr);
-  const __m512 el = _mm512_mul_ps(nl, _mm512_mul_ps(dm, dr)), em = _mm512_mul_ps(nm, _mm512_mul_ps(dl, dr));
-  const __m512 dlm = _mm512_mul_ps(dl, dm), er = _mm512_mul_ps(nr, dlm);
+  // e_k = n_k p_k with p_k = prod_{j != k} d_j: p_k where a_k >= 0, t_k p_k elsewhere (a_k < 0, NaN,
+  // or a missing neighbour, whose t_k is 0) -- one masked multiply instead of a blend and a multiply.
+  const __mmask16 ml = _mm512_kor(_mm512_cmp_ps_mask(al, zero, _CMP_NGE_UQ), _mm512_knot(has_l));
+  const __mmask16 mm = _mm512_cmp_ps_mask(am, zero, _CMP_NGE_UQ);
+  const __mmask16 mr = _mm512_kor(_mm512_cmp_ps_mask(ar, zero, _CMP_NGE_UQ), _mm512_knot(has_r));
+  const __m512 pl = _mm512_mul_ps(dm, dr), pm = _mm512_mul_ps(dl, dr), dlm = _mm512_mul_ps(dl, dm);
+  const __m512 el = _mm512_mask_mul_ps(pl, ml, pl, tl), em = _mm512_mask_mul_ps(pm, mm, pm, tm);
+  const __m512 er = _mm512_mask_mul_ps(dlm, mr, dlm, tr);
   const __m512 sum = _mm512_add_ps(_mm512_add_ps(el, em), er);
   const __m512 r0 = _mm512_rcp14_ps(sum);
   const __m512 inv = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(sum, r0, one), r0);
@@ -187,6 +190,41 @@ GSPN_INLINE __mmask16 stability_weights16(__m512 al, __m512 am, __m512 ar, __mma
     sr = _mm512_mul_ps(er, q);
   }
   return _mm512_cmp_ps_mask(sum, _mm512_set1_ps(tiny_sum<float>()), _CMP_LT_OQ);
+}
+
+// In-register transpose of a 16 x 16 float tile: v[i][j] -> v[j][i].
+inline void transpose16x16(__m512 (&v)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 e = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88), f = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xdd);
+    const __m512 g = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88), h = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xdd);
+    v[k] = _mm512_shuffle_f32x4(e, g, 0x88);
+    v[8 + k] = _mm512_shuffle_f32x4(e, g, 0xdd);
+    v[4 + k] = _mm512_shuffle_f32x4(f, h, 0x88);
+    v[12 + k] = _mm512_shuffle_f32x4(f, h, 0xdd);
+  }
+}
+
+// n <= 16 pixels (consecutive in each plane, from `src`) of 16 planes `plane_stride` apart, stored
+// pixel-major: dst + q * dst_stride holds the 16 channels of pixel q.
+GSPN_INLINE void stage_pixels16(const float* src, int64_t plane_stride, int64_t n, float* dst, int64_t dst_stride) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+  __m512 v[16];
+  for (int64_t j = 0; j < 16; ++j) v[j] = _mm512_maskz_loadu_ps(mask, src + j * plane_stride);
+  transpose16x16(v);
+  for (int64_t q = 0; q < n; ++q) _mm512_storeu_ps(dst + q * dst_stride, v[q]);
 }
 
 // Lanes j of a 16-block whose first element sits at position pos0 of lines of length P that are at

@@ -208,30 +208,6 @@ void scatter_columns(const T* __restrict__ src, int64_t H, int64_t W, int64_t c0
 }
 
 #if defined(__AVX512F__)
-inline void transpose16x16(__m512 (&v)[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {
-    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
-    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int k = 0; k < 4; ++k) {
-    const __m512 e = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88), f = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xdd);
-    const __m512 g = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88), h = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xdd);
-    v[k] = _mm512_shuffle_f32x4(e, g, 0x88);
-    v[8 + k] = _mm512_shuffle_f32x4(e, g, 0xdd);
-    v[4 + k] = _mm512_shuffle_f32x4(f, h, 0x88);
-    v[12 + k] = _mm512_shuffle_f32x4(f, h, 0xdd);
-  }
-}
-
 template <>
 void gather_columns<float>(const float* __restrict__ src, int64_t H, int64_t W, int64_t c0, int64_t n,
                            float* __restrict__ dst) {

@@ -70,6 +70,17 @@ inline void generate(const T* __restrict__ w, const T* __restrict__ z, int64_t S
     for (int64_t j = 0; j < LANES; ++j) acc[K0 + k][j] = a[k][j];
 }
 
+#if defined(__AVX512F__)
+// generate for float32 with 16 lanes, all kinds, into registers: g[k] = sum_s w[k][s] z[s].
+GSPN_INLINE void generate16(const float* __restrict__ w, const float* __restrict__ z, int64_t S, __m512 (&g)[KINDS]) {
+  for (int k = 0; k < KINDS; ++k) g[k] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    const __m512 zs = _mm512_set1_ps(z[s]);
+    for (int k = 0; k < KINDS; ++k) g[k] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (k * S + s) * LANES), zs, g[k]);
+  }
+}
+#endif
+
 // Sum of the LANES values of u, as a fixed tree (an `omp simd` reduction without -ffast-math is a
 // serial chain of scalar adds here).
 template <typename T>
@@ -167,6 +178,12 @@ struct XPlanar {
 // from LANES planes a whole row apart (each a cache miss once the planes outgrow L1).
 template <typename T>
 void stage_columns(const XPlanar<T>& x, int64_t H, int64_t W, int64_t c0, int64_t n, T* __restrict__ strip) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value && LANES == 16) {
+    for (int64_t r = 0; r < H; ++r) stage_pixels16(x.data + r * W + c0, x.plane_stride, n, strip + r * LANES, H * LANES);
+    return;
+  }
+#endif
   for (int64_t r = 0; r < H; ++r) {
     T tile[LANES][LANES];  // [channel][column]
     for (int64_t j = 0; j < LANES; ++j) {
@@ -181,9 +198,25 @@ void stage_columns(const XPlanar<T>& x, int64_t H, int64_t W, int64_t c0, int64_
   }
 }
 
+// Pixels [p0, p0 + n) of a planar x block staged channels-last, dst[q * LANES + channel]: a row scan
+// (or the skip term) then reads one contiguous vector per pixel instead of LANES strided values.
+template <typename T>
+void stage_pixels(const XPlanar<T>& x, int64_t p0, int64_t n, T* __restrict__ dst) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value && LANES == 16) {
+    for (int64_t q = 0; q < n; q += LANES)
+      stage_pixels16(x.data + p0 + q, x.plane_stride, std::min(LANES, n - q), dst + q * LANES, LANES);
+    return;
+  }
+#endif
+  for (int64_t q = 0; q < n; ++q) x.load(p0 + q, *reinterpret_cast<T(*)[LANES]>(dst + q * LANES));
+}
+
 // y = (D z) x for every pixel of the block (the merged skip term; initialises y).
 template <typename T, typename X>
 void skip_forward(const MixShape& sh, const X& x, const T* z, const T* d, T* y) {
+  constexpr bool PLANAR = std::is_same<X, XPlanar<T>>::value;
+  T staged[LANES * LANES];  // planar x: LANES pixels at a time, channels-last
   for (int64_t p = 0; p < sh.pixels(); ++p) {
     T acc[LANES] = {};
     for (int64_t s = 0; s < sh.S; ++s) {
@@ -192,7 +225,12 @@ void skip_forward(const MixShape& sh, const X& x, const T* z, const T* d, T* y) 
       for (int64_t j = 0; j < LANES; ++j) acc[j] += d[s * LANES + j] * zs;
     }
     T xp[LANES];
-    x.load(p, xp);
+    if constexpr (PLANAR) {
+      if (p % LANES == 0) stage_pixels(x, p, std::min(LANES, sh.pixels() - p), staged);
+      std::memcpy(xp, staged + (p % LANES) * LANES, sizeof(T) * LANES);
+    } else {
+      x.load(p, xp);
+    }
     T* __restrict__ yp = y + p * sh.Cp;
 #pragma omp simd
     for (int64_t j = 0; j < LANES; ++j) yp[j] = acc[j] * xp[j];
@@ -210,6 +248,8 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
   // LANES * H * LANES values).
   constexpr bool PLANAR = std::is_same<X, XPlanar<T>>::value;
   const bool staged = PLANAR && !geo.vertical && strip != nullptr;
+  // Planar x in a row scan: each row staged channels-last into `strip` (W * LANES values) first.
+  const bool row_staged = PLANAR && geo.vertical && strip != nullptr;
   int64_t staged_c0 = -1;
   T* prev = line + LANES;
   T* cur = line + (P + 2) * LANES + LANES;
@@ -226,6 +266,8 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
       if constexpr (PLANAR) stage_columns(x, sh.H, sh.W, c0, std::min(LANES, sh.W - c0), strip);
       staged_c0 = c0;
     }
+    if constexpr (PLANAR)
+      if (row_staged) stage_pixels(x, geo.img(l) * sh.W, sh.W, strip);
     for (int64_t q = 0; q < P; ++q) {
       const int64_t pix = pixel_of(geo, l, q);
       if (prefetch) {
@@ -238,6 +280,8 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
       T xp[LANES];
       if (staged)
         std::memcpy(xp, strip + ((column - c0) * sh.H + q) * LANES, sizeof(T) * LANES);
+      else if (row_staged)
+        std::memcpy(xp, strip + q * LANES, sizeof(T) * LANES);
       else
         x.load(pix, xp);
       T* __restrict__ hq = cur + q * LANES;
@@ -246,14 +290,39 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
 #pragma omp simd
         for (int64_t j = 0; j < LANES; ++j) hq[j] = acc[K_LAM][j] * xp[j];
       } else {
-        generate<T, 0, KINDS>(w, zp, S, acc);
-        normalize_lanes<T, false>(acc, q > 0, q < P - 1, gw, gs);
         const T* __restrict__ pl = prev + (q - 1) * LANES;
         const T* __restrict__ pm = prev + q * LANES;
         const T* __restrict__ pr = prev + (q + 1) * LANES;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same<T, float>::value && LANES == 16) {
+          // float32 with AVX-512: the generated values and the weights stay in registers.
+          __m512 g[KINDS];
+          generate16(w, zp, S, g);
+          __m512 w0, w1, w2, s0, s1, s2;
+          const __mmask16 under = stability_weights16<false>(g[K_L], g[K_M], g[K_R], q > 0 ? 0xFFFF : 0,
+                                                             q < P - 1 ? 0xFFFF : 0, w0, w1, w2, s0, s1, s2);
+          if (under) {  // rare: all valid sigmoids underflowed
+            for (int k = 0; k < KINDS; ++k) _mm512_storeu_ps(acc[k], g[k]);
+            normalize_lanes<T, false>(acc, q > 0, q < P - 1, gw, gs);
+            w0 = _mm512_loadu_ps(gw[0]);
+            w1 = _mm512_loadu_ps(gw[1]);
+            w2 = _mm512_loadu_ps(gw[2]);
+          }
+          __m512 hv = _mm512_mul_ps(g[K_LAM], _mm512_loadu_ps(xp));
+          hv = _mm512_fmadd_ps(w0, _mm512_loadu_ps(pl), hv);
+          hv = _mm512_fmadd_ps(w1, _mm512_loadu_ps(pm), hv);
+          hv = _mm512_fmadd_ps(w2, _mm512_loadu_ps(pr), hv);
+          _mm512_storeu_ps(hq, hv);
+          _mm512_storeu_ps(acc[K_U], g[K_U]);
+        } else
+#endif
+        {
+          generate<T, 0, KINDS>(w, zp, S, acc);
+          normalize_lanes<T, false>(acc, q > 0, q < P - 1, gw, gs);
 #pragma omp simd
-        for (int64_t j = 0; j < LANES; ++j)
-          hq[j] = acc[K_LAM][j] * xp[j] + gw[0][j] * pl[j] + gw[1][j] * pm[j] + gw[2][j] * pr[j];
+          for (int64_t j = 0; j < LANES; ++j)
+            hq[j] = acc[K_LAM][j] * xp[j] + gw[0][j] * pl[j] + gw[1][j] * pm[j] + gw[2][j] * pr[j];
+        }
       }
       if (ACCUMULATE) {
         T* __restrict__ yp = y + pix * sh.Cp;
@@ -407,7 +476,8 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
 #pragma omp parallel num_threads(resolve_threads(nthreads))
   {
     std::vector<T> line(2 * (std::max(sh.H, sh.W) + 2) * LANES);
-    std::vector<T> strip(std::is_same<XV<T>, XPlanar<T>>::value ? LANES * sh.H * LANES : 0);
+    // planar x: staged columns (LANES * H * LANES values) or rows (W * LANES)
+    std::vector<T> strip(std::is_same<XV<T>, XPlanar<T>>::value ? std::max(LANES * sh.H, sh.W) * LANES : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < sh.B * nblk; ++item) {
       const int64_t b = item / nblk, blk = item % nblk;
