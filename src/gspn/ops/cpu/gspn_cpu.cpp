@@ -334,7 +334,7 @@ struct ForwardWorker {
       const int64_t s = geo.reverse ? num_strips - 1 - j : j;
       const int64_t c0 = s * STRIP, n = std::min(STRIP, W - c0);
       for (int k = 0; k < F_OUT; ++k) gather_columns(in[k], H, W, c0, n, strip[k]);
-      if (NORM)  // the strip's n lines in one call
+      if (NORM && !fused())  // the strip's n lines in one call
         normalize_lines<T, false>(n, H, strip[F_WL], strip[F_WM], strip[F_WR], norm, norm + S, norm + 2 * S,
                                   nullptr, nullptr, nullptr);
       for (int64_t i = 0; i < n; ++i) {
@@ -343,9 +343,10 @@ struct ForwardWorker {
         const int64_t l = geo.reverse ? W - 1 - c : c;
         const T* prev = nullptr;
         if (!geo.starts(l)) prev = i == 0 ? carry : strip[F_OUT] + (geo.reverse ? q + 1 : q - 1) * H;
-        const LineWeights<T> w = NORM ? LineWeights<T>{norm + q * H, norm + S + q * H, norm + 2 * S + q * H}
+        const bool normalised = NORM && !fused();
+        const LineWeights<T> w = normalised ? LineWeights<T>{norm + q * H, norm + S + q * H, norm + 2 * S + q * H}
                                       : LineWeights<T>{strip[F_WL] + q * H, strip[F_WM] + q * H, strip[F_WR] + q * H};
-        line(H, strip[F_OUT] + q * H, prev, strip[F_X] + q * H, strip[F_LAM] + q * H, w, NORM);
+        line(H, strip[F_OUT] + q * H, prev, strip[F_X] + q * H, strip[F_LAM] + q * H, w, normalised);
       }
       const int64_t q_last = geo.reverse ? 0 : n - 1;
       std::memcpy(carry, strip[F_OUT] + q_last * H, sizeof(T) * H);
