@@ -126,7 +126,17 @@ _PANELS = (
 
 @dataclass
 class EncoderDistillConfig:
-    """Everything one ``gspn distill-encoder`` run depends on (``--help`` documents each flag)."""
+    """Everything one ``gspn distill-encoder`` run depends on.
+
+    Each field is the flag of the same name (``stage1_epochs`` ↔ ``--stage1-epochs``; ``gspn
+    distill-encoder --help`` and ``docs/cli.md`` document them). ``teacher``: a ``model.safetensors``
+    path or run folder (``None`` only when :func:`run` is given a teacher module); ``model`` /
+    ``model_args``: the registered student and its constructor overrides; ``image_size`` /
+    ``in_channels``: ``None`` takes the teacher's recorded setup (its normalisation mean/std always
+    apply); ``epochs``: both stages together, ``stage1_epochs`` of them per-layer; ``resume``: ``None``, ``"auto"``
+    (``<output_dir>/last.pt``) or a checkpoint path; ``precision``: ``auto``/``fp32``/``bf16``/``fp16``
+    (mixed precision on CUDA only).
+    """
 
     teacher: str | None = None
     model: str = "gspn_vit_nano"
