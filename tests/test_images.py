@@ -19,13 +19,16 @@ def test_every_loader_accepts_the_same_image_files():
 
 def test_every_recipe_uses_the_one_image_module():
     import gspn._images as images
+    from gspn import datasets
     from gspn.diffusion import data as dit_data
     from gspn.distill import data as distill_data
+    from gspn.distill_encoder import data as encoder_data
     from gspn.train import data as train_data
 
     for name in ("center_crop_resize", "random_resized_crop"):
         assert getattr(train_data, name) is getattr(images, name)
-    for module in (train_data, dit_data, distill_data):
+    assert train_data.build_data is encoder_data.build_data is datasets.build_data
+    for module in (datasets, dit_data, distill_data):
         assert module.read_image is images.read_image and module.find_images is images.find_images
         assert not hasattr(module, "_resize") and not hasattr(module, "Image")
 

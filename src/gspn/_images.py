@@ -1,7 +1,7 @@
 """Image loading for every recipe: file discovery, decoding, resizing and cropping, bundled digits.
 
 The one place where the library turns files (or scikit-learn's bundled digits) into tensors; the
-classification (:mod:`gspn.train.data`), DiT (:mod:`gspn.diffusion.data`, hence ``extract-latents``)
+classification (:mod:`gspn.datasets`), DiT (:mod:`gspn.diffusion.data`, hence ``extract-latents``)
 and distillation (:mod:`gspn.distill.data`) recipes all use it. Only torch, numpy and (lazily) Pillow
 and scikit-learn are imported.
 

@@ -16,11 +16,13 @@ from .gspn_dit import GSPNDiT
 from .gspn_vision import GSPNClassifier, block_chunk_sizes, gspn_b, gspn_micro, gspn_nano, gspn_s, gspn_t
 from .gspn_vit import GSPNViT
 from .reference_checkpoints import convert_checkpoint, reference_model_args
+from .vit import VisionTransformer
 
 __all__ = [
     "GSPNClassifier",
     "GSPNDiT",
     "GSPNViT",
+    "VisionTransformer",
     "baselines",
     "block_chunk_sizes",
     "complexity",
@@ -46,4 +48,5 @@ __all__ = [
     "reference_model_args",
     "register_model",
     "save_checkpoint",
+    "vit",
 ]
