@@ -73,11 +73,21 @@ inline void generate(const T* __restrict__ w, const T* __restrict__ z, int64_t S
 #if defined(__AVX512F__)
 // generate for float32 with 16 lanes, all kinds, into registers: g[k] = sum_s w[k][s] z[s].
 GSPN_INLINE void generate16(const float* __restrict__ w, const float* __restrict__ z, int64_t S, __m512 (&g)[KINDS]) {
-  for (int k = 0; k < KINDS; ++k) g[k] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < S; ++s) {
-    const __m512 zs = _mm512_set1_ps(z[s]);
-    for (int k = 0; k < KINDS; ++k) g[k] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (k * S + s) * LANES), zs, g[k]);
+  __m512 h[KINDS];
+  for (int k = 0; k < KINDS; ++k) g[k] = h[k] = _mm512_setzero_ps();
+  int64_t s = 0;
+  for (; s + 1 < S; s += 2) {
+    const __m512 z0 = _mm512_set1_ps(z[s]), z1 = _mm512_set1_ps(z[s + 1]);
+    for (int k = 0; k < KINDS; ++k) {
+      g[k] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (k * S + s) * LANES), z0, g[k]);
+      h[k] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (k * S + s + 1) * LANES), z1, h[k]);
+    }
   }
+  if (s < S) {
+    const __m512 z0 = _mm512_set1_ps(z[s]);
+    for (int k = 0; k < KINDS; ++k) g[k] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (k * S + s) * LANES), z0, g[k]);
+  }
+  for (int k = 0; k < KINDS; ++k) g[k] = _mm512_add_ps(g[k], h[k]);
 }
 #endif
 
@@ -214,7 +224,7 @@ void stage_pixels(const XPlanar<T>& x, int64_t p0, int64_t n, T* __restrict__ ds
 
 // y = (D z) x for every pixel of the block (the merged skip term; initialises y).
 template <typename T, typename X>
-void skip_forward(const MixShape& sh, const X& x, const T* z, const T* d, T* y) {
+void skip_forward(const MixShape& sh, const X& x, const T* z, const T* d, T* y, int64_t y_stride) {
   constexpr bool PLANAR = std::is_same<X, XPlanar<T>>::value;
   T staged[LANES * LANES];  // planar x: LANES pixels at a time, channels-last
   for (int64_t p = 0; p < sh.pixels(); ++p) {
@@ -231,7 +241,7 @@ void skip_forward(const MixShape& sh, const X& x, const T* z, const T* d, T* y) 
     } else {
       x.load(p, xp);
     }
-    T* __restrict__ yp = y + p * sh.Cp;
+    T* __restrict__ yp = y + p * y_stride;
 #pragma omp simd
     for (int64_t j = 0; j < LANES; ++j) yp[j] = acc[j] * xp[j];
   }
@@ -242,7 +252,7 @@ void skip_forward(const MixShape& sh, const X& x, const T* z, const T* d, T* y) 
 // pixel) for the backward; with ACCUMULATE, y += u' h.
 template <typename T, bool ACCUMULATE, bool STORE, typename X>
 void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T* z, const T* w, T* y, T* hbuf,
-                    T* line, T* strip = nullptr) {
+                    T* line, T* strip = nullptr, int64_t y_stride = 0) {
   const int64_t P = geo.P, S = sh.S;
   // Planar x in a column scan: read through LANES-column strips staged channels-last (`strip`,
   // LANES * H * LANES values).
@@ -274,7 +284,7 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
         const int64_t next = pixel_of(geo, l + 1, q);
         x.prefetch(next);
         __builtin_prefetch(z + next * S);
-        if (ACCUMULATE) __builtin_prefetch(y + next * sh.Cp, 1);
+        if (ACCUMULATE) __builtin_prefetch(y + next * y_stride, 1);
       }
       const T* zp = z + pix * S;
       T xp[LANES];
@@ -325,7 +335,7 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
         }
       }
       if (ACCUMULATE) {
-        T* __restrict__ yp = y + pix * sh.Cp;
+        T* __restrict__ yp = y + pix * y_stride;
 #pragma omp simd
         for (int64_t j = 0; j < LANES; ++j) yp[j] += acc[K_U][j] * hq[j];
       }
@@ -478,6 +488,10 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
     std::vector<T> line(2 * (std::max(sh.H, sh.W) + 2) * LANES);
     // planar x: staged columns (LANES * H * LANES values) or rows (W * LANES)
     std::vector<T> strip(std::is_same<XV<T>, XPlanar<T>>::value ? std::max(LANES * sh.H, sh.W) * LANES : 0);
+    // With several channel blocks, y is accumulated in a dense per-thread block buffer (HW * LANES values,
+    // pixel stride LANES instead of Cp: 6x fewer pages and cache lines touched by the four passes) and
+    // copied out once.
+    std::vector<T> y_local(nblk > 1 ? HW * LANES : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < sh.B * nblk; ++item) {
       const int64_t b = item / nblk, blk = item % nblk;
@@ -485,10 +499,14 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
       const T* zb = z + b * HW * sh.S;
       T* yb = y + b * HW * sh.Cp + blk * LANES;
       const T* wb = w + blk * wsize;
-      skip_forward(sh, xb, zb, d + blk * sh.S * LANES, yb);
+      T* ya = y_local.empty() ? yb : y_local.data();
+      const int64_t ys = y_local.empty() ? sh.Cp : LANES;
+      skip_forward(sh, xb, zb, d + blk * sh.S * LANES, ya, ys);
       for (int k = 0; k < 4; ++k)
-        scan_direction<T, true, false>(sh, geos[k], xb, zb, wb + k * KINDS * sh.S * LANES, yb, nullptr,
-                                       line.data(), strip.empty() ? nullptr : strip.data());
+        scan_direction<T, true, false>(sh, geos[k], xb, zb, wb + k * KINDS * sh.S * LANES, ya, nullptr,
+                                       line.data(), strip.empty() ? nullptr : strip.data(), ys);
+      if (ya != yb)
+        for (int64_t p = 0; p < HW; ++p) std::memcpy(yb + p * sh.Cp, ya + p * LANES, sizeof(T) * LANES);
     }
   }
 }
