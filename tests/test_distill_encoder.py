@@ -132,10 +132,12 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(back(x), model(x))
 
 
-def test_flops_count_attention_on_meta():
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_flops_count_attention(device):
+    """On CPU tensors too: SDPA's CPU flash kernel has no flop formula, so complexity() uses the math path."""
     from gspn.models.complexity import complexity
 
-    with torch.device("meta"):
+    with torch.device(device):
         model = create_model("vit_nano", num_classes=10)
     c = complexity(model, input_size=(3, 32, 32))
     n, d = 64, 64  # tokens, width

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["complexity", "count_params"]
@@ -61,7 +62,8 @@ def complexity(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batc
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # SDPA's math backend decomposes into counted matmuls; the CPU flash kernel has no flop formula.
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
