@@ -280,6 +280,28 @@ def test_sample_command_batch_size_does_not_change_the_images(tmp_path):
     assert grids[0] == grids[1]
 
 
+def test_sample_refuses_a_classifier_checkpoint_with_one_error_line(tmp_path, capsys):
+    # `gspn train`'s files (last.pt, model.safetensors) hold a classifier: sampling from them used to
+    # die with a TypeError/AttributeError traceback deep inside the sampler.
+    from gspn.cli import main as cli_main
+    from gspn.models import save_checkpoint
+    from gspn.training_utils import save_state
+
+    weights = save_checkpoint(create_model("baseline_conv", width=4, depths=(1,)), tmp_path / "model.safetensors")
+    state = tmp_path / "last.pt"
+    save_state(state, {"format": "gspn-train-v1", "model_name": "baseline_conv", "model_args": {"width": 4},
+                       "model": {}, "ema": None, "epoch": 0, "step": 1})
+    for path in (weights, state):
+        with pytest.raises(ValueError, match="'baseline_conv' model, not a GSPN-DiT"):
+            load_for_sampling(path)
+        for ema in ("--ema", "--no-ema"):
+            code = cli_main(["sample", "--checkpoint", str(path), ema, "--steps", "2",
+                             "--output-dir", str(tmp_path / "out"), "--no-progress"])
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1 and "not a GSPN-DiT" in err, err
+    assert not (tmp_path / "out" / "grid.png").exists()
+
+
 def test_image_folder_dataset(tmp_path):
     from PIL import Image
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from .._files import check_output_dir
 from .._validate import check_int, check_number
-from ..models import create_model, load_model, read_metadata
+from ..models import create_model, get_default_cfg, is_model, load_model, read_metadata
 from ..training_utils import load_ema_weights, load_state
 from .gaussian import make_sampling_scheduler, sample_generators, sample_loop
 
@@ -201,6 +201,16 @@ def _load_reference_generator(
     return model, schedule, data
 
 
+def _require_diffusion_model(name: Any, path: Path) -> None:
+    """``ValueError`` unless ``name`` is a registered diffusion model (``gspn sample`` draws images from
+    GSPN-DiT weights only; a classifier's file would otherwise fail deep inside with a traceback)."""
+    if isinstance(name, str) and is_model(name) and get_default_cfg(name).get("task") == "diffusion":
+        return
+    what = f"a {name!r} model" if isinstance(name, str) else "no GSPN-DiT"
+    raise ValueError(f"{path} holds {what}, not a GSPN-DiT: sample from the last.pt or ema.safetensors "
+                     "of a `gspn train-dit` run (or a reference GSPN-DiT checkpoint)")
+
+
 def load_for_sampling(
     path: str | os.PathLike,
     use_ema: bool = True,
@@ -219,11 +229,20 @@ def load_for_sampling(
         model, schedule, data = _load_reference_generator(path, use_ema, model_name, dict(model_args or {}))
         return model.to(device).eval(), schedule, data
     if path.suffix == ".safetensors":
+        meta = read_metadata(path)
+        if "gspn.architecture" in meta:  # (without it load_model says what is missing)
+            _require_diffusion_model(meta["gspn.architecture"], path)
         model = load_model(path)
-        extra = json.loads(read_metadata(path).get("gspn.diffusion", "{}"))
+        extra = json.loads(meta.get("gspn.diffusion", "{}"))
         schedule, data = extra.get("schedule", {}), extra.get("data", {})
     else:
         ckpt = load_state(path)  # the kit's training state (older DiT key names are read too)
+        if not isinstance(ckpt, dict) or "schedule" not in ckpt or "data" not in ckpt:
+            name = ckpt.get("model_name") if isinstance(ckpt, dict) else None
+            _require_diffusion_model(name, path)  # names the classifier a `gspn train` file holds
+            raise ValueError(f"{path} is not a GSPN-DiT training checkpoint (no diffusion schedule in it); "
+                             "pass the last.pt or ema.safetensors of a `gspn train-dit` run")
+        _require_diffusion_model(ckpt.get("model_name"), path)
         model = create_model(ckpt["model_name"], **ckpt["model_args"])
         if use_ema:
             load_ema_weights(model, ckpt["ema"])
