@@ -1,8 +1,9 @@
 """Small baseline classifiers trained with the same recipe as the GSPN models.
 
-They exist for the evidence benchmark (``benchmarks/train_digits.py``): a ViT-style attention model and a
-ResNet-style convolutional model whose width can be chosen so that their parameter count matches a GSPN
-model's (:func:`match_params`). Both accept any input resolution. They are registered models
+They exist for the evidence benchmark (``benchmarks/train_digits.py``): a ViT (:class:`ViTBaseline`, a
+configuration of :class:`gspn.models.vit.VisionTransformer`) and a ResNet-style convolutional model
+whose width can be chosen so that their parameter count matches a GSPN model's (:func:`match_params`).
+Both accept any input resolution (the ViT: at least one patch). They are registered models
 (``create_model("baseline_vit")``, ``list_models(task="classification")``) under the names
 ``baseline_vit`` and ``baseline_conv``, so everything the trainer does to a GSPN model (checkpoints,
 ``gspn eval``, DDP, :func:`gspn.models.load_model` of the exported weights) works for them unchanged.
@@ -12,32 +13,35 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
-from ..nn.attention import MultiHeadSelfAttention
 from ._registry import register_model
-from .checkpoint import load_pretrained
+from .checkpoint import load_pretrained, load_weights
 from .complexity import count_params
+from .gspn_vit import PatchEmbed
+from .vit import VisionTransformer
 
 __all__ = ["BASELINES", "ConvBaseline", "ViTBaseline", "count_params", "match_params"]
 
 
-def _default_cfg(in_chans: int, num_classes: int, size: int = 32) -> dict[str, Any]:
+def _default_cfg(in_chans: int, num_classes: int, size: int = 32, classifier: str = "head") -> dict[str, Any]:
     return {
         "input_size": (in_chans, size, size),
         "mean": (0.5,) * in_chans,
         "std": (0.5,) * in_chans,
         "num_classes": num_classes,
-        "classifier": "head",
+        "classifier": classifier,
     }
 
 
 class _LinearHead(nn.Module):
-    """timm-style classifier API of the baselines: ``self.head`` is a Linear on ``num_features``
+    """timm-style classifier API of :class:`ConvBaseline`: ``self.head`` is a Linear on ``num_features``
     pooled features, or ``Identity`` when ``num_classes == 0`` (the model then returns the features)."""
 
     num_features: int
@@ -65,82 +69,68 @@ class _LinearHead(nn.Module):
         self.default_cfg["num_classes"] = num_classes
 
 
-#: Parameter names of :class:`MultiHeadSelfAttention` → those of ``nn.MultiheadAttention`` (same tensors,
-#: same ``[q; k; v]`` row layout), in ``nn.MultiheadAttention``'s order.
-_TORCH_MHA_NAMES = {"qkv.weight": "in_proj_weight", "qkv.bias": "in_proj_bias",
-                    "proj.weight": "out_proj.weight", "proj.bias": "out_proj.bias"}
+class _UnpaddedPatchEmbed(PatchEmbed):
+    """:class:`~gspn.models.gspn_vit.PatchEmbed` without the padding: a ``p×p`` stride-``p`` convolution
+    that drops the last ``H mod p`` rows and ``W mod p`` columns, as the ViT baseline always has.
 
-
-class _TorchLayoutAttention(MultiHeadSelfAttention):
-    """:class:`MultiHeadSelfAttention` whose state dict uses ``nn.MultiheadAttention``'s parameter names.
-
-    The ViT baseline's blocks were ``nn.TransformerEncoderLayer``; this keeps its weight files (and the
-    keys of every file written since) unchanged: ``state_dict()`` writes ``in_proj_weight``,
-    ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias`` and ``load_state_dict`` reads them.
+    Shapes: ``(B, in_chans, H, W) → (B, dim, ⌊H/p⌋, ⌊W/p⌋)``; ``H, W ≥ p``.
     """
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float) -> None:
-        super().__init__(dim, num_heads, attn_drop=attn_drop)
-        self.register_state_dict_post_hook(_to_torch_mha_names)
-        self.register_load_state_dict_pre_hook(_from_torch_mha_names)
-
-
-def _to_torch_mha_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for ours, theirs in _TORCH_MHA_NAMES.items():
-        if prefix + ours in state_dict:
-            state_dict[prefix + theirs] = state_dict.pop(prefix + ours)
-
-
-def _from_torch_mha_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    for ours, theirs in _TORCH_MHA_NAMES.items():
-        if prefix + theirs in state_dict:
-            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
-
-
-class _EncoderLayer(nn.Module):
-    """Pre-norm transformer encoder layer: ``x + drop(attn(norm1 x))``, then ``x + drop(mlp(norm2 x))``.
-
-    The computation and state-dict keys of ``torch.nn.TransformerEncoderLayer(norm_first=True,
-    activation="gelu", batch_first=True)``, which the ViT baseline used before, with the attention of
-    :class:`gspn.nn.MultiHeadSelfAttention`. Shapes: ``(B, N, C) → (B, N, C)``.
-    """
-
-    def __init__(self, dim: int, num_heads: int, hidden: int, drop: float) -> None:
-        super().__init__()
-        self.self_attn = _TorchLayoutAttention(dim, num_heads, attn_drop=drop)
-        self.linear1 = nn.Linear(dim, hidden)
-        self.dropout = nn.Dropout(drop)
-        self.linear2 = nn.Linear(hidden, dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.dropout1 = nn.Dropout(drop)
-        self.dropout2 = nn.Dropout(drop)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout1(self.self_attn(self.norm1(x)))
-        return x + self.dropout2(self.linear2(self.dropout(F.gelu(self.linear1(self.norm2(x))))))
+        return self.proj(x)
 
 
-class _Encoder(nn.Module):
-    """``layers`` applied in order (the ``blocks.layers.<i>`` key layout of ``nn.TransformerEncoder``)."""
+def _old_key_names(depth: int) -> dict[str, str]:
+    """Old (``nn.TransformerEncoderLayer``-era) state-dict key of :class:`ViTBaseline` → current key."""
+    names = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias",
+             "norm.weight": "head.norm.weight", "norm.bias": "head.norm.bias",
+             "head.weight": "head.fc.weight", "head.bias": "head.fc.bias"}
+    per_block = {"self_attn.in_proj_weight": "attn.qkv.weight", "self_attn.in_proj_bias": "attn.qkv.bias",
+                 "self_attn.out_proj.weight": "attn.proj.weight", "self_attn.out_proj.bias": "attn.proj.bias",
+                 "linear1.weight": "mlp.fc1.weight", "linear1.bias": "mlp.fc1.bias",
+                 "linear2.weight": "mlp.fc2.weight", "linear2.bias": "mlp.fc2.bias",
+                 "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
+                 "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias"}
+    for i in range(depth):
+        names.update({f"blocks.layers.{i}.{old}": f"blocks.{i}.{cur}" for old, cur in per_block.items()})
+    return names
 
-    def __init__(self, layers: list[nn.Module]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+class ViTBaseline(VisionTransformer):
+    """The ViT baseline: a :class:`~gspn.models.vit.VisionTransformer` in the configuration the
+    evidence benchmark has always trained.
 
+    Compared with the ``vit_*`` models: the learned position embedding (``pos_grid × pos_grid``) is
+    resized bilinearly to the token grid (``pos_interp="bilinear"``), LayerNorm epsilon ``1e-5``, the
+    MLP's hidden width is ``int(embed_dim · mlp_ratio)``, dropout ``drop`` on the attention weights,
+    the branch outputs and the MLP activation (no stochastic depth, none before the classifier), the
+    default head count below, and the patch embedding does not pad: the token grid is
+    ``⌊H/p⌋ × ⌊W/p⌋``. The head is the ViT's: LN → mean over tokens → Linear.
 
-class ViTBaseline(_LinearHead):
-    """A small pre-norm ViT: patch embedding, learned positional embedding, mean-pooled tokens.
+    Args:
+        num_classes: classifier outputs; ``0`` gives pooled features ``(B, embed_dim)``.
+        in_chans: input channels.
+        embed_dim: width ``D``.
+        depth: number of transformer blocks.
+        num_heads: attention heads; ``None``: the most of 8, 4, 2 that divides ``D`` with a head
+            dimension of at least 16, else 1.
+        mlp_ratio: MLP hidden width / ``D``.
+        patch_size: side ``p`` of the patches.
+        pos_grid: side of the learned position embedding.
+        drop: dropout probability (see above).
 
-    The positional embedding is defined on a ``pos_grid × pos_grid`` grid and bilinearly resized to the
-    actual token grid, so any input size works. The attention is :class:`gspn.nn.MultiHeadSelfAttention`;
-    the state-dict keys are those of the ``nn.TransformerEncoderLayer`` blocks it had before
-    (``blocks.layers.<i>.self_attn.in_proj_weight`` …), so earlier weight files load unchanged.
+    Shapes: ``(B, in_chans, H, W) → (B, num_classes)`` for ``H, W ≥ patch_size``.
+
+    Raises:
+        ValueError: ``embed_dim`` not divisible by ``num_heads``, or the errors of
+            :class:`~gspn.models.vit.VisionTransformer`.
+
+    Weight files: ``state_dict()`` has :class:`~gspn.models.vit.VisionTransformer`'s key names
+    (``blocks.<i>.attn.qkv.weight`` …). Files written before, with the key names of the
+    ``nn.TransformerEncoderLayer`` blocks (``blocks.layers.<i>.self_attn.in_proj_weight``,
+    ``linear1``, ``norm`` and ``head`` at the top …), still load: a load-state-dict pre-hook renames
+    their keys, and :func:`baseline_vit` (hence :func:`gspn.models.load_model`) renames them before
+    its strict key check.
     """
 
     def __init__(
@@ -155,32 +145,36 @@ class ViTBaseline(_LinearHead):
         pos_grid: int = 8,
         drop: float = 0.0,
     ) -> None:
-        super().__init__()
         # default: as many heads (≤ 8) as keep a head dimension of at least 16
         heads = num_heads or next(
             h for h in (8, 4, 2, 1) if h == 1 or (embed_dim % h == 0 and embed_dim // h >= 16)
         )
         if embed_dim % heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {heads}")
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, pos_grid, pos_grid))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         hidden = int(embed_dim * mlp_ratio)
-        self.blocks = _Encoder([_EncoderLayer(embed_dim, heads, hidden, drop) for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim)
-        self.num_features = embed_dim
-        self._make_head(num_classes)
-        self.default_cfg = _default_cfg(in_chans, num_classes)
+        super().__init__(
+            num_classes=num_classes, in_chans=in_chans, patch_size=patch_size, embed_dim=embed_dim,
+            depth=depth, num_heads=heads,
+            mlp_ratio=hidden / embed_dim,  # round(hidden / D · D) == hidden: the width int() always gave
+            pos_embed="learned", pos_grid=pos_grid, pos_interp="bilinear", norm_eps=1e-5,
+            proj_drop_rate=drop, attn_drop_rate=drop, drop_rate=0.0, drop_path_rate=0.0,
+        )
+        self.patch_embed = _UnpaddedPatchEmbed(in_chans, embed_dim, patch_size)
+        self.default_cfg = _default_cfg(in_chans, num_classes, classifier="head.fc")
+        self._old_keys = _old_key_names(depth)
+        self.register_load_state_dict_pre_hook(_rename_old_keys_hook)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` for images ``(B, C, H, W)``; pooled ``(B, num_features)`` if headless."""
-        x = self.patch_embed(x)
-        pos = self.pos_embed
-        if pos.shape[-2:] != x.shape[-2:]:
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        x = (x + pos).flatten(2).transpose(1, 2)
-        x = self.norm(self.blocks(x))
-        return self.head(x.mean(dim=1))
+    def rename_old_keys(self, state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        """``state_dict`` with the old key names (see the class docstring) under ``prefix`` renamed to
+        the current ones, in place; it is returned. Current names are left as they are."""
+        for old, cur in self._old_keys.items():
+            if prefix + old in state_dict:
+                state_dict[prefix + cur] = state_dict.pop(prefix + old)
+        return state_dict
+
+
+def _rename_old_keys_hook(module: ViTBaseline, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    module.rename_old_keys(state_dict, prefix)
 
 
 class _BasicBlock(nn.Module):
@@ -234,19 +228,23 @@ class ConvBaseline(_LinearHead):
 
 
 default_cfgs: dict[str, dict[str, Any]] = {
-    "baseline_vit": {"task": "classification", "input_size": (3, 32, 32), "num_classes": 10, "classifier": "head"},
+    "baseline_vit": {"task": "classification", "input_size": (3, 32, 32), "num_classes": 10, "classifier": "head.fc"},
     "baseline_conv": {"task": "classification", "input_size": (3, 32, 32), "num_classes": 10, "classifier": "head"},
 }
 
 
-def _create_baseline(name: str, cls: type[_LinearHead], pretrained: bool | str | os.PathLike,
+def _create_baseline(name: str, cls: type[nn.Module], pretrained: bool | str | os.PathLike,
                      kw: dict[str, Any]) -> nn.Module:
     if pretrained is True:
         raise ValueError("baselines have no published weights; pass pretrained='path/to/weights.safetensors'")
     model = cls(**kw)
     model.default_cfg = {**model.default_cfg, "architecture": name}
     model.model_args = dict(kw)  # type: ignore[attr-defined]
-    load_pretrained(model, pretrained)
+    if isinstance(model, ViTBaseline) and pretrained not in (False, None) and Path(pretrained).is_file():
+        # rename old key names before load_weights' strict key check (which precedes load_state_dict's hooks)
+        load_weights(model, model.rename_old_keys(load_file(os.fspath(pretrained))), skip_mismatched_head=True)
+    else:
+        load_pretrained(model, pretrained)
     return model
 
 

@@ -7,7 +7,7 @@ A plain pre-norm Vision Transformer whose blocks align one-to-one with the ``gsp
 ``gspn_vit_nano`` map ``(B, D, h, w)`` to ``(B, D, h, w)`` on the same token grid::
 
     patch embed: pad to a multiple of p → conv p×p stride p (in_chans → D)     (⌈H/p⌉ × ⌈W/p⌉ tokens)
-    + position:  learned (interpolated bicubically to the token grid), 2-D sin-cos, or none
+    + position:  learned (interpolated bicubically — or bilinearly — to the token grid), 2-D sin-cos, or none
     depth ×      x + DropPath(MultiHeadSelfAttention(LN x)),  x + DropPath(MLP(LN x))
     head:        LN → global average pool → dropout → Linear
 
@@ -40,10 +40,12 @@ from .checkpoint import load_pretrained
 from .gspn_vision import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ClassifierAPI, ClassifierHead
 from .gspn_vit import PatchEmbed
 
-__all__ = ["POS_EMBEDS", "TransformerBlock", "VisionTransformer", "sincos_pos_embed"]
+__all__ = ["POS_EMBEDS", "POS_INTERPS", "TransformerBlock", "VisionTransformer", "sincos_pos_embed"]
 
 #: The position embeddings :class:`VisionTransformer` accepts.
 POS_EMBEDS = ("learned", "sincos", "none")
+#: The resize modes of its learned position embedding (``F.interpolate`` modes).
+POS_INTERPS = ("bicubic", "bilinear")
 
 
 def sincos_pos_embed(dim: int, h: int, w: int, temperature: float = 10000.0,
@@ -71,36 +73,46 @@ def sincos_pos_embed(dim: int, h: int, w: int, temperature: float = 10000.0,
 class TransformerBlock(nn.Module):
     r"""Pre-norm transformer block on channels-last tokens::
 
-        x = x + DropPath(MultiHeadSelfAttention(LN(x)))
-        x = x + DropPath(MLP(LN(x)))          MLP: Linear(D → r·D) → GELU → Linear(r·D → D)
+        x = x + DropPath(Dropout(MultiHeadSelfAttention(LN(x))))
+        x = x + DropPath(Dropout(MLP(LN(x))))   MLP: Linear(D → r·D) → GELU → Dropout → Linear(r·D → D)
+
+    The dropouts (probability ``proj_drop``) are those of timm's ``Block`` and of
+    ``torch.nn.TransformerEncoderLayer``: after the attention's output projection, after the MLP's
+    activation and after its output; ``attn_drop`` drops attention weights.
 
     Args:
         dim: width ``D``, divisible by ``num_heads``.
         num_heads: attention heads.
-        mlp_ratio: MLP expansion ``r``.
+        mlp_ratio: MLP expansion ``r`` (hidden width ``round(r·D)``).
         qkv_bias: bias of the ``qkv`` projection.
         drop_path: stochastic-depth probability of both branches.
         norm_eps: LayerNorm epsilon.
+        proj_drop: dropout probability of the branch outputs and the MLP's hidden activation.
+        attn_drop: dropout probability of the attention weights (training mode only).
 
     Shapes: ``(B, H, W, D) → (B, H, W, D)`` (all ``H·W`` tokens attend to each other) or
     ``(B, N, D) → (B, N, D)``.
 
     Raises:
-        ValueError: ``dim`` not divisible by ``num_heads`` (from the attention).
+        ValueError: ``dim`` not divisible by ``num_heads``, or a dropout probability outside
+            ``[0, 1)`` (from the attention).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, norm_eps: float = 1e-6) -> None:
+                 drop_path: float = 0.0, norm_eps: float = 1e-6, proj_drop: float = 0.0,
+                 attn_drop: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = MultiHeadSelfAttention(dim, num_heads, qkv_bias=qkv_bias)
+        self.attn = MultiHeadSelfAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                           proj_drop=proj_drop)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, round(mlp_ratio * dim))
+        self.mlp = Mlp(dim, round(mlp_ratio * dim), drop=proj_drop)
+        self.mlp_drop = nn.Dropout(proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp_drop(self.mlp(self.norm2(x))))
 
 
 class VisionTransformer(ClassifierAPI, nn.Module):
@@ -115,17 +127,24 @@ class VisionTransformer(ClassifierAPI, nn.Module):
         num_heads: attention heads (``D`` must be divisible by it).
         mlp_ratio: MLP hidden width / ``D``.
         qkv_bias: bias of the attention's ``qkv`` projection.
-        pos_embed: ``"learned"`` (a ``(1, D, g, g)`` parameter, bicubically resized to the token grid
-            when the input is not ``g·p`` square), ``"sincos"`` (:func:`sincos_pos_embed`, no
-            parameters) or ``"none"``.
+        pos_embed: ``"learned"`` (a ``(1, D, g, g)`` parameter, resized to the token grid with
+            ``pos_interp`` when the input is not ``g·p`` square), ``"sincos"``
+            (:func:`sincos_pos_embed`, no parameters) or ``"none"``.
         pos_grid: side ``g`` of the learned position embedding (the token grid of the default input).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over the blocks up to this value.
         norm_eps: LayerNorm epsilon.
+        pos_interp: resize mode of the learned position embedding, ``"bicubic"`` (timm's) or
+            ``"bilinear"`` (:class:`gspn.models.baselines.ViTBaseline`'s), ``align_corners=False``,
+            computed in at least float32.
+        proj_drop_rate: dropout of every block's branch outputs and MLP activation
+            (:class:`TransformerBlock`'s ``proj_drop``).
+        attn_drop_rate: dropout of the attention weights.
 
     Raises:
-        ValueError: a non-positive ``depth``/``patch_size``/``pos_grid``, an unknown ``pos_embed``,
-            ``embed_dim`` not divisible by ``num_heads`` (or, for ``"sincos"``, by 4).
+        ValueError: a non-positive ``depth``/``patch_size``/``pos_grid``, an unknown ``pos_embed`` or
+            ``pos_interp``, ``embed_dim`` not divisible by ``num_heads`` (or, for ``"sincos"``, by 4), a
+            dropout probability outside ``[0, 1)``.
 
     Shapes: ``(B, in_chans, H, W) → (B, num_classes)`` for any ``H, W ≥ 1``; the token grid is
     ``⌈H/p⌉ × ⌈W/p⌉``. Float dtypes of the parameters.
@@ -146,12 +165,17 @@ class VisionTransformer(ClassifierAPI, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
+        pos_interp: str = "bicubic",
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive int, got {depth!r}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBEDS)}, got {pos_embed!r}")
+        if pos_interp not in POS_INTERPS:
+            raise ValueError(f"pos_interp must be one of {', '.join(POS_INTERPS)}, got {pos_interp!r}")
         if not isinstance(pos_grid, int) or pos_grid < 1:
             raise ValueError(f"pos_grid must be a positive int, got {pos_grid!r}")
         if pos_embed == "sincos" and embed_dim % 4:
@@ -162,12 +186,14 @@ class VisionTransformer(ClassifierAPI, nn.Module):
         self.patch_size = patch_size
         self.drop_rate = drop_rate
         self.pos_embed_kind = pos_embed
+        self.pos_interp = pos_interp
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
         self.pos_embed = (
             nn.Parameter(torch.zeros(1, embed_dim, pos_grid, pos_grid)) if pos_embed == "learned" else None
         )
         self.blocks = nn.Sequential(*[
-            TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=rate, norm_eps=norm_eps)
+            TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=rate, norm_eps=norm_eps,
+                             proj_drop=proj_drop_rate, attn_drop=attn_drop_rate)
             for rate in rates
         ])
         self.feature_info = [
@@ -198,8 +224,8 @@ class VisionTransformer(ClassifierAPI, nn.Module):
         pos = self.pos_embed
         if pos is None or tuple(pos.shape[-2:]) == (h, w):
             return pos
-        src = pos if pos.dtype in (torch.float32, torch.float64) else pos.float()  # bicubic in >= fp32
-        return F.interpolate(src, size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
+        src = pos if pos.dtype in (torch.float32, torch.float64) else pos.float()  # resized in >= fp32
+        return F.interpolate(src, size=(h, w), mode=self.pos_interp, align_corners=False).to(pos.dtype)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W)`` → channels-last tokens with position ``(B, h, w, D)``."""
