@@ -284,6 +284,10 @@ def test_vit_baseline_is_a_vision_transformer_and_loads_old_weights(tmp_path: Pa
             for x in xs:
                 torch.testing.assert_close(loaded.eval()(x), _old_vit_baseline_forward(old_sd, x, 2, 2, 4),
                                            rtol=0, atol=1e-6)
+    fresh = gspn.train.build_model("baseline_vit", **args)
+    gspn.models.load_checkpoint(fresh, path)  # strict, through upgrade_state_dict
+    want0 = _old_vit_baseline_forward(old_sd, xs[0], 2, 2, 4)
+    torch.testing.assert_close(fresh.eval()(xs[0]), want0, rtol=0, atol=1e-6)
     with pytest.warns(UserWarning, match=r"'head\.fc'.*5 classes.*3 classes"):  # the head rule sees the new names
         rehead = load_model(path, num_classes=3)
     torch.testing.assert_close(rehead.blocks[1].mlp.fc2.weight, old_sd["blocks.layers.1.linear2.weight"])

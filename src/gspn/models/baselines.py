@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from ._registry import register_model
-from .checkpoint import load_pretrained, load_weights
+from .checkpoint import load_pretrained
 from .complexity import count_params
 from .gspn_vit import PatchEmbed
 from .vit import VisionTransformer
@@ -164,7 +162,7 @@ class ViTBaseline(VisionTransformer):
         self._old_keys = _old_key_names(depth)
         self.register_load_state_dict_pre_hook(_rename_old_keys_hook)
 
-    def rename_old_keys(self, state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    def upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         """``state_dict`` with the old key names (see the class docstring) under ``prefix`` renamed to
         the current ones, in place; it is returned. Current names are left as they are."""
         for old, cur in self._old_keys.items():
@@ -174,7 +172,7 @@ class ViTBaseline(VisionTransformer):
 
 
 def _rename_old_keys_hook(module: ViTBaseline, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    module.rename_old_keys(state_dict, prefix)
+    module.upgrade_state_dict(state_dict, prefix)
 
 
 class _BasicBlock(nn.Module):
@@ -240,11 +238,7 @@ def _create_baseline(name: str, cls: type[nn.Module], pretrained: bool | str | o
     model = cls(**kw)
     model.default_cfg = {**model.default_cfg, "architecture": name}
     model.model_args = dict(kw)  # type: ignore[attr-defined]
-    if isinstance(model, ViTBaseline) and pretrained not in (False, None) and Path(pretrained).is_file():
-        # rename old key names before load_weights' strict key check (which precedes load_state_dict's hooks)
-        load_weights(model, model.rename_old_keys(load_file(os.fspath(pretrained))), skip_mismatched_head=True)
-    else:
-        load_pretrained(model, pretrained)
+    load_pretrained(model, pretrained)
     return model
 
 

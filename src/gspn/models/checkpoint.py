@@ -135,9 +135,15 @@ def load_weights(
     must match: missing or unexpected keys raise ``RuntimeError`` naming them, before anything is
     loaded; shape mismatches raise ``torch.nn.Module.load_state_dict``'s ``RuntimeError``.
 
+    A model whose weight layout changed may define ``upgrade_state_dict(state) -> state``, which maps
+    keys of older files to the current ones; it runs first (e.g. ``baseline_vit``'s older key names).
+
     Returns ``torch.nn.Module.load_state_dict``'s result (the model's kept classifier keys appear
     among its ``missing_keys``).
     """
+    upgrade = getattr(model, "upgrade_state_dict", None)
+    if callable(upgrade):
+        state = upgrade(dict(state))
     kept: list[str] = []
     if skip_mismatched_head:
         state, kept = drop_mismatched_classifier(model, state)
