@@ -107,6 +107,33 @@ def test_classification_and_dit_states_use_the_shared_keys(tmp_path):
     assert json.loads((tmp_path / "dit/config.json").read_text())["model_name"] == "gspn_dit_tiny"
 
 
+def test_a_state_of_one_recipe_is_refused_by_another_with_a_clear_error(tmp_path):
+    """The shared format makes every recipe's ``last.pt`` look alike: ``gspn eval`` of a DiT state, and
+    ``train-dit --resume`` of a classifier's state or of another DiT's, used to die with a ``KeyError``
+    or a ``load_state_dict`` traceback listing every key."""
+    from gspn.diffusion.train import DiTTrainConfig
+    from gspn.diffusion.train import run as run_dit
+    from gspn.train import TrainConfig, evaluate_checkpoint, train
+
+    train(TrainConfig(model="baseline_conv", model_args={"width": 4, "depths": (1,)}, data="digits", epochs=1,
+                      img_size=16, batch_size=32, train_limit=32, val_limit=16, workers=0,
+                      output=str(tmp_path / "cls"), plot=False, verbose=False, progress=False))
+
+    def dit(out, resume="none", **args):
+        return DiTTrainConfig(model="gspn_dit_tiny", data="digits", image_size=8, steps=2, batch_size=4,
+                              output_dir=str(tmp_path / out), sample_steps=0, log_every=1, ckpt_every=2,
+                              resume=resume, model_args={**TINY_DIT, **args}, progress=False)
+
+    run_dit(dit("dit"))
+    with pytest.raises(ValueError, match="not a classifier's training checkpoint.*'gspn_dit_tiny'"):
+        evaluate_checkpoint(tmp_path / "dit/last.pt", workers=0)
+    with pytest.raises(ValueError, match="not a `gspn train-dit` checkpoint.*'baseline_conv'"):
+        run_dit(dit("other", resume=str(tmp_path / "cls/last.pt")))
+    with pytest.raises(ValueError, match="--resume .*for model gspn_dit_tiny .*'hidden_size': 32.*'hidden_size': 48"):
+        run_dit(dit("other2", resume=str(tmp_path / "dit/last.pt"), hidden_size=48))
+    assert not (tmp_path / "other/last.pt").exists() and not (tmp_path / "other2/last.pt").exists()
+
+
 def test_dit_resumes_from_an_old_format_last_pt(tmp_path):
     """A ``last.pt`` with the DiT's former key names (``opt``, ``arch``, ``args``, one RNG dict) resumes
     exactly: the continued run ends with the weights of the uninterrupted one."""

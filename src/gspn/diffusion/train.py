@@ -198,6 +198,19 @@ def _restore(run: _Run, path: Path, ctx: Any) -> int:
     """Load ``last.pt`` (the kit's training state; older DiT key names are read too) into ``run``;
     returns its step."""
     ckpt = load_state(path, map_location=ctx.device)
+    if not isinstance(ckpt, dict) or "schedule" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"--resume {path}: not a `gspn train-dit` checkpoint"
+                         + (f" (it holds {ckpt['model_name']!r})" if isinstance(ckpt, dict) and "model_name" in ckpt
+                            else ""))
+    name, args = ckpt.get("model_name"), ckpt.get("model_args")
+    if (name is not None and name != run.record["model_name"]) or (
+        args is not None and dict(args) != dict(run.record["model_args"])
+    ):
+        raise ValueError(
+            f"--resume {path}: the checkpoint is for model {name} {args}, "
+            f"not {run.record['model_name']} {run.record['model_args']} (check --model, --model-arg, "
+            "--image-size, --in-channels and the data)"
+        )
     run.model.load_state_dict(ckpt["model"])
     run.ema.load_state_dict(ckpt["ema"])
     run.optimizer.load_state_dict(ckpt["optimizer"])

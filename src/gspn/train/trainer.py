@@ -629,6 +629,10 @@ def _export_safetensors(model: nn.Module, path: Path, meta: dict[str, Any]) -> N
 # ----------------------------------------------------------------------------------------------- eval
 
 
+#: Entries of a classification training state that evaluation reads (beyond the shared state keys).
+_EVAL_KEYS = ("model_name", "model_args", "num_classes", "in_chans", "img_size", "mean", "std", "data", "config")
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str],
     data: str | None = None,
@@ -644,8 +648,14 @@ def evaluate_checkpoint(
     overridden here.
     """
     ckpt = load_state(checkpoint)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{checkpoint} is not a gspn training checkpoint")
+    missing = [k for k in _EVAL_KEYS if k not in ckpt]
+    if missing:  # the same state format as gspn train-dit / distill: their files lack the data setup
+        raise ValueError(
+            f"{checkpoint} is not a classifier's training checkpoint of `gspn train` (it holds "
+            f"{ckpt.get('model_name', 'no model name')!r}, without {', '.join(missing)})"
+        )
     dev = torch.device(
         "cuda"
         if (device == "auto" and torch.cuda.is_available())
