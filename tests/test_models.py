@@ -111,6 +111,11 @@ def test_forward_any_resolution_and_api(nano):
     assert [t.shape[1] for t in nano.forward_intermediates(x, indices=[0, -1], intermediates_only=True)] == [
         nano.embed_dims[0], nano.embed_dims[-1]
     ]
+    last_two = nano.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert [t.shape[1] for t in last_two] == nano.embed_dims[2:]
+    for bad in (5, [4], [-5]):  # one rule for every model (gspn.models.gspn_vision.feature_indices)
+        with pytest.raises(IndexError, match="stage"):
+            nano.forward_intermediates(x, indices=bad)
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (5, 200), (33, 7)], ids=str)

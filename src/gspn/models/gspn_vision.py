@@ -156,6 +156,30 @@ class ClassifierHead(nn.Module):
         return x if pre_logits else self.fc(self.drop(x))
 
 
+def feature_indices(indices: int | Sequence[int] | None, n: int, what: str = "block") -> list[int]:
+    """The sorted indices selected by a timm-style ``indices`` argument of ``forward_intermediates``.
+
+    Args:
+        indices: ``None`` = all ``n``, an int ``k`` = the last ``k``, or a sequence of (possibly
+            negative) indices.
+        n: number of blocks (or stages).
+        what: their name in error messages.
+
+    Raises:
+        IndexError: a count outside ``[0, n]`` or an index outside ``[-n, n)``.
+    """
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 <= indices <= n:
+            raise IndexError(f"cannot take the last {indices} of {n} {what}s")
+        return list(range(n - indices, n))
+    for i in indices:
+        if not -n <= i < n:
+            raise IndexError(f"{what} index {i} is out of range for {n} {what}s")
+    return sorted({i % n for i in indices})
+
+
 class ClassifierAPI:
     """The timm-style classifier methods shared by :class:`GSPNClassifier` and
     :class:`~gspn.models.gspn_vit.GSPNViT`: the model has ``head`` (a :class:`ClassifierHead`),
@@ -364,14 +388,11 @@ class GSPNClassifier(ClassifierAPI, nn.Module):
         Returns:
             ``[(B, C·2^i, ⌈H/2^(i+2)⌉, ⌈W/2^(i+2)⌉) for each selected stage i]``, preceded by the
             :meth:`forward_features` output unless ``intermediates_only``.
+
+        Raises:
+            IndexError: an index outside ``[-4, 4)`` or a count outside ``[0, 4]`` (4 stages).
         """
-        n = len(self.stages)
-        if indices is None:
-            wanted = list(range(n))
-        elif isinstance(indices, int):
-            wanted = list(range(n - indices, n))
-        else:
-            wanted = [i % n for i in indices]
+        wanted = feature_indices(indices, len(self.stages), "stage")
         outs = []
         x = self.stem(x)
         for i, stage in enumerate(self.stages):

@@ -34,17 +34,16 @@ Parameters and MACs: ``gspn flops --model gspn_vit_tiny``, or :func:`gspn.models
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..nn import GSPNBlock
+from ._isotropic import IsotropicEncoder
 from ._registry import register_model
-from .gspn_vision import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ClassifierAPI, ClassifierHead
+from .gspn_vision import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ClassifierHead
 from .reference_checkpoints import plan_pretrained
 
 __all__ = ["GSPNViT", "PatchEmbed"]
@@ -72,7 +71,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
-class GSPNViT(ClassifierAPI, nn.Module):
+class GSPNViT(IsotropicEncoder):
     """Isotropic GSPN encoder with a classification head (module docstring for the design).
 
     Args:
@@ -154,66 +153,8 @@ class GSPNViT(ClassifierAPI, nn.Module):
         self.model_args: dict[str, Any] = {}
         self.apply(self._init_weights)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass to save memory."""
-        self.grad_checkpointing = enable
-
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_chans, H, W) → (B, D, ⌈H/p⌉, ⌈W/p⌉)``, before the head's norm."""
-        x = self.patch_embed(x).permute(0, 2, 3, 1)
-        for block in self.blocks:
-            x = self._run_block(block, x)
-        return x.permute(0, 3, 1, 2)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Block outputs for dense tasks (timm-style).
-
-        Args:
-            x: ``(B, in_chans, H, W)``.
-            indices: blocks to return: ``None`` = all, an int ``n`` = the last ``n``, or a list of
-                (possibly negative) block indices.
-            intermediates_only: return only the list (the blocks after the last wanted one are
-                not run).
-
-        Returns:
-            ``[(B, D, ⌈H/p⌉, ⌈W/p⌉) for each selected block]``, preceded by the
-            :meth:`forward_features` output unless ``intermediates_only``.
-
-        Raises:
-            IndexError: an index outside ``[-depth, depth)``.
-        """
-        n = len(self.blocks)
-        if indices is None:
-            wanted = set(range(n))
-        elif isinstance(indices, int):
-            if not 0 <= indices <= n:
-                raise IndexError(f"cannot take the last {indices} of {n} blocks")
-            wanted = set(range(n - indices, n))
-        else:
-            for i in indices:
-                if not -n <= i < n:
-                    raise IndexError(f"block index {i} is out of range for {n} blocks")
-            wanted = {i % n for i in indices}
-        last = max(wanted, default=-1) if intermediates_only else n - 1
-        outs = []
-        x = self.patch_embed(x).permute(0, 2, 3, 1)
-        for i, block in enumerate(self.blocks):
-            if i > last:
-                break
-            x = self._run_block(block, x)
-            if i in wanted:
-                outs.append(x.permute(0, 3, 1, 2))
-        return outs if intermediates_only else (x.permute(0, 3, 1, 2), outs)
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x).permute(0, 2, 3, 1)
 
 
 # --- configurations and registry ------------------------------------------------------------------

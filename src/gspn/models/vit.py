@@ -26,18 +26,17 @@ are counted there, where the model is built on the meta device).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..nn import DropPath, Mlp, MultiHeadSelfAttention
+from ._isotropic import IsotropicEncoder
 from ._registry import register_model
 from .checkpoint import load_pretrained
-from .gspn_vision import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ClassifierAPI, ClassifierHead
+from .gspn_vision import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ClassifierHead
 from .gspn_vit import PatchEmbed
 
 __all__ = ["POS_EMBEDS", "POS_INTERPS", "TransformerBlock", "VisionTransformer", "sincos_pos_embed"]
@@ -115,7 +114,7 @@ class TransformerBlock(nn.Module):
         return x + self.drop_path(self.mlp_drop(self.mlp(self.norm2(x))))
 
 
-class VisionTransformer(ClassifierAPI, nn.Module):
+class VisionTransformer(IsotropicEncoder):
     """Isotropic attention ViT with a classification head (module docstring for the design).
 
     Args:
@@ -207,15 +206,6 @@ class VisionTransformer(ClassifierAPI, nn.Module):
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass to save memory."""
-        self.grad_checkpointing = enable
-
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
-
     def position_embedding(self, h: int, w: int) -> torch.Tensor | None:
         """The position embedding added to an ``h × w`` token grid, ``(1, D, h, w)`` (``None``: none)."""
         if self.pos_embed_kind == "sincos":
@@ -234,59 +224,6 @@ class VisionTransformer(ClassifierAPI, nn.Module):
         if pos is not None:
             x = x + pos
         return x.permute(0, 2, 3, 1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_chans, H, W) → (B, D, ⌈H/p⌉, ⌈W/p⌉)``, the last block's output before the head's norm."""
-        x = self._embed(x)
-        for block in self.blocks:
-            x = self._run_block(block, x)
-        return x.permute(0, 3, 1, 2)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Block outputs (timm-style), as :meth:`gspn.models.GSPNViT.forward_intermediates`.
-
-        Args:
-            x: ``(B, in_chans, H, W)``.
-            indices: blocks to return: ``None`` = all, an int ``n`` = the last ``n``, or a list of
-                (possibly negative) block indices.
-            intermediates_only: return only the list (the blocks after the last wanted one are
-                not run).
-
-        Returns:
-            ``[(B, D, ⌈H/p⌉, ⌈W/p⌉) for each selected block]`` in block order, preceded by the
-            :meth:`forward_features` output unless ``intermediates_only``.
-
-        Raises:
-            IndexError: an index outside ``[-depth, depth)`` or a count outside ``[0, depth]``.
-        """
-        n = len(self.blocks)
-        if indices is None:
-            wanted = set(range(n))
-        elif isinstance(indices, int):
-            if not 0 <= indices <= n:
-                raise IndexError(f"cannot take the last {indices} of {n} blocks")
-            wanted = set(range(n - indices, n))
-        else:
-            for i in indices:
-                if not -n <= i < n:
-                    raise IndexError(f"block index {i} is out of range for {n} blocks")
-            wanted = {i % n for i in indices}
-        last = max(wanted, default=-1) if intermediates_only else n - 1
-        outs = []
-        x = self._embed(x)
-        for i, block in enumerate(self.blocks):
-            if i > last:
-                break
-            x = self._run_block(block, x)
-            if i in wanted:
-                outs.append(x.permute(0, 3, 1, 2))
-        return outs if intermediates_only else (x.permute(0, 3, 1, 2), outs)
-
 
 # --- configurations and registry ------------------------------------------------------------------
 

@@ -1,0 +1,78 @@
+"""The forward of the isotropic encoders (:class:`~gspn.models.GSPNViT`,
+:class:`~gspn.models.VisionTransformer`): patch tokens, ``depth`` identical blocks on a channels-last
+``(B, h, w, D)`` token grid, block outputs for dense tasks and distillation, gradient checkpointing.
+The subclasses own the patch embedding (``_embed``), the ``blocks`` and the head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .gspn_vision import ClassifierAPI, feature_indices
+
+__all__ = ["IsotropicEncoder"]
+
+
+class IsotropicEncoder(ClassifierAPI, nn.Module):
+    """Base of the isotropic encoders: ``_embed`` (``(B, in_chans, H, W) → (B, h, w, D)``), then
+    every block of ``self.blocks`` on ``(B, h, w, D)`` tokens."""
+
+    blocks: nn.Sequential | nn.ModuleList
+    grad_checkpointing: bool = False
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W)`` → channels-last tokens ``(B, ⌈H/p⌉, ⌈W/p⌉, D)``."""
+        raise NotImplementedError
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W) → (B, D, ⌈H/p⌉, ⌈W/p⌉)``, the last block's output before the head's norm."""
+        x = self._embed(x)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return x.permute(0, 3, 1, 2)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs for dense tasks and per-block distillation (timm-style).
+
+        Args:
+            x: ``(B, in_chans, H, W)``.
+            indices: blocks to return: ``None`` = all, an int ``n`` = the last ``n``, or a list of
+                (possibly negative) block indices.
+            intermediates_only: return only the list (the blocks after the last wanted one are
+                not run).
+
+        Returns:
+            ``[(B, D, ⌈H/p⌉, ⌈W/p⌉) for each selected block]`` in block order, preceded by the
+            :meth:`forward_features` output unless ``intermediates_only``.
+
+        Raises:
+            IndexError: an index outside ``[-depth, depth)`` or a count outside ``[0, depth]``.
+        """
+        wanted = set(feature_indices(indices, len(self.blocks)))
+        last = max(wanted, default=-1) if intermediates_only else len(self.blocks) - 1
+        outs = []
+        x = self._embed(x)
+        for i, block in enumerate(self.blocks):
+            if i > last:
+                break
+            x = self._run_block(block, x)
+            if i in wanted:
+                outs.append(x.permute(0, 3, 1, 2))
+        return outs if intermediates_only else (x.permute(0, 3, 1, 2), outs)
