@@ -388,7 +388,8 @@ def _restore(cfg: TrainConfig, ctx: DistContext, run: _Run, ckpt: dict[str, Any]
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
-    run.scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("scaler") and run.scaler.is_enabled():  # None ({} in older files): no fp16 scaler then
+        run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None:
         if ckpt.get("ema") is None:
             warnings.warn(
@@ -540,7 +541,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 model=model.state_dict(),
                 optimizer=run.optimizer.state_dict(),
                 scheduler=run.scheduler.state_dict(),
-                scaler=run.scaler.state_dict(),
+                scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
                 ema=ema.state_dict() if ema is not None else None,
                 epoch=epoch,
                 step=step,
