@@ -257,9 +257,8 @@ struct ForwardWorker {
   const Geometry& geo;
   std::vector<T> buf;  // horizontal strips and normalised weights
 
-  // float32 with AVX-512: lines go through forward_line16 (but short raw ones), and lines of
-  // FUSED_MIN_LINE or more normalise their gates in it; shorter ones get normalised weights from a
-  // pass over many lines.
+  // float32 with AVX-512 and NORM: lines go through forward_line16, and lines of FUSED_MIN_LINE or
+  // more normalise their gates in it; shorter ones get normalised weights from a pass over many lines.
 #if defined(__AVX512F__)
   static constexpr bool SIMD16 = std::is_same<T, float>::value;
 #else
@@ -272,7 +271,7 @@ struct ForwardWorker {
   void line(int64_t P, T* h, const T* prev, const T* x, const T* lam, LineWeights<T> w, bool already_normalised) {
 #if defined(__AVX512F__)
     if constexpr (SIMD16) {
-      if (!NORM && P < FUSED_MIN_LINE) {  // short raw lines: the plain loop is as fast (measured)
+      if (!NORM) {  // raw weights: the plain (auto-vectorised) loop is as fast or faster (measured)
         forward_line(P, h, prev, x, lam, w.l, w.m, w.r);
         return;
       }
