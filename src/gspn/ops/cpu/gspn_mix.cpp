@@ -483,7 +483,9 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
                             Geometry(2, sh.H, sh.W, sh.chunk), Geometry(3, sh.H, sh.W, sh.chunk)};
   const int64_t nblk = sh.nblk(), HW = sh.pixels();
   const int64_t wsize = 4 * KINDS * sh.S * LANES;
-#pragma omp parallel num_threads(resolve_threads(nthreads))
+  // No more threads than work items: each thread allocates the buffers below (y_local: HW * LANES).
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(resolve_threads(nthreads), sh.B * nblk)));
+#pragma omp parallel num_threads(threads)
   {
     std::vector<T> line(2 * (std::max(sh.H, sh.W) + 2) * LANES);
     // planar x: staged columns (LANES * H * LANES values) or rows (W * LANES)
