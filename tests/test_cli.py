@@ -104,6 +104,34 @@ def test_required_checkpoint_under_either_name(capsys):
     assert "required: --output" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [
+    ["train"], ["eval", "--checkpoint", "x.pt"], ["train-dit"], ["sample", "--checkpoint", "x.pt"],
+    ["extract-latents", "--vae", "v", "--output", "z.pt"], ["distill", "--model", "m", "--captions", "c.txt"],
+    ["generate", "--prompt", "p"], ["distill-encoder", "--teacher", "t"],
+])
+def test_device_is_checked_when_parsed(command, capsys):
+    # an unknown --device was a torch RuntimeError traceback, found after loading the data and model
+    from gspn.commands import main
+
+    for ok in ("auto", "cpu", "cuda", "cuda:1", "cpu:0"):
+        assert _parse([*command, "--device", ok]).device == ok
+    for bad in ("bogus", "cuda:x", "gpu"):
+        with pytest.raises(SystemExit) as exc:
+            main([*command, "--device", bad])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and f"unknown device '{bad}'" in err, err
+
+
+def test_generate_takes_device_auto(monkeypatch):
+    import gspn.integrations.generate as generate
+    from gspn.commands import main
+
+    seen = []
+    monkeypatch.setattr(generate, "run_generate", lambda args: seen.append(args.device) or 0)
+    assert main(["generate", "--prompt", "p", "--device", "auto"]) == 0 and seen == [None]  # = the default
+    assert main(["generate", "--prompt", "p", "--device", "cpu"]) == 0 and seen == [None, "cpu"]
+
+
 def test_bench_width_is_dim_not_channels():
     a = _parse(["bench", "--dim", "8"])
     assert a.dim == 8 and not hasattr(a, "in_channels")

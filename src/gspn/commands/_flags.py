@@ -32,6 +32,7 @@ __all__ = [
     "add_warmup_epochs",
     "add_warmup_steps",
     "config_from_args",
+    "device",
     "none_or_float",
     "parse_model_args",
     "precision",
@@ -204,9 +205,24 @@ def add_threads(parser: Any, default: int | None = 0) -> None:
     parser.add_argument("--threads", type=int, default=default, help="torch CPU threads (0 = torch default)")
 
 
+def device(text: str) -> str:
+    """A ``--device`` value: ``auto`` or a name :class:`torch.device` accepts (``cpu``, ``cuda``, ``cuda:1``,
+    ...), returned unchanged; anything else is a usage error (one line, exit status 2) instead of torch's
+    ``RuntimeError`` traceback after the data and model are loaded."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
+    return text
+
+
 def add_device(parser: Any, default: str | None = "auto", help: str = "auto | cpu | cuda | cuda:N") -> None:
-    """``--device``."""
-    parser.add_argument("--device", default=default, help=help)
+    """``--device`` (checked by :func:`device`)."""
+    parser.add_argument("--device", type=device, default=default, help=help)
 
 
 def config_from_args(cls: type[Any], args: Any, **overrides: Any) -> Any:

@@ -69,6 +69,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from ..integrations.generate import run_generate
 
+    if args.device == "auto":  # the vocabulary's value (every other command takes it): the default
+        args.device = None
     return run_generate(args)
 
 
