@@ -161,3 +161,25 @@ def test_readme_and_docs_use_only_the_new_names():
             continue  # owned by the operator work; their commands use the bench script's own flags
         for line in path.read_text().splitlines():
             assert not old.search(line), (path.name, line)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--mean", "0.5,0.5", "--in-channels", "3"], "--mean takes 1 or --in-channels (3)"),  # was a RuntimeError
+    (["--std", "0"], "--std must be > 0"),  # was NaN training, found after the first epoch
+    (["--crop-pct", "0"], "--crop-pct must be"),  # was a ZeroDivisionError
+    (["--crop-scale", "2,1"], "--crop-scale"),
+    (["--hflip", "2"], "--hflip must be a probability"),
+    (["--model-arg", "bogus=1"], "'bogus': 1} for baseline_conv"),  # was a TypeError traceback
+    (["--model-arg", "depths=oops"], "'depths': 'oops'} for baseline_conv"),
+    (["--image-size", "0"], "--image-size must be"),  # named the deprecated --img-size
+    (["--in-channels", "0"], "--in-channels must be"),  # named the deprecated --in-chans
+])
+def test_train_rejects_nonsense_with_one_line_naming_the_flag(tmp_path, capsys, args, needle):
+    from gspn.commands import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--model", "baseline_conv", "--model-arg", "width=4", "--epochs", "1", "--train-limit", "8",
+                 "--val-limit", "8", "--workers", "0", "--no-progress", "--no-plot", "--output-dir", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
+    assert not (out / "last.pt").exists()

@@ -191,9 +191,11 @@ def _validate(cfg: TrainConfig) -> None:
     positive.update({k: v for k, v in (("img_size", cfg.img_size), ("train_limit", cfg.train_limit),
                                        ("val_limit", cfg.val_limit), ("stop_after_epochs", cfg.stop_after_epochs))
                      if v is not None})
+    flags = {"img_size": "--image-size", "in_chans": "--in-channels"}  # the flags, not the field names
     for name, value in positive.items():
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            flag = flags.get(name, "--" + name.replace("_", "-"))
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
     for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing"):
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0:
@@ -208,6 +210,30 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    for name, values in (("mean", cfg.mean), ("std", cfg.std)):
+        if values is None:
+            continue
+        if len(values) not in (1, cfg.in_chans) or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"--{name} takes 1 or --in-channels ({cfg.in_chans}) finite numbers, got {values!r}")
+    if cfg.std is not None and min(cfg.std) <= 0:
+        raise ValueError(f"--std must be > 0, got {cfg.std!r}")
+    if cfg.crop_scale is not None:
+        lo, hi = cfg.crop_scale
+        if not (0 <= lo <= hi <= 1 and hi > 0):
+            raise ValueError(f"--crop-scale LO,HI must satisfy 0 <= LO <= HI <= 1, HI > 0, got {lo},{hi}")
+    if cfg.hflip is not None and not 0 <= cfg.hflip <= 1:
+        raise ValueError(f"--hflip must be a probability in [0, 1], got {cfg.hflip}")
+    if cfg.crop_pct is not None and not (math.isfinite(cfg.crop_pct) and cfg.crop_pct > 0):
+        raise ValueError(f"--crop-pct must be a finite number > 0, got {cfg.crop_pct}")
+
+
+def _build_model(cfg: TrainConfig, **kwargs: Any) -> nn.Module:
+    """``build_model(cfg.model, **kwargs, **cfg.model_args)``; a constructor's ``TypeError`` (an unknown
+    or ill-typed ``--model-arg``) becomes a ``ValueError`` naming the flag: one error line, not a traceback."""
+    try:
+        return build_model(cfg.model, **kwargs, **cfg.model_args)
+    except TypeError as exc:
+        raise ValueError(f"--model-arg {cfg.model_args} for {cfg.model}: {exc}") from exc
 
 
 def _repair_after_kill(out: Path, ckpt: dict[str, Any], resume_path: Path, plot: bool) -> None:
@@ -308,7 +334,7 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
     model_cfg: dict[str, Any] = {}
     if cfg.data != "digits" and not (cfg.img_size and cfg.mean and cfg.std):
         # image folders default to the model's input size and statistics: read its default_cfg
-        probe = build_model(cfg.model, num_classes=2, in_chans=cfg.in_chans, **cfg.model_args)
+        probe = _build_model(cfg, num_classes=2, in_chans=cfg.in_chans)
         model_cfg = model_default_cfg(probe)
         del probe
     data = build_data(
@@ -325,7 +351,7 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
         model_cfg=model_cfg,
     )
     seed_all(cfg.seed)
-    model = build_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, **cfg.model_args)
+    model = _build_model(cfg, num_classes=data.num_classes, in_chans=data.in_chans)
     model.to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     ema = build_ema(model, cfg.ema_decay) if cfg.ema_decay else None
