@@ -239,6 +239,21 @@ def test_resume_is_exact(tmp_path):
 
 
 @needs_diffusers
+def test_train_dit_checks_the_patch_size_and_model_args_before_writing(tmp_path):
+    # --image-size 15 with patch 2 failed at the first step, after config.json was written, so the
+    # corrected command was refused ("already holds a run"); a bad --model-arg was a TypeError traceback
+    from gspn.diffusion.train import run_train
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--image-size \(15×15\) must be a multiple of gspn_dit_tiny's patch size 2"):
+        run_train(_train_args(out, image_size=15, steps=1))
+    with pytest.raises(ValueError, match="--model-arg .*'bogus': 1.* for gspn_dit_tiny"):
+        run_train(_train_args(out, model_arg="bogus=1", steps=1))
+    assert not (out / "config.json").exists() and not (out / "last.pt").exists()
+    assert run_train(_train_args(out, steps=1))["step"] == 1  # the corrected command is not refused
+
+
+@needs_diffusers
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
 def test_sampling_is_deterministic_per_seed(sampler):
     model = _randomize_head(_small())

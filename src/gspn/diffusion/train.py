@@ -168,7 +168,14 @@ def _setup(cfg: DiTTrainConfig, ctx: Any) -> _Run:
         **cfg.model_args,
     }
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **overrides).to(ctx.device)
+    try:
+        model = create_model(cfg.model, **overrides).to(ctx.device)
+    except TypeError as exc:  # an unknown or ill-typed --model-arg: one error line, not a traceback
+        raise ValueError(f"--model-arg {cfg.model_args} for {cfg.model}: {exc}") from exc
+    patch = getattr(model, "patch_size", 1)
+    if h % patch or meta["shape"][2] % patch:  # else the first step fails, after config.json is written
+        what = "--image-size" if meta["kind"] == "pixels" else "the latents' size"
+        raise ValueError(f"{what} ({h}×{meta['shape'][2]}) must be a multiple of {cfg.model}'s patch size {patch}")
     ema = build_ema(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_scheduler = build_lr_scheduler(opt, "constant", cfg.steps, cfg.warmup_steps)
