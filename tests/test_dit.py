@@ -370,6 +370,16 @@ def test_extract_latents_config_is_checked_before_any_work(tmp_path):
         with pytest.raises(ValueError, match=needle):
             run(ExtractLatentsConfig(**{**ok, **bad}))
     assert not (tmp_path / "z.pt").exists()
+    # a missing local VAE folder or data folder is named with its flag (it was diffusers' "check your
+    # internet connection" and a bare "[Errno 2]"); a hub name ("org/name") is left to diffusers
+    for bad, needle in (({}, "--vae .*no-such-vae: no such folder"), ({"vae": "./nope"}, "--vae ./nope: no such"),
+                        ({"vae": "org/name", "data": "imagefolder:/no/such"}, "--data imagefolder:/no/such: no such")):
+        with pytest.raises(FileNotFoundError, match=needle):
+            run(ExtractLatentsConfig(**{**ok, **bad}))
+    from gspn.diffusion.data import load_dataset
+
+    with pytest.raises(FileNotFoundError, match="--fid-ref latents:/no/such.pt: no such file"):
+        load_dataset("latents:/no/such.pt", flag="--fid-ref")
 
 
 def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):

@@ -74,12 +74,18 @@ def load_latents(path: str | os.PathLike) -> tuple[TensorDataset, dict[str, Any]
     return ds, dict(blob.get("meta", {}))
 
 
-def load_dataset(spec: str, image_size: int = 16, channels: int = 1) -> tuple[TensorDataset, dict[str, Any]]:
-    """Resolve ``--data``: ``digits``, ``imagefolder:PATH`` or ``latents:PATH``.
+def load_dataset(
+    spec: str, image_size: int = 16, channels: int = 1, flag: str = "--data"
+) -> tuple[TensorDataset, dict[str, Any]]:
+    """Resolve ``--data``: ``digits``, ``imagefolder:PATH`` or ``latents:PATH`` (``flag``: the option named
+    in errors).
 
     Returns the dataset and metadata with at least ``kind``, ``num_classes`` and ``shape``
     (``(C, H, W)`` of one sample).
     """
+    kind, _, where = spec.partition(":")
+    if kind in ("imagefolder", "latents") and not Path(where).exists():  # name the flag, not just errno
+        raise FileNotFoundError(f"{flag} {spec}: no such {'folder' if kind == 'imagefolder' else 'file'}")
     if spec == "digits":
         ds, meta = load_digits(image_size, channels), {"kind": "pixels", "num_classes": 10}
     elif spec.startswith("imagefolder:"):
@@ -90,6 +96,6 @@ def load_dataset(spec: str, image_size: int = 16, channels: int = 1) -> tuple[Te
         meta = {**meta, "kind": "latents"}
         meta.setdefault("num_classes", int(ds.tensors[1].max()) + 1)
     else:
-        raise ValueError(f"unknown --data {spec!r}: use digits, imagefolder:PATH or latents:PATH")
+        raise ValueError(f"unknown {flag} {spec!r}: use digits, imagefolder:PATH or latents:PATH")
     meta["shape"] = tuple(ds.tensors[0].shape[1:])
     return ds, meta

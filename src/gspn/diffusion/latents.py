@@ -137,6 +137,10 @@ def validate(cfg: ExtractLatentsConfig) -> None:
     if cfg.data.startswith("latents:"):
         raise ValueError("--data must be pixel data (digits or imagefolder:PATH)")
     check_output_file(cfg.output)
+    vae = os.fspath(cfg.vae)
+    if not Path(vae).expanduser().exists() and (vae.startswith(("/", ".", "~")) or vae.count("/") > 1 or "\\" in vae):
+        # a local path (a hub name is "org/name"): else diffusers says "check your internet connection"
+        raise FileNotFoundError(f"--vae {vae}: no such folder")
 
 
 def run(config: ExtractLatentsConfig) -> dict[str, Any]:

@@ -374,7 +374,7 @@ def _fid(cfg: SampleConfig, imgs: torch.Tensor, data: dict[str, Any]) -> dict[st
         ref: Any = cfg.fid_ref
     else:
         c, h, _ = imgs.shape[1:]
-        ref = load_dataset(cfg.fid_ref, h, c)[0].tensors[0]
+        ref = load_dataset(cfg.fid_ref, h, c, flag="--fid-ref")[0].tensors[0]
     return fid_from_images(ext, imgs, ref)
 
 
