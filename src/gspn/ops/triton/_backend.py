@@ -26,11 +26,14 @@ _import_error: str | None = None
 
 
 def _load() -> ModuleType | None:
-    """Import triton and the kernels once; ``None`` (with the reason kept) if that fails."""
+    """Import triton and the kernels once — the line-scan kernels and the fused ``gspn_mix`` ones
+    (``_mix``) together, so both are defined in the same mode (``TRITON_INTERPRET`` is read when a
+    kernel is defined) —; ``None`` (with the reason kept) if that fails."""
     global _kernel_module, _import_error
     if _kernel_module is None and _import_error is None:
         try:
             _kernel_module = importlib.import_module(f"{__package__}._kernels")
+            importlib.import_module(f"{__package__}._mix")
         except ImportError as exc:
             _import_error = f"triton is not installed ({exc}); pip install 'gspn[triton]'"
     return _kernel_module

@@ -137,12 +137,12 @@ def _generate(z_ptrs, z_sc, w_rows, w_ok, m, S, FIRST: tl.constexpr, ACC: tl.con
     """One line's parameters from its proxy line: ``Σ_j W[c, kind, j] · z[b, j, p]`` for the six
     kinds (``z_ptrs``: ``[BLOCK_S, BLOCK_P]`` pointers of proxy channel 0; ``w_rows``:
     ``[BLOCK_S, 1]`` pointers of ``W[c, 0, 0]``). The merged skip is generated only if ``FIRST``."""
-    al = tl.zeros(m.shape, ACC)
-    am = tl.zeros(m.shape, ACC)
-    ar = tl.zeros(m.shape, ACC)
-    lam = tl.zeros(m.shape, ACC)
-    u = tl.zeros(m.shape, ACC)
-    d = tl.zeros(m.shape, ACC)
+    al = tl.full(m.shape, 0, ACC)
+    am = tl.full(m.shape, 0, ACC)
+    ar = tl.full(m.shape, 0, ACC)
+    lam = tl.full(m.shape, 0, ACC)
+    u = tl.full(m.shape, 0, ACC)
+    d = tl.full(m.shape, 0, ACC)
     for j in range(0, S):
         z = tl.load(z_ptrs + j * z_sc, mask=m, other=0.0).to(ACC)
         w = w_rows + j
@@ -294,7 +294,7 @@ def gspn_mix_fwd_reg_kernel(
     for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
         i_lo = chunk * CHUNK
         n = tl.minimum(CHUNK, L - i_lo)
-        h = tl.zeros([BLOCK_S, BLOCK_P], ACC)  # zero state before the tile's first line
+        h = tl.full([BLOCK_S, BLOCK_P], 0, ACC)  # zero state before the tile's first line
         for t in range(0, n):
             i = _line_index(i_lo, n, t, REVERSE)
             xv = tl.load(x_ptr + x_base + (i * x_l + p * x_p)[None, :], mask=m, other=0.0).to(ACC)
@@ -320,21 +320,31 @@ def _weight_tile(w_rows, kind, S, jr, ok):
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+# Sums are tl.reduce(..., _add) and zeros tl.full(..., 0, ...), not tl.sum / tl.zeros: those are
+# @triton.jit functions of Triton's standard library, defined when triton is first imported, which the
+# interpreter cannot call from a helper when that import happened without TRITON_INTERPRET set.
+
+
+@triton.jit
 def _project(w, z):
     """``Σ_j w[c, j] z[j, p]``: ``[BLOCK_S, BLOCK_J] × [BLOCK_J, BLOCK_P] → [BLOCK_S, BLOCK_P]``."""
-    return tl.sum(w[:, :, None] * z[None, :, :], axis=1)
+    return tl.reduce(w[:, :, None] * z[None, :, :], 1, _add)
 
 
 @triton.jit
 def _correlate(d, z):
     """``Σ_p d[c, p] z[j, p]``: ``[BLOCK_S, BLOCK_P] × [BLOCK_J, BLOCK_P] → [BLOCK_S, BLOCK_J]``."""
-    return tl.sum(d[:, None, :] * z[None, :, :], axis=2)
+    return tl.reduce(d[:, None, :] * z[None, :, :], 2, _add)
 
 
 @triton.jit
 def _spread(w, d):
     """``Σ_c w[c, j] d[c, p]``: ``[BLOCK_S, BLOCK_J] × [BLOCK_S, BLOCK_P] → [BLOCK_J, BLOCK_P]``."""
-    return tl.sum(w[:, :, None] * d[:, None, :], axis=0)
+    return tl.reduce(w[:, :, None] * d[:, None, :], 0, _add)
 
 
 @triton.jit
@@ -412,18 +422,18 @@ def gspn_mix_bwd_reg_kernel(
     has_r = tl.broadcast_to((p + 1 < P)[None, :], [BLOCK_S, BLOCK_P])
     idx_l = tl.broadcast_to(tl.maximum(p - 1, 0)[None, :], [BLOCK_S, BLOCK_P])
     idx_r = tl.broadcast_to(tl.minimum(p + 1, BLOCK_P - 1)[None, :], [BLOCK_S, BLOCK_P])
-    dw_al = tl.zeros([BLOCK_S, BLOCK_J], ACC)
-    dw_am = tl.zeros([BLOCK_S, BLOCK_J], ACC)
-    dw_ar = tl.zeros([BLOCK_S, BLOCK_J], ACC)
-    dw_lam = tl.zeros([BLOCK_S, BLOCK_J], ACC)
-    dw_u = tl.zeros([BLOCK_S, BLOCK_J], ACC)
-    dw_d = tl.zeros([BLOCK_S, BLOCK_J], ACC)
+    dw_al = tl.full([BLOCK_S, BLOCK_J], 0, ACC)
+    dw_am = tl.full([BLOCK_S, BLOCK_J], 0, ACC)
+    dw_ar = tl.full([BLOCK_S, BLOCK_J], 0, ACC)
+    dw_lam = tl.full([BLOCK_S, BLOCK_J], 0, ACC)
+    dw_u = tl.full([BLOCK_S, BLOCK_J], 0, ACC)
+    dw_d = tl.full([BLOCK_S, BLOCK_J], 0, ACC)
     for chunk in range(pid_c, NUM_CHUNKS, n_cprog):
         i_lo = chunk * CHUNK
         n = tl.minimum(CHUNK, L - i_lo)
-        ql = tl.zeros([BLOCK_S, BLOCK_P], ACC)  # nothing flows back into a tile's last line
-        qm = tl.zeros([BLOCK_S, BLOCK_P], ACC)
-        qr = tl.zeros([BLOCK_S, BLOCK_P], ACC)
+        ql = tl.full([BLOCK_S, BLOCK_P], 0, ACC)  # nothing flows back into a tile's last line
+        qm = tl.full([BLOCK_S, BLOCK_P], 0, ACC)
+        qr = tl.full([BLOCK_S, BLOCK_P], 0, ACC)
         for tt in range(0, n):
             t = n - 1 - tt
             i = _line_index(i_lo, n, t, REVERSE)
