@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 import json
@@ -272,6 +273,21 @@ def test_vit_baseline_is_a_vision_transformer_and_loads_old_weights(tmp_path: Pa
         with torch.no_grad():
             for x in xs:
                 torch.testing.assert_close(new(x), _old_vit_baseline_forward(old_sd, x, 2, 2, 4), rtol=0, atol=1e-6)
+    # parameters in the old order, so an old last.pt's optimizer state (matched by position) resumes
+    renames = baselines._old_key_names(2)
+    assert [n for n, _ in new.named_parameters()] == [renames.get(n, n) for n, _ in old.named_parameters()]
+    stepped = copy.deepcopy(old)  # an optimizer state written by the old layout
+    opt_old = torch.optim.AdamW(stepped.parameters())
+    for t in stepped.parameters():
+        t.grad = torch.ones_like(t)
+    opt_old.step()
+    opt_new = torch.optim.AdamW(new.parameters())
+    opt_new.load_state_dict(opt_old.state_dict())
+    for p_new, (name, _) in zip(new.parameters(), old.named_parameters(), strict=True):
+        assert opt_new.state[p_new]["exp_avg"].shape == p_new.shape, name
+    new(xs[0]).sum().backward()
+    opt_new.step()  # used to fail: "The size of tensor a (96) must match the size of tensor b (32)"
+    new.load_state_dict(dict(old_sd))
     assert baselines.count_params is count_params is importlib.import_module("gspn.models").count_params
     assert count_params(new) == sum(p.numel() for p in old.parameters())
 

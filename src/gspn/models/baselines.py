@@ -159,6 +159,11 @@ class ViTBaseline(VisionTransformer):
         )
         self.patch_embed = _UnpaddedPatchEmbed(in_chans, embed_dim, patch_size)
         self.default_cfg = _default_cfg(in_chans, num_classes, classifier="head.fc")
+        for block in self.blocks:
+            # nn.TransformerEncoderLayer's parameter order (attention, MLP, norms): optimizer states of
+            # older last.pt files, which match parameters by position, then resume onto the right tensors.
+            for name in ("attn", "mlp", "norm1", "norm2", "mlp_drop", "drop_path"):
+                block._modules[name] = block._modules.pop(name)
         self._old_keys = _old_key_names(depth)
         self.register_load_state_dict_pre_hook(_rename_old_keys_hook)
 
