@@ -72,8 +72,14 @@ def _row(name: str, kind: str, run_dir: Path, wall: float, summary: dict[str, An
     scored = [r for r in recs if r.get("stage", 2) == 2]
     best = max(scored, key=lambda r: (r["val_acc"], -r["epoch"]))
     return {
-        "run": kind, "model": name, "params": summary["params"], "epochs": len(recs), "wall_s": wall,
-        "train_s": recs[-1]["elapsed_s"], "final_val_acc": recs[-1]["val_acc"], "best_val_acc": best["val_acc"],
+        "run": kind,
+        "model": name,
+        "params": summary["params"],
+        "epochs": len(recs),
+        "wall_s": wall,
+        "train_s": recs[-1]["elapsed_s"],
+        "final_val_acc": recs[-1]["val_acc"],
+        "best_val_acc": best["val_acc"],
         "best_epoch": best["epoch"] + 1,
     }
 
@@ -85,8 +91,11 @@ def _agreement(rows: list[dict[str, Any]], work: Path) -> None:
     from gspn.models import load_model, read_metadata
 
     path = work / "teacher" / "model.safetensors"
-    meta = {k.removeprefix("gspn.train."): json.loads(v) for k, v in read_metadata(path).items()
-            if k.startswith("gspn.train.")}
+    meta = {
+        k.removeprefix("gspn.train."): json.loads(v)
+        for k, v in read_metadata(path).items()
+        if k.startswith("gspn.train.")
+    }
     data = build_data("digits", meta["img_size"], meta["in_chans"], meta["mean"], meta["std"])
     x = torch.stack([data.val[i][0] for i in range(len(data.val))])
     y = torch.tensor([data.val[i][1] for i in range(len(data.val))])
@@ -103,8 +112,9 @@ def _agreement(rows: list[dict[str, Any]], work: Path) -> None:
                 r["repeats_teacher_errors"] = int((pred[wrong] == ref[wrong]).sum())
 
 
-def _speed(teacher: str, student: str, resolutions: list[int], batch: int, reps: int,
-           budget_s: float) -> list[dict[str, Any]]:
+def _speed(
+    teacher: str, student: str, resolutions: list[int], batch: int, reps: int, budget_s: float
+) -> list[dict[str, Any]]:
     """Median forward times, round-robin over the two models at each resolution."""
     models = {name: create_model(name, num_classes=10, in_chans=1).eval() for name in (teacher, student)}
     rows = []
@@ -123,12 +133,21 @@ def _speed(teacher: str, student: str, resolutions: list[int], batch: int, reps:
                 if time.perf_counter() - t_start > budget_s and len(times[teacher]) >= 3:
                     break
         med = {name: statistics.median(v) for name, v in times.items()}
-        row = {"side": side, "tokens": (side // models[teacher].patch_size) ** 2, "batch": batch,
-               "reps": len(times[teacher]), f"{teacher}_ms": 1e3 * med[teacher], f"{student}_ms": 1e3 * med[student],
-               "ratio": med[teacher] / med[student]}
+        row = {
+            "side": side,
+            "tokens": (side // models[teacher].patch_size) ** 2,
+            "batch": batch,
+            "reps": len(times[teacher]),
+            f"{teacher}_ms": 1e3 * med[teacher],
+            f"{student}_ms": 1e3 * med[student],
+            "ratio": med[teacher] / med[student],
+        }
         rows.append(row)
-        print(f"{side:>5}² {row['tokens']:>6} tokens  {teacher} {row[f'{teacher}_ms']:9.2f} ms  "
-              f"{student} {row[f'{student}_ms']:9.2f} ms  ratio {row['ratio']:.2f}×  ({row['reps']} reps)", flush=True)
+        print(
+            f"{side:>5}² {row['tokens']:>6} tokens  {teacher} {row[f'{teacher}_ms']:9.2f} ms  "
+            f"{student} {row[f'{student}_ms']:9.2f} ms  ratio {row['ratio']:.2f}×  ({row['reps']} reps)",
+            flush=True,
+        )
     return rows
 
 
@@ -155,8 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
-    common = dict(data="digits", img_size=args.image_size, in_chans=1, batch_size=args.batch_size, lr=args.lr,
-                  workers=0, seed=args.seed, device="cpu", progress=False, plot=False, overwrite=True)
+    common = dict(
+        data="digits",
+        img_size=args.image_size,
+        in_chans=1,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        workers=0,
+        seed=args.seed,
+        device="cpu",
+        progress=False,
+        plot=False,
+        overwrite=True,
+    )
     rows: list[dict[str, Any]] = []
     if not args.skip_training:
         print(f"=== teacher {args.teacher} ({args.teacher_epochs} epochs) ===", flush=True)
@@ -165,14 +195,29 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(_row(args.teacher, "teacher", work / "teacher", time.perf_counter() - t0, s))
 
         for kind, weights in VARIANTS.items():
-            print(f"=== {kind} {args.student} ({args.stage1_epochs} + {args.epochs - args.stage1_epochs} epochs) ===",
-                  flush=True)
+            print(
+                f"=== {kind} {args.student} ({args.stage1_epochs} + {args.epochs - args.stage1_epochs} epochs) ===",
+                flush=True,
+            )
             t0 = time.perf_counter()
-            s = distill(EncoderDistillConfig(
-                teacher=str(work / "teacher" / "model.safetensors"), model=args.student, output_dir=str(work / kind),
-                epochs=args.epochs, stage1_epochs=args.stage1_epochs, batch_size=args.batch_size, lr=args.lr,
-                workers=0, seed=args.seed, device="cpu", progress=False, plot=False, overwrite=True,
-                **{"stage1_inputs": args.stage1_inputs, **weights}))
+            s = distill(
+                EncoderDistillConfig(
+                    teacher=str(work / "teacher" / "model.safetensors"),
+                    model=args.student,
+                    output_dir=str(work / kind),
+                    epochs=args.epochs,
+                    stage1_epochs=args.stage1_epochs,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    workers=0,
+                    seed=args.seed,
+                    device="cpu",
+                    progress=False,
+                    plot=False,
+                    overwrite=True,
+                    **{"stage1_inputs": args.stage1_inputs, **weights},
+                )
+            )
             rows.append(_row(args.student, kind, work / kind, time.perf_counter() - t0, s))
 
         print(f"=== scratch {args.student} ({args.epochs} epochs) ===", flush=True)
@@ -186,25 +231,48 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n=== forward time, {args.threads} thread(s), batch {args.speed_batch}, round-robin ===", flush=True)
     speed = _speed(args.teacher, args.student, args.resolutions, args.speed_batch, args.reps, args.speed_budget_s)
 
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
-           "cpu_count": os.cpu_count(), "python": platform.python_version(),
-           "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)}
-    settings = {k: getattr(args, k) for k in ("teacher", "student", "teacher_epochs", "epochs", "stage1_epochs",
-                                              "stage1_inputs", "batch_size", "lr", "image_size", "seed")}
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(sys.argv),
+    }
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "teacher",
+            "student",
+            "teacher_epochs",
+            "epochs",
+            "stage1_epochs",
+            "stage1_inputs",
+            "batch_size",
+            "lr",
+            "image_size",
+            "seed",
+        )
+    }
     settings["data"] = "sklearn digits (8x8 upsampled), fixed stratified 80/20 split (1438 train / 359 val), 1 channel"
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "settings": settings, "training": rows, "speed": speed}, indent=2) + "\n")
 
     if rows:
-        print(f"\n{'run':<19} {'model':<15} {'params':>8} {'epochs':>6} {'train s':>8} {'final val':>9} "
-              f"{'best val':>9} {'= teacher':>9} {'errors (same as teacher)':>24}")
+        print(
+            f"\n{'run':<19} {'model':<15} {'params':>8} {'epochs':>6} {'train s':>8} {'final val':>9} "
+            f"{'best val':>9} {'= teacher':>9} {'errors (same as teacher)':>24}"
+        )
         for r in rows:
             agree = f"{100 * r['agreement_with_teacher']:>8.2f}%" if "agreement_with_teacher" in r else f"{'':>9}"
             same = f" ({r['repeats_teacher_errors']:>3})" if "repeats_teacher_errors" in r else " " * 6
             errors = f"{r.get('val_errors', ''):>18}{same}"
-            print(f"{r['run']:<19} {r['model']:<15} {r['params']:>8} {r['epochs']:>6} {r['train_s']:>8.1f} "
-                  f"{100 * r['final_val_acc']:>8.2f}% {100 * r['best_val_acc']:>8.2f}% {agree} {errors}")
+            print(
+                f"{r['run']:<19} {r['model']:<15} {r['params']:>8} {r['epochs']:>6} {r['train_s']:>8.1f} "
+                f"{100 * r['final_val_acc']:>8.2f}% {100 * r['best_val_acc']:>8.2f}% {agree} {errors}"
+            )
     print(f"wrote {out}")
     return 0
 

@@ -35,25 +35,54 @@ def build_pipe(folder: Path, widths: tuple[int, ...], context: int):
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=context, intermediate_size=2 * context, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=context,
+            intermediate_size=2 * context,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
     n = len(widths)
     unet = UNet2DConditionModel(
-        block_out_channels=widths, down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1), layers_per_block=1,
-        cross_attention_dim=context, attention_head_dim=4, norm_num_groups=8,
+        block_out_channels=widths,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        layers_per_block=1,
+        cross_attention_dim=context,
+        attention_head_dim=4,
+        norm_num_groups=8,
     )
     vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
     )
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 @torch.no_grad()
@@ -99,10 +128,17 @@ def main() -> None:
     captions = [f"a {c} {o}" for c in colours for o in objects]
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_pipe(Path(tmp), tuple(args.widths), args.context)
-        cfg = DistillConfig(output_dir=str(Path(tmp) / "run"), resolution=args.resolution,
-                            batch_size=args.batch_size, steps=args.steps, lr=args.lr, save_every=0,
-                            log_every=max(1, args.steps // 5), warmup_steps=10,
-                            gspn={"d_state": 8, "chunk_size": args.chunk_size})
+        cfg = DistillConfig(
+            output_dir=str(Path(tmp) / "run"),
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            lr=args.lr,
+            save_every=0,
+            log_every=max(1, args.steps // 5),
+            warmup_steps=10,
+            gspn={"d_state": 8, "chunk_size": args.chunk_size},
+        )
         distiller = Distiller(cfg, pipe=pipe, data=CaptionData(captions))
         before = relative_error(distiller, sizes)
         start = time.perf_counter()
@@ -110,8 +146,10 @@ def main() -> None:
         seconds = time.perf_counter() - start
         after = relative_error(distiller, sizes)
     side = args.resolution // 2
-    print(f"trained {args.steps} steps at {side}x{side} latents in {seconds:.0f} s "
-          f"({args.steps / seconds:.2f} it/s, {args.threads} thread(s))")
+    print(
+        f"trained {args.steps} steps at {side}x{side} latents in {seconds:.0f} s "
+        f"({args.steps / seconds:.2f} it/s, {args.threads} thread(s))"
+    )
     print(f"{'latent':>8} {'rel. error before':>18} {'after':>8}")
     for key in before:
         print(f"{key:>8} {before[key]:>18.4f} {after[key]:>8.4f}")

@@ -79,9 +79,7 @@ class AttnBlock(nn.Module):
 class AttnDiT(nn.Module):
     """Minimal class-conditional attention DiT with the GSPN-DiT interface (``forward_with_cfg``)."""
 
-    def __init__(
-        self, in_channels: int, width: int, blocks: int, patch: int = 2, num_classes: int = 1000
-    ) -> None:
+    def __init__(self, in_channels: int, width: int, blocks: int, patch: int = 2, num_classes: int = 1000) -> None:
         super().__init__()
         heads = max(1, round(width / 64))
         while width % heads:
@@ -105,12 +103,8 @@ class AttnDiT(nn.Module):
         p, co = self.patch, self.out_channels
         return out.view(-1, gh, gw, p, p, co).permute(0, 5, 1, 3, 2, 4).reshape(-1, co, gh * p, gw * p)
 
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float
-    ) -> torch.Tensor:
-        out = self.forward(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_label)])
-        )
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_label)]))
         cond, uncond = out.chunk(2)
         c = self.in_channels
         return torch.cat([uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
@@ -133,16 +127,10 @@ def time_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default="s", help="width/depth (blocks = depth + 1)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="s", help="width/depth (blocks = depth + 1)")
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument(
-        "--depth", type=int, default=None, help="GSPN depth; both models get depth + 1 blocks"
-    )
+    parser.add_argument("--depth", type=int, default=None, help="GSPN depth; both models get depth + 1 blocks")
     parser.add_argument("--latents", type=int, nargs="+", default=[32, 64], help="latent sides (patch 2)")
     parser.add_argument("--batch", type=int, default=1, help="images per step (network batch = 2× for CFG)")
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per model")

@@ -104,9 +104,15 @@ def run(shapes, threads_list, repeats: int, sdpa_max_tokens: int) -> list[dict]:
                 row: dict[str, dict | None] = dict.fromkeys(METHODS)
                 for m in methods:
                     record = {
-                        "threads": threads, "shape": list(shape), "backward": backward, "method": m,
-                        "median_ms": statistics.median(times[m]), "min_ms": min(times[m]), "times_ms": times[m],
-                        "peak_mem_bytes": cpu_peak_bytes(steps[m]) if m != "sdpa" else None, "x_bytes": x_bytes,
+                        "threads": threads,
+                        "shape": list(shape),
+                        "backward": backward,
+                        "method": m,
+                        "median_ms": statistics.median(times[m]),
+                        "min_ms": min(times[m]),
+                        "times_ms": times[m],
+                        "peak_mem_bytes": cpu_peak_bytes(steps[m]) if m != "sdpa" else None,
+                        "x_bytes": x_bytes,
                     }
                     records.append(record)
                     row[m] = record
@@ -148,8 +154,11 @@ def run_operator(shapes, threads_list, repeats: int) -> list[dict]:
             record = {"threads": threads, "shape": list(shape), "median_ms": med, "times_ms": times}
             records.append(record)
             overhead = med["cpu"] / med["cpu-unnormalised"] - 1
-            ref = f" | reference {med['reference']:8.1f} -> cpu {med['reference'] / med['cpu']:5.2f}x faster" if (
-                "reference" in med) else ""
+            ref = (
+                f" | reference {med['reference']:8.1f} -> cpu {med['reference'] / med['cpu']:5.2f}x faster"
+                if ("reference" in med)
+                else ""
+            )
             print(
                 f"threads={threads} line_scan_4d {tuple(shape)} ms: cpu {med['cpu']:7.2f}  unnormalised "
                 f"{med['cpu-unnormalised']:7.2f}  normalisation +{overhead * 100:4.0f}%{ref}",
@@ -190,8 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sdpa-max-tokens", type=int, default=16384, help="skip SDPA above this many tokens")
     parser.add_argument("--json", default=None, help="write every measurement to this file")
-    parser.add_argument("--shapes", nargs="+", default=None, metavar="B,C,H,W",
-                        help="only these shapes (layers and --operator), e.g. 1,96,128,128 1,320,64,64")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        metavar="B,C,H,W",
+        help="only these shapes (layers and --operator), e.g. 1,96,128,128 1,320,64,64",
+    )
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:

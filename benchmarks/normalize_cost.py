@@ -23,8 +23,13 @@ import torch
 from gspn.ops import DIRECTIONS, cpu, line_scan_4d
 
 SHAPES = [
-    (1, 32, 256, 256), (1, 96, 128, 128), (8, 144, 56, 56), (1, 320, 64, 64),
-    (160, 128, 4, 4), (64, 128, 8, 8), (2, 384, 16, 16),
+    (1, 32, 256, 256),
+    (1, 96, 128, 128),
+    (8, 144, 56, 56),
+    (1, 320, 64, 64),
+    (160, 128, 4, 4),
+    (64, 128, 8, 8),
+    (2, 384, 16, 16),
 ]
 
 
@@ -55,8 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {'kernel' if args.kernel else 'line_scan_4d'}, "
-          f"{args.repeats} rounds; ms")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {'kernel' if args.kernel else 'line_scan_4d'}, "
+        f"{args.repeats} rounds; ms"
+    )
     for shape in shapes:
         calls = make_calls(shape, args.kernel)
         times = {norm: [] for norm in calls}
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         lo = {k: min(v) for k, v in times.items()}
         med = {k: statistics.median(v) for k, v in times.items()}
         print(
-            f"{str(shape):20s} normalised {lo[True]:8.2f}  unnormalised {lo[False]:8.2f}  "
+            f"{shape!s:20s} normalised {lo[True]:8.2f}  unnormalised {lo[False]:8.2f}  "
             f"cost min {100 * (lo[True] / lo[False] - 1):+5.0f}%  median {100 * (med[True] / med[False] - 1):+5.0f}%",
             flush=True,
         )

@@ -176,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     recipe = {
-        k: getattr(args, k)
-        for k in ("epochs", "img_size", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed")
+        k: getattr(args, k) for k in ("epochs", "img_size", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed")
     }
     recipe.update(
         label_smoothing=0.1,
@@ -187,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"env": env, "recipe": recipe, "results": rows}, indent=2))
 
-    print(
-        f"\ndigits {args.img_size}x{args.img_size}, {args.epochs} epochs, "
-        f"{env['threads']} threads, {env['cpu']}"
-    )
+    print(f"\ndigits {args.img_size}x{args.img_size}, {args.epochs} epochs, {env['threads']} threads, {env['cpu']}")
     hdr = (
         f"{'model':<16} {'params':>9} {'MMACs':>8} {'wall s':>8} {'CPU s':>8} {'best val':>9} "
         f"{'@epoch':>7} {'CPU s→best':>11} {'final val':>10}"

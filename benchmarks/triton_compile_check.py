@@ -48,8 +48,11 @@ MAIN = [
     ("line_scan_fwd_kernel", 1, 1024, 4),
     ("line_scan_bwd_kernel", 1, 1024, 4),
 ]
-QUICK = [("line_scan_fwd_reg_kernel", 1, 128, 4), ("line_scan_bwd_kernel", 1, 128, 4),
-         ("line_scan_fwd_split_kernel", 1, 256, 4)]
+QUICK = [
+    ("line_scan_fwd_reg_kernel", 1, 128, 4),
+    ("line_scan_bwd_kernel", 1, 128, 4),
+    ("line_scan_fwd_split_kernel", 1, 256, 4),
+]
 
 
 def _signature(fn, consts: dict, dtype: str) -> tuple[dict, dict]:
@@ -106,20 +109,29 @@ def main(argv: list[str] | None = None) -> int:
         fn = getattr(kernels, name)
         for vertical in (False,) if args.quick else (True, False):
             for normalize in (True,) if args.quick else (False, True):
-                consts = {"VERTICAL": vertical, "REVERSE": False, "NORMALIZE": normalize, "ACC": tl.float32,
-                          "BLOCK_S": block_s, "BLOCK_P": block_p}
+                consts = {
+                    "VERTICAL": vertical,
+                    "REVERSE": False,
+                    "NORMALIZE": normalize,
+                    "ACC": tl.float32,
+                    "BLOCK_S": block_s,
+                    "BLOCK_P": block_p,
+                }
                 if "bwd" in name:
                     consts["ACCUMULATE_DX"] = True
                 elif name == "line_scan_fwd_kernel":
                     consts["STATE_IN_OUT"] = False
-                label = (f"{name:26s} BLOCK_S={block_s:<3d} BLOCK_P={block_p:<5d} warps={num_warps:<2d} "
-                         f"{'vertical  ' if vertical else 'horizontal'} normalize={int(normalize)}")
+                label = (
+                    f"{name:26s} BLOCK_S={block_s:<3d} BLOCK_P={block_p:<5d} warps={num_warps:<2d} "
+                    f"{'vertical  ' if vertical else 'horizontal'} normalize={int(normalize)}"
+                )
                 sig, attrs = _signature(fn, consts, args.dtype)
                 start = time.perf_counter()
                 try:
                     compiled = triton.compile(
                         ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                        target=target, options={"num_warps": num_warps, "num_stages": 1},
+                        target=target,
+                        options={"num_warps": num_warps, "num_stages": 1},
                     )
                 except Exception as exc:
                     failures += 1
@@ -128,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                 usage = _resource_usage(compiled.asm["cubin"])
                 stack = int(usage.split("STACK:")[1].split()[0]) if "STACK:" in usage else -1
                 pipelined = "cp.async" in compiled.asm.get("ptx", "")
-                print(f"{label}  {' '.join(usage.split()[:3])} pipelined={int(pipelined)} "
-                      f"{time.perf_counter() - start:5.1f}s{'  SPILLS' if stack > 0 else ''}")
+                print(
+                    f"{label}  {' '.join(usage.split()[:3])} pipelined={int(pipelined)} "
+                    f"{time.perf_counter() - start:5.1f}s{'  SPILLS' if stack > 0 else ''}"
+                )
     return 1 if failures else 0
 
 

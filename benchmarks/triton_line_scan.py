@@ -93,9 +93,7 @@ def bench_ms(fn: Callable[[], object], rep: int, warmup: int, grad_to_none=None)
 
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(
-        fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"
-    )
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
 def copy_bandwidth(device: torch.device, rep: int, warmup: int) -> float:
@@ -111,6 +109,7 @@ def time_pass(mode: str, backend: str, x, params, kwargs, rep: int, warmup: int)
     from gspn.ops import line_scan
 
     if mode == "fwd":
+
         def forward():
             with torch.no_grad():
                 line_scan(x, *params, backend=backend, **kwargs)
@@ -143,8 +142,10 @@ def launch_summary(shape, direction: str, chunk_size: int | None, dtype: torch.d
             programs = f"{segments * groups}x{blocks} (segment {segment}, halo {cfg['halo']})"
         else:
             programs = -(-batch * channels // cfg["block_s"]) * cfg["chunk_programs"]
-        parts.append(f"{label}: {cfg['kernel']} BLOCK_S={cfg['block_s']} BLOCK_P={cfg['block_p']} "
-                     f"warps={cfg['num_warps']} programs={programs}")
+        parts.append(
+            f"{label}: {cfg['kernel']} BLOCK_S={cfg['block_s']} BLOCK_P={cfg['block_p']} "
+            f"warps={cfg['num_warps']} programs={programs}"
+        )
     label = "x".join(map(str, shape))
     return f"{label:>22} {direction:>3}  launch (auto) — " + "; ".join(parts)
 
@@ -199,8 +200,9 @@ def verify_case(impls: list[str], x, params, kwargs, small: bool) -> list[str]:
     memory). Returns one report line per variant, ending in ``OK`` or ``MISMATCH``."""
     keep = len(GRADIENT_NAMES) if small else 2
     ref_label = "baseline" if small else "triton:memory"
-    want = scan_results("reference" if small else "triton", {} if small else {"kernel": "memory"},
-                        x, params, kwargs, keep)
+    want = scan_results(
+        "reference" if small else "triton", {} if small else {"kernel": "memory"}, x, params, kwargs, keep
+    )
     tolerance = VERIFY_TOLERANCE.get(x.dtype, 1e-4)
     lines = []
     for impl in impls:
@@ -259,8 +261,17 @@ def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> li
             except torch.cuda.OutOfMemoryError:
                 rows.append(Row(shape, direction, normalize, mode, impl, None, note="OOM"))
             except Exception as exc:  # keep measuring the other cases; report this one
-                rows.append(Row(shape, direction, normalize, mode, impl, None,
-                                note=f"ERROR {type(exc).__name__}: {str(exc)[:200]}"))
+                rows.append(
+                    Row(
+                        shape,
+                        direction,
+                        normalize,
+                        mode,
+                        impl,
+                        None,
+                        note=f"ERROR {type(exc).__name__}: {str(exc)[:200]}",
+                    )
+                )
             torch.cuda.empty_cache()
     if "baseline" not in impls:
         for mode in ("fwd", "fwd+bwd"):
@@ -271,29 +282,50 @@ def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES),
-                        help=f"comma-separated BxCxHxW (default {DEFAULT_SHAPES})")
+    parser.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        default=parse_shapes(DEFAULT_SHAPES),
+        help=f"comma-separated BxCxHxW (default {DEFAULT_SHAPES})",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--directions", default="tb,lr",
-                        help="comma-separated scan directions (default tb,lr: one vertical, one horizontal)")
+    parser.add_argument(
+        "--directions",
+        default="tb,lr",
+        help="comma-separated scan directions (default tb,lr: one vertical, one horizontal)",
+    )
     parser.add_argument("--chunk-size", type=int, default=None, help="local GSPN tile size (default: global)")
     parser.add_argument("--quick", action="store_true", help="short timing, first direction only")
-    parser.add_argument("--kernels", default="auto",
-                        help="comma-separated Triton kernel variants to time: auto, register, memory, split "
-                        "or split/BLOCK_P/HALO, e.g. auto,register,split/512/32,split/1024/64 (default auto)")
+    parser.add_argument(
+        "--kernels",
+        default="auto",
+        help="comma-separated Triton kernel variants to time: auto, register, memory, split "
+        "or split/BLOCK_P/HALO, e.g. auto,register,split/512/32,split/1024/64 (default auto)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="do not time the per-line baseline")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip checking each Triton variant against a reference before timing it")
-    parser.add_argument("--baseline-max-numel", type=int, default=1 << 28,
-                        help="skip the baseline above this many input elements (default 2^28)")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checking each Triton variant against a reference before timing it",
+    )
+    parser.add_argument(
+        "--baseline-max-numel",
+        type=int,
+        default=1 << 28,
+        help="skip the baseline above this many input elements (default 2^28)",
+    )
     parser.add_argument("--device", default="cuda", help="CUDA device (default cuda)")
     parser.add_argument("--rep", type=int, default=None, help="do_bench repetition time in ms")
     parser.add_argument("--warmup", type=int, default=None, help="do_bench warm-up time in ms")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
-        print("triton_line_scan.py: no CUDA device is available; this benchmark needs an NVIDIA/AMD GPU "
-              "(the CPU interpreter path is exercised by tests/test_triton.py instead).", file=sys.stderr)
+        print(
+            "triton_line_scan.py: no CUDA device is available; this benchmark needs an NVIDIA/AMD GPU "
+            "(the CPU interpreter path is exercised by tests/test_triton.py instead).",
+            file=sys.stderr,
+        )
         return 1
     try:
         import triton
@@ -315,15 +347,19 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
 
     props = torch.cuda.get_device_properties(device)
-    print(f"device: {props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB); "
-          f"torch {torch.__version__}, triton {triton.__version__}; dtype {args.dtype}; "
-          f"chunk_size {args.chunk_size}")
+    print(
+        f"device: {props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB); "
+        f"torch {torch.__version__}, triton {triton.__version__}; dtype {args.dtype}; "
+        f"chunk_size {args.chunk_size}"
+    )
     copy_bw = copy_bandwidth(device, args.rep, args.warmup)
     torch.cuda.empty_cache()
     print(f"measured copy bandwidth (dst.copy_(src), 1 GiB, read+write): {copy_bw / 1e9:.0f} GB/s")
     print("byte model: fwd = 6 tensors (x, lam, 3 gates in; h out), fwd+bwd = 18 tensors (module docstring)")
-    header = (f"{'shape':>22} {'dir':>3} {'norm':>4} {'pass':>7} {'impl':>14} {'ms':>10} {'GB/s':>8} "
-              f"{'%copy':>6} {'speedup':>8}")
+    header = (
+        f"{'shape':>22} {'dir':>3} {'norm':>4} {'pass':>7} {'impl':>14} {'ms':>10} {'GB/s':>8} "
+        f"{'%copy':>6} {'speedup':>8}"
+    )
     print(header)
     print("-" * len(header))
 
@@ -347,9 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{prefix} {r.ms:10.3f} {bw / 1e9:8.0f} {100 * bw / copy_bw:5.1f}% {speedup:>8}")
 
     print("\nfused normalisation overhead (triton, normalize=True vs False):")
-    by_key = {
-        (r.shape, r.direction, r.mode, r.impl, r.normalize): r.ms for r in all_rows if r.impl != "baseline"
-    }
+    by_key = {(r.shape, r.direction, r.mode, r.impl, r.normalize): r.ms for r in all_rows if r.impl != "baseline"}
     for (shape, direction, mode, impl, normalize), ms in by_key.items():
         if normalize or ms is None:
             continue

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 compiled = triton.compile(
                     ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                    target=target, options={"num_warps": num_warps, "num_stages": 1},
+                    target=target,
+                    options={"num_warps": num_warps, "num_stages": 1},
                 )
             except Exception as exc:
                 failures += 1
@@ -94,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             usage = _resource_usage(compiled.asm["cubin"])
             stack = int(usage.split("STACK:")[1].split()[0]) if "STACK:" in usage else -1
-            print(f"{label}  {' '.join(usage.split()[:3])} {time.perf_counter() - start:5.1f}s"
-                  f"{'  SPILLS' if stack > 0 else ''}", flush=True)
+            print(
+                f"{label}  {' '.join(usage.split()[:3])} {time.perf_counter() - start:5.1f}s"
+                f"{'  SPILLS' if stack > 0 else ''}",
+                flush=True,
+            )
     return 1 if failures else 0
 
 

@@ -38,7 +38,10 @@ def build_unet(widths: tuple[int, ...], heads: int, context_dim: int):
         block_out_channels=widths,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        layers_per_block=1, cross_attention_dim=context_dim, attention_head_dim=heads, norm_num_groups=32,
+        layers_per_block=1,
+        cross_attention_dim=context_dim,
+        attention_head_dim=heads,
+        norm_num_groups=32,
     )
 
 
@@ -75,9 +78,11 @@ def main() -> None:
     adapter = GSPNAdapter.from_unet(unet, d_state=args.d_state, chunk_size=args.chunk_size)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_gspn = sum(p.numel() for p in adapter.parameters())
-    print(f"UNet widths={args.widths} heads={args.heads}: {n_unet / 1e6:.1f}M params; "
-          f"{len(adapter.processors)} self-attention layers -> GSPN adapter {n_gspn / 1e6:.2f}M params; "
-          f"device={device} dtype={args.dtype} threads={torch.get_num_threads()}")
+    print(
+        f"UNet widths={args.widths} heads={args.heads}: {n_unet / 1e6:.1f}M params; "
+        f"{len(adapter.processors)} self-attention layers -> GSPN adapter {n_gspn / 1e6:.2f}M params; "
+        f"device={device} dtype={args.dtype} threads={torch.get_num_threads()}"
+    )
     cuda = device.type == "cuda"
     header = ("latent", "pixels", "tokens@L0", "original ms", "GSPN ms", "speed-up")
     header += ("orig peak GiB", "GSPN peak GiB") if cuda else ()
@@ -107,8 +112,10 @@ def main() -> None:
                         peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2**30)
         orig, gspn = (statistics.median(times[k]) * 1e3 for k in ("orig", "gspn"))
         mem = f" {peak['orig']:>13.2f} {peak['gspn']:>13.2f}" if cuda else ""
-        print(f"{h:>4}x{w:<4} {8 * h:>5}x{8 * w:<5} {h * w:>9} {orig:>12.1f} {gspn:>10.1f} "
-              f"{orig / gspn:>8.2f}x{mem}", flush=True)
+        print(
+            f"{h:>4}x{w:<4} {8 * h:>5}x{8 * w:<5} {h * w:>9} {orig:>12.1f} {gspn:>10.1f} {orig / gspn:>8.2f}x{mem}",
+            flush=True,
+        )
     adapter.unmount()
 
 

@@ -20,8 +20,9 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-10, atol: float = 1e-12,
-                  name: str = "output") -> None:
+def _assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-10, atol: float = 1e-12, name: str = "output"
+) -> None:
     """``torch.testing.assert_close`` with the absolute tolerance scaled by ``expected``'s largest
     magnitude (a relative error of the whole tensor, not of each element) and the tensor named."""
     scale = expected.abs().max().item() if expected.numel() else 0.0

@@ -44,11 +44,27 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def test_tiny_run_writes_json_table_and_plot(tmp_path, capsys):
     threads = torch.get_num_threads()
-    args = _parse([
-        "--device", "cpu", "--threads", "1", "--resolutions", "8,16,32", "--dim", "8", "--heads", "2",
-        "--repeats", "2",
-        "--budget-seconds", "5", "--output-dir", str(tmp_path), "--quiet",
-    ])
+    args = _parse(
+        [
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--resolutions",
+            "8,16,32",
+            "--dim",
+            "8",
+            "--heads",
+            "2",
+            "--repeats",
+            "2",
+            "--budget-seconds",
+            "5",
+            "--output-dir",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     assert args.func is bench.run
     assert bench.run(args) == 0
     assert torch.get_num_threads() == threads  # restored
@@ -99,11 +115,14 @@ def test_quick_defaults_and_explicit_options_win():
     assert s["resolutions"] == [64, 128, 256, 512, 1024] and s["dtype"] == "float32"
 
 
-@pytest.mark.parametrize("argv", [
-    ["--max-resolution", "32"],  # below the default minimum of 64
-    ["--dim", "10", "--heads", "3"],
-    ["--repeats", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-resolution", "32"],  # below the default minimum of 64
+        ["--dim", "10", "--heads", "3"],
+        ["--repeats", "0"],
+    ],
+)
 def test_bad_options_exit_with_a_message(argv, tmp_path, capsys):
     assert bench.run(_parse(["--device", "cpu", "--output-dir", str(tmp_path), *argv])) == 2
     assert "gspn bench:" in capsys.readouterr().out
@@ -127,8 +146,7 @@ def test_cli_registers_bench():
 
 
 def test_module_entry_point_help():
-    proc = subprocess.run([sys.executable, "-m", "gspn.bench", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "gspn.bench", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--budget-seconds" in proc.stdout and "--quick" in proc.stdout
 
@@ -140,8 +158,14 @@ class _Sleep(nn.Module):
     """Sleeps ``seconds_per_pixel · pixels`` (``slow_seconds`` from ``slow_from`` pixels on); raises
     ``error`` from ``fail_from`` pixels on."""
 
-    def __init__(self, seconds_per_pixel: float = 0.0, fail_from: int | None = None,
-                 error: Exception | None = None, slow_from: int | None = None, slow_seconds: float = 0.0):
+    def __init__(
+        self,
+        seconds_per_pixel: float = 0.0,
+        fail_from: int | None = None,
+        error: Exception | None = None,
+        slow_from: int | None = None,
+        slow_seconds: float = 0.0,
+    ):
         super().__init__()
         self.seconds_per_pixel = seconds_per_pixel
         self.fail_from = fail_from
@@ -158,8 +182,9 @@ class _Sleep(nn.Module):
         return x
 
 
-def _fake(name: str, exponent: float = 1.0, memory: int = 0, unavailable: str | None = None,
-          **sleep_kwargs) -> MethodSpec:
+def _fake(
+    name: str, exponent: float = 1.0, memory: int = 0, unavailable: str | None = None, **sleep_kwargs
+) -> MethodSpec:
     def build(cfg: BenchConfig, h: int, w: int) -> Workload:
         return Workload(_Sleep(**sleep_kwargs), (torch.zeros(1, 1, h, w),))
 
@@ -172,14 +197,26 @@ def test_skip_logic_marks_and_never_crashes(one_thread):
         _fake("predicted", exponent=1.0, seconds_per_pixel=2e-5),  # 64² predicted 2×82 ms > 120 ms
         # predicted fast from 32², but 64² takes 0.2 s > budget on its first call
         _fake("underestimated", exponent=1.0, seconds_per_pixel=1e-6, slow_from=64 * 64, slow_seconds=0.2),
-        _fake("oom", seconds_per_pixel=0.0, fail_from=16 * 16,
-              error=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")),
+        _fake(
+            "oom",
+            seconds_per_pixel=0.0,
+            fail_from=16 * 16,
+            error=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB"),
+        ),
         _fake("broken", seconds_per_pixel=0.0, fail_from=32 * 32, error=RuntimeError("kernel exploded")),
         _fake("huge", memory=1 << 50, seconds_per_pixel=0.0),
         _fake("missing", unavailable="not installed", seconds_per_pixel=0.0),
     ]
-    results = benchmark(BenchConfig(), methods, [8, 16, 32, 64, 128], budget_s=0.12, repeats=2,
-                        memory_limit_bytes=1 << 40, measure_memory=False, log=None)
+    results = benchmark(
+        BenchConfig(),
+        methods,
+        [8, 16, 32, 64, 128],
+        budget_s=0.12,
+        repeats=2,
+        memory_limit_bytes=1 << 40,
+        measure_memory=False,
+        log=None,
+    )
     status = {}
     for r in results:
         status.setdefault(r.method, []).append(r.status)
@@ -236,8 +273,11 @@ def _result(method: str, res: int, ms: float | None, status: str = OK) -> Result
 
 def test_ratios_use_the_largest_common_resolution():
     results = [
-        _result("gspn-global", 64, 1.0), _result("gspn-global", 128, 4.0), _result("gspn-global", 256, 16.0),
-        _result("attention-math", 64, 2.0), _result("attention-math", 128, 32.0),
+        _result("gspn-global", 64, 1.0),
+        _result("gspn-global", 128, 4.0),
+        _result("gspn-global", 256, 16.0),
+        _result("attention-math", 64, 2.0),
+        _result("attention-math", 128, 32.0),
         _result("attention-math", 256, None, "skip:memory"),
     ]
     (pair,) = ratios(results)
@@ -272,8 +312,7 @@ def test_linear_attention_is_not_causal_and_permutation_equivariant():
     v2[..., -1, :] += 1.0  # the last token changes the first output: no causal mask
     assert not torch.allclose(linear_attention(q, k, v2)[..., 0, :], out[..., 0, :])
     perm = torch.randperm(20)  # permuting tokens permutes the outputs
-    torch.testing.assert_close(linear_attention(q[..., perm, :], k[..., perm, :], v[..., perm, :]),
-                               out[..., perm, :])
+    torch.testing.assert_close(linear_attention(q[..., perm, :], k[..., perm, :], v[..., perm, :]), out[..., perm, :])
 
 
 def test_linear_attention_module_shapes_and_projections():
@@ -311,8 +350,15 @@ def test_all_methods_run_backward_and_bfloat16(backward, dtype, one_thread):
     assert {m.name for m in methods} == {m.name for m in bench.METHODS}
     results = benchmark(cfg, methods, [8, 16], budget_s=5, repeats=1, log=None)
     status = {(r.method, r.resolution): r.status for r in results}
-    for name in ("gspn-global", "gspn-local", "gspn-global-unfused", "gspn-scan-global", "gspn-scan-local",
-                 "attention-math", "linear-attention"):
+    for name in (
+        "gspn-global",
+        "gspn-local",
+        "gspn-global-unfused",
+        "gspn-scan-global",
+        "gspn-scan-local",
+        "attention-math",
+        "linear-attention",
+    ):
         assert status[name, 8] == status[name, 16] == "ok", (name, [r for r in results if r.method == name])
     assert status["mamba", 8] == "absent"
 

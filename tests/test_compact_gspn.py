@@ -9,14 +9,21 @@ from gspn.models import create_model
 from gspn.models.gspn_dit import GSPNDiT
 from gspn.nn import GSPN2d, GSPNBlock, GSPNMixer
 
-FULL_KEYS = ["x_conv_down.weight", "w_conv_up.weight", "l_conv_up.weight", "u_conv_up.weight",
-             "d_conv.weight", "m_conv.weight"]
+FULL_KEYS = [
+    "x_conv_down.weight",
+    "w_conv_up.weight",
+    "l_conv_up.weight",
+    "u_conv_up.weight",
+    "d_conv.weight",
+    "m_conv.weight",
+]
 
 
 def _compact(c=12, cp=4, d_state=3, chunk_size=None, gate_channels=None, seed=0, **kw) -> GSPN2d:
     torch.manual_seed(seed)
-    m = GSPN2d(c, d_state=d_state, chunk_size=chunk_size, gate_channels=gate_channels,
-               propagation_channels=cp, **kw).double()
+    m = GSPN2d(
+        c, d_state=d_state, chunk_size=chunk_size, gate_channels=gate_channels, propagation_channels=cp, **kw
+    ).double()
     with torch.no_grad():
         m.m_conv.weight.copy_(torch.randn_like(m.m_conv.weight))
     return m
@@ -41,10 +48,14 @@ def test_parameters_and_keys_of_the_compact_layer():
     m = GSPN2d(64, d_state=4, propagation_channels=8)
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes == {
-        "proj_in.weight": (8, 64, 1, 1), "x_conv_down.weight": (4, 8, 1, 1),
+        "proj_in.weight": (8, 64, 1, 1),
+        "x_conv_down.weight": (4, 8, 1, 1),
         "w_conv_up.weight": (12, 4, 1, 1),  # one gate set shared by all 8 proxy channels
-        "l_conv_up.weight": (32, 4, 1, 1), "u_conv_up.weight": (32, 4, 1, 1), "d_conv.weight": (32, 4, 1, 1),
-        "m_conv.weight": (1, 4, 1, 1), "proj_out.weight": (64, 8, 1, 1),
+        "l_conv_up.weight": (32, 4, 1, 1),
+        "u_conv_up.weight": (32, 4, 1, 1),
+        "d_conv.weight": (32, 4, 1, 1),
+        "m_conv.weight": (1, 4, 1, 1),
+        "proj_out.weight": (64, 8, 1, 1),
     }
     assert m.is_compact and m.gate_channels == 1 and m.scan_channels == 8
     assert "propagation_channels=8" in repr(m)
@@ -139,8 +150,16 @@ def test_threaded_through_mixer_block_classifier_and_dit():
     with pytest.raises(ValueError, match="one entry per stage"):
         create_model("gspn_nano", propagation_channels=(8, 8))
 
-    dit = GSPNDiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=3, num_classes=2,
-                  num_global_blocks=1, propagation_channels=4)
+    dit = GSPNDiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=2,
+        hidden_size=32,
+        depth=3,
+        num_classes=2,
+        num_global_blocks=1,
+        propagation_channels=4,
+    )
     assert all(m.is_compact for m in dit.modules() if isinstance(m, GSPN2d))
     out = dit(torch.randn(1, 2, 8, 8), torch.tensor([3.0]), torch.tensor([1]))
     assert out.shape == (1, 4, 8, 8)

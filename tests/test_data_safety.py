@@ -46,9 +46,23 @@ def evil(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _tiny_cfg(tmp_path: Path, name: str, **kw) -> TrainConfig:
-    base = dict(model="baseline_conv", model_args={"width": 8}, data="digits", output=str(tmp_path / name),
-                img_size=16, epochs=2, batch_size=32, lr=3e-3, warmup_epochs=0.5, train_limit=96, val_limit=32,
-                workers=0, progress=False, plot=False, verbose=False)
+    base = dict(
+        model="baseline_conv",
+        model_args={"width": 8},
+        data="digits",
+        output=str(tmp_path / name),
+        img_size=16,
+        epochs=2,
+        batch_size=32,
+        lr=3e-3,
+        warmup_epochs=0.5,
+        train_limit=96,
+        val_limit=32,
+        workers=0,
+        progress=False,
+        plot=False,
+        verbose=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -72,9 +86,18 @@ def _loaders(path: Path, tmp_path: Path):
     }
 
 
-@pytest.mark.parametrize("loader", ["safe_torch_load", "train.load_state", "train.evaluate_checkpoint",
-                                    "diffusion.load_latents", "train-dit --data latents:",
-                                    "sample.load_for_sampling", "distill resume"])
+@pytest.mark.parametrize(
+    "loader",
+    [
+        "safe_torch_load",
+        "train.load_state",
+        "train.evaluate_checkpoint",
+        "diffusion.load_latents",
+        "train-dit --data latents:",
+        "sample.load_for_sampling",
+        "distill resume",
+    ],
+)
 def test_every_loader_refuses_a_pickle_that_runs_code(evil, tmp_path: Path, loader: str) -> None:
     path, marker = evil
     with pytest.raises(UnsafeCheckpointError, match="refused"):
@@ -85,15 +108,40 @@ def test_every_loader_refuses_a_pickle_that_runs_code(evil, tmp_path: Path, load
 @needs_diffusers
 def test_train_dit_resume_refuses_a_pickle_that_runs_code(evil, tmp_path: Path, capsys) -> None:
     path, marker = evil
-    rc = main(["train-dit", "--model", "gspn_dit_tiny", "--image-size", "8", "--batch-size", "8", "--steps", "1",
-               "--output-dir", str(tmp_path / "run"), "--resume", str(path), "--no-progress", "--sample-steps", "0",
-               "--model-arg", "hidden_size=32", "--model-arg", "depth=2", "--model-arg", "num_global_blocks=1"])
+    rc = main(
+        [
+            "train-dit",
+            "--model",
+            "gspn_dit_tiny",
+            "--image-size",
+            "8",
+            "--batch-size",
+            "8",
+            "--steps",
+            "1",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--resume",
+            str(path),
+            "--no-progress",
+            "--sample-steps",
+            "0",
+            "--model-arg",
+            "hidden_size=32",
+            "--model-arg",
+            "depth=2",
+            "--model-arg",
+            "num_global_blocks=1",
+        ]
+    )
     assert rc == 2 and "refused" in capsys.readouterr().err
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("argv", [["sample", "--checkpoint", "EVIL", "--steps", "1", "--output-dir", "OUT"],
-                                  ["eval", "--checkpoint", "EVIL"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["sample", "--checkpoint", "EVIL", "--steps", "1", "--output-dir", "OUT"], ["eval", "--checkpoint", "EVIL"]],
+)
 def test_commands_refuse_a_pickle_that_runs_code(evil, tmp_path: Path, capsys, argv: list[str]) -> None:
     path, marker = evil
     argv = [str(path) if a == "EVIL" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
@@ -119,10 +167,28 @@ def test_no_unsafe_torch_load_in_the_library() -> None:
 @needs_diffusers
 def test_train_dit_divergence_keeps_the_good_checkpoint(tmp_path: Path, capsys) -> None:
     out = tmp_path / "dit"
-    common = ["train-dit", "--model", "gspn_dit_tiny", "--image-size", "8", "--batch-size", "8",
-              "--output-dir", str(out),
-              "--no-progress", "--sample-steps", "0", "--model-arg", "hidden_size=32", "--model-arg", "depth=2",
-              "--model-arg", "d_state=4", "--model-arg", "num_global_blocks=1"]
+    common = [
+        "train-dit",
+        "--model",
+        "gspn_dit_tiny",
+        "--image-size",
+        "8",
+        "--batch-size",
+        "8",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--sample-steps",
+        "0",
+        "--model-arg",
+        "hidden_size=32",
+        "--model-arg",
+        "depth=2",
+        "--model-arg",
+        "d_state=4",
+        "--model-arg",
+        "num_global_blocks=1",
+    ]
     assert main([*common, "--steps", "2", "--ckpt-every", "1"]) == 0
     good = (out / "last.pt").read_bytes()
     ema = (out / "ema.safetensors").read_bytes()
@@ -135,9 +201,36 @@ def test_train_dit_divergence_keeps_the_good_checkpoint(tmp_path: Path, capsys) 
 
 
 def test_train_divergence_exits_non_zero_with_one_line(tmp_path: Path, capsys) -> None:
-    rc = main(["train", "--model", "baseline_conv", "--model-arg", "width=8", "--image-size", "16", "--epochs", "2",
-               "--train-limit", "160", "--val-limit", "32", "--workers", "0", "--lr", "1e30", "--clip-grad", "none",
-               "--weight-decay", "0", "--output-dir", str(tmp_path / "nan"), "--no-progress", "--quiet", "--no-plot"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            "baseline_conv",
+            "--model-arg",
+            "width=8",
+            "--image-size",
+            "16",
+            "--epochs",
+            "2",
+            "--train-limit",
+            "160",
+            "--val-limit",
+            "32",
+            "--workers",
+            "0",
+            "--lr",
+            "1e30",
+            "--clip-grad",
+            "none",
+            "--weight-decay",
+            "0",
+            "--output-dir",
+            str(tmp_path / "nan"),
+            "--no-progress",
+            "--quiet",
+            "--no-plot",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "non-finite" in err[0]
     assert not (tmp_path / "nan/last.pt").exists()
@@ -163,8 +256,12 @@ def _consistent(out: Path) -> None:
 def test_a_kill_at_each_write_leaves_a_consistent_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(1)
     reference = train(_tiny_cfg(tmp_path, "ref"))
-    writes = {"save_state": trainer_mod.save_state, "append_metrics": trainer_mod.append_metrics,
-              "atomic_write": trainer_mod.atomic_write, "_export_safetensors": trainer_mod._export_safetensors}
+    writes = {
+        "save_state": trainer_mod.save_state,
+        "append_metrics": trainer_mod.append_metrics,
+        "atomic_write": trainer_mod.atomic_write,
+        "_export_safetensors": trainer_mod._export_safetensors,
+    }
     n = 0
     while True:
         n += 1
@@ -197,7 +294,8 @@ def test_a_kill_at_each_write_leaves_a_consistent_folder(tmp_path: Path, monkeyp
         assert summary["rank_weight_digests"] == reference["rank_weight_digests"], f"kill at write {n}"
         assert summary["best_epoch"] == reference["best_epoch"]
         assert [r["val_acc"] for r in read_metrics(out / "metrics.jsonl")] == [
-            r["val_acc"] for r in read_metrics(tmp_path / "ref/metrics.jsonl")]
+            r["val_acc"] for r in read_metrics(tmp_path / "ref/metrics.jsonl")
+        ]
         shutil.rmtree(out)
     assert n > 6  # every write of a 2-epoch run was interrupted once
 
@@ -279,12 +377,27 @@ def test_commands_check_arguments_up_front_with_one_line(tmp_path: Path, capsys,
     if "CKPT" in argv:  # a real (tiny) DiT weights file, so that only the checked option is wrong
         from gspn.models import create_model, save_checkpoint
 
-        save_checkpoint(create_model("gspn_dit_tiny", input_size=8, in_channels=1, num_classes=3, hidden_size=32,
-                                     depth=2, d_state=4, num_global_blocks=1), tmp_path / "m.safetensors")
+        save_checkpoint(
+            create_model(
+                "gspn_dit_tiny",
+                input_size=8,
+                in_channels=1,
+                num_classes=3,
+                hidden_size=32,
+                depth=2,
+                d_state=4,
+                num_global_blocks=1,
+            ),
+            tmp_path / "m.safetensors",
+        )
     (tmp_path / "afile").write_text("x")
-    subs = {"FILE": str(tmp_path / "afile"), "FILE/sub": str(tmp_path / "afile/sub"),
-            "FILE/x.png": str(tmp_path / "afile/x.png"), "FILE/z.pt": str(tmp_path / "afile/z.pt"),
-            "CKPT": str(tmp_path / "m.safetensors")}
+    subs = {
+        "FILE": str(tmp_path / "afile"),
+        "FILE/sub": str(tmp_path / "afile/sub"),
+        "FILE/x.png": str(tmp_path / "afile/x.png"),
+        "FILE/z.pt": str(tmp_path / "afile/z.pt"),
+        "CKPT": str(tmp_path / "m.safetensors"),
+    }
     argv = [subs.get(a, a) for a in argv]
     if argv[0] in ("train", "train-dit") and "--output-dir" not in argv:
         argv += ["--output-dir", str(tmp_path / "never")]

@@ -44,21 +44,29 @@ def tiny_unet(layout: str) -> UNet2DConditionModel:
     """A tiny UNet with the SD-1.5 or the SD-XL layout."""
     torch.manual_seed(0)
     common = dict(
-        block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=CROSS_DIM, norm_num_groups=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=CROSS_DIM,
+        norm_num_groups=8,
         sample_size=8,
     )
     if layout == "sd15":
         return UNet2DConditionModel(
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=4, **common,
+            attention_head_dim=4,
+            **common,
         )
     return UNet2DConditionModel(  # SD-XL: text_time conditioning, deeper transformers, linear proj
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=6 * 4 + CROSS_DIM, **common,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + CROSS_DIM,
+        **common,
     )
 
 
@@ -96,20 +104,46 @@ def tiny_pipe(folder: Path) -> StableDiffusionPipeline:
     """A complete SD-1.5-like pipeline of tiny random components (VAE scale factor 2)."""
     tok = tiny_tokenizer(folder)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok.get_vocab()), hidden_size=CROSS_DIM, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=12, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-        norm_num_groups=8, sample_size=32,
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok.get_vocab()),
+            hidden_size=CROSS_DIM,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=12,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
     )
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=tiny_unet("sd15"), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=tiny_unet("sd15"),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -150,9 +184,7 @@ def test_swap_replaces_exactly_the_self_attention(layout):
         if key not in swapped:
             assert proc is before[key] and "attn2" in key
     assert len(adapter.processors) == len(attn1)
-    assert {id(p) for p in adapter.parameters()} == {
-        id(p) for k in swapped for p in unet.get_submodule(k).parameters()
-    }
+    assert {id(p) for p in adapter.parameters()} == {id(p) for k in swapped for p in unet.get_submodule(k).parameters()}
     assert not torch.allclose(run(unet, layout, 8, 8), reference)
     assert adapter.mount(unet) is adapter  # mounting twice on the same UNet is a no-op
     with pytest.raises(ValueError, match="already has a GSPN processor"):
@@ -205,9 +237,7 @@ def record_grids(adapter) -> dict[str, tuple[int, int]]:
     """The grid (``hw=``) each GSPN processor of ``adapter`` is called with, by layer (last call)."""
     seen = {}
     for key, proc in zip(adapter.config.layer_names, adapter.processors, strict=True):
-        proc.register_forward_pre_hook(
-            lambda m, a, kw, k=key: seen.__setitem__(k, kw.get("hw")), with_kwargs=True
-        )
+        proc.register_forward_pre_hook(lambda m, a, kw, k=key: seen.__setitem__(k, kw.get("hw")), with_kwargs=True)
     return seen
 
 
@@ -251,8 +281,10 @@ def test_gradient_checkpointing_with_several_sizes_before_one_backward(reentrant
     plain, ckpt = _twin_unets("sd15")
     func = None
     if reentrant:
+
         def func(module, *args):
             return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=True)
+
     ckpt.enable_gradient_checkpointing(func)
     sizes = [(12, 8), (4, 16), (8, 8)]
     for unet in (plain, ckpt):
@@ -375,7 +407,8 @@ def test_chunked_cross_attention_is_exact():
     mask[:, -1] = 0
     assert torch.allclose(
         ChunkedAttnProcessor(10)(attn, x, ctx, attention_mask=mask),
-        AttnProcessor2_0()(attn, x, ctx, attention_mask=mask), atol=1e-6,
+        AttnProcessor2_0()(attn, x, ctx, attention_mask=mask),
+        atol=1e-6,
     )
 
 
@@ -387,8 +420,16 @@ def _distiller(tmp_path: Path, out: str, steps: int, **kw):
     caps = tmp_path / "captions.txt"
     caps.write_text("a red cat\na blue dog\n# comment\ngreen tree\n")
     cfg = DistillConfig(
-        captions=str(caps), output_dir=str(tmp_path / out), resolution=16, batch_size=2, steps=steps,
-        lr=5e-3, save_every=0, log_every=100, gspn={"d_state": 4}, **kw,
+        captions=str(caps),
+        output_dir=str(tmp_path / out),
+        resolution=16,
+        batch_size=2,
+        steps=steps,
+        lr=5e-3,
+        save_every=0,
+        log_every=100,
+        gspn={"d_state": 4},
+        **kw,
     )
     return Distiller(cfg, pipe=tiny_pipe(tmp_path / "tok"), data=load_captions(caps))
 
@@ -449,18 +490,55 @@ def test_distill_cli_on_image_folder(saved_pipe, tmp_path, capsys):
         Image.new("RGB", (20, 24), color=color).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"a {color} square")
     out = tmp_path / "run"
-    rc = main(["distill", "--model", str(saved_pipe), "--captions", str(folder), "--output-dir", str(out),
-               "--image-size", "16", "--steps", "2", "--d-state", "4", "--chunk-size", "2",
-               "--gradient-checkpointing", "--caption-dropout", "0.5", "--device", "cpu"])
+    rc = main(
+        [
+            "distill",
+            "--model",
+            str(saved_pipe),
+            "--captions",
+            str(folder),
+            "--output-dir",
+            str(out),
+            "--image-size",
+            "16",
+            "--steps",
+            "2",
+            "--d-state",
+            "4",
+            "--chunk-size",
+            "2",
+            "--gradient-checkpointing",
+            "--caption-dropout",
+            "0.5",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 2 and summary["noise"] > 0  # images: the ground-truth noise term is on
     adapter = GSPNAdapter.from_pretrained(out / "adapter")
     assert adapter.config.chunk_size == 2
     # continue from the saved adapter in a new run
-    rc = main(["distill", "--model", str(saved_pipe), "--captions", str(folder), "--output-dir",
-               str(tmp_path / "run2"), "--init-adapter", str(out / "adapter"), "--image-size", "16",
-               "--steps", "1", "--device", "cpu"])
+    rc = main(
+        [
+            "distill",
+            "--model",
+            str(saved_pipe),
+            "--captions",
+            str(folder),
+            "--output-dir",
+            str(tmp_path / "run2"),
+            "--init-adapter",
+            str(out / "adapter"),
+            "--image-size",
+            "16",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0 and GSPNAdapter.from_pretrained(tmp_path / "run2" / "adapter").config.chunk_size == 2
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["config"]["gradient_checkpointing"] and state["config"]["captions"] == str(folder)
@@ -484,15 +562,23 @@ def test_non_square_high_resolution_generation_end_to_end(tmp_path):
         warnings.simplefilter("ignore")
         (image,) = generate(pipe, "a red cat", height=40, width=72, steps=2, guidance=2.0, seed=0)
         assert image.size == (72, 40)
-        (up,) = generate(pipe, "a red cat", height=48, width=64, steps=2, guidance=2.0,
-                         upscale_from=(16, 24), strength=0.5)
+        (up,) = generate(
+            pipe, "a red cat", height=48, width=64, steps=2, guidance=2.0, upscale_from=(16, 24), strength=0.5
+        )
         assert up.size == (64, 48)
-        (up,) = generate(pipe, "a red cat", height=64, width=96, steps=2, guidance=2.0,
-                         upscale_from=[(16, 24), (32, 48)], strength=0.5)
+        (up,) = generate(
+            pipe,
+            "a red cat",
+            height=64,
+            width=96,
+            steps=2,
+            guidance=2.0,
+            upscale_from=[(16, 24), (32, 48)],
+            strength=0.5,
+        )
         assert up.size == (96, 64)
         # DemoFusion-style skip residuals change the refinement but not the shapes
-        kw = dict(height=32, width=48, steps=4, guidance=2.0, upscale_from=(16, 24), strength=0.8,
-                  output_type="latent")
+        kw = dict(height=32, width=48, steps=4, guidance=2.0, upscale_from=(16, 24), strength=0.8, output_type="latent")
         plain = generate(pipe, "a red cat", **kw)
         blended = generate(pipe, "a red cat", skip_residual=3.0, **kw)
     assert plain.shape == blended.shape == (1, 4, 16, 24)
@@ -508,9 +594,32 @@ def test_generate_cli(saved_pipe, tmp_path):
     unet = UNet2DConditionModel.from_pretrained(saved_pipe, subfolder="unet")
     GSPNAdapter.from_unet(unet, d_state=4).save_pretrained(tmp_path / "adapter")
     out = tmp_path / "img.png"
-    rc = main(["--prompt", "a blue dog", "--height", "40", "--width", "72", "--steps", "2",
-               "--model", str(saved_pipe), "--adapter", str(tmp_path / "adapter"), "--output", str(out),
-               "--upscale-from", "16x32", "--strength", "0.5", "--skip-residual", "3", "--device", "cpu"])
+    rc = main(
+        [
+            "--prompt",
+            "a blue dog",
+            "--height",
+            "40",
+            "--width",
+            "72",
+            "--steps",
+            "2",
+            "--model",
+            str(saved_pipe),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--output",
+            str(out),
+            "--upscale-from",
+            "16x32",
+            "--strength",
+            "0.5",
+            "--skip-residual",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     from PIL import Image
 
@@ -528,10 +637,29 @@ def test_distill_under_torchrun_two_processes(saved_pipe, tmp_path):
     caps.write_text("a red cat\na blue dog\n")
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "gspn.distill", "--model", str(saved_pipe), "--captions", str(caps),
-           "--output-dir", str(out), "--image-size", "16", "--steps", "2", "--d-state", "4",
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "gspn.distill",
+        "--model",
+        str(saved_pipe),
+        "--captions",
+        str(caps),
+        "--output-dir",
+        str(out),
+        "--image-size",
+        "16",
+        "--steps",
+        "2",
+        "--d-state",
+        "4",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
@@ -547,19 +675,33 @@ def test_distillation_with_an_sdxl_pipeline(tmp_path):
 
     base = tiny_pipe(tmp_path / "tok")
     tok = base.tokenizer
-    cfg = dict(vocab_size=len(tok.get_vocab()), hidden_size=CROSS_DIM // 2, intermediate_size=16,
-               num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12, bos_token_id=0,
-               eos_token_id=1, pad_token_id=1)
+    cfg = dict(
+        vocab_size=len(tok.get_vocab()),
+        hidden_size=CROSS_DIM // 2,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=12,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     pipe = StableDiffusionXLPipeline(
-        vae=base.vae, text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)),
+        vae=base.vae,
+        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg, projection_dim=CROSS_DIM)),
-        tokenizer=tok, tokenizer_2=tok, unet=tiny_unet("sdxl"), scheduler=base.scheduler,
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=tiny_unet("sdxl"),
+        scheduler=base.scheduler,
     )
     distiller = Distiller(
-        DistillConfig(output_dir=str(tmp_path / "xl"), resolution=16, batch_size=2, steps=2, save_every=0,
-                      gspn={"d_state": 4}),
-        pipe=pipe, data=CaptionData(["a red cat", "a blue dog"]),
+        DistillConfig(
+            output_dir=str(tmp_path / "xl"), resolution=16, batch_size=2, steps=2, save_every=0, gspn={"d_state": 4}
+        ),
+        pipe=pipe,
+        data=CaptionData(["a red cat", "a blue dog"]),
     )
     batch = distiller.make_batch(0)
     assert batch["added"]["text_embeds"].shape == (2, CROSS_DIM)
@@ -573,9 +715,23 @@ def test_unet_swap_benchmark_runs(monkeypatch, capsys):
     import runpy
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "unet_swap.py"
-    argv = [str(script), "--widths", "32", "64", "--heads", "2", "--context-dim", "32", "--sizes", "8",
-            "6x10",
-            "--repeats", "1", "--warmup", "0"]
+    argv = [
+        str(script),
+        "--widths",
+        "32",
+        "64",
+        "--heads",
+        "2",
+        "--context-dim",
+        "32",
+        "--sizes",
+        "8",
+        "6x10",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]
     monkeypatch.setattr("sys.argv", argv)
     runpy.run_path(str(script), run_name="__main__")
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.rstrip().endswith("x")]

@@ -178,17 +178,33 @@ def teacher_file(tmp_path_factory):
     """A vit_nano with the data setup ``gspn train`` records (random weights: the tests check the machinery)."""
     torch.manual_seed(0)
     teacher = create_model("vit_nano", num_classes=10, in_chans=1)
-    meta = {"gspn.train.img_size": "32", "gspn.train.in_chans": "1", "gspn.train.mean": "[0.3053]",
-            "gspn.train.std": "[0.376]", "gspn.train.num_classes": "10"}
+    meta = {
+        "gspn.train.img_size": "32",
+        "gspn.train.in_chans": "1",
+        "gspn.train.mean": "[0.3053]",
+        "gspn.train.std": "[0.376]",
+        "gspn.train.num_classes": "10",
+    }
     path = tmp_path_factory.mktemp("teacher") / "model.safetensors"
     save_checkpoint(teacher, path, metadata=meta)
     return path
 
 
 def _cfg(out, teacher, **kw):
-    base = dict(teacher=str(teacher) if teacher else None, output_dir=str(out), epochs=2, stage1_epochs=1,
-                batch_size=32, train_limit=64, val_limit=32, workers=0, progress=False, plot=False, verbose=False,
-                warmup_epochs=0.0)
+    base = dict(
+        teacher=str(teacher) if teacher else None,
+        output_dir=str(out),
+        epochs=2,
+        stage1_epochs=1,
+        batch_size=32,
+        train_limit=64,
+        val_limit=32,
+        workers=0,
+        progress=False,
+        plot=False,
+        verbose=False,
+        warmup_epochs=0.0,
+    )
     return EncoderDistillConfig(**{**base, **kw})
 
 
@@ -204,7 +220,8 @@ def test_tiny_run_two_stages_and_exported_student(tmp_path, teacher_file, one_th
     assert "train_layer_loss" in recs[0] and "train_output_loss" not in recs[0]
     assert {"train_output_loss", "train_kd_loss", "train_label_loss"} <= set(recs[1])
     assert recs[1]["train_loss"] == pytest.approx(
-        recs[1]["train_output_loss"] + recs[1]["train_kd_loss"] + recs[1]["train_label_loss"], rel=1e-6)
+        recs[1]["train_output_loss"] + recs[1]["train_kd_loss"] + recs[1]["train_label_loss"], rel=1e-6
+    )
     student = load_model(out / "model.safetensors")
     assert isinstance(student, GSPNViT) and student.patch_embed.proj.in_channels == 1
     data = build_data("digits", 32, 1, (0.3053,), (0.376,), val_limit=32)
@@ -233,8 +250,7 @@ def test_exact_resume_across_and_within_stages(tmp_path, teacher_file, one_threa
 def test_stage1_loss_decreases_both_input_modes(tmp_path, teacher_file, one_thread):
     for mode in ("student", "teacher"):
         out = tmp_path / mode
-        run(_cfg(out, teacher_file, epochs=3, stage1_epochs=3, stage1_inputs=mode, init_from_teacher=False,
-                 lr=3e-3))
+        run(_cfg(out, teacher_file, epochs=3, stage1_epochs=3, stage1_inputs=mode, init_from_teacher=False, lr=3e-3))
         losses = [r["train_layer_loss"] for r in _records(out)]
         assert losses[-1] < 0.7 * losses[0], (mode, losses)
 
@@ -259,8 +275,15 @@ def test_mismatched_token_grid_and_bad_settings(tmp_path, teacher_file):
 
 def test_student_narrower_than_teacher_uses_adapters(tmp_path, teacher_file, one_thread):
     out = tmp_path / "narrow"
-    run(_cfg(out, teacher_file, epochs=1, stage1_epochs=1, model_args={"embed_dim": 32, "depth": 2,
-                                                                        "propagation_channels": 8}))
+    run(
+        _cfg(
+            out,
+            teacher_file,
+            epochs=1,
+            stage1_epochs=1,
+            model_args={"embed_dim": 32, "depth": 2, "propagation_channels": 8},
+        )
+    )
     state = torch.load(out / "last.pt", weights_only=True)["distiller"]
     assert state["adapters.0.weight"].shape == (64, 32) and "adapters.1.weight" in state
 
@@ -268,15 +291,18 @@ def test_student_narrower_than_teacher_uses_adapters(tmp_path, teacher_file, one
 # --------------------------------------------------------------------------------------------- the command
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    ([], "required: --teacher"),
-    (["--teacher", "{t}", "--epochs", "0"], "--epochs must be a positive integer"),
-    (["--teacher", "{t}", "--stage1-epochs", "11"], "--stage1-epochs (11) must not exceed --epochs (10)"),
-    (["--teacher", "{t}", "--kd-temperature", "0"], "--kd-temperature must be"),
-    (["--teacher", "{d}/missing.safetensors"], "--teacher: no checkpoint at"),
-    (["--teacher", "{t}", "--stage1-inputs", "both"], "invalid choice: 'both'"),
-    (["--teacher", "{conv}"], "--teacher: ConvBaseline has no per-block outputs"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "required: --teacher"),
+        (["--teacher", "{t}", "--epochs", "0"], "--epochs must be a positive integer"),
+        (["--teacher", "{t}", "--stage1-epochs", "11"], "--stage1-epochs (11) must not exceed --epochs (10)"),
+        (["--teacher", "{t}", "--kd-temperature", "0"], "--kd-temperature must be"),
+        (["--teacher", "{d}/missing.safetensors"], "--teacher: no checkpoint at"),
+        (["--teacher", "{t}", "--stage1-inputs", "both"], "invalid choice: 'both'"),
+        (["--teacher", "{conv}"], "--teacher: ConvBaseline has no per-block outputs"),
+    ],
+)
 def test_command_bad_arguments_one_line_exit_2(argv, message, tmp_path, teacher_file, capsys):
     from gspn.commands import main
 
@@ -296,12 +322,48 @@ def test_command_builds_the_config():
     from gspn.commands import build_parser
     from gspn.commands.distill_encoder import distill_encoder_config
 
-    args = build_parser().parse_args([
-        "distill-encoder", "--teacher", "t.safetensors", "--model", "gspn_vit_nano", "--model-arg", "d_state=4",
-        "--epochs", "6", "--stage1-epochs", "2", "--output-dir", "o", "--clip-grad", "none", "--no-init-from-teacher",
-        "--stage1-inputs", "teacher", "--kd-weight", "0", "--precision", "fp32", "--resume", "--quiet"])
+    args = build_parser().parse_args(
+        [
+            "distill-encoder",
+            "--teacher",
+            "t.safetensors",
+            "--model",
+            "gspn_vit_nano",
+            "--model-arg",
+            "d_state=4",
+            "--epochs",
+            "6",
+            "--stage1-epochs",
+            "2",
+            "--output-dir",
+            "o",
+            "--clip-grad",
+            "none",
+            "--no-init-from-teacher",
+            "--stage1-inputs",
+            "teacher",
+            "--kd-weight",
+            "0",
+            "--precision",
+            "fp32",
+            "--resume",
+            "--quiet",
+        ]
+    )
     cfg = distill_encoder_config(args)
     assert (cfg.teacher, cfg.model_args, cfg.epochs, cfg.stage1_epochs, cfg.output_dir, cfg.clip_grad) == (
-        "t.safetensors", {"d_state": 4}, 6, 2, "o", None)
+        "t.safetensors",
+        {"d_state": 4},
+        6,
+        2,
+        "o",
+        None,
+    )
     assert (cfg.init_from_teacher, cfg.stage1_inputs, cfg.kd_weight, cfg.precision, cfg.resume, cfg.verbose) == (
-        False, "teacher", 0.0, "fp32", "auto", False)
+        False,
+        "teacher",
+        0.0,
+        "fp32",
+        "auto",
+        False,
+    )

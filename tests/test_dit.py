@@ -128,8 +128,12 @@ def test_scalar_timestep_and_label_are_broadcast_to_the_batch(form):
     with torch.no_grad():
         ref = model(x, torch.full((3,), 250), y)
         torch.testing.assert_close(model(x, value, y), ref, rtol=0, atol=0)
-        torch.testing.assert_close(model.forward_with_cfg(x, value, y, 2.0),
-                                   model.forward_with_cfg(x, torch.full((3,), 250), y, 2.0), rtol=0, atol=0)
+        torch.testing.assert_close(
+            model.forward_with_cfg(x, value, y, 2.0),
+            model.forward_with_cfg(x, torch.full((3,), 250), y, 2.0),
+            rtol=0,
+            atol=0,
+        )
         torch.testing.assert_close(model(x, value, 3), model(x, value, torch.full((3,), 3)), rtol=0, atol=0)
         torch.testing.assert_close(model(x, value), model(x, value, torch.full((3,), model.null_label)))
 
@@ -247,7 +251,7 @@ def test_train_dit_checks_the_patch_size_and_model_args_before_writing(tmp_path)
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"--image-size \(15×15\) must be a multiple of gspn_dit_tiny's patch size 2"):
         run_train(_train_args(out, image_size=15, steps=1))
-    with pytest.raises(ValueError, match="--model-arg .*'bogus': 1.* for gspn_dit_tiny"):
+    with pytest.raises(ValueError, match=r"--model-arg .*'bogus': 1.* for gspn_dit_tiny"):
         run_train(_train_args(out, model_arg="bogus=1", steps=1))
     assert not (out / "config.json").exists() and not (out / "last.pt").exists()
     assert run_train(_train_args(out, steps=1))["step"] == 1  # the corrected command is not refused
@@ -272,8 +276,10 @@ def test_samples_do_not_depend_on_the_batch_size(sampler):
     model = _randomize_head(_small())
     schedule = {"learn_sigma": True, "clip_sample": True}
     labels = [0, 1, 10, 3, 3]
-    runs = {b: generate(model, schedule, labels, (1, 8, 8), 4, sampler, 2.0, seed=7, batch_size=b)
-            for b in (1, 3, len(labels))}
+    runs = {
+        b: generate(model, schedule, labels, (1, 8, 8), 4, sampler, 2.0, seed=7, batch_size=b)
+        for b in (1, 3, len(labels))
+    }
     for b in (3, len(labels)):
         assert torch.equal(runs[b], runs[1]), b
     assert not torch.equal(runs[1][3], runs[1][4])  # same label, different noise
@@ -288,9 +294,31 @@ def test_sample_command_batch_size_does_not_change_the_images(tmp_path):
     grids = []
     for b in (1, 4):
         out = tmp_path / f"b{b}"
-        cli_main(["sample", "--checkpoint", str(ckpt), "--labels", "0-2", "--per-label", "2", "--steps", "3",
-                  "--sampler", "ddpm", "--image-size", "8", "8", "--batch-size", str(b), "--seed", "3",
-                  "--output-dir", str(out), "--no-progress"])
+        cli_main(
+            [
+                "sample",
+                "--checkpoint",
+                str(ckpt),
+                "--labels",
+                "0-2",
+                "--per-label",
+                "2",
+                "--steps",
+                "3",
+                "--sampler",
+                "ddpm",
+                "--image-size",
+                "8",
+                "8",
+                "--batch-size",
+                str(b),
+                "--seed",
+                "3",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+            ]
+        )
         grids.append((out / "grid.png").read_bytes())
     assert grids[0] == grids[1]
 
@@ -304,14 +332,35 @@ def test_sample_refuses_a_classifier_checkpoint_with_one_error_line(tmp_path, ca
 
     weights = save_checkpoint(create_model("baseline_conv", width=4, depths=(1,)), tmp_path / "model.safetensors")
     state = tmp_path / "last.pt"
-    save_state(state, {"format": "gspn-train-v1", "model_name": "baseline_conv", "model_args": {"width": 4},
-                       "model": {}, "ema": None, "epoch": 0, "step": 1})
+    save_state(
+        state,
+        {
+            "format": "gspn-train-v1",
+            "model_name": "baseline_conv",
+            "model_args": {"width": 4},
+            "model": {},
+            "ema": None,
+            "epoch": 0,
+            "step": 1,
+        },
+    )
     for path in (weights, state):
         with pytest.raises(ValueError, match="'baseline_conv' model, not a GSPN-DiT"):
             load_for_sampling(path)
         for ema in ("--ema", "--no-ema"):
-            code = cli_main(["sample", "--checkpoint", str(path), ema, "--steps", "2",
-                             "--output-dir", str(tmp_path / "out"), "--no-progress"])
+            code = cli_main(
+                [
+                    "sample",
+                    "--checkpoint",
+                    str(path),
+                    ema,
+                    "--steps",
+                    "2",
+                    "--output-dir",
+                    str(tmp_path / "out"),
+                    "--no-progress",
+                ]
+            )
             err = capsys.readouterr().err
             assert code == 2 and err.count("\n") == 1 and "not a GSPN-DiT" in err, err
     assert not (tmp_path / "out" / "grid.png").exists()
@@ -364,21 +413,30 @@ def test_extract_latents_config_is_checked_before_any_work(tmp_path):
     from gspn.diffusion.latents import ExtractLatentsConfig, run
 
     ok = {"vae": str(tmp_path / "no-such-vae"), "output": str(tmp_path / "z.pt")}
-    for bad, needle in (({"vae": ""}, "--vae"), ({"output": ""}, "--output"), ({"image_size": 0}, "--image-size"),
-                        ({"limit": -1}, "--limit"), ({"in_channels": 2}, "--in-channels"),
-                        ({"scaling_factor": 0.0}, "--scaling-factor"), ({"data": "latents:z.pt"}, "pixel data")):
+    for bad, needle in (
+        ({"vae": ""}, "--vae"),
+        ({"output": ""}, "--output"),
+        ({"image_size": 0}, "--image-size"),
+        ({"limit": -1}, "--limit"),
+        ({"in_channels": 2}, "--in-channels"),
+        ({"scaling_factor": 0.0}, "--scaling-factor"),
+        ({"data": "latents:z.pt"}, "pixel data"),
+    ):
         with pytest.raises(ValueError, match=needle):
             run(ExtractLatentsConfig(**{**ok, **bad}))
     assert not (tmp_path / "z.pt").exists()
     # a missing local VAE folder or data folder is named with its flag (it was diffusers' "check your
     # internet connection" and a bare "[Errno 2]"); a hub name ("org/name") is left to diffusers
-    for bad, needle in (({}, "--vae .*no-such-vae: no such folder"), ({"vae": "./nope"}, "--vae ./nope: no such"),
-                        ({"vae": "org/name", "data": "imagefolder:/no/such"}, "--data imagefolder:/no/such: no such")):
+    for bad, needle in (
+        ({}, "--vae .*no-such-vae: no such folder"),
+        ({"vae": "./nope"}, "--vae ./nope: no such"),
+        ({"vae": "org/name", "data": "imagefolder:/no/such"}, "--data imagefolder:/no/such: no such"),
+    ):
         with pytest.raises(FileNotFoundError, match=needle):
             run(ExtractLatentsConfig(**{**ok, **bad}))
     from gspn.diffusion.data import load_dataset
 
-    with pytest.raises(FileNotFoundError, match="--fid-ref latents:/no/such.pt: no such file"):
+    with pytest.raises(FileNotFoundError, match=r"--fid-ref latents:/no/such.pt: no such file"):
         load_dataset("latents:/no/such.pt", flag="--fid-ref")
 
 
@@ -426,8 +484,15 @@ def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):
             ]
         )
     )
-    assert config == ExtractLatentsConfig(vae=str(tmp_path / "vae"), output=str(tmp_path / "z.pt"), data="digits",
-                                          image_size=16, in_channels=1, limit=16, progress=False)
+    assert config == ExtractLatentsConfig(
+        vae=str(tmp_path / "vae"),
+        output=str(tmp_path / "z.pt"),
+        data="digits",
+        image_size=16,
+        in_channels=1,
+        limit=16,
+        progress=False,
+    )
     res = run(config)
     assert res["vae"] == os.path.abspath(tmp_path / "vae")  # an absolute VAE path is stored
     assert res["count"] == 16 and res["shape"] == [4, 8, 8] and res["scaling_factor"] == 0.5
@@ -440,22 +505,24 @@ def test_extract_latents_train_and_decode_with_a_tiny_vae(tmp_path):
     assert summary["step"] == 2
     from gspn.commands.diffusion import sample_config
 
-    out = run_sample(sample_config(
-        build_parser().parse_args(
-            [
-                "sample",
-                "--checkpoint",
-                str(tmp_path / "run" / "last.pt"),
-                "--labels",
-                "0,1",
-                "--steps",
-                "2",
-                "--output-dir",
-                str(tmp_path / "samples"),
-                "--no-progress",
-            ]
+    out = run_sample(
+        sample_config(
+            build_parser().parse_args(
+                [
+                    "sample",
+                    "--checkpoint",
+                    str(tmp_path / "run" / "last.pt"),
+                    "--labels",
+                    "0,1",
+                    "--steps",
+                    "2",
+                    "--output-dir",
+                    str(tmp_path / "samples"),
+                    "--no-progress",
+                ]
+            )
         )
-    ))
+    )
     assert Path(out["grid"]).is_file()
     assert len(list((tmp_path / "samples").glob("000*_class*.png"))) == 2
 
@@ -476,9 +543,7 @@ class _StandInExtractor(torch.nn.Module):
 def _export_stand_in(path: Path) -> Path:
     torch.manual_seed(0)
     batch = torch.export.Dim("batch", min=2)
-    program = torch.export.export(
-        _StandInExtractor().eval(), (torch.rand(4, 3, 16, 16),), dynamic_shapes=({0: batch},)
-    )
+    program = torch.export.export(_StandInExtractor().eval(), (torch.rand(4, 3, 16, 16),), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))
     return path
 
@@ -534,9 +599,7 @@ def test_sample_command_writes_images_and_fid(tmp_path):
     assert fid["fid"] >= 0 and fid["is_mean"] >= 1.0
 
 
-@pytest.mark.skipif(
-    not os.environ.get("GSPN_RUN_SLOW"), reason="torchrun DDP smoke test; set GSPN_RUN_SLOW=1"
-)
+@pytest.mark.skipif(not os.environ.get("GSPN_RUN_SLOW"), reason="torchrun DDP smoke test; set GSPN_RUN_SLOW=1")
 @needs_diffusers
 def test_torchrun_ddp_two_processes(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")

@@ -118,13 +118,19 @@ def test_line_scan_4d_second_order(normalize, backend):
     gates = [0.5 * torch.randn(1, 1, 1, 3, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
 
     def oracle_4d(x, lam, *gates):
-        return torch.stack([
-            oracle_line_scan(x, lam[:, k], *(g[:, 0] for g in gates), direction=d, chunk_size=2, normalize=normalize)
-            for k, d in enumerate(DIRECTIONS)
-        ], dim=1)
+        return torch.stack(
+            [
+                oracle_line_scan(
+                    x, lam[:, k], *(g[:, 0] for g in gates), direction=d, chunk_size=2, normalize=normalize
+                )
+                for k, d in enumerate(DIRECTIONS)
+            ],
+            dim=1,
+        )
 
-    got = second_order(lambda *a: line_scan_4d(*a, chunk_size=2, normalize=normalize, backend=backend),
-                       [x, lam, *gates])
+    got = second_order(
+        lambda *a: line_scan_4d(*a, chunk_size=2, normalize=normalize, backend=backend), [x, lam, *gates]
+    )
     _assert_close(got, second_order(oracle_4d, [x, lam, *gates]))
     params = [t.requires_grad_() for t in (x, lam, *gates)]
     assert torch.autograd.gradgradcheck(

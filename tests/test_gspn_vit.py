@@ -49,8 +49,10 @@ def test_isotropic_blocks_with_compact_propagation():
     m = create_model("gspn_vit_nano")
     layers = [layer for layer in m.modules() if isinstance(layer, GSPN2d)]
     assert len(layers) == len(m.blocks) == 4
-    assert all(layer.channels == 64 and layer.propagation_channels == 16 and layer.gate_channels == 1
-               and layer.is_global for layer in layers)
+    assert all(
+        layer.channels == 64 and layer.propagation_channels == 16 and layer.gate_channels == 1 and layer.is_global
+        for layer in layers
+    )
     assert [f["num_chs"] for f in m.feature_info] == [64] * 4
     assert {f["reduction"] for f in m.feature_info} == {4}
     assert m.default_cfg["architecture"] == "gspn_vit_nano" and m.pretrained_cfg is m.default_cfg

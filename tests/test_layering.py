@@ -9,8 +9,12 @@ import sys
 
 import pytest
 
-RECIPES = {"classification": "gspn.train", "dit": "gspn.diffusion", "distill": "gspn.distill",
-           "encoder distillation": "gspn.distill_encoder"}
+RECIPES = {
+    "classification": "gspn.train",
+    "dit": "gspn.diffusion",
+    "distill": "gspn.distill",
+    "encoder distillation": "gspn.distill_encoder",
+}
 
 
 def _loaded(module: str) -> set[str]:
@@ -29,13 +33,16 @@ def test_training_kit_imports_nothing_above_models():
     assert not set().union(*(_under(loaded, p) for p in above)), sorted(loaded)
 
 
-@pytest.mark.parametrize(("module", "own"), [
-    ("gspn.train.trainer", "gspn.train"),
-    ("gspn.diffusion.train", "gspn.diffusion"),
-    ("gspn.diffusion.sample", "gspn.diffusion"),
-    ("gspn.distill.trainer", "gspn.distill"),
-    ("gspn.distill_encoder.trainer", "gspn.distill_encoder"),
-])
+@pytest.mark.parametrize(
+    ("module", "own"),
+    [
+        ("gspn.train.trainer", "gspn.train"),
+        ("gspn.diffusion.train", "gspn.diffusion"),
+        ("gspn.diffusion.sample", "gspn.diffusion"),
+        ("gspn.distill.trainer", "gspn.distill"),
+        ("gspn.distill_encoder.trainer", "gspn.distill_encoder"),
+    ],
+)
 def test_recipes_never_import_each_other(module, own):
     if module.startswith("gspn.distill."):
         pytest.importorskip("diffusers")

@@ -109,7 +109,8 @@ def test_forward_any_resolution_and_api(nano):
     assert [t.shape[1] for t in inter] == nano.embed_dims
     assert [t.shape[-2:] for t in inter] == [(10, 13), (5, 7), (3, 4), (2, 2)]
     assert [t.shape[1] for t in nano.forward_intermediates(x, indices=[0, -1], intermediates_only=True)] == [
-        nano.embed_dims[0], nano.embed_dims[-1]
+        nano.embed_dims[0],
+        nano.embed_dims[-1],
     ]
     last_two = nano.forward_intermediates(x, indices=2, intermediates_only=True)
     assert [t.shape[1] for t in last_two] == nano.embed_dims[2:]

@@ -90,8 +90,7 @@ def test_merger_mixes_all_four_directions():
     ],
     ids=["flip_h", "flip_w", "transpose"],
 )
-def test_transformed_input_with_matching_parameters_transforms_the_output(transform, dir_perm, swap_gates,
-                                                                          chunk_size):
+def test_transformed_input_with_matching_parameters_transforms_the_output(transform, dir_perm, swap_gates, chunk_size):
     m = _module(chunk_size=chunk_size)
     m2 = _permuted(m, dir_perm, swap_gates)
     x = torch.randn(2, 6, 6, 8, dtype=torch.float64)  # sides divisible by the chunk: tiles map to tiles

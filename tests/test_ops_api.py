@@ -95,8 +95,7 @@ def test_largest_int64_chunk_size_is_global(backend):
     """A chunk at least as long as the scan axis is one tile, up to the largest int64."""
     x, lam, wl, wm, wr = (t.double().requires_grad_() for t in inputs((1, 2, 5, 4)))
     for direction in ("bt", "lr"):
-        got = line_scan(x, lam, wl, wm, wr, direction=direction, chunk_size=2**63 - 1, normalize=True,
-                        backend=backend)
+        got = line_scan(x, lam, wl, wm, wr, direction=direction, chunk_size=2**63 - 1, normalize=True, backend=backend)
         want = line_scan(x, lam, wl, wm, wr, direction=direction, normalize=True, backend=backend)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         g = torch.randn_like(got)
@@ -115,8 +114,9 @@ def test_chunk_size_past_int64_is_an_error_naming_the_range(chunk_size):
     with pytest.raises(ValueError, match=r"chunk_size"):
         line_scan_4d(x, *(p[:, None] for p in (lam, wl, wm, wr)), chunk_size=chunk_size)
     with pytest.raises(ValueError, match=r"chunk_size"):
-        gspn.ops.gspn_mix(x, x[:, :1], torch.zeros(4, 3, 2, 1), *[torch.zeros(4, 2, 1)] * 3, torch.zeros(4),
-                          chunk_size=chunk_size)
+        gspn.ops.gspn_mix(
+            x, x[:, :1], torch.zeros(4, 3, 2, 1), *[torch.zeros(4, 2, 1)] * 3, torch.zeros(4), chunk_size=chunk_size
+        )
 
 
 def test_zero_channels_is_an_error_naming_x():

@@ -156,9 +156,7 @@ def test_compiled_backward_any_layout(layout, op):
     expected = torch.autograd.grad(fn(*inputs), inputs)
     torch._dynamo.reset()
     # No cached compiled graphs: the cache key does not cover the operators' Python fake functions.
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(
-        enable_autograd_cache=False
-    ):
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         compiled = torch.compile(fn, fullgraph=True, backend="inductor")
         got = torch.autograd.grad(compiled(*inputs), inputs)
     for g, e, t in zip(got, expected, inputs, strict=True):

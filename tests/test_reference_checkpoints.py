@@ -57,66 +57,103 @@ def fake_yacs(monkeypatch):
 # --- reference layouts (names and shapes from the facts) ------------------------------------------
 
 
-def ref_classifier_shapes(embed_dim, depths, d_state, num_classes=1000, in_chans=3, expand=1.5, mlp_ratio=4.0,
-                          kernel=7):
+def ref_classifier_shapes(
+    embed_dim, depths, d_state, num_classes=1000, in_chans=3, expand=1.5, mlp_ratio=4.0, kernel=7
+):
     """name → shape of a reference ``VSSM`` state dict (classification, GSPN core v1)."""
     c = embed_dim
-    s = {"patch_embed.0.weight": (c // 2, in_chans, 3, 3), "patch_embed.0.bias": (c // 2,),
-         "patch_embed.2.weight": (c // 2,), "patch_embed.2.bias": (c // 2,),
-         "patch_embed.5.weight": (c, c // 2, 3, 3), "patch_embed.5.bias": (c,),
-         "patch_embed.7.weight": (c,), "patch_embed.7.bias": (c,)}
+    s = {
+        "patch_embed.0.weight": (c // 2, in_chans, 3, 3),
+        "patch_embed.0.bias": (c // 2,),
+        "patch_embed.2.weight": (c // 2,),
+        "patch_embed.2.bias": (c // 2,),
+        "patch_embed.5.weight": (c, c // 2, 3, 3),
+        "patch_embed.5.bias": (c,),
+        "patch_embed.7.weight": (c,),
+        "patch_embed.7.bias": (c,),
+    }
     dims = [c * 2**i for i in range(len(depths))]
     for i, (dim, depth) in enumerate(zip(dims, depths, strict=True)):
         di, hid = round(expand * dim), round(mlp_ratio * dim)
         for j in range(depth):
             p = f"layers.{i}.blocks.{j}."
-            s |= {p + "norm.weight": (dim,), p + "norm.bias": (dim,),
-                  p + "op.in_proj.weight": (di, dim), p + "op.conv2d.weight": (di, 1, kernel, kernel),
-                  p + "op.x_conv_down.weight": (d_state, di, 1, 1),
-                  p + "op.w_conv_up.weight": (12 * di, d_state, 1, 1),
-                  p + "op.l_conv_up.weight": (4 * di, d_state, 1, 1),
-                  p + "op.u_conv_up.weight": (4 * di, d_state, 1, 1),
-                  p + "op.d_conv.weight": (4 * di, d_state, 1, 1), p + "op.m_conv.weight": (1, 4, 1, 1),
-                  p + "op.out_norm.weight": (di,), p + "op.out_norm.bias": (di,),
-                  p + "op.grn.gamma": (1, di, 1, 1), p + "op.grn.beta": (1, di, 1, 1),
-                  p + "op.out_proj.weight": (dim, di),
-                  p + "norm2.weight": (dim,), p + "norm2.bias": (dim,),
-                  p + "mlp.fc1.weight": (hid, dim), p + "mlp.fc1.bias": (hid,),
-                  p + "mlp.fc2.weight": (dim, hid), p + "mlp.fc2.bias": (dim,)}
+            s |= {
+                p + "norm.weight": (dim,),
+                p + "norm.bias": (dim,),
+                p + "op.in_proj.weight": (di, dim),
+                p + "op.conv2d.weight": (di, 1, kernel, kernel),
+                p + "op.x_conv_down.weight": (d_state, di, 1, 1),
+                p + "op.w_conv_up.weight": (12 * di, d_state, 1, 1),
+                p + "op.l_conv_up.weight": (4 * di, d_state, 1, 1),
+                p + "op.u_conv_up.weight": (4 * di, d_state, 1, 1),
+                p + "op.d_conv.weight": (4 * di, d_state, 1, 1),
+                p + "op.m_conv.weight": (1, 4, 1, 1),
+                p + "op.out_norm.weight": (di,),
+                p + "op.out_norm.bias": (di,),
+                p + "op.grn.gamma": (1, di, 1, 1),
+                p + "op.grn.beta": (1, di, 1, 1),
+                p + "op.out_proj.weight": (dim, di),
+                p + "norm2.weight": (dim,),
+                p + "norm2.bias": (dim,),
+                p + "mlp.fc1.weight": (hid, dim),
+                p + "mlp.fc1.bias": (hid,),
+                p + "mlp.fc2.weight": (dim, hid),
+                p + "mlp.fc2.bias": (dim,),
+            }
         if i < len(depths) - 1:
-            s |= {f"layers.{i}.downsample.1.weight": (dims[i + 1], dim, 3, 3),
-                  f"layers.{i}.downsample.1.bias": (dims[i + 1],),
-                  f"layers.{i}.downsample.3.weight": (dims[i + 1],), f"layers.{i}.downsample.3.bias": (dims[i + 1],)}
+            s |= {
+                f"layers.{i}.downsample.1.weight": (dims[i + 1], dim, 3, 3),
+                f"layers.{i}.downsample.1.bias": (dims[i + 1],),
+                f"layers.{i}.downsample.3.weight": (dims[i + 1],),
+                f"layers.{i}.downsample.3.bias": (dims[i + 1],),
+            }
     s |= {"classifier.norm.weight": (dims[-1],), "classifier.norm.bias": (dims[-1],)}
     if num_classes:
         s |= {"classifier.head.weight": (num_classes, dims[-1]), "classifier.head.bias": (num_classes,)}
     return s
 
 
-def ref_generator_shapes(hidden, depth, patch=2, in_ch=4, num_classes=1000, learn_sigma=True, kernel=7,
-                         in_proj_4d=True):
+def ref_generator_shapes(
+    hidden, depth, patch=2, in_ch=4, num_classes=1000, learn_sigma=True, kernel=7, in_proj_4d=True
+):
     """name → shape of a reference generation ``GSPN`` state dict."""
     d, ds = hidden, hidden // 16
     out_ch = 2 * in_ch if learn_sigma else in_ch
-    s = {"x_embedder.proj.weight": (d, in_ch, patch, patch), "x_embedder.proj.bias": (d,),
-         "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
-         "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
-         "y_embedder.embedding_table.weight": (num_classes + 1, d),
-         "norm_f.weight": (d,), "norm_f.bias": (d,),
-         "final_layer.linear.weight": (patch * patch * out_ch, d), "final_layer.linear.bias": (patch * patch * out_ch,),
-         "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,)}
+    s = {
+        "x_embedder.proj.weight": (d, in_ch, patch, patch),
+        "x_embedder.proj.bias": (d,),
+        "t_embedder.mlp.0.weight": (d, 256),
+        "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d),
+        "t_embedder.mlp.2.bias": (d,),
+        "y_embedder.embedding_table.weight": (num_classes + 1, d),
+        "norm_f.weight": (d,),
+        "norm_f.bias": (d,),
+        "final_layer.linear.weight": (patch * patch * out_ch, d),
+        "final_layer.linear.bias": (patch * patch * out_ch,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+        "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    }
     half = range(depth // 2)
     names = [f"in_blocks.{i}" for i in half] + ["mid_block"] + [f"out_blocks.{i}" for i in half]
     for n in names:
         p = n + "."
-        s |= {p + "norm.weight": (d,), p + "norm.bias": (d,),
-              p + "in_proj.weight": (d, d, 1, 1) if in_proj_4d else (d, d),
-              p + "conv2d.weight": (d, 1, kernel, kernel), p + "conv2d.bias": (d,),
-              p + "x_conv_down.weight": (ds, d, 1, 1), p + "w_conv_up.weight": (12 * d, ds, 1, 1),
-              p + "l_conv_up.weight": (4 * d, ds, 1, 1), p + "u_conv_up.weight": (4 * d, ds, 1, 1),
-              p + "d_conv.weight": (4 * d, ds, 1, 1), p + "m_conv.weight": (1, 4, 1, 1),
-              p + "out_conv.weight": (d, d, 1, 1), p + "out_dconv.weight": (d, 1, 3, 3),
-              p + "out_proj.weight": (d, d)}
+        s |= {
+            p + "norm.weight": (d,),
+            p + "norm.bias": (d,),
+            p + "in_proj.weight": (d, d, 1, 1) if in_proj_4d else (d, d),
+            p + "conv2d.weight": (d, 1, kernel, kernel),
+            p + "conv2d.bias": (d,),
+            p + "x_conv_down.weight": (ds, d, 1, 1),
+            p + "w_conv_up.weight": (12 * d, ds, 1, 1),
+            p + "l_conv_up.weight": (4 * d, ds, 1, 1),
+            p + "u_conv_up.weight": (4 * d, ds, 1, 1),
+            p + "d_conv.weight": (4 * d, ds, 1, 1),
+            p + "m_conv.weight": (1, 4, 1, 1),
+            p + "out_conv.weight": (d, d, 1, 1),
+            p + "out_dconv.weight": (d, 1, 3, 3),
+            p + "out_proj.weight": (d, d),
+        }
         if n.startswith("out_blocks"):
             s |= {p + "skip_linear.weight": (d, 2 * d), p + "skip_linear.bias": (d,)}
     return s
@@ -126,8 +163,17 @@ def random_state(shapes, seed):
     g = torch.Generator().manual_seed(seed)
     out = collections.OrderedDict()
     for k, shape in shapes.items():
-        if k.endswith(("norm.weight", "norm2.weight", "norm_f.weight", "patch_embed.2.weight", "patch_embed.7.weight",
-                       "downsample.3.weight", "out_norm.weight")):
+        if k.endswith(
+            (
+                "norm.weight",
+                "norm2.weight",
+                "norm_f.weight",
+                "patch_embed.2.weight",
+                "patch_embed.7.weight",
+                "downsample.3.weight",
+                "out_norm.weight",
+            )
+        ):
             t = 1 + 0.1 * torch.randn(shape, generator=g)
         elif "w_conv_up" in k or "l_conv_up" in k:
             t = torch.randn(shape, generator=g)
@@ -143,20 +189,50 @@ def save_classifier_ckpt(path, model_sd, ema_sd, img_size=None):
     if img_size:
         cfg["DATA"]["IMG_SIZE"] = img_size
     names = list(model_sd)
-    optimizer = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.zeros_like(model_sd[n]),
-                               "exp_avg_sq": torch.zeros_like(model_sd[n])} for i, n in enumerate(names)},
-                 "param_groups": [{"lr": 1e-3, "weight_decay": 0.05, "params": list(range(len(names)))}]}
-    torch.save({"model": model_sd, "model_ema": ema_sd, "optimizer": optimizer,
-                "lr_scheduler": {"t_initial": 300, "base_values": [1e-3]}, "max_accuracy": 83.0,
-                "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                           "_growth_tracker": 0},
-                "epoch": 299, "config": cfg, "max_accuray_ema": 83.1}, path)
+    optimizer = {
+        "state": {
+            i: {
+                "step": torch.tensor(10.0),
+                "exp_avg": torch.zeros_like(model_sd[n]),
+                "exp_avg_sq": torch.zeros_like(model_sd[n]),
+            }
+            for i, n in enumerate(names)
+        },
+        "param_groups": [{"lr": 1e-3, "weight_decay": 0.05, "params": list(range(len(names)))}],
+    }
+    torch.save(
+        {
+            "model": model_sd,
+            "model_ema": ema_sd,
+            "optimizer": optimizer,
+            "lr_scheduler": {"t_initial": 300, "base_values": [1e-3]},
+            "max_accuracy": 83.0,
+            "scaler": {
+                "scale": 65536.0,
+                "growth_factor": 2.0,
+                "backoff_factor": 0.5,
+                "growth_interval": 2000,
+                "_growth_tracker": 0,
+            },
+            "epoch": 299,
+            "config": cfg,
+            "max_accuray_ema": 83.1,
+        },
+        path,
+    )
     return path
 
 
 def save_generator_ckpt(path, model_sd, ema_sd, image_size=256):
-    args = argparse.Namespace(model="GSPN-XL/2", image_size=image_size, num_classes=1000, epochs=1400,
-                              global_batch_size=256, vae="ema", results_dir="results")
+    args = argparse.Namespace(
+        model="GSPN-XL/2",
+        image_size=image_size,
+        num_classes=1000,
+        epochs=1400,
+        global_batch_size=256,
+        vae="ema",
+        results_dir="results",
+    )
     opt = {"state": {}, "param_groups": [{"lr": 1e-4, "weight_decay": 0, "params": []}]}
     torch.save({"model": model_sd, "ema": ema_sd, "opt": opt, "args": args}, path)
     return path
@@ -169,8 +245,8 @@ def ref_core(x, p, prefix, chunk):
     """The reference GSPN core on the dw-conv output ``x (B, D, H, W)``, H == W."""
     _, d, h, w = x.shape
     z = F.conv2d(x, p[prefix + "x_conv_down.weight"])
-    ws = F.conv2d(z, p[prefix + "w_conv_up.weight"])        # channel g·4D + k·D + c
-    lam = F.conv2d(z, p[prefix + "l_conv_up.weight"])       # channel k·D + c
+    ws = F.conv2d(z, p[prefix + "w_conv_up.weight"])  # channel g·4D + k·D + c
+    lam = F.conv2d(z, p[prefix + "l_conv_up.weight"])  # channel k·D + c
     u = F.conv2d(z, p[prefix + "u_conv_up.weight"])
     dd = F.conv2d(z, p[prefix + "d_conv.weight"])
     frames = [x, x.transpose(2, 3), x.flip(-1), x.transpose(2, 3).flip(-1)]
@@ -178,25 +254,25 @@ def ref_core(x, p, prefix, chunk):
     ys = []
     for k, xk in enumerate(frames):
         sl = slice(k * d, (k + 1) * d)
-        g = [torch.sigmoid(ws[:, gi * 4 * d + k * d: gi * 4 * d + (k + 1) * d]) for gi in range(3)]
+        g = [torch.sigmoid(ws[:, gi * 4 * d + k * d : gi * 4 * d + (k + 1) * d]) for gi in range(3)]
         total = g[0] * (rows.unsqueeze(-1) > 0) + g[1] + g[2] * (rows.unsqueeze(-1) < h - 1)
         total = total.clamp_min(1e-7)
         g = [gi / total for gi in g]
         hid = torch.zeros_like(xk)
         for j in range(w):
             prev = hid[..., j - 1] if j % chunk else torch.zeros_like(xk[..., 0])
-            up = F.pad(prev, (1, 0))[..., :h]    # h[i-1, j-1]
+            up = F.pad(prev, (1, 0))[..., :h]  # h[i-1, j-1]
             down = F.pad(prev, (0, 1))[..., 1:]  # h[i+1, j-1]
-            hid[..., j] = (lam[:, sl, :, j] * xk[..., j] + g[0][..., j] * up + g[1][..., j] * prev
-                           + g[2][..., j] * down)
+            hid[..., j] = lam[:, sl, :, j] * xk[..., j] + g[0][..., j] * up + g[1][..., j] * prev + g[2][..., j] * down
         ys.append(u[:, sl] * hid + dd[:, sl] * xk)
     m = p[prefix + "m_conv.weight"].view(4)
     return sum(m[k] * ys[k] for k in range(4))
 
 
 def ln2d(x, p, prefix, eps=1e-5):
-    return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], p[prefix + "weight"], p[prefix + "bias"],
-                        eps).permute(0, 3, 1, 2)
+    return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], p[prefix + "weight"], p[prefix + "bias"], eps).permute(
+        0, 3, 1, 2
+    )
 
 
 def lin2d(x, weight, bias=None):
@@ -213,8 +289,9 @@ def ref_classifier_forward(p, x, depths, global_layers, feat_size, chunk=2):
             q = f"layers.{i}.blocks.{dblk}."
             glob = i in global_layers and (dblk < 7 or (dblk + 1) % 7 == 0)
             y = lin2d(ln2d(x, p, q + "norm."), p[q + "op.in_proj.weight"])
-            y = F.conv2d(y, p[q + "op.conv2d.weight"], padding=p[q + "op.conv2d.weight"].shape[-1] // 2,
-                         groups=y.shape[1])
+            y = F.conv2d(
+                y, p[q + "op.conv2d.weight"], padding=p[q + "op.conv2d.weight"].shape[-1] // 2, groups=y.shape[1]
+            )
             y = ref_core(y, p, q + "op.", feat_size[i] if glob else chunk)
             y = ln2d(y, p, q + "op.out_norm.")
             gx = torch.linalg.vector_norm(y, dim=(2, 3), keepdim=True)
@@ -224,8 +301,9 @@ def ref_classifier_forward(p, x, depths, global_layers, feat_size, chunk=2):
             y = lin2d(ln2d(x, p, q + "norm2."), p[q + "mlp.fc1.weight"], p[q + "mlp.fc1.bias"])
             x = x + lin2d(F.gelu(y), p[q + "mlp.fc2.weight"], p[q + "mlp.fc2.bias"])
         if i < len(depths) - 1:
-            x = F.conv2d(x, p[f"layers.{i}.downsample.1.weight"], p[f"layers.{i}.downsample.1.bias"], stride=2,
-                         padding=1)
+            x = F.conv2d(
+                x, p[f"layers.{i}.downsample.1.weight"], p[f"layers.{i}.downsample.1.bias"], stride=2, padding=1
+            )
             x = ln2d(x, p, f"layers.{i}.downsample.3.")
     x = ln2d(x, p, "classifier.norm.").mean(dim=(2, 3))
     return F.linear(x, p["classifier.head.weight"], p["classifier.head.bias"])
@@ -236,12 +314,15 @@ def ref_generator_forward(p, x, t, y, depth, patch=2):
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(x.dtype)
-    c = F.linear(F.silu(F.linear(emb, p["t_embedder.mlp.0.weight"], p["t_embedder.mlp.0.bias"])),
-                 p["t_embedder.mlp.2.weight"], p["t_embedder.mlp.2.bias"])
+    c = F.linear(
+        F.silu(F.linear(emb, p["t_embedder.mlp.0.weight"], p["t_embedder.mlp.0.bias"])),
+        p["t_embedder.mlp.2.weight"],
+        p["t_embedder.mlp.2.bias"],
+    )
     c = c + p["y_embedder.embedding_table.weight"][y]
     hmap = F.conv2d(x, p["x_embedder.proj.weight"], p["x_embedder.proj.bias"], stride=patch)
     b, d, gh, gw = hmap.shape
-    h = hmap.flatten(2).transpose(1, 2) + c[:, None]        # (B, N, D), row-major tokens
+    h = hmap.flatten(2).transpose(1, 2) + c[:, None]  # (B, N, D), row-major tokens
 
     def branch(q, tokens):
         z = tokens.transpose(1, 2).reshape(b, d, gh, gw)
@@ -268,8 +349,9 @@ def ref_generator_forward(p, x, t, y, depth, patch=2):
         h, res = block(f"out_blocks.{i}.", h, res, skips.pop())
     res = res + h
     out = F.layer_norm(res, (d,), p["norm_f.weight"], p["norm_f.bias"], 1e-5)
-    shift, scale = F.linear(F.silu(c), p["final_layer.adaLN_modulation.1.weight"],
-                            p["final_layer.adaLN_modulation.1.bias"]).chunk(2, dim=1)
+    shift, scale = F.linear(
+        F.silu(c), p["final_layer.adaLN_modulation.1.weight"], p["final_layer.adaLN_modulation.1.bias"]
+    ).chunk(2, dim=1)
     out = F.layer_norm(out, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
     out = F.linear(out, p["final_layer.linear.weight"], p["final_layer.linear.bias"])
     cout = out.shape[-1] // patch**2
@@ -284,7 +366,7 @@ def rel_err(a, b):
 # --- tiny configurations ----------------------------------------------------------------------------
 
 CLS = dict(embed_dim=8, depths=(1, 1, 8, 1), d_state=4, global_stages=(2, 3), num_classes=5)
-CLS_IMG = 64                       # configured size: FEAT_SIZE = (16, 8, 4, 2)
+CLS_IMG = 64  # configured size: FEAT_SIZE = (16, 8, 4, 2)
 GEN = dict(hidden_size=32, depth=4, d_state=2, in_channels=4, num_classes=10, input_size=8)
 
 
@@ -348,11 +430,12 @@ def test_truncated_file_is_a_clear_error(cls_ckpt, tmp_path):
 
 def test_direction_and_gate_channel_layouts_are_converted():
     d = 3
-    w = torch.arange(12 * d, dtype=torch.float32).view(12 * d, 1, 1, 1)   # value = reference row
+    w = torch.arange(12 * d, dtype=torch.float32).view(12 * d, 1, 1, 1)  # value = reference row
     lam = torch.arange(4 * d, dtype=torch.float32).view(4 * d, 1, 1, 1)
     m = torch.tensor([10.0, 11.0, 12.0, 13.0]).view(1, 4, 1, 1)
-    out = convert_reference_state({"mid_block.w_conv_up.weight": w, "mid_block.l_conv_up.weight": lam,
-                                   "mid_block.m_conv.weight": m}, "generator")
+    out = convert_reference_state(
+        {"mid_block.w_conv_up.weight": w, "mid_block.l_conv_up.weight": lam, "mid_block.m_conv.weight": m}, "generator"
+    )
     gw = out["mid_block.gspn.w_conv_up.weight"].view(4, 3, d)  # ours: [direction slot][gate][c]
     gl = out["mid_block.gspn.l_conv_up.weight"].view(4, d)
     for k in range(4):
@@ -364,9 +447,14 @@ def test_direction_and_gate_channel_layouts_are_converted():
         assert out["mid_block.gspn.m_conv.weight"].view(4)[slot] == 10 + k
 
 
-@pytest.mark.parametrize("name, cfg", [
-    ("gspn_t", (96, (2, 2, 7, 2), 8)), ("gspn_s", (108, (5, 5, 10, 2), 16)), ("gspn_b", (120, (4, 4, 15, 4), 8)),
-])
+@pytest.mark.parametrize(
+    "name, cfg",
+    [
+        ("gspn_t", (96, (2, 2, 7, 2), 8)),
+        ("gspn_s", (108, (5, 5, 10, 2), 16)),
+        ("gspn_b", (120, (4, 4, 15, 4), 8)),
+    ],
+)
 def test_every_tensor_of_the_full_classifiers_maps(name, cfg):
     ref = {k: torch.empty(s, device="meta") for k, s in ref_classifier_shapes(*cfg).items()}
     converted = convert_reference_state(ref, "classifier")
@@ -376,8 +464,9 @@ def test_every_tensor_of_the_full_classifiers_maps(name, cfg):
     fit_state_dict(model, converted)  # raises on any missing, extra or misshapen tensor
 
 
-@pytest.mark.parametrize("name, cfg", [("gspn_dit_b_2", (900, 30)), ("gspn_dit_l_2", (1200, 56)),
-                                       ("gspn_dit_xl_2", (1500, 56))])
+@pytest.mark.parametrize(
+    "name, cfg", [("gspn_dit_b_2", (900, 30)), ("gspn_dit_l_2", (1200, 56)), ("gspn_dit_xl_2", (1500, 56))]
+)
 def test_every_tensor_of_the_full_generators_maps(name, cfg):
     ref = {k: torch.empty(s, device="meta") for k, s in ref_generator_shapes(*cfg).items()}
     converted = convert_reference_state(ref, "generator")
@@ -431,9 +520,17 @@ def test_gspn2d_scan_frames_on_every_backend(backend, chunk, size, gate_scale):
     if backend not in gspn.ops.available_backends():
         pytest.skip(f"{backend} backend unavailable")
     d, ds = 6, 3
-    ref = random_state({"x_conv_down.weight": (ds, d, 1, 1), "w_conv_up.weight": (12 * d, ds, 1, 1),
-                        "l_conv_up.weight": (4 * d, ds, 1, 1), "u_conv_up.weight": (4 * d, ds, 1, 1),
-                        "d_conv.weight": (4 * d, ds, 1, 1), "m_conv.weight": (1, 4, 1, 1)}, 7)
+    ref = random_state(
+        {
+            "x_conv_down.weight": (ds, d, 1, 1),
+            "w_conv_up.weight": (12 * d, ds, 1, 1),
+            "l_conv_up.weight": (4 * d, ds, 1, 1),
+            "u_conv_up.weight": (4 * d, ds, 1, 1),
+            "d_conv.weight": (4 * d, ds, 1, 1),
+            "m_conv.weight": (1, 4, 1, 1),
+        },
+        7,
+    )
     ref["w_conv_up.weight"] = ref["w_conv_up.weight"] * gate_scale
     layer = gspn.nn.GSPN2d(d, d_state=ds, chunk_size=chunk, merge_frame="scan", backend=backend)
     ours = convert_reference_state({f"mid_block.{k}": v for k, v in ref.items()}, "generator")
@@ -527,8 +624,10 @@ def test_pretrained_true_reads_the_hub_cache(hub_cache, cls_ckpt):
     assert Path(cfg["file"]) == cached and cfg["checkpoint_entry"] == "model" and cfg["reported_top1"] == 83.0
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert rel_err(model.eval()(x), ref_classifier_forward(cls_ckpt[1], x, CLS["depths"], (2, 3),
-                                                               (16, 8, 4, 2))) <= 1e-5
+        assert (
+            rel_err(model.eval()(x), ref_classifier_forward(cls_ckpt[1], x, CLS["depths"], (2, 3), (16, 8, 4, 2)))
+            <= 1e-5
+        )
 
 
 def test_pretrained_true_offline_without_the_file_says_what_to_do(hub_cache):
@@ -571,7 +670,7 @@ def test_convert_writes_our_format(cls_ckpt, tmp_path, capsys):
     assert main(argv) == 0
     meta = read_metadata(out)
     assert meta["gspn.architecture"] == "gspn_nano" and "model_ema" in meta["gspn.source"]
-    reloaded = load_model(out).eval()              # no pickle, reference semantics restored
+    reloaded = load_model(out).eval()  # no pickle, reference semantics restored
     direct = create_model("gspn_nano", pretrained=cls_ckpt[0], pretrained_entry="model_ema", **CLS).eval()
     structural = {k: v for k, v in CLS.items()}
     again = create_model("gspn_nano", pretrained=out, **structural).eval()  # semantics from the file
@@ -598,8 +697,9 @@ def test_convert_infers_the_model_from_the_shapes(tmp_path):
 def test_sample_runs_on_a_reference_generator_checkpoint(gen_ckpt, tmp_path):
     from gspn.diffusion.sample import load_for_sampling
 
-    model, schedule, data = load_for_sampling(gen_ckpt[0], model_name="gspn_dit_tiny",
-                                              model_args={k: v for k, v in GEN.items() if k != "input_size"})
+    model, schedule, data = load_for_sampling(
+        gen_ckpt[0], model_name="gspn_dit_tiny", model_args={k: v for k, v in GEN.items() if k != "input_size"}
+    )
     assert model.pretrained_cfg["checkpoint_entry"] == "ema" and model.input_size == 8  # image_size 64 / 8
     assert schedule == {"num_train_timesteps": 1000, "beta_schedule": "linear", "learn_sigma": True}
     assert data["kind"] == "latents" and data["scaling_factor"] == 0.18215 and data["shape"] == [4, 8, 8]
@@ -610,8 +710,23 @@ def test_gspn_sample_command_on_a_reference_checkpoint(gen_ckpt, tmp_path, capsy
     pytest.importorskip("diffusers")
     from gspn.cli import main
 
-    argv = ["sample", "--checkpoint", str(gen_ckpt[0]), "--labels", "1,null", "--steps", "2", "--sampler", "ddim",
-            "--save-latents", "--output-dir", str(tmp_path / "s"), "--no-progress", "--model", "gspn_dit_tiny"]
+    argv = [
+        "sample",
+        "--checkpoint",
+        str(gen_ckpt[0]),
+        "--labels",
+        "1,null",
+        "--steps",
+        "2",
+        "--sampler",
+        "ddim",
+        "--save-latents",
+        "--output-dir",
+        str(tmp_path / "s"),
+        "--no-progress",
+        "--model",
+        "gspn_dit_tiny",
+    ]
     argv += [f"--model-arg={k}={v!r}" for k, v in GEN.items() if k != "input_size"]
     assert main(argv) == 0
     latents = torch.load(tmp_path / "s" / "latents.pt")["latents"]

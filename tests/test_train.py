@@ -187,12 +187,14 @@ def test_baselines_any_resolution_and_matched_size() -> None:
         assert abs(n - target) / target < 0.15, (name, kw, n)
 
 
-def _old_vit_baseline(num_classes: int, embed_dim: int, depth: int, heads: int, hidden: int, patch: int,
-                      grid: int) -> torch.nn.Module:
+def _old_vit_baseline(
+    num_classes: int, embed_dim: int, depth: int, heads: int, hidden: int, patch: int, grid: int
+) -> torch.nn.Module:
     """The ViT baseline as it was before it became a VisionTransformer: the modules (hence the state-dict
     keys) of its ``nn.TransformerEncoderLayer`` era, with random values everywhere (norms included)."""
-    layer = torch.nn.TransformerEncoderLayer(embed_dim, heads, dim_feedforward=hidden, dropout=0.0,
-                                             activation="gelu", batch_first=True, norm_first=True)
+    layer = torch.nn.TransformerEncoderLayer(
+        embed_dim, heads, dim_feedforward=hidden, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    )
     old = torch.nn.Module()
     old.patch_embed = torch.nn.Conv2d(3, embed_dim, patch, stride=patch)
     old.pos_embed = torch.nn.Parameter(torch.zeros(1, embed_dim, grid, grid))
@@ -205,8 +207,9 @@ def _old_vit_baseline(num_classes: int, embed_dim: int, depth: int, heads: int, 
     return old
 
 
-def _old_vit_baseline_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, depth: int, heads: int,
-                              patch: int) -> torch.Tensor:
+def _old_vit_baseline_forward(
+    sd: dict[str, torch.Tensor], x: torch.Tensor, depth: int, heads: int, patch: int
+) -> torch.Tensor:
     """The old ViT baseline's computation in plain torch, from its (old-key) state dict ``sd``: unpadded
     patchify, bilinear position resize, pre-norm blocks (LN eps 1e-5, exact GELU), LN, token mean, Linear."""
     import math
@@ -225,11 +228,15 @@ def _old_vit_baseline_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, dept
         qkv = F.linear(h, sd[q + "self_attn.in_proj_weight"], sd[q + "self_attn.in_proj_bias"])
         qh, kh, vh = (z.unflatten(-1, (heads, d // heads)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
         a = torch.softmax(qh @ kh.transpose(-2, -1) / math.sqrt(d // heads), dim=-1) @ vh
-        t = t + F.linear(a.transpose(1, 2).flatten(2), sd[q + "self_attn.out_proj.weight"],
-                         sd[q + "self_attn.out_proj.bias"])
+        t = t + F.linear(
+            a.transpose(1, 2).flatten(2), sd[q + "self_attn.out_proj.weight"], sd[q + "self_attn.out_proj.bias"]
+        )
         h = F.layer_norm(t, (d,), sd[q + "norm2.weight"], sd[q + "norm2.bias"], 1e-5)
-        h = F.linear(F.gelu(F.linear(h, sd[q + "linear1.weight"], sd[q + "linear1.bias"])),
-                     sd[q + "linear2.weight"], sd[q + "linear2.bias"])
+        h = F.linear(
+            F.gelu(F.linear(h, sd[q + "linear1.weight"], sd[q + "linear1.bias"])),
+            sd[q + "linear2.weight"],
+            sd[q + "linear2.bias"],
+        )
         t = t + h
     t = F.layer_norm(t, (d,), sd["norm.weight"], sd["norm.bias"], 1e-5)
     return F.linear(t.mean(dim=1), sd["head.weight"], sd["head.bias"])
@@ -266,8 +273,9 @@ def test_vit_baseline_is_a_vision_transformer_and_loads_old_weights(tmp_path: Pa
     new.load_state_dict(dict(old_sd))  # strict: every old key is renamed by the pre-hook
     assert "blocks.1.attn.qkv.weight" in new.state_dict()
     assert not any(k.startswith("blocks.layers.") or k in ("head.weight", "norm.weight") for k in new.state_dict())
-    torch.testing.assert_close(new.state_dict()["blocks.1.attn.qkv.weight"],
-                               old_sd["blocks.layers.1.self_attn.in_proj_weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        new.state_dict()["blocks.1.attn.qkv.weight"], old_sd["blocks.layers.1.self_attn.in_proj_weight"], rtol=0, atol=0
+    )
     for mode in (new.eval, new.train):  # drop=0.0: training mode computes the same
         mode()
         with torch.no_grad():
@@ -298,8 +306,9 @@ def test_vit_baseline_is_a_vision_transformer_and_loads_old_weights(tmp_path: Pa
         assert isinstance(loaded, baselines.ViTBaseline) and loaded.default_cfg["architecture"] == "baseline_vit"
         with torch.no_grad():
             for x in xs:
-                torch.testing.assert_close(loaded.eval()(x), _old_vit_baseline_forward(old_sd, x, 2, 2, 4),
-                                           rtol=0, atol=1e-6)
+                torch.testing.assert_close(
+                    loaded.eval()(x), _old_vit_baseline_forward(old_sd, x, 2, 2, 4), rtol=0, atol=1e-6
+                )
     fresh = gspn.train.build_model("baseline_vit", **args)
     gspn.models.load_checkpoint(fresh, path)  # strict, through upgrade_state_dict
     want0 = _old_vit_baseline_forward(old_sd, xs[0], 2, 2, 4)
@@ -359,9 +368,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_plot_skipped_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = tmp_path / "m.jsonl"
-    log.write_text(
-        json.dumps({"epoch": 0, "train_loss": 1.0, "val_loss": 1.1, "train_acc": 0.5, "val_acc": 0.4})
-    )
+    log.write_text(json.dumps({"epoch": 0, "train_loss": 1.0, "val_loss": 1.1, "train_acc": 0.5, "val_acc": 0.4}))
     assert plot_metrics(log, tmp_path / "ok.png") and (tmp_path / "ok.png").stat().st_size > 1000
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.warns(UserWarning, match="matplotlib"):
@@ -472,9 +479,7 @@ def test_cli_eval_matches_training_log(tmp_path: Path, capsys: pytest.CaptureFix
     rec = read_metrics(tmp_path / "e/metrics.jsonl")[-1]
     assert main(["eval", "--checkpoint", str(tmp_path / "e/last.pt"), "--workers", "0", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["val_acc"] == pytest.approx(rec["val_acc"]) and res["val_loss"] == pytest.approx(
-        rec["val_loss"]
-    )
+    assert res["val_acc"] == pytest.approx(rec["val_acc"]) and res["val_loss"] == pytest.approx(rec["val_loss"])
     assert main(["eval", "--checkpoint", str(tmp_path / "e/last.pt"), "--workers", "0", "--ema"]) == 0
     assert f"{100 * rec['ema_val_acc']:.2f}%" in capsys.readouterr().out
 
@@ -484,9 +489,7 @@ def test_registry_model_trains(tmp_path: Path) -> None:
     from gspn.models import list_models
 
     name = "gspn_micro" if "gspn_micro" in list_models() else list_models()[0]
-    cfg = _cfg(
-        tmp_path, "reg", model=name, model_args={}, img_size=32, epochs=1, train_limit=64, val_limit=32
-    )
+    cfg = _cfg(tmp_path, "reg", model=name, model_args={}, img_size=32, epochs=1, train_limit=64, val_limit=32)
     s = train(cfg)
     assert s["steps"] == 2 and s["params"] > 0
 

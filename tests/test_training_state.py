@@ -36,8 +36,14 @@ def _one_thread():
 
 
 def _state(**extra):
-    return training_state(model={"w": torch.ones(2)}, optimizer={"state": {}, "param_groups": []}, step=3,
-                          rng=[capture_rng()], config={"lr": 0.1}, **extra)
+    return training_state(
+        model={"w": torch.ones(2)},
+        optimizer={"state": {}, "param_groups": []},
+        step=3,
+        rng=[capture_rng()],
+        config={"lr": 0.1},
+        **extra,
+    )
 
 
 def test_training_state_has_the_shared_keys_and_round_trips(tmp_path):
@@ -56,15 +62,29 @@ def test_training_state_has_the_shared_keys_and_round_trips(tmp_path):
         training_state(model={}, optimizer={}, step=0, rng=capture_rng(), config={})
 
 
-@pytest.mark.parametrize(("old", "new"), [
-    # DiT states before the shared format
-    ({"model": 1, "ema": 2, "opt": 3, "step": 4, "rng": {}, "arch": "gspn_dit_tiny", "args": {"lr": 1}},
-     {"model": 1, "ema": 2, "optimizer": 3, "step": 4, "rng": {}, "model_name": "gspn_dit_tiny",
-      "config": {"lr": 1}}),
-    # distillation states before the shared format
-    ({"step": 5, "trainable": 1, "optimizer": 2, "lr_scheduler": 3, "rng": {}, "config": {"a": 1}},
-     {"step": 5, "model": 1, "optimizer": 2, "scheduler": 3, "rng": {}, "config": {"a": 1}}),
-])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        # DiT states before the shared format
+        (
+            {"model": 1, "ema": 2, "opt": 3, "step": 4, "rng": {}, "arch": "gspn_dit_tiny", "args": {"lr": 1}},
+            {
+                "model": 1,
+                "ema": 2,
+                "optimizer": 3,
+                "step": 4,
+                "rng": {},
+                "model_name": "gspn_dit_tiny",
+                "config": {"lr": 1},
+            },
+        ),
+        # distillation states before the shared format
+        (
+            {"step": 5, "trainable": 1, "optimizer": 2, "lr_scheduler": 3, "rng": {}, "config": {"a": 1}},
+            {"step": 5, "model": 1, "optimizer": 2, "scheduler": 3, "rng": {}, "config": {"a": 1}},
+        ),
+    ],
+)
 def test_old_key_names_are_read_as_the_shared_ones(tmp_path, old, new):
     save_state(tmp_path / "old.pt", old)
     assert load_state(tmp_path / "old.pt") == new
@@ -90,12 +110,38 @@ def test_classification_and_dit_states_use_the_shared_keys(tmp_path):
     from gspn.diffusion.train import run as run_dit
     from gspn.train import TrainConfig, train
 
-    train(TrainConfig(model="baseline_conv", model_args={"width": 4, "depths": (1,)}, data="digits", epochs=1,
-                      img_size=16, batch_size=32, train_limit=64, val_limit=32, workers=0,
-                      output=str(tmp_path / "cls"), plot=False, verbose=False, progress=False))
-    run_dit(DiTTrainConfig(model="gspn_dit_tiny", data="digits", image_size=8, steps=2, batch_size=4,
-                           output_dir=str(tmp_path / "dit"), sample_steps=0, log_every=1, ckpt_every=2,
-                           model_args=dict(TINY_DIT), progress=False))
+    train(
+        TrainConfig(
+            model="baseline_conv",
+            model_args={"width": 4, "depths": (1,)},
+            data="digits",
+            epochs=1,
+            img_size=16,
+            batch_size=32,
+            train_limit=64,
+            val_limit=32,
+            workers=0,
+            output=str(tmp_path / "cls"),
+            plot=False,
+            verbose=False,
+            progress=False,
+        )
+    )
+    run_dit(
+        DiTTrainConfig(
+            model="gspn_dit_tiny",
+            data="digits",
+            image_size=8,
+            steps=2,
+            batch_size=4,
+            output_dir=str(tmp_path / "dit"),
+            sample_steps=0,
+            log_every=1,
+            ckpt_every=2,
+            model_args=dict(TINY_DIT),
+            progress=False,
+        )
+    )
     cls, dit = load_state(tmp_path / "cls/last.pt"), load_state(tmp_path / "dit/last.pt")
     for state in (cls, dit):
         assert set(STATE_KEYS) <= state.keys() and state["format"] == STATE_FORMAT
@@ -116,21 +162,46 @@ def test_a_state_of_one_recipe_is_refused_by_another_with_a_clear_error(tmp_path
     from gspn.diffusion.train import run as run_dit
     from gspn.train import TrainConfig, evaluate_checkpoint, train
 
-    train(TrainConfig(model="baseline_conv", model_args={"width": 4, "depths": (1,)}, data="digits", epochs=1,
-                      img_size=16, batch_size=32, train_limit=32, val_limit=16, workers=0,
-                      output=str(tmp_path / "cls"), plot=False, verbose=False, progress=False))
+    train(
+        TrainConfig(
+            model="baseline_conv",
+            model_args={"width": 4, "depths": (1,)},
+            data="digits",
+            epochs=1,
+            img_size=16,
+            batch_size=32,
+            train_limit=32,
+            val_limit=16,
+            workers=0,
+            output=str(tmp_path / "cls"),
+            plot=False,
+            verbose=False,
+            progress=False,
+        )
+    )
 
     def dit(out, resume="none", **args):
-        return DiTTrainConfig(model="gspn_dit_tiny", data="digits", image_size=8, steps=2, batch_size=4,
-                              output_dir=str(tmp_path / out), sample_steps=0, log_every=1, ckpt_every=2,
-                              resume=resume, model_args={**TINY_DIT, **args}, progress=False)
+        return DiTTrainConfig(
+            model="gspn_dit_tiny",
+            data="digits",
+            image_size=8,
+            steps=2,
+            batch_size=4,
+            output_dir=str(tmp_path / out),
+            sample_steps=0,
+            log_every=1,
+            ckpt_every=2,
+            resume=resume,
+            model_args={**TINY_DIT, **args},
+            progress=False,
+        )
 
     run_dit(dit("dit"))
-    with pytest.raises(ValueError, match="not a classifier's training checkpoint.*'gspn_dit_tiny'"):
+    with pytest.raises(ValueError, match=r"not a classifier's training checkpoint.*'gspn_dit_tiny'"):
         evaluate_checkpoint(tmp_path / "dit/last.pt", workers=0)
-    with pytest.raises(ValueError, match="not a `gspn train-dit` checkpoint.*'baseline_conv'"):
+    with pytest.raises(ValueError, match=r"not a `gspn train-dit` checkpoint.*'baseline_conv'"):
         run_dit(dit("other", resume=str(tmp_path / "cls/last.pt")))
-    with pytest.raises(ValueError, match="--resume .*for model gspn_dit_tiny .*'hidden_size': 32.*'hidden_size': 48"):
+    with pytest.raises(ValueError, match=r"--resume .*for model gspn_dit_tiny .*'hidden_size': 32.*'hidden_size': 48"):
         run_dit(dit("other2", resume=str(tmp_path / "dit/last.pt"), hidden_size=48))
     assert not (tmp_path / "other/last.pt").exists() and not (tmp_path / "other2/last.pt").exists()
 
@@ -142,17 +213,37 @@ def test_dit_resumes_from_an_old_format_last_pt(tmp_path):
     from gspn.diffusion.train import run as run_dit
 
     def cfg(out, steps, resume="none"):
-        return DiTTrainConfig(model="gspn_dit_tiny", data="digits", image_size=8, steps=steps, batch_size=4,
-                              output_dir=str(tmp_path / out), sample_steps=0, log_every=1, ckpt_every=2,
-                              resume=resume, model_args=dict(TINY_DIT), progress=False)
+        return DiTTrainConfig(
+            model="gspn_dit_tiny",
+            data="digits",
+            image_size=8,
+            steps=steps,
+            batch_size=4,
+            output_dir=str(tmp_path / out),
+            sample_steps=0,
+            log_every=1,
+            ckpt_every=2,
+            resume=resume,
+            model_args=dict(TINY_DIT),
+            progress=False,
+        )
 
     run_dit(cfg("straight", 4))
     run_dit(cfg("split", 2))
     path = tmp_path / "split/last.pt"
     new = load_state(path)
-    old = {"model": new["model"], "ema": new["ema"], "opt": new["optimizer"], "step": new["step"],
-           "rng": new["rng"][0], "arch": new["model_name"], "model_args": new["model_args"],
-           "schedule": new["schedule"], "data": new["data"], "args": new["config"]}
+    old = {
+        "model": new["model"],
+        "ema": new["ema"],
+        "opt": new["optimizer"],
+        "step": new["step"],
+        "rng": new["rng"][0],
+        "arch": new["model_name"],
+        "model_args": new["model_args"],
+        "schedule": new["schedule"],
+        "data": new["data"],
+        "args": new["config"],
+    }
     save_state(path, old)
     run_dit(cfg("split", 4, resume="auto"))
     a, b = load_state(tmp_path / "straight/last.pt"), load_state(path)
@@ -164,6 +255,7 @@ def test_dit_resumes_from_an_old_format_last_pt(tmp_path):
 @needs_diffusers
 def test_distillation_writes_the_shared_state_and_metrics_jsonl(tmp_path):
     from test_diffusers_integration import _distiller  # the tiny SD pipeline of the integration tests
+
     d = _distiller(tmp_path, "run", steps=3)
     d.cfg.log_every = 1
     history = d.train(log=None)
@@ -180,8 +272,14 @@ def test_distillation_writes_the_shared_state_and_metrics_jsonl(tmp_path):
 
     # an old-format checkpoint (trainable / lr_scheduler / one RNG dict) resumes, and the records past
     # the checkpoint (a run cut short after logging) are dropped before the continuation logs its own
-    old = {"step": 2, "trainable": state["model"], "optimizer": state["optimizer"],
-           "lr_scheduler": state["scheduler"], "rng": state["rng"][0], "config": state["config"]}
+    old = {
+        "step": 2,
+        "trainable": state["model"],
+        "optimizer": state["optimizer"],
+        "lr_scheduler": state["scheduler"],
+        "rng": state["rng"][0],
+        "config": state["config"],
+    }
     save_state(out / "checkpoint.pt", old)
     resumed = _distiller(tmp_path, "run", steps=4)
     resumed.cfg.log_every = 1

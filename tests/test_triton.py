@@ -74,8 +74,10 @@ def variant(request) -> dict:
 @pytest.fixture(
     params=[
         "cpu",
-        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-            not torch.cuda.is_available(), reason="needs a CUDA device")]),
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
     ]
 )
 def device(request) -> torch.device:
@@ -108,9 +110,7 @@ def _assert_close(got, want, dtype):
     for name, a, b in zip(names, got, want, strict=True):
         assert a.dtype == b.dtype, name
         assert a.shape == b.shape, name
-        torch.testing.assert_close(
-            a.float().cpu(), b.float().cpu(), **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}"
-        )
+        torch.testing.assert_close(a.float().cpu(), b.float().cpu(), **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
 
 
 def _compare(shape, param_shapes, dtype, device, fn=line_scan, overrides=None, scale=0.5, **kwargs):
@@ -175,8 +175,11 @@ def test_line_longer_than_block(device, direction, kernel):
     between 7 programs (48-position segments, 8-position halos) over 2 time blocks."""
     vertical = direction in ("tb", "bt")
     shape = (1, 2, 12, 300) if vertical else (1, 2, 300, 12)
-    overrides = {"auto": {}, "register": {"kernel": "register"},
-                 "split": {"kernel": "split", "block_p": 64, "halo": 8}}[kernel]
+    overrides = {
+        "auto": {},
+        "register": {"kernel": "register"},
+        "split": {"kernel": "split", "block_p": 64, "halo": 8},
+    }[kernel]
     kwargs = {"direction": direction, "normalize": True}
     _compare(shape, [shape] * 4, torch.bfloat16, device, overrides=overrides, **kwargs)
 
@@ -220,8 +223,7 @@ def test_mixed_and_double_dtypes(device, variant):
     want = _run(line_scan, xb.cpu(), cpu_params, backend="reference", direction="lr", normalize=True)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
     _assert_close(got, want, torch.bfloat16)
-    _compare(shape, [shape] * 4, torch.float64, device, overrides=variant, direction="rl", chunk_size=3,
-             normalize=True)
+    _compare(shape, [shape] * 4, torch.float64, device, overrides=variant, direction="rl", chunk_size=3, normalize=True)
 
 
 def test_extreme_logits_stay_finite(device):
@@ -243,9 +245,15 @@ def test_unused_gates_never_influence(device, variant, normalize):
     tensors = [t.float().to(device) for t in inert_gates.inputs(shape)]
     for direction in DIRECTIONS:
         inert_gates.check_unused_gates_are_inert(
-            line_scan, tensors, unused_gates(4, 5, direction, 3), "triton",
-            context=lambda: triton_backend.launch_overrides(**variant), shifts=1,
-            direction=direction, chunk_size=3, normalize=normalize,
+            line_scan,
+            tensors,
+            unused_gates(4, 5, direction, 3),
+            "triton",
+            context=lambda: triton_backend.launch_overrides(**variant),
+            shifts=1,
+            direction=direction,
+            chunk_size=3,
+            normalize=normalize,
         )
 
 
@@ -261,8 +269,7 @@ def test_double_backward(device, variant, normalize):
         kwargs = {"direction": direction, "chunk_size": 2, "normalize": normalize}
         with triton_backend.launch_overrides(**variant):
             got = second_order(lambda *a, kw=kwargs: line_scan(*a, **kw, backend="triton"), inputs)
-        want = second_order(lambda *a, kw=kwargs: line_scan(*a, **kw, backend="reference"),
-                            [t.cpu() for t in inputs])
+        want = second_order(lambda *a, kw=kwargs: line_scan(*a, **kw, backend="reference"), [t.cpu() for t in inputs])
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g.cpu(), w, **TOL[torch.float64])
 
@@ -300,15 +307,23 @@ def test_cannot_build_is_precise():
     from triton.compiler.errors import CompilationError, CompileTimeAssertionFailure
     from triton.runtime import errors
 
-    build = [CompilationError("src", None, "gather is not supported"),
-             CompileTimeAssertionFailure("src", None, "static_assert"), _out_of_resources(),
-             RuntimeError("PassManager::run failed")]
+    build = [
+        CompilationError("src", None, "gather is not supported"),
+        CompileTimeAssertionFailure("src", None, "static_assert"),
+        _out_of_resources(),
+        RuntimeError("PassManager::run failed"),
+    ]
     if hasattr(errors, "PTXASError"):
         build.append(errors.PTXASError("ptxas fatal"))
     for exc in build:
         assert triton_backend.cannot_build(exc), exc
-    for exc in (RuntimeError(ILLEGAL_ACCESS), RuntimeError("out of resource: shared memory"),
-                ValueError("bad"), errors.InterpreterError("boom"), torch.cuda.OutOfMemoryError("oom")):
+    for exc in (
+        RuntimeError(ILLEGAL_ACCESS),
+        RuntimeError("out of resource: shared memory"),
+        ValueError("bad"),
+        errors.InterpreterError("boom"),
+        torch.cuda.OutOfMemoryError("oom"),
+    ):
         assert not triton_backend.cannot_build(exc), exc
 
 
@@ -461,7 +476,10 @@ def test_kernels_compile_for_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "triton_compile_check.py"), "--quick"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAILED" not in proc.stdout and "SPILLS" not in proc.stdout, proc.stdout
@@ -475,8 +493,9 @@ def test_strided_and_expanded_inputs(device):
     for direction in ("bt", "lr"):
         with triton_backend.launch_overrides(**SMALL):
             got = line_scan(x, *expanded, direction=direction, normalize=True, backend="triton")
-        want = line_scan(x.cpu(), *(p.cpu() for p in expanded), direction=direction, normalize=True,
-                         backend="reference")
+        want = line_scan(
+            x.cpu(), *(p.cpu() for p in expanded), direction=direction, normalize=True, backend="reference"
+        )
         torch.testing.assert_close(got.cpu(), want, **TOL[torch.float32])
 
 
@@ -500,7 +519,6 @@ def test_benchmark_verification(device, monkeypatch):
     want = bench.scan_results("reference", {}, x, params, kwargs, keep=6)
     got = bench.scan_results("reference", {}, x, [bad[0] * 2, *bad[1:]], kwargs, keep=6)
     assert max(bench.relative_errors(got, want)) > bench.VERIFY_TOLERANCE[torch.float32]
-
 
 
 def test_fused_layer_operator(device):

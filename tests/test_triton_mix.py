@@ -145,8 +145,11 @@ def test_variants_with_several_programs(variant):
 
 @pytest.mark.parametrize(
     "dtype, tol, shape",
-    [(torch.float32, 2e-5, (1, 4, 4, 5, 3, 2)), (torch.bfloat16, 5e-2, (1, 2, 3, 4, 2, 1)),
-     (torch.float16, 5e-3, (1, 2, 3, 4, 2, 2))],
+    [
+        (torch.float32, 2e-5, (1, 4, 4, 5, 3, 2)),
+        (torch.bfloat16, 5e-2, (1, 2, 3, 4, 2, 1)),
+        (torch.float16, 5e-3, (1, 2, 3, 4, 2, 2)),
+    ],
     ids=str,
 )
 def test_low_precision_against_float64(dtype, tol, shape):
@@ -171,8 +174,10 @@ def test_layouts_read_in_place():
         return torch.cat([t, t], -1)[..., ::2]
 
     layouts = {
-        "channels_last": (x.contiguous(memory_format=torch.channels_last),
-                          proxy.contiguous(memory_format=torch.channels_last)),
+        "channels_last": (
+            x.contiguous(memory_format=torch.channels_last),
+            proxy.contiguous(memory_format=torch.channels_last),
+        ),
         "transposed": (transposed(x), transposed(proxy)),
         "sliced": (sliced(x), sliced(proxy)),
         "expanded": (x[:1].expand_as(x), proxy[:1].expand_as(proxy)),
@@ -189,8 +194,11 @@ def test_opcheck():
     backend."""
     args = [a.to(DEVICE) for a in make(1, 2, 3, 2, 2, 1, dtype=torch.float32)]
     leaves = [a.requires_grad_() for a in args]
-    torch.library.opcheck(torch.ops.gspn.gspn_mix.default, (*leaves, 2, "triton"),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.gspn.gspn_mix.default,
+        (*leaves, 2, "triton"),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_empty_and_unknown_override():

@@ -18,9 +18,24 @@ from gspn.train import TrainConfig, train, weights_digest
 def test_gspn_train_exports_load_with_load_model(tmp_path: Path, model: str, model_args: dict) -> None:
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    s = train(TrainConfig(model=model, model_args=model_args, data="digits", output=str(out), img_size=16, epochs=1,
-                          batch_size=32, train_limit=32, val_limit=32, workers=0, ema_decay=0.5, progress=False,
-                          plot=False, verbose=False))
+    s = train(
+        TrainConfig(
+            model=model,
+            model_args=model_args,
+            data="digits",
+            output=str(out),
+            img_size=16,
+            epochs=1,
+            batch_size=32,
+            train_limit=32,
+            val_limit=32,
+            workers=0,
+            ema_decay=0.5,
+            progress=False,
+            plot=False,
+            verbose=False,
+        )
+    )
     for name in ("model.safetensors", "model_ema.safetensors"):
         m = load_model(out / name)
         assert m.default_cfg["architecture"] == model and m.num_classes == 10
@@ -35,9 +50,35 @@ def test_train_dit_exports_load_with_load_model(tmp_path: Path) -> None:
     from gspn.cli import main
 
     out = tmp_path / "dit"
-    assert main(["train-dit", "--model", "gspn_dit_tiny", "--image-size", "8", "--batch-size", "8", "--steps", "1",
-                 "--output-dir", str(out), "--no-progress", "--sample-steps", "0", "--model-arg", "hidden_size=32",
-                 "--model-arg", "depth=2", "--model-arg", "d_state=4", "--model-arg", "num_global_blocks=1"]) == 0
+    assert (
+        main(
+            [
+                "train-dit",
+                "--model",
+                "gspn_dit_tiny",
+                "--image-size",
+                "8",
+                "--batch-size",
+                "8",
+                "--steps",
+                "1",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--sample-steps",
+                "0",
+                "--model-arg",
+                "hidden_size=32",
+                "--model-arg",
+                "depth=2",
+                "--model-arg",
+                "d_state=4",
+                "--model-arg",
+                "num_global_blocks=1",
+            ]
+        )
+        == 0
+    )
     m = load_model(out / "ema.safetensors")
     again = create_model("gspn_dit_tiny", pretrained=str(out / "ema.safetensors"), **m.model_args)
     assert weights_digest(m) == weights_digest(again)

@@ -57,9 +57,7 @@ def find_images(root: str | os.PathLike[str]) -> list[Path]:
 
 
 def _require(module: str, what: str) -> None:
-    raise ModuleNotFoundError(
-        f"{what} needs {module!r}, which is not installed: pip install 'gspn[data]'", name=module
-    )
+    raise ModuleNotFoundError(f"{what} needs {module!r}, which is not installed: pip install 'gspn[data]'", name=module)
 
 
 def read_image(path: str | os.PathLike[str], mode: str = "RGB", size: int | None = None) -> torch.Tensor:

@@ -160,8 +160,14 @@ class LazyTensor:
 
     __slots__ = ("_storage", "offset", "requires_grad", "shape", "stride")
 
-    def __init__(self, storage: _StorageRef, offset: int, shape: tuple[int, ...], stride: tuple[int, ...],
-                 requires_grad: bool = False) -> None:
+    def __init__(
+        self,
+        storage: _StorageRef,
+        offset: int,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...],
+        requires_grad: bool = False,
+    ) -> None:
         self._storage = storage
         self.offset = offset
         self.shape = torch.Size(shape)
@@ -197,8 +203,15 @@ def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
-                    backward_hooks: Any = None, metadata: Any = None) -> LazyTensor:
+def _rebuild_tensor(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> LazyTensor:
     """Allow-listed replacement of ``torch._utils._rebuild_tensor_v2`` (and ``_rebuild_tensor``)."""
     if not isinstance(storage, _StorageRef):
         raise CheckpointFormatError(f"malformed tensor record: storage {type(storage).__name__}")
@@ -418,4 +431,3 @@ def load_torch_archive(path: str | os.PathLike) -> Any:
     """
     with TorchArchive(path) as archive:
         return materialize(archive.load())
-

@@ -138,9 +138,7 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"image folder {root} does not exist")
         if in_chans not in (1, 3):
             raise ValueError("image folders are read as RGB (in_chans=3) or greyscale (in_chans=1)")
-        self.classes = (
-            list(classes) if classes is not None else sorted(p.name for p in root.iterdir() if p.is_dir())
-        )
+        self.classes = list(classes) if classes is not None else sorted(p.name for p in root.iterdir() if p.is_dir())
         if not self.classes:
             raise ValueError(f"no class directories in {root}")
         self.samples: list[tuple[Path, int]] = []

@@ -149,42 +149,71 @@ def run(args: Any) -> int:
 def _run(args: Any, s: dict) -> int:
     device = torch.device(s["device"])
     config = BenchConfig(
-        device=device, dtype=_DTYPES[s["dtype"]], channels=s["channels"], heads=s["heads"], batch=s["batch"],
-        d_state=args.d_state, local_chunk=args.local_chunk, backward=args.backward,
+        device=device,
+        dtype=_DTYPES[s["dtype"]],
+        channels=s["channels"],
+        heads=s["heads"],
+        batch=s["batch"],
+        d_state=args.d_state,
+        local_chunk=args.local_chunk,
+        backward=args.backward,
         gspn_backend=args.gspn_backend,
     )
     methods = list(iter_methods(args.methods))
     mode = "forward+backward" if args.backward else "forward"
-    head = (f"{_device_name(device)} ({s['device']}, {torch.get_num_threads()} threads), {s['dtype']}, "
-            f"B={s['batch']} C={s['channels']} heads={s['heads']}, {mode}")
+    head = (
+        f"{_device_name(device)} ({s['device']}, {torch.get_num_threads()} threads), {s['dtype']}, "
+        f"B={s['batch']} C={s['channels']} heads={s['heads']}, {mode}"
+    )
     scan_backend = _scan_backend(args.gspn_backend, device)
     print(f"gspn bench: {head}")
     print(f"  GSPN scan backend: {scan_backend}; GSPN local chunk {args.local_chunk}, d_state {args.d_state}")
     load = _load_average()
     threads = torch.get_num_threads()
     if device.type == "cpu" and load is not None and threads > 1 and load > (os.cpu_count() or 1):
-        print(f"  warning: load average {load:.1f} on {os.cpu_count()} CPUs: with {threads} threads a "
-              "parallel region can wait for a descheduled thread and times become erratic; "
-              "consider --threads 1")
-    print(f"  sides {', '.join(map(str, s['resolutions']))}; budget {s['budget_seconds']:g} s per "
-          f"configuration; median of up to {s['repeats']} calls after 1 warm-up")
+        print(
+            f"  warning: load average {load:.1f} on {os.cpu_count()} CPUs: with {threads} threads a "
+            "parallel region can wait for a descheduled thread and times become erratic; "
+            "consider --threads 1"
+        )
+    print(
+        f"  sides {', '.join(map(str, s['resolutions']))}; budget {s['budget_seconds']:g} s per "
+        f"configuration; median of up to {s['repeats']} calls after 1 warm-up"
+    )
     limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
     results = benchmark(
-        config, methods, s["resolutions"], budget_s=s["budget_seconds"], repeats=s["repeats"],
-        memory_limit_bytes=limit, measure_memory=not args.no_memory, log=None if args.quiet else print,
+        config,
+        methods,
+        s["resolutions"],
+        budget_s=s["budget_seconds"],
+        repeats=s["repeats"],
+        memory_limit_bytes=limit,
+        measure_memory=not args.no_memory,
+        log=None if args.quiet else print,
     )
     payload = {
         "gspn_version": _gspn_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "title": head,
         "environment": {
-            "device": s["device"], "device_name": _device_name(device), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "load_average_1min": load,
+            "device": s["device"],
+            "device_name": _device_name(device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "load_average_1min": load,
         },
-        "settings": {**s, "backward": args.backward, "d_state": args.d_state, "local_chunk": args.local_chunk,
-                     "gspn_backend": args.gspn_backend, "gspn_backend_resolved": scan_backend,
-                     "methods": [m.name for m in methods], "no_memory": args.no_memory},
+        "settings": {
+            **s,
+            "backward": args.backward,
+            "d_state": args.d_state,
+            "local_chunk": args.local_chunk,
+            "gspn_backend": args.gspn_backend,
+            "gspn_backend_resolved": scan_backend,
+            "methods": [m.name for m in methods],
+            "no_memory": args.no_memory,
+        },
         "timed": {m.name: m.label for m in methods},
         "results": [r.to_dict() for r in results],
     }
@@ -214,14 +243,18 @@ def _report(payload: dict, results: list[Result], args: Any) -> int:
     if measured_memory:
         cuda = payload["settings"].get("device") == "cuda"
         mem = "cuda.max_memory_allocated" if cuda else "torch.profiler tracked allocations"
-        print(f"\npeak extra memory during one call, MiB ({mem}; excludes parameters and input; "
-              "~ = analytic estimate, not measured)")
+        print(
+            f"\npeak extra memory during one call, MiB ({mem}; excludes parameters and input; "
+            "~ = analytic estimate, not measured)"
+        )
         print(format_table(results, "memory"))
     if pairs:
         print("\ntime ratio at the largest resolution both ran:")
         for p in pairs:
-            print(f"  {p['method']:<20} / {p['gspn']:<11} at {p['resolution']}²: {p['ratio']:8.2f}x "
-                  f"({p['method_ms']:.2f} ms vs {p['gspn_ms']:.2f} ms)")
+            print(
+                f"  {p['method']:<20} / {p['gspn']:<11} at {p['resolution']}²: {p['ratio']:8.2f}x "
+                f"({p['method_ms']:.2f} ms vs {p['gspn_ms']:.2f} ms)"
+            )
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,8 +263,9 @@ def _report(payload: dict, results: list[Result], args: Any) -> int:
     md_path = out / "table.md"
     time_md = format_table(results, "time", markdown=True, fits=fits)
     memory_md = format_table(results, "memory", markdown=True)
-    md_path.write_text(f"{head}\n\ntime per call, ms (median)\n\n{time_md}\n\n"
-                       f"peak extra memory during one call, MiB\n\n{memory_md}\n")
+    md_path.write_text(
+        f"{head}\n\ntime per call, ms (median)\n\n{time_md}\n\npeak extra memory during one call, MiB\n\n{memory_md}\n"
+    )
     written = [json_path, md_path]
     if not args.no_plot:
         png = plot_results(results, out / "scaling.png", fits=fits, title=head)

@@ -144,8 +144,13 @@ def _gspn(chunk: bool, fused: bool = True) -> Callable[[BenchConfig, int, int], 
     def build(cfg: BenchConfig, height: int, width: int) -> Workload:
         from ..nn import GSPN2d
 
-        module = GSPN2d(cfg.channels, d_state=cfg.d_state, chunk_size=cfg.local_chunk if chunk else None,
-                        backend=cfg.gspn_backend, fused=fused)
+        module = GSPN2d(
+            cfg.channels,
+            d_state=cfg.d_state,
+            chunk_size=cfg.local_chunk if chunk else None,
+            backend=cfg.gspn_backend,
+            fused=fused,
+        )
         return _finish(module, torch.randn(cfg.batch, cfg.channels, height, width), cfg)
 
     return build
@@ -159,13 +164,15 @@ class Scan4d(nn.Module):
         self.chunk_size = chunk_size
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, lam: torch.Tensor, w_left: torch.Tensor, w_mid: torch.Tensor,
-                w_right: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, lam: torch.Tensor, w_left: torch.Tensor, w_mid: torch.Tensor, w_right: torch.Tensor
+    ) -> torch.Tensor:
         """Four-direction scan with the stability-context normalisation of the gate logits."""
         from ..ops import line_scan_4d
 
-        return line_scan_4d(x, lam, w_left, w_mid, w_right, chunk_size=self.chunk_size, normalize=True,
-                            backend=self.backend)
+        return line_scan_4d(
+            x, lam, w_left, w_mid, w_right, chunk_size=self.chunk_size, normalize=True, backend=self.backend
+        )
 
 
 def _gspn_scan(chunk: bool) -> Callable[[BenchConfig, int, int], Workload]:
@@ -173,8 +180,7 @@ def _gspn_scan(chunk: bool) -> Callable[[BenchConfig, int, int], Workload]:
         module = Scan4d(cfg.local_chunk if chunk else None, cfg.gspn_backend)
         x = torch.randn(cfg.batch, cfg.channels, height, width)
         params = [torch.randn(cfg.batch, 4, cfg.channels, height, width) for _ in range(4)]
-        inputs = tuple(t.to(device=cfg.device, dtype=cfg.dtype).requires_grad_(cfg.backward)
-                       for t in (x, *params))
+        inputs = tuple(t.to(device=cfg.device, dtype=cfg.dtype).requires_grad_(cfg.backward) for t in (x, *params))
         return Workload(module, inputs)
 
     return build
@@ -288,29 +294,68 @@ _gspn_unfused_memory = _linear_memory(40, 100, fp32_inside=True)
 METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("gspn-global", "GSPN (global)", 1.0, _gspn(False), _gspn_memory, _gspn_unavailable),
     MethodSpec("gspn-local", "GSPN (local)", 1.0, _gspn(True), _gspn_memory, _gspn_unavailable),
-    MethodSpec("gspn-global-unfused", "GSPN (global, unfused)", 1.0, _gspn(False, fused=False),
-               _gspn_unfused_memory, _gspn_unavailable),
-    MethodSpec("attention-math", "self-attention (SDPA math)", 2.0, _attention("MATH"),
-               _math_attention_memory, _sdpa_unavailable("MATH")),
-    MethodSpec("attention-flash", "self-attention (SDPA flash)", 2.0, _attention("FLASH_ATTENTION"),
-               _linear_memory(10, 24), _sdpa_unavailable("FLASH_ATTENTION")),
-    MethodSpec("attention-efficient", "self-attention (SDPA mem-efficient)", 2.0,
-               _attention("EFFICIENT_ATTENTION"), _linear_memory(10, 24),
-               _sdpa_unavailable("EFFICIENT_ATTENTION")),
-    MethodSpec("linear-attention", "linear attention (elu+1)", 1.0, _build_linear, _linear_memory(12, 30),
-               _always),
+    MethodSpec(
+        "gspn-global-unfused",
+        "GSPN (global, unfused)",
+        1.0,
+        _gspn(False, fused=False),
+        _gspn_unfused_memory,
+        _gspn_unavailable,
+    ),
+    MethodSpec(
+        "attention-math",
+        "self-attention (SDPA math)",
+        2.0,
+        _attention("MATH"),
+        _math_attention_memory,
+        _sdpa_unavailable("MATH"),
+    ),
+    MethodSpec(
+        "attention-flash",
+        "self-attention (SDPA flash)",
+        2.0,
+        _attention("FLASH_ATTENTION"),
+        _linear_memory(10, 24),
+        _sdpa_unavailable("FLASH_ATTENTION"),
+    ),
+    MethodSpec(
+        "attention-efficient",
+        "self-attention (SDPA mem-efficient)",
+        2.0,
+        _attention("EFFICIENT_ATTENTION"),
+        _linear_memory(10, 24),
+        _sdpa_unavailable("EFFICIENT_ATTENTION"),
+    ),
+    MethodSpec("linear-attention", "linear attention (elu+1)", 1.0, _build_linear, _linear_memory(12, 30), _always),
     MethodSpec("mamba", "Mamba (mamba_ssm)", 1.0, _build_mamba, _linear_memory(20, 50), _mamba_unavailable),
     # opt-in: the bare scan operator, inputs 17·C + output 4·C per pixel (float32 inside)
-    MethodSpec("gspn-scan-global", "GSPN scan only (global)", 1.0, _gspn_scan(False),
-               _linear_memory(24, 60, fp32_inside=True), _gspn_unavailable),
-    MethodSpec("gspn-scan-local", "GSPN scan only (local)", 1.0, _gspn_scan(True),
-               _linear_memory(24, 60, fp32_inside=True), _gspn_unavailable),
+    MethodSpec(
+        "gspn-scan-global",
+        "GSPN scan only (global)",
+        1.0,
+        _gspn_scan(False),
+        _linear_memory(24, 60, fp32_inside=True),
+        _gspn_unavailable,
+    ),
+    MethodSpec(
+        "gspn-scan-local",
+        "GSPN scan only (local)",
+        1.0,
+        _gspn_scan(True),
+        _linear_memory(24, 60, fp32_inside=True),
+        _gspn_unavailable,
+    ),
 )
 
 #: Methods run when ``--methods`` is not given: the layers of the paper's speed figure.
 DEFAULT_METHODS: tuple[str, ...] = (
-    "gspn-global", "gspn-local", "attention-math", "attention-flash", "attention-efficient",
-    "linear-attention", "mamba",
+    "gspn-global",
+    "gspn-local",
+    "attention-math",
+    "attention-flash",
+    "attention-efficient",
+    "linear-attention",
+    "mamba",
 )
 
 

@@ -58,11 +58,24 @@ def plot_results(
         fit = fits.get(method)
         label = rows[0].label + (f"  (∝ N^{fit:.2f})" if fit is not None else "")
         if ok:
-            ax.plot([r.pixels for r in ok], [r.median_ms for r in ok], marker=marker, linestyle=line,
-                    color=color, label=label)
+            ax.plot(
+                [r.pixels for r in ok],
+                [r.median_ms for r in ok],
+                marker=marker,
+                linestyle=line,
+                color=color,
+                label=label,
+            )
         if over:
-            ax.plot([r.pixels for r in over], [r.median_ms for r in over], marker=marker, linestyle="none",
-                    markerfacecolor="none", color=color, label=None if ok else label)
+            ax.plot(
+                [r.pixels for r in over],
+                [r.median_ms for r in over],
+                marker=marker,
+                linestyle="none",
+                markerfacecolor="none",
+                color=color,
+                label=None if ok else label,
+            )
     absent = sorted({r.label for r in results if r.status == "absent"})
     if absent:
         fig.text(0.01, 0.01, "not available here: " + ", ".join(absent), fontsize=7, color="gray")

@@ -77,10 +77,16 @@ def ratios(results: Sequence[Result]) -> list[dict]:
                 continue
             best = max(common, key=lambda r: r.resolution)
             g = gspn_ok[best.resolution]
-            out.append({
-                "method": method, "gspn": gspn, "resolution": best.resolution,
-                "ratio": best.median_ms / g.median_ms, "method_ms": best.median_ms, "gspn_ms": g.median_ms,
-            })
+            out.append(
+                {
+                    "method": method,
+                    "gspn": gspn,
+                    "resolution": best.resolution,
+                    "ratio": best.median_ms / g.median_ms,
+                    "method_ms": best.median_ms,
+                    "gspn_ms": g.median_ms,
+                }
+            )
     return out
 
 

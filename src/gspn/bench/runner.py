@@ -195,8 +195,10 @@ def measure(
     )
     if measure_memory:
         if device.type == "cuda":
-            fields.update(peak_mem_bytes=int(torch.cuda.max_memory_allocated(device) - baseline),
-                          mem_source="cuda.max_memory_allocated")
+            fields.update(
+                peak_mem_bytes=int(torch.cuda.max_memory_allocated(device) - baseline),
+                mem_source="cuda.max_memory_allocated",
+            )
         elif time.perf_counter() - started + statistics.median(times) <= budget_s:
             peak = cpu_peak_bytes(step)
             if peak is not None:
@@ -224,8 +226,10 @@ def warm_up(method: MethodSpec, config: BenchConfig, side: int = 16) -> None:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower() or (
-        "DefaultCPUAllocator" in str(exc)
+    return (
+        isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+        or "out of memory" in str(exc).lower()
+        or ("DefaultCPUAllocator" in str(exc))
     )
 
 
@@ -271,8 +275,9 @@ def benchmark(
         stopped: tuple[str, str] | None = None  # (status, note) applied to all larger sizes
         for res in resolutions:
             pixels = res * res
-            result = Result(method.name, method.label, res, pixels, OK,
-                            est_mem_bytes=method.memory_bytes(config, res, res))
+            result = Result(
+                method.name, method.label, res, pixels, OK, est_mem_bytes=method.memory_bytes(config, res, res)
+            )
             results.append(result)
             if reason is not None:
                 result.status, result.note = ABSENT, reason
@@ -282,8 +287,9 @@ def benchmark(
                 continue
             if result.est_mem_bytes > memory_limit_bytes:
                 result.status = SKIP_MEMORY
-                result.note = (f"needs ~{result.est_mem_bytes / 2**30:.1f} GiB > limit "
-                               f"{memory_limit_bytes / 2**30:.1f} GiB")
+                result.note = (
+                    f"needs ~{result.est_mem_bytes / 2**30:.1f} GiB > limit {memory_limit_bytes / 2**30:.1f} GiB"
+                )
                 log(f"  {method.name:<20} {res:>6}²  {result.status} ({result.note})")
                 continue
             if last is not None:
@@ -298,8 +304,9 @@ def benchmark(
             workload = None
             try:
                 workload = method.build(config, res, res)
-                status, fields = measure(workload, config, budget_s=budget_s, repeats=repeats,
-                                         measure_memory=measure_memory)
+                status, fields = measure(
+                    workload, config, budget_s=budget_s, repeats=repeats, measure_memory=measure_memory
+                )
             except (RuntimeError, MemoryError, ValueError) as exc:  # OutOfMemoryError is a RuntimeError
                 result.status = OOM if _is_oom(exc) else ERROR
                 result.note = _first_line(exc)
@@ -319,4 +326,3 @@ def benchmark(
             shown = f"{result.median_ms:10.2f} ms" if result.median_ms is not None else ""
             log(f"  {method.name:<20} {res:>6}²  {result.status:<11} {shown} {result.note}".rstrip())
     return results
-

@@ -29,9 +29,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: Optional modules and the extra of ``pyproject.toml`` that installs each.
-_EXTRAS = {"sklearn": "data", "PIL": "data", "matplotlib": "plot", "diffusers": "diffusers",
-           "transformers": "diffusers", "accelerate": "diffusers", "huggingface_hub": "hub", "triton": "triton",
-           "tqdm": "data"}
+_EXTRAS = {
+    "sklearn": "data",
+    "PIL": "data",
+    "matplotlib": "plot",
+    "diffusers": "diffusers",
+    "transformers": "diffusers",
+    "accelerate": "diffusers",
+    "huggingface_hub": "hub",
+    "triton": "triton",
+    "tqdm": "data",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         top = (exc.name or "").split(".")[0]
         if top not in _EXTRAS:
             raise
-        print(f"gspn {args.command}: error: this needs the optional package {top!r}: "
-              f"pip install 'gspn[{_EXTRAS[top]}]'", file=sys.stderr)
+        print(
+            f"gspn {args.command}: error: this needs the optional package {top!r}: pip install 'gspn[{_EXTRAS[top]}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"gspn {args.command}: interrupted", file=sys.stderr)

@@ -63,8 +63,13 @@ class _DeprecatedAlias(argparse.Action):
         self.new = new
         super().__init__(option_strings, dest, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         print(f"{parser.prog}: note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
@@ -74,8 +79,9 @@ def add_alias(parser: Any, old: str, new: str, dest: str, **kwargs: Any) -> None
 
     ``kwargs`` are those of the new option that shape its value (``type``, ``nargs``, ``choices``).
     """
-    parser.add_argument(old, action=_DeprecatedAlias, dest=dest, new=new, default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS, **kwargs)
+    parser.add_argument(
+        old, action=_DeprecatedAlias, dest=dest, new=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs
+    )
 
 
 def none_or_float(text: str) -> float | None:
@@ -83,8 +89,18 @@ def none_or_float(text: str) -> float | None:
     return None if text.lower() in ("none", "0", "off") else float(text)
 
 
-_PRECISIONS = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "off": "fp32", "no": "fp32",
-               "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+_PRECISIONS = {
+    "auto": "auto",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "off": "fp32",
+    "no": "fp32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+}
 
 
 def precision(text: str) -> str:
@@ -106,57 +122,72 @@ def _checked(choices: Sequence[str]) -> Callable[[str], str]:
     return parse
 
 
-def add_precision(parser: Any, choices: Sequence[str], default: str | None, help: str,
-                  aliases: Sequence[str] = ()) -> None:
+def add_precision(
+    parser: Any, choices: Sequence[str], default: str | None, help: str, aliases: Sequence[str] = ()
+) -> None:
     """``--precision {choices}`` (deprecated spellings in ``aliases``, e.g. ``--amp``)."""
     kind = _checked(choices)
-    parser.add_argument("--precision", type=kind, default=default, metavar="{" + ",".join(choices) + "}",
-                        help=help)
+    parser.add_argument("--precision", type=kind, default=default, metavar="{" + ",".join(choices) + "}", help=help)
     for old in aliases:
         add_alias(parser, old, "--precision", "precision", type=kind)
 
 
-def add_output_dir(parser: Any, default: str | None, help: str, aliases: Sequence[str] = (),
-                   type: Callable[[str], Any] = str) -> None:
+def add_output_dir(
+    parser: Any, default: str | None, help: str, aliases: Sequence[str] = (), type: Callable[[str], Any] = str
+) -> None:
     """``--output-dir DIR``."""
     parser.add_argument("--output-dir", default=default, type=type, metavar="DIR", help=help)
     for old in aliases:
         add_alias(parser, old, "--output-dir", "output_dir", type=type)
 
 
-def add_output_file(parser: Any, default: str | None, help: str, aliases: Sequence[str] = (),
-                    required: bool = False) -> None:
+def add_output_file(
+    parser: Any, default: str | None, help: str, aliases: Sequence[str] = (), required: bool = False
+) -> None:
     """``--output FILE``."""
-    parser.add_argument("--output", default=default, metavar="FILE", help=help,
-                        required=required and not aliases)
+    parser.add_argument("--output", default=default, metavar="FILE", help=help, required=required and not aliases)
     for old in aliases:
         add_alias(parser, old, "--output", "output")
 
 
 def add_clip_grad(parser: Any, default: float | None, aliases: Sequence[str] = ()) -> None:
     """``--clip-grad NORM`` (``none``/``0`` disables; ``dest`` ``clip_grad``, ``None`` when off)."""
-    parser.add_argument("--clip-grad", type=none_or_float, default=default, metavar="NORM",
-                        help="max gradient norm ('none' or 0 disables)")
+    parser.add_argument(
+        "--clip-grad",
+        type=none_or_float,
+        default=default,
+        metavar="NORM",
+        help="max gradient norm ('none' or 0 disables)",
+    )
     for old in aliases:
         add_alias(parser, old, "--clip-grad", "clip_grad", type=none_or_float)
 
 
 def add_warmup_steps(parser: Any, default: int, aliases: Sequence[str] = ()) -> None:
     """``--warmup-steps N``: linear learning-rate warm-up in optimizer steps."""
-    parser.add_argument("--warmup-steps", type=int, default=default, metavar="N",
-                        help="linear learning-rate warm-up, in optimizer steps")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=default,
+        metavar="N",
+        help="linear learning-rate warm-up, in optimizer steps",
+    )
     for old in aliases:
         add_alias(parser, old, "--warmup-steps", "warmup_steps", type=int)
 
 
 def add_warmup_epochs(parser: Any, default: float) -> None:
     """``--warmup-epochs E``: linear warm-up in epochs (applied per step)."""
-    parser.add_argument("--warmup-epochs", type=float, default=default, metavar="E",
-                        help="linear learning-rate warm-up, in epochs (per-step schedule)")
+    parser.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=default,
+        metavar="E",
+        help="linear learning-rate warm-up, in epochs (per-step schedule)",
+    )
 
 
-def add_image_size(parser: Any, default: Any, help: str, aliases: Sequence[str] = (),
-                   nargs: str | None = None) -> None:
+def add_image_size(parser: Any, default: Any, help: str, aliases: Sequence[str] = (), nargs: str | None = None) -> None:
     """``--image-size PIXELS`` (``nargs='+'``: ``SIDE`` or ``H W``)."""
     kw: dict[str, Any] = {"type": int}
     if nargs:
@@ -166,8 +197,9 @@ def add_image_size(parser: Any, default: Any, help: str, aliases: Sequence[str] 
         add_alias(parser, old, "--image-size", "image_size", **kw)
 
 
-def add_in_channels(parser: Any, default: int | None, help: str, aliases: Sequence[str] = (),
-                    choices: Sequence[int] | None = None) -> None:
+def add_in_channels(
+    parser: Any, default: int | None, help: str, aliases: Sequence[str] = (), choices: Sequence[int] | None = None
+) -> None:
     """``--in-channels C``: input (image) channels."""
     parser.add_argument("--in-channels", type=int, default=default, choices=choices, metavar="C", help=help)
     for old in aliases:
@@ -176,8 +208,7 @@ def add_in_channels(parser: Any, default: int | None, help: str, aliases: Sequen
 
 def add_checkpoint(parser: Any, help: str, required: bool = True, aliases: Sequence[str] = ()) -> None:
     """``--checkpoint PATH``."""
-    parser.add_argument("--checkpoint", default=None, required=required and not aliases, metavar="PATH",
-                        help=help)
+    parser.add_argument("--checkpoint", default=None, required=required and not aliases, metavar="PATH", help=help)
     for old in aliases:
         add_alias(parser, old, "--checkpoint", "checkpoint")
 
@@ -194,8 +225,9 @@ def add_batch_size(parser: Any, default: int | None, help: str, aliases: Sequenc
         add_alias(parser, old, "--batch-size", "batch_size", type=int)
 
 
-def add_model_args(parser: Any, help: str = "constructor override (repeatable); values are Python "
-                   "literals, e.g. depths=(1,1)") -> None:
+def add_model_args(
+    parser: Any, help: str = "constructor override (repeatable); values are Python literals, e.g. depths=(1,1)"
+) -> None:
     """``--model-arg KEY=VALUE`` (repeatable; parsed by :func:`parse_model_args`)."""
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help=help)
 

@@ -39,8 +39,9 @@ def _add_train(sub: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="gspn_micro",
-                   help="registered classifier (gspn.list_models(task='classification'))")
+    g.add_argument(
+        "--model", default="gspn_micro", help="registered classifier (gspn.list_models(task='classification'))"
+    )
     F.add_model_args(g)
     g = p.add_argument_group("data")
     g.add_argument(
@@ -52,9 +53,7 @@ def _add_train(sub: Any) -> None:
     F.add_image_size(g, None, "input side (default: 32 for digits, else the model's)", aliases=("--img-size",))
     F.add_in_channels(g, 3, "input channels (digits: any; folders: 1 or 3)", aliases=("--in-chans",))
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per training process")
-    g.add_argument(
-        "--hflip", type=float, default=None, help="horizontal flip probability (digits: 0, else 0.5)"
-    )
+    g.add_argument("--hflip", type=float, default=None, help="horizontal flip probability (digits: 0, else 0.5)")
     g.add_argument(
         "--crop-scale",
         type=_floats(2),
@@ -62,9 +61,7 @@ def _add_train(sub: Any) -> None:
         metavar="LO,HI",
         help="random-resized-crop area range (digits: 0.7,1; else 0.08,1)",
     )
-    g.add_argument(
-        "--crop-pct", type=float, default=None, help="eval centre-crop fraction (digits: 1, else 0.875)"
-    )
+    g.add_argument("--crop-pct", type=float, default=None, help="eval centre-crop fraction (digits: 1, else 0.875)")
     g.add_argument("--mean", type=_floats(0), default=None, help="normalisation mean, comma-separated")
     g.add_argument("--std", type=_floats(0), default=None, help="normalisation std, comma-separated")
     g.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
@@ -79,8 +76,13 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--label-smoothing", type=float, default=0.1)
     F.add_clip_grad(g, 1.0)
     g.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights with this decay")
-    F.add_precision(g, ("auto", "fp32", "bf16", "fp16"), "auto", aliases=("--amp",),
-                    help="mixed precision on CUDA (auto: bf16 if supported, else fp16 with a grad scaler)")
+    F.add_precision(
+        g,
+        ("auto", "fp32", "bf16", "fp16"),
+        "auto",
+        aliases=("--amp",),
+        help="mixed precision on CUDA (auto: bf16 if supported, else fp16 with a grad scaler)",
+    )
     g = p.add_argument_group("run")
     F.add_output_dir(g, None, "output directory (default: runs/<model>)", aliases=("--output",))
     g.add_argument(
@@ -102,9 +104,7 @@ def _add_train(sub: Any) -> None:
     )
     g.add_argument("--seed", type=int, default=0)
     F.add_device(g, help="auto | cpu | cuda | cuda:N (torchrun: auto and cuda are cuda:LOCAL_RANK)")
-    g.add_argument(
-        "--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo on CPU)"
-    )
+    g.add_argument("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
     F.add_threads(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="do not draw metrics.png")
@@ -159,9 +159,7 @@ def _add_eval(sub: Any) -> None:
         "eval", help="evaluate a training checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     F.add_checkpoint(p, "a last.pt / best.pt written by gspn train", aliases=("--ckpt",))
-    p.add_argument(
-        "--data", default=None, help="override the checkpoint's data (digits or an ImageFolder root)"
-    )
+    p.add_argument("--data", default=None, help="override the checkpoint's data (digits or an ImageFolder root)")
     F.add_batch_size(p, 128, "images per batch")
     p.add_argument("--workers", type=int, default=2)
     F.add_ema(p, False, "evaluate the EMA weights")
@@ -240,8 +238,14 @@ def _cmd_flops(args: argparse.Namespace) -> int:
                 model = build_model(name, num_classes=num_classes, in_chans=size[0])
         c = complexity(model, input_size=size, batch=args.batch_size)
         if args.json:
-            record = {"model": name, "task": task, "input_size": list(size), "batch": args.batch_size,
-                      "params": int(c["params"]), "macs": int(c["macs"])}
+            record = {
+                "model": name,
+                "task": task,
+                "input_size": list(size),
+                "batch": args.batch_size,
+                "params": int(c["params"]),
+                "macs": int(c["macs"]),
+            }
             print(json.dumps(record))
         else:
             shape = f"{args.batch_size}x{size[0]}x{size[1]}x{size[2]}"
@@ -289,11 +293,16 @@ def _add_convert(sub: Any) -> None:
     )
     p.add_argument("src", help="reference checkpoint (.pth: training checkpoint or bare state dict)")
     p.add_argument("out", help="output .safetensors")
-    p.add_argument("--model", default=None,
-                   help="registered model, e.g. gspn_t or gspn_dit_xl_2 (default: inferred from the tensor shapes)")
-    p.add_argument("--entry", default=None,
-                   help="state dict to convert: classifier 'model' (default) or 'model_ema'; "
-                   "generator 'ema' (default) or 'model'")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="registered model, e.g. gspn_t or gspn_dit_xl_2 (default: inferred from the tensor shapes)",
+    )
+    p.add_argument(
+        "--entry",
+        default=None,
+        help="state dict to convert: classifier 'model' (default) or 'model_ema'; generator 'ema' (default) or 'model'",
+    )
     F.add_model_args(p, "constructor override for other reference configurations (repeatable; Python literals)")
     p.set_defaults(func=_cmd_convert)
 

@@ -24,14 +24,20 @@ def _size(s: str) -> tuple[int, int]:
 
 def register(sub: Any) -> None:
     """Add ``distill`` and ``generate`` to the ``gspn`` sub-parsers."""
-    p = sub.add_parser("distill", help="distil a GSPN-swapped diffusion UNet from the original",
-                       description="Distil a GSPN-swapped diffusion UNet from the original.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "distill",
+        help="distil a GSPN-swapped diffusion UNet from the original",
+        description="Distil a GSPN-swapped diffusion UNet from the original.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _add_distill(p)
     p.set_defaults(func=_cmd_distill)
-    p = sub.add_parser("generate", help="high-resolution text-to-image with a GSPN adapter",
-                       description="High-resolution text-to-image with a GSPN-swapped UNet.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "generate",
+        help="high-resolution text-to-image with a GSPN adapter",
+        description="High-resolution text-to-image with a GSPN-swapped UNet.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _add_generate(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -41,17 +47,39 @@ def distill_config(args: argparse.Namespace) -> Any:
     from ..distill.trainer import DistillConfig
 
     return DistillConfig(
-        model=args.model, captions=args.captions, output_dir=args.output_dir, resolution=args.image_size,
-        batch_size=args.batch_size, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, max_grad_norm=args.clip_grad or 0.0,
-        noise_weight=args.noise_weight, output_weight=args.output_weight,
-        feature_weight=args.feature_weight, caption_dropout=args.caption_dropout, seed=args.seed,
-        save_every=args.save_every, log_every=args.log_every, resume=not args.no_resume,
-        overwrite=args.overwrite, mixed_precision="bf16" if args.precision == "bf16" else "no",
-        gradient_checkpointing=args.gradient_checkpointing, train_all=args.train_all, device=args.device,
-        gspn={"d_state": args.d_state, "expand": args.expand, "kernel_size": args.kernel_size,
-              "chunk_size": args.chunk_size, "gate_channels": args.gate_channels},
-        init_adapter=args.init_adapter, threads=args.threads,
+        model=args.model,
+        captions=args.captions,
+        output_dir=args.output_dir,
+        resolution=args.image_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule,
+        max_grad_norm=args.clip_grad or 0.0,
+        noise_weight=args.noise_weight,
+        output_weight=args.output_weight,
+        feature_weight=args.feature_weight,
+        caption_dropout=args.caption_dropout,
+        seed=args.seed,
+        save_every=args.save_every,
+        log_every=args.log_every,
+        resume=not args.no_resume,
+        overwrite=args.overwrite,
+        mixed_precision="bf16" if args.precision == "bf16" else "no",
+        gradient_checkpointing=args.gradient_checkpointing,
+        train_all=args.train_all,
+        device=args.device,
+        gspn={
+            "d_state": args.d_state,
+            "expand": args.expand,
+            "kernel_size": args.kernel_size,
+            "chunk_size": args.chunk_size,
+            "gate_channels": args.gate_channels,
+        },
+        init_adapter=args.init_adapter,
+        threads=args.threads,
     )
 
 
@@ -76,23 +104,37 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _add_distill(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and data")
-    g.add_argument("--model", required=True,
-                   help="diffusers pipeline folder or hub name (resolved from the local HF cache; "
-                        "HF_HUB_OFFLINE=1 forbids downloads)")
-    g.add_argument("--captions", required=True,
-                   help="caption file (one per line) or image-caption folder (<img> + <img>.txt, "
-                        "or metadata.jsonl with file_name/text)")
+    g.add_argument(
+        "--model",
+        required=True,
+        help="diffusers pipeline folder or hub name (resolved from the local HF cache; "
+        "HF_HUB_OFFLINE=1 forbids downloads)",
+    )
+    g.add_argument(
+        "--captions",
+        required=True,
+        help="caption file (one per line) or image-caption folder (<img> + <img>.txt, "
+        "or metadata.jsonl with file_name/text)",
+    )
     F.add_output_dir(g, "gspn-distill", "checkpoint.pt and adapter/ go here")
     g.add_argument("--init-adapter", default=None, help="start from this saved GSPN adapter")
     F.add_image_size(g, 512, "training resolution in pixels (square)", aliases=("--resolution",))
-    g.add_argument("--caption-dropout", type=float, default=0.0,
-                   help="probability of an empty caption (keeps classifier-free guidance working)")
+    g.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=0.0,
+        help="probability of an empty caption (keeps classifier-free guidance working)",
+    )
     g = parser.add_argument_group("GSPN layers")
     g.add_argument("--d-state", type=int, default=8, help="GSPN proxy dimension")
     g.add_argument("--expand", type=float, default=1.0, help="GSPN inner width / layer width")
     g.add_argument("--kernel-size", type=int, default=3, help="depthwise conv before the scan (0: none)")
-    g.add_argument("--chunk-size", type=_optional_int, default=None,
-                   help="local GSPN tile size in lines (the paper uses 4); 'none' = global")
+    g.add_argument(
+        "--chunk-size",
+        type=_optional_int,
+        default=None,
+        help="local GSPN tile size in lines (the paper uses 4); 'none' = global",
+    )
     g.add_argument("--gate-channels", type=_optional_int, default=None, help="shared gate channels")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1000, help="total optimisation steps")
@@ -104,19 +146,26 @@ def _add_distill(parser: argparse.ArgumentParser) -> None:
     F.add_clip_grad(g, 1.0, aliases=("--max-grad-norm",))
     g.add_argument("--noise-weight", type=float, default=1.0, help="weight of MSE(student, ε/v target)")
     g.add_argument("--output-weight", type=float, default=0.5, help="weight of MSE(student, teacher)")
-    g.add_argument("--feature-weight", type=float, default=0.5,
-                   help="weight of the mean per-layer MSE of the swapped layers' outputs (0: no hooks)")
-    F.add_precision(g, ("fp32", "bf16"), "fp32", "autocast precision of the forward passes",
-                    aliases=("--mixed-precision",))
+    g.add_argument(
+        "--feature-weight",
+        type=float,
+        default=0.5,
+        help="weight of the mean per-layer MSE of the swapped layers' outputs (0: no hooks)",
+    )
+    F.add_precision(
+        g, ("fp32", "bf16"), "fp32", "autocast precision of the forward passes", aliases=("--mixed-precision",)
+    )
     g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--train-all", action="store_true",
-                   help="train the whole UNet (the teacher is then a frozen copy)")
+    g.add_argument("--train-all", action="store_true", help="train the whole UNet (the teacher is then a frozen copy)")
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps")
     g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--no-resume", action="store_true",
-                   help="do not continue the run in --output-dir (refused if one is there, unless --overwrite)")
+    g.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="do not continue the run in --output-dir (refused if one is there, unless --overwrite)",
+    )
     g.add_argument("--overwrite", action="store_true", help="with --no-resume: replace the run in --output-dir")
     F.add_threads(g)
     F.add_device(g, None, "default: cuda (LOCAL_RANK) if available, else cpu")
@@ -130,22 +179,41 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                        help="diffusers pipeline folder or hub name (from the local HF cache; "
-                             "HF_HUB_OFFLINE=1 forbids downloads)")
-    parser.add_argument("--adapter", default=None,
-                        help="saved GSPN adapter folder (without it the original attention runs)")
-    parser.add_argument("--upscale-from", type=_size, nargs="+", default=None, metavar="HxW",
-                        help="generate at the first size, then upsample the latents and refine (img2img) "
-                             "at each further size and the target")
+    parser.add_argument(
+        "--model",
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        help="diffusers pipeline folder or hub name (from the local HF cache; HF_HUB_OFFLINE=1 forbids downloads)",
+    )
+    parser.add_argument(
+        "--adapter", default=None, help="saved GSPN adapter folder (without it the original attention runs)"
+    )
+    parser.add_argument(
+        "--upscale-from",
+        type=_size,
+        nargs="+",
+        default=None,
+        metavar="HxW",
+        help="generate at the first size, then upsample the latents and refine (img2img) "
+        "at each further size and the target",
+    )
     parser.add_argument("--strength", type=float, default=0.6, help="img2img strength of the upscaling pass")
-    parser.add_argument("--skip-residual", type=float, default=0.0, metavar="ALPHA",
-                        help="DemoFusion-style skip residuals in the upscaling passes (0: off; DemoFusion 3)")
-    parser.add_argument("--cross-attn-chunk", type=int, default=4096,
-                        help="queries per cross-attention chunk (0: diffusers' default processor)")
+    parser.add_argument(
+        "--skip-residual",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="DemoFusion-style skip residuals in the upscaling passes (0: off; DemoFusion 3)",
+    )
+    parser.add_argument(
+        "--cross-attn-chunk",
+        type=int,
+        default=4096,
+        help="queries per cross-attention chunk (0: diffusers' default processor)",
+    )
     parser.add_argument("--no-vae-tiling", action="store_true")
-    F.add_precision(parser, ("auto", "fp32", "fp16", "bf16"), "auto", "auto: fp16 on CUDA, fp32 on CPU",
-                    aliases=("--dtype",))
+    F.add_precision(
+        parser, ("auto", "fp32", "fp16", "bf16"), "auto", "auto: fp16 on CUDA, fp32 on CPU", aliases=("--dtype",)
+    )
     F.add_device(parser, None, "default: cuda if available, else cpu")
     F.add_output_file(parser, "gspn.png", "image path (index appended for several)")
     F.add_threads(parser)

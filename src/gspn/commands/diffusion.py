@@ -16,11 +16,19 @@ def register(sub: Any) -> None:
     from ..diffusion.gaussian import SAMPLERS
 
     commands = [
-        ("train-dit", _add_train_dit, "train a class-conditional GSPN-DiT (digits, ImageFolder or latents)",
-         _cmd_train_dit),
+        (
+            "train-dit",
+            _add_train_dit,
+            "train a class-conditional GSPN-DiT (digits, ImageFolder or latents)",
+            _cmd_train_dit,
+        ),
         ("sample", _add_sample, "sample images from a GSPN-DiT checkpoint", _cmd_sample),
-        ("extract-latents", _add_extract_latents, "encode a dataset with a diffusers AutoencoderKL",
-         _cmd_extract_latents),
+        (
+            "extract-latents",
+            _add_extract_latents,
+            "encode a dataset with a diffusers AutoencoderKL",
+            _cmd_extract_latents,
+        ),
     ]
     for name, add, help_, cmd in commands:
         p = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -75,16 +83,12 @@ def _print_summary(result: dict | None) -> int:
 
 def _add_train_dit(parser: argparse.ArgumentParser, samplers: tuple[str, ...]) -> None:
     g = parser.add_argument_group("model and data")
-    g.add_argument(
-        "--model", default="gspn_dit_tiny", help="registered GSPN-DiT name (gspn.list_models('gspn_dit*'))"
-    )
+    g.add_argument("--model", default="gspn_dit_tiny", help="registered GSPN-DiT name (gspn.list_models('gspn_dit*'))")
     F.add_model_args(g)
     g.add_argument("--data", default="digits", help="digits | imagefolder:PATH | latents:PATH")
     F.add_image_size(g, 16, "pixel data: side after resizing")
     F.add_in_channels(g, 1, "pixel data: 1 (grey) or 3 (RGB)", aliases=("--channels",), choices=(1, 3))
-    g.add_argument(
-        "--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance"
-    )
+    g.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     g.add_argument(
         "--no-learn-sigma",
         dest="learn_sigma",
@@ -92,9 +96,7 @@ def _add_train_dit(parser: argparse.ArgumentParser, samplers: tuple[str, ...]) -
         help="predict ε only (plain MSE; fixed variance at sampling)",
     )
     g.add_argument("--num-train-timesteps", type=int, default=1000)
-    g.add_argument(
-        "--beta-schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2")
-    )
+    g.add_argument("--beta-schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
     o = parser.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=2000, help="total optimizer steps")
     F.add_batch_size(o, 64, "global batch size (split over processes)")
@@ -106,17 +108,19 @@ def _add_train_dit(parser: argparse.ArgumentParser, samplers: tuple[str, ...]) -
     o.add_argument("--seed", type=int, default=0)
     r = parser.add_argument_group("run")
     F.add_output_dir(r, "runs/dit", "output folder (checkpoints, metrics, samples)", aliases=("--out",))
-    r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue a run: without a value from <output-dir>/last.pt (if present), else from CHECKPOINT")
+    r.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue a run: without a value from <output-dir>/last.pt (if present), else from CHECKPOINT",
+    )
     r.add_argument("--overwrite", action="store_true", help="replace the run already in the output directory")
     r.add_argument("--ckpt-every", type=int, default=500, help="checkpoint period in steps")
     r.add_argument("--log-every", type=int, default=10)
-    r.add_argument(
-        "--max-minutes", type=float, default=0.0, help="stop (with a checkpoint) after this wall time"
-    )
-    r.add_argument(
-        "--sample-steps", type=int, default=100, help="steps of the final sample grid (0 = no grid)"
-    )
+    r.add_argument("--max-minutes", type=float, default=0.0, help="stop (with a checkpoint) after this wall time")
+    r.add_argument("--sample-steps", type=int, default=100, help="steps of the final sample grid (0 = no grid)")
     r.add_argument("--sampler", default="ddpm", choices=samplers, help="sampler of the final grid")
     r.add_argument("--cfg-scale", type=float, default=3.0, help="guidance of the final grid")
     F.add_device(r)
@@ -125,30 +129,35 @@ def _add_train_dit(parser: argparse.ArgumentParser, samplers: tuple[str, ...]) -
 
 
 def _add_sample(parser: argparse.ArgumentParser, samplers: tuple[str, ...]) -> None:
-    F.add_checkpoint(parser, "trainer checkpoint (last.pt), ema.safetensors or a reference GSPN-DiT checkpoint",
-                     aliases=("--ckpt",))
+    F.add_checkpoint(
+        parser, "trainer checkpoint (last.pt), ema.safetensors or a reference GSPN-DiT checkpoint", aliases=("--ckpt",)
+    )
     parser.add_argument("--labels", default="all", help='e.g. "all", "0-9", "1,7", "null" (unconditional)')
     parser.add_argument("--per-label", type=int, default=1, help="images per label")
     parser.add_argument("--steps", type=int, default=100, help="sampling steps")
     parser.add_argument("--sampler", default="ddpm", choices=samplers, help="ddpm uses the learned variance")
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance (1 = off)")
     parser.add_argument("--seed", type=int, default=0)
-    F.add_image_size(parser, None, "sample size in data pixels/latents: SIDE or H W "
-                     "(default: training size; may be non-square)", aliases=("--size",), nargs="+")
-    F.add_output_dir(parser, "samples", "output folder", aliases=("--out",))
-    parser.add_argument(
-        "--nrow", type=int, default=0, help="grid columns (default: number of distinct labels, ≤ 10)"
+    F.add_image_size(
+        parser,
+        None,
+        "sample size in data pixels/latents: SIDE or H W (default: training size; may be non-square)",
+        aliases=("--size",),
+        nargs="+",
     )
+    F.add_output_dir(parser, "samples", "output folder", aliases=("--out",))
+    parser.add_argument("--nrow", type=int, default=0, help="grid columns (default: number of distinct labels, ≤ 10)")
     parser.add_argument("--upscale", type=int, default=1, help="enlarge PNGs by pixel repetition")
     F.add_batch_size(parser, 64, "images per forward pass")
     F.add_ema(parser, True, "use the EMA weights (--no-ema: the raw weights)")
-    parser.add_argument("--model", default=None,
-                        help="reference checkpoints: registered model (default: inferred from the tensor shapes)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="reference checkpoints: registered model (default: inferred from the tensor shapes)",
+    )
     F.add_model_args(parser, "reference checkpoints: constructor override (repeatable; Python literals)")
     parser.add_argument("--vae", default=None, help="AutoencoderKL (folder or hub name) to decode latents")
-    parser.add_argument(
-        "--save-latents", action="store_true", help="latent models: save latents.pt, no decoding"
-    )
+    parser.add_argument("--save-latents", action="store_true", help="latent models: save latents.pt, no decoding")
     parser.add_argument(
         "--fid-extractor",
         default=None,
@@ -159,9 +168,7 @@ def _add_sample(parser: argparse.ArgumentParser, samplers: tuple[str, ...]) -> N
         default=None,
         help="reference for FID: a .npz with mu/sigma, or data (digits | imagefolder:PATH)",
     )
-    parser.add_argument(
-        "--fid-input-size", type=int, default=299, help="extractor input side (299 = Inception)"
-    )
+    parser.add_argument("--fid-input-size", type=int, default=299, help="extractor input side (299 = Inception)")
     F.add_device(parser)
     F.add_threads(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -175,9 +182,7 @@ def _add_extract_latents(parser: argparse.ArgumentParser, samplers: tuple[str, .
     F.add_in_channels(parser, 3, "1 (grey) or 3 (RGB)", aliases=("--channels",), choices=(1, 3))
     F.add_output_file(parser, None, "output .pt file", aliases=("--out",), required=True)
     F.add_batch_size(parser, 32, "images per VAE call")
-    parser.add_argument(
-        "--deterministic", action="store_true", help="use the posterior mean instead of a sample"
-    )
+    parser.add_argument("--deterministic", action="store_true", help="use the posterior mean instead of a sample")
     parser.add_argument("--scaling-factor", type=float, default=None, help="default: the VAE config's")
     parser.add_argument("--limit", type=int, default=0, help="encode only the first N images (0 = all)")
     parser.add_argument("--seed", type=int, default=0)

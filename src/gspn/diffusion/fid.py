@@ -61,9 +61,7 @@ class FeatureExtractor:
         """Load an extractor from a local ``.pt2`` (torch.export) or TorchScript file (never downloads)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"feature extractor {str(path)!r} not found (weights are never downloaded)"
-            )
+            raise FileNotFoundError(f"feature extractor {str(path)!r} not found (weights are never downloaded)")
         if path.suffix == ".pt2":  # torch.export.save(...) of an exported program
             net = torch.export.load(str(path)).module()
         else:  # TorchScript (torch.jit.save)
@@ -79,9 +77,7 @@ class FeatureExtractor:
             if x.shape[1] == 1:
                 x = x.repeat(1, 3, 1, 1)
             if self.input_size and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-                x = F.interpolate(
-                    x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
-                )
+                x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
             out = self.net(x)
             f, lg = out if isinstance(out, (tuple, list)) else (out, None)
             feats.append(f.reshape(len(x), -1).double().cpu())

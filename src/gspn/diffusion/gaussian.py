@@ -102,13 +102,9 @@ def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return out.view(-1, *([1] * (ndim - 1)))
 
 
-def _normal_kl(
-    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
-) -> torch.Tensor:
+def _normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """Elementwise ``KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2))`` in nats."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def diffusion_loss(
@@ -227,8 +223,6 @@ def sample_loop(
         out = model.forward_with_cfg(model_in, tt, y, cfg_scale)
         if not (learned and out.shape[1] == 2 * c):
             out = out[:, :c]
-        kwargs = (
-            {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        )
+        kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         x = scheduler.step(out, t, x, **kwargs).prev_sample
     return x

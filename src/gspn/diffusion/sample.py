@@ -186,15 +186,19 @@ def _load_reference_generator(
 
     if model_name is None:
         _, model_name = infer_reference_model(path)
-    model = create_model(model_name, pretrained=os.fspath(path), pretrained_entry="ema" if use_ema else "model",
-                         **model_args)
+    model = create_model(
+        model_name, pretrained=os.fspath(path), pretrained_entry="ema" if use_ema else "model", **model_args
+    )
     with TorchArchive(path) as archive:
         config = read_reference_checkpoint(archive).config
     schedule = {"num_train_timesteps": 1000, "beta_schedule": "linear", "learn_sigma": model.learn_sigma}
     data: dict[str, Any] = {}
     if model.in_channels == 4:  # Stable Diffusion VAE latents, as the reference trains on
-        data = {"kind": "latents", "scaling_factor": 0.18215,
-                "shape": [model.in_channels, model.input_size, model.input_size]}
+        data = {
+            "kind": "latents",
+            "scaling_factor": 0.18215,
+            "shape": [model.in_channels, model.input_size, model.input_size],
+        }
         vae = getattr(config, "vae", None)
         if isinstance(vae, str) and vae in ("ema", "mse"):
             data["vae"] = f"stabilityai/sd-vae-ft-{vae}"
@@ -207,8 +211,10 @@ def _require_diffusion_model(name: Any, path: Path) -> None:
     if isinstance(name, str) and is_model(name) and get_default_cfg(name).get("task") == "diffusion":
         return
     what = f"a {name!r} model" if isinstance(name, str) else "no GSPN-DiT"
-    raise ValueError(f"{path} holds {what}, not a GSPN-DiT: sample from the last.pt or ema.safetensors "
-                     "of a `gspn train-dit` run (or a reference GSPN-DiT checkpoint)")
+    raise ValueError(
+        f"{path} holds {what}, not a GSPN-DiT: sample from the last.pt or ema.safetensors "
+        "of a `gspn train-dit` run (or a reference GSPN-DiT checkpoint)"
+    )
 
 
 def load_for_sampling(
@@ -240,8 +246,10 @@ def load_for_sampling(
         if not isinstance(ckpt, dict) or "schedule" not in ckpt or "data" not in ckpt:
             name = ckpt.get("model_name") if isinstance(ckpt, dict) else None
             _require_diffusion_model(name, path)  # names the classifier a `gspn train` file holds
-            raise ValueError(f"{path} is not a GSPN-DiT training checkpoint (no diffusion schedule in it); "
-                             "pass the last.pt or ema.safetensors of a `gspn train-dit` run")
+            raise ValueError(
+                f"{path} is not a GSPN-DiT training checkpoint (no diffusion schedule in it); "
+                "pass the last.pt or ema.safetensors of a `gspn train-dit` run"
+            )
         _require_diffusion_model(ckpt.get("model_name"), path)
         model = create_model(ckpt["model_name"], **ckpt["model_args"])
         if use_ema:
@@ -305,9 +313,7 @@ def run_sample(config: SampleConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     model, schedule, data = load_for_sampling(cfg.checkpoint, cfg.ema, device, cfg.model, cfg.model_args)
     labels = [v for v in parse_labels(cfg.labels, model.num_classes) for _ in range(cfg.per_label)]
     c = model.in_channels
@@ -352,9 +358,7 @@ def run_sample(config: SampleConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"grid": str(grid), "images": len(labels), "labels": labels}
     if cfg.fid_extractor:
         result.update(_fid(cfg, imgs, data))
-        (out / "fid.json").write_text(
-            json.dumps({k: v for k, v in result.items() if k != "labels"}, indent=2)
-        )
+        (out / "fid.json").write_text(json.dumps({k: v for k, v in result.items() if k != "labels"}, indent=2))
     return result
 
 

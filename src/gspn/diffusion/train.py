@@ -94,9 +94,7 @@ class DiTTrainConfig:
     progress: bool = True
 
 
-def batch_indices(
-    num_items: int, step: int, batch: int, seed: int, rank: int = 0, world: int = 1
-) -> torch.Tensor:
+def batch_indices(num_items: int, step: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """Dataset indices of ``rank``'s batch at ``step``: a function of its arguments only (exact resume).
 
     Each epoch is a permutation seeded by ``(seed, epoch)``; rank ``r`` takes ``perm[r::world]``
@@ -119,8 +117,10 @@ RUN_FILES = ("last.pt", "metrics.jsonl", "config.json", "ema.safetensors", "samp
 def _validate(cfg: DiTTrainConfig) -> None:
     """Reject nonsense settings before any work (one ``ValueError`` naming the option)."""
     if get_default_cfg(cfg.model).get("task", "classification") != "diffusion":
-        raise ValueError(f"--model {cfg.model!r} is not a diffusion model (train classifiers with `gspn train`); "
-                         f"choose from {', '.join(list_models(task='diffusion'))}")
+        raise ValueError(
+            f"--model {cfg.model!r} is not a diffusion model (train classifiers with `gspn train`); "
+            f"choose from {', '.join(list_models(task='diffusion'))}"
+        )
     for name in ("steps", "batch_size", "image_size", "num_train_timesteps", "ckpt_every", "log_every"):
         check_int(name, getattr(cfg, name))
     for name in ("sample_steps", "threads"):
@@ -196,9 +196,20 @@ def _setup(cfg: DiTTrainConfig, ctx: Any) -> _Run:
         "config": asdict(cfg),
     }
     x_all, y_all = dataset.tensors
-    return _Run(model=model, train_model=model, ema=ema, optimizer=opt, lr_scheduler=lr_scheduler,
-                noise_scheduler=make_train_scheduler(**schedule), schedule=schedule, meta=meta,
-                x_all=x_all, y_all=y_all, per_rank=per_rank, record=record)
+    return _Run(
+        model=model,
+        train_model=model,
+        ema=ema,
+        optimizer=opt,
+        lr_scheduler=lr_scheduler,
+        noise_scheduler=make_train_scheduler(**schedule),
+        schedule=schedule,
+        meta=meta,
+        x_all=x_all,
+        y_all=y_all,
+        per_rank=per_rank,
+        record=record,
+    )
 
 
 def _restore(run: _Run, path: Path, ctx: Any) -> int:
@@ -206,9 +217,10 @@ def _restore(run: _Run, path: Path, ctx: Any) -> int:
     returns its step."""
     ckpt = load_state(path, map_location=ctx.device)
     if not isinstance(ckpt, dict) or "schedule" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"--resume {path}: not a `gspn train-dit` checkpoint"
-                         + (f" (it holds {ckpt['model_name']!r})" if isinstance(ckpt, dict) and "model_name" in ckpt
-                            else ""))
+        raise ValueError(
+            f"--resume {path}: not a `gspn train-dit` checkpoint"
+            + (f" (it holds {ckpt['model_name']!r})" if isinstance(ckpt, dict) and "model_name" in ckpt else "")
+        )
     name, args = ckpt.get("model_name"), ckpt.get("model_args")
     if (name is not None and name != run.record["model_name"]) or (
         args is not None and dict(args) != dict(run.record["model_args"])
@@ -234,8 +246,9 @@ def _restore(run: _Run, path: Path, ctx: Any) -> int:
     return start
 
 
-def train_step(run: _Run, cfg: DiTTrainConfig, step: int, rank: int, world: int,
-               device: torch.device) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
+def train_step(
+    run: _Run, cfg: DiTTrainConfig, step: int, rank: int, world: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
     """Optimizer step ``step`` (0-based): its batch and noise are functions of ``(seed, step, rank)``.
 
     Returns the losses, the learning rate used and the gradient norm (NaN without clipping)."""
@@ -291,8 +304,17 @@ def _export(run: _Run, cfg: DiTTrainConfig, out: Path, step: int, device: torch.
 
         n = run.meta["num_classes"]
         labels = [i % n for i in range(min(n, 10) * 8)]
-        imgs = generate(run.ema.module, run.schedule, labels, tuple(run.meta["shape"]), cfg.sample_steps,
-                        cfg.sampler, cfg.cfg_scale, seed=cfg.seed, device=device)
+        imgs = generate(
+            run.ema.module,
+            run.schedule,
+            labels,
+            tuple(run.meta["shape"]),
+            cfg.sample_steps,
+            cfg.sampler,
+            cfg.cfg_scale,
+            seed=cfg.seed,
+            device=device,
+        )
         save_images(imgs, out / "samples.png", nrow=min(n, 10))
         return {"samples": str(out / "samples.png")}
     return {}

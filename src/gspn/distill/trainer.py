@@ -117,11 +117,20 @@ class DistillConfig:
 
 def validate(cfg: DistillConfig) -> None:
     """Reject nonsense settings before any work (one ``ValueError`` naming the ``gspn distill`` flag)."""
-    for flag, value in (("steps", cfg.steps), ("batch_size", cfg.batch_size), ("image_size", cfg.resolution),
-                        ("log_every", cfg.log_every), ("d_state", cfg.gspn.get("d_state", 1))):
+    for flag, value in (
+        ("steps", cfg.steps),
+        ("batch_size", cfg.batch_size),
+        ("image_size", cfg.resolution),
+        ("log_every", cfg.log_every),
+        ("d_state", cfg.gspn.get("d_state", 1)),
+    ):
         check_int(flag, value)
-    for flag, value in (("save_every", cfg.save_every), ("warmup_steps", cfg.warmup_steps),
-                        ("kernel_size", cfg.gspn.get("kernel_size", 0)), ("threads", cfg.threads)):
+    for flag, value in (
+        ("save_every", cfg.save_every),
+        ("warmup_steps", cfg.warmup_steps),
+        ("kernel_size", cfg.gspn.get("kernel_size", 0)),
+        ("threads", cfg.threads),
+    ):
         check_int(flag, value, minimum=0)
     check_number("lr", cfg.lr, 0, lo_open=True)
     check_number("clip_grad", cfg.max_grad_norm, 0, allow_none=True)
@@ -182,8 +191,9 @@ class Distiller:
         self.pipe.to(self.device)
         self.data = data if data is not None else load_captions(cfg.captions)
         if not (cfg.output_weight or cfg.feature_weight or (cfg.noise_weight and self.data.has_images)):
-            raise ValueError("every loss term is off (a caption file has no noise term): "
-                             "set --output-weight or --feature-weight")
+            raise ValueError(
+                "every loss term is off (a caption file has no noise term): set --output-weight or --feature-weight"
+            )
         self.unet: nn.Module = self.pipe.unet
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         for name in ("vae", "text_encoder", "text_encoder_2"):
@@ -297,8 +307,14 @@ class Distiller:
         else:
             target = noise
         embeds, added = self.encode_prompts(prompts)
-        return {"noisy": noisy, "t": t, "target": target, "embeds": embeds, "added": added,
-                "real": self.data.has_images}
+        return {
+            "noisy": noisy,
+            "t": t,
+            "target": target,
+            "embeds": embeds,
+            "added": added,
+            "real": self.data.has_images,
+        }
 
     # ------------------------------------------------------------------ loss
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -357,8 +373,9 @@ class Distiller:
         rngs = all_gather_objects(capture_rng(), self.ctx)
         if self.rank != 0:
             return
-        bad = [n for n, t in self._trainable_state().items()
-               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        bad = [
+            n for n, t in self._trainable_state().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
         if bad:
             raise FloatingPointError(
                 f"non-finite weights at step {self.step} (e.g. {bad[0]}); stopped before writing: "
@@ -415,8 +432,11 @@ class Distiller:
     def train(self, log: Callable[[str], None] | None = print) -> list[dict[str, float]]:
         """Run (or resume) until ``cfg.steps``; returns the per-step loss parts of this call."""
         cfg = self.cfg
-        run_dir = (claim_run_dir(self.output_dir, RUN_FILES, resume=cfg.resume, overwrite=cfg.overwrite)
-                   if self.rank == 0 else None)
+        run_dir = (
+            claim_run_dir(self.output_dir, RUN_FILES, resume=cfg.resume, overwrite=cfg.overwrite)
+            if self.rank == 0
+            else None
+        )
         try:
             return self._train(log)
         finally:
@@ -441,8 +461,10 @@ class Distiller:
                 append_metrics(metrics, {"step": self.step, **parts, "lr": lr, "steps_per_sec": rate})
                 if log:
                     text = " ".join(f"{k}={v:.4g}" for k, v in parts.items())
-                    log(f"step {self.step}/{cfg.steps} {text} lr={self.lr_scheduler.get_last_lr()[0]:.3g} "
-                        f"({rate:.2f} it/s)")
+                    log(
+                        f"step {self.step}/{cfg.steps} {text} lr={self.lr_scheduler.get_last_lr()[0]:.3g} "
+                        f"({rate:.2f} it/s)"
+                    )
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save()
         self.save()

@@ -10,5 +10,4 @@ from __future__ import annotations
 
 from .trainer import RUN_FILES, EncoderDistillConfig, block_outputs, layer_map, load_teacher, nmse, run, validate
 
-__all__ = ["RUN_FILES", "EncoderDistillConfig", "block_outputs", "layer_map", "load_teacher", "nmse", "run",
-           "validate"]
+__all__ = ["RUN_FILES", "EncoderDistillConfig", "block_outputs", "layer_map", "load_teacher", "nmse", "run", "validate"]

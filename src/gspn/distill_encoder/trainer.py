@@ -117,9 +117,17 @@ RUN_FILES = ("last.pt", "metrics.jsonl", "metrics.png", "summary.json", "model.s
 """The files a ``gspn distill-encoder`` run writes in its folder (their presence marks it as a run's)."""
 
 _PANELS = (
-    Panel("distillation losses", "loss",
-          (("train_layer_loss", "per-layer (nmse)"), ("train_output_loss", "final features"),
-           ("train_kd_loss", "logit KD"), ("train_label_loss", "label CE")), log=True),
+    Panel(
+        "distillation losses",
+        "loss",
+        (
+            ("train_layer_loss", "per-layer (nmse)"),
+            ("train_output_loss", "final features"),
+            ("train_kd_loss", "logit KD"),
+            ("train_label_loss", "label CE"),
+        ),
+        log=True,
+    ),
     Panel("student accuracy", "accuracy (%)", (("train_acc", "train"), ("val_acc", "val")), scale=100.0),
 )
 
@@ -190,8 +198,15 @@ def validate(cfg: EncoderDistillConfig, teacher_given: bool = False) -> None:
         check_int(name, getattr(cfg, name), allow_none=True)
     check_int("workers", cfg.workers, minimum=0)
     check_number("lr", cfg.lr, 0, lo_open=True)
-    for name in ("min_lr", "weight_decay", "warmup_epochs", "feature_weight", "output_weight", "kd_weight",
-                 "label_weight"):
+    for name in (
+        "min_lr",
+        "weight_decay",
+        "warmup_epochs",
+        "feature_weight",
+        "output_weight",
+        "kd_weight",
+        "label_weight",
+    ):
         check_number(name, getattr(cfg, name), 0)
     check_number("kd_temperature", cfg.kd_temperature, 0, lo_open=True)
     check_number("label_smoothing", cfg.label_smoothing, 0, 1, hi_open=True)
@@ -199,10 +214,13 @@ def validate(cfg: EncoderDistillConfig, teacher_given: bool = False) -> None:
     check_choice("stage1_inputs", cfg.stage1_inputs, STAGE1_INPUTS)
     check_choice("feature_loss", cfg.feature_loss, FEATURE_LOSSES)
     check_choice("precision", cfg.precision, ("auto", "fp32", "off", "bf16", "fp16"))
-    if cfg.epochs > cfg.stage1_epochs and not (cfg.output_weight or cfg.kd_weight or cfg.label_weight
-                                               or cfg.feature_weight):
-        raise ValueError("stage 2 has no loss term: set --output-weight, --kd-weight, --label-weight or "
-                         "--feature-weight above 0 (or --stage1-epochs equal to --epochs)")
+    if cfg.epochs > cfg.stage1_epochs and not (
+        cfg.output_weight or cfg.kd_weight or cfg.label_weight or cfg.feature_weight
+    ):
+        raise ValueError(
+            "stage 2 has no loss term: set --output-weight, --kd-weight, --label-weight or "
+            "--feature-weight above 0 (or --stage1-epochs equal to --epochs)"
+        )
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     check_output_dir(cfg.output_dir)
@@ -238,8 +256,10 @@ def load_teacher(path: str) -> tuple[nn.Module, dict[str, Any]]:
     except Exception as exc:
         raise ValueError(f"--teacher: {p} is not a safetensors checkpoint ({exc})") from None
     if "gspn.architecture" not in meta:
-        raise ValueError(f"--teacher: {p} has no 'gspn.architecture' metadata (write it with gspn.models."
-                         "save_checkpoint, as `gspn train` does)")
+        raise ValueError(
+            f"--teacher: {p} has no 'gspn.architecture' metadata (write it with gspn.models."
+            "save_checkpoint, as `gspn train` does)"
+        )
     model = load_model(p)
     data = {k.removeprefix("gspn.train."): json.loads(v) for k, v in meta.items() if k.startswith("gspn.train.")}
     return model.eval().requires_grad_(False), data
@@ -268,8 +288,14 @@ def block_outputs(model: nn.Module, x: torch.Tensor, who: str = "--teacher") -> 
             "(final, [block outputs]) as timm's and gspn's ViTs have (see docs/distillation.md)"
         )
     out = fn(x)
-    if not (isinstance(out, tuple) and len(out) == 2 and torch.is_tensor(out[0]) and isinstance(out[1], (list, tuple))
-            and len(out[1]) > 0 and all(torch.is_tensor(t) for t in out[1])):
+    if not (
+        isinstance(out, tuple)
+        and len(out) == 2
+        and torch.is_tensor(out[0])
+        and isinstance(out[1], (list, tuple))
+        and len(out[1]) > 0
+        and all(torch.is_tensor(t) for t in out[1])
+    ):
         raise ValueError(f"{who}: forward_intermediates(x) must return (final tensor, [one tensor per block])")
     return _tokens(out[0], who), [_tokens(t, who) for t in out[1]]
 
@@ -297,8 +323,16 @@ def nmse(s: torch.Tensor, t: torch.Tensor, normalise: bool = True, eps: float = 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``, averaged over the batch (Hinton et al. 2015)."""
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
-                    reduction="batchmean", log_target=True) * t * t
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits.float() / t, -1),
+            F.log_softmax(teacher_logits.float() / t, -1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * t
+        * t
+    )
 
 
 # ------------------------------------------------------------------------------------------ the step
@@ -312,9 +346,18 @@ class _Distiller(nn.Module):
     :func:`gspn.training_utils.train_one_epoch` (and DDP) run a distillation step unchanged.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: EncoderDistillConfig,
-                 mapping: list[int], s_widths: list[int], t_widths: list[int], s_final: int, t_final: int,
-                 num_classes: int) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        cfg: EncoderDistillConfig,
+        mapping: list[int],
+        s_widths: list[int],
+        t_widths: list[int],
+        s_final: int,
+        t_final: int,
+        num_classes: int,
+    ) -> None:
         super().__init__()
         self.student = student
         self._teacher = (teacher,)  # not a submodule: frozen, not in state dicts or DDP
@@ -397,9 +440,16 @@ class _Distiller(nn.Module):
                 parts["kd"] = kd_loss(logits, self._teacher_logits, cfg.kd_temperature)
             if cfg.label_weight > 0:
                 parts["label"] = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        weights = ({"layer": 1.0} if self.stage == 1 else
-                   {"layer": cfg.feature_weight, "output": cfg.output_weight, "kd": cfg.kd_weight,
-                    "label": cfg.label_weight})
+        weights = (
+            {"layer": 1.0}
+            if self.stage == 1
+            else {
+                "layer": cfg.feature_weight,
+                "output": cfg.output_weight,
+                "kd": cfg.kd_weight,
+                "label": cfg.label_weight,
+            }
+        )
         loss = sum(weights[k] * v for k, v in parts.items())
         bs = y.numel()
         for k, v in parts.items():
@@ -432,8 +482,9 @@ def run(config: EncoderDistillConfig, teacher: nn.Module | None = None) -> dict[
     try:
         job = _Run(config, ctx, teacher)  # loads the teacher: a bad --teacher fails before the folder is made
         if ctx.is_main:
-            run_dir = claim_run_dir(config.output_dir, RUN_FILES, resume=bool(config.resume),
-                                    overwrite=config.overwrite)
+            run_dir = claim_run_dir(
+                config.output_dir, RUN_FILES, resume=bool(config.resume), overwrite=config.overwrite
+            )
         summary = job.train()
         ok = True
         return summary
@@ -488,9 +539,13 @@ class _Run:
         if cfg.in_channels and tm.get("in_chans") and cfg.in_channels != tm["in_chans"]:
             raise ValueError(f"--in-channels {cfg.in_channels}: the teacher was trained on {tm['in_chans']} channels")
         self.data = build_data(
-            cfg.data, img_size=cfg.image_size or tm.get("img_size"), in_chans=in_chans,
-            mean=mean if mean and len(mean) == in_chans else None, std=std if std and len(std) == in_chans else None,
-            train_limit=cfg.train_limit, val_limit=cfg.val_limit,
+            cfg.data,
+            img_size=cfg.image_size or tm.get("img_size"),
+            in_chans=in_chans,
+            mean=mean if mean and len(mean) == in_chans else None,
+            std=std if std and len(std) == in_chans else None,
+            train_limit=cfg.train_limit,
+            val_limit=cfg.val_limit,
         )
         data = self.data
         from ..models import create_model, get_default_cfg
@@ -505,18 +560,42 @@ class _Run:
         self._check_pair()
         if cfg.init_from_teacher:
             self.copied = self._init_from_teacher()
-        self.module = _Distiller(self.student, self.teacher, cfg, self.mapping, self.s_widths, self.t_widths,
-                                 self.s_final, self.t_final, data.num_classes).to(dev)
+        self.module = _Distiller(
+            self.student,
+            self.teacher,
+            cfg,
+            self.mapping,
+            self.s_widths,
+            self.t_widths,
+            self.s_final,
+            self.t_final,
+            data.num_classes,
+        ).to(dev)
         rank_seed = derive_seed(cfg.seed, rank=ctx.rank)
         seed_all(rank_seed)
         self.gen = torch.Generator().manual_seed(rank_seed)
-        self.sampler = (DistributedSampler(data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                           seed=cfg.seed) if ctx.distributed else None)
+        self.sampler = (
+            DistributedSampler(data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+            if ctx.distributed
+            else None
+        )
         pin = dev.type == "cuda"
-        self.train_loader = DataLoader(data.train, batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
-                                       shuffle=self.sampler is None, sampler=self.sampler, generator=self.gen)
-        self.val_loader = DataLoader(_shard(data.val, ctx), batch_size=cfg.batch_size, num_workers=cfg.workers,
-                                     pin_memory=pin, generator=torch.Generator().manual_seed(0))
+        self.train_loader = DataLoader(
+            data.train,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.workers,
+            pin_memory=pin,
+            shuffle=self.sampler is None,
+            sampler=self.sampler,
+            generator=self.gen,
+        )
+        self.val_loader = DataLoader(
+            _shard(data.val, ctx),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.workers,
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(0),
+        )
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError("the training set is empty")
@@ -538,12 +617,15 @@ class _Run:
                 z = self.teacher.forward_head(self.teacher.forward_intermediates(x)[0])
             self.teacher_logits = torch.is_tensor(z) and tuple(z.shape) == (1, self.data.num_classes)
         if cfg.kd_weight > 0 and cfg.epochs > cfg.stage1_epochs and not self.teacher_logits:
-            raise ValueError(f"--kd-weight: the teacher gives no logits over the data's {self.data.num_classes} "
-                             "classes (forward_head(final) -> (B, classes)); set --kd-weight 0")
+            raise ValueError(
+                f"--kd-weight: the teacher gives no logits over the data's {self.data.num_classes} "
+                "classes (forward_head(final) -> (B, classes)); set --kd-weight 0"
+            )
         if t_final.shape[1] != s_final.shape[1] or any(t.shape[1] != t_final.shape[1] for t in t_blocks):
             raise ValueError(
                 f"--model: the student's token grid ({s_final.shape[1]} tokens) differs from the teacher's "
-                f"({t_final.shape[1]}); use the same patch size (e.g. vit_nano → gspn_vit_nano)")
+                f"({t_final.shape[1]}); use the same patch size (e.g. vit_nano → gspn_vit_nano)"
+            )
         self.mapping = layer_map(len(s_blocks), len(t_blocks))
         self.s_widths = [t.shape[-1] for t in s_blocks]
         self.t_widths = [t.shape[-1] for t in t_blocks]
@@ -552,20 +634,27 @@ class _Run:
             from ..models import GSPNViT
 
             if not isinstance(self.student, GSPNViT):
-                raise ValueError("--stage1-inputs teacher needs a gspn_vit_* student (blocks run on the teacher's "
-                                 "block outputs); use --stage1-inputs student")
+                raise ValueError(
+                    "--stage1-inputs teacher needs a gspn_vit_* student (blocks run on the teacher's "
+                    "block outputs); use --stage1-inputs student"
+                )
             if len(s_blocks) != len(t_blocks) or self.s_widths != self.t_widths:
-                raise ValueError("--stage1-inputs teacher needs a student of the teacher's depth and width "
-                                 f"(student {len(s_blocks)}×{self.s_widths[0]}, teacher {len(t_blocks)}×"
-                                 f"{self.t_widths[0]}); use --stage1-inputs student")
+                raise ValueError(
+                    "--stage1-inputs teacher needs a student of the teacher's depth and width "
+                    f"(student {len(s_blocks)}×{self.s_widths[0]}, teacher {len(t_blocks)}×"
+                    f"{self.t_widths[0]}); use --stage1-inputs student"
+                )
         self.depths = (len(s_blocks), len(t_blocks))
 
     def _init_from_teacher(self) -> list[str]:
         """Copy the teacher's patch-embedding and head tensors into the student where names and shapes match."""
         own = self.student.state_dict()
         theirs = self.teacher.state_dict()
-        copied = [k for k, v in theirs.items()
-                  if k.startswith(("patch_embed.", "head.")) and k in own and own[k].shape == v.shape]
+        copied = [
+            k
+            for k, v in theirs.items()
+            if k.startswith(("patch_embed.", "head.")) and k in own and own[k].shape == v.shape
+        ]
         with torch.no_grad():
             for k in copied:
                 own[k].copy_(theirs[k])
@@ -585,12 +674,17 @@ class _Run:
         if ctx.distributed:
             dev = ctx.device
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[dev.index] if dev.type == "cuda" else None)
+                self.module, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
         self.optimizer = torch.optim.AdamW(param_groups(self.module, cfg.weight_decay), lr=cfg.lr)
         total = self._stage_epochs(stage) * spe
         self.scheduler = build_lr_scheduler(
-            self.optimizer, "cosine", total_steps=total, warmup_steps=min(round(cfg.warmup_epochs * spe), total),
-            min_lr_ratio=cfg.min_lr / cfg.lr)
+            self.optimizer,
+            "cosine",
+            total_steps=total,
+            warmup_steps=min(round(cfg.warmup_epochs * spe), total),
+            min_lr_ratio=cfg.min_lr / cfg.lr,
+        )
         self.stage = stage
 
     # -------------------------------------------------------------- resume
@@ -614,14 +708,17 @@ class _Run:
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"--resume: {path} is not a gspn distill-encoder checkpoint")
         if ckpt["model_name"] != cfg.model or ckpt["model_args_requested"] != cfg.model_args:
-            raise ValueError(f"--resume: the checkpoint is for student {ckpt['model_name']} "
-                             f"{ckpt['model_args_requested']}, not {cfg.model} {cfg.model_args}")
+            raise ValueError(
+                f"--resume: the checkpoint is for student {ckpt['model_name']} "
+                f"{ckpt['model_args_requested']}, not {cfg.model} {cfg.model_args}"
+            )
         if ckpt["teacher_digest"] != self.teacher_digest:
             raise ValueError("--resume: the checkpoint was distilled from another teacher (weights differ)")
         for key in ("epochs", "stage1_epochs"):
             if ckpt["config"][key] != getattr(cfg, key):
-                raise ValueError(f"--resume: the run has --{key.replace('_', '-')} {ckpt['config'][key]}, "
-                                 f"not {getattr(cfg, key)}")
+                raise ValueError(
+                    f"--resume: the run has --{key.replace('_', '-')} {ckpt['config'][key]}, not {getattr(cfg, key)}"
+                )
         ckpt["path"] = path
         return ckpt
 
@@ -651,9 +748,11 @@ class _Run:
             if len(rng) == ctx.world_size:
                 restore_rng(rng[ctx.rank], self.gen)
             else:
-                warnings.warn(f"--resume: checkpoint was written by {len(rng)} processes, this run has "
-                              f"{ctx.world_size}; RNG streams are re-seeded, so the continuation is not bit-exact",
-                              stacklevel=2)
+                warnings.warn(
+                    f"--resume: checkpoint was written by {len(rng)} processes, this run has "
+                    f"{ctx.world_size}; RNG streams are re-seeded, so the continuation is not bit-exact",
+                    stacklevel=2,
+                )
             if start < cfg.epochs and self._stage_of(start) == ckpt["stage"]:
                 self._build_stage(ckpt["stage"])
                 self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -669,10 +768,12 @@ class _Run:
         self._log(
             f"student {cfg.model}: {n_params / 1e6:.3f}M params, {self.depths[0]} blocks ← teacher "
             f"{type(self.teacher).__name__} ({self.depths[1]} blocks"
-            + (f", val acc {100 * teacher_val['acc']:.2f}%" if teacher_val else "") + f") | data {data.source}: "
+            + (f", val acc {100 * teacher_val['acc']:.2f}%" if teacher_val else "")
+            + f") | data {data.source}: "
             f"{len(data.train)} train / {len(data.val)} val, {data.img_size}px | stage 1: {cfg.stage1_epochs} epochs "
             f"({cfg.stage1_inputs} inputs), stage 2: {cfg.epochs - cfg.stage1_epochs} epochs × "
-            f"{self.steps_per_epoch} steps")
+            f"{self.steps_per_epoch} steps"
+        )
 
         from tqdm.auto import tqdm
 
@@ -685,24 +786,43 @@ class _Run:
             t0 = time.perf_counter()
             if self.sampler is not None:
                 self.sampler.set_epoch(epoch)
-            bar = tqdm(self.train_loader, desc=f"stage {stage} epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not (cfg.progress and ctx.is_main), leave=False, dynamic_ncols=True, file=sys.stderr)
+            bar = tqdm(
+                self.train_loader,
+                desc=f"stage {stage} epoch {epoch + 1}/{cfg.epochs}",
+                disable=not (cfg.progress and ctx.is_main),
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
             self.module.reset_sums()
             stats = train_one_epoch(
-                self.ddp, bar, self.optimizer, self.module.criterion, dev, params_of=self.module,
-                scheduler=self.scheduler, scaler=self.scaler, clip_grad=cfg.clip_grad, amp_dtype=self.amp_dtype,
-                step=step)
+                self.ddp,
+                bar,
+                self.optimizer,
+                self.module.criterion,
+                dev,
+                params_of=self.module,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                clip_grad=cfg.clip_grad,
+                amp_dtype=self.amp_dtype,
+                step=step,
+            )
             bar.close()
             step = stats.step
             names = sorted(self.module.sums)
-            reduced = all_reduce_sum([stats.loss_sum.item(), float(stats.correct.item()), stats.seen]
-                                     + [self.module.sums[k].item() for k in names], ctx)
+            reduced = all_reduce_sum(
+                [stats.loss_sum.item(), float(stats.correct.item()), stats.seen]
+                + [self.module.sums[k].item() for k in names],
+                ctx,
+            )
             loss_sum, correct, seen = reduced[:3]
             parts = dict(zip(names, reduced[3:], strict=True))
             if not math.isfinite(loss_sum) or not all(bool(torch.isfinite(p).all()) for p in self.module.parameters()):
                 raise FloatingPointError(
                     f"non-finite weights or loss after epoch {epoch + 1} (step {step}; mean loss {loss_sum / seen}); "
-                    f"stopped before writing: {self.out} keeps the last good state (lower --lr or set --clip-grad)")
+                    f"stopped before writing: {self.out} keeps the last good state (lower --lr or set --clip-grad)"
+                )
             train_time = time.perf_counter() - t0
             sync_buffers(self.module, ctx)
             val = evaluate(self.student, self.val_loader, dev, ctx, self.amp_dtype)
@@ -710,46 +830,87 @@ class _Run:
             if val["acc"] > best_acc:
                 best_acc, best_epoch = val["acc"], epoch
             record = {
-                "epoch": epoch, "stage": stage, "step": step, "lr": self.scheduler.get_last_lr()[0],
+                "epoch": epoch,
+                "stage": stage,
+                "step": step,
+                "lr": self.scheduler.get_last_lr()[0],
                 "train_loss": loss_sum / seen,
                 **{f"train_{k}_loss": v / seen for k, v in parts.items()},
                 **({"train_acc": correct / seen} if stage == 2 or cfg.stage1_inputs == "student" else {}),
-                "val_loss": val["loss"], "val_acc": val["acc"], "best_acc": best_acc,
-                "epoch_s": time.perf_counter() - t0, "train_imgs_per_s": seen / train_time, "elapsed_s": elapsed,
+                "val_loss": val["loss"],
+                "val_acc": val["acc"],
+                "best_acc": best_acc,
+                "epoch_s": time.perf_counter() - t0,
+                "train_imgs_per_s": seen / train_time,
+                "elapsed_s": elapsed,
             }
             last = record
             rng_all = all_gather_objects(capture_rng(self.gen), ctx)
             if ctx.is_main:
                 state = {
-                    "format": CHECKPOINT_FORMAT, "model_name": cfg.model, "model_args_requested": cfg.model_args,
-                    "model_args": self.model_args, "teacher_digest": self.teacher_digest,
-                    "config": _json_safe(asdict(cfg)), "distiller": self.module.state_dict(),
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(), "stage": stage, "epoch": epoch, "step": step,
-                    "best_acc": best_acc, "best_epoch": best_epoch, "elapsed_s": elapsed,
-                    "world_size": ctx.world_size, "rng": rng_all, "record": record,
+                    "format": CHECKPOINT_FORMAT,
+                    "model_name": cfg.model,
+                    "model_args_requested": cfg.model_args,
+                    "model_args": self.model_args,
+                    "teacher_digest": self.teacher_digest,
+                    "config": _json_safe(asdict(cfg)),
+                    "distiller": self.module.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "stage": stage,
+                    "epoch": epoch,
+                    "step": step,
+                    "best_acc": best_acc,
+                    "best_epoch": best_epoch,
+                    "elapsed_s": elapsed,
+                    "world_size": ctx.world_size,
+                    "rng": rng_all,
+                    "record": record,
                 }
                 save_state(self.out / "last.pt", state)
                 append_metrics(self.out / "metrics.jsonl", record)
                 if cfg.plot:
                     plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png", _PANELS)
                 loss_txt = " ".join(f"{k} {v / seen:.4f}" for k, v in parts.items())
-                self._log(f"stage {stage} epoch {epoch + 1}/{cfg.epochs} | {loss_txt} | val {val['loss']:.4f} / "
-                          f"{100 * val['acc']:.2f}% | {record['epoch_s']:.1f}s")
+                self._log(
+                    f"stage {stage} epoch {epoch + 1}/{cfg.epochs} | {loss_txt} | val {val['loss']:.4f} / "
+                    f"{100 * val['acc']:.2f}% | {record['epoch_s']:.1f}s"
+                )
             if ctx.distributed:
                 dist.barrier()
         return self._finish(end, step, elapsed, best_acc, best_epoch, last, teacher_val, n_params)
 
-    def _finish(self, end: int, step: int, elapsed: float, best_acc: float, best_epoch: int,
-                last: dict[str, Any], teacher_val: dict[str, Any] | None, n_params: int) -> dict[str, Any]:
+    def _finish(
+        self,
+        end: int,
+        step: int,
+        elapsed: float,
+        best_acc: float,
+        best_epoch: int,
+        last: dict[str, Any],
+        teacher_val: dict[str, Any] | None,
+        n_params: int,
+    ) -> dict[str, Any]:
         cfg, ctx, data = self.cfg, self.ctx, self.data
         digests = all_gather_objects(weights_digest(self.student), ctx)
         summary = {
-            "model": cfg.model, "model_args": self.model_args, "params": n_params, "teacher": cfg.teacher,
-            "teacher_val_acc": teacher_val["acc"] if teacher_val else None, "epochs": cfg.epochs,
-            "stage1_epochs": cfg.stage1_epochs, "epochs_done": end, "steps": step, "world_size": ctx.world_size,
-            "best_acc": best_acc, "best_epoch": best_epoch, "final": last, "elapsed_s": elapsed,
-            "rank_weight_digests": digests, "output": str(self.out),
+            "model": cfg.model,
+            "model_args": self.model_args,
+            "params": n_params,
+            "teacher": cfg.teacher,
+            "teacher_val_acc": teacher_val["acc"] if teacher_val else None,
+            "epochs": cfg.epochs,
+            "stage1_epochs": cfg.stage1_epochs,
+            "epochs_done": end,
+            "steps": step,
+            "world_size": ctx.world_size,
+            "best_acc": best_acc,
+            "best_epoch": best_epoch,
+            "final": last,
+            "elapsed_s": elapsed,
+            "rank_weight_digests": digests,
+            "output": str(self.out),
         }
         if ctx.is_main:
             if len(set(digests)) > 1:
@@ -761,8 +922,10 @@ class _Run:
             from .._files import atomic_write
 
             atomic_write(self.out / "summary.json", lambda f: f.write(text))
-            self._log(f"student val acc {100 * last.get('val_acc', float('nan')):.2f}% "
-                      f"(best {100 * best_acc:.2f}%); outputs in {self.out}")
+            self._log(
+                f"student val acc {100 * last.get('val_acc', float('nan')):.2f}% "
+                f"(best {100 * best_acc:.2f}%); outputs in {self.out}"
+            )
         return summary
 
     def _export(self, data: Any) -> None:
@@ -770,9 +933,16 @@ class _Run:
         (the keys ``gspn train`` writes, so a distilled student can itself be a teacher)."""
         from ..models import save_checkpoint
 
-        meta = {"model_name": self.cfg.model, "model_args": self.model_args, "num_classes": data.num_classes,
-                "in_chans": data.in_chans, "img_size": data.img_size, "mean": data.mean, "std": data.std,
-                "classes": data.classes}
+        meta = {
+            "model_name": self.cfg.model,
+            "model_args": self.model_args,
+            "num_classes": data.num_classes,
+            "in_chans": data.in_chans,
+            "img_size": data.img_size,
+            "mean": data.mean,
+            "std": data.std,
+            "classes": data.classes,
+        }
         md = {f"gspn.train.{k}": json.dumps(_json_safe(v)) for k, v in meta.items()}
         md["gspn.distill_encoder.teacher"] = str(self.cfg.teacher)
         save_checkpoint(self.student, self.out / "model.safetensors", metadata=md)

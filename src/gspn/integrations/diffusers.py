@@ -69,9 +69,7 @@ def get_unet(pipe_or_unet: Any) -> nn.Module:
     """The UNet of a pipeline (its ``.unet``), or the argument itself if it is the UNet."""
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
-        raise TypeError(
-            f"expected a diffusers UNet or a pipeline with a .unet, got {type(pipe_or_unet).__name__}"
-        )
+        raise TypeError(f"expected a diffusers UNet or a pipeline with a .unet, got {type(pipe_or_unet).__name__}")
     return unet
 
 
@@ -137,8 +135,13 @@ class GSPNAttnProcessor(nn.Module):
         super().__init__()
         out_dim = query_dim if out_dim is None else out_dim
         self.mixer = GSPNAttention(
-            query_dim, d_state=d_state, expand=expand, kernel_size=kernel_size, chunk_size=chunk_size,
-            gate_channels=gate_channels, backend=backend,
+            query_dim,
+            d_state=d_state,
+            expand=expand,
+            kernel_size=kernel_size,
+            chunk_size=chunk_size,
+            gate_channels=gate_channels,
+            backend=backend,
         )
         if out_dim == query_dim:
             self.to_out: nn.Linear | None = None
@@ -391,8 +394,15 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
             raise ValueError("layer_names, query_dims, out_dims and out_biases must have the same length")
         self.processors = nn.ModuleList(
             GSPNAttnProcessor(
-                q, o, bool(bias), d_state=d_state, expand=expand, kernel_size=kernel_size,
-                chunk_size=chunk_size, gate_channels=gate_channels, backend=backend,
+                q,
+                o,
+                bool(bias),
+                d_state=d_state,
+                expand=expand,
+                kernel_size=kernel_size,
+                chunk_size=chunk_size,
+                gate_channels=gate_channels,
+                backend=backend,
             )
             for q, o, bias in zip(query_dims, out_dims, out_biases, strict=True)
         )
@@ -430,8 +440,12 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
             query_dims=[int(a.query_dim) for a in attns],
             out_dims=[int(a.to_out[0].out_features) for a in attns],
             out_biases=[a.to_out[0].bias is not None for a in attns],
-            d_state=d_state, expand=expand, kernel_size=kernel_size, chunk_size=chunk_size,
-            gate_channels=gate_channels, backend=backend,
+            d_state=d_state,
+            expand=expand,
+            kernel_size=kernel_size,
+            chunk_size=chunk_size,
+            gate_channels=gate_channels,
+            backend=backend,
         )
         adapter._follow(unet)
         if init_from_attention:
@@ -465,7 +479,8 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
             return []
         unet = self._mount.unet
         return [
-            name for name, proc in zip(self.config.layer_names, self.processors, strict=True)
+            name
+            for name, proc in zip(self.config.layer_names, self.processors, strict=True)
             if getattr(unet.get_submodule(name[: -len(_PROC_SUFFIX)]), "processor", None) is not proc
         ]
 
@@ -496,9 +511,7 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         names = list(self.config.layer_names)
         missing = [n for n in names if n not in current]
         if missing:
-            raise ValueError(
-                f"the UNet has no attention layers {missing[:3]}... (adapter built for another UNet?)"
-            )
+            raise ValueError(f"the UNet has no attention layers {missing[:3]}... (adapter built for another UNet?)")
         for name, qdim in zip(names, self.config.query_dims, strict=True):
             attn = unet.get_submodule(name[: -len(_PROC_SUFFIX)])
             if int(attn.query_dim) != qdim:
@@ -514,9 +527,7 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
                 grids[owner] = tracker = _TransformerGrids()
                 module = unet.get_submodule(owner)
                 mount.handles.append(module.register_forward_pre_hook(tracker.enter, with_kwargs=True))
-                mount.handles.append(
-                    module.register_forward_hook(tracker.leave, with_kwargs=True, always_call=True)
-                )
+                mount.handles.append(module.register_forward_hook(tracker.leave, with_kwargs=True, always_call=True))
             tracker = grids[owner]
             block = attn_path.rpartition(".")[0]
             if block not in tracker.blocks:
@@ -535,9 +546,7 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         ours = dict(zip(self.config.layer_names, self.processors, strict=True))
         foreign = [n for n in sorted(names) if isinstance(current[n], GSPNAttnProcessor) and current[n] is not ours[n]]
         if foreign:
-            raise ValueError(
-                f"{foreign[0]} already has a GSPN processor from another adapter; unmount that one first"
-            )
+            raise ValueError(f"{foreign[0]} already has a GSPN processor from another adapter; unmount that one first")
         self._follow(unet)
         current.update({n: ours[n] for n in names})
         unet.set_attn_processor(current)

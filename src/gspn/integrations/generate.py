@@ -103,8 +103,9 @@ def generate(
     factor = getattr(pipe, "vae_scale_factor", 8)
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
     for stage, (h, w) in enumerate(sizes[1:], start=1):
-        latents = F.interpolate(latents.float(), size=(h // factor, w // factor), mode="bicubic",
-                                align_corners=False).to(latents.dtype)
+        latents = F.interpolate(
+            latents.float(), size=(h // factor, w // factor), mode="bicubic", align_corners=False
+        ).to(latents.dtype)
         common["generator"] = torch.Generator(device="cpu").manual_seed(seed + stage)
         last = stage == len(sizes) - 1
         extra = {}
@@ -112,8 +113,13 @@ def generate(
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + 1000 + stage))
             blend = _skip_residual(latents.to(device), noise.to(device, latents.dtype), skip_residual)
             extra = {"callback_on_step_end": blend, "callback_on_step_end_tensor_inputs": ["latents"]}
-        latents = img2img(image=latents.to(device), strength=strength,
-                          output_type=output_type if last else "latent", **common, **extra).images
+        latents = img2img(
+            image=latents.to(device),
+            strength=strength,
+            output_type=output_type if last else "latent",
+            **common,
+            **extra,
+        ).images
     return latents
 
 
@@ -165,13 +171,22 @@ def run_generate(args: Any) -> int:
         pipe = DiffusionPipeline.from_pretrained(
             args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
         ).to(device)
-    prepare_pipeline(pipe, args.adapter, cross_attention_chunk=args.cross_attn_chunk or None,
-                     vae_tiling=not args.no_vae_tiling)
+    prepare_pipeline(
+        pipe, args.adapter, cross_attention_chunk=args.cross_attn_chunk or None, vae_tiling=not args.no_vae_tiling
+    )
     start = time.perf_counter()
     images = generate(
-        pipe, args.prompt, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
-        seed=args.seed, negative_prompt=args.negative_prompt, upscale_from=args.upscale_from,
-        strength=args.strength, skip_residual=args.skip_residual,
+        pipe,
+        args.prompt,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        negative_prompt=args.negative_prompt,
+        upscale_from=args.upscale_from,
+        strength=args.strength,
+        skip_residual=args.skip_residual,
     )
     seconds = time.perf_counter() - start
     out = Path(args.output)
@@ -181,8 +196,17 @@ def run_generate(args: Any) -> int:
         path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         image.save(path)
         paths.append(str(path))
-    print(json.dumps({"images": paths, "height": args.height, "width": args.width,
-                      "seconds": round(seconds, 3), "adapter": args.adapter}))
+    print(
+        json.dumps(
+            {
+                "images": paths,
+                "height": args.height,
+                "width": args.width,
+                "seconds": round(seconds, 3),
+                "adapter": args.adapter,
+            }
+        )
+    )
     return 0
 
 

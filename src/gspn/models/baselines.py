@@ -80,15 +80,28 @@ class _UnpaddedPatchEmbed(PatchEmbed):
 
 def _old_key_names(depth: int) -> dict[str, str]:
     """Old (``nn.TransformerEncoderLayer``-era) state-dict key of :class:`ViTBaseline` → current key."""
-    names = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias",
-             "norm.weight": "head.norm.weight", "norm.bias": "head.norm.bias",
-             "head.weight": "head.fc.weight", "head.bias": "head.fc.bias"}
-    per_block = {"self_attn.in_proj_weight": "attn.qkv.weight", "self_attn.in_proj_bias": "attn.qkv.bias",
-                 "self_attn.out_proj.weight": "attn.proj.weight", "self_attn.out_proj.bias": "attn.proj.bias",
-                 "linear1.weight": "mlp.fc1.weight", "linear1.bias": "mlp.fc1.bias",
-                 "linear2.weight": "mlp.fc2.weight", "linear2.bias": "mlp.fc2.bias",
-                 "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
-                 "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias"}
+    names = {
+        "patch_embed.weight": "patch_embed.proj.weight",
+        "patch_embed.bias": "patch_embed.proj.bias",
+        "norm.weight": "head.norm.weight",
+        "norm.bias": "head.norm.bias",
+        "head.weight": "head.fc.weight",
+        "head.bias": "head.fc.bias",
+    }
+    per_block = {
+        "self_attn.in_proj_weight": "attn.qkv.weight",
+        "self_attn.in_proj_bias": "attn.qkv.bias",
+        "self_attn.out_proj.weight": "attn.proj.weight",
+        "self_attn.out_proj.bias": "attn.proj.bias",
+        "linear1.weight": "mlp.fc1.weight",
+        "linear1.bias": "mlp.fc1.bias",
+        "linear2.weight": "mlp.fc2.weight",
+        "linear2.bias": "mlp.fc2.bias",
+        "norm1.weight": "norm1.weight",
+        "norm1.bias": "norm1.bias",
+        "norm2.weight": "norm2.weight",
+        "norm2.bias": "norm2.bias",
+    }
     for i in range(depth):
         names.update({f"blocks.layers.{i}.{old}": f"blocks.{i}.{cur}" for old, cur in per_block.items()})
     return names
@@ -144,18 +157,26 @@ class ViTBaseline(VisionTransformer):
         drop: float = 0.0,
     ) -> None:
         # default: as many heads (≤ 8) as keep a head dimension of at least 16
-        heads = num_heads or next(
-            h for h in (8, 4, 2, 1) if h == 1 or (embed_dim % h == 0 and embed_dim // h >= 16)
-        )
+        heads = num_heads or next(h for h in (8, 4, 2, 1) if h == 1 or (embed_dim % h == 0 and embed_dim // h >= 16))
         if embed_dim % heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {heads}")
         hidden = int(embed_dim * mlp_ratio)
         super().__init__(
-            num_classes=num_classes, in_chans=in_chans, patch_size=patch_size, embed_dim=embed_dim,
-            depth=depth, num_heads=heads,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=heads,
             mlp_ratio=hidden / embed_dim,  # round(hidden / D · D) == hidden: the width int() always gave
-            pos_embed="learned", pos_grid=pos_grid, pos_interp="bilinear", norm_eps=1e-5,
-            proj_drop_rate=drop, attn_drop_rate=drop, drop_rate=0.0, drop_path_rate=0.0,
+            pos_embed="learned",
+            pos_grid=pos_grid,
+            pos_interp="bilinear",
+            norm_eps=1e-5,
+            proj_drop_rate=drop,
+            attn_drop_rate=drop,
+            drop_rate=0.0,
+            drop_path_rate=0.0,
         )
         self.patch_embed = _UnpaddedPatchEmbed(in_chans, embed_dim, patch_size)
         self.default_cfg = _default_cfg(in_chans, num_classes, classifier="head.fc")
@@ -236,8 +257,9 @@ default_cfgs: dict[str, dict[str, Any]] = {
 }
 
 
-def _create_baseline(name: str, cls: type[nn.Module], pretrained: bool | str | os.PathLike,
-                     kw: dict[str, Any]) -> nn.Module:
+def _create_baseline(
+    name: str, cls: type[nn.Module], pretrained: bool | str | os.PathLike, kw: dict[str, Any]
+) -> nn.Module:
     if pretrained is True:
         raise ValueError("baselines have no published weights; pass pretrained='path/to/weights.safetensors'")
     model = cls(**kw)
@@ -252,8 +274,9 @@ def baseline_vit(
     num_classes: int = 10, in_chans: int = 3, pretrained: bool | str | os.PathLike = False, **kw: Any
 ) -> nn.Module:
     """ViT-style attention baseline (see :class:`ViTBaseline` for the keyword arguments)."""
-    return _create_baseline("baseline_vit", ViTBaseline, pretrained,
-                            {"num_classes": num_classes, "in_chans": in_chans, **kw})
+    return _create_baseline(
+        "baseline_vit", ViTBaseline, pretrained, {"num_classes": num_classes, "in_chans": in_chans, **kw}
+    )
 
 
 @register_model
@@ -261,8 +284,9 @@ def baseline_conv(
     num_classes: int = 10, in_chans: int = 3, pretrained: bool | str | os.PathLike = False, **kw: Any
 ) -> nn.Module:
     """Convolutional baseline (see :class:`ConvBaseline` for the keyword arguments)."""
-    return _create_baseline("baseline_conv", ConvBaseline, pretrained,
-                            {"num_classes": num_classes, "in_chans": in_chans, **kw})
+    return _create_baseline(
+        "baseline_conv", ConvBaseline, pretrained, {"num_classes": num_classes, "in_chans": in_chans, **kw}
+    )
 
 
 #: Baseline constructors by name (also registered: :func:`gspn.models.create_model`).
@@ -275,9 +299,7 @@ BASELINES: dict[str, Callable[..., nn.Module]] = {
 _WIDTH_KEY = {"baseline_vit": ("embed_dim", range(16, 1025, 8)), "baseline_conv": ("width", range(4, 513, 2))}
 
 
-def match_params(
-    name: str, target_params: int, num_classes: int = 10, in_chans: int = 3, **kw: Any
-) -> dict[str, Any]:
+def match_params(name: str, target_params: int, num_classes: int = 10, in_chans: int = 3, **kw: Any) -> dict[str, Any]:
     """Keyword overrides giving baseline ``name`` the parameter count closest to ``target_params``.
 
     Only the width is searched (``embed_dim`` for the ViT, ``width`` for the conv net); other keyword

@@ -36,9 +36,7 @@ _ARCH_KEY = "gspn.architecture"
 _ARGS_KEY = "gspn.model_args"
 
 
-def save_checkpoint(
-    model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None
-) -> Path:
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
     """Save ``model``'s parameters and buffers to ``path`` (safetensors), atomically.
 
     The registry architecture (``model.default_cfg["architecture"]``) and constructor arguments
@@ -200,8 +198,6 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
 
     meta = read_metadata(path)
     if _ARCH_KEY not in meta:
-        raise ValueError(
-            f"{os.fspath(path)!r} has no {_ARCH_KEY!r} metadata; build the model and use load_checkpoint"
-        )
+        raise ValueError(f"{os.fspath(path)!r} has no {_ARCH_KEY!r} metadata; build the model and use load_checkpoint")
     args = json.loads(meta.get(_ARGS_KEY, "{}"))
     return create_model(meta[_ARCH_KEY], pretrained=os.fspath(path), **{**args, **overrides})

@@ -94,8 +94,9 @@ def _per_sample(
     if v.ndim == 0 or v.shape == (1,):
         return v.reshape(1).expand(batch)
     if v.shape != (batch,):
-        raise ValueError(f"{name} must be a number or a tensor of shape (), (1,) or (B,) = ({batch},); "
-                         f"got shape {tuple(v.shape)}")
+        raise ValueError(
+            f"{name} must be a number or a tensor of shape (), (1,) or (B,) = ({batch},); got shape {tuple(v.shape)}"
+        )
     return v
 
 
@@ -188,8 +189,15 @@ class GSPNDiTBlock(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.in_proj = nn.Linear(dim, dim, bias=False)
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.gspn = GSPN2d(dim, d_state=d_state, chunk_size=chunk_size, backend=backend, merge_frame=merge_frame,
-                           fused=fused, propagation_channels=propagation_channels)
+        self.gspn = GSPN2d(
+            dim,
+            d_state=d_state,
+            chunk_size=chunk_size,
+            backend=backend,
+            merge_frame=merge_frame,
+            fused=fused,
+            propagation_channels=propagation_channels,
+        )
         self.out_conv = nn.Conv2d(dim, dim, 1, bias=False)
         self.out_dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
@@ -337,15 +345,28 @@ class GSPNDiT(nn.Module):
         rates = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
 
         def block(i: int, chunk: int | None, long_skip: bool) -> GSPNDiTBlock:
-            return GSPNDiTBlock(hidden_size, self.d_state, chunk, long_skip, kernel_size, rates[i], norm_eps,
-                                backend, merge_frame, fused, propagation_channels)
+            return GSPNDiTBlock(
+                hidden_size,
+                self.d_state,
+                chunk,
+                long_skip,
+                kernel_size,
+                rates[i],
+                norm_eps,
+                backend,
+                merge_frame,
+                fused,
+                propagation_channels,
+            )
 
         self.in_blocks = nn.ModuleList([block(i, local_chunk_size, False) for i in range(half)])
         self.mid_block = block(half, local_chunk_size, False)
-        self.out_blocks = nn.ModuleList([
-            block(half + 1 + i, None if i >= half - num_global_blocks else local_chunk_size, True)
-            for i in range(half)
-        ])
+        self.out_blocks = nn.ModuleList(
+            [
+                block(half + 1 + i, None if i >= half - num_global_blocks else local_chunk_size, True)
+                for i in range(half)
+            ]
+        )
         self.norm_f = nn.LayerNorm(hidden_size, eps=norm_eps)
         self.final_layer = FinalLayer(
             hidden_size, patch_size, self.out_channels, norm_eps if final_norm_eps is None else final_norm_eps
@@ -405,9 +426,7 @@ class GSPNDiT(nn.Module):
             return checkpoint(blk, x, skip, use_reentrant=False)
         return blk(x, skip)
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor | None = None, y: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         """``x: (B, C, H, W)``, ``t: (B,)``, ``y: (B,)`` → ``(B, out_channels, H, W)``.
 
         ``t`` (timesteps, integer or fractional) and ``y`` (labels) may also be a Python number, a
@@ -442,6 +461,7 @@ class GSPNDiT(nn.Module):
 
     def _forward_hidden_residual(self, h: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
         """The blocks with the reference wiring; returns the final residual stream ``res + h``."""
+
         def run(blk: GSPNDiTBlock, h: torch.Tensor, res: torch.Tensor | None, skip: torch.Tensor | None = None):
             if self.cond_every_block:
                 h = h + cb
@@ -458,9 +478,7 @@ class GSPNDiT(nn.Module):
             h, res = run(blk, h, res, skips.pop())
         return res + h
 
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float
-    ) -> torch.Tensor:
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """Classifier-free guided prediction.
 
         Runs the conditional (``y``) and unconditional (null label) passes as one batch of ``2B``
@@ -484,16 +502,25 @@ class GSPNDiT(nn.Module):
 
     def extra_repr(self) -> str:
         glob = sum(b.is_global for b in self.blocks)
-        return (f"hidden={self.hidden_size}, blocks={len(self.blocks)} ({glob} global), "
-                f"d_state={self.d_state}, patch={self.patch_size}, learn_sigma={self.learn_sigma}")
+        return (
+            f"hidden={self.hidden_size}, blocks={len(self.blocks)} ({glob} global), "
+            f"d_state={self.d_state}, patch={self.patch_size}, learn_sigma={self.learn_sigma}"
+        )
 
 
 # --- configurations and registry ------------------------------------------------------------------
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {"url": "", "num_classes": 1000, "input_size": (4, 32, 32), "task": "diffusion",
-            "first_conv": "x_embedder", "classifier": "final_layer.linear", **kwargs}
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (4, 32, 32),
+        "task": "diffusion",
+        "first_conv": "x_embedder",
+        "classifier": "final_layer.linear",
+        **kwargs,
+    }
 
 
 default_cfgs: dict[str, dict[str, Any]] = {
@@ -509,16 +536,18 @@ default_cfgs: dict[str, dict[str, Any]] = {
 }
 
 
-def _create(
-    variant: str, pretrained: bool | str | os.PathLike, config: dict[str, Any], **overrides: Any
-) -> GSPNDiT:
+def _create(variant: str, pretrained: bool | str | os.PathLike, config: dict[str, Any], **overrides: Any) -> GSPNDiT:
     plan = plan_pretrained(variant, "generator", pretrained, overrides)
     args = {**config, **plan.model_args, **plan.overrides}
 
     def build() -> GSPNDiT:
         model = GSPNDiT(**args)
-        model.default_cfg = {**default_cfgs[variant], "architecture": variant, "num_classes": model.num_classes,
-                             "input_size": (model.in_channels, model.input_size, model.input_size)}
+        model.default_cfg = {
+            **default_cfgs[variant],
+            "architecture": variant,
+            "num_classes": model.num_classes,
+            "input_size": (model.in_channels, model.input_size, model.input_size),
+        }
         model.model_args = args
         return model
 
@@ -571,8 +600,17 @@ def gspn_dit_xl_4(pretrained: bool | str | os.PathLike = False, **kwargs: Any) -
 def gspn_dit_tiny(pretrained: bool | str | os.PathLike = False, **kwargs: Any) -> GSPNDiT:
     """Tiny CPU config for tests: hidden 64, depth 4 (5 blocks, 1 global), patch 2, d_state 8,
     1×16×16 input, 10 classes, class-embedding init std 1."""
-    config = dict(input_size=16, in_channels=1, num_classes=10, hidden_size=64, depth=4, d_state=8,
-                  patch_size=2, num_global_blocks=1, label_init_std=1.0)
+    config = dict(
+        input_size=16,
+        in_channels=1,
+        num_classes=10,
+        hidden_size=64,
+        depth=4,
+        d_state=8,
+        patch_size=2,
+        num_global_blocks=1,
+        label_init_std=1.0,
+    )
     return _create("gspn_dit_tiny", pretrained, config, **kwargs)
 
 
@@ -581,6 +619,15 @@ def gspn_dit_micro(pretrained: bool | str | os.PathLike = False, **kwargs: Any) 
     """CPU config of the digits demo: hidden 128, depth 6 (7 blocks, 2 global), patch 4, d_state 8,
     1×16×16 input, 10 classes, class-embedding init std 1 (labels are used from the first
     few hundred steps; with DiT's 0.02 a short CPU run learns to ignore them)."""
-    config = dict(input_size=16, in_channels=1, num_classes=10, hidden_size=128, depth=6, d_state=8,
-                  patch_size=4, num_global_blocks=2, label_init_std=1.0)
+    config = dict(
+        input_size=16,
+        in_channels=1,
+        num_classes=10,
+        hidden_size=128,
+        depth=6,
+        d_state=8,
+        patch_size=4,
+        num_global_blocks=2,
+        label_init_std=1.0,
+    )
     return _create("gspn_dit_micro", pretrained, config, **kwargs)

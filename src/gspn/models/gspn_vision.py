@@ -77,10 +77,12 @@ def block_chunk_sizes(
     for stage, depth in enumerate(depths):
         glob = stage in global_stages
         whole = None if global_chunk_sizes is None else global_chunk_sizes[stage]
-        out.append([
-            whole if glob and (d < global_period or (d + 1) % global_period == 0) else local_chunk_size
-            for d in range(depth)
-        ])
+        out.append(
+            [
+                whole if glob and (d < global_period or (d + 1) % global_period == 0) else local_chunk_size
+                for d in range(depth)
+            ]
+        )
     return out
 
 
@@ -126,10 +128,12 @@ class GSPNStage(nn.Module):
     ) -> None:
         super().__init__()
         self.downsample = Downsample(in_dim, dim, norm_eps) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            GSPNBlock(dim, chunk_size=cs, drop_path=dp, norm_eps=norm_eps, **block_kwargs)
-            for cs, dp in zip(chunk_sizes, drop_paths, strict=True)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                GSPNBlock(dim, chunk_size=cs, drop_path=dp, norm_eps=norm_eps, **block_kwargs)
+                for cs, dp in zip(chunk_sizes, drop_paths, strict=True)
+            ]
+        )
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -345,12 +349,26 @@ class GSPNClassifier(ClassifierAPI, nn.Module):
                 )
             else:
                 gate_channels = scan_channels // gate_group_size
-            stages.append(GSPNStage(
-                in_dim, dim, chunks[i], rates[start:start + depth], downsample=i > 0, norm_eps=norm_eps,
-                d_state=d_state, expand=expand, mlp_ratio=mlp_ratio, kernel_size=kernel_size,
-                gate_channels=gate_channels, backend=backend, conv_act=conv_act,
-                merge_frame=merge_frame, fused=fused, propagation_channels=prop,
-            ))
+            stages.append(
+                GSPNStage(
+                    in_dim,
+                    dim,
+                    chunks[i],
+                    rates[start : start + depth],
+                    downsample=i > 0,
+                    norm_eps=norm_eps,
+                    d_state=d_state,
+                    expand=expand,
+                    mlp_ratio=mlp_ratio,
+                    kernel_size=kernel_size,
+                    gate_channels=gate_channels,
+                    backend=backend,
+                    conv_act=conv_act,
+                    merge_frame=merge_frame,
+                    fused=fused,
+                    propagation_channels=prop,
+                )
+            )
             start += depth
             in_dim = dim
         self.stages = nn.Sequential(*stages)
@@ -401,6 +419,7 @@ class GSPNClassifier(ClassifierAPI, nn.Module):
                 outs.append(x)
         return outs if intermediates_only else (x, outs)
 
+
 # --- configurations and registry ------------------------------------------------------------------
 
 
@@ -423,19 +442,38 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 default_cfgs: dict[str, dict[str, Any]] = {
     # hf_hub_*: the authors' ImageNet-1K checkpoints (pretrained=True); reported_top1: the accuracy
     # the authors report for them at 224² (not measured here).
-    "gspn_t": _cfg(reference_params=31_510_268, reference_gmacs=5.30, train_drop_path_rate=0.2,
-                   hf_hub_id="whj363636/GSPN", hf_hub_filename="tiny.pth", reported_top1=83.0),
-    "gspn_s": _cfg(reference_params=50_773_346, reference_gmacs=12.03, train_drop_path_rate=0.4,
-                   hf_hub_id="whj363636/GSPN", hf_hub_filename="small.pth", reported_top1=83.8),
-    "gspn_b": _cfg(reference_params=93_061_108, reference_gmacs=15.86, train_drop_path_rate=0.5,
-                   hf_hub_id="whj363636/GSPN", hf_hub_filename="base.pth", reported_top1=84.3),
+    "gspn_t": _cfg(
+        reference_params=31_510_268,
+        reference_gmacs=5.30,
+        train_drop_path_rate=0.2,
+        hf_hub_id="whj363636/GSPN",
+        hf_hub_filename="tiny.pth",
+        reported_top1=83.0,
+    ),
+    "gspn_s": _cfg(
+        reference_params=50_773_346,
+        reference_gmacs=12.03,
+        train_drop_path_rate=0.4,
+        hf_hub_id="whj363636/GSPN",
+        hf_hub_filename="small.pth",
+        reported_top1=83.8,
+    ),
+    "gspn_b": _cfg(
+        reference_params=93_061_108,
+        reference_gmacs=15.86,
+        train_drop_path_rate=0.5,
+        hf_hub_id="whj363636/GSPN",
+        hf_hub_filename="base.pth",
+        reported_top1=84.3,
+    ),
     "gspn_micro": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
     "gspn_nano": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
 }
 
 
-def _create_gspn(variant: str, pretrained: bool | str | os.PathLike, model_args: dict[str, Any],
-                 **overrides: Any) -> GSPNClassifier:
+def _create_gspn(
+    variant: str, pretrained: bool | str | os.PathLike, model_args: dict[str, Any], **overrides: Any
+) -> GSPNClassifier:
     """Build ``variant`` from its configuration with user ``overrides``; attach cfg; load weights."""
     plan = plan_pretrained(variant, "classifier", pretrained, overrides)
     args = {**model_args, **plan.model_args, **plan.overrides}

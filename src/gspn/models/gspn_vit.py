@@ -136,14 +136,26 @@ class GSPNViT(IsotropicEncoder):
         self.patch_size = patch_size
         self.drop_rate = drop_rate
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
-        self.blocks = nn.Sequential(*[
-            GSPNBlock(
-                embed_dim, mlp_ratio=mlp_ratio, drop_path=rate, norm_eps=norm_eps, d_state=d_state,
-                expand=expand, kernel_size=kernel_size, chunk_size=chunk_size, gate_channels=gate_channels,
-                backend=backend, conv_act=conv_act, fused=fused, propagation_channels=propagation_channels,
-            )
-            for rate in rates
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                GSPNBlock(
+                    embed_dim,
+                    mlp_ratio=mlp_ratio,
+                    drop_path=rate,
+                    norm_eps=norm_eps,
+                    d_state=d_state,
+                    expand=expand,
+                    kernel_size=kernel_size,
+                    chunk_size=chunk_size,
+                    gate_channels=gate_channels,
+                    backend=backend,
+                    conv_act=conv_act,
+                    fused=fused,
+                    propagation_channels=propagation_channels,
+                )
+                for rate in rates
+            ]
+        )
         self.feature_info = [
             {"num_chs": embed_dim, "reduction": patch_size, "module": f"blocks.{i}"} for i in range(depth)
         ]
@@ -180,19 +192,24 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 default_cfgs: dict[str, dict[str, Any]] = {
     # config_source: where each configuration comes from (the papers state only the width 1152).
-    "gspn_vit_nano": _cfg(input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-                          config_source="ours (CPU tests and demos)"),
+    "gspn_vit_nano": _cfg(
+        input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0, config_source="ours (CPU tests and demos)"
+    ),
     "gspn_vit_tiny": _cfg(config_source="ours (DeiT-Ti width/depth)"),
     "gspn_vit_small": _cfg(config_source="ours (DeiT-S width/depth)"),
     "gspn_vit_base": _cfg(config_source="ours (ViT-B width/depth)"),
-    "gspn_vit_so400m": _cfg(input_size=(3, 224, 224), pool_size=(16, 16),
-                            config_source="width 1152: C-GSPN [P3]; depth 27, MLP 4304, patch 14: ours "
-                                          "(SigLIP So400m's shape, the assumed teacher)"),
+    "gspn_vit_so400m": _cfg(
+        input_size=(3, 224, 224),
+        pool_size=(16, 16),
+        config_source="width 1152: C-GSPN [P3]; depth 27, MLP 4304, patch 14: ours "
+        "(SigLIP So400m's shape, the assumed teacher)",
+    ),
 }
 
 
-def _create_gspn_vit(variant: str, pretrained: bool | str | os.PathLike, model_args: dict[str, Any],
-                     **overrides: Any) -> GSPNViT:
+def _create_gspn_vit(
+    variant: str, pretrained: bool | str | os.PathLike, model_args: dict[str, Any], **overrides: Any
+) -> GSPNViT:
     """Build ``variant`` from its configuration with user ``overrides``; attach cfg; load weights."""
     if overrides.get("semantics") == "reference":
         raise ValueError(f"{variant} has no reference semantics: the GSPN-2 / C-GSPN authors released no code")

@@ -109,11 +109,20 @@ def reference_model_args(kind: str, feat_sizes: tuple[int, ...] | None = None) -
         ValueError: unknown ``kind``.
     """
     if kind == "classifier":
-        return {"norm_eps": 1e-5, "conv_act": False, "merge_frame": "scan",
-                "global_chunk_sizes": tuple(feat_sizes or (56, 28, 14, 7))}
+        return {
+            "norm_eps": 1e-5,
+            "conv_act": False,
+            "merge_frame": "scan",
+            "global_chunk_sizes": tuple(feat_sizes or (56, 28, 14, 7)),
+        }
     if kind == "generator":
-        return {"norm_eps": 1e-5, "final_norm_eps": 1e-6, "merge_frame": "scan", "wiring": "hidden_residual",
-                "num_global_blocks": 0}
+        return {
+            "norm_eps": 1e-5,
+            "final_norm_eps": 1e-6,
+            "merge_frame": "scan",
+            "wiring": "hidden_residual",
+            "num_global_blocks": 0,
+        }
     raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
 
 
@@ -136,9 +145,7 @@ def _is_tensor(v: Any) -> bool:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(k, str) and _is_tensor(v) for k, v in obj.items()
-    )
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(k, str) and _is_tensor(v) for k, v in obj.items())
 
 
 _REF_GEN_KEY = re.compile(r"x_embedder\.proj\.|(in_blocks\.\d+|mid_block|out_blocks\.\d+)\.(conv2d|x_conv_down)\.")
@@ -226,7 +233,7 @@ def read_reference_checkpoint(archive: TorchArchive) -> ReferenceCheckpoint:
     kind = _kind_of_keys(keys)
     if kind is None:
         ours = any(k.startswith(("stem.", "stages.", "head.")) for k in keys)
-        hint = (" — these are this library's names: load it with gspn.models.load_checkpoint" if ours else "")
+        hint = " — these are this library's names: load it with gspn.models.load_checkpoint" if ours else ""
         raise ValueError(
             f"{path} is not a GSPN reference checkpoint: its tensor names ({', '.join(keys[:4])}, ...) are "
             f"neither the classifier's (patch_embed.*, layers.*) nor the generator's (x_embedder.*, in_blocks.*){hint}"
@@ -269,23 +276,42 @@ def _file_defaults(ref: ReferenceCheckpoint, num_stages: int = 4) -> dict[str, A
 # --- conversion ----------------------------------------------------------------------------------
 
 _BLOCK_INNER_CLS = {
-    "norm": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-    "op.in_proj": "mixer.in_proj", "op.conv2d": "mixer.conv", "op.grn": "mixer.grn",
-    "op.out_norm": "mixer.out_norm", "op.out_proj": "mixer.out_proj",
+    "norm": "norm1",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "op.in_proj": "mixer.in_proj",
+    "op.conv2d": "mixer.conv",
+    "op.grn": "mixer.grn",
+    "op.out_norm": "mixer.out_norm",
+    "op.out_proj": "mixer.out_proj",
     **{f"op.{p}": f"mixer.gspn.{p}" for p in _GSPN_PARAMS},
 }
 _BLOCK_INNER_GEN = {
-    "norm": "norm", "in_proj": "in_proj", "conv2d": "conv", "out_conv": "out_conv", "out_dconv": "out_dwconv",
-    "out_proj": "out_proj", "skip_linear": "skip_linear", **{p: f"gspn.{p}" for p in _GSPN_PARAMS},
+    "norm": "norm",
+    "in_proj": "in_proj",
+    "conv2d": "conv",
+    "out_conv": "out_conv",
+    "out_dconv": "out_dwconv",
+    "out_proj": "out_proj",
+    "skip_linear": "skip_linear",
+    **{p: f"gspn.{p}" for p in _GSPN_PARAMS},
 }
 _CLS_FIXED = {
-    "patch_embed.0": "stem.conv1", "patch_embed.2": "stem.norm1", "patch_embed.5": "stem.conv2",
-    "patch_embed.7": "stem.norm2", "classifier.norm": "head.norm", "classifier.head": "head.fc",
+    "patch_embed.0": "stem.conv1",
+    "patch_embed.2": "stem.norm1",
+    "patch_embed.5": "stem.conv2",
+    "patch_embed.7": "stem.norm2",
+    "classifier.norm": "head.norm",
+    "classifier.head": "head.fc",
 }
 _GEN_FIXED = {
-    "x_embedder.proj": "x_embedder", "t_embedder.mlp.0": "t_embedder.linear_1",
-    "t_embedder.mlp.2": "t_embedder.linear_2", "y_embedder.embedding_table": "y_embedder.embedding_table",
-    "norm_f": "norm_f", "final_layer.linear": "final_layer.linear",
+    "x_embedder.proj": "x_embedder",
+    "t_embedder.mlp.0": "t_embedder.linear_1",
+    "t_embedder.mlp.2": "t_embedder.linear_2",
+    "y_embedder.embedding_table": "y_embedder.embedding_table",
+    "norm_f": "norm_f",
+    "final_layer.linear": "final_layer.linear",
     "final_layer.adaLN_modulation.1": "final_layer.adaLN_modulation.1",
 }
 _CLS_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)\.(\w+)")
@@ -371,8 +397,7 @@ def convert_reference_state(state: Mapping[str, torch.Tensor], kind: str) -> dic
         out[name] = _convert_value(name, value, key)
     if unknown:
         raise ValueError(
-            f"{len(unknown)} tensor(s) of the file have no counterpart in a reference GSPN {kind}: "
-            f"{_names(unknown)}"
+            f"{len(unknown)} tensor(s) of the file have no counterpart in a reference GSPN {kind}: {_names(unknown)}"
         )
     return out
 
@@ -387,8 +412,12 @@ def _squeezed(shape: torch.Size) -> tuple[int, ...]:
 
 
 def fit_state_dict(
-    model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "the checkpoint",
-    hint: Callable[[], str] | None = None, allow_head_mismatch: bool = True,
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: str = "the checkpoint",
+    hint: Callable[[], str] | None = None,
+    allow_head_mismatch: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Check that the converted ``state`` fits ``model`` exactly and adapt size-1 dimensions.
 
@@ -426,8 +455,10 @@ def fit_state_dict(
         arch = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
         parts = []
         if mismatched:
-            parts.append(f"{len(mismatched)} tensor(s) differ in shape ({'; '.join(mismatched[:4])}"
-                         + (f"; ... {len(mismatched) - 4} more)" if len(mismatched) > 4 else ")"))
+            parts.append(
+                f"{len(mismatched)} tensor(s) differ in shape ({'; '.join(mismatched[:4])}"
+                + (f"; ... {len(mismatched) - 4} more)" if len(mismatched) > 4 else ")")
+            )
         if missing:
             parts.append(f"{len(missing)} model tensor(s) missing from the file ({_names(missing, 4)})")
         if unexpected:
@@ -493,8 +524,9 @@ def _matching_models(state: Mapping[str, Any], kind: str) -> list[str]:
     """Registered models of ``kind`` whose default configuration the file's tensors fit (meta device)."""
     from ._registry import create_model, get_default_cfg, list_models
 
-    converted = convert_reference_state({k: torch.empty(v.shape, dtype=v.dtype, device="meta")
-                                         for k, v in state.items()}, kind)
+    converted = convert_reference_state(
+        {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}, kind
+    )
     found = []
     num_classes = infer_model_args(state, kind).get("num_classes")
     extra = {} if num_classes is None else {"num_classes": num_classes}
@@ -520,6 +552,7 @@ def _hint(state: Mapping[str, Any], kind: str) -> Callable[[], str]:
         shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
         which = f" — that is {' / '.join(fits)}" if fits else ""
         return f" The file's tensors say {shown}{which}; pass that model name or these overrides to create_model."
+
     return hint
 
 
@@ -569,8 +602,9 @@ def load_reference_checkpoint(
         # Names and shapes first, on the meta device: a wrong model fails before any data is read.
         meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in lazy.items()}
         heads = kind == "classifier"  # a classifier may be re-headed; a generator's output layer may not
-        fit_state_dict(model, convert_reference_state(meta, kind), source=source, hint=_hint(lazy, kind),
-                       allow_head_mismatch=heads)
+        fit_state_dict(
+            model, convert_reference_state(meta, kind), source=source, hint=_hint(lazy, kind), allow_head_mismatch=heads
+        )
         info = {"file": str(ref.path), "checkpoint_entry": name or "state_dict", "checkpoint_kind": ref.kind}
         if check_only:
             return info
@@ -757,8 +791,7 @@ def plan_pretrained(
     if ref.kind != kind:
         suggest = "gspn_t / gspn_s / gspn_b" if ref.kind == "classifier" else "gspn_dit_b_2 / _l_2 / _xl_2"
         raise ValueError(
-            f"{path} is a reference {ref.kind} checkpoint but {variant} is a {kind}: build a {ref.kind} "
-            f"({suggest})"
+            f"{path} is a reference {ref.kind} checkpoint but {variant} is a {kind}: build a {ref.kind} ({suggest})"
         )
     preset = _file_defaults(ref)
     if semantics == "aligned":  # the reference's weights with this library's semantics, on request
@@ -768,8 +801,16 @@ def plan_pretrained(
 
     def load_reference(model: nn.Module) -> None:
         info = load_reference_checkpoint(model, path, entry=entry)
-        record(model, {"source": "file", **hub, **info, "checkpoint_format": "reference",
-                       "semantics": "aligned" if semantics == "aligned" else "reference"})
+        record(
+            model,
+            {
+                "source": "file",
+                **hub,
+                **info,
+                "checkpoint_format": "reference",
+                "semantics": "aligned" if semantics == "aligned" else "reference",
+            },
+        )
         if kind == "classifier" and variant in REPORTED_TOP1:
             record(model, {"reported_top1": REPORTED_TOP1[variant]})
 
@@ -839,4 +880,3 @@ def convert_checkpoint(
     cfg = getattr(net, "default_cfg", {})
     source = {k: cfg[k] for k in ("file", "checkpoint_entry", "checkpoint_format", "semantics") if k in cfg}
     return save_checkpoint(net, dst, metadata={"gspn.source": json.dumps(source)})
-

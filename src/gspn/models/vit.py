@@ -47,8 +47,14 @@ POS_EMBEDS = ("learned", "sincos", "none")
 POS_INTERPS = ("bicubic", "bilinear")
 
 
-def sincos_pos_embed(dim: int, h: int, w: int, temperature: float = 10000.0,
-                     device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def sincos_pos_embed(
+    dim: int,
+    h: int,
+    w: int,
+    temperature: float = 10000.0,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embedding of an ``h × w`` grid, ``(1, dim, h, w)``.
 
     A quarter of the channels each hold ``sin``/``cos`` of the row and of the column index at
@@ -97,13 +103,20 @@ class TransformerBlock(nn.Module):
             ``[0, 1)`` (from the attention).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, norm_eps: float = 1e-6, proj_drop: float = 0.0,
-                 attn_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = MultiHeadSelfAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                                           proj_drop=proj_drop)
+        self.attn = MultiHeadSelfAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, round(mlp_ratio * dim), drop=proj_drop)
         self.mlp_drop = nn.Dropout(proj_drop)
@@ -187,14 +200,22 @@ class VisionTransformer(IsotropicEncoder):
         self.pos_embed_kind = pos_embed
         self.pos_interp = pos_interp
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
-        self.pos_embed = (
-            nn.Parameter(torch.zeros(1, embed_dim, pos_grid, pos_grid)) if pos_embed == "learned" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, pos_grid, pos_grid)) if pos_embed == "learned" else None
+        self.blocks = nn.Sequential(
+            *[
+                TransformerBlock(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    drop_path=rate,
+                    norm_eps=norm_eps,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                )
+                for rate in rates
+            ]
         )
-        self.blocks = nn.Sequential(*[
-            TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=rate, norm_eps=norm_eps,
-                             proj_drop=proj_drop_rate, attn_drop=attn_drop_rate)
-            for rate in rates
-        ])
         self.feature_info = [
             {"num_chs": embed_dim, "reduction": patch_size, "module": f"blocks.{i}"} for i in range(depth)
         ]
@@ -225,6 +246,7 @@ class VisionTransformer(IsotropicEncoder):
             x = x + pos
         return x.permute(0, 2, 3, 1)
 
+
 # --- configurations and registry ------------------------------------------------------------------
 
 
@@ -246,19 +268,26 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 default_cfgs: dict[str, dict[str, Any]] = {
-    "vit_nano": _cfg(input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-                     config_source="ours (CPU tests and demos; the shape of gspn_vit_nano)"),
+    "vit_nano": _cfg(
+        input_size=(3, 32, 32),
+        pool_size=(8, 8),
+        crop_pct=1.0,
+        config_source="ours (CPU tests and demos; the shape of gspn_vit_nano)",
+    ),
     "vit_tiny": _cfg(config_source="DeiT-Ti shape (Touvron et al. 2021); the shape of gspn_vit_tiny"),
     "vit_small": _cfg(config_source="DeiT-S shape (Touvron et al. 2021); the shape of gspn_vit_small"),
     "vit_base": _cfg(config_source="ViT-B shape (Dosovitskiy et al. 2021); the shape of gspn_vit_base"),
-    "vit_so400m": _cfg(pool_size=(16, 16),
-                       config_source="SigLIP So400m's shape (width 1152, depth 27, MLP 4304, patch 14, "
-                                     "16 heads), assumed for C-GSPN's teacher; the shape of gspn_vit_so400m"),
+    "vit_so400m": _cfg(
+        pool_size=(16, 16),
+        config_source="SigLIP So400m's shape (width 1152, depth 27, MLP 4304, patch 14, "
+        "16 heads), assumed for C-GSPN's teacher; the shape of gspn_vit_so400m",
+    ),
 }
 
 
-def _create_vit(variant: str, pretrained: bool | str | os.PathLike, config: dict[str, Any],
-                **overrides: Any) -> VisionTransformer:
+def _create_vit(
+    variant: str, pretrained: bool | str | os.PathLike, config: dict[str, Any], **overrides: Any
+) -> VisionTransformer:
     """Build ``variant`` from ``config`` with user ``overrides``; attach its cfg; load ``pretrained``."""
     if pretrained is True:
         raise RuntimeError(

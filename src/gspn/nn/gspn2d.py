@@ -114,7 +114,8 @@ class GSPN2d(nn.Module):
             raise ValueError(f"merge_frame must be one of {MERGE_FRAMES}, got {merge_frame!r}")
         self.merge_frame = merge_frame
         if propagation_channels is not None and (
-            isinstance(propagation_channels, bool) or not isinstance(propagation_channels, int)
+            isinstance(propagation_channels, bool)
+            or not isinstance(propagation_channels, int)
             or propagation_channels <= 0
         ):
             raise ValueError(f"propagation_channels must be None or a positive int, got {propagation_channels!r}")
@@ -203,8 +204,14 @@ class GSPN2d(nn.Module):
         u = self.u_conv_up(z).view(b, nd, c, h, w)
         skip = self.d_conv(z).view(b, nd, c, h, w)
         hidden = line_scan_4d(
-            x, lam, gates[:, :, 0], gates[:, :, 1], gates[:, :, 2],
-            chunk_size=self.chunk_size, normalize=True, backend=self.backend,
+            x,
+            lam,
+            gates[:, :, 0],
+            gates[:, :, 1],
+            gates[:, :, 2],
+            chunk_size=self.chunk_size,
+            normalize=True,
+            backend=self.backend,
         )
         y = torch.addcmul(u * hidden, skip, x.unsqueeze(1))  # (B, 4, C, H, W)
         # The merger is the 1×1 conv ``m_conv`` (4 → 1) over the direction axis, applied as a
@@ -240,8 +247,15 @@ class GSPN2d(nn.Module):
             prev, mid, nxt = sig[:, 0] * has_prev, sig[:, 1], sig[:, 2] * has_next
             total = (prev + mid + nxt).clamp_min(1e-7)
             hidden = line_scan(
-                frame, lam[:, k], prev / total, mid / total, nxt / total, direction="lr",
-                chunk_size=self.chunk_size, normalize=False, backend=self.backend,
+                frame,
+                lam[:, k],
+                prev / total,
+                mid / total,
+                nxt / total,
+                direction="lr",
+                chunk_size=self.chunk_size,
+                normalize=False,
+                backend=self.backend,
             )
             y = m[k] * torch.addcmul(u[:, k] * hidden, skip[:, k], frame)
             out = y if out is None else out + y
@@ -251,5 +265,4 @@ class GSPN2d(nn.Module):
         scope = "global" if self.is_global else f"local, chunk_size={self.chunk_size}"
         fused = "" if self.fused else ", fused=False"
         compact = "" if self.propagation_channels is None else f", propagation_channels={self.propagation_channels}"
-        return (f"{self.channels}, d_state={self.d_state}{compact}, gate_channels={self.gate_channels}, "
-                f"{scope}{fused}")
+        return f"{self.channels}, d_state={self.d_state}{compact}, gate_channels={self.gate_channels}, {scope}{fused}"

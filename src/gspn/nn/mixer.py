@@ -71,9 +71,16 @@ class GSPNMixer(nn.Module):
             else nn.Identity()
         )
         self.act = nn.SiLU() if conv_act else nn.Identity()
-        self.gspn = GSPN2d(d_inner, d_state=d_state, chunk_size=chunk_size, gate_channels=gate_channels,
-                           backend=backend, merge_frame=merge_frame, fused=fused,
-                           propagation_channels=propagation_channels)
+        self.gspn = GSPN2d(
+            d_inner,
+            d_state=d_state,
+            chunk_size=chunk_size,
+            gate_channels=gate_channels,
+            backend=backend,
+            merge_frame=merge_frame,
+            fused=fused,
+            propagation_channels=propagation_channels,
+        )
         self.out_norm = nn.LayerNorm(d_inner, eps=norm_eps)
         self.grn = GRN(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
@@ -96,15 +103,12 @@ def resolve_hw(num_tokens: int, hw: tuple[int, int] | None) -> tuple[int, int]:
         side = math.isqrt(num_tokens)
         if side * side != num_tokens:
             raise ValueError(
-                f"cannot infer the token grid: {num_tokens} tokens is not a perfect square; "
-                "pass hw=(H, W) explicitly"
+                f"cannot infer the token grid: {num_tokens} tokens is not a perfect square; pass hw=(H, W) explicitly"
             )
         return side, side
     height, width = (int(v) for v in hw)
     if height * width != num_tokens:
-        raise ValueError(
-            f"hw={tuple(hw)} has {height * width} positions but the input has {num_tokens} tokens"
-        )
+        raise ValueError(f"hw={tuple(hw)} has {height * width} positions but the input has {num_tokens} tokens")
     return height, width
 
 

@@ -125,9 +125,7 @@ def _compose_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_we
     dx = dx_scan + (m * skip * g).sum(1)
     dgates = torch.stack([dwl, dwm, dwr], dim=2)  # (B, 4, 3, Cg, H, W)
     d_gate_weight = torch.einsum("bkgchw,bshw->kgcs", dgates, proxy)
-    d_lam_weight, d_u_weight, d_skip_weight = (
-        torch.einsum("bkchw,bshw->kcs", d, proxy) for d in (dlam, du, dskip)
-    )
+    d_lam_weight, d_u_weight, d_skip_weight = (torch.einsum("bkchw,bshw->kcs", d, proxy) for d in (dlam, du, dskip))
     dproxy = (
         torch.einsum("kgcs,bkgchw->bshw", gate_weight, dgates)
         + torch.einsum("kcs,bkchw->bshw", lam_weight, dlam)
@@ -278,8 +276,9 @@ def _triton_run(module, x, proxy, weights, chunk_size, grad):
     cdtype = compute_dtype(dtype)
     grad, x, proxy, *weights = (t.to(cdtype) for t in (grad, x, proxy, *weights))
     outs = _mix.mix_backward(module, grad, x, proxy, *weights, chunk_size)
-    outs = [o if o.stride() == _image_like(o[:0], o.shape[1]).stride() else _layout_like_kernel(o)
-            for o in outs[:2]] + [o.contiguous() for o in outs[2:]]
+    outs = [
+        o if o.stride() == _image_like(o[:0], o.shape[1]).stride() else _layout_like_kernel(o) for o in outs[:2]
+    ] + [o.contiguous() for o in outs[2:]]
     return [o.to(dtype) for o in outs]
 
 

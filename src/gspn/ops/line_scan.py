@@ -114,8 +114,16 @@ def _backward(grad, h, x, params, directions, chunk_size, normalize, backend, fo
         g, hk = (grad[:, k], h[:, k]) if four_directions else (grad, h)
         step_grads = [d[:, k] for d in d_params] if four_directions else d_params
         module.scan_backward(
-            g, hk, xs, *step_params, direction=direction, chunk_size=chunk_size, normalize=normalize,
-            dx=dx, accumulate_dx=k > 0, d_params=step_grads,
+            g,
+            hk,
+            xs,
+            *step_params,
+            direction=direction,
+            chunk_size=chunk_size,
+            normalize=normalize,
+            dx=dx,
+            accumulate_dx=k > 0,
+            d_params=step_grads,
         )
     channel_dim = 2 if four_directions else 1
     return [dx.to(x.dtype).contiguous()] + [
@@ -392,8 +400,13 @@ def line_scan(
         torch.Size([2, 8, 16, 16])
     """
     chunk_size = check_line_scan_args(
-        x, (lam, w_left, w_mid, w_right), direction=direction, chunk_size=chunk_size,
-        normalize=normalize, backend=backend, four_directions=False,
+        x,
+        (lam, w_left, w_mid, w_right),
+        direction=direction,
+        chunk_size=chunk_size,
+        normalize=normalize,
+        backend=backend,
+        four_directions=False,
     )
     return torch.ops.gspn.line_scan(x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend)
 
@@ -427,7 +440,12 @@ def line_scan_4d(
         TypeError, ValueError, RuntimeError: as :func:`line_scan`.
     """
     chunk_size = check_line_scan_args(
-        x, (lam, w_left, w_mid, w_right), direction=None, chunk_size=chunk_size,
-        normalize=normalize, backend=backend, four_directions=True,
+        x,
+        (lam, w_left, w_mid, w_right),
+        direction=None,
+        chunk_size=chunk_size,
+        normalize=normalize,
+        backend=backend,
+        four_directions=True,
     )
     return torch.ops.gspn.line_scan_4d(x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend)

@@ -78,8 +78,9 @@ def backward_vjp(grad, h, x, params, cotangents, direction: str, chunk_size, nor
 
     # Cotangents of the gate gradients: masked (those gradients are 0 by rule), then c_w = J_N c_θ.
     c_theta = [
-        torch.where(m, _full(c, shape, dtype), 0.0) if c is not None else torch.zeros(shape, dtype=dtype,
-                                                                                      device=x.device)
+        torch.where(m, _full(c, shape, dtype), 0.0)
+        if c is not None
+        else torch.zeros(shape, dtype=dtype, device=x.device)
         for m, c in zip(masks, c_logits, strict=True)
     ]
     if normalize:
@@ -115,8 +116,10 @@ def backward_vjp(grad, h, x, params, cotangents, direction: str, chunk_size, nor
         dot = sum(w * d for w, d in zip(weights, d_w, strict=True))
         q = sum(w * uk * d for w, uk, d in zip(weights, u, d_w, strict=True))
         for k in range(3):
-            second = torch.sigmoid(-theta[k]) * weights[k] * (
-                (u[k] - u_bar - c_theta[k] * sig[k]) * (d_w[k] - dot) - q + u_bar * dot
+            second = (
+                torch.sigmoid(-theta[k])
+                * weights[k]
+                * ((u[k] - u_bar - c_theta[k] * sig[k]) * (d_w[k] - dot) - q + u_bar * dot)
             )
             second = torch.where(masks[k], second, 0.0)
             d_logits[k] = d_logits[k] + reduce_to_shape(second, logits[k].shape).to(d_logits[k].dtype)
@@ -137,8 +140,9 @@ def backward_4d_vjp(grad, h, x, params, cotangents, chunk_size, normalize: bool,
         step_params = [p[:, k if p.shape[1] == 4 else 0] for p in params]
         step_cot = [None if c is None else c[:, k if c.shape[1] == 4 else 0] for c in c_params]
         per_direction.append(
-            backward_vjp(grad[:, k], h[:, k], x, step_params, (c_x, *step_cot), direction, chunk_size, normalize,
-                         backend)
+            backward_vjp(
+                grad[:, k], h[:, k], x, step_params, (c_x, *step_cot), direction, chunk_size, normalize, backend
+            )
         )
     d_grad, d_h, d_x, *d_params = zip(*per_direction, strict=True)
     out = [torch.stack(d_grad, dim=1), torch.stack(d_h, dim=1), sum(d_x)]

@@ -59,8 +59,7 @@ def check_chunk_size(chunk_size: object) -> int | None:
         raise TypeError(f"chunk_size must be None or a positive int, got {type(chunk_size).__name__}")
     if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(
-            f"chunk_size must be None (global) or an int in [1, 2**63 - 1] (the operators take int64), "
-            f"got {chunk_size}"
+            f"chunk_size must be None (global) or an int in [1, 2**63 - 1] (the operators take int64), got {chunk_size}"
         )
     return chunk_size
 

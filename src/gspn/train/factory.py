@@ -51,5 +51,3 @@ def model_default_cfg(model: nn.Module) -> dict[str, Any]:
     """The model's ``default_cfg`` (an empty dict when it has none)."""
     cfg = getattr(model, "default_cfg", None)
     return dict(cfg) if isinstance(cfg, dict) else {}
-
-

@@ -148,8 +148,15 @@ def _loader(ds: Dataset, batch: int, workers: int, device: torch.device, **kw: A
 # ----------------------------------------------------------------------------------------------- train
 
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.png", "summary.json", "model.safetensors",
-             "model_ema.safetensors")
+RUN_FILES = (
+    "last.pt",
+    "best.pt",
+    "metrics.jsonl",
+    "metrics.png",
+    "summary.json",
+    "model.safetensors",
+    "model_ema.safetensors",
+)
 """The files a ``gspn train`` run writes in its folder (their presence marks the folder as a run's)."""
 
 
@@ -188,9 +195,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _validate(cfg: TrainConfig) -> None:
     """Reject settings that cannot train, before any work (one ``ValueError`` naming the option)."""
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "in_chans": cfg.in_chans}
-    positive.update({k: v for k, v in (("img_size", cfg.img_size), ("train_limit", cfg.train_limit),
-                                       ("val_limit", cfg.val_limit), ("stop_after_epochs", cfg.stop_after_epochs))
-                     if v is not None})
+    positive.update(
+        {
+            k: v
+            for k, v in (
+                ("img_size", cfg.img_size),
+                ("train_limit", cfg.train_limit),
+                ("val_limit", cfg.val_limit),
+                ("stop_after_epochs", cfg.stop_after_epochs),
+            )
+            if v is not None
+        }
+    )
     flags = {"img_size": "--image-size", "in_chans": "--in-channels"}  # the flags, not the field names
     for name, value in positive.items():
         if not isinstance(value, int) or value < 1:
@@ -357,18 +373,14 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
     ema = build_ema(model, cfg.ema_decay) if cfg.ema_decay else None
     ddp_model: nn.Module = model
     if ctx.distributed:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None
-        )
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     # Per-rank data RNG: a different augmentation stream on each rank, reproducible per rank.
     rank_seed = derive_seed(cfg.seed, rank=ctx.rank)
     seed_all(rank_seed)
     gen = torch.Generator().manual_seed(rank_seed)
     sampler = (
-        DistributedSampler(
-            data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
-        )
+        DistributedSampler(data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
         if ctx.distributed
         else None
     )
@@ -418,9 +430,7 @@ def _restore(cfg: TrainConfig, ctx: DistContext, run: _Run, ckpt: dict[str, Any]
         run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None:
         if ckpt.get("ema") is None:
-            warnings.warn(
-                "--resume: checkpoint has no EMA; starting the EMA from the current weights", stacklevel=3
-            )
+            warnings.warn("--resume: checkpoint has no EMA; starting the EMA from the current weights", stacklevel=3)
             run.ema = build_ema(run.model, cfg.ema_decay)
         else:
             run.ema.load_state_dict(ckpt["ema"])
@@ -441,9 +451,7 @@ def _restore(cfg: TrainConfig, ctx: DistContext, run: _Run, ckpt: dict[str, Any]
     )
 
 
-def _write_epoch(
-    out: Path, cfg: TrainConfig, state: dict[str, Any], record: dict[str, Any], improved: bool
-) -> None:
+def _write_epoch(out: Path, cfg: TrainConfig, state: dict[str, Any], record: dict[str, Any], improved: bool) -> None:
     """Rank 0's files of one epoch, in kill-safe order: ``last.pt`` is the commit point; ``best.pt``
     and the metrics line follow from it (see :func:`_repair_after_kill`)."""
     save_state(out / "last.pt", state)
@@ -517,15 +525,23 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
 
         stats = train_one_epoch(
-            run.ddp_model, bar, run.optimizer, run.criterion, dev, params_of=model, scheduler=run.scheduler,
-            scaler=run.scaler, clip_grad=cfg.clip_grad, ema=ema, amp_dtype=run.amp_dtype, step=prog.step,
+            run.ddp_model,
+            bar,
+            run.optimizer,
+            run.criterion,
+            dev,
+            params_of=model,
+            scheduler=run.scheduler,
+            scaler=run.scaler,
+            clip_grad=cfg.clip_grad,
+            ema=ema,
+            amp_dtype=run.amp_dtype,
+            step=prog.step,
             on_step=on_step,
         )
         bar.close()
         prog.step = step = stats.step
-        loss_sum, correct, seen = all_reduce_sum(
-            [stats.loss_sum.item(), float(stats.correct.item()), stats.seen], ctx
-        )
+        loss_sum, correct, seen = all_reduce_sum([stats.loss_sum.item(), float(stats.correct.item()), stats.seen], ctx)
         if not math.isfinite(loss_sum) or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             # stop before diverged weights can overwrite a good checkpoint
             raise FloatingPointError(
@@ -684,9 +700,7 @@ def evaluate_checkpoint(
             f"{ckpt.get('model_name', 'no model name')!r}, without {', '.join(missing)})"
         )
     dev = torch.device(
-        "cuda"
-        if (device == "auto" and torch.cuda.is_available())
-        else ("cpu" if device == "auto" else device)
+        "cuda" if (device == "auto" and torch.cuda.is_available()) else ("cpu" if device == "auto" else device)
     )
     model = build_model(
         ckpt["model_name"], num_classes=ckpt["num_classes"], in_chans=ckpt["in_chans"], **ckpt["model_args"]

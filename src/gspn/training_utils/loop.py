@@ -160,9 +160,7 @@ def evaluate(
     loss_sum, correct, n = 0.0, 0.0, 0.0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(
-            device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()

@@ -104,9 +104,7 @@ def plot_metrics(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        warnings.warn(
-            "matplotlib is not installed (pip install 'gspn[plot]'); skipping the plot", stacklevel=2
-        )
+        warnings.warn("matplotlib is not installed (pip install 'gspn[plot]'); skipping the plot", stacklevel=2)
         return False
     recs = [r for r in read_metrics(jsonl) if x in r]
     if not recs:

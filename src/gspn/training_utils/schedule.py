@@ -52,6 +52,4 @@ def build_lr_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` over ``optimizer`` following :func:`lr_factor`; call ``.step()`` after each
     ``optimizer.step()``. Build it before loading the optimizer's state when resuming."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, schedule_fn(kind, total_steps, warmup_steps, min_lr_ratio)
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn(kind, total_steps, warmup_steps, min_lr_ratio))

@@ -55,13 +55,27 @@ STATE_FORMAT = "gspn-train-v1"
 
 #: The entries every training state has (see the module docstring).
 STATE_KEYS: tuple[str, ...] = (
-    "format", "model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step", "rng", "config",
+    "format",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "ema",
+    "epoch",
+    "step",
+    "rng",
+    "config",
 )
 
 #: Key names of the DiT (``opt``, ``args``, ``arch``) and distillation (``trainable``, ``lr_scheduler``)
 #: states written before the format was shared → today's names.
-_LEGACY_KEYS = {"opt": "optimizer", "lr_scheduler": "scheduler", "trainable": "model", "args": "config",
-                "arch": "model_name"}
+_LEGACY_KEYS = {
+    "opt": "optimizer",
+    "lr_scheduler": "scheduler",
+    "trainable": "model",
+    "args": "config",
+    "arch": "model_name",
+}
 
 
 def training_state(
@@ -157,9 +171,7 @@ def restore_rng(state: dict[str, Any], loader_generator: torch.Generator | None 
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
     n = state["numpy"]
-    np.random.set_state(
-        (n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
-    )
+    np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if loader_generator is not None and state.get("loader") is not None:

@@ -232,7 +232,14 @@ def _mix_geometry(out_cl: torch.Tensor, x_strides, state: int, chunk_size) -> tu
     """Kernel arguments from a ``(B, H, W, Cp)`` output buffer's shape."""
     batch, height, width, padded = out_cl.shape
     return (
-        _DTYPES[out_cl.dtype], batch, padded, height, width, state, chunk_size or 0, torch.get_num_threads(),
+        _DTYPES[out_cl.dtype],
+        batch,
+        padded,
+        height,
+        width,
+        state,
+        chunk_size or 0,
+        torch.get_num_threads(),
         *x_strides,
     )
 

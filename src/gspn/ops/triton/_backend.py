@@ -106,8 +106,9 @@ def _geometry(x: torch.Tensor, direction: str, chunk_size: int | None):
     return d, batch * channels, num_lines, line_length, chunk, cdiv(num_lines, chunk)
 
 
-def _launch(kernel, grid: tuple[int, ...], args: tuple, flags: dict[str, Any], cfg: dict[str, Any],
-            stages: bool = True) -> None:
+def _launch(
+    kernel, grid: tuple[int, ...], args: tuple, flags: dict[str, Any], cfg: dict[str, Any], stages: bool = True
+) -> None:
     """``kernel[grid](*args, **flags)`` with the block sizes and warps of ``cfg`` (and its
     ``num_stages`` if ``stages``; the memory variant keeps Triton's default)."""
     options = {"num_warps": cfg["num_warps"], **({"num_stages": cfg["num_stages"]} if stages else {})}
@@ -120,8 +121,14 @@ def _tile_grid(slices: int, cfg: dict[str, Any]) -> tuple[int, int]:
 
 
 def _launch_split(
-    kernel, tensors: tuple, strides: tuple, flags: dict[str, Any], cfg: dict[str, Any],
-    geometry: tuple[int, int, int], state_lines: int, state_dtype: torch.dtype,
+    kernel,
+    tensors: tuple,
+    strides: tuple,
+    flags: dict[str, Any],
+    cfg: dict[str, Any],
+    geometry: tuple[int, int, int],
+    state_lines: int,
+    state_dtype: torch.dtype,
 ) -> None:
     """Launch a split kernel with its flags and ``state_lines`` scratch lines per slice.
 
@@ -174,7 +181,13 @@ def scan(
         *_slice_strides(x),
         *_param_args(channels, lam, w_left, w_mid, w_right),
         *_slice_strides(out),
-        slices, channels, width, num_lines, line_length, chunk, num_chunks,
+        slices,
+        channels,
+        width,
+        num_lines,
+        line_length,
+        chunk,
+        num_chunks,
     )
     flags = {"VERTICAL": d.vertical, "REVERSE": d.reverse, "NORMALIZE": normalize, "ACC": acc}
 
@@ -183,19 +196,37 @@ def scan(
             state = out  # unused placeholder pointer
         else:
             state = torch.empty(cfg["chunk_programs"] * slices * 2 * line_length, dtype=acc_torch, device=x.device)
-        _launch(kernels.line_scan_fwd_kernel, _tile_grid(slices, cfg), (*tensors, state, *strides),
-                {**flags, "STATE_IN_OUT": state_in_out}, cfg, stages=False)
+        _launch(
+            kernels.line_scan_fwd_kernel,
+            _tile_grid(slices, cfg),
+            (*tensors, state, *strides),
+            {**flags, "STATE_IN_OUT": state_in_out},
+            cfg,
+            stages=False,
+        )
 
     run_variants(
         {
             "register": lambda cfg: _launch(
-                kernels.line_scan_fwd_reg_kernel, _tile_grid(slices, cfg), (*tensors, *strides), flags, cfg),
+                kernels.line_scan_fwd_reg_kernel, _tile_grid(slices, cfg), (*tensors, *strides), flags, cfg
+            ),
             "split": lambda cfg: _launch_split(
-                kernels.line_scan_fwd_split_kernel, tensors, strides, flags, cfg,
-                (slices, line_length, num_lines), 2, acc_torch),
+                kernels.line_scan_fwd_split_kernel,
+                tensors,
+                strides,
+                flags,
+                cfg,
+                (slices, line_length, num_lines),
+                2,
+                acc_torch,
+            ),
             "memory": memory,
         },
-        slices, line_length, num_chunks, x.device, 0 if state_in_out else 2 * line_length,
+        slices,
+        line_length,
+        num_chunks,
+        x.device,
+        0 if state_in_out else 2 * line_length,
     )
     return out
 
@@ -231,35 +262,61 @@ def scan_backward(
     _, channels, height, width = x.shape
     d, slices, num_lines, line_length, chunk, num_chunks = _geometry(x, direction, chunk_size)
     acc_torch, acc = _acc_dtype(grad, h, x, lam, w_left, w_mid, w_right, dx)
-    grads = tuple(g if g.is_contiguous() else torch.empty_like(g, memory_format=torch.contiguous_format)
-                  for g in d_params)
+    grads = tuple(
+        g if g.is_contiguous() else torch.empty_like(g, memory_format=torch.contiguous_format) for g in d_params
+    )
     tensors = (grad, h, x, lam, w_left, w_mid, w_right, dx, *grads)
     strides = (
-        *_slice_strides(grad), *_slice_strides(h), *_slice_strides(x),
+        *_slice_strides(grad),
+        *_slice_strides(h),
+        *_slice_strides(x),
         *_param_args(channels, lam, w_left, w_mid, w_right),
         *_slice_strides(dx),
-        slices, channels, height, width, num_lines, line_length, chunk, num_chunks,
+        slices,
+        channels,
+        height,
+        width,
+        num_lines,
+        line_length,
+        chunk,
+        num_chunks,
     )
     flags = {
-        "VERTICAL": d.vertical, "REVERSE": d.reverse, "NORMALIZE": normalize,
-        "ACCUMULATE_DX": accumulate_dx, "ACC": acc,
+        "VERTICAL": d.vertical,
+        "REVERSE": d.reverse,
+        "NORMALIZE": normalize,
+        "ACCUMULATE_DX": accumulate_dx,
+        "ACC": acc,
     }
 
     def memory(cfg: dict[str, Any]) -> None:
         state = torch.empty(cfg["chunk_programs"] * slices * 6 * line_length, dtype=acc_torch, device=x.device)
-        _launch(kernels.line_scan_bwd_kernel, _tile_grid(slices, cfg), (*tensors, state, *strides), flags, cfg,
-                stages=False)
+        _launch(
+            kernels.line_scan_bwd_kernel, _tile_grid(slices, cfg), (*tensors, state, *strides), flags, cfg, stages=False
+        )
 
     run_variants(
         {
             "register": lambda cfg: _launch(
-                kernels.line_scan_bwd_reg_kernel, _tile_grid(slices, cfg), (*tensors, *strides), flags, cfg),
+                kernels.line_scan_bwd_reg_kernel, _tile_grid(slices, cfg), (*tensors, *strides), flags, cfg
+            ),
             "split": lambda cfg: _launch_split(
-                kernels.line_scan_bwd_split_kernel, tensors, strides, flags, cfg,
-                (slices, line_length, num_lines), 6, acc_torch),
+                kernels.line_scan_bwd_split_kernel,
+                tensors,
+                strides,
+                flags,
+                cfg,
+                (slices, line_length, num_lines),
+                6,
+                acc_torch,
+            ),
             "memory": memory,
         },
-        slices, line_length, num_chunks, x.device, 6 * line_length,
+        slices,
+        line_length,
+        num_chunks,
+        x.device,
+        6 * line_length,
     )
     for g, buffer in zip(grads, d_params, strict=True):
         if g is not buffer:

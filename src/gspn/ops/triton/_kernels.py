@@ -73,11 +73,20 @@ def _param_base(b, c, stride_b, stride_c, chan_div):
 
 @triton.jit
 def _param_bases(
-    b, c,
-    lam_sb, lam_sc, lam_div,
-    wl_sb, wl_sc, wl_div,
-    wm_sb, wm_sc, wm_div,
-    wr_sb, wr_sc, wr_div,
+    b,
+    c,
+    lam_sb,
+    lam_sc,
+    lam_div,
+    wl_sb,
+    wl_sc,
+    wl_div,
+    wm_sb,
+    wm_sc,
+    wm_div,
+    wr_sb,
+    wr_sc,
+    wr_div,
 ):
     """:func:`_param_base` of λ and of the three gates."""
     return (
@@ -90,33 +99,59 @@ def _param_bases(
 
 @triton.jit
 def _forward_bases(
-    b, c, x_sb, x_sc,
-    lam_sb, lam_sc, lam_div,
-    wl_sb, wl_sc, wl_div,
-    wm_sb, wm_sc, wm_div,
-    wr_sb, wr_sc, wr_div,
-    out_sb, out_sc,
+    b,
+    c,
+    x_sb,
+    x_sc,
+    lam_sb,
+    lam_sc,
+    lam_div,
+    wl_sb,
+    wl_sc,
+    wl_div,
+    wm_sb,
+    wm_sc,
+    wm_div,
+    wr_sb,
+    wr_sc,
+    wr_div,
+    out_sb,
+    out_sc,
 ):
     """Plane offsets ``[BLOCK_S, 1]`` of the forward's tensors: x, λ, the three gates, the output."""
     lam_base, wl_base, wm_base, wr_base = _param_bases(
         b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
     )
-    return (
-        _slice_base(b, c, x_sb, x_sc), lam_base, wl_base, wm_base, wr_base, _slice_base(b, c, out_sb, out_sc)
-    )
+    return (_slice_base(b, c, x_sb, x_sc), lam_base, wl_base, wm_base, wr_base, _slice_base(b, c, out_sb, out_sc))
 
 
 @triton.jit
 def _adjoint_bases(
-    s, b, c, H, W,
-    g_sb, g_sc,
-    h_sb, h_sc,
-    x_sb, x_sc,
-    lam_sb, lam_sc, lam_div,
-    wl_sb, wl_sc, wl_div,
-    wm_sb, wm_sc, wm_div,
-    wr_sb, wr_sc, wr_div,
-    dx_sb, dx_sc,
+    s,
+    b,
+    c,
+    H,
+    W,
+    g_sb,
+    g_sc,
+    h_sb,
+    h_sc,
+    x_sb,
+    x_sc,
+    lam_sb,
+    lam_sc,
+    lam_div,
+    wl_sb,
+    wl_sc,
+    wl_div,
+    wm_sb,
+    wm_sc,
+    wm_div,
+    wr_sb,
+    wr_sc,
+    wr_div,
+    dx_sb,
+    dx_sc,
 ):
     """Plane offsets ``[BLOCK_S, 1]`` of the backward's tensors: the output gradient, h, x, λ, the
     three gates, dx, and the dense ``(B·C, H, W)`` gradients of λ and the gates."""
@@ -124,8 +159,15 @@ def _adjoint_bases(
         b, c, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div
     )
     return (
-        _slice_base(b, c, g_sb, g_sc), _slice_base(b, c, h_sb, h_sc), _slice_base(b, c, x_sb, x_sc),
-        lam_base, wl_base, wm_base, wr_base, _slice_base(b, c, dx_sb, dx_sc), (s * H * W)[:, None],
+        _slice_base(b, c, g_sb, g_sc),
+        _slice_base(b, c, h_sb, h_sc),
+        _slice_base(b, c, x_sb, x_sc),
+        lam_base,
+        wl_base,
+        wm_base,
+        wr_base,
+        _slice_base(b, c, dx_sb, dx_sc),
+        (s * H * W)[:, None],
     )
 
 
@@ -219,7 +261,19 @@ def _load_gates(wl_ptr, wm_ptr, wr_ptr, wl_base, wm_base, wr_base, off, mask, AC
 
 @triton.jit
 def _line_inputs(
-    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base, off, m, mg,
+    x_ptr,
+    lam_ptr,
+    wl_ptr,
+    wm_ptr,
+    wr_ptr,
+    x_base,
+    lam_base,
+    wl_base,
+    wm_base,
+    wr_base,
+    off,
+    m,
+    mg,
     ACC: tl.constexpr,
 ):
     """x, λ and the three gates of one line (gates masked by ``mg``), as ACC."""
@@ -249,9 +303,33 @@ def _neighbours(left_src, right_src, idx_left, idx_right, has_left, has_right):
 
 @triton.jit
 def _adjoint_line(
-    a, off, prev_off, m, mp, has_l, has_r, pos_stride,
-    h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr,
-    h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base,
+    a,
+    off,
+    prev_off,
+    m,
+    mp,
+    has_l,
+    has_r,
+    pos_stride,
+    h_ptr,
+    x_ptr,
+    lam_ptr,
+    wl_ptr,
+    wm_ptr,
+    wr_ptr,
+    dx_ptr,
+    dlam_ptr,
+    dwl_ptr,
+    dwm_ptr,
+    dwr_ptr,
+    h_base,
+    x_base,
+    lam_base,
+    wl_base,
+    wm_base,
+    wr_base,
+    dx_base,
+    d_base,
     NORMALIZE: tl.constexpr,
     ACCUMULATE_DX: tl.constexpr,
     ACC: tl.constexpr,
@@ -302,14 +380,36 @@ def _adjoint_line(
 
 @triton.jit
 def line_scan_fwd_kernel(
-    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, out_ptr, state_ptr,
-    x_sb, x_sc,
-    lam_sb, lam_sc, lam_div,
-    wl_sb, wl_sc, wl_div,
-    wm_sb, wm_sc, wm_div,
-    wr_sb, wr_sc, wr_div,
-    out_sb, out_sc,
-    S, C, W, L, P, CHUNK, NUM_CHUNKS,
+    x_ptr,
+    lam_ptr,
+    wl_ptr,
+    wm_ptr,
+    wr_ptr,
+    out_ptr,
+    state_ptr,
+    x_sb,
+    x_sc,
+    lam_sb,
+    lam_sc,
+    lam_div,
+    wl_sb,
+    wl_sc,
+    wl_div,
+    wm_sb,
+    wm_sc,
+    wm_div,
+    wr_sb,
+    wr_sc,
+    wr_div,
+    out_sb,
+    out_sc,
+    S,
+    C,
+    W,
+    L,
+    P,
+    CHUNK,
+    NUM_CHUNKS,
     VERTICAL: tl.constexpr,
     REVERSE: tl.constexpr,
     NORMALIZE: tl.constexpr,
@@ -329,8 +429,24 @@ def line_scan_fwd_kernel(
     """
     pid_c, n_cprog, s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
     x_base, lam_base, wl_base, wm_base, wr_base, out_base = _forward_bases(
-        b, c, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div,
-        wr_sb, wr_sc, wr_div, out_sb, out_sc,
+        b,
+        c,
+        x_sb,
+        x_sc,
+        lam_sb,
+        lam_sc,
+        lam_div,
+        wl_sb,
+        wl_sc,
+        wl_div,
+        wm_sb,
+        wm_sc,
+        wm_div,
+        wr_sb,
+        wr_sc,
+        wr_div,
+        out_sb,
+        out_sc,
     )
     st_base = ((pid_c * S + s) * 2 * P)[:, None]
 
@@ -347,8 +463,20 @@ def line_scan_fwd_kernel(
                 mp = m & ((p * 0 + t) > 0)[None, :]  # the line does not start a tile
                 off = (line + p.to(tl.int64) * pos_stride)[None, :]
                 xv, lv, al, am, ar = _line_inputs(
-                    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
-                    off, m, mp, ACC,
+                    x_ptr,
+                    lam_ptr,
+                    wl_ptr,
+                    wm_ptr,
+                    wr_ptr,
+                    x_base,
+                    lam_base,
+                    wl_base,
+                    wm_base,
+                    wr_base,
+                    off,
+                    m,
+                    mp,
+                    ACC,
                 )
                 h = lv * xv
                 al, am, ar = _forward_gates(al, am, ar, has_l, has_r, NORMALIZE)
@@ -368,17 +496,47 @@ def line_scan_fwd_kernel(
 
 @triton.jit
 def line_scan_bwd_kernel(
-    g_ptr, h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr,
-    dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr, state_ptr,
-    g_sb, g_sc,
-    h_sb, h_sc,
-    x_sb, x_sc,
-    lam_sb, lam_sc, lam_div,
-    wl_sb, wl_sc, wl_div,
-    wm_sb, wm_sc, wm_div,
-    wr_sb, wr_sc, wr_div,
-    dx_sb, dx_sc,
-    S, C, H, W, L, P, CHUNK, NUM_CHUNKS,
+    g_ptr,
+    h_ptr,
+    x_ptr,
+    lam_ptr,
+    wl_ptr,
+    wm_ptr,
+    wr_ptr,
+    dx_ptr,
+    dlam_ptr,
+    dwl_ptr,
+    dwm_ptr,
+    dwr_ptr,
+    state_ptr,
+    g_sb,
+    g_sc,
+    h_sb,
+    h_sc,
+    x_sb,
+    x_sc,
+    lam_sb,
+    lam_sc,
+    lam_div,
+    wl_sb,
+    wl_sc,
+    wl_div,
+    wm_sb,
+    wm_sc,
+    wm_div,
+    wr_sb,
+    wr_sc,
+    wr_div,
+    dx_sb,
+    dx_sc,
+    S,
+    C,
+    H,
+    W,
+    L,
+    P,
+    CHUNK,
+    NUM_CHUNKS,
     VERTICAL: tl.constexpr,
     REVERSE: tl.constexpr,
     NORMALIZE: tl.constexpr,
@@ -395,8 +553,31 @@ def line_scan_bwd_kernel(
     """
     pid_c, n_cprog, s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
     g_base, h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base = _adjoint_bases(
-        s, b, c, H, W, g_sb, g_sc, h_sb, h_sc, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div,
-        wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div, dx_sb, dx_sc,
+        s,
+        b,
+        c,
+        H,
+        W,
+        g_sb,
+        g_sc,
+        h_sb,
+        h_sc,
+        x_sb,
+        x_sc,
+        lam_sb,
+        lam_sc,
+        lam_div,
+        wl_sb,
+        wl_sc,
+        wl_div,
+        wm_sb,
+        wm_sc,
+        wm_div,
+        wr_sb,
+        wr_sc,
+        wr_div,
+        dx_sb,
+        dx_sc,
     )
     st_base = ((pid_c * S + s) * 6 * P)[:, None]
 
@@ -425,10 +606,36 @@ def line_scan_bwd_kernel(
                 # Gradients of this line, and q_k = w_k a for the line before.
                 mp = m & ((p * 0 + t) > 0)[None, :]  # the line does not start a tile
                 ql, qm, qr = _adjoint_line(
-                    a, off, (prev_line + pos)[None, :], m, mp, has_l, has_r, pos_stride,
-                    h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr,
-                    h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base,
-                    NORMALIZE, ACCUMULATE_DX, ACC,
+                    a,
+                    off,
+                    (prev_line + pos)[None, :],
+                    m,
+                    mp,
+                    has_l,
+                    has_r,
+                    pos_stride,
+                    h_ptr,
+                    x_ptr,
+                    lam_ptr,
+                    wl_ptr,
+                    wm_ptr,
+                    wr_ptr,
+                    dx_ptr,
+                    dlam_ptr,
+                    dwl_ptr,
+                    dwm_ptr,
+                    dwr_ptr,
+                    h_base,
+                    x_base,
+                    lam_base,
+                    wl_base,
+                    wm_base,
+                    wr_base,
+                    dx_base,
+                    d_base,
+                    NORMALIZE,
+                    ACCUMULATE_DX,
+                    ACC,
                 )
                 cur = state_ptr + st_base + slot * 3 * P + p[None, :]
                 tl.store(cur, ql, mask=mp)
@@ -451,14 +658,35 @@ def line_scan_bwd_kernel(
 
 @triton.jit
 def line_scan_fwd_reg_kernel(
-    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, out_ptr,
-    x_sb, x_sc,
-    lam_sb, lam_sc, lam_div,
-    wl_sb, wl_sc, wl_div,
-    wm_sb, wm_sc, wm_div,
-    wr_sb, wr_sc, wr_div,
-    out_sb, out_sc,
-    S, C, W, L, P, CHUNK, NUM_CHUNKS,
+    x_ptr,
+    lam_ptr,
+    wl_ptr,
+    wm_ptr,
+    wr_ptr,
+    out_ptr,
+    x_sb,
+    x_sc,
+    lam_sb,
+    lam_sc,
+    lam_div,
+    wl_sb,
+    wl_sc,
+    wl_div,
+    wm_sb,
+    wm_sc,
+    wm_div,
+    wr_sb,
+    wr_sc,
+    wr_div,
+    out_sb,
+    out_sc,
+    S,
+    C,
+    W,
+    L,
+    P,
+    CHUNK,
+    NUM_CHUNKS,
     VERTICAL: tl.constexpr,
     REVERSE: tl.constexpr,
     NORMALIZE: tl.constexpr,
@@ -469,8 +697,24 @@ def line_scan_fwd_reg_kernel(
     """Forward recurrence, state in registers (requires ``P <= BLOCK_P``); grid as the memory variant."""
     pid_c, n_cprog, _s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
     x_base, lam_base, wl_base, wm_base, wr_base, out_base = _forward_bases(
-        b, c, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div,
-        wr_sb, wr_sc, wr_div, out_sb, out_sc,
+        b,
+        c,
+        x_sb,
+        x_sc,
+        lam_sb,
+        lam_sc,
+        lam_div,
+        wl_sb,
+        wl_sc,
+        wl_div,
+        wm_sb,
+        wm_sc,
+        wm_div,
+        wr_sb,
+        wr_sc,
+        wr_div,
+        out_sb,
+        out_sc,
     )
     p, m, has_l, has_r, idx_l, idx_r, pos = _whole_line(P, s_ok, pos_stride, BLOCK_S, BLOCK_P)
 
@@ -480,16 +724,40 @@ def line_scan_fwd_reg_kernel(
         # Line 0 of the tile: its gates are never used (zero state), so they are not read.
         line, _prev = _line_offsets(i_lo, n, 0, line_stride, REVERSE)
         xv, lv, al, am, ar = _line_inputs(
-            x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
-            line + pos, m, m & (p < 0)[None, :], ACC,
+            x_ptr,
+            lam_ptr,
+            wl_ptr,
+            wm_ptr,
+            wr_ptr,
+            x_base,
+            lam_base,
+            wl_base,
+            wm_base,
+            wr_base,
+            line + pos,
+            m,
+            m & (p < 0)[None, :],
+            ACC,
         )
         for t in range(0, n):
             # Prefetch line t + 1 (nothing past the tile's end).
             line_next, _prev = _line_offsets(i_lo, n, t + 1, line_stride, REVERSE)
             m_next = m & ((p * 0 + t + 1) < n)[None, :]
             xn, ln, aln, amn, arn = _line_inputs(
-                x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
-                line_next + pos, m_next, m_next, ACC,
+                x_ptr,
+                lam_ptr,
+                wl_ptr,
+                wm_ptr,
+                wr_ptr,
+                x_base,
+                lam_base,
+                wl_base,
+                wm_base,
+                wr_base,
+                line_next + pos,
+                m_next,
+                m_next,
+                ACC,
             )
             al, am, ar = _forward_gates(al, am, ar, has_l, has_r, NORMALIZE)
             # h is zero on the first line of a tile, so no extra masking is needed.
@@ -502,17 +770,46 @@ def line_scan_fwd_reg_kernel(
 
 @triton.jit
 def line_scan_bwd_reg_kernel(
-    g_ptr, h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr,
-    dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr,
-    g_sb, g_sc,
-    h_sb, h_sc,
-    x_sb, x_sc,
-    lam_sb, lam_sc, lam_div,
-    wl_sb, wl_sc, wl_div,
-    wm_sb, wm_sc, wm_div,
-    wr_sb, wr_sc, wr_div,
-    dx_sb, dx_sc,
-    S, C, H, W, L, P, CHUNK, NUM_CHUNKS,
+    g_ptr,
+    h_ptr,
+    x_ptr,
+    lam_ptr,
+    wl_ptr,
+    wm_ptr,
+    wr_ptr,
+    dx_ptr,
+    dlam_ptr,
+    dwl_ptr,
+    dwm_ptr,
+    dwr_ptr,
+    g_sb,
+    g_sc,
+    h_sb,
+    h_sc,
+    x_sb,
+    x_sc,
+    lam_sb,
+    lam_sc,
+    lam_div,
+    wl_sb,
+    wl_sc,
+    wl_div,
+    wm_sb,
+    wm_sc,
+    wm_div,
+    wr_sb,
+    wr_sc,
+    wr_div,
+    dx_sb,
+    dx_sc,
+    S,
+    C,
+    H,
+    W,
+    L,
+    P,
+    CHUNK,
+    NUM_CHUNKS,
     VERTICAL: tl.constexpr,
     REVERSE: tl.constexpr,
     NORMALIZE: tl.constexpr,
@@ -524,8 +821,31 @@ def line_scan_bwd_reg_kernel(
     """Adjoint recurrence with ``q_k = w_k a`` of the next line kept in registers (``P <= BLOCK_P``)."""
     pid_c, n_cprog, s, s_ok, b, c, line_stride, pos_stride = _program_setup(S, C, W, VERTICAL, BLOCK_S)
     g_base, h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base = _adjoint_bases(
-        s, b, c, H, W, g_sb, g_sc, h_sb, h_sc, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div,
-        wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div, dx_sb, dx_sc,
+        s,
+        b,
+        c,
+        H,
+        W,
+        g_sb,
+        g_sc,
+        h_sb,
+        h_sc,
+        x_sb,
+        x_sc,
+        lam_sb,
+        lam_sc,
+        lam_div,
+        wl_sb,
+        wl_sc,
+        wl_div,
+        wm_sb,
+        wm_sc,
+        wm_div,
+        wr_sb,
+        wr_sc,
+        wr_div,
+        dx_sb,
+        dx_sc,
     )
     p, m, has_l, has_r, idx_l, idx_r, pos = _whole_line(P, s_ok, pos_stride, BLOCK_S, BLOCK_P)
 
@@ -547,10 +867,36 @@ def line_scan_bwd_reg_kernel(
             a += from_r + qm + from_l
 
             ql, qm, qr = _adjoint_line(
-                a, off, prev_off, m, mp, has_l, has_r, pos_stride,
-                h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr,
-                h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base,
-                NORMALIZE, ACCUMULATE_DX, ACC,
+                a,
+                off,
+                prev_off,
+                m,
+                mp,
+                has_l,
+                has_r,
+                pos_stride,
+                h_ptr,
+                x_ptr,
+                lam_ptr,
+                wl_ptr,
+                wm_ptr,
+                wr_ptr,
+                dx_ptr,
+                dlam_ptr,
+                dwl_ptr,
+                dwm_ptr,
+                dwr_ptr,
+                h_base,
+                x_base,
+                lam_base,
+                wl_base,
+                wm_base,
+                wr_base,
+                dx_base,
+                d_base,
+                NORMALIZE,
+                ACCUMULATE_DX,
+                ACC,
             )
 
 
@@ -579,8 +925,15 @@ def line_scan_bwd_reg_kernel(
 
 @triton.jit
 def _split_program(
-    sync_ptr, S, P, SEG, HALO, NUM_SEG, NUM_GROUPS,
-    BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    sync_ptr,
+    S,
+    P,
+    SEG,
+    HALO,
+    NUM_SEG,
+    NUM_GROUPS,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """Ticket, time block ``k``, segment, slices and window of a split program.
 
@@ -652,14 +1005,40 @@ def _starts_tile(j, L, CHUNK, REVERSE: tl.constexpr):
 
 @triton.jit
 def line_scan_fwd_split_kernel(
-    x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, out_ptr, state_ptr, sync_ptr,
-    x_sb, x_sc,
-    lam_sb, lam_sc, lam_div,
-    wl_sb, wl_sc, wl_div,
-    wm_sb, wm_sc, wm_div,
-    wr_sb, wr_sc, wr_div,
-    out_sb, out_sc,
-    S, C, W, L, P, CHUNK, SEG, HALO, NUM_SEG, NUM_GROUPS,
+    x_ptr,
+    lam_ptr,
+    wl_ptr,
+    wm_ptr,
+    wr_ptr,
+    out_ptr,
+    state_ptr,
+    sync_ptr,
+    x_sb,
+    x_sc,
+    lam_sb,
+    lam_sc,
+    lam_div,
+    wl_sb,
+    wl_sc,
+    wl_div,
+    wm_sb,
+    wm_sc,
+    wm_div,
+    wr_sb,
+    wr_sc,
+    wr_div,
+    out_sb,
+    out_sc,
+    S,
+    C,
+    W,
+    L,
+    P,
+    CHUNK,
+    SEG,
+    HALO,
+    NUM_SEG,
+    NUM_GROUPS,
     VERTICAL: tl.constexpr,
     REVERSE: tl.constexpr,
     NORMALIZE: tl.constexpr,
@@ -672,15 +1051,29 @@ def line_scan_fwd_split_kernel(
     Grid: ``(NUM_TIME_BLOCKS · NUM_GROUPS · NUM_SEG,)``; ``sync_ptr``: int32 zeros, one ticket
     counter then one flag per program; ``state_ptr``: float32 ``(S, 2, P)`` scratch.
     """
-    ticket, k, seg, s, p, inside, own = _split_program(
-        sync_ptr, S, P, SEG, HALO, NUM_SEG, NUM_GROUPS, BLOCK_S, BLOCK_P
-    )
+    ticket, k, seg, s, p, inside, own = _split_program(sync_ptr, S, P, SEG, HALO, NUM_SEG, NUM_GROUPS, BLOCK_S, BLOCK_P)
     b = s // C
     c = s % C
     line_stride, pos_stride = _line_strides(W, VERTICAL)
     x_base, lam_base, wl_base, wm_base, wr_base, out_base = _forward_bases(
-        b, c, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div, wm_sb, wm_sc, wm_div,
-        wr_sb, wr_sc, wr_div, out_sb, out_sc,
+        b,
+        c,
+        x_sb,
+        x_sc,
+        lam_sb,
+        lam_sc,
+        lam_div,
+        wl_sb,
+        wl_sc,
+        wl_div,
+        wm_sb,
+        wm_sc,
+        wm_div,
+        wr_sb,
+        wr_sc,
+        wr_div,
+        out_sb,
+        out_sc,
     )
     has_l, has_r, idx_l, idx_r = _window_neighbours(p, P, BLOCK_S, BLOCK_P)
     pos = (p.to(tl.int64) * pos_stride)[None, :]
@@ -690,14 +1083,27 @@ def line_scan_fwd_split_kernel(
 
     _wait_for_block_before(sync_ptr, ticket, k, seg, NUM_SEG, NUM_GROUPS)
     # ".cg": past L1, which may hold this scratch line from two blocks ago.
-    h = tl.load(state + ((k + 1) % 2) * P, mask=inside & ((p * 0 + k) > 0)[None, :], other=0.0,
-                cache_modifier=".cg").to(ACC)
+    h = tl.load(
+        state + ((k + 1) % 2) * P, mask=inside & ((p * 0 + k) > 0)[None, :], other=0.0, cache_modifier=".cg"
+    ).to(ACC)
 
     line, _prev = _line_offsets(0, L, j0, line_stride, REVERSE)
     mg = inside & ((p * 0 + _starts_tile(j0, L, CHUNK, REVERSE).to(tl.int32)) == 0)[None, :]
     xv, lv, al, am, ar = _line_inputs(
-        x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
-        line + pos, inside, mg, ACC,
+        x_ptr,
+        lam_ptr,
+        wl_ptr,
+        wm_ptr,
+        wr_ptr,
+        x_base,
+        lam_base,
+        wl_base,
+        wm_base,
+        wr_base,
+        line + pos,
+        inside,
+        mg,
+        ACC,
     )
     for t in range(0, n):
         # Prefetch line t + 1 of the block (its gates are not read if it starts a tile).
@@ -706,8 +1112,20 @@ def line_scan_fwd_split_kernel(
         start_next = _starts_tile(j0 + t + 1, L, CHUNK, REVERSE).to(tl.int32)
         mg_next = m_next & ((p * 0 + start_next) == 0)[None, :]
         xn, ln, aln, amn, arn = _line_inputs(
-            x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, x_base, lam_base, wl_base, wm_base, wr_base,
-            line_next + pos, m_next, mg_next, ACC,
+            x_ptr,
+            lam_ptr,
+            wl_ptr,
+            wm_ptr,
+            wr_ptr,
+            x_base,
+            lam_base,
+            wl_base,
+            wm_base,
+            wr_base,
+            line_next + pos,
+            m_next,
+            mg_next,
+            ACC,
         )
         al, am, ar = _forward_gates(al, am, ar, has_l, has_r, NORMALIZE)
         h = tl.where(mg, h, 0.0)  # a line that starts a tile gets no state from the line before
@@ -724,17 +1142,51 @@ def line_scan_fwd_split_kernel(
 
 @triton.jit
 def line_scan_bwd_split_kernel(
-    g_ptr, h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr,
-    dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr, state_ptr, sync_ptr,
-    g_sb, g_sc,
-    h_sb, h_sc,
-    x_sb, x_sc,
-    lam_sb, lam_sc, lam_div,
-    wl_sb, wl_sc, wl_div,
-    wm_sb, wm_sc, wm_div,
-    wr_sb, wr_sc, wr_div,
-    dx_sb, dx_sc,
-    S, C, H, W, L, P, CHUNK, SEG, HALO, NUM_SEG, NUM_GROUPS,
+    g_ptr,
+    h_ptr,
+    x_ptr,
+    lam_ptr,
+    wl_ptr,
+    wm_ptr,
+    wr_ptr,
+    dx_ptr,
+    dlam_ptr,
+    dwl_ptr,
+    dwm_ptr,
+    dwr_ptr,
+    state_ptr,
+    sync_ptr,
+    g_sb,
+    g_sc,
+    h_sb,
+    h_sc,
+    x_sb,
+    x_sc,
+    lam_sb,
+    lam_sc,
+    lam_div,
+    wl_sb,
+    wl_sc,
+    wl_div,
+    wm_sb,
+    wm_sc,
+    wm_div,
+    wr_sb,
+    wr_sc,
+    wr_div,
+    dx_sb,
+    dx_sc,
+    S,
+    C,
+    H,
+    W,
+    L,
+    P,
+    CHUNK,
+    SEG,
+    HALO,
+    NUM_SEG,
+    NUM_GROUPS,
     VERTICAL: tl.constexpr,
     REVERSE: tl.constexpr,
     NORMALIZE: tl.constexpr,
@@ -750,15 +1202,36 @@ def line_scan_bwd_split_kernel(
     ``(S, 2, 3, P)`` float32); gradients as in :func:`_adjoint_line`, written for ``own``
     positions only.
     """
-    ticket, k, seg, s, p, inside, own = _split_program(
-        sync_ptr, S, P, SEG, HALO, NUM_SEG, NUM_GROUPS, BLOCK_S, BLOCK_P
-    )
+    ticket, k, seg, s, p, inside, own = _split_program(sync_ptr, S, P, SEG, HALO, NUM_SEG, NUM_GROUPS, BLOCK_S, BLOCK_P)
     b = s // C
     c = s % C
     line_stride, pos_stride = _line_strides(W, VERTICAL)
     g_base, h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base = _adjoint_bases(
-        s, b, c, H, W, g_sb, g_sc, h_sb, h_sc, x_sb, x_sc, lam_sb, lam_sc, lam_div, wl_sb, wl_sc, wl_div,
-        wm_sb, wm_sc, wm_div, wr_sb, wr_sc, wr_div, dx_sb, dx_sc,
+        s,
+        b,
+        c,
+        H,
+        W,
+        g_sb,
+        g_sc,
+        h_sb,
+        h_sc,
+        x_sb,
+        x_sc,
+        lam_sb,
+        lam_sc,
+        lam_div,
+        wl_sb,
+        wl_sc,
+        wl_div,
+        wm_sb,
+        wm_sc,
+        wm_div,
+        wr_sb,
+        wr_sc,
+        wr_div,
+        dx_sb,
+        dx_sc,
     )
     has_l, has_r, idx_l, idx_r = _window_neighbours(p, P, BLOCK_S, BLOCK_P)
     pos = (p.to(tl.int64) * pos_stride)[None, :]
@@ -780,10 +1253,36 @@ def line_scan_bwd_split_kernel(
         a += from_r + qm + from_l
         mp = inside & ((p * 0 + _starts_tile(j, L, CHUNK, REVERSE).to(tl.int32)) == 0)[None, :]
         ql, qm, qr = _adjoint_line(
-            a, line + pos, prev_line + pos, own, mp, has_l, has_r, pos_stride,
-            h_ptr, x_ptr, lam_ptr, wl_ptr, wm_ptr, wr_ptr, dx_ptr, dlam_ptr, dwl_ptr, dwm_ptr, dwr_ptr,
-            h_base, x_base, lam_base, wl_base, wm_base, wr_base, dx_base, d_base,
-            NORMALIZE, ACCUMULATE_DX, ACC,
+            a,
+            line + pos,
+            prev_line + pos,
+            own,
+            mp,
+            has_l,
+            has_r,
+            pos_stride,
+            h_ptr,
+            x_ptr,
+            lam_ptr,
+            wl_ptr,
+            wm_ptr,
+            wr_ptr,
+            dx_ptr,
+            dlam_ptr,
+            dwl_ptr,
+            dwm_ptr,
+            dwr_ptr,
+            h_base,
+            x_base,
+            lam_base,
+            wl_base,
+            wm_base,
+            wr_base,
+            dx_base,
+            d_base,
+            NORMALIZE,
+            ACCUMULATE_DX,
+            ACC,
         )
         # A line that starts a tile passes nothing to the line before (its gates do not count).
         ql = tl.where(mp, ql, 0.0)

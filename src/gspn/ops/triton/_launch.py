@@ -167,8 +167,13 @@ def launch_config(
         if not 1 <= 3 * halo <= block_p:
             raise ValueError(f"the split kernel needs 1 <= 3 * halo <= block_p, got halo={halo}, block_p={block_p}")
         config = {
-            "kernel": kernel, "block_s": 1, "block_p": block_p, "halo": halo, "chunk_programs": 1,
-            "num_warps": 1 if interp else max(4, min(16, block_p // (32 * 4))), "num_stages": 1,
+            "kernel": kernel,
+            "block_s": 1,
+            "block_p": block_p,
+            "halo": halo,
+            "chunk_programs": 1,
+            "num_warps": 1 if interp else max(4, min(16, block_p // (32 * 4))),
+            "num_stages": 1,
         }
         config.update({k: v for k, v in _overrides.items() if k in ("block_s", "num_warps", "num_stages")})
         return config
@@ -200,8 +205,13 @@ def launch_config(
         per_thread = 4 if kernel == "register" else 8
         num_warps = max(4, min(16, block_s * block_p // (32 * per_thread)))
     config: dict[str, Any] = {
-        "kernel": kernel, "block_s": block_s, "block_p": block_p, "halo": 0, "chunk_programs": chunk_programs,
-        "num_warps": num_warps, "num_stages": 1 if interp or ("pipelined", block_p) in _broken else _GPU_NUM_STAGES,
+        "kernel": kernel,
+        "block_s": block_s,
+        "block_p": block_p,
+        "halo": 0,
+        "chunk_programs": chunk_programs,
+        "num_warps": num_warps,
+        "num_stages": 1 if interp or ("pipelined", block_p) in _broken else _GPU_NUM_STAGES,
     }
     config.update({k: v for k, v in _overrides.items() if k not in ("kernel", "block_p", "halo")})
     config["chunk_programs"] = max(1, min(config["chunk_programs"], num_chunks, 65535))

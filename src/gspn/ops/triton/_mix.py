@@ -171,9 +171,26 @@ def _emit(h, u, d, xv, acc_ptrs, out_ptrs, m, FIRST: tl.constexpr, LAST: tl.cons
 
 @triton.jit
 def _setup(
-    NS, C, S,
-    x_sb, x_sc, x_sh, x_sw, z_sb, z_sh, z_sw, a_sb, a_sc, a_sh, a_sw, o_sb, o_sc, o_sh, o_sw,
-    VERTICAL: tl.constexpr, BLOCK_S: tl.constexpr,
+    NS,
+    C,
+    S,
+    x_sb,
+    x_sc,
+    x_sh,
+    x_sw,
+    z_sb,
+    z_sh,
+    z_sw,
+    a_sb,
+    a_sc,
+    a_sh,
+    a_sw,
+    o_sb,
+    o_sc,
+    o_sh,
+    o_sw,
+    VERTICAL: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Slices of this program, which exist, their plane offsets ``[BLOCK_S, 1]`` in x, proxy, the
     accumulator and the output, the weight-row offsets, and the line/position strides."""
@@ -186,21 +203,55 @@ def _setup(
     a_l, a_p = _line_pos_strides(a_sh, a_sw, VERTICAL)
     o_l, o_p = _line_pos_strides(o_sh, o_sw, VERTICAL)
     return (
-        s, s_ok,
-        (b * x_sb + c * x_sc)[:, None], (b * z_sb)[:, None], (b * a_sb + c * a_sc)[:, None],
-        (b * o_sb + c * o_sc)[:, None], (c * _KINDS_ * S)[:, None],
-        x_l, x_p, z_l, z_p, a_l, a_p, o_l, o_p,
+        s,
+        s_ok,
+        (b * x_sb + c * x_sc)[:, None],
+        (b * z_sb)[:, None],
+        (b * a_sb + c * a_sc)[:, None],
+        (b * o_sb + c * o_sc)[:, None],
+        (c * _KINDS_ * S)[:, None],
+        x_l,
+        x_p,
+        z_l,
+        z_p,
+        a_l,
+        a_p,
+        o_l,
+        o_p,
     )
 
 
 @triton.jit
 def gspn_mix_fwd_kernel(
-    x_ptr, z_ptr, w_ptr, acc_ptr, out_ptr, state_ptr,
-    x_sb, x_sc, x_sh, x_sw,
-    z_sb, z_sc, z_sh, z_sw,
-    a_sb, a_sc, a_sh, a_sw,
-    o_sb, o_sc, o_sh, o_sw,
-    NS, C, S, L, P, CHUNK, NUM_CHUNKS,
+    x_ptr,
+    z_ptr,
+    w_ptr,
+    acc_ptr,
+    out_ptr,
+    state_ptr,
+    x_sb,
+    x_sc,
+    x_sh,
+    x_sw,
+    z_sb,
+    z_sc,
+    z_sh,
+    z_sw,
+    a_sb,
+    a_sc,
+    a_sh,
+    a_sw,
+    o_sb,
+    o_sc,
+    o_sh,
+    o_sw,
+    NS,
+    C,
+    S,
+    L,
+    P,
+    CHUNK,
+    NUM_CHUNKS,
     VERTICAL: tl.constexpr,
     REVERSE: tl.constexpr,
     FIRST: tl.constexpr,
@@ -218,10 +269,27 @@ def gspn_mix_fwd_kernel(
     """
     pid_c = tl.program_id(1)
     n_cprog = tl.num_programs(1)
-    (s, s_ok, x_base, z_base, a_base, o_base, w_base,
-     x_l, x_p, z_l, z_p, a_l, a_p, o_l, o_p) = _setup(
-        NS, C, S, x_sb, x_sc, x_sh, x_sw, z_sb, z_sh, z_sw, a_sb, a_sc, a_sh, a_sw, o_sb, o_sc, o_sh, o_sw,
-        VERTICAL, BLOCK_S,
+    (s, s_ok, x_base, z_base, a_base, o_base, w_base, x_l, x_p, z_l, z_p, a_l, a_p, o_l, o_p) = _setup(
+        NS,
+        C,
+        S,
+        x_sb,
+        x_sc,
+        x_sh,
+        x_sw,
+        z_sb,
+        z_sh,
+        z_sw,
+        a_sb,
+        a_sc,
+        a_sh,
+        a_sw,
+        o_sb,
+        o_sc,
+        o_sh,
+        o_sw,
+        VERTICAL,
+        BLOCK_S,
     )
     w_rows = w_ptr + w_base
     w_ok = s_ok[:, None]
@@ -248,8 +316,16 @@ def gspn_mix_fwd_kernel(
                 h = lam * xv + al * hl + am * hm + ar * hr
                 tl.store(state_ptr + st_base + slot * P + p[None, :], h, mask=m)
                 _emit(
-                    h, u, d, xv, acc_ptr + a_base + (i * a_l + p * a_p)[None, :],
-                    out_ptr + o_base + (i * o_l + p * o_p)[None, :], m, FIRST, LAST, ACC,
+                    h,
+                    u,
+                    d,
+                    xv,
+                    acc_ptr + a_base + (i * a_l + p * a_p)[None, :],
+                    out_ptr + o_base + (i * o_l + p * o_p)[None, :],
+                    m,
+                    FIRST,
+                    LAST,
+                    ACC,
                 )
             # Line i must be complete (all blocks, all threads) before line i+1 reads it.
             tl.debug_barrier()
@@ -257,12 +333,34 @@ def gspn_mix_fwd_kernel(
 
 @triton.jit
 def gspn_mix_fwd_reg_kernel(
-    x_ptr, z_ptr, w_ptr, acc_ptr, out_ptr,
-    x_sb, x_sc, x_sh, x_sw,
-    z_sb, z_sc, z_sh, z_sw,
-    a_sb, a_sc, a_sh, a_sw,
-    o_sb, o_sc, o_sh, o_sw,
-    NS, C, S, L, P, CHUNK, NUM_CHUNKS,
+    x_ptr,
+    z_ptr,
+    w_ptr,
+    acc_ptr,
+    out_ptr,
+    x_sb,
+    x_sc,
+    x_sh,
+    x_sw,
+    z_sb,
+    z_sc,
+    z_sh,
+    z_sw,
+    a_sb,
+    a_sc,
+    a_sh,
+    a_sw,
+    o_sb,
+    o_sc,
+    o_sh,
+    o_sw,
+    NS,
+    C,
+    S,
+    L,
+    P,
+    CHUNK,
+    NUM_CHUNKS,
     VERTICAL: tl.constexpr,
     REVERSE: tl.constexpr,
     FIRST: tl.constexpr,
@@ -278,10 +376,27 @@ def gspn_mix_fwd_reg_kernel(
     backward's recomputation; ``y`` is not touched)."""
     pid_c = tl.program_id(1)
     n_cprog = tl.num_programs(1)
-    (_s, s_ok, x_base, z_base, a_base, o_base, w_base,
-     x_l, x_p, z_l, z_p, a_l, a_p, o_l, o_p) = _setup(
-        NS, C, S, x_sb, x_sc, x_sh, x_sw, z_sb, z_sh, z_sw, a_sb, a_sc, a_sh, a_sw, o_sb, o_sc, o_sh, o_sw,
-        VERTICAL, BLOCK_S,
+    (_s, s_ok, x_base, z_base, a_base, o_base, w_base, x_l, x_p, z_l, z_p, a_l, a_p, o_l, o_p) = _setup(
+        NS,
+        C,
+        S,
+        x_sb,
+        x_sc,
+        x_sh,
+        x_sw,
+        z_sb,
+        z_sh,
+        z_sw,
+        a_sb,
+        a_sc,
+        a_sh,
+        a_sw,
+        o_sb,
+        o_sc,
+        o_sh,
+        o_sw,
+        VERTICAL,
+        BLOCK_S,
     )
     w_rows = w_ptr + w_base
     w_ok = s_ok[:, None]
@@ -308,8 +423,16 @@ def gspn_mix_fwd_reg_kernel(
                 tl.store(out_ptr + o_base + (i * o_l + p * o_p)[None, :], h.to(out_ptr.dtype.element_ty), mask=m)
             else:
                 _emit(
-                    h, u, d, xv, acc_ptr + a_base + (i * a_l + p * a_p)[None, :],
-                    out_ptr + o_base + (i * o_l + p * o_p)[None, :], m, FIRST, LAST, ACC,
+                    h,
+                    u,
+                    d,
+                    xv,
+                    acc_ptr + a_base + (i * a_l + p * a_p)[None, :],
+                    out_ptr + o_base + (i * o_l + p * o_p)[None, :],
+                    m,
+                    FIRST,
+                    LAST,
+                    ACC,
                 )
 
 
@@ -349,14 +472,47 @@ def _spread(w, d):
 
 @triton.jit
 def gspn_mix_bwd_reg_kernel(
-    g_ptr, x_ptr, z_ptr, w_ptr, h_ptr, dx_ptr, dz_ptr, dw_ptr,
-    g_sb, g_sc, g_sh, g_sw,
-    x_sb, x_sc, x_sh, x_sw,
-    z_sb, z_sc, z_sh, z_sw,
-    h_sb, h_sc, h_sh, h_sw,
-    dx_sb, dx_sc, dx_sh, dx_sw,
-    dz_sblk, dz_sb, dz_sc, dz_sh, dz_sw,
-    B, C, S, L, P, CHUNK, NUM_CHUNKS, NBLK,
+    g_ptr,
+    x_ptr,
+    z_ptr,
+    w_ptr,
+    h_ptr,
+    dx_ptr,
+    dz_ptr,
+    dw_ptr,
+    g_sb,
+    g_sc,
+    g_sh,
+    g_sw,
+    x_sb,
+    x_sc,
+    x_sh,
+    x_sw,
+    z_sb,
+    z_sc,
+    z_sh,
+    z_sw,
+    h_sb,
+    h_sc,
+    h_sh,
+    h_sw,
+    dx_sb,
+    dx_sc,
+    dx_sh,
+    dx_sw,
+    dz_sblk,
+    dz_sb,
+    dz_sc,
+    dz_sh,
+    dz_sw,
+    B,
+    C,
+    S,
+    L,
+    P,
+    CHUNK,
+    NUM_CHUNKS,
+    NBLK,
     VERTICAL: tl.constexpr,
     REVERSE: tl.constexpr,
     FIRST: tl.constexpr,
@@ -476,8 +632,7 @@ def gspn_mix_bwd_reg_kernel(
             dw_ar += _correlate(gr, z)
             dw_lam += _correlate(dlam, z)
             dw_u += _correlate(du, z)
-            dzv = (_spread(w_al, gl) + _spread(w_am, gm) + _spread(w_ar, gr) + _spread(w_lam, dlam)
-                   + _spread(w_u, du))
+            dzv = _spread(w_al, gl) + _spread(w_am, gm) + _spread(w_ar, gr) + _spread(w_lam, dlam) + _spread(w_u, du)
             if FIRST:
                 dd = gv * xv
                 dw_d += _correlate(dd, z)
@@ -531,8 +686,13 @@ def _launch_config(slices: int, line_length: int, num_chunks: int, device: torch
             chunk_programs = max(1, min(chunk_programs, _MAX_SCRATCH_BYTES // max(per_program, 1)))
         per_thread = 4 if kernel == "register" else 8
         num_warps = max(4, min(16, block_s * block_p // (32 * per_thread)))
-    cfg = {"kernel": kernel, "block_s": block_s, "block_p": block_p, "chunk_programs": chunk_programs,
-           "num_warps": num_warps}
+    cfg = {
+        "kernel": kernel,
+        "block_s": block_s,
+        "block_p": block_p,
+        "chunk_programs": chunk_programs,
+        "num_warps": num_warps,
+    }
     cfg.update({k: v for k, v in _overrides.items() if k in ("block_s", "chunk_programs", "num_warps")})
     cfg["chunk_programs"] = max(1, min(cfg["chunk_programs"], num_chunks, 65535))
     return cfg
@@ -613,8 +773,13 @@ def mix_forward(
         grid = (cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
         scalars = (slices, channels, state, num_lines, line_length, chunk, num_chunks)
         flags = {
-            "VERTICAL": d.vertical, "REVERSE": d.reverse, "FIRST": k == 0, "LAST": k == len(DIRECTIONS) - 1,
-            "ACC": acc, "BLOCK_S": cfg["block_s"], "num_warps": cfg["num_warps"],
+            "VERTICAL": d.vertical,
+            "REVERSE": d.reverse,
+            "FIRST": k == 0,
+            "LAST": k == len(DIRECTIONS) - 1,
+            "ACC": acc,
+            "BLOCK_S": cfg["block_s"],
+            "num_warps": cfg["num_warps"],
         }
         if cfg["kernel"] == "register":
             try:
@@ -667,14 +832,22 @@ def _backward_config(batch: int, channels: int, state: int, line_length: int, nu
         chunk_programs, num_warps = 1, 1
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        block_s = min(next_pow2(channels), max(1, _GPU_MAX_REG_BLOCK_P // block_p),
-                      max(1, _GPU_MAX_PRODUCT // (block_p * block_j)))
+        block_s = min(
+            next_pow2(channels),
+            max(1, _GPU_MAX_REG_BLOCK_P // block_p),
+            max(1, _GPU_MAX_PRODUCT // (block_p * block_j)),
+        )
         while block_s > 1 and batch * cdiv(channels, block_s) * num_chunks < 4 * sms:
             block_s //= 2
         chunk_programs = min(num_chunks, max(1, cdiv(4 * sms, batch * cdiv(channels, block_s))))
         num_warps = max(4, min(16, block_s * block_p // (32 * 4)))
-    cfg = {"block_s": block_s, "block_j": block_j, "block_p": block_p, "chunk_programs": chunk_programs,
-           "num_warps": num_warps}
+    cfg = {
+        "block_s": block_s,
+        "block_j": block_j,
+        "block_p": block_p,
+        "chunk_programs": chunk_programs,
+        "num_warps": num_warps,
+    }
     cfg.update({k: v for k, v in _overrides.items() if k in ("block_s", "chunk_programs", "num_warps")})
     cfg["chunk_programs"] = max(1, min(cfg["chunk_programs"], num_chunks, 65535))
     return cfg
@@ -710,8 +883,21 @@ def _fused_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weig
         strides = (*_strides4(x), *_strides4(proxy), *_strides4(h), *_strides4(h))
         scalars = (slices, channels, state, num_lines, line_length, chunk, num_chunks)
         gspn_mix_fwd_reg_kernel[(cdiv(slices, fcfg["block_s"]), fcfg["chunk_programs"])](
-            x, proxy, w[k], h, h, *strides, *scalars, VERTICAL=d.vertical, REVERSE=d.reverse, FIRST=False,
-            LAST=False, STORE_H=True, ACC=acc, BLOCK_S=fcfg["block_s"], BLOCK_P=next_pow2(line_length),
+            x,
+            proxy,
+            w[k],
+            h,
+            h,
+            *strides,
+            *scalars,
+            VERTICAL=d.vertical,
+            REVERSE=d.reverse,
+            FIRST=False,
+            LAST=False,
+            STORE_H=True,
+            ACC=acc,
+            BLOCK_S=fcfg["block_s"],
+            BLOCK_P=next_pow2(line_length),
             num_warps=fcfg["num_warps"],
         )
         # ... then its adjoint, channel groups of one batch element per program.
@@ -719,12 +905,36 @@ def _fused_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weig
         dw_k = torch.empty((cfg["chunk_programs"], batch, channels, _KINDS, state), dtype=acc_torch, device=x.device)
         dz_k = dz[:blocks]
         gspn_mix_bwd_reg_kernel[(batch * blocks, cfg["chunk_programs"])](
-            grad, x, proxy, w[k], h, dx, dz_k, dw_k,
-            *_strides4(grad), *_strides4(x), *_strides4(proxy), *_strides4(h), *_strides4(dx),
+            grad,
+            x,
+            proxy,
+            w[k],
+            h,
+            dx,
+            dz_k,
+            dw_k,
+            *_strides4(grad),
+            *_strides4(x),
+            *_strides4(proxy),
+            *_strides4(h),
+            *_strides4(dx),
             *dz_k.stride(),
-            batch, channels, state, num_lines, line_length, chunk, num_chunks, blocks,
-            VERTICAL=d.vertical, REVERSE=d.reverse, FIRST=k == 0, ACC=acc,
-            BLOCK_S=cfg["block_s"], BLOCK_J=cfg["block_j"], BLOCK_P=cfg["block_p"], num_warps=cfg["num_warps"],
+            batch,
+            channels,
+            state,
+            num_lines,
+            line_length,
+            chunk,
+            num_chunks,
+            blocks,
+            VERTICAL=d.vertical,
+            REVERSE=d.reverse,
+            FIRST=k == 0,
+            ACC=acc,
+            BLOCK_S=cfg["block_s"],
+            BLOCK_J=cfg["block_j"],
+            BLOCK_P=cfg["block_p"],
+            num_warps=cfg["num_warps"],
         )
         dw.append(dw_k.sum((0, 1)))  # (C, 6, S)
     dw = torch.stack(dw)  # (4, C, 6, S): gradients of the packed weights
@@ -735,13 +945,17 @@ def _fused_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weig
     d_skip_merged = dw[0, :, 5]  # gradient of Σ_k m_k skip_weight[k]
     d_merge = (u_weight * d_u_scaled).sum((1, 2)) + (skip_weight * d_skip_merged).sum((1, 2))
     return [
-        dx, dz.sum(0), d_gate_weight, dw[:, :, 3], m.view(-1, 1, 1) * d_u_scaled,
-        m.view(-1, 1, 1) * d_skip_merged, d_merge,
+        dx,
+        dz.sum(0),
+        d_gate_weight,
+        dw[:, :, 3],
+        m.view(-1, 1, 1) * d_u_scaled,
+        m.view(-1, 1, 1) * d_skip_merged,
+        d_merge,
     ]
 
 
-def mix_backward(scan_module, grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight,
-                 chunk_size):
+def mix_backward(scan_module, grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size):
     """Gradients of :func:`gspn.ops.gspn_mix` (see the module doc).
 
     The fused kernels when every direction's lines fit one register block; otherwise (and on a GPU
@@ -775,8 +989,9 @@ def mix_backward(scan_module, grad, x, proxy, gate_weight, lam_weight, u_weight,
     return _backward_by_scans(scan_module, *args)
 
 
-def _backward_by_scans(scan_module, grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight,
-                       chunk_size):
+def _backward_by_scans(
+    scan_module, grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size
+):
     """The backward through the line-scan kernels, one direction at a time (arguments and result as
     :func:`mix_backward`'s; ``dx``/``dproxy`` contiguous NCHW)."""
     grad, x, proxy = (t.contiguous() for t in (grad, x, proxy))  # the scan kernels need dense planes
@@ -800,8 +1015,9 @@ def _backward_by_scans(scan_module, grad, x, proxy, gate_weight, lam_weight, u_w
         lam = torch.einsum("cs,bshw->bchw", lam_weight[k], proxy)
         u = torch.einsum("cs,bshw->bchw", u_weight[k], proxy)
         h = torch.empty_like(x)
-        scan_module.scan(x, lam, gates[0], gates[1], gates[2], direction=name, chunk_size=chunk_size,
-                         normalize=True, out=h)
+        scan_module.scan(
+            x, lam, gates[0], gates[1], gates[2], direction=name, chunk_size=chunk_size, normalize=True, out=h
+        )
         gu = grad * u
         del u
         d_merge_u.append((gu * h).sum())
@@ -809,8 +1025,19 @@ def _backward_by_scans(scan_module, grad, x, proxy, gate_weight, lam_weight, u_w
         dh = gu.mul_(merge_weight[k])  # dL/dh_k = m_k g ⊙ u_k
         d_params = [torch.empty_like(x) for _ in range(4)]
         scan_module.scan_backward(
-            dh, h, x, lam, gates[0], gates[1], gates[2], direction=name, chunk_size=chunk_size,
-            normalize=True, dx=dx, accumulate_dx=True, d_params=d_params,
+            dh,
+            h,
+            x,
+            lam,
+            gates[0],
+            gates[1],
+            gates[2],
+            direction=name,
+            chunk_size=chunk_size,
+            normalize=True,
+            dx=dx,
+            accumulate_dx=True,
+            d_params=d_params,
         )
         del dh, h, lam, gates
         dlam = d_params[0]
