@@ -104,3 +104,13 @@ def test_one_digits_loader_and_its_missing_extra_message(monkeypatch):
     with pytest.raises(ModuleNotFoundError, match=r"gspn\[data\]") as info:
         load_digits()
     assert info.value.name == "sklearn"
+
+
+def test_build_data_rejects_a_mean_or_std_of_another_channel_count(tmp_path):
+    """An explicit mean/std must have one value per channel (only the defaults are averaged)."""
+    from gspn.datasets import build_data
+
+    with pytest.raises(ValueError, match="mean has 2 values but in_chans = 3"):
+        build_data(str(tmp_path), in_chans=3, mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="std has 1 values but in_chans = 3"):
+        build_data(str(tmp_path), in_chans=3, std=(0.5,))

@@ -225,9 +225,12 @@ def build_data(
         root = Path(source)
         cfg_size = model_cfg.get("input_size", (in_chans, 224, 224))[-1]
         size = img_size or int(cfg_size)
+        for name, given in (("mean", mean), ("std", std)):
+            if given and len(given) != in_chans:
+                raise ValueError(f"{name} has {len(given)} values but in_chans = {in_chans}: give one per channel")
         m = tuple(mean) if mean else tuple(model_cfg.get("mean", (0.485, 0.456, 0.406)))[:in_chans]
         s = tuple(std) if std else tuple(model_cfg.get("std", (0.229, 0.224, 0.225)))[:in_chans]
-        if len(m) != in_chans or len(s) != in_chans:
+        if len(m) != in_chans or len(s) != in_chans:  # the defaults for another channel count: their average
             m, s = (sum(m) / len(m),) * in_chans, (sum(s) / len(s),) * in_chans
         kw = dict(scale=scale or (0.08, 1.0), hflip=0.5 if hflip is None else hflip)
         cp = 0.875 if crop_pct is None else crop_pct

@@ -65,7 +65,7 @@ def sincos_pos_embed(
         ValueError: ``dim`` is not a multiple of 4.
     """
     if dim % 4:
-        raise ValueError(f"embed_dim must be a multiple of 4 for the sin-cos position embedding, got {dim}")
+        raise ValueError(f"dim must be a multiple of 4 for the sin-cos position embedding, got {dim}")
     quarter = dim // 4
     omega = temperature ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
     ys = torch.arange(h, device=device, dtype=torch.float32)[:, None, None] * omega  # (h, 1, q)

@@ -9,8 +9,8 @@
   (``baseline_vit``, ``baseline_conv``).
 """
 
+from ..datasets import build_data
 from .baselines import BASELINES, count_params, match_params
-from .data import build_data
 from .factory import available_models, build_model, model_task, parse_model_args
 from .trainer import TrainConfig, evaluate, evaluate_checkpoint, run, train, weights_digest
 

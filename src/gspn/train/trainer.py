@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .._files import claim_run_dir
+from ..datasets import build_data
 from ..training_utils import (
     STATE_FORMAT,
     DistContext,
@@ -56,7 +57,6 @@ from ..training_utils import (
     weights_digest,
 )
 from ..training_utils.schedule import schedule_fn
-from .data import build_data
 from .factory import build_model, model_default_cfg
 
 __all__ = ["TrainConfig", "evaluate", "evaluate_checkpoint", "run", "train", "weights_digest"]
