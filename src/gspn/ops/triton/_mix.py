@@ -652,7 +652,9 @@ def gspn_mix_bwd_reg_kernel(
 # Host side.
 
 
-def _launch_config(slices: int, line_length: int, num_chunks: int, device: torch.device) -> dict[str, Any]:
+def _launch_config(
+    slices: int, line_length: int, num_chunks: int, device: torch.device, kernel: str | None = None
+) -> dict[str, Any]:
     """Variant and launch parameters of one direction's launch.
 
     Interpreter (CPU tensors): as few programs as possible (its cost is per program and operation):
@@ -660,12 +662,15 @@ def _launch_config(slices: int, line_length: int, num_chunks: int, device: torch
     up to 4096 elements per program. GPU: the register variant for lines up to 1024 positions,
     slice groups halved until there are 4 programs per SM, the tiles of a local scan spread over
     the second grid axis (memory variant: within a 256 MiB scratch), ~4 (register) or 8 (memory)
-    elements per thread. Untuned: no GPU has run these kernels.
+    elements per thread. Untuned: no GPU has run these kernels. ``kernel`` forces the variant (it
+    takes precedence over :func:`gspn.ops.triton.launch_overrides`; the fallback after a failed
+    register build asks for ``"memory"``).
     """
     interp = device.type == "cpu"
     whole = next_pow2(line_length)
     max_reg = _INTERP_MAX_BLOCK_P if interp else _GPU_MAX_REG_BLOCK_P
-    kernel = _forced_kernel() or ("register" if whole <= max_reg and (_REGISTER, whole) not in _broken else "memory")
+    fits = whole <= max_reg and (_REGISTER, whole) not in _broken
+    kernel = kernel or _forced_kernel() or ("register" if fits else "memory")
     if kernel == "register":
         block_p = whole
     else:
@@ -798,7 +803,7 @@ def mix_forward(
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                cfg = _launch_config(slices, line_length, num_chunks, x.device)
+                cfg = _launch_config(slices, line_length, num_chunks, x.device, kernel="memory")
                 grid = (cdiv(slices, cfg["block_s"]), cfg["chunk_programs"])
                 flags.update(BLOCK_S=cfg["block_s"], num_warps=cfg["num_warps"])
         scratch = torch.empty(cfg["chunk_programs"] * slices * 2 * line_length, dtype=acc_torch, device=x.device)
