@@ -68,7 +68,7 @@ one direction at a time (O(x), not O(4·x)).
 
 Verified only under the Triton interpreter (``TRITON_INTERPRET=1``, ``tests/test_triton_mix.py``),
 never on a GPU: barriers, launch sizes and speed are unverified there. Ahead-of-time sm_90 builds
-(``benchmarks/triton_mix_compile_check.py``) succeed; the backward does not spill registers at the
+(``benchmarks/triton_compile_check.py --kernels mix``) succeed; the backward does not spill registers at the
 sizes picked for lines up to 256 positions with ``S <= 8``, spills 8–32 bytes at ``S = 16`` and
 ~350 bytes for lines of 1024 positions (``[1, 8, 1024]`` products).
 """
