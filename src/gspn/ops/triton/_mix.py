@@ -83,6 +83,7 @@ import triton
 import triton.language as tl
 
 from ..directions import DIRECTIONS, get_direction
+from ._backend import _acc_dtype
 from ._kernels import _forward_gates, _load_neighbours, _neighbours, _stabilize
 from ._launch import (
     _GPU_MAX_BLOCK_P,
@@ -710,12 +711,6 @@ def _forced_kernel() -> str | None:
     return kernel if kernel in ("register", "memory") else None
 
 
-def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, Any]:
-    if dtype == torch.float64:
-        return torch.float64, tl.float64
-    return torch.float32, tl.float32
-
-
 def _pack_weights(gate_weight, lam_weight, u_weight, skip_weight, merge_weight, dtype) -> torch.Tensor:
     """``(4, C, 6, S)`` in ``dtype``: gate logits (expanded from ``Cg`` to ``C``), λ, ``m_k u_k``
     and (the same for every k) the merged skip ``Σ_k m_k D_k``."""
@@ -764,7 +759,7 @@ def mix_forward(
     """
     batch, channels, height, width = x.shape
     state = proxy.shape[1]
-    acc_torch, acc = _acc_dtype(x.dtype)
+    acc_torch, acc = _acc_dtype(x)
     w = _pack_weights(gate_weight, lam_weight, u_weight, skip_weight, merge_weight, acc_torch)
     y_acc = out if out.dtype == acc_torch else torch.empty(x.shape, dtype=acc_torch, device=x.device)
     slices = batch * channels
@@ -864,7 +859,7 @@ def _fused_backward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weig
     batch, channels, height, width = x.shape
     state = proxy.shape[1]
     gate_channels = gate_weight.shape[2]
-    acc_torch, acc = _acc_dtype(x.dtype)
+    acc_torch, acc = _acc_dtype(x)
     geometry = []
     for name in DIRECTIONS:
         d = get_direction(name)
