@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,11 @@ def test_rank_rng_restore_takes_this_ranks_entry_or_an_old_single_dict():
     assert restore_rank_rng(a, rank=1, world_size=2)  # legacy: one dict, restored on every rank
     torch.testing.assert_close(torch.rand(3), x, rtol=0, atol=0)
     before = torch.get_rng_state()
-    assert not restore_rank_rng([a], rank=0, world_size=2)  # written by another number of processes
+    with pytest.warns(UserWarning, match="written by 1 processes, this run has 2; RNG streams are re-seeded"):
+        assert not restore_rank_rng([a], rank=0, world_size=2)  # written by another number of processes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not restore_rank_rng([a], rank=0, world_size=2, warn=False)
     assert torch.equal(torch.get_rng_state(), before)
 
 

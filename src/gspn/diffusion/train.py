@@ -234,7 +234,7 @@ def _restore(run: _Run, path: Path, ctx: Any) -> int:
     run.ema.load_state_dict(ckpt["ema"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("rng") is not None:  # every random draw of a step is re-seeded anyway (derive_seed)
-        restore_rank_rng(ckpt["rng"], ctx.rank, ctx.world_size)
+        restore_rank_rng(ckpt["rng"], ctx.rank, ctx.world_size, warn=False)
     start = int(ckpt["step"])
     # The schedule is a function of the step and of this run's --lr/--warmup-steps (which may differ
     # from the checkpoint's): fast-forward the LambdaLR to ``start`` instead of loading its state.

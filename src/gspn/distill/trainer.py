@@ -45,7 +45,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -407,12 +406,7 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        if not restore_rank_rng(state["rng"], self.rank, self.world):
-            warnings.warn(
-                f"resume: {path} was written by {len(state['rng'])} processes, this run has {self.world}; "
-                "RNG streams are re-seeded, so the continuation is not bit-exact",
-                stacklevel=2,
-            )
+        restore_rank_rng(state["rng"], self.rank, self.world)
         return True
 
     # ------------------------------------------------------------------ loop

@@ -89,7 +89,7 @@ from ..training_utils import (
     param_groups,
     plot_metrics,
     read_metrics,
-    restore_rng,
+    restore_rank_rng,
     save_state,
     seed_all,
     sync_buffers,
@@ -744,15 +744,7 @@ class _Run:
             self.module.load_state_dict(ckpt["distiller"])
             start, step = ckpt["epoch"] + 1, ckpt["step"]
             elapsed, best_acc, best_epoch = ckpt["elapsed_s"], ckpt["best_acc"], ckpt["best_epoch"]
-            rng = ckpt["rng"]
-            if len(rng) == ctx.world_size:
-                restore_rng(rng[ctx.rank], self.gen)
-            else:
-                warnings.warn(
-                    f"--resume: checkpoint was written by {len(rng)} processes, this run has "
-                    f"{ctx.world_size}; RNG streams are re-seeded, so the continuation is not bit-exact",
-                    stacklevel=2,
-                )
+            restore_rank_rng(ckpt["rng"], ctx.rank, ctx.world_size, self.gen)
             if start < cfg.epochs and self._stage_of(start) == ckpt["stage"]:
                 self._build_stage(ckpt["stage"])
                 self.optimizer.load_state_dict(ckpt["optimizer"])

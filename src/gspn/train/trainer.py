@@ -435,12 +435,7 @@ def _restore(cfg: TrainConfig, ctx: DistContext, run: _Run, ckpt: dict[str, Any]
         else:
             run.ema.load_state_dict(ckpt["ema"])
     rng = ckpt["rng"]
-    if not restore_rank_rng(rng, ctx.rank, ctx.world_size, run.gen):
-        warnings.warn(
-            f"--resume: checkpoint was written by {len(rng)} processes, this run has {ctx.world_size}; "
-            "RNG streams are re-seeded, so the continuation is not bit-exact",
-            stacklevel=3,
-        )
+    restore_rank_rng(rng, ctx.rank, ctx.world_size, run.gen)
     return _Progress(
         start_epoch=ckpt["epoch"] + 1,
         step=ckpt["step"],

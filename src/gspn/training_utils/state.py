@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from typing import Any
 
 import numpy as np
@@ -183,17 +184,25 @@ def restore_rank_rng(
     rank: int,
     world_size: int,
     loader_generator: torch.Generator | None = None,
+    *,
+    warn: bool = True,
 ) -> bool:
     """Restore this process's entry of a training state's ``rng`` list (:func:`restore_rng`).
 
     A single :func:`capture_rng` dict (the DiT and distillation states written before the format was
     shared held rank 0's only) is restored on every rank. Returns ``False``, restoring nothing, when the
-    list was written by another number of processes (the continuation then is not bit-exact; the caller
-    decides whether to warn)."""
+    list was written by another number of processes; the continuation then is not bit-exact, which a
+    ``UserWarning`` says unless ``warn=False`` (a recipe whose every draw is seeded per step)."""
     if isinstance(rng, dict):
         restore_rng(rng, loader_generator)
         return True
     if len(rng) != world_size:
+        if warn:
+            warnings.warn(
+                f"resume: the state was written by {len(rng)} processes, this run has {world_size}; "
+                "RNG streams are re-seeded, so the continuation is not bit-exact",
+                stacklevel=3,
+            )
         return False
     restore_rng(rng[rank], loader_generator)
     return True
