@@ -6,14 +6,34 @@ The subclasses own the patch embedding (``_embed``), the ``blocks`` and the head
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .gspn_vision import ClassifierAPI, feature_indices
+from .gspn_vision import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ClassifierAPI, feature_indices
 
-__all__ = ["IsotropicEncoder"]
+__all__ = ["IsotropicEncoder", "isotropic_cfg"]
+
+
+def isotropic_cfg(**kwargs: Any) -> dict[str, Any]:
+    """The ``default_cfg`` of an isotropic ImageNet encoder (224², patch-embedding stem, ``head.fc``),
+    updated with ``kwargs``."""
+    return {
+        "url": "",
+        "task": "classification",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (14, 14),
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head.fc",
+        **kwargs,
+    }
 
 
 class IsotropicEncoder(ClassifierAPI, nn.Module):

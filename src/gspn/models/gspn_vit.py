@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import GSPNBlock
-from ._isotropic import IsotropicEncoder
+from ._isotropic import IsotropicEncoder, isotropic_cfg
 from ._registry import register_model
-from .gspn_vision import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ClassifierHead
+from .gspn_vision import ClassifierHead
 from .reference_checkpoints import plan_pretrained
 
 __all__ = ["GSPNViT", "PatchEmbed"]
@@ -173,21 +173,7 @@ class GSPNViT(IsotropicEncoder):
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "task": "classification",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (14, 14),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head.fc",
-        "reference_semantics": False,  # no reference code or checkpoints exist for these models
-        **kwargs,
-    }
+    return isotropic_cfg(reference_semantics=False, **kwargs)  # no reference code or checkpoints exist
 
 
 default_cfgs: dict[str, dict[str, Any]] = {

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import DropPath, Mlp, MultiHeadSelfAttention
-from ._isotropic import IsotropicEncoder
+from ._isotropic import IsotropicEncoder, isotropic_cfg
 from ._registry import register_model
 from .checkpoint import load_pretrained
-from .gspn_vision import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ClassifierHead
+from .gspn_vision import ClassifierHead
 from .gspn_vit import PatchEmbed
 
 __all__ = ["POS_EMBEDS", "POS_INTERPS", "TransformerBlock", "VisionTransformer", "sincos_pos_embed"]
@@ -251,20 +251,7 @@ class VisionTransformer(IsotropicEncoder):
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "task": "classification",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (14, 14),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head.fc",
-        **kwargs,
-    }
+    return isotropic_cfg(**kwargs)
 
 
 default_cfgs: dict[str, dict[str, Any]] = {
