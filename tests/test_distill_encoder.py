@@ -299,6 +299,7 @@ def test_student_narrower_than_teacher_uses_adapters(tmp_path, teacher_file, one
         (["--teacher", "{t}", "--stage1-epochs", "11"], "--stage1-epochs (11) must not exceed --epochs (10)"),
         (["--teacher", "{t}", "--kd-temperature", "0"], "--kd-temperature must be"),
         (["--teacher", "{d}/missing.safetensors"], "--teacher: no checkpoint at"),
+        (["--teacher", "{junk}"], "is not a safetensors checkpoint"),
         (["--teacher", "{t}", "--stage1-inputs", "both"], "invalid choice: 'both'"),
         (["--teacher", "{conv}"], "--teacher: ConvBaseline has no per-block outputs"),
     ],
@@ -308,7 +309,12 @@ def test_command_bad_arguments_one_line_exit_2(argv, message, tmp_path, teacher_
 
     conv = tmp_path / "conv.safetensors"
     save_checkpoint(create_model("baseline_conv", num_classes=10, width=4, depths=(1,)), conv)
-    args = [a.format(t=teacher_file, d=tmp_path, conv=conv) for a in argv] + ["--output-dir", str(tmp_path / "o")]
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("not a checkpoint")
+    args = [a.format(t=teacher_file, d=tmp_path, conv=conv, junk=junk) for a in argv] + [
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
     try:
         rc = main(["distill-encoder", *args])
     except SystemExit as exc:  # argparse's own errors

@@ -66,6 +66,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
@@ -253,7 +254,7 @@ def load_teacher(path: str) -> tuple[nn.Module, dict[str, Any]]:
         raise FileNotFoundError(f"--teacher: no checkpoint at {p} (give a model.safetensors from `gspn train`)")
     try:
         meta = read_metadata(p)
-    except Exception as exc:
+    except (SafetensorError, OSError) as exc:
         raise ValueError(f"--teacher: {p} is not a safetensors checkpoint ({exc})") from None
     if "gspn.architecture" not in meta:
         raise ValueError(
