@@ -93,3 +93,37 @@ def test_stabilize_ignores_missing_neighbours(direction):
         for g, w in zip(grads, want_grads, strict=True):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
         assert grads[gate].masked_select(mask[gate].expand_as(grads[gate])).eq(0).all()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e4, -1e4])
+def test_used_non_finite_logits_follow_the_reference_in_float32(value):
+    """A used gate logit that is NaN, ±Inf or huge: the float32 CPU kernels (lines of 16 or more
+    positions, where the normalisation runs in vector registers two vectors at a time) give what the
+    float64 reference gives: a NaN spreads along the scan, ±Inf and huge logits give 0/1 weights."""
+    gen = torch.Generator().manual_seed(7)
+    shape = (1, 2, 20, 37)
+    x, lam = (torch.randn(shape, generator=gen) for _ in range(2))
+    gates = [torch.randn(shape, generator=gen) for _ in range(3)]
+    for k, (c, i, j) in enumerate([(0, 5, 17), (1, 9, 33), (0, 14, 2)]):
+        gates[k][0, c, i, j] = value
+    for direction in DIRECTIONS:
+        got = line_scan(x, lam, *gates, direction=direction, normalize=True, backend="cpu")
+        want = line_scan(
+            *(t.double() for t in (x, lam, *gates)), direction=direction, normalize=True, backend="reference"
+        )
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True, msg=direction)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e4])
+def test_non_finite_proxy_follows_the_reference_in_gspn_mix(value):
+    from gspn.ops import gspn_mix
+
+    gen = torch.Generator().manual_seed(8)
+    c, s = 32, 3
+    x, proxy = torch.randn(1, c, 13, 21, generator=gen), torch.randn(1, s, 13, 21, generator=gen)
+    proxy[0, 1, 6, 10] = value
+    weights = [torch.randn(4, 3, c, s, generator=gen), *(torch.randn(4, c, s, generator=gen) for _ in range(3))]
+    merge = torch.randn(4, generator=gen)
+    got = gspn_mix(x, proxy, *weights, merge, backend="cpu")
+    want = gspn_mix(*(t.double() for t in (x, proxy, *weights, merge)), backend="reference")
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, equal_nan=True)

@@ -19,8 +19,10 @@
 // GCC run those loops one element at a time.
 #if defined(__GNUC__)
 #define GSPN_INLINE inline __attribute__((always_inline))
+#define GSPN_LAMBDA_INLINE __attribute__((always_inline))
 #else
 #define GSPN_INLINE inline
+#define GSPN_LAMBDA_INLINE
 #endif
 
 namespace {
@@ -137,22 +139,28 @@ GSPN_INLINE T stability_weights(T al, T am, T ar, bool has_l, bool has_r, T& wl,
 // the 1.5 * 2^23 trick), a degree-5 polynomial fitted for relative error (9e-8 on the interval; under
 // 1.5 ulp in all for |a| < 10), scaled by 2^n with vscalefps. -|a| is clamped at -87 first, so
 // that ±inf gives e^-87 (a zero weight to working precision), not inf - inf; a NaN stays NaN.
-GSPN_INLINE __m512 exp_neg_abs16(__mmask16 keep, __m512 a) {
-  const __m512 neg = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
-  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-87.0f), neg);  // vmaxps: the second operand if NaN
+// M independent vectors at a time (each step issued for all M before the next step, so that M
+// dependency chains are in flight at once: one chain alone is latency-bound).
+template <int M>
+GSPN_INLINE void exp_neg_abs16(const __mmask16 (&keep)[M], const __m512 (&a)[M], __m512 (&t)[M]) {
   const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
+  __m512 x[M], n[M], r[M], y[M];
+  for (int i = 0; i < M; ++i) {
+    const __m512 neg = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a[i]), _mm512_set1_epi32(INT32_MIN)));
+    x[i] = _mm512_max_ps(_mm512_set1_ps(-87.0f), neg);  // vmaxps: the second operand if NaN
+  }
+  for (int i = 0; i < M; ++i)
+    n[i] = _mm512_sub_ps(_mm512_fmadd_ps(x[i], _mm512_set1_ps(1.44269504088896341f), magic), magic);
   // r = x - n ln2 in one fused multiply-add with ln2 rounded to float: the error, |n| * 1.9e-9 (at most
   // 2.4e-7 relative at x = -87, 3e-8 for |x| < 10), stays far below exp's own sensitivity to a half-ulp
   // change of x (|x| * 6e-8).
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182464599609375f), x);
-  __m512 y = _mm512_set1_ps(8.290303e-3f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1897915e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6667636e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.999915e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.999997e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(keep, y, n);
+  for (int i = 0; i < M; ++i) r[i] = _mm512_fnmadd_ps(n[i], _mm512_set1_ps(0.693147182464599609375f), x[i]);
+  for (int i = 0; i < M; ++i) y[i] = _mm512_fmadd_ps(_mm512_set1_ps(8.290303e-3f), r[i], _mm512_set1_ps(4.1897915e-2f));
+  for (int i = 0; i < M; ++i) y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(1.6667636e-1f));
+  for (int i = 0; i < M; ++i) y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(4.999915e-1f));
+  for (int i = 0; i < M; ++i) y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(9.999997e-1f));
+  for (int i = 0; i < M; ++i) y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(1.0f));
+  for (int i = 0; i < M; ++i) t[i] = _mm512_maskz_scalef_ps(keep[i], y[i], n[i]);
 }
 
 // stability_weights of 16 positions, the same formula: with t_k = exp(-|a_k|) (0 for a missing
@@ -162,35 +170,71 @@ GSPN_INLINE __m512 exp_neg_abs16(__mmask16 keep, __m512 a) {
 // has_l / has_r: the lanes whose left / right neighbour exists; the others' logits never enter.
 // Returns the lanes whose sum is below tiny_sum (for the softmax fallback). With KEEP also the
 // sigmoids s_k = e_k / prod_j d_j.
+//
+// N independent groups of 16 positions at a time: a[n] = {left, mid, right logits}, w[n] and s[n]
+// likewise, under[n] the fallback lanes of group n. Every step is issued for all N groups before the
+// next, so the out-of-order core sees N chains (the results do not depend on N).
+template <bool KEEP, int N>
+GSPN_INLINE void stability_weights16(const __m512 (&a)[N][3], const __mmask16 (&has_l)[N],
+                                     const __mmask16 (&has_r)[N], __m512 (&w)[N][3], __m512 (&s)[N][3],
+                                     __mmask16 (&under)[N]) {
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  __mmask16 keep[3 * N];
+  __m512 av[3 * N], t[3 * N];
+  for (int n = 0; n < N; ++n) {
+    keep[3 * n] = has_l[n];
+    keep[3 * n + 1] = 0xFFFF;
+    keep[3 * n + 2] = has_r[n];
+    for (int k = 0; k < 3; ++k) av[3 * n + k] = a[n][k];
+  }
+  exp_neg_abs16<3 * N>(keep, av, t);
+  for (int n = 0; n < N; ++n) {
+    const __m512 tl = t[3 * n], tm = t[3 * n + 1], tr = t[3 * n + 2];
+    const __m512 dl = _mm512_add_ps(one, tl), dm = _mm512_add_ps(one, tm), dr = _mm512_add_ps(one, tr);
+    // e_k = n_k p_k with p_k = prod_{j != k} d_j: p_k where a_k >= 0, t_k p_k elsewhere (a_k < 0, NaN,
+    // or a missing neighbour, whose t_k is 0) -- one masked multiply instead of a blend and a multiply.
+    const __mmask16 ml = _mm512_kor(_mm512_cmp_ps_mask(a[n][0], zero, _CMP_NGE_UQ), _mm512_knot(has_l[n]));
+    const __mmask16 mm = _mm512_cmp_ps_mask(a[n][1], zero, _CMP_NGE_UQ);
+    const __mmask16 mr = _mm512_kor(_mm512_cmp_ps_mask(a[n][2], zero, _CMP_NGE_UQ), _mm512_knot(has_r[n]));
+    const __m512 pl = _mm512_mul_ps(dm, dr), pm = _mm512_mul_ps(dl, dr), dlm = _mm512_mul_ps(dl, dm);
+    const __m512 el = _mm512_mask_mul_ps(pl, ml, pl, tl), em = _mm512_mask_mul_ps(pm, mm, pm, tm);
+    const __m512 er = _mm512_mask_mul_ps(dlm, mr, dlm, tr);
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(el, em), er);
+    const __m512 r0 = _mm512_rcp14_ps(sum);
+    const __m512 inv = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(sum, r0, one), r0);
+    w[n][0] = _mm512_mul_ps(el, inv);
+    w[n][1] = _mm512_mul_ps(em, inv);
+    w[n][2] = _mm512_mul_ps(er, inv);
+    if (KEEP) {
+      const __m512 prod = _mm512_mul_ps(dlm, dr);
+      const __m512 q0 = _mm512_rcp14_ps(prod);
+      const __m512 q = _mm512_fmadd_ps(q0, _mm512_fnmadd_ps(prod, q0, one), q0);
+      s[n][0] = _mm512_mul_ps(el, q);
+      s[n][1] = _mm512_mul_ps(em, q);
+      s[n][2] = _mm512_mul_ps(er, q);
+    }
+    under[n] = _mm512_cmp_ps_mask(sum, _mm512_set1_ps(tiny_sum<float>()), _CMP_LT_OQ);
+  }
+}
+
+// One group of 16 positions (N = 1 of the above).
 template <bool KEEP>
 GSPN_INLINE __mmask16 stability_weights16(__m512 al, __m512 am, __m512 ar, __mmask16 has_l, __mmask16 has_r,
                                           __m512& wl, __m512& wm, __m512& wr, __m512& sl, __m512& sm, __m512& sr) {
-  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-  const __m512 tl = exp_neg_abs16(has_l, al), tm = exp_neg_abs16(0xFFFF, am), tr = exp_neg_abs16(has_r, ar);
-  const __m512 dl = _mm512_add_ps(one, tl), dm = _mm512_add_ps(one, tm), dr = _mm512_add_ps(one, tr);
-  // e_k = n_k p_k with p_k = prod_{j != k} d_j: p_k where a_k >= 0, t_k p_k elsewhere (a_k < 0, NaN,
-  // or a missing neighbour, whose t_k is 0) -- one masked multiply instead of a blend and a multiply.
-  const __mmask16 ml = _mm512_kor(_mm512_cmp_ps_mask(al, zero, _CMP_NGE_UQ), _mm512_knot(has_l));
-  const __mmask16 mm = _mm512_cmp_ps_mask(am, zero, _CMP_NGE_UQ);
-  const __mmask16 mr = _mm512_kor(_mm512_cmp_ps_mask(ar, zero, _CMP_NGE_UQ), _mm512_knot(has_r));
-  const __m512 pl = _mm512_mul_ps(dm, dr), pm = _mm512_mul_ps(dl, dr), dlm = _mm512_mul_ps(dl, dm);
-  const __m512 el = _mm512_mask_mul_ps(pl, ml, pl, tl), em = _mm512_mask_mul_ps(pm, mm, pm, tm);
-  const __m512 er = _mm512_mask_mul_ps(dlm, mr, dlm, tr);
-  const __m512 sum = _mm512_add_ps(_mm512_add_ps(el, em), er);
-  const __m512 r0 = _mm512_rcp14_ps(sum);
-  const __m512 inv = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(sum, r0, one), r0);
-  wl = _mm512_mul_ps(el, inv);
-  wm = _mm512_mul_ps(em, inv);
-  wr = _mm512_mul_ps(er, inv);
+  const __m512 a[1][3] = {{al, am, ar}};
+  const __mmask16 hl[1] = {has_l}, hr[1] = {has_r};
+  __m512 w[1][3], s[1][3];
+  __mmask16 under[1];
+  stability_weights16<KEEP, 1>(a, hl, hr, w, s, under);
+  wl = w[0][0];
+  wm = w[0][1];
+  wr = w[0][2];
   if (KEEP) {
-    const __m512 prod = _mm512_mul_ps(dlm, dr);
-    const __m512 q0 = _mm512_rcp14_ps(prod);
-    const __m512 q = _mm512_fmadd_ps(q0, _mm512_fnmadd_ps(prod, q0, one), q0);
-    sl = _mm512_mul_ps(el, q);
-    sm = _mm512_mul_ps(em, q);
-    sr = _mm512_mul_ps(er, q);
+    sl = s[0][0];
+    sm = s[0][1];
+    sr = s[0][2];
   }
-  return _mm512_cmp_ps_mask(sum, _mm512_set1_ps(tiny_sum<float>()), _CMP_LT_OQ);
+  return under[0];
 }
 
 // In-register transpose of a 16 x 16 float tile: v[i][j] -> v[j][i].

@@ -86,37 +86,57 @@ template <bool NORM>
 void forward_line16(int64_t P, float* __restrict__ h, const float* __restrict__ prev, const float* __restrict__ x,
                     const float* __restrict__ lam, const float* __restrict__ gl, const float* __restrict__ gm,
                     const float* __restrict__ gr) {
-  for (int64_t p0 = 0; p0 < P; p0 += 16) {
-    const __mmask16 act = P - p0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (P - p0)) - 1u);
-    __m512 hv = _mm512_mul_ps(_mm512_maskz_loadu_ps(act, lam + p0), _mm512_maskz_loadu_ps(act, x + p0));
+  // N vectors of 16 positions at a time, every step issued for all N (the normalisation is a long
+  // dependency chain per vector: interleaving two keeps the vector units busy).
+  const auto vectors = [&](auto group, int64_t p00) GSPN_LAMBDA_INLINE {
+    constexpr int N = decltype(group)::value;
+    __mmask16 act[N], has_l[N], has_r[N];
+    __m512 hv[N], a[N][3];
+    for (int n = 0; n < N; ++n) {
+      const int64_t p0 = p00 + 16 * n;
+      act[n] = P - p0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (P - p0)) - 1u);
+      hv[n] = _mm512_mul_ps(_mm512_maskz_loadu_ps(act[n], lam + p0), _mm512_maskz_loadu_ps(act[n], x + p0));
+    }
     if (prev != nullptr) {
-      const __mmask16 has_l = p0 == 0 ? __mmask16(act & 0xFFFEu) : act;
-      const __mmask16 has_r = P - 1 - p0 < 16 ? __mmask16(act & ~(1u << (P - 1 - p0))) : act;
-      __m512 wl = _mm512_maskz_loadu_ps(has_l, gl + p0), wm = _mm512_maskz_loadu_ps(act, gm + p0);
-      __m512 wr = _mm512_maskz_loadu_ps(has_r, gr + p0);
+      for (int n = 0; n < N; ++n) {
+        const int64_t p0 = p00 + 16 * n;
+        has_l[n] = p0 == 0 ? __mmask16(act[n] & 0xFFFEu) : act[n];
+        has_r[n] = P - 1 - p0 < 16 ? __mmask16(act[n] & ~(1u << (P - 1 - p0))) : act[n];
+        a[n][0] = _mm512_maskz_loadu_ps(has_l[n], gl + p0);
+        a[n][1] = _mm512_maskz_loadu_ps(act[n], gm + p0);
+        a[n][2] = _mm512_maskz_loadu_ps(has_r[n], gr + p0);
+      }
       if (NORM) {
-        __m512 s0, s1, s2;
-        const __mmask16 under = stability_weights16<false>(wl, wm, wr, has_l, has_r, wl, wm, wr, s0, s1, s2) & act;
-        if (under) {  // rare: all valid sigmoids underflowed
-          alignas(64) float w[3][16];
-          _mm512_store_ps(w[0], wl);
-          _mm512_store_ps(w[1], wm);
-          _mm512_store_ps(w[2], wr);
-          for (int64_t j = 0; j < 16; ++j)
-            if ((under >> j) & 1)
-              softmax_weights(gl[p0 + j], gm[p0 + j], gr[p0 + j], p0 + j > 0, p0 + j < P - 1, w[0][j], w[1][j],
-                              w[2][j]);
-          wl = _mm512_load_ps(w[0]);
-          wm = _mm512_load_ps(w[1]);
-          wr = _mm512_load_ps(w[2]);
+        __m512 w[N][3], s[N][3];
+        __mmask16 under[N];
+        stability_weights16<false, N>(a, has_l, has_r, w, s, under);
+        for (int n = 0; n < N; ++n) {
+          const int64_t p0 = p00 + 16 * n;
+          under[n] &= act[n];
+          if (under[n]) {  // rare: all valid sigmoids underflowed
+            alignas(64) float wb[3][16];
+            for (int k = 0; k < 3; ++k) _mm512_store_ps(wb[k], w[n][k]);
+            for (int64_t j = 0; j < 16; ++j)
+              if ((under[n] >> j) & 1)
+                softmax_weights(gl[p0 + j], gm[p0 + j], gr[p0 + j], p0 + j > 0, p0 + j < P - 1, wb[0][j], wb[1][j],
+                                wb[2][j]);
+            for (int k = 0; k < 3; ++k) w[n][k] = _mm512_load_ps(wb[k]);
+          }
+          for (int k = 0; k < 3; ++k) a[n][k] = w[n][k];
         }
       }
-      hv = _mm512_fmadd_ps(wl, _mm512_maskz_loadu_ps(has_l, prev + p0 - 1), hv);
-      hv = _mm512_fmadd_ps(wm, _mm512_maskz_loadu_ps(act, prev + p0), hv);
-      hv = _mm512_fmadd_ps(wr, _mm512_maskz_loadu_ps(has_r, prev + p0 + 1), hv);
+      for (int n = 0; n < N; ++n) {
+        const int64_t p0 = p00 + 16 * n;
+        hv[n] = _mm512_fmadd_ps(a[n][0], _mm512_maskz_loadu_ps(has_l[n], prev + p0 - 1), hv[n]);
+        hv[n] = _mm512_fmadd_ps(a[n][1], _mm512_maskz_loadu_ps(act[n], prev + p0), hv[n]);
+        hv[n] = _mm512_fmadd_ps(a[n][2], _mm512_maskz_loadu_ps(has_r[n], prev + p0 + 1), hv[n]);
+      }
     }
-    _mm512_mask_storeu_ps(h + p0, act, hv);
-  }
+    for (int n = 0; n < N; ++n) _mm512_mask_storeu_ps(h + p00 + 16 * n, act[n], hv[n]);
+  };
+  int64_t p0 = 0;
+  for (; p0 + 16 < P; p0 += 32) vectors(std::integral_constant<int, 2>(), p0);
+  if (p0 < P) vectors(std::integral_constant<int, 1>(), p0);
 }
 #endif
 

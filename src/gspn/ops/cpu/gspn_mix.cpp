@@ -37,6 +37,9 @@
 namespace {
 
 constexpr int64_t LANES = 16;
+#ifndef GROUP
+#define GROUP 2
+#endif
 constexpr int KINDS = 5;  // gate left, gate mid, gate right, lam, u'
 enum Kind { K_L, K_M, K_R, K_LAM, K_U };
 
@@ -88,6 +91,23 @@ GSPN_INLINE void generate16(const float* __restrict__ w, const float* __restrict
     for (int k = 0; k < KINDS; ++k) g[k] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (k * S + s) * LANES), z0, g[k]);
   }
   for (int k = 0; k < KINDS; ++k) g[k] = _mm512_add_ps(g[k], h[k]);
+}
+
+// generate16 for N pixels at once (proxies z[n]): every weight vector is loaded once for the N
+// pixels, and the N * KINDS accumulator chains are independent.
+template <int N>
+GSPN_INLINE void generate16(const float* __restrict__ w, const float* const (&z)[N], int64_t S,
+                            __m512 (&g)[N][KINDS]) {
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < KINDS; ++k) g[n][k] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    __m512 zs[N];
+    for (int n = 0; n < N; ++n) zs[n] = _mm512_set1_ps(z[n][s]);
+    for (int k = 0; k < KINDS; ++k) {
+      const __m512 wv = _mm512_loadu_ps(w + (k * S + s) * LANES);
+      for (int n = 0; n < N; ++n) g[n][k] = _mm512_fmadd_ps(wv, zs[n], g[n][k]);
+    }
+  }
 }
 #endif
 
@@ -222,37 +242,54 @@ void stage_pixels(const XPlanar<T>& x, int64_t p0, int64_t n, T* __restrict__ ds
   for (int64_t q = 0; q < n; ++q) x.load(p0 + q, *reinterpret_cast<T(*)[LANES]>(dst + q * LANES));
 }
 
-// y = (D z) x for every pixel of the block (the merged skip term; initialises y).
-template <typename T, typename X>
-void skip_forward(const MixShape& sh, const X& x, const T* z, const T* d, T* y, int64_t y_stride) {
-  constexpr bool PLANAR = std::is_same<X, XPlanar<T>>::value;
-  T staged[LANES * LANES];  // planar x: LANES pixels at a time, channels-last
-  for (int64_t p = 0; p < sh.pixels(); ++p) {
-    T acc[LANES] = {};
-    for (int64_t s = 0; s < sh.S; ++s) {
-      const T zs = z[p * sh.S + s];
+// What a forward scan pass does with y (the block's output, `stride` values per pixel):
+//   Y_NONE  nothing (the backward's recomputation, which stores h instead),
+//   Y_INIT  y = (D z) x + u' h  (the first pass also computes the merged skip term),
+//   Y_ADD   y += u' h,
+//   Y_FINAL out = y + u' h  (the last pass writes the final result, out_stride values per pixel; out
+//           may be y itself).
+enum YMode { Y_NONE, Y_INIT, Y_ADD, Y_FINAL };
+
+template <typename T>
+struct YTarget {
+  T* y = nullptr;
+  int64_t stride = 0;
+  T* out = nullptr;
+  int64_t out_stride = 0;
+  const T* d = nullptr;  // the block's merged skip weights (S x LANES), for Y_INIT
+};
+
+// The y update of one pixel: u = u' of the pixel, h its hidden state, xp its x (Y_INIT only).
+template <int MODE, typename T>
+inline void update_y(const YTarget<T>& yt, int64_t pix, const T* zp, int64_t S, const T* xp, const T* u,
+                     const T* h) {
+  T* __restrict__ yp = yt.y + pix * yt.stride;
+  if constexpr (MODE == Y_INIT) {
+    T dz[LANES] = {};
+    for (int64_t s = 0; s < S; ++s) {
+      const T zs = zp[s];
 #pragma omp simd
-      for (int64_t j = 0; j < LANES; ++j) acc[j] += d[s * LANES + j] * zs;
+      for (int64_t j = 0; j < LANES; ++j) dz[j] += yt.d[s * LANES + j] * zs;
     }
-    T xp[LANES];
-    if constexpr (PLANAR) {
-      if (p % LANES == 0) stage_pixels(x, p, std::min(LANES, sh.pixels() - p), staged);
-      std::memcpy(xp, staged + (p % LANES) * LANES, sizeof(T) * LANES);
-    } else {
-      x.load(p, xp);
-    }
-    T* __restrict__ yp = y + p * y_stride;
 #pragma omp simd
-    for (int64_t j = 0; j < LANES; ++j) yp[j] = acc[j] * xp[j];
+    for (int64_t j = 0; j < LANES; ++j) yp[j] = dz[j] * xp[j] + u[j] * h[j];
+  } else if constexpr (MODE == Y_ADD) {
+#pragma omp simd
+    for (int64_t j = 0; j < LANES; ++j) yp[j] += u[j] * h[j];
+  } else if constexpr (MODE == Y_FINAL) {
+    T* __restrict__ op = yt.out + pix * yt.out_stride;
+#pragma omp simd
+    for (int64_t j = 0; j < LANES; ++j) op[j] = yp[j] + u[j] * h[j];
   }
 }
 
 // One direction's scan of one block. `line` holds 2 * (P + 2) * LANES values (two lines with a zero
 // lane-vector on each side). With STORE, every h is also written to hbuf (pixel-major, LANES per
-// pixel) for the backward; with ACCUMULATE, y += u' h.
-template <typename T, bool ACCUMULATE, bool STORE, typename X>
-void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T* z, const T* w, T* y, T* hbuf,
-                    T* line, T* strip = nullptr, int64_t y_stride = 0) {
+// pixel) for the backward; MODE says what happens to y (YMode).
+template <typename T, int MODE, bool STORE, typename X>
+void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T* z, const T* w,
+                    const YTarget<T>& yt, T* hbuf, T* line, T* strip = nullptr) {
+  constexpr bool ACCUMULATE = MODE != Y_NONE;
   const int64_t P = geo.P, S = sh.S;
   // Planar x in a column scan: read through LANES-column strips staged channels-last (`strip`,
   // LANES * H * LANES values).
@@ -278,13 +315,94 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
     }
     if constexpr (PLANAR)
       if (row_staged) stage_pixels(x, geo.img(l) * sh.W, sh.W, strip);
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, float>::value && LANES == 16) {
+      // float32 with AVX-512: the generated values and the weights stay in registers, and pixels go
+      // two at a time (one pixel's update is a ~100-cycle dependency chain of ~110 instructions, about
+      // what the core's scheduler holds: alone it would leave the vector units half idle).
+      if (!start) {
+        const auto pixels = [&](auto group, int64_t q0) GSPN_LAMBDA_INLINE {
+          constexpr int N = decltype(group)::value;
+          int64_t pix[N];
+          const float* zp[N];
+          const float* xq[N];
+          alignas(64) float xbuf[N][LANES];
+          __mmask16 has_l[N], has_r[N];
+          for (int n = 0; n < N; ++n) {
+            const int64_t q = q0 + n;
+            pix[n] = pixel_of(geo, l, q);
+            if (prefetch) {
+              const int64_t next = pixel_of(geo, l + 1, q);
+              x.prefetch(next);
+              __builtin_prefetch(z + next * S);
+              if (ACCUMULATE) __builtin_prefetch(yt.y + next * yt.stride, 1);
+            }
+            zp[n] = z + pix[n] * S;
+            if (staged) {
+              xq[n] = strip + ((column - c0) * sh.H + q) * LANES;
+            } else if (row_staged) {
+              xq[n] = strip + q * LANES;
+            } else {
+              x.load(pix[n], xbuf[n]);
+              xq[n] = xbuf[n];
+            }
+            has_l[n] = q > 0 ? 0xFFFF : 0;
+            has_r[n] = q < P - 1 ? 0xFFFF : 0;
+          }
+          __m512 g[N][KINDS], a[N][3], gwv[N][3], gsv[N][3];
+          __mmask16 under[N];
+          generate16<N>(w, zp, S, g);
+          for (int n = 0; n < N; ++n)
+            for (int k = 0; k < 3; ++k) a[n][k] = g[n][K_L + k];
+          stability_weights16<false, N>(a, has_l, has_r, gwv, gsv, under);
+          for (int n = 0; n < N; ++n) {
+            if (under[n]) {  // rare: all valid sigmoids underflowed
+              for (int k = 0; k < KINDS; ++k) _mm512_storeu_ps(acc[k], g[n][k]);
+              normalize_lanes<T, false>(acc, has_l[n] != 0, has_r[n] != 0, gw, gs);
+              for (int k = 0; k < 3; ++k) gwv[n][k] = _mm512_loadu_ps(gw[k]);
+            }
+          }
+          __m512 hv[N];
+          for (int n = 0; n < N; ++n) hv[n] = _mm512_mul_ps(g[n][K_LAM], _mm512_loadu_ps(xq[n]));
+          for (int n = 0; n < N; ++n) hv[n] = _mm512_fmadd_ps(gwv[n][0], _mm512_loadu_ps(prev + (q0 + n - 1) * LANES), hv[n]);
+          for (int n = 0; n < N; ++n) hv[n] = _mm512_fmadd_ps(gwv[n][1], _mm512_loadu_ps(prev + (q0 + n) * LANES), hv[n]);
+          for (int n = 0; n < N; ++n) hv[n] = _mm512_fmadd_ps(gwv[n][2], _mm512_loadu_ps(prev + (q0 + n + 1) * LANES), hv[n]);
+          __m512 base[N];  // Y_INIT: the skip term (D z) x; otherwise y
+          if constexpr (MODE == Y_INIT) {
+            for (int n = 0; n < N; ++n) base[n] = _mm512_setzero_ps();
+            for (int64_t s = 0; s < S; ++s) {
+              const __m512 dv = _mm512_loadu_ps(yt.d + s * LANES);
+              for (int n = 0; n < N; ++n) base[n] = _mm512_fmadd_ps(dv, _mm512_set1_ps(zp[n][s]), base[n]);
+            }
+            for (int n = 0; n < N; ++n) base[n] = _mm512_mul_ps(base[n], _mm512_loadu_ps(xq[n]));
+          } else if constexpr (ACCUMULATE) {
+            for (int n = 0; n < N; ++n) base[n] = _mm512_loadu_ps(yt.y + pix[n] * yt.stride);
+          }
+          for (int n = 0; n < N; ++n) {
+            _mm512_storeu_ps(cur + (q0 + n) * LANES, hv[n]);
+            if constexpr (ACCUMULATE) {
+              float* yp = MODE == Y_FINAL ? yt.out + pix[n] * yt.out_stride : yt.y + pix[n] * yt.stride;
+              _mm512_storeu_ps(yp, _mm512_add_ps(base[n], _mm512_mul_ps(g[n][K_U], hv[n])));
+            }
+            if (STORE) _mm512_storeu_ps(hbuf + pix[n] * LANES, hv[n]);
+          }
+        };
+        int64_t q = 0;
+        for (; q + GROUP <= P; q += GROUP) pixels(std::integral_constant<int, GROUP>(), q);
+        for (; q + 2 <= P; q += 2) pixels(std::integral_constant<int, 2>(), q);
+        if (q < P) pixels(std::integral_constant<int, 1>(), q);
+        std::swap(prev, cur);
+        continue;
+      }
+    }
+#endif
     for (int64_t q = 0; q < P; ++q) {
       const int64_t pix = pixel_of(geo, l, q);
       if (prefetch) {
         const int64_t next = pixel_of(geo, l + 1, q);
         x.prefetch(next);
         __builtin_prefetch(z + next * S);
-        if (ACCUMULATE) __builtin_prefetch(y + next * y_stride, 1);
+        if (ACCUMULATE) __builtin_prefetch(yt.y + next * yt.stride, 1);
       }
       const T* zp = z + pix * S;
       T xp[LANES];
@@ -303,42 +421,13 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
         const T* __restrict__ pl = prev + (q - 1) * LANES;
         const T* __restrict__ pm = prev + q * LANES;
         const T* __restrict__ pr = prev + (q + 1) * LANES;
-#if defined(__AVX512F__)
-        if constexpr (std::is_same<T, float>::value && LANES == 16) {
-          // float32 with AVX-512: the generated values and the weights stay in registers.
-          __m512 g[KINDS];
-          generate16(w, zp, S, g);
-          __m512 w0, w1, w2, s0, s1, s2;
-          const __mmask16 under = stability_weights16<false>(g[K_L], g[K_M], g[K_R], q > 0 ? 0xFFFF : 0,
-                                                             q < P - 1 ? 0xFFFF : 0, w0, w1, w2, s0, s1, s2);
-          if (under) {  // rare: all valid sigmoids underflowed
-            for (int k = 0; k < KINDS; ++k) _mm512_storeu_ps(acc[k], g[k]);
-            normalize_lanes<T, false>(acc, q > 0, q < P - 1, gw, gs);
-            w0 = _mm512_loadu_ps(gw[0]);
-            w1 = _mm512_loadu_ps(gw[1]);
-            w2 = _mm512_loadu_ps(gw[2]);
-          }
-          __m512 hv = _mm512_mul_ps(g[K_LAM], _mm512_loadu_ps(xp));
-          hv = _mm512_fmadd_ps(w0, _mm512_loadu_ps(pl), hv);
-          hv = _mm512_fmadd_ps(w1, _mm512_loadu_ps(pm), hv);
-          hv = _mm512_fmadd_ps(w2, _mm512_loadu_ps(pr), hv);
-          _mm512_storeu_ps(hq, hv);
-          _mm512_storeu_ps(acc[K_U], g[K_U]);
-        } else
-#endif
-        {
-          generate<T, 0, KINDS>(w, zp, S, acc);
-          normalize_lanes<T, false>(acc, q > 0, q < P - 1, gw, gs);
+        generate<T, 0, KINDS>(w, zp, S, acc);
+        normalize_lanes<T, false>(acc, q > 0, q < P - 1, gw, gs);
 #pragma omp simd
-          for (int64_t j = 0; j < LANES; ++j)
-            hq[j] = acc[K_LAM][j] * xp[j] + gw[0][j] * pl[j] + gw[1][j] * pm[j] + gw[2][j] * pr[j];
-        }
+        for (int64_t j = 0; j < LANES; ++j)
+          hq[j] = acc[K_LAM][j] * xp[j] + gw[0][j] * pl[j] + gw[1][j] * pm[j] + gw[2][j] * pr[j];
       }
-      if (ACCUMULATE) {
-        T* __restrict__ yp = y + pix * y_stride;
-#pragma omp simd
-        for (int64_t j = 0; j < LANES; ++j) yp[j] += acc[K_U][j] * hq[j];
-      }
+      update_y<MODE>(yt, pix, zp, S, xp, acc[K_U], hq);
       if (STORE) std::memcpy(hbuf + pix * LANES, hq, sizeof(T) * LANES);
     }
     std::swap(prev, cur);
@@ -491,8 +580,8 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
     // planar x: staged columns (LANES * H * LANES values) or rows (W * LANES)
     std::vector<T> strip(std::is_same<XV<T>, XPlanar<T>>::value ? std::max(LANES * sh.H, sh.W) * LANES : 0);
     // With several channel blocks, y is accumulated in a dense per-thread block buffer (HW * LANES values,
-    // pixel stride LANES instead of Cp: 6x fewer pages and cache lines touched by the four passes) and
-    // copied out once.
+    // pixel stride LANES instead of Cp: 6x fewer pages and cache lines touched by the passes); the last
+    // pass writes the result out.
     std::vector<T> y_local(nblk > 1 ? HW * LANES : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < sh.B * nblk; ++item) {
@@ -503,12 +592,18 @@ void mix_forward_impl(const MixShape& sh, int nthreads, const T* x, const T* z, 
       const T* wb = w + blk * wsize;
       T* ya = y_local.empty() ? yb : y_local.data();
       const int64_t ys = y_local.empty() ? sh.Cp : LANES;
-      skip_forward(sh, xb, zb, d + blk * sh.S * LANES, ya, ys);
-      for (int k = 0; k < 4; ++k)
-        scan_direction<T, true, false>(sh, geos[k], xb, zb, wb + k * KINDS * sh.S * LANES, ya, nullptr,
-                                       line.data(), strip.empty() ? nullptr : strip.data(), ys);
-      if (ya != yb)
-        for (int64_t p = 0; p < HW; ++p) std::memcpy(yb + p * sh.Cp, ya + p * LANES, sizeof(T) * LANES);
+      const YTarget<T> yt{ya, ys, yb, sh.Cp, d + blk * sh.S * LANES};
+      T* strip_data = strip.empty() ? nullptr : strip.data();
+      // Passes in the order top-bottom (with the skip term), left-right, right-left, bottom-top (writing
+      // out): the first and last are row scans, which touch y in memory order.
+      const auto pass = [&](auto mode, int k) {
+        scan_direction<T, decltype(mode)::value, false>(sh, geos[k], xb, zb, wb + k * KINDS * sh.S * LANES, yt,
+                                                        nullptr, line.data(), strip_data);
+      };
+      pass(std::integral_constant<int, Y_INIT>(), 0);
+      pass(std::integral_constant<int, Y_ADD>(), 2);
+      pass(std::integral_constant<int, Y_ADD>(), 3);
+      pass(std::integral_constant<int, Y_FINAL>(), 1);
     }
   }
 }
@@ -541,7 +636,7 @@ void mix_backward_impl(const MixShape& sh, int nthreads, const T* x, const T* z,
       skip_backward(sh, xb, zb, d + blk * sh.S * LANES, gy + off, dx + off, dz, dd_part + item * sh.S * LANES);
       std::fill(dw, dw + wsize, T(0));
       for (int k = 0; k < 4; ++k) {
-        scan_direction<T, false, true>(sh, geos[k], xb, zb, wb + k * wdir, nullptr, hbuf, line.data());
+        scan_direction<T, Y_NONE, true>(sh, geos[k], xb, zb, wb + k * wdir, YTarget<T>{}, hbuf, line.data());
         scan_direction_backward(sh, geos[k], xb, zb, wb + k * wdir, gy + off, hbuf, dx + off, dz, dw + k * wdir,
                                 line.data());
       }
