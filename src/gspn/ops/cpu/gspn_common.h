@@ -155,7 +155,8 @@ GSPN_INLINE void exp_neg_abs16(const __mmask16 (&keep)[M], const __m512 (&a)[M],
   // 2.4e-7 relative at x = -87, 3e-8 for |x| < 10), stays far below exp's own sensitivity to a half-ulp
   // change of x (|x| * 6e-8).
   for (int i = 0; i < M; ++i) r[i] = _mm512_fnmadd_ps(n[i], _mm512_set1_ps(0.693147182464599609375f), x[i]);
-  for (int i = 0; i < M; ++i) y[i] = _mm512_fmadd_ps(_mm512_set1_ps(8.290303e-3f), r[i], _mm512_set1_ps(4.1897915e-2f));
+  for (int i = 0; i < M; ++i)
+    y[i] = _mm512_fmadd_ps(_mm512_set1_ps(8.290303e-3f), r[i], _mm512_set1_ps(4.1897915e-2f));
   for (int i = 0; i < M; ++i) y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(1.6667636e-1f));
   for (int i = 0; i < M; ++i) y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(4.999915e-1f));
   for (int i = 0; i < M; ++i) y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(9.999997e-1f));

@@ -109,6 +109,25 @@ GSPN_INLINE void generate16(const float* __restrict__ w, const float* const (&z)
     }
   }
 }
+
+// The 16 lane sums of 16 vectors, r[i] = sum_j v[i][j], by a shuffle-and-add tree (15 additions of
+// whole vectors instead of 16 separate horizontal reductions).
+GSPN_INLINE __m512 lane_sums16(const __m512 (&v)[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // 128-bit blocks: a[i] = [v[i] (2 partial blocks), v[i + 8] (2)]
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[i], v[i + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 4; ++i)  // b[i] = [v[i], v[i + 8], v[i + 4], v[i + 12]], one block each
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a[i], a[i + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 2; ++i)  // within blocks: pairs of partial sums of b[i] and b[i + 2]
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[i], b[i + 2], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(b[i], b[i + 2], _MM_SHUFFLE(3, 2, 3, 2)));
+  // lane 4k + m: the sum of block k of b[0], b[2], b[1], b[3] (m = 0..3); back to v's order
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), d);
+}
 #endif
 
 // Sum of the LANES values of u, as a fixed tree (an `omp simd` reduction without -ffast-math is a
@@ -364,9 +383,9 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
           }
           __m512 hv[N];
           for (int n = 0; n < N; ++n) hv[n] = _mm512_mul_ps(g[n][K_LAM], _mm512_loadu_ps(xq[n]));
-          for (int n = 0; n < N; ++n) hv[n] = _mm512_fmadd_ps(gwv[n][0], _mm512_loadu_ps(prev + (q0 + n - 1) * LANES), hv[n]);
-          for (int n = 0; n < N; ++n) hv[n] = _mm512_fmadd_ps(gwv[n][1], _mm512_loadu_ps(prev + (q0 + n) * LANES), hv[n]);
-          for (int n = 0; n < N; ++n) hv[n] = _mm512_fmadd_ps(gwv[n][2], _mm512_loadu_ps(prev + (q0 + n + 1) * LANES), hv[n]);
+          for (int k = 0; k < 3; ++k)  // neighbours q - 1, q, q + 1 on the previous line
+            for (int n = 0; n < N; ++n)
+              hv[n] = _mm512_fmadd_ps(gwv[n][k], _mm512_loadu_ps(prev + (q0 + n + k - 1) * LANES), hv[n]);
           __m512 base[N];  // Y_INIT: the skip term (D z) x; otherwise y
           if constexpr (MODE == Y_INIT) {
             for (int n = 0; n < N; ++n) base[n] = _mm512_setzero_ps();
@@ -488,6 +507,123 @@ void scan_direction_backward(const MixShape& sh, const Geometry& geo, const X& x
   for (int64_t l = geo.L - 1; l >= 0; --l) {
     const bool start = geo.starts(l);
     const bool has_next = l + 1 < geo.L && !geo.starts(l + 1);
+    const bool prefetch = !geo.vertical && l >= 1;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, float>::value && LANES == 16) {
+      // float32 with AVX-512: the loop below in registers, pixels two at a time (as in scan_direction).
+      const auto pixels = [&](auto group, int64_t q0) GSPN_LAMBDA_INLINE {
+        constexpr int N = decltype(group)::value;
+        int64_t pix[N];
+        const float* zp[N];
+        alignas(64) float xbuf[N][LANES];
+        __mmask16 has_l[N], has_r[N];
+        for (int n = 0; n < N; ++n) {
+          const int64_t q = q0 + n;
+          pix[n] = pixel_of(geo, l, q);
+          if (prefetch) {  // column scans: the next line's data, a whole image row apart per pixel
+            const int64_t nxt = pixel_of(geo, l - 1, q);
+            __builtin_prefetch(gy + nxt * sh.Cp);
+            __builtin_prefetch(dx + nxt * sh.Cp, 1);
+            __builtin_prefetch(z + nxt * S);
+            x.prefetch(nxt);
+            if (l >= 2) __builtin_prefetch(hbuf + pixel_of(geo, l - 2, q) * LANES);
+          }
+          zp[n] = z + pix[n] * S;
+          x.load(pix[n], xbuf[n]);
+          has_l[n] = q > 0 ? 0xFFFF : 0;
+          has_r[n] = q < P - 1 ? 0xFFFF : 0;
+        }
+        __m512 g[N][KINDS], dv[N][KINDS], a[N];
+        generate16<N>(w, zp, S, g);
+        for (int n = 0; n < N; ++n) {
+          const __m512 gyv = _mm512_loadu_ps(gy + pix[n] * sh.Cp);
+          a[n] = _mm512_mul_ps(gyv, g[n][K_U]);
+          dv[n][K_U] = _mm512_mul_ps(gyv, _mm512_loadu_ps(hbuf + pix[n] * LANES));
+        }
+        if (has_next)
+          for (int n = 0; n < N; ++n) {
+            const int64_t q = q0 + n;
+            const __m512 nl = _mm512_loadu_ps(next + (q + 1) * LANES), nm = _mm512_loadu_ps(next + stride + q * LANES);
+            const __m512 nr = _mm512_loadu_ps(next + 2 * stride + (q - 1) * LANES);
+            a[n] = _mm512_add_ps(a[n], _mm512_add_ps(_mm512_add_ps(nl, nm), nr));
+          }
+        for (int n = 0; n < N; ++n) {
+          float* dxp = dx + pix[n] * sh.Cp;
+          _mm512_storeu_ps(dxp, _mm512_add_ps(_mm512_loadu_ps(dxp), _mm512_mul_ps(g[n][K_LAM], a[n])));
+          dv[n][K_LAM] = _mm512_mul_ps(_mm512_load_ps(xbuf[n]), a[n]);
+        }
+        if (start) {
+          for (int n = 0; n < N; ++n)
+            for (int k = 0; k < 3; ++k) {
+              dv[n][K_L + k] = _mm512_setzero_ps();
+              _mm512_storeu_ps(cur + k * stride + (q0 + n) * LANES, _mm512_setzero_ps());
+            }
+        } else {
+          __m512 lg[N][3], wv[N][3], sv[N][3];
+          __mmask16 under[N];
+          for (int n = 0; n < N; ++n)
+            for (int k = 0; k < 3; ++k) lg[n][k] = g[n][K_L + k];
+          stability_weights16<true, N>(lg, has_l, has_r, wv, sv, under);
+          for (int n = 0; n < N; ++n) {
+            if (under[n]) {  // rare: all valid sigmoids underflowed
+              for (int k = 0; k < KINDS; ++k) _mm512_storeu_ps(acc[k], g[n][k]);
+              normalize_lanes<T, true>(acc, has_l[n] != 0, has_r[n] != 0, gw, gs);
+              for (int k = 0; k < 3; ++k) {
+                wv[n][k] = _mm512_loadu_ps(gw[k]);
+                sv[n][k] = _mm512_loadu_ps(gs[k]);
+              }
+            }
+          }
+          const __m512 one = _mm512_set1_ps(1.0f);
+          for (int n = 0; n < N; ++n) {
+            const int64_t q = q0 + n;
+            __m512 gk[3];  // a times the previous line's h at q - 1, q, q + 1
+            gk[0] = has_l[n] ? _mm512_mul_ps(a[n], _mm512_loadu_ps(hbuf + pixel_of(geo, l - 1, q - 1) * LANES))
+                             : _mm512_setzero_ps();
+            gk[1] = _mm512_mul_ps(a[n], _mm512_loadu_ps(hbuf + pixel_of(geo, l - 1, q) * LANES));
+            gk[2] = has_r[n] ? _mm512_mul_ps(a[n], _mm512_loadu_ps(hbuf + pixel_of(geo, l - 1, q + 1) * LANES))
+                             : _mm512_setzero_ps();
+            const __m512 dot = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(gk[0], wv[n][0]), _mm512_mul_ps(gk[1], wv[n][1])),
+                                             _mm512_mul_ps(gk[2], wv[n][2]));
+            for (int k = 0; k < 3; ++k) {
+              dv[n][K_L + k] = _mm512_mul_ps(_mm512_mul_ps(wv[n][k], _mm512_sub_ps(one, sv[n][k])),
+                                             _mm512_sub_ps(gk[k], dot));
+              _mm512_storeu_ps(cur + k * stride + q * LANES, _mm512_mul_ps(wv[n][k], a[n]));
+            }
+          }
+        }
+        // dw[k][s] += d[k] z[s]; dz[s] += sum_k sum_j w[k][s][j] d[k][j], the lane sums 16 at a time
+        constexpr int64_t SG = LANES / N;  // values of s per lane_sums16
+        for (int64_t s0 = 0; s0 < S; s0 += SG) {
+          const int64_t ns = std::min(SG, S - s0);
+          __m512 u[LANES];
+          for (int64_t i = 0; i < LANES; ++i) u[i] = _mm512_setzero_ps();
+          for (int64_t si = 0; si < ns; ++si) {
+            const int64_t s = s0 + si;
+            __m512 zs[N];
+            for (int n = 0; n < N; ++n) zs[n] = _mm512_set1_ps(zp[n][s]);
+            for (int k = 0; k < KINDS; ++k) {
+              float* drow = dw + (k * S + s) * LANES;
+              __m512 dsum = _mm512_loadu_ps(drow);
+              for (int n = 0; n < N; ++n) dsum = _mm512_fmadd_ps(dv[n][k], zs[n], dsum);
+              _mm512_storeu_ps(drow, dsum);
+              const __m512 row = _mm512_loadu_ps(w + (k * S + s) * LANES);
+              for (int n = 0; n < N; ++n) u[n * SG + si] = _mm512_fmadd_ps(row, dv[n][k], u[n * SG + si]);
+            }
+          }
+          alignas(64) float sums[LANES];
+          _mm512_store_ps(sums, lane_sums16(u));
+          for (int n = 0; n < N; ++n)
+            for (int64_t si = 0; si < ns; ++si) dz[pix[n] * S + s0 + si] += sums[n * SG + si];
+        }
+      };
+      int64_t q = 0;
+      for (; q + 2 <= P; q += 2) pixels(std::integral_constant<int, 2>(), q);
+      if (q < P) pixels(std::integral_constant<int, 1>(), q);
+      std::swap(next, cur);
+      continue;
+    }
+#endif
     for (int64_t q = 0; q < P; ++q) {
       const int64_t pix = pixel_of(geo, l, q);
       const T* zp = z + pix * S;
