@@ -583,8 +583,8 @@ void scan_direction_backward(const MixShape& sh, const Geometry& geo, const X& x
             gk[1] = _mm512_mul_ps(a[n], _mm512_loadu_ps(hbuf + pixel_of(geo, l - 1, q) * LANES));
             gk[2] = has_r[n] ? _mm512_mul_ps(a[n], _mm512_loadu_ps(hbuf + pixel_of(geo, l - 1, q + 1) * LANES))
                              : _mm512_setzero_ps();
-            const __m512 dot = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(gk[0], wv[n][0]), _mm512_mul_ps(gk[1], wv[n][1])),
-                                             _mm512_mul_ps(gk[2], wv[n][2]));
+            const __m512 dot01 = _mm512_add_ps(_mm512_mul_ps(gk[0], wv[n][0]), _mm512_mul_ps(gk[1], wv[n][1]));
+            const __m512 dot = _mm512_add_ps(dot01, _mm512_mul_ps(gk[2], wv[n][2]));
             for (int k = 0; k < 3; ++k) {
               dv[n][K_L + k] = _mm512_mul_ps(_mm512_mul_ps(wv[n][k], _mm512_sub_ps(one, sv[n][k])),
                                              _mm512_sub_ps(gk[k], dot));
