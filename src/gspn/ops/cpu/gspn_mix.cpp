@@ -196,6 +196,31 @@ inline void normalize_lanes(const T (&acc)[KINDS][LANES], bool has_l, bool has_r
     normalize_lanes<T, false, false, KEEP>(acc, w, s);
 }
 
+#if defined(__AVX512F__)
+// Stability weights w (and with KEEP the sigmoids s) of N pixels from their generated gate logits
+// g[n][K_L .. K_R], 16 lanes each; lanes whose valid sigmoids all underflowed take the softmax
+// fallback of normalize_lanes.
+template <bool KEEP, int N>
+GSPN_INLINE void pixel_weights16(const __m512 (&g)[N][KINDS], const __mmask16 (&has_l)[N],
+                                 const __mmask16 (&has_r)[N], __m512 (&w)[N][3], __m512 (&s)[N][3]) {
+  __m512 a[N][3];
+  __mmask16 under[N];
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < 3; ++k) a[n][k] = g[n][K_L + k];
+  stability_weights16<KEEP, N>(a, has_l, has_r, w, s, under);
+  for (int n = 0; n < N; ++n) {
+    if (!under[n]) continue;  // rare
+    float acc[KINDS][LANES], gw[3][LANES], gs[3][LANES];
+    for (int k = 0; k < KINDS; ++k) _mm512_storeu_ps(acc[k], g[n][k]);
+    normalize_lanes<float, KEEP>(acc, has_l[n] != 0, has_r[n] != 0, gw, gs);
+    for (int k = 0; k < 3; ++k) {
+      w[n][k] = _mm512_loadu_ps(gw[k]);
+      if (KEEP) s[n][k] = _mm512_loadu_ps(gs[k]);
+    }
+  }
+}
+#endif
+
 // The LANES channels of x at one pixel of a work item's block. x may be channels-last (LANES
 // consecutive values per pixel) or planar (NCHW: one H x W plane per channel, read with a stride).
 template <typename T>
@@ -368,19 +393,9 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
             has_l[n] = q > 0 ? 0xFFFF : 0;
             has_r[n] = q < P - 1 ? 0xFFFF : 0;
           }
-          __m512 g[N][KINDS], a[N][3], gwv[N][3], gsv[N][3];
-          __mmask16 under[N];
+          __m512 g[N][KINDS], gwv[N][3], gsv[N][3];
           generate16<N>(w, zp, S, g);
-          for (int n = 0; n < N; ++n)
-            for (int k = 0; k < 3; ++k) a[n][k] = g[n][K_L + k];
-          stability_weights16<false, N>(a, has_l, has_r, gwv, gsv, under);
-          for (int n = 0; n < N; ++n) {
-            if (under[n]) {  // rare: all valid sigmoids underflowed
-              for (int k = 0; k < KINDS; ++k) _mm512_storeu_ps(acc[k], g[n][k]);
-              normalize_lanes<T, false>(acc, has_l[n] != 0, has_r[n] != 0, gw, gs);
-              for (int k = 0; k < 3; ++k) gwv[n][k] = _mm512_loadu_ps(gw[k]);
-            }
-          }
+          pixel_weights16<false, N>(g, has_l, has_r, gwv, gsv);
           __m512 hv[N];
           for (int n = 0; n < N; ++n) hv[n] = _mm512_mul_ps(g[n][K_LAM], _mm512_loadu_ps(xq[n]));
           for (int k = 0; k < 3; ++k)  // neighbours q - 1, q, q + 1 on the previous line
@@ -559,21 +574,8 @@ void scan_direction_backward(const MixShape& sh, const Geometry& geo, const X& x
               _mm512_storeu_ps(cur + k * stride + (q0 + n) * LANES, _mm512_setzero_ps());
             }
         } else {
-          __m512 lg[N][3], wv[N][3], sv[N][3];
-          __mmask16 under[N];
-          for (int n = 0; n < N; ++n)
-            for (int k = 0; k < 3; ++k) lg[n][k] = g[n][K_L + k];
-          stability_weights16<true, N>(lg, has_l, has_r, wv, sv, under);
-          for (int n = 0; n < N; ++n) {
-            if (under[n]) {  // rare: all valid sigmoids underflowed
-              for (int k = 0; k < KINDS; ++k) _mm512_storeu_ps(acc[k], g[n][k]);
-              normalize_lanes<T, true>(acc, has_l[n] != 0, has_r[n] != 0, gw, gs);
-              for (int k = 0; k < 3; ++k) {
-                wv[n][k] = _mm512_loadu_ps(gw[k]);
-                sv[n][k] = _mm512_loadu_ps(gs[k]);
-              }
-            }
-          }
+          __m512 wv[N][3], sv[N][3];
+          pixel_weights16<true, N>(g, has_l, has_r, wv, sv);
           const __m512 one = _mm512_set1_ps(1.0f);
           for (int n = 0; n < N; ++n) {
             const int64_t q = q0 + n;
