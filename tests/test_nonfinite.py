@@ -127,3 +127,42 @@ def test_non_finite_proxy_follows_the_reference_in_gspn_mix(value):
     got = gspn_mix(x, proxy, *weights, merge, backend="cpu")
     want = gspn_mix(*(t.double() for t in (x, proxy, *weights, merge)), backend="reference")
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lines_of_one_pixel_give_exactly_zero_gate_gradients(backend, dtype):
+    """A position with no neighbour has the single weight 1 whatever its logit, so every gate gradient
+    of a line of one pixel is exactly 0 (not rounding noise that large gate weights would amplify)."""
+    gen = torch.Generator().manual_seed(9)
+    for shape, directions in [((2, 3, 7, 1), ("tb", "bt")), ((2, 3, 1, 7), ("lr", "rl"))]:
+        for direction in directions:
+            tensors = [(5 * torch.randn(shape, generator=gen, dtype=dtype)).requires_grad_() for _ in range(5)]
+            out = line_scan(*tensors, direction=direction, normalize=True, backend=backend)
+            grads = torch.autograd.grad(out, tensors, torch.randn(shape, generator=gen, dtype=dtype))
+            for k in GATES:
+                assert grads[2 + k].eq(0).all(), (direction, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lines_of_one_pixel_give_exactly_zero_gate_gradients_in_gspn_mix(backend, dtype):
+    from gspn.ops import gspn_mix
+
+    gen = torch.Generator().manual_seed(10)
+    c, s = 17, 3
+    # W = 1: the row scans (tb, bt: directions 0, 1) have lines of one pixel; H = 1: the column scans.
+    for (h, w), flat in [((9, 1), slice(0, 2)), ((1, 9), slice(2, 4))]:
+        x, proxy = (
+            torch.randn(2, c, h, w, generator=gen, dtype=dtype),
+            torch.randn(2, s, h, w, generator=gen, dtype=dtype),
+        )
+        weights = [
+            400 * torch.randn(4, 3, c, s, generator=gen, dtype=dtype),
+            *(torch.randn(4, c, s, generator=gen, dtype=dtype) for _ in range(3)),
+            torch.randn(4, generator=gen, dtype=dtype),
+        ]
+        leaves = [t.requires_grad_() for t in (x, proxy, *weights)]
+        y = gspn_mix(*leaves, backend=backend)
+        gate_grad = torch.autograd.grad(y, leaves[2], torch.randn(y.shape, generator=gen, dtype=dtype))[0]
+        assert gate_grad[flat].eq(0).all()

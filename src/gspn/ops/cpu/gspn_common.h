@@ -117,7 +117,9 @@ GSPN_INLINE T stability_weights(T al, T am, T ar, bool has_l, bool has_r, T& wl,
   const T sum = el + em + er;
   const T inv = T(1) / std::max(sum, tiny_sum<T>());
   wl = el * inv;
-  wm = em * inv;
+  // A position without neighbours (a line of one pixel): its one weight is exactly 1 (em * inv can be
+  // 1 - ulp), so the gradient of its logit is exactly 0, as in the reference. A NaN logit stays NaN.
+  wm = !has_l && !has_r && am == am ? T(1) : em * inv;
   wr = er * inv;
   if (KEEP) {
     const T r = T(1) / (dl * dm * dr);
@@ -206,6 +208,10 @@ GSPN_INLINE void stability_weights16(const __m512 (&a)[N][3], const __mmask16 (&
     w[n][0] = _mm512_mul_ps(el, inv);
     w[n][1] = _mm512_mul_ps(em, inv);
     w[n][2] = _mm512_mul_ps(er, inv);
+    // Lanes without neighbours (lines of one pixel): exactly 1, as in stability_weights.
+    const __mmask16 alone = _mm512_knot(_mm512_kor(has_l[n], has_r[n]));
+    if (alone)
+      w[n][1] = _mm512_mask_mov_ps(w[n][1], _mm512_mask_cmp_ps_mask(alone, a[n][1], a[n][1], _CMP_ORD_Q), one);
     if (KEEP) {
       const __m512 prod = _mm512_mul_ps(dlm, dr);
       const __m512 q0 = _mm512_rcp14_ps(prod);
