@@ -200,6 +200,17 @@ inline void normalize_lanes(const T (&acc)[KINDS][LANES], bool has_l, bool has_r
 // Stability weights w (and with KEEP the sigmoids s) of N pixels from their generated gate logits
 // g[n][K_L .. K_R], 16 lanes each; lanes whose valid sigmoids all underflowed take the softmax
 // fallback of normalize_lanes.
+template <bool KEEP>
+__attribute__((noinline)) void fallback_weights16(const float* g, bool has_l, bool has_r, __m512* w, __m512* s) {
+  float acc[KINDS][LANES], gw[3][LANES], gs[3][LANES];
+  std::memcpy(acc, g, sizeof(acc));
+  normalize_lanes<float, KEEP>(acc, has_l, has_r, gw, gs);
+  for (int k = 0; k < 3; ++k) {
+    w[k] = _mm512_loadu_ps(gw[k]);
+    if (KEEP) s[k] = _mm512_loadu_ps(gs[k]);
+  }
+}
+
 template <bool KEEP, int N>
 GSPN_INLINE void pixel_weights16(const __m512 (&g)[N][KINDS], const __mmask16 (&has_l)[N],
                                  const __mmask16 (&has_r)[N], __m512 (&w)[N][3], __m512 (&s)[N][3]) {
@@ -208,16 +219,12 @@ GSPN_INLINE void pixel_weights16(const __m512 (&g)[N][KINDS], const __mmask16 (&
   for (int n = 0; n < N; ++n)
     for (int k = 0; k < 3; ++k) a[n][k] = g[n][K_L + k];
   stability_weights16<KEEP, N>(a, has_l, has_r, w, s, under);
-  for (int n = 0; n < N; ++n) {
-    if (!under[n]) continue;  // rare
-    float acc[KINDS][LANES], gw[3][LANES], gs[3][LANES];
-    for (int k = 0; k < KINDS; ++k) _mm512_storeu_ps(acc[k], g[n][k]);
-    normalize_lanes<float, KEEP>(acc, has_l[n] != 0, has_r[n] != 0, gw, gs);
-    for (int k = 0; k < 3; ++k) {
-      w[n][k] = _mm512_loadu_ps(gw[k]);
-      if (KEEP) s[n][k] = _mm512_loadu_ps(gs[k]);
+  for (int n = 0; n < N; ++n)
+    if (__builtin_expect(under[n] != 0, 0)) {  // rare: out of line, off the hot path's registers
+      alignas(64) float gbuf[KINDS][LANES];
+      for (int k = 0; k < KINDS; ++k) _mm512_store_ps(gbuf[k], g[n][k]);
+      fallback_weights16<KEEP>(gbuf[0], has_l[n] != 0, has_r[n] != 0, w[n], s[n]);
     }
-  }
 }
 #endif
 
