@@ -37,9 +37,6 @@
 namespace {
 
 constexpr int64_t LANES = 16;
-#ifndef GROUP
-#define GROUP 2
-#endif
 constexpr int KINDS = 5;  // gate left, gate mid, gate right, lam, u'
 enum Kind { K_L, K_M, K_R, K_LAM, K_U };
 
@@ -74,27 +71,9 @@ inline void generate(const T* __restrict__ w, const T* __restrict__ z, int64_t S
 }
 
 #if defined(__AVX512F__)
-// generate for float32 with 16 lanes, all kinds, into registers: g[k] = sum_s w[k][s] z[s].
-GSPN_INLINE void generate16(const float* __restrict__ w, const float* __restrict__ z, int64_t S, __m512 (&g)[KINDS]) {
-  __m512 h[KINDS];
-  for (int k = 0; k < KINDS; ++k) g[k] = h[k] = _mm512_setzero_ps();
-  int64_t s = 0;
-  for (; s + 1 < S; s += 2) {
-    const __m512 z0 = _mm512_set1_ps(z[s]), z1 = _mm512_set1_ps(z[s + 1]);
-    for (int k = 0; k < KINDS; ++k) {
-      g[k] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (k * S + s) * LANES), z0, g[k]);
-      h[k] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (k * S + s + 1) * LANES), z1, h[k]);
-    }
-  }
-  if (s < S) {
-    const __m512 z0 = _mm512_set1_ps(z[s]);
-    for (int k = 0; k < KINDS; ++k) g[k] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (k * S + s) * LANES), z0, g[k]);
-  }
-  for (int k = 0; k < KINDS; ++k) g[k] = _mm512_add_ps(g[k], h[k]);
-}
-
-// generate16 for N pixels at once (proxies z[n]): every weight vector is loaded once for the N
-// pixels, and the N * KINDS accumulator chains are independent.
+// generate for float32 with 16 lanes, all kinds, N pixels at once (proxies z[n]), into registers:
+// g[n][k] = sum_s w[k][s] z[n][s]. Every weight vector is loaded once for the N pixels, and the
+// N * KINDS accumulator chains are independent.
 template <int N>
 GSPN_INLINE void generate16(const float* __restrict__ w, const float* const (&z)[N], int64_t S,
                             __m512 (&g)[N][KINDS]) {
@@ -429,7 +408,6 @@ void scan_direction(const MixShape& sh, const Geometry& geo, const X& x, const T
           }
         };
         int64_t q = 0;
-        for (; q + GROUP <= P; q += GROUP) pixels(std::integral_constant<int, GROUP>(), q);
         for (; q + 2 <= P; q += 2) pixels(std::integral_constant<int, 2>(), q);
         if (q < P) pixels(std::integral_constant<int, 1>(), q);
         std::swap(prev, cur);
