@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .gspn_vision import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ClassifierAPI, feature_indices
+from .gspn_vision import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ClassifierAPI, ClassifierHead, feature_indices
 
 __all__ = ["IsotropicEncoder", "isotropic_cfg"]
 
@@ -46,6 +46,20 @@ class IsotropicEncoder(ClassifierAPI, nn.Module):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W)`` → channels-last tokens ``(B, ⌈H/p⌉, ⌈W/p⌉, D)``."""
         raise NotImplementedError
+
+    def _finish_init(
+        self, embed_dim: int, depth: int, patch_size: int, num_classes: int, drop_rate: float, norm_eps: float
+    ) -> None:
+        """The end of a subclass's ``__init__``, after its embedding and blocks: ``feature_info``, the
+        head, the timm attributes, and the weight initialisation of every module."""
+        self.feature_info = [
+            {"num_chs": embed_dim, "reduction": patch_size, "module": f"blocks.{i}"} for i in range(depth)
+        ]
+        self.head = ClassifierHead(embed_dim, num_classes, drop_rate, norm_eps)
+        self.grad_checkpointing = False
+        self.default_cfg: dict[str, Any] = {}
+        self.model_args: dict[str, Any] = {}
+        self.apply(self._init_weights)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory."""

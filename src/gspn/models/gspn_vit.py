@@ -43,7 +43,6 @@ from torch import nn
 from ..nn import GSPNBlock
 from ._isotropic import IsotropicEncoder, isotropic_cfg
 from ._registry import register_model
-from .gspn_vision import ClassifierHead
 from .reference_checkpoints import plan_pretrained
 
 __all__ = ["GSPNViT", "PatchEmbed"]
@@ -156,14 +155,7 @@ class GSPNViT(IsotropicEncoder):
                 for rate in rates
             ]
         )
-        self.feature_info = [
-            {"num_chs": embed_dim, "reduction": patch_size, "module": f"blocks.{i}"} for i in range(depth)
-        ]
-        self.head = ClassifierHead(embed_dim, num_classes, drop_rate, norm_eps)
-        self.grad_checkpointing = False
-        self.default_cfg: dict[str, Any] = {}
-        self.model_args: dict[str, Any] = {}
-        self.apply(self._init_weights)
+        self._finish_init(embed_dim, depth, patch_size, num_classes, drop_rate, norm_eps)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x).permute(0, 2, 3, 1)

@@ -36,7 +36,6 @@ from ..nn import DropPath, Mlp, MultiHeadSelfAttention
 from ._isotropic import IsotropicEncoder, isotropic_cfg
 from ._registry import register_model
 from .checkpoint import load_pretrained
-from .gspn_vision import ClassifierHead
 from .gspn_vit import PatchEmbed
 
 __all__ = ["POS_EMBEDS", "POS_INTERPS", "TransformerBlock", "VisionTransformer", "sincos_pos_embed"]
@@ -216,14 +215,7 @@ class VisionTransformer(IsotropicEncoder):
                 for rate in rates
             ]
         )
-        self.feature_info = [
-            {"num_chs": embed_dim, "reduction": patch_size, "module": f"blocks.{i}"} for i in range(depth)
-        ]
-        self.head = ClassifierHead(embed_dim, num_classes, drop_rate, norm_eps)
-        self.grad_checkpointing = False
-        self.default_cfg: dict[str, Any] = {}
-        self.model_args: dict[str, Any] = {}
-        self.apply(self._init_weights)
+        self._finish_init(embed_dim, depth, patch_size, num_classes, drop_rate, norm_eps)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
