@@ -5,7 +5,7 @@ arguments and hand one launcher per variant to :func:`._launch.run_variants`."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -146,6 +146,40 @@ def _launch_split(
     _launch(kernel, (programs,), args, flags, cfg)
 
 
+def _run_scan_variants(
+    register_kernel: Any,
+    split_kernel: Any,
+    memory: Callable[[dict[str, Any]], None],
+    tensors: tuple[torch.Tensor, ...],
+    strides: tuple[Any, ...],
+    flags: dict[str, Any],
+    geometry: tuple[int, int, int, int],
+    *,
+    state_lines: int,
+    acc_torch: torch.dtype,
+    memory_scratch: int,
+) -> None:
+    """One scan pass (forward or adjoint) through :func:`run_variants`: the line in registers
+    (``register_kernel``), a line split over several programs with ``state_lines`` lines of carried
+    state each (``split_kernel``), or the ``memory`` launcher. ``geometry`` is ``(slices, line_length,
+    num_lines, num_chunks)``; ``memory_scratch`` the memory variant's scratch floats per line."""
+    slices, line_length, num_lines, num_chunks = geometry
+    run_variants(
+        {
+            "register": lambda cfg: _launch(register_kernel, _tile_grid(slices, cfg), (*tensors, *strides), flags, cfg),
+            "split": lambda cfg: _launch_split(
+                split_kernel, tensors, strides, flags, cfg, (slices, line_length, num_lines), state_lines, acc_torch
+            ),
+            "memory": memory,
+        },
+        slices,
+        line_length,
+        num_chunks,
+        tensors[0].device,
+        memory_scratch,
+    )
+
+
 def scan(
     x: torch.Tensor,
     lam: torch.Tensor,
@@ -205,28 +239,17 @@ def scan(
             stages=False,
         )
 
-    run_variants(
-        {
-            "register": lambda cfg: _launch(
-                kernels.line_scan_fwd_reg_kernel, _tile_grid(slices, cfg), (*tensors, *strides), flags, cfg
-            ),
-            "split": lambda cfg: _launch_split(
-                kernels.line_scan_fwd_split_kernel,
-                tensors,
-                strides,
-                flags,
-                cfg,
-                (slices, line_length, num_lines),
-                2,
-                acc_torch,
-            ),
-            "memory": memory,
-        },
-        slices,
-        line_length,
-        num_chunks,
-        x.device,
-        0 if state_in_out else 2 * line_length,
+    _run_scan_variants(
+        kernels.line_scan_fwd_reg_kernel,
+        kernels.line_scan_fwd_split_kernel,
+        memory,
+        tensors,
+        strides,
+        flags,
+        (slices, line_length, num_lines, num_chunks),
+        state_lines=2,
+        acc_torch=acc_torch,
+        memory_scratch=0 if state_in_out else 2 * line_length,
     )
     return out
 
@@ -295,28 +318,17 @@ def scan_backward(
             kernels.line_scan_bwd_kernel, _tile_grid(slices, cfg), (*tensors, state, *strides), flags, cfg, stages=False
         )
 
-    run_variants(
-        {
-            "register": lambda cfg: _launch(
-                kernels.line_scan_bwd_reg_kernel, _tile_grid(slices, cfg), (*tensors, *strides), flags, cfg
-            ),
-            "split": lambda cfg: _launch_split(
-                kernels.line_scan_bwd_split_kernel,
-                tensors,
-                strides,
-                flags,
-                cfg,
-                (slices, line_length, num_lines),
-                6,
-                acc_torch,
-            ),
-            "memory": memory,
-        },
-        slices,
-        line_length,
-        num_chunks,
-        x.device,
-        6 * line_length,
+    _run_scan_variants(
+        kernels.line_scan_bwd_reg_kernel,
+        kernels.line_scan_bwd_split_kernel,
+        memory,
+        tensors,
+        strides,
+        flags,
+        (slices, line_length, num_lines, num_chunks),
+        state_lines=6,
+        acc_torch=acc_torch,
+        memory_scratch=6 * line_length,
     )
     for g, buffer in zip(grads, d_params, strict=True):
         if g is not buffer:
