@@ -232,6 +232,24 @@ def add_model_args(
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
+def add_resume(
+    parser: Any, help: str = "resume from a checkpoint; without a path, from <output-dir>/last.pt if it exists"
+) -> None:
+    """``--resume [CHECKPOINT]``: ``"auto"`` without a value (the run folder's ``last.pt``), a path with
+    one, ``None`` when absent."""
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT", help=help)
+
+
+def add_overwrite(parser: Any, help: str = "replace the run already in the output directory") -> None:
+    """``--overwrite``: replace an existing run instead of refusing to start."""
+    parser.add_argument("--overwrite", action="store_true", help=help)
+
+
+def add_stop_after_epochs(parser: Any, help: str) -> None:
+    """``--stop-after-epochs N`` (``None`` when absent)."""
+    parser.add_argument("--stop-after-epochs", type=int, default=None, metavar="N", help=help)
+
+
 def add_threads(parser: Any, default: int | None = 0) -> None:
     """``--threads N``: torch CPU threads (0 = torch's default)."""
     parser.add_argument("--threads", type=int, default=default, help="torch CPU threads (0 = torch default)")

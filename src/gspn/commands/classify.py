@@ -85,21 +85,11 @@ def _add_train(sub: Any) -> None:
     )
     g = p.add_argument_group("run")
     F.add_output_dir(g, None, "output directory (default: runs/<model>)", aliases=("--output",))
-    g.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="CHECKPOINT",
-        help="resume from a checkpoint; without a path, from <output-dir>/last.pt if it exists",
-    )
-    g.add_argument("--overwrite", action="store_true", help="replace the run already in the output directory")
-    g.add_argument(
-        "--stop-after-epochs",
-        type=int,
-        default=None,
-        metavar="N",
-        help="stop after N epochs of this invocation (for time-limited jobs); the schedule still spans "
+    F.add_resume(g)
+    F.add_overwrite(g)
+    F.add_stop_after_epochs(
+        g,
+        "stop after N epochs of this invocation (for time-limited jobs); the schedule still spans "
         "--epochs and --resume continues",
     )
     g.add_argument("--seed", type=int, default=0)

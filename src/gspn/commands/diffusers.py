@@ -166,7 +166,7 @@ def _add_distill(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not continue the run in --output-dir (refused if one is there, unless --overwrite)",
     )
-    g.add_argument("--overwrite", action="store_true", help="with --no-resume: replace the run in --output-dir")
+    F.add_overwrite(g, "with --no-resume: replace the run in --output-dir")
     F.add_threads(g)
     F.add_device(g, None, "default: cuda (LOCAL_RANK) if available, else cpu")
 

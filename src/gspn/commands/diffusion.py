@@ -108,15 +108,8 @@ def _add_train_dit(parser: argparse.ArgumentParser, samplers: tuple[str, ...]) -
     o.add_argument("--seed", type=int, default=0)
     r = parser.add_argument_group("run")
     F.add_output_dir(r, "runs/dit", "output folder (checkpoints, metrics, samples)", aliases=("--out",))
-    r.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue a run: without a value from <output-dir>/last.pt (if present), else from CHECKPOINT",
-    )
-    r.add_argument("--overwrite", action="store_true", help="replace the run already in the output directory")
+    F.add_resume(r, "continue a run: without a value from <output-dir>/last.pt (if present), else from CHECKPOINT")
+    F.add_overwrite(r)
     r.add_argument("--ckpt-every", type=int, default=500, help="checkpoint period in steps")
     r.add_argument("--log-every", type=int, default=10)
     r.add_argument("--max-minutes", type=float, default=0.0, help="stop (with a checkpoint) after this wall time")

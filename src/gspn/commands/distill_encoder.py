@@ -115,22 +115,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("run")
     F.add_output_dir(g, "runs/distill-encoder", "checkpoints, metrics and the student's model.safetensors")
-    g.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="CHECKPOINT",
-        help="resume from a checkpoint; without a path, from <output-dir>/last.pt if it exists",
-    )
-    g.add_argument("--overwrite", action="store_true", help="replace the run already in the output directory")
-    g.add_argument(
-        "--stop-after-epochs",
-        type=int,
-        default=None,
-        metavar="N",
-        help="stop after N epochs of this invocation; --resume continues",
-    )
+    F.add_resume(g)
+    F.add_overwrite(g)
+    F.add_stop_after_epochs(g, "stop after N epochs of this invocation; --resume continues")
     g.add_argument("--seed", type=int, default=0)
     F.add_device(g, help="auto | cpu | cuda | cuda:N (torchrun: auto and cuda are cuda:LOCAL_RANK)")
     g.add_argument("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
