@@ -86,6 +86,7 @@ from ..training_utils import (
     derive_seed,
     evaluate,
     init_distributed,
+    json_safe,
     load_state,
     param_groups,
     plot_metrics,
@@ -495,16 +496,6 @@ def run(config: EncoderDistillConfig, teacher: nn.Module | None = None) -> dict[
         cleanup_distributed(ok)
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
 def _shard(ds: Dataset, ctx: DistContext) -> Dataset:
     if not ctx.distributed:
         return ds
@@ -846,7 +837,7 @@ class _Run:
                     "model_args_requested": cfg.model_args,
                     "model_args": self.model_args,
                     "teacher_digest": self.teacher_digest,
-                    "config": _json_safe(asdict(cfg)),
+                    "config": json_safe(asdict(cfg)),
                     "distiller": self.module.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
@@ -911,7 +902,7 @@ class _Run:
             if end == cfg.epochs:
                 self._export(data)
                 summary["weights"] = str(self.out / "model.safetensors")
-            text = json.dumps(_json_safe(summary), indent=2).encode()
+            text = json.dumps(json_safe(summary), indent=2).encode()
             from .._files import atomic_write
 
             atomic_write(self.out / "summary.json", lambda f: f.write(text))
@@ -936,6 +927,6 @@ class _Run:
             "std": data.std,
             "classes": data.classes,
         }
-        md = {f"gspn.train.{k}": json.dumps(_json_safe(v)) for k, v in meta.items()}
+        md = {f"gspn.train.{k}": json.dumps(json_safe(v)) for k, v in meta.items()}
         md["gspn.distill_encoder.teacher"] = str(self.cfg.teacher)
         save_checkpoint(self.student, self.out / "model.safetensors", metadata=md)

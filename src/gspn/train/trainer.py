@@ -42,6 +42,7 @@ from ..training_utils import (
     derive_seed,
     evaluate,
     init_distributed,
+    json_safe,
     load_ema_weights,
     load_state,
     param_groups,
@@ -111,16 +112,6 @@ def _cosine_with_warmup(total: int, warmup: int, base_lr: float, min_lr: float) 
     """LR multiplier per optimizer step: linear warm-up from ~0, then cosine down to ``min_lr``
     (:func:`gspn.training_utils.schedule.schedule_fn`)."""
     return schedule_fn("cosine", total, warmup, min_lr / base_lr if base_lr > 0 else 0.0)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
 
 
 def _log(ctx: DistContext, cfg_verbose: bool, msg: str) -> None:
@@ -486,7 +477,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         "std": data.std,
         "classes": data.classes,
         "data": data.source,
-        "config": _json_safe(asdict(cfg)),
+        "config": json_safe(asdict(cfg)),
     }
     _log(
         ctx,
@@ -638,7 +629,7 @@ def _finish(
         _export_safetensors(run.model, out / "model.safetensors", meta)
         if run.ema is not None:
             _export_safetensors(run.ema.module, out / "model_ema.safetensors", meta)
-        text = json.dumps(_json_safe(summary), indent=2).encode()
+        text = json.dumps(json_safe(summary), indent=2).encode()
         atomic_write(out / "summary.json", lambda f: f.write(text))
         _log(
             ctx,
@@ -655,7 +646,7 @@ def _export_safetensors(model: nn.Module, path: Path, meta: dict[str, Any]) -> N
     from ..models import save_checkpoint
 
     md = {
-        f"gspn.train.{k}": json.dumps(_json_safe(meta[k]))
+        f"gspn.train.{k}": json.dumps(json_safe(meta[k]))
         for k in ("model_name", "model_args", "num_classes", "in_chans", "img_size", "mean", "std", "classes")
     }
     try:

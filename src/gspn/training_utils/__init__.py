@@ -27,7 +27,7 @@ from .loop import (
     train_one_epoch,
     weights_digest,
 )
-from .metrics import Panel, append_metrics, plot_metrics, read_metrics, truncate_metrics
+from .metrics import Panel, append_metrics, json_safe, plot_metrics, read_metrics, truncate_metrics
 from .schedule import SCHEDULES, build_lr_scheduler, lr_factor
 from .seeding import derive_seed, seed_all, step_generator
 from .state import (
@@ -63,6 +63,7 @@ __all__ = [
     "derive_seed",
     "evaluate",
     "init_distributed",
+    "json_safe",
     "load_ema_weights",
     "load_state",
     "lr_factor",

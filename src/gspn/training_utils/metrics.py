@@ -15,6 +15,18 @@ from .state import atomic_write
 __all__ = ["CLASSIFIER_PANELS", "Panel", "append_metrics", "plot_metrics", "read_metrics", "truncate_metrics"]
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every dict key a string and every value JSON can hold: lists for tuples, ``str()``
+    for anything else (paths, dtypes, devices), recursively."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl`` file (an empty list when it does not exist).
 
