@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_runs import tiny_dit_argv
 from gspn._files import RunDirError, atomic_write, claim_run_dir, safe_torch_load
 from gspn._pickle import UnsafeCheckpointError
 from gspn.cli import main
@@ -108,32 +109,8 @@ def test_every_loader_refuses_a_pickle_that_runs_code(evil, tmp_path: Path, load
 @needs_diffusers
 def test_train_dit_resume_refuses_a_pickle_that_runs_code(evil, tmp_path: Path, capsys) -> None:
     path, marker = evil
-    rc = main(
-        [
-            "train-dit",
-            "--model",
-            "gspn_dit_tiny",
-            "--image-size",
-            "8",
-            "--batch-size",
-            "8",
-            "--steps",
-            "1",
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--resume",
-            str(path),
-            "--no-progress",
-            "--sample-steps",
-            "0",
-            "--model-arg",
-            "hidden_size=32",
-            "--model-arg",
-            "depth=2",
-            "--model-arg",
-            "num_global_blocks=1",
-        ]
-    )
+    model_args = ("hidden_size=32", "depth=2", "num_global_blocks=1")
+    rc = main(tiny_dit_argv(tmp_path / "run", "--steps", "1", "--resume", str(path), model_args=model_args))
     assert rc == 2 and "refused" in capsys.readouterr().err
     assert not marker.exists()
 
@@ -167,28 +144,7 @@ def test_no_unsafe_torch_load_in_the_library() -> None:
 @needs_diffusers
 def test_train_dit_divergence_keeps_the_good_checkpoint(tmp_path: Path, capsys) -> None:
     out = tmp_path / "dit"
-    common = [
-        "train-dit",
-        "--model",
-        "gspn_dit_tiny",
-        "--image-size",
-        "8",
-        "--batch-size",
-        "8",
-        "--output-dir",
-        str(out),
-        "--no-progress",
-        "--sample-steps",
-        "0",
-        "--model-arg",
-        "hidden_size=32",
-        "--model-arg",
-        "depth=2",
-        "--model-arg",
-        "d_state=4",
-        "--model-arg",
-        "num_global_blocks=1",
-    ]
+    common = tiny_dit_argv(out)
     assert main([*common, "--steps", "2", "--ckpt-every", "1"]) == 0
     good = (out / "last.pt").read_bytes()
     ema = (out / "ema.safetensors").read_bytes()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import gspn
+from cli_runs import tiny_dit_argv
 from gspn.cli import build_parser
 from gspn.diffusion import diffusion_loss, make_train_scheduler
 from gspn.diffusion.data import load_digits
@@ -188,32 +189,7 @@ def _train_args(out: Path, **kw):
     """The ``DiTTrainConfig`` the command builds from these flags."""
     from gspn.commands.diffusion import train_dit_config
 
-    argv = [
-        "train-dit",
-        "--model",
-        "gspn_dit_tiny",
-        "--image-size",
-        "8",
-        "--batch-size",
-        "8",
-        "--output-dir",
-        str(out),
-        "--sample-steps",
-        "0",
-        "--log-every",
-        "1",
-        "--no-progress",
-        "--lr",
-        "1e-3",
-        "--model-arg",
-        "hidden_size=32",
-        "--model-arg",
-        "depth=2",
-        "--model-arg",
-        "d_state=4",
-        "--model-arg",
-        "num_global_blocks=1",
-    ]
+    argv = tiny_dit_argv(out, "--log-every", "1", "--lr", "1e-3")
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     return train_dit_config(build_parser().parse_args(argv))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import gspn
+from cli_runs import tiny_dit_argv
 from gspn.models import create_model, list_models, load_model, read_metadata
 from gspn.train import TrainConfig, train, weights_digest
 
@@ -50,35 +51,7 @@ def test_train_dit_exports_load_with_load_model(tmp_path: Path) -> None:
     from gspn.cli import main
 
     out = tmp_path / "dit"
-    assert (
-        main(
-            [
-                "train-dit",
-                "--model",
-                "gspn_dit_tiny",
-                "--image-size",
-                "8",
-                "--batch-size",
-                "8",
-                "--steps",
-                "1",
-                "--output-dir",
-                str(out),
-                "--no-progress",
-                "--sample-steps",
-                "0",
-                "--model-arg",
-                "hidden_size=32",
-                "--model-arg",
-                "depth=2",
-                "--model-arg",
-                "d_state=4",
-                "--model-arg",
-                "num_global_blocks=1",
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_dit_argv(out, "--steps", "1")) == 0
     m = load_model(out / "ema.safetensors")
     again = create_model("gspn_dit_tiny", pretrained=str(out / "ema.safetensors"), **m.model_args)
     assert weights_digest(m) == weights_digest(again)
