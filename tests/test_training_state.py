@@ -110,9 +110,8 @@ def test_rank_rng_restore_takes_this_ranks_entry_or_an_old_single_dict():
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_classification_and_dit_states_use_the_shared_keys(tmp_path):
-    from gspn.diffusion.train import DiTTrainConfig
-    from gspn.diffusion.train import run as run_dit
+def _train_tiny_classifier(out, train_limit: int, val_limit: int) -> None:
+    """One epoch of a one-stage baseline_conv on 16×16 digits into ``out`` (quiet, no plot)."""
     from gspn.train import TrainConfig, train
 
     train(
@@ -123,15 +122,22 @@ def test_classification_and_dit_states_use_the_shared_keys(tmp_path):
             epochs=1,
             img_size=16,
             batch_size=32,
-            train_limit=64,
-            val_limit=32,
+            train_limit=train_limit,
+            val_limit=val_limit,
             workers=0,
-            output=str(tmp_path / "cls"),
+            output=str(out),
             plot=False,
             verbose=False,
             progress=False,
         )
     )
+
+
+def test_classification_and_dit_states_use_the_shared_keys(tmp_path):
+    from gspn.diffusion.train import DiTTrainConfig
+    from gspn.diffusion.train import run as run_dit
+
+    _train_tiny_classifier(tmp_path / "cls", train_limit=64, val_limit=32)
     run_dit(
         DiTTrainConfig(
             model="gspn_dit_tiny",
@@ -165,25 +171,9 @@ def test_a_state_of_one_recipe_is_refused_by_another_with_a_clear_error(tmp_path
     or a ``load_state_dict`` traceback listing every key."""
     from gspn.diffusion.train import DiTTrainConfig
     from gspn.diffusion.train import run as run_dit
-    from gspn.train import TrainConfig, evaluate_checkpoint, train
+    from gspn.train import evaluate_checkpoint
 
-    train(
-        TrainConfig(
-            model="baseline_conv",
-            model_args={"width": 4, "depths": (1,)},
-            data="digits",
-            epochs=1,
-            img_size=16,
-            batch_size=32,
-            train_limit=32,
-            val_limit=16,
-            workers=0,
-            output=str(tmp_path / "cls"),
-            plot=False,
-            verbose=False,
-            progress=False,
-        )
-    )
+    _train_tiny_classifier(tmp_path / "cls", train_limit=32, val_limit=16)
 
     def dit(out, resume="none", **args):
         return DiTTrainConfig(
