@@ -538,3 +538,17 @@ def test_fused_layer_operator(device):
         results.append([t.cpu() for t in (y, *grads)])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_lines_of_one_pixel_give_exactly_zero_gate_gradients(device, variant):
+    """A position without neighbours has the single weight 1 whatever its logit, so every gate
+    gradient of a line of one pixel is exactly 0 (reference and cpu: test_nonfinite.py)."""
+    gen = torch.Generator().manual_seed(9)
+    for shape, directions in [((1, 2, 5, 1), ("tb", "bt")), ((1, 2, 1, 5), ("lr", "rl"))]:
+        for direction in directions:
+            tensors = [(5 * torch.randn(shape, generator=gen)).to(device).requires_grad_() for _ in range(5)]
+            with triton_backend.launch_overrides(**variant):
+                out = line_scan(*tensors, direction=direction, normalize=True, backend="triton")
+                grads = torch.autograd.grad(out, tensors, torch.randn(shape, generator=gen).to(device))
+            for k in range(3):
+                assert grads[2 + k].eq(0).all(), (direction, k)

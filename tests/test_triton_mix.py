@@ -206,3 +206,14 @@ def test_empty_and_unknown_override():
     assert gspn_mix(*args, backend="triton").shape == (0, 4, 3, 3)
     with pytest.raises(ValueError, match="unknown launch parameters"), triton_backend.launch_overrides(size=3):
         pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lines_of_one_pixel_give_exactly_zero_gate_gradients(dtype):
+    """W = 1: the row scans (directions 0, 1) have lines of one pixel; H = 1: the column scans. Their
+    gate-weight gradients are exactly 0, even for gate weights of order 10² (cpu: test_nonfinite.py)."""
+    for (h, w), flat in [((6, 1), slice(0, 2)), ((1, 6), slice(2, 4))]:
+        args = make(2, 5, h, w, 3, 5, dtype=dtype)
+        args[2] = args[2] * 200
+        values, _ = _value_and_grads(args, None, "triton")
+        assert values[3][flat].eq(0).all()
