@@ -91,3 +91,18 @@ def unused_gates(height, width, direction="tb", chunk_size=None):
             mask[0, r, c] |= j == 0
             mask[2, r, c] |= j == size - 1
     return mask
+
+
+def oracle_mix(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size=None):
+    """The issue's equations, written independently: explicit per-direction loops over the pixel oracle."""
+    channels = x.shape[1]
+    group = channels // gate_weight.shape[2]
+    y = torch.zeros_like(x)
+    for k, direction in enumerate(("tb", "bt", "lr", "rl")):  # the order of gspn.ops.DIRECTIONS
+        gates = [
+            torch.einsum("cs,bshw->bchw", gate_weight[k, g], proxy).repeat_interleave(group, dim=1) for g in range(3)
+        ]
+        lam, u, skip = (torch.einsum("cs,bshw->bchw", w[k], proxy) for w in (lam_weight, u_weight, skip_weight))
+        h = oracle_line_scan(x, lam, *gates, direction=direction, chunk_size=chunk_size, normalize=True)
+        y = y + merge_weight[k] * (u * h + skip * x)
+    return y

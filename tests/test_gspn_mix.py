@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import gspn
 from gspn.nn import GSPN2d
-from gspn.ops import DIRECTIONS, available_backends, gspn_mix, mix_flops, scan_flops
-from oracle import oracle_line_scan
+from gspn.ops import available_backends, gspn_mix, mix_flops, scan_flops
+from oracle import oracle_mix
 
 BACKENDS = [b for b in ("reference", "cpu") if b in available_backends("cpu")]
 NAMES = ("x", "proxy", "gate_weight", "lam_weight", "u_weight", "skip_weight", "merge_weight")
@@ -34,21 +34,6 @@ def make(batch, channels, height, width, state, gate_channels, dtype=torch.float
         rand(4, channels, state),
         rand(4),
     ]
-
-
-def oracle_mix(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size=None):
-    """The issue's equations, written independently: explicit per-direction loops over the pixel oracle."""
-    channels = x.shape[1]
-    group = channels // gate_weight.shape[2]
-    y = torch.zeros_like(x)
-    for k, direction in enumerate(DIRECTIONS):
-        gates = [
-            torch.einsum("cs,bshw->bchw", gate_weight[k, g], proxy).repeat_interleave(group, dim=1) for g in range(3)
-        ]
-        lam, u, skip = (torch.einsum("cs,bshw->bchw", w[k], proxy) for w in (lam_weight, u_weight, skip_weight))
-        h = oracle_line_scan(x, lam, *gates, direction=direction, chunk_size=chunk_size, normalize=True)
-        y = y + merge_weight[k] * (u * h + skip * x)
-    return y
 
 
 CASES = [  # (B, C, H, W, S, Cg, chunk_size)

@@ -552,3 +552,22 @@ def test_lines_of_one_pixel_give_exactly_zero_gate_gradients(device, variant):
                 grads = torch.autograd.grad(out, tensors, torch.randn(shape, generator=gen).to(device))
             for k in range(3):
                 assert grads[2 + k].eq(0).all(), (direction, k)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_forward_mode_tangent_matches_reference(device, direction):
+    """torch.func.jvp through the triton backend equals the reference backend's (issue 21, kind 4)."""
+    x, params = _make((2, 3, 7, 5), [(1, 3, 7, 5)] * 4, torch.float64, device)
+    _, tangents = _make((2, 3, 7, 5), [(1, 3, 7, 5)] * 4, torch.float64, device, seed=3)
+    primals, tans = (x, *params), (x.flip(-1), *tangents)
+
+    def run(backend):
+        def f(*args):
+            return line_scan(*args, direction=direction, chunk_size=3, normalize=True, backend=backend)
+
+        return torch.func.jvp(f, primals, tans)[1]
+
+    with triton_backend.launch_overrides(**SMALL):
+        got = run("triton")
+    torch.testing.assert_close(got.cpu(), run("reference").cpu(), **TOL[torch.float64])
+    assert got.abs().max() > 0.01

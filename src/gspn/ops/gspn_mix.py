@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from . import _autograd, second_order
 from .backends import resolve_backend
 from .directions import DIRECTIONS
-from .line_scan import _custom_op, scan_flops
+from .line_scan import _custom_op, _LineScan, _LineScan4d, scan_flops
 from .validation import check_backend, check_chunk_size, check_tensor, compute_dtype
 
 __all__ = ["gspn_mix", "mix_flops"]
@@ -348,18 +349,144 @@ def _gspn_mix_autograd(ctx, grad):
     return (*grads, None, None)
 
 
-_gspn_mix_op.register_autograd(_gspn_mix_autograd, setup_context=_setup_context)
+_gspn_mix_op.register_autograd(_gspn_mix_autograd, setup_context=_setup_context, public="gspn.ops.gspn_mix")
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
+    raise _double_backward_error()
+
+
+def _double_backward_error() -> RuntimeError:
+    return RuntimeError(
         "double backward (create_graph=True, e.g. a gradient penalty) through gspn.ops.gspn_mix is not "
         "supported: its fused backward is not itself differentiable. GSPN2d(fused=False) computes the same "
         "layer from gspn.ops.line_scan_4d, which supports double backward"
     )
 
 
-_gspn_mix_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+_gspn_mix_backward_op.register_autograd(
+    _no_double_backward, setup_context=lambda ctx, inputs, output: None, public="gspn.ops.gspn_mix"
+)
+
+
+# --- every autograd mode: the Functions the public API calls ---------------------------------------
+
+
+def _generation_tangent(weight, t_weight, proxy, t_proxy, pattern: str):
+    """Tangent of ``einsum(pattern, weight, proxy)`` (bilinear); ``None`` if both tangents are."""
+    out = None
+    if t_weight is not None:
+        out = torch.einsum(pattern, t_weight, proxy)
+    if t_proxy is not None:
+        term = torch.einsum(pattern, weight, t_proxy)
+        out = term if out is None else out + term
+    return out
+
+
+def mix_jvp(primals, tangents, chunk_size, backend: str) -> torch.Tensor:
+    """Jacobian-vector product of ``gspn::gspn_mix``, by the product rule through its definition.
+
+    With the generated maps ``G = W ⊗ z`` (bilinear: ``Ġ = Ẇ ⊗ z + W ⊗ ż``), the scans' tangent
+    ``ḣ_k`` (:func:`gspn.ops.second_order.scan_4d_jvp`, one more scan per direction) and
+    ``y = Σ_k m_k (u_k ⊙ h_k + D_k ⊙ x)``::
+
+        ẏ = Σ_k ṁ_k (u_k h_k + D_k x) + m_k (u̇_k h_k + u_k ḣ_k + Ḋ_k x + D_k ẋ)
+
+    It materialises the per-pixel maps (as ``GSPN2d(fused=False)`` does). ``tangents``: one per
+    tensor input of :func:`gspn_mix`, ``None`` for zero. Returns ``ẏ`` in ``x``'s dtype.
+    """
+    x, proxy, gate_w, lam_w, u_w, skip_w, merge_w = primals
+    dtype = compute_dtype(x.dtype)
+    x, proxy, gate_w, lam_w, u_w, skip_w, merge_w = (t.to(dtype) for t in primals)
+    t_x, t_proxy, t_gate, t_lam, t_u, t_skip, t_merge = (None if t is None else t.to(dtype) for t in tangents)
+    gates, lam, u, skip = _generate(proxy, gate_w, lam_w, u_w, skip_w)
+    t_gates = _generation_tangent(gate_w, t_gate, proxy, t_proxy, "kgcs,bshw->bkgchw")
+    t_lam, t_u, t_skip = (
+        _generation_tangent(w, t, proxy, t_proxy, "kcs,bshw->bkchw")
+        for w, t in ((lam_w, t_lam), (u_w, t_u), (skip_w, t_skip))
+    )
+    params = (lam, gates[:, :, 0], gates[:, :, 1], gates[:, :, 2])
+    h = _LineScan4d.apply(x, *params, chunk_size, True, backend)
+    t_params = (t_lam, *((None,) * 3 if t_gates is None else (t_gates[:, :, 0], t_gates[:, :, 1], t_gates[:, :, 2])))
+    t_h = second_order.scan_4d_jvp(h, x, params, (t_x, *t_params), chunk_size, True, backend, scan=_LineScan.apply)
+    xk = x.unsqueeze(1)
+    t_y = u * t_h
+    if t_u is not None:
+        t_y = t_y + t_u * h
+    if t_skip is not None:
+        t_y = t_y + t_skip * xk
+    if t_x is not None:
+        t_y = t_y + skip * t_x.unsqueeze(1)
+    out = torch.einsum("k,bkchw->bchw", merge_w, t_y)
+    if t_merge is not None:
+        out = out + torch.einsum("k,bkchw->bchw", t_merge, u * h + skip * xk)
+    # In the layout of the operator's result (channels-last), as forward AD requires of a tangent.
+    return out.to(primals[0].dtype).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+class _GspnMix(torch.autograd.Function):
+    """``gspn::gspn_mix`` with reverse mode, forward mode (:func:`mix_jvp`) and vmap."""
+
+    @staticmethod
+    def forward(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend):
+        return _autograd.below_autograd(
+            torch.ops.gspn.gspn_mix,
+            *(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend),
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *tensors, chunk_size, backend = inputs
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+        ctx.options = (chunk_size, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = _GspnMixBackward.apply(grad, *ctx.saved_tensors, *ctx.options)
+        return (*grads, None, None)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return mix_jvp(ctx.saved_tensors, tangents[:7], *ctx.options)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        shared = [False, False] + [True] * 5 + [False, False]  # the weights have no batch dimension
+        return _autograd.vmap_by_batch(info, in_dims, args, _GspnMix.apply, shared=shared)
+
+
+class _GspnMixBackward(torch.autograd.Function):
+    """``gspn::gspn_mix_backward``: not differentiable (see :func:`_double_backward_error`)."""
+
+    @staticmethod
+    def forward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend):
+        return tuple(
+            _autograd.below_autograd(
+                torch.ops.gspn.gspn_mix_backward,
+                *(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend),
+            )
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise _double_backward_error()
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise _autograd.forward_ad_unsupported(
+            "gspn::gspn_mix_backward",
+            "forward-over-reverse (jacfwd(jacrev(f)), torch.func.hessian) is not supported; "
+            "GSPN2d(fused=False) and gspn.ops.line_scan_4d support reverse-over-reverse",
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _autograd.vmap_by_loop(info, in_dims, args, _GspnMixBackward.apply)
 
 
 # --- FLOP formulas -------------------------------------------------------------------------------
@@ -452,6 +579,8 @@ def gspn_mix(
     chunk_size = _check_args(
         x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend
     )
-    return torch.ops.gspn.gspn_mix(
-        x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend
+    return _autograd.apply(
+        _GspnMix,
+        torch.ops.gspn.gspn_mix,
+        *(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend),
     )

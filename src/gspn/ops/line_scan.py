@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from . import second_order
+from . import _autograd, second_order
 from .backends import ScanBackend, resolve_backend
 from .directions import DIRECTIONS, get_direction
 from .validation import check_line_scan_args, compute_dtype, reduce_to_shape, result_dtype
@@ -40,8 +40,23 @@ class _Op:
         torch.library.register_fake(self.qualname, fn, lib=_LIB)
         return fn
 
-    def register_autograd(self, backward, *, setup_context) -> None:
-        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=_LIB)
+    def register_autograd(self, backward, *, setup_context, public: str) -> None:
+        """The operator's reverse-mode formula, and a clear error for forward-mode tangents.
+
+        ``torch.library.register_autograd``'s kernel would pass a dual tensor through and drop its
+        tangent (a silent zero); this kernel refuses it, naming ``public``, the function that
+        supports forward mode (:mod:`gspn.ops._autograd`).
+        """
+        op = getattr(torch.ops.gspn, self.qualname.split("::")[1]).default
+        info = torch._library.autograd.Info(backward, setup_context)
+        kernel = torch._library.autograd.make_autograd_impl(op, info)
+        qualname = self.qualname
+
+        def autograd_kernel(keyset, *args, **kwargs):
+            _autograd.check_no_tangents(qualname, args, public)
+            return kernel(keyset, *args, **kwargs)
+
+        _LIB.impl(self.qualname.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
 
 
 def _custom_op(name: str):
@@ -205,7 +220,7 @@ def _line_scan_autograd(ctx, grad):
     return (*grads, *([None] * len(ctx.options)))
 
 
-_line_scan_op.register_autograd(_line_scan_autograd, setup_context=_setup_context)
+_line_scan_op.register_autograd(_line_scan_autograd, setup_context=_setup_context, public="gspn.ops.line_scan")
 
 
 def _setup_backward_context(ctx, inputs, output):
@@ -217,13 +232,15 @@ def _setup_backward_context(ctx, inputs, output):
 def _line_scan_backward_autograd(ctx, cotangents):
     # cotangents: one per gradient the backward returned (a Tensor[] output: one list)
     grad, h, x, *params = ctx.saved_tensors
-    grads = second_order.backward_vjp(grad, h, x, params, cotangents, *ctx.options)
+    grads = second_order.backward_vjp(grad, h, x, params, cotangents, *ctx.options, **_RAW_OPS)
     return (*grads, *([None] * len(ctx.options)))
 
 
 # The backward is differentiable too (double backward, e.g. gradient penalties): its derivative is
 # one forward and one backward scan through these same operators (gspn/ops/second_order.py).
-_line_scan_backward_op.register_autograd(_line_scan_backward_autograd, setup_context=_setup_backward_context)
+_line_scan_backward_op.register_autograd(
+    _line_scan_backward_autograd, setup_context=_setup_backward_context, public="gspn.ops.line_scan"
+)
 
 
 # --- four directions -----------------------------------------------------------------------------
@@ -276,16 +293,162 @@ def _line_scan_4d_autograd(ctx, grad):
     return (*grads, *([None] * len(ctx.options)))
 
 
-_line_scan_4d_op.register_autograd(_line_scan_4d_autograd, setup_context=_setup_context)
+_line_scan_4d_op.register_autograd(_line_scan_4d_autograd, setup_context=_setup_context, public="gspn.ops.line_scan_4d")
 
 
 def _line_scan_4d_backward_autograd(ctx, cotangents):
     grad, h, x, *params = ctx.saved_tensors
-    grads = second_order.backward_4d_vjp(grad, h, x, params, cotangents, *ctx.options)
+    grads = second_order.backward_4d_vjp(grad, h, x, params, cotangents, *ctx.options, **_RAW_OPS)
     return (*grads, *([None] * len(ctx.options)))
 
 
-_line_scan_4d_backward_op.register_autograd(_line_scan_4d_backward_autograd, setup_context=_setup_backward_context)
+_line_scan_4d_backward_op.register_autograd(
+    _line_scan_4d_backward_autograd, setup_context=_setup_backward_context, public="gspn.ops.line_scan_4d"
+)
+
+
+# The derivative of the backward calls the raw operators (torch.compile's path and direct callers).
+_RAW_OPS = {"scan": torch.ops.gspn.line_scan, "scan_backward": torch.ops.gspn.line_scan_backward}
+
+
+# --- every autograd mode: the Functions the public API calls ---------------------------------------
+
+
+class _LineScan(torch.autograd.Function):
+    """``gspn::line_scan`` with reverse mode, forward mode (:func:`second_order.scan_jvp`) and vmap."""
+
+    @staticmethod
+    def forward(x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend):
+        return _autograd.below_autograd(
+            torch.ops.gspn.line_scan, x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, lam, w_left, w_mid, w_right, *options = inputs
+        ctx.save_for_backward(x, lam, w_left, w_mid, w_right, output)
+        ctx.save_for_forward(x, lam, w_left, w_mid, w_right, output)
+        ctx.options = options
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lam, w_left, w_mid, w_right, out = ctx.saved_tensors
+        grads = _LineScanBackward.apply(grad, out, x, lam, w_left, w_mid, w_right, *ctx.options)
+        return (*grads, *([None] * len(ctx.options)))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        x, *params, out = ctx.saved_tensors
+        return second_order.scan_jvp(out, x, params, tangents[:5], *ctx.options, scan=_LineScan.apply)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _autograd.vmap_by_batch(info, in_dims, args, _LineScan.apply, shared=[False] * len(args))
+
+
+class _LineScanBackward(torch.autograd.Function):
+    """``gspn::line_scan_backward``: differentiable in reverse mode (double backward)."""
+
+    @staticmethod
+    def forward(grad, h, x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend):
+        return tuple(
+            _autograd.below_autograd(
+                torch.ops.gspn.line_scan_backward,
+                *(grad, h, x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend),
+            )
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, h, x, lam, w_left, w_mid, w_right, *options = inputs
+        ctx.save_for_backward(grad, h, x, lam, w_left, w_mid, w_right)
+        ctx.options = options
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        grad, h, x, *params = ctx.saved_tensors
+        grads = second_order.backward_vjp(
+            grad, h, x, params, cotangents, *ctx.options, scan=_LineScan.apply, scan_backward=_line_scan_backward
+        )
+        return (*grads, *([None] * len(ctx.options)))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise _autograd.forward_ad_unsupported(
+            "gspn::line_scan_backward",
+            "forward-over-reverse (jacfwd(jacrev(f)), torch.func.hessian) is not supported; "
+            "use reverse-over-reverse (jacrev(jacrev(f))), which is exact",
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _autograd.vmap_by_loop(info, in_dims, args, _LineScanBackward.apply)
+
+
+def _line_scan_backward(*args):
+    return list(_LineScanBackward.apply(*args))
+
+
+class _LineScan4d(torch.autograd.Function):
+    """``gspn::line_scan_4d`` with reverse mode, forward mode and vmap."""
+
+    @staticmethod
+    def forward(x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend):
+        return _autograd.below_autograd(
+            torch.ops.gspn.line_scan_4d, x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend
+        )
+
+    setup_context = _LineScan.setup_context
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lam, w_left, w_mid, w_right, out = ctx.saved_tensors
+        grads = _LineScan4dBackward.apply(grad, out, x, lam, w_left, w_mid, w_right, *ctx.options)
+        return (*grads, *([None] * len(ctx.options)))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        x, *params, out = ctx.saved_tensors
+        return second_order.scan_4d_jvp(out, x, params, tangents[:5], *ctx.options, scan=_LineScan.apply)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _autograd.vmap_by_batch(info, in_dims, args, _LineScan4d.apply, shared=[False] * len(args))
+
+
+class _LineScan4dBackward(torch.autograd.Function):
+    """``gspn::line_scan_4d_backward``: differentiable in reverse mode (double backward)."""
+
+    @staticmethod
+    def forward(grad, h, x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend):
+        return tuple(
+            _autograd.below_autograd(
+                torch.ops.gspn.line_scan_4d_backward,
+                *(grad, h, x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend),
+            )
+        )
+
+    setup_context = _LineScanBackward.setup_context
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        grad, h, x, *params = ctx.saved_tensors
+        grads = second_order.backward_4d_vjp(
+            grad, h, x, params, cotangents, *ctx.options, scan=_LineScan.apply, scan_backward=_line_scan_backward
+        )
+        return (*grads, *([None] * len(ctx.options)))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise _autograd.forward_ad_unsupported(
+            "gspn::line_scan_4d_backward",
+            "forward-over-reverse (jacfwd(jacrev(f)), torch.func.hessian) is not supported; "
+            "use reverse-over-reverse (jacrev(jacrev(f))), which is exact",
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _autograd.vmap_by_loop(info, in_dims, args, _LineScan4dBackward.apply)
 
 
 # --- FLOP formulas -------------------------------------------------------------------------------
@@ -408,7 +571,9 @@ def line_scan(
         backend=backend,
         four_directions=False,
     )
-    return torch.ops.gspn.line_scan(x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend)
+    return _autograd.apply(
+        _LineScan, torch.ops.gspn.line_scan, x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend
+    )
 
 
 def line_scan_4d(
@@ -448,4 +613,6 @@ def line_scan_4d(
         backend=backend,
         four_directions=True,
     )
-    return torch.ops.gspn.line_scan_4d(x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend)
+    return _autograd.apply(
+        _LineScan4d, torch.ops.gspn.line_scan_4d, x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend
+    )

@@ -54,13 +54,95 @@ def _previous_line_adjoint(ys, direction: str, masks) -> torch.Tensor:
     return from_line_frame(F.pad(total[..., 1:, :], (0, 0, 0, 1)), direction)  # to line l - 1
 
 
-def backward_vjp(grad, h, x, params, cotangents, direction: str, chunk_size, normalize: bool, backend: str):
+def _tangent_input(h, x, params, tangents, masks, direction: str, normalize: bool, dtype):
+    """``r = λ ṫx + x ṫλ + Σ_k ṫW_k ⊙ E_k h`` with ``ṫW = J_N ṫθ`` (``ṫθ`` if not ``normalize``).
+
+    ``tangents``: ``(ṫx, ṫλ, ṫθ_left, ṫθ_mid, ṫθ_right)``, each of its input's (broadcast) shape or
+    ``None`` for zero. Returns ``r`` (``None`` if every tangent is ``None``), the masked gate
+    tangents ``ṫθ``, ``ṫW`` and, with ``normalize``, ``(θ, W, σ(θ), u, ū)`` for the second derivative.
+    """
+    lam, *logits = params
+    t_x, t_lam, *t_logits = (None if t is None else t.to(dtype) for t in tangents)
+    shape = x.shape
+    zeros = torch.zeros(shape, dtype=dtype, device=x.device)
+    c_theta = [
+        zeros if c is None else torch.where(m, _full(c, shape, dtype), 0.0)
+        for m, c in zip(masks, t_logits, strict=True)
+    ]
+    extras = None
+    if normalize:
+        theta = [torch.where(m, _full(t, shape, dtype), 0.0) for m, t in zip(masks, logits, strict=True)]
+        weights = [w.expand(shape) for w in stabilize(*theta, direction=direction)]
+        sig = [torch.sigmoid(t) for t in theta]
+        u = [torch.sigmoid(-t) * c for t, c in zip(theta, c_theta, strict=True)]  # (1 - s_k) c_θk
+        u_bar = sum(w * uk for w, uk in zip(weights, u, strict=True))
+        c_w = [w * (uk - u_bar) for w, uk in zip(weights, u, strict=True)]
+        extras = (theta, weights, sig, u, u_bar)
+    else:
+        c_w = c_theta
+    r = None
+    if any(t is not None for t in t_logits):
+        h_prev = _previous_line(h.to(dtype), direction, masks)
+        r = sum(c * e for c, e in zip(c_w, h_prev, strict=True))
+    if t_x is not None:
+        r = _full(lam, shape, dtype) * t_x if r is None else r + _full(lam, shape, dtype) * t_x
+    if t_lam is not None:
+        r = x.to(dtype) * _full(t_lam, shape, dtype) if r is None else r + x.to(dtype) * _full(t_lam, shape, dtype)
+    return r, c_theta, c_w, extras
+
+
+def scan_jvp(h, x, params, tangents, direction: str, chunk_size, normalize: bool, backend: str, *, scan):
+    """Jacobian-vector product of ``gspn::line_scan``: the tangent of ``h = S_W(λ x)``.
+
+    The scan is linear in its state, so the tangent obeys the same recurrence with the input
+    ``r = λ ṫx + x ṫλ + Σ_k ṫW_k ⊙ E_k h`` (``ṫW = J_N ṫθ``, the normalisation's Jacobian applied to the
+    logits' tangents): ``ṫh = S_W r``, one more forward scan with ``λ = 1``, through ``scan``
+    (``line_scan``'s signature, positional options), so it is itself differentiable.
+
+    Args:
+        h: the forward output ``(B, C, H, W)``; x, params: the forward inputs; tangents: of
+            ``(x, lam, w_left, w_mid, w_right)``, ``None`` for zero.
+
+    Returns:
+        ``ṫh`` of ``h``'s shape and dtype.
+    """
+    if h.numel() == 0:
+        return torch.zeros(h.shape, dtype=h.dtype, device=h.device)
+    dtype = compute_dtype(result_dtype(h, x, *params))
+    height, width = x.shape[-2:]
+    masks = used_gate_masks(height, width, direction, chunk_size, x.device)
+    r, *_ = _tangent_input(h, x, params, tangents, masks, direction, normalize, dtype)
+    if r is None:
+        return torch.zeros(h.shape, dtype=h.dtype, device=h.device)
+    ones = x.new_ones((1, 1, height, width), dtype=dtype)
+    return scan(r, ones, *params[1:], direction, chunk_size, normalize, backend).to(h.dtype)
+
+
+def scan_4d_jvp(h, x, params, tangents, chunk_size, normalize: bool, backend: str, *, scan):
+    """Jacobian-vector product of ``gspn::line_scan_4d``: :func:`scan_jvp` per direction, stacked.
+
+    ``h``: ``(B, 4, C, H, W)``; params and their tangents ``(B|1, 4|1, C|Cg, H, W)`` (``None``: zero);
+    ``tangents[0]`` (of x) ``(B, C, H, W)``.
+    """
+    t_x, *t_params = tangents
+    out = []
+    for k, direction in enumerate(DIRECTIONS):
+        step = [p[:, k if p.shape[1] == 4 else 0] for p in params]
+        step_t = [None if t is None else t[:, k if t.shape[1] == 4 else 0] for t in t_params]
+        out.append(scan_jvp(h[:, k], x, step, (t_x, *step_t), direction, chunk_size, normalize, backend, scan=scan))
+    return torch.stack(out, dim=1)
+
+
+def backward_vjp(
+    grad, h, x, params, cotangents, direction: str, chunk_size, normalize: bool, backend: str, *, scan, scan_backward
+):
     """Vector-Jacobian product of ``gspn::line_scan_backward`` (one direction).
 
     Args:
         grad, h, x: ``(B, C, H, W)``; params: ``(lam, w_left, w_mid, w_right)`` in their broadcast
             shapes; cotangents: of the backward's outputs ``(dx, dlam, dw_left, dw_mid, dw_right)``,
-            each of its input's shape, or ``None`` for zero.
+            each of its input's shape, or ``None`` for zero; scan, scan_backward: the operators to
+            call (``line_scan`` and ``line_scan_backward`` with positional options).
 
     Returns:
         The gradients of ``(grad, h, x, lam, w_left, w_mid, w_right)``, each of its input's shape and
@@ -74,37 +156,15 @@ def backward_vjp(grad, h, x, params, cotangents, direction: str, chunk_size, nor
     shape = x.shape
     height, width = shape[-2:]
     masks = used_gate_masks(height, width, direction, chunk_size, x.device)
-    c_x, c_lam, *c_logits = (None if c is None else c.to(dtype) for c in cotangents)
-
-    # Cotangents of the gate gradients: masked (those gradients are 0 by rule), then c_w = J_N c_θ.
-    c_theta = [
-        torch.where(m, _full(c, shape, dtype), 0.0)
-        if c is not None
-        else torch.zeros(shape, dtype=dtype, device=x.device)
-        for m, c in zip(masks, c_logits, strict=True)
-    ]
-    if normalize:
-        theta = [torch.where(m, _full(t, shape, dtype), 0.0) for m, t in zip(masks, logits, strict=True)]
-        weights = [w.expand(shape) for w in stabilize(*theta, direction=direction)]
-        sig = [torch.sigmoid(t) for t in theta]
-        u = [torch.sigmoid(-t) * c for t, c in zip(theta, c_theta, strict=True)]  # (1 - s_k) c_θk
-        u_bar = sum(w * uk for w, uk in zip(weights, u, strict=True))
-        c_w = [w * (uk - u_bar) for w, uk in zip(weights, u, strict=True)]
-    else:
-        c_w = c_theta
-
+    c_x, c_lam = (None if c is None else c.to(dtype) for c in cotangents[:2])
+    r, c_theta, c_w, extras = _tangent_input(h, x, params, cotangents, masks, direction, normalize, dtype)
+    if r is None:
+        r = torch.zeros(shape, dtype=dtype, device=x.device)
     h_prev = _previous_line(h.to(dtype), direction, masks)
-    r = sum(c * e for c, e in zip(c_w, h_prev, strict=True))
-    if c_x is not None:
-        r = r + _full(lam, shape, dtype) * c_x
-    if c_lam is not None:
-        r = r + x.to(dtype) * _full(c_lam, shape, dtype)
     ones = x.new_ones((1, 1, height, width), dtype=dtype)
-    v = torch.ops.gspn.line_scan(r, ones, *logits, direction, chunk_size, normalize, backend)
+    v = scan(r, ones, *logits, direction, chunk_size, normalize, backend)
     # The backward operator for (g, output v, input r, λ = 1): a = Sᵀ g and J_Nᵀ (a ⊙ E_k v).
-    a, _, *d_logits = torch.ops.gspn.line_scan_backward(
-        grad, v, r, ones, *logits, direction, chunk_size, normalize, backend
-    )
+    a, _, *d_logits = scan_backward(grad, v, r, ones, *logits, direction, chunk_size, normalize, backend)
 
     d_x = a * _full(c_lam, shape, dtype) if c_lam is not None else torch.zeros_like(a)
     d_lam = reduce_to_shape(a * c_x, lam.shape) if c_x is not None else a.new_zeros(lam.shape)
@@ -112,6 +172,7 @@ def backward_vjp(grad, h, x, params, cotangents, direction: str, chunk_size, nor
     if normalize:
         # ∇_θ <c_θ, J_N(θ)ᵀ dW> with dW_k = a ⊙ E_k h fixed; with D = Σ w_j dW_j, U = Σ w_j u_j,
         # Q = Σ w_j u_j dW_j, for each k:  (1 - s_k) w_k [(u_k - U - c_θk s_k)(dW_k - D) - Q + U D].
+        theta, weights, sig, u, u_bar = extras
         d_w = [a * e for e in h_prev]
         dot = sum(w * d for w, d in zip(weights, d_w, strict=True))
         q = sum(w * uk * d for w, uk, d in zip(weights, u, d_w, strict=True))
@@ -127,12 +188,12 @@ def backward_vjp(grad, h, x, params, cotangents, direction: str, chunk_size, nor
     return [g.to(t.dtype) for g, t in zip(results, inputs, strict=True)]
 
 
-def backward_4d_vjp(grad, h, x, params, cotangents, chunk_size, normalize: bool, backend: str):
+def backward_4d_vjp(grad, h, x, params, cotangents, chunk_size, normalize: bool, backend: str, **ops):
     """Vector-Jacobian product of ``gspn::line_scan_4d_backward``: :func:`backward_vjp` per direction.
 
     ``grad``, ``h``: ``(B, 4, C, H, W)``; params and their cotangents: ``(B|1, 4|1, C|Cg, H, W)``;
     ``cotangents[0]`` (of dx) is ``(B, C, H, W)``. Returns the gradients of
-    ``(grad, h, x, lam, w_left, w_mid, w_right)``.
+    ``(grad, h, x, lam, w_left, w_mid, w_right)``; ``ops``: ``scan`` and ``scan_backward`` as there.
     """
     c_x, *c_params = cotangents
     per_direction = []
@@ -141,7 +202,7 @@ def backward_4d_vjp(grad, h, x, params, cotangents, chunk_size, normalize: bool,
         step_cot = [None if c is None else c[:, k if c.shape[1] == 4 else 0] for c in c_params]
         per_direction.append(
             backward_vjp(
-                grad[:, k], h[:, k], x, step_params, (c_x, *step_cot), direction, chunk_size, normalize, backend
+                grad[:, k], h[:, k], x, step_params, (c_x, *step_cot), direction, chunk_size, normalize, backend, **ops
             )
         )
     d_grad, d_h, d_x, *d_params = zip(*per_direction, strict=True)

@@ -1,0 +1,118 @@
+"""What makes every ``gspn::`` operator work under every autograd mode, not just reverse mode.
+
+``torch.library.register_autograd`` gives an operator a backward, but its generated
+``autograd.Function`` has no ``setup_context`` (so ``torch.func.grad``/``vjp``/``jacrev`` refuse it) and
+forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) passes through it *dropping the
+tangent*: the result would silently be a constant. The public functions therefore call each
+operator through an ``autograd.Function`` of this module's shape — ``setup_context``, ``backward``,
+``jvp`` and ``vmap`` (the structure of PyTorch's "Extending torch.func with autograd.Function") —
+while ``torch.compile`` keeps calling the opaque operator itself (dynamo cannot trace a custom
+``jvp``). The operators' own autograd kernels refuse forward-mode tangents with an error naming the
+operator, so no path returns a zero tangent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+__all__ = ["apply", "check_no_tangents", "forward_ad_unsupported", "vmap_by_batch", "vmap_by_loop"]
+
+
+def apply(function: type[torch.autograd.Function], op: Callable[..., Any], *args: Any) -> Any:
+    """``function.apply(*args)`` in eager mode; the operator ``op`` itself while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return function.apply(*args)
+
+
+def below_autograd(op: Callable[..., Any], *args: Any) -> Any:
+    """Call ``op`` under the autograd dispatch keys (what an ``autograd.Function.forward`` does)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def forward_ad_unsupported(qualname: str, hint: str) -> NotImplementedError:
+    """The error raised where forward-mode AD cannot be supported (never a silent zero tangent)."""
+    modes = "torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad"
+    return NotImplementedError(f"forward-mode AD ({modes}) through {qualname}: {hint}")
+
+
+def check_no_tangents(qualname: str, args: Sequence[Any], public: str) -> None:
+    """Raise if a tensor argument of a raw operator call carries a forward-mode tangent.
+
+    Raises:
+        NotImplementedError: naming the operator and the public function that supports forward mode.
+    """
+    for a in args:
+        if isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None:
+            raise forward_ad_unsupported(
+                qualname, f"the raw operator drops tangents; call {public}, which supports forward-mode AD"
+            )
+
+
+def _batched(t: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:
+    """``t`` with its vmapped dimension first; unbatched tensors are expanded (a view)."""
+    return t.movedim(dim, 0) if dim is not None else t.unsqueeze(0).expand(size, *t.shape)
+
+
+def vmap_by_batch(
+    info: Any, in_dims: Sequence[int | None], args: Sequence[Any], call: Callable[..., Any], shared: Sequence[bool]
+) -> tuple[Any, Any]:
+    """A vmap rule that folds the vmapped dimension into the operators' batch dimension (dim 0).
+
+    For operators without reductions over the batch (the forward scans): every tensor argument is
+    ``(B or 1, ...)``. A tensor that vmap does not batch and whose batch is 1 stays as it is (it
+    broadcasts); every other one is laid out ``(V, B, ...)`` and folded to ``(V·B, ...)``. Tensors
+    marked in ``shared`` (no batch dimension at all, e.g. ``gspn_mix``'s weights) must be unbatched,
+    otherwise the rule loops (:func:`vmap_by_loop`).
+
+    Returns:
+        ``(output, out_dims)`` as an ``autograd.Function.vmap`` staticmethod returns them.
+    """
+    size = info.batch_size
+    if any(s and d is not None for s, d in zip(shared, in_dims, strict=True)):
+        return vmap_by_loop(info, in_dims, args, call)
+    batch = max(
+        _batched(a, d, size).shape[1]
+        for a, d, s in zip(args, in_dims, shared, strict=True)
+        if isinstance(a, torch.Tensor) and not s
+    )
+    folded = []
+    for a, d, s in zip(args, in_dims, shared, strict=True):
+        if not isinstance(a, torch.Tensor) or s or (d is None and a.shape[0] == 1):
+            folded.append(a)
+            continue
+        t = _batched(a, d, size)
+        t = t.expand(size, batch, *t.shape[2:])
+        folded.append(t.reshape(size * batch, *t.shape[2:]))
+    out = call(*folded)
+    if isinstance(out, torch.Tensor):
+        return out.view(size, batch, *out.shape[1:]), 0
+    return tuple(o.view(size, batch, *o.shape[1:]) for o in out), tuple(0 for _ in out)
+
+
+def vmap_by_loop(
+    info: Any, in_dims: Sequence[int | None], args: Sequence[Any], call: Callable[..., Any]
+) -> tuple[Any, Any]:
+    """A vmap rule that calls the operator once per vmapped index and stacks the results.
+
+    Exact for every operator, including the backward operators, whose parameter gradients are
+    reduced over the batch (folding would mix different vmapped entries).
+    """
+    results = []
+    for i in range(info.batch_size):
+        results.append(
+            call(
+                *(
+                    a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                    for a, d in zip(args, in_dims, strict=True)
+                )
+            )
+        )
+    if isinstance(results[0], torch.Tensor):
+        return torch.stack(results), 0
+    return tuple(torch.stack(r) for r in zip(*results, strict=True)), tuple(0 for _ in results[0])
