@@ -82,6 +82,18 @@ class GSPN2d(nn.Module):
             channel propagation (above), which adds the parameters ``proj_in.weight (Cp, C, 1, 1)``
             and ``proj_out.weight (C, Cp, 1, 1)`` and sizes every other weight by ``Cp``.
 
+    **Submodules.** Every projection is used by calling it, so whatever acts through a module's
+    ``forward`` acts here: peft adapters (LoRA on any projection), ``torch.nn.utils.prune``,
+    parametrizations, accelerate's CPU offload, meta-device construction with
+    ``load_state_dict(assign=True)``. The fused path needs each projection's matrix: it calls the
+    projection on the ``S`` basis vectors of the proxy space (a batch of ``S`` 1×1 maps; ``P(E) = Mᵀ``
+    for a per-pixel linear ``P``), which costs ``O(S²·C)`` per call, and checks that a projection that
+    is not a plain bias-free ``nn.Conv2d`` maps 0 to 0. It falls back to the materialising path —
+    exact for any module — when a projection has a constant term, forward hooks or pre-hooks (they
+    see the real ``(B, ·, H, W)`` activations there) or a dropout in training mode (a LoRA dropout
+    draws a mask per pixel). A projection is assumed to act on each pixel's vector separately, as a
+    1×1 convolution (or an adapter on one) does.
+
     Raises:
         ValueError: a bad ``merge_frame``, ``chunk_size``, ``propagation_channels``, or a
             ``gate_channels`` that does not divide the propagated channels; at call time, an input
@@ -169,36 +181,111 @@ class GSPN2d(nn.Module):
             x = self.proj_in(x)
         if self.merge_frame == "scan":
             y = self._forward_scan_frames(x)
-        elif self.fused:
-            z = self.x_conv_down(x).to(x.dtype)
-            weights = self.mix_weights(x.dtype)
-            y = gspn_mix(x, z, *weights, chunk_size=self.chunk_size, backend=self.backend)
+        elif self.fused and self._projections_fusable():
+            z = self.x_conv_down(x)
+            weights = self._mix_weights_of(z)
+            if weights is None:  # a projection with a constant term: gspn_mix has no bias inputs
+                y = self._forward_unfused(x, z)
+            else:
+                weights = tuple(w.to(x.dtype) for w in weights)
+                y = gspn_mix(x, z.to(x.dtype), *weights, chunk_size=self.chunk_size, backend=self.backend)
         else:
             y = self._forward_unfused(x)
         return y if self.proj_out is None else self.proj_out(y)
 
     def mix_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
-        """The layer's weights in the argument layout of :func:`gspn.ops.gspn_mix` (views of the
-        1×1 convolutions' weights, cast to ``dtype`` if given): ``gate_weight (4, 3, Cg, S)``,
-        ``lam_weight``, ``u_weight``, ``skip_weight`` ``(4, Cs, S)`` and ``merge_weight (4,)``, with
-        ``Cs = scan_channels`` (``C``, or ``Cp`` in the compact mode)."""
-        nd, c, s = _NUM_DIRECTIONS, self.scan_channels, self.d_state
-        weights = (
-            self.w_conv_up.weight.view(nd, _NUM_GATES, self.gate_channels, s),
-            self.l_conv_up.weight.view(nd, c, s),
-            self.u_conv_up.weight.view(nd, c, s),
-            self.d_conv.weight.view(nd, c, s),
-            self.m_conv.weight.view(nd),
-        )
+        """The layer's projections as the weight arguments of :func:`gspn.ops.gspn_mix`.
+
+        Each projection is *called* (see :meth:`forward`, "Submodules") on the standard basis of the
+        proxy space, so adapters, parametrizations and offload hooks are included, and the results
+        are differentiable with respect to the modules' parameters.
+
+        Returns:
+            ``gate_weight (4, 3, Cg, S)``, ``lam_weight``, ``u_weight``, ``skip_weight`` ``(4, Cs, S)``
+            and ``merge_weight (4,)`` with ``Cs = scan_channels``, in ``dtype`` (default: the dtype
+            the projections compute in).
+
+        Raises:
+            ValueError: a projection is not linear in its input (it maps zero to a non-zero value),
+                so it has no weight matrix.
+        """
+        ref = next((p for p in self.x_conv_down.parameters() if p.device.type != "meta"), None)
+        probe = torch.empty(0, self.d_state, 1, 1, dtype=None if ref is None else ref.dtype)
+        if ref is not None:
+            probe = probe.to(ref.device)
+        weights = self._mix_weights_of(probe)
+        if weights is None:
+            raise ValueError("a projection of this GSPN2d has a constant term, so it has no weight matrix")
         return weights if dtype is None else tuple(w.to(dtype) for w in weights)
 
-    def _forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
+    def _projections_fusable(self) -> bool:
+        """Whether the fused path computes exactly what calling the projections per pixel computes.
+
+        Not when a projection (or a module inside it) has forward hooks — they must see the real
+        per-pixel activations — or is stochastic (dropout in training mode, e.g. a LoRA dropout).
+        """
+        for proj in (self.w_conv_up, self.l_conv_up, self.u_conv_up, self.d_conv, self.m_conv):
+            for m in proj.modules():
+                if m._forward_hooks or m._forward_pre_hooks:
+                    return False
+                if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+                    return False
+        return True
+
+    def _mix_weights_of(self, z: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The :func:`gspn_mix` weights, in ``x``'s dtype, from calling each projection on a basis.
+
+        A per-pixel linear map ``P`` (a bias-free 1×1 convolution, with or without a LoRA adapter,
+        pruning mask, weight parametrization or accelerate hook) satisfies ``P(z)[o] = Σ_s M[o, s] z[s]``,
+        so ``P(E)`` on the ``S`` basis vectors ``E`` (a batch of ``S`` 1×1 maps) is ``Mᵀ``. Modules that
+        are not plain ``nn.Conv2d`` also get a zero input; ``None`` if any of them maps 0 to non-zero.
+        ``z``: the proxy (or an empty tensor of its dtype and device).
+        """
+        nd, c, s = _NUM_DIRECTIONS, self.scan_channels, self.d_state
+        projections = (self.w_conv_up, self.l_conv_up, self.u_conv_up, self.d_conv)
+        plain = all(type(p) is nn.Conv2d and p.bias is None for p in (*projections, self.m_conv))
+        basis = torch.eye(s, dtype=z.dtype, device=z.device)
+        merge_basis = torch.eye(nd, dtype=z.dtype, device=z.device)
+        if not plain:  # one more input, all zeros: the projections' constant terms
+            basis = torch.cat([basis, basis.new_zeros(1, s)])
+            merge_basis = torch.cat([merge_basis, merge_basis.new_zeros(1, nd)])
+        mats = [p(basis.view(*basis.shape, 1, 1)).flatten(1) for p in projections]
+        mats.append(self.m_conv(merge_basis.view(*merge_basis.shape, 1, 1)).flatten(1))
+        if not plain:
+            if any(bool(m[-1].ne(0).any()) for m in mats):
+                return None
+            mats = [m[:-1] for m in mats]
+        gate, lam, u, skip, merge = (m.t() for m in mats)  # (out, S) each; merge (1, 4)
+        return (
+            gate.reshape(nd, _NUM_GATES, self.gate_channels, s),
+            lam.reshape(nd, c, s),
+            u.reshape(nd, c, s),
+            skip.reshape(nd, c, s),
+            merge.reshape(nd),
+        )
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        """The merger ``m_conv`` (4 → 1 over the direction axis) on ``y (B, 4, C, H, W) → (B, C, H, W)``.
+
+        Without hooks on ``m_conv`` its weights come from calling it on the basis and the merge is a
+        ``(1, 4) @ (B, 4, C·H·W)`` matmul (several times faster than a 4-channel conv on CPU); with
+        hooks, ``m_conv`` is called on the maps themselves.
+        """
+        b, nd, c, h, w = y.shape
+        if self.m_conv._forward_hooks or self.m_conv._forward_pre_hooks or type(self.m_conv) is not nn.Conv2d:
+            return self.m_conv(y.reshape(b, nd, c * h, w)).view(b, c, h, w)
+        eye = torch.eye(nd, dtype=y.dtype, device=y.device).view(nd, nd, 1, 1)
+        m = self.m_conv(eye).view(1, nd)
+        return torch.matmul(m, y.reshape(b, nd, c * h * w)).view(b, c, h, w)
+
+    def _forward_unfused(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """``fused=False``: every per-pixel parameter map materialised, then ``line_scan_4d``.
-        ``x: (B, Cs, H, W) → (B, Cs, H, W)``."""
+        ``x: (B, Cs, H, W) → (B, Cs, H, W)``; ``z``: the proxy if already computed."""
         b, c, h, w = x.shape
         nd = _NUM_DIRECTIONS
         x = x.contiguous()  # the scan needs dense (H, W) planes; channels-last input is copied once here
-        z = self.x_conv_down(x)
+        if z is None:
+            z = self.x_conv_down(x)
         gates = self.w_conv_up(z).view(b, nd, _NUM_GATES, self.gate_channels, h, w)
         lam = self.l_conv_up(z).view(b, nd, c, h, w)
         u = self.u_conv_up(z).view(b, nd, c, h, w)
@@ -213,10 +300,7 @@ class GSPN2d(nn.Module):
             normalize=True,
             backend=self.backend,
         )
-        y = torch.addcmul(u * hidden, skip, x.unsqueeze(1))  # (B, 4, C, H, W)
-        # The merger is the 1×1 conv ``m_conv`` (4 → 1) over the direction axis, applied as a
-        # (1, 4) @ (B, 4, C·H·W) matmul: same numbers, several times faster than a 4-channel conv on CPU.
-        return torch.matmul(self.m_conv.weight.view(1, nd), y.reshape(b, nd, c * h * w)).view(b, c, h, w)
+        return self._merge(torch.addcmul(u * hidden, skip, x.unsqueeze(1)))  # (B, 4, C, H, W) merged
 
     def _forward_scan_frames(self, x: torch.Tensor) -> torch.Tensor:
         """``merge_frame="scan"`` (the reference's semantics): ``x: (B, Cs, H, W) → (B, Cs, H, W)``, ``H == W``."""
@@ -233,14 +317,13 @@ class GSPN2d(nn.Module):
         lam = self.l_conv_up(z).view(b, nd, c, h, w)
         u = self.u_conv_up(z).view(b, nd, c, h, w)
         skip = self.d_conv(z).view(b, nd, c, h, w)
-        m = self.m_conv.weight.view(nd)
         # The reference's gate normalisation: sigmoids over the sum of the existing neighbours'
         # sigmoids (frame row i−1 exists for i > 0, row i+1 for i < H−1), the sum clamped at 1e-7 —
         # unlike gspn.ops.stabilize, the gates of a saturated pixel then sum to less than 1.
         rows = torch.arange(h, device=x.device).view(h, 1)
         has_prev, has_next = rows > 0, rows < h - 1
         frames = {"lr": x, "tb": x.transpose(2, 3), "rl": x.flip(-1), "bt": x.transpose(2, 3).flip(-1)}
-        out = None
+        ys = []
         for k, direction in enumerate(DIRECTIONS):
             frame = frames[direction].contiguous()
             sig = torch.sigmoid(gates[:, k])
@@ -257,9 +340,8 @@ class GSPN2d(nn.Module):
                 normalize=False,
                 backend=self.backend,
             )
-            y = m[k] * torch.addcmul(u[:, k] * hidden, skip[:, k], frame)
-            out = y if out is None else out + y
-        return out
+            ys.append(torch.addcmul(u[:, k] * hidden, skip[:, k], frame))
+        return self._merge(torch.stack(ys, dim=1))
 
     def extra_repr(self) -> str:
         scope = "global" if self.is_global else f"local, chunk_size={self.chunk_size}"
