@@ -15,6 +15,17 @@ _NUM_GATES = 3
 MERGE_FRAMES = ("image", "scan")
 
 
+def _is_plain_conv(module: nn.Module) -> bool:
+    """A bias-free ``nn.Conv2d`` whose ``forward`` is its class's and that has no hooks: calling it
+    computes exactly with ``module.weight``, so the weight may be read directly."""
+    return (
+        type(module) is nn.Conv2d
+        and "forward" not in module.__dict__  # accelerate's hooks replace the instance's forward
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and module.bias is None
+    )
+
+
 class GSPN2d(nn.Module):
     r"""Generalized Spatial Propagation on a ``(B, C, H, W)`` map.
 
@@ -183,7 +194,7 @@ class GSPN2d(nn.Module):
             y = self._forward_scan_frames(x)
         elif self.fused and self._projections_fusable():
             z = self.x_conv_down(x)
-            weights = self._mix_weights_of(z)
+            weights = self._weight_views() if self._plain_projections() else self._mix_weights_of(z)
             if weights is None:  # a projection with a constant term: gspn_mix has no bias inputs
                 y = self._forward_unfused(x, z)
             else:
@@ -224,6 +235,8 @@ class GSPN2d(nn.Module):
         Not when a projection (or a module inside it) has forward hooks — they must see the real
         per-pixel activations — or is stochastic (dropout in training mode, e.g. a LoRA dropout).
         """
+        if self._plain_projections():
+            return True
         for proj in (self.w_conv_up, self.l_conv_up, self.u_conv_up, self.d_conv, self.m_conv):
             for m in proj.modules():
                 if m._forward_hooks or m._forward_pre_hooks:
@@ -231,6 +244,23 @@ class GSPN2d(nn.Module):
                 if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
                     return False
         return True
+
+    def _plain_projections(self) -> bool:
+        """Whether every projection is a plain bias-free ``nn.Conv2d`` (:func:`_is_plain_conv`)."""
+        d = self._modules
+        return all(_is_plain_conv(d[n]) for n in ("w_conv_up", "l_conv_up", "u_conv_up", "d_conv", "m_conv"))
+
+    def _weight_views(self) -> tuple[torch.Tensor, ...]:
+        """The :func:`gspn_mix` weights as views of plain projections' weights: exactly what calling
+        them on the basis gives (:meth:`_mix_weights_of`), without the calls (~0.05 ms a layer)."""
+        nd, c, s = _NUM_DIRECTIONS, self.scan_channels, self.d_state
+        return (
+            self.w_conv_up.weight.view(nd, _NUM_GATES, self.gate_channels, s),
+            self.l_conv_up.weight.view(nd, c, s),
+            self.u_conv_up.weight.view(nd, c, s),
+            self.d_conv.weight.view(nd, c, s),
+            self.m_conv.weight.view(nd),
+        )
 
     def _mix_weights_of(self, z: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The :func:`gspn_mix` weights, in ``x``'s dtype, from calling each projection on a basis.
@@ -274,8 +304,10 @@ class GSPN2d(nn.Module):
         b, nd, c, h, w = y.shape
         if self.m_conv._forward_hooks or self.m_conv._forward_pre_hooks or type(self.m_conv) is not nn.Conv2d:
             return self.m_conv(y.reshape(b, nd, c * h, w)).view(b, c, h, w)
-        eye = torch.eye(nd, dtype=y.dtype, device=y.device).view(nd, nd, 1, 1)
-        m = self.m_conv(eye).view(1, nd)
+        if _is_plain_conv(self.m_conv):
+            m = self.m_conv.weight.view(1, nd).to(y.dtype)
+        else:  # e.g. an accelerate hook that brings the weight in for the call
+            m = self.m_conv(torch.eye(nd, dtype=y.dtype, device=y.device).view(nd, nd, 1, 1)).view(1, nd)
         return torch.matmul(m, y.reshape(b, nd, c * h * w)).view(b, c, h, w)
 
     def _forward_unfused(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,8 +6,8 @@ forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) passes throu
 tangent*: the result would silently be a constant. The public functions therefore call each
 operator through an ``autograd.Function`` of this module's shape — ``setup_context``, ``backward``,
 ``jvp`` and ``vmap`` (the structure of PyTorch's "Extending torch.func with autograd.Function") —
-while ``torch.compile`` keeps calling the opaque operator itself (dynamo cannot trace a custom
-``jvp``). The operators' own autograd kernels refuse forward-mode tangents with an error naming the
+whenever a transform or a dual level is active; otherwise, and while ``torch.compile`` traces
+(dynamo cannot trace a custom ``jvp``), they call the opaque operator itself. The operators' own autograd kernels refuse forward-mode tangents with an error naming the
 operator, so no path returns a zero tangent.
 """
 
@@ -22,11 +22,18 @@ import torch.autograd.forward_ad as fwAD
 __all__ = ["apply", "check_no_tangents", "forward_ad_unsupported", "vmap_by_batch", "vmap_by_loop"]
 
 
+def _forward_mode_possible() -> bool:
+    """Whether a forward-mode tangent or a ``torch.func`` transform can reach an operator call."""
+    return torch._C._are_functorch_transforms_active() or getattr(fwAD, "_current_level", 0) >= 0
+
+
 def apply(function: type[torch.autograd.Function], op: Callable[..., Any], *args: Any) -> Any:
-    """``function.apply(*args)`` in eager mode; the operator ``op`` itself while ``torch.compile`` traces."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    return function.apply(*args)
+    """``function.apply(*args)`` under ``torch.func`` transforms or a ``forward_ad.dual_level``;
+    otherwise the operator ``op`` itself, whose registered backward serves reverse mode (and
+    ``torch.compile``, which cannot trace a custom ``jvp``) without the ``Function``'s call overhead."""
+    if not torch.compiler.is_compiling() and _forward_mode_possible():
+        return function.apply(*args)
+    return op(*args)
 
 
 def below_autograd(op: Callable[..., Any], *args: Any) -> Any:
