@@ -301,7 +301,8 @@ def test_student_narrower_than_teacher_uses_adapters(tmp_path, teacher_file, one
         (["--teacher", "{d}/missing.safetensors"], "--teacher: no checkpoint at"),
         (["--teacher", "{junk}"], "is not a safetensors checkpoint"),
         (["--teacher", "{t}", "--stage1-inputs", "both"], "invalid choice: 'both'"),
-        (["--teacher", "{conv}"], "--teacher: ConvBaseline has no per-block outputs"),
+        # the conv baseline has stage outputs (forward_intermediates), on other grids than the student's
+        (["--teacher", "{conv}"], "token grid (64 tokens) differs from the teacher's (1024)"),
     ],
 )
 def test_command_bad_arguments_one_line_exit_2(argv, message, tmp_path, teacher_file, capsys):

@@ -35,6 +35,8 @@ PUBLIC = {
         "resolve_hw",
     },
     "gspn.models": {
+        "FeatureInfo",
+        "FeatureListNet",
         "GSPNClassifier",
         "GSPNDiT",
         "GSPNViT",

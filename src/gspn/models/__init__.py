@@ -9,6 +9,7 @@
 """
 
 from . import baselines, gspn_dit, gspn_vision, gspn_vit, reference_checkpoints, vit
+from ._features import FeatureInfo, FeatureListNet
 from ._registry import create_model, get_default_cfg, is_model, list_models, model_entrypoint, register_model
 from .checkpoint import load_checkpoint, load_model, read_metadata, save_checkpoint
 from .complexity import complexity, count_params
@@ -19,6 +20,8 @@ from .reference_checkpoints import convert_checkpoint, reference_model_args
 from .vit import VisionTransformer
 
 __all__ = [
+    "FeatureInfo",
+    "FeatureListNet",
     "GSPNClassifier",
     "GSPNDiT",
     "GSPNViT",

@@ -1,7 +1,12 @@
 """The forward of the isotropic encoders (:class:`~gspn.models.GSPNViT`,
 :class:`~gspn.models.VisionTransformer`): patch tokens, ``depth`` identical blocks on a channels-last
 ``(B, h, w, D)`` token grid, block outputs for dense tasks and distillation, gradient checkpointing.
-The subclasses own the patch embedding (``_embed``), the ``blocks`` and the head."""
+The subclasses own the patch embedding (``_embed``), the ``blocks`` and the head.
+
+Dense prediction, as timm's ViT: ``global_pool=""`` makes ``forward`` return the normalised token
+sequence ``(B, h·w, D)`` (per-token logits when ``num_classes > 0``); ``create_model(name,
+features_only=True)`` returns block outputs as ``(B, D, h, w)`` maps of reduction ``p`` (the patch
+size), by default those of the last 3 blocks (timm's ``out_indices=3`` for ViTs)."""
 
 from __future__ import annotations
 
@@ -47,19 +52,34 @@ class IsotropicEncoder(ClassifierAPI, nn.Module):
         """``(B, in_chans, H, W)`` → channels-last tokens ``(B, ⌈H/p⌉, ⌈W/p⌉, D)``."""
         raise NotImplementedError
 
+    _trunk = "blocks"
+
     def _finish_init(
-        self, embed_dim: int, depth: int, patch_size: int, num_classes: int, drop_rate: float, norm_eps: float
+        self,
+        embed_dim: int,
+        depth: int,
+        patch_size: int,
+        num_classes: int,
+        drop_rate: float,
+        norm_eps: float,
+        global_pool: str = "avg",
     ) -> None:
         """The end of a subclass's ``__init__``, after its embedding and blocks: ``feature_info``, the
         head, the timm attributes, and the weight initialisation of every module."""
         self.feature_info = [
             {"num_chs": embed_dim, "reduction": patch_size, "module": f"blocks.{i}"} for i in range(depth)
         ]
-        self.head = ClassifierHead(embed_dim, num_classes, drop_rate, norm_eps)
+        self.head = ClassifierHead(embed_dim, num_classes, drop_rate, norm_eps, global_pool, tokens=True)
         self.grad_checkpointing = False
         self.default_cfg: dict[str, Any] = {}
         self.model_args: dict[str, Any] = {}
         self.apply(self._init_weights)
+
+    @property
+    def default_out_indices(self) -> int:
+        """The blocks ``features_only`` returns by default: the last 3 (timm's ``out_indices=3`` for
+        ViT-like models), or all of them when there are fewer."""
+        return min(3, len(self.feature_info))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory."""

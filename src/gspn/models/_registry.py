@@ -12,7 +12,7 @@ import difflib
 import fnmatch
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from torch import nn
@@ -66,7 +66,14 @@ def get_default_cfg(name: str) -> dict[str, Any]:
     return dict(cfgs.get(name, {}))
 
 
-def create_model(name: str, pretrained: bool | str | os.PathLike = False, **overrides: Any) -> nn.Module:
+def create_model(
+    name: str,
+    pretrained: bool | str | os.PathLike = False,
+    *,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    **overrides: Any,
+) -> nn.Module:
     """Build a registered model.
 
     Args:
@@ -85,8 +92,34 @@ def create_model(name: str, pretrained: bool | str | os.PathLike = False, **over
             (classifier: ``"model"`` (default) or ``"model_ema"``; generator: ``"ema"`` (default)
             or ``"model"``), and ``semantics="reference"`` / ``"aligned"`` forces either set of
             options (default: reference for reference weights, aligned otherwise).
+            ``global_pool=""`` builds a classifier without pooling (timm's meaning: ``forward``
+            returns the final map, or the token sequence of an isotropic model).
+        features_only: return a backbone for dense prediction instead of the classifier: a
+            :class:`~gspn.models.FeatureListNet` whose ``forward`` gives the list of the selected
+            feature maps and whose ``feature_info`` gives their ``channels()`` / ``reduction()`` /
+            ``module_name()``, as timm's ``features_only=True`` (classifiers only; the weights of
+            ``pretrained`` are loaded first, then the head is removed).
+        out_indices: the feature levels of ``features_only``: an int ``k`` (the last ``k``) or
+            indices (negative from the end). Default as timm: every stage of ``gspn_*`` (and of
+            ``baseline_conv``), the last 3 blocks of the isotropic ``gspn_vit_*`` / ``vit_*`` /
+            ``baseline_vit``.
+
+    Raises:
+        ValueError: an unknown name, ``out_indices`` without ``features_only`` or outside the valid
+            range (the message gives it), ``features_only`` for a model that is not a classifier,
+            and the constructors' errors.
 
     To count parameters without allocating memory, build on the meta device:
     ``with torch.device("meta"): model = create_model("gspn_b")``.
     """
-    return model_entrypoint(name)(pretrained=pretrained, **overrides)
+    entrypoint = model_entrypoint(name)
+    if not features_only:
+        if out_indices is not None:
+            raise ValueError("out_indices selects the feature maps of features_only=True; pass features_only=True")
+        return entrypoint(pretrained=pretrained, **overrides)
+    task = get_default_cfg(name).get("task", "classification")
+    if task != "classification":
+        raise ValueError(f"features_only needs a classifier backbone; {name!r} is a {task} model")
+    from ._features import FeatureListNet
+
+    return FeatureListNet(entrypoint(pretrained=pretrained, **overrides), out_indices)

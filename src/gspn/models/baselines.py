@@ -7,6 +7,8 @@ Both accept any input resolution (the ViT: at least one patch). They are registe
 (``create_model("baseline_vit")``, ``list_models(task="classification")``) under the names
 ``baseline_vit`` and ``baseline_conv``, so everything the trainer does to a GSPN model (checkpoints,
 ``gspn eval``, DDP, :func:`gspn.models.load_model` of the exported weights) works for them unchanged.
+Both take timm's ``global_pool=""`` (no pooling) and ``create_model(..., features_only=True)``, as
+the GSPN classifiers do.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from ._registry import register_model
 from .checkpoint import load_pretrained
 from .complexity import count_params
+from .gspn_vision import check_global_pool, feature_indices
 from .gspn_vit import PatchEmbed
 from .vit import VisionTransformer
 
@@ -40,12 +43,18 @@ def _default_cfg(in_chans: int, num_classes: int, size: int = 32, classifier: st
 
 class _LinearHead(nn.Module):
     """timm-style classifier API of :class:`ConvBaseline`: ``self.head`` is a Linear on ``num_features``
-    pooled features, or ``Identity`` when ``num_classes == 0`` (the model then returns the features)."""
+    pooled features, or ``Identity`` when ``num_classes == 0`` (the model then returns the features).
+
+    ``global_pool=""`` (timm's "no pooling"): the Linear runs on every pixel of the final map,
+    ``(B, num_classes, h, w)``, or returns the map ``(B, num_features, h, w)`` when headless.
+    """
 
     num_features: int
     num_classes: int
     head: nn.Module
     default_cfg: dict[str, Any]
+    model_args: dict[str, Any]
+    global_pool: str = "avg"
 
     def _make_head(self, num_classes: int, like: torch.Tensor | None = None) -> None:
         self.num_classes = num_classes
@@ -61,10 +70,26 @@ class _LinearHead(nn.Module):
 
         ``global_pool``: ``None`` or ``"avg"`` (the baselines mean-pool); anything else raises ``ValueError``.
         """
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool={global_pool!r} is not supported: the baselines pool by 'avg' only")
+        if global_pool is not None:
+            self.global_pool = check_global_pool(global_pool, "the baselines")
         self._make_head(num_classes, like=next(self.parameters()))
         self.default_cfg["num_classes"] = num_classes
+        if getattr(self, "model_args", None):
+            self.model_args["num_classes"] = num_classes
+            if global_pool == "avg":
+                self.model_args.pop("global_pool", None)  # the constructor's default
+            elif global_pool == "":
+                self.model_args["global_pool"] = ""
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Head on the final map ``(B, C, h, w)``: logits ``(B, num_classes)`` (pooled features if
+        ``pre_logits``); unpooled with ``global_pool=""``."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+            return x if pre_logits else self.head(x)
+        if pre_logits or isinstance(self.head, nn.Identity):
+            return x
+        return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class _UnpaddedPatchEmbed(PatchEmbed):
@@ -129,6 +154,7 @@ class ViTBaseline(VisionTransformer):
         patch_size: side ``p`` of the patches.
         pos_grid: side of the learned position embedding.
         drop: dropout probability (see above).
+        global_pool: ``"avg"`` (default) or ``""`` (no pooling: the token sequence, as timm's ViT).
 
     Shapes: ``(B, in_chans, H, W) → (B, num_classes)`` for ``H, W ≥ patch_size``.
 
@@ -155,6 +181,7 @@ class ViTBaseline(VisionTransformer):
         patch_size: int = 4,
         pos_grid: int = 8,
         drop: float = 0.0,
+        global_pool: str = "avg",
     ) -> None:
         # default: as many heads (≤ 8) as keep a head dimension of at least 16
         heads = num_heads or next(h for h in (8, 4, 2, 1) if h == 1 or (embed_dim % h == 0 and embed_dim // h >= 16))
@@ -177,6 +204,7 @@ class ViTBaseline(VisionTransformer):
             attn_drop_rate=drop,
             drop_rate=0.0,
             drop_path_rate=0.0,
+            global_pool=global_pool,
         )
         self.patch_embed = _UnpaddedPatchEmbed(in_chans, embed_dim, patch_size)
         self.default_cfg = _default_cfg(in_chans, num_classes, classifier="head.fc")
@@ -220,7 +248,11 @@ class _BasicBlock(nn.Module):
 
 
 class ConvBaseline(_LinearHead):
-    """A small ResNet: 3×3 stem, stages of basic blocks (widths ``width·2^i``, stride 2 after the first)."""
+    """A small ResNet: 3×3 stem, stages of basic blocks (widths ``width·2^i``, stride 2 after the first).
+
+    The blocks of all stages are ``stages.0``, ``stages.1``, ...; ``feature_info`` names the last
+    block of every (non-empty) stage, reductions 1, 2, 4, ...
+    """
 
     def __init__(
         self,
@@ -228,27 +260,84 @@ class ConvBaseline(_LinearHead):
         in_chans: int = 3,
         width: int = 32,
         depths: Sequence[int] = (1, 1, 1),
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
+        self.global_pool = check_global_pool(global_pool, "the baselines")
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
         )
         blocks: list[nn.Module] = []
-        cin = width
+        self.feature_info: list[dict[str, Any]] = []
+        self._stage_ends: list[int] = []  # blocks up to the end of each non-empty stage
+        cin, reduction = width, 1
         for i, d in enumerate(depths):
             cout = width * 2**i
             for j in range(d):
-                blocks.append(_BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
-                cin = cout
+                stride = 2 if (j == 0 and i > 0) else 1
+                blocks.append(_BasicBlock(cin, cout, stride))
+                cin, reduction = cout, reduction * stride
+            if d > 0:
+                self._stage_ends.append(len(blocks))
+                info = {"num_chs": cout, "reduction": reduction, "module": f"stages.{len(blocks) - 1}"}
+                self.feature_info.append(info)
         self.stages = nn.Sequential(*blocks)
         self.num_features = cin
         self._make_head(num_classes)
         self.default_cfg = _default_cfg(in_chans, num_classes)
 
+    @property
+    def default_out_indices(self) -> tuple[int, ...]:
+        """The stages ``features_only`` returns by default: all of them (timm's default)."""
+        return tuple(range(len(self.feature_info)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W) → (B, num_features, h, w)``, the final map before pooling."""
+        return self.stages(self.stem(x))
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, intermediates_only: bool = False
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs (timm-style): ``indices`` ``None`` = all stages, an int ``n`` = the last
+        ``n``, or a list of (possibly negative) stage indices. Returns the list of ``(B, C_i, h_i, w_i)``
+        maps, preceded by the :meth:`forward_features` output unless ``intermediates_only`` (then the
+        blocks after the last wanted stage are not run).
+
+        Raises:
+            IndexError: an index or count out of range for the stages.
+        """
+        ends = [e for e in self._stage_ends if e <= len(self.stages)]  # of the (possibly pruned) model
+        wanted = {ends[i] for i in feature_indices(indices, len(ends), "stage")}
+        stop = max(wanted, default=0) if intermediates_only else len(self.stages)
+        outs = []
+        x = self.stem(x)
+        for i, block in enumerate(self.stages):
+            if i >= stop:
+                break
+            x = block(x)
+            if i + 1 in wanted:
+                outs.append(x)
+        return outs if intermediates_only else (x, outs)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's pruning for feature extraction: drop the blocks after the last stage of ``indices``
+        (``prune_head``: ``reset_classifier(0, "")``; ``prune_norm``: no final norm here). Returns the
+        taken stages, sorted non-negative."""
+        ends = [e for e in self._stage_ends if e <= len(self.stages)]
+        take = feature_indices(indices, len(ends), "stage")
+        if not take:
+            raise IndexError("indices selects no stage to keep")
+        self.stages = self.stages[: ends[take[-1]]]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` for images ``(B, C, H, W)``; pooled ``(B, num_features)`` if headless."""
-        x = self.stages(self.stem(x))
-        return self.head(x.mean(dim=(2, 3)))
+        """Logits ``(B, num_classes)`` for images ``(B, C, H, W)``; pooled ``(B, num_features)`` if headless
+        (unpooled maps with ``global_pool=""``)."""
+        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs: dict[str, dict[str, Any]] = {

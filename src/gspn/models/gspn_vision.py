@@ -6,6 +6,11 @@ Architecture (Swin-style four stages, widths ``C, 2C, 4C, 8C``)::
     stage i:     [downsample: conv3×3 s2 → LN   (i > 0)] → depth_i × GSPNBlock
     head:        LN → global average pool → dropout → Linear
 
+Dense prediction (as timm): ``global_pool=""`` (constructor or :meth:`~ClassifierAPI.reset_classifier`)
+drops the pooling, so ``forward`` returns the head's normalised final map (per-pixel logits when
+``num_classes > 0``); ``create_model(name, features_only=True, out_indices=(0, 1, 2, 3))`` returns
+the stage maps (:class:`gspn.models.FeatureListNet`, strides 4, 8, 16, 32).
+
 Each :class:`~gspn.nn.GSPNBlock` is ``x + DropPath(GSPNMixer(LN(x)))`` then
 ``x + DropPath(MLP(LN(x)))``; the mixer expands to ``1.5·C``, runs a 7×7 depthwise conv, SiLU,
 :class:`~gspn.nn.GSPN2d`, LN, GRN, and projects back. Blocks are *local* (scans restart every 2
@@ -49,10 +54,22 @@ from ..nn import GSPNBlock, LayerNorm2d
 from ._registry import register_model
 from .reference_checkpoints import plan_pretrained
 
-__all__ = ["ClassifierAPI", "ClassifierHead", "GSPNClassifier", "block_chunk_sizes"]
+__all__ = ["GLOBAL_POOLS", "ClassifierAPI", "ClassifierHead", "GSPNClassifier", "block_chunk_sizes"]
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+#: The ``global_pool`` values of the classifiers: ``"avg"`` (mean over positions) or ``""`` (none).
+GLOBAL_POOLS = ("avg", "")
+
+
+def check_global_pool(global_pool: str, who: str = "GSPN classifiers") -> str:
+    """``global_pool`` if it is one of :data:`GLOBAL_POOLS`, else ``ValueError``."""
+    if not isinstance(global_pool, str) or global_pool not in GLOBAL_POOLS:
+        raise ValueError(
+            f"global_pool={global_pool!r} is not supported: {who} pool by 'avg' or not at all ('', as timm)"
+        )
+    return global_pool
 
 
 def block_chunk_sizes(
@@ -147,16 +164,41 @@ class GSPNStage(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """LN → global average pool → dropout → Linear. ``(B, C, H, W) → (B, num_classes)``."""
+    """LN → global average pool → dropout → Linear. ``(B, C, H, W) → (B, num_classes)``.
 
-    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0, norm_eps: float = 1e-6) -> None:
+    ``global_pool=""`` (timm's "no pooling"): LN → dropout → the Linear at every position, giving
+    ``(B, num_classes, H, W)`` maps, or with ``tokens=True`` (the isotropic encoders, as timm's ViT)
+    the token sequence ``(B, H·W, num_classes)`` (row-major positions). With ``num_classes == 0``
+    the Linear is the identity: the normalised map ``(B, C, H, W)`` / tokens ``(B, H·W, C)``.
+    ``pre_logits`` returns the (pooled or unpooled) normalised features before dropout and Linear.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        drop_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+        global_pool: str = "avg",
+        tokens: bool = False,
+    ) -> None:
         super().__init__()
+        self.global_pool = check_global_pool(global_pool)
+        self.tokens = tokens
         self.norm = LayerNorm2d(dim, eps=norm_eps)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.norm(x).mean(dim=(2, 3))
+        x = self.norm(x)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        elif self.tokens:
+            x = x.flatten(2).transpose(1, 2)  # (B, H·W, C)
+        elif pre_logits or isinstance(self.fc, nn.Identity):
+            return x if pre_logits else self.drop(x)
+        else:  # the Linear on every pixel of the map: a 1×1 convolution with the same weights
+            return self.fc(self.drop(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x if pre_logits else self.fc(self.drop(x))
 
 
@@ -215,18 +257,26 @@ class ClassifierAPI:
         """The final Linear (or ``Identity`` when ``num_classes == 0``)."""
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` outputs (0 = features only).
+    @property
+    def global_pool(self) -> str:
+        """The head's pooling: ``"avg"`` or ``""`` (none; see :class:`ClassifierHead`)."""
+        return self.head.global_pool
 
-        ``global_pool`` follows timm's signature: ``None`` keeps the pooling, ``"avg"`` (the only
-        pooling these models have) is accepted; anything else raises ``ValueError``.
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` outputs (0 = no Linear).
+
+        ``global_pool`` follows timm: ``None`` keeps the pooling, ``"avg"`` mean-pools, ``""`` removes
+        the pooling (``reset_classifier(0, "")``: :meth:`forward` returns the normalised final map,
+        or the token sequence of an isotropic encoder; see :class:`ClassifierHead`); anything else
+        raises ``ValueError``. ``model_args`` and ``default_cfg`` follow.
         """
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool={global_pool!r} is not supported: GSPN classifiers pool by 'avg' only")
+        if global_pool is not None:
+            self.head.global_pool = check_global_pool(global_pool)
         self.num_classes = num_classes
-        weight = self.head.norm.weight
+        norm = self.head.norm
+        ref = norm.weight if isinstance(norm, nn.LayerNorm) else next(self.parameters())
         if num_classes > 0:
-            self.head.fc = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
+            self.head.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
             self._init_weights(self.head.fc)
         else:
             self.head.fc = nn.Identity()
@@ -234,14 +284,52 @@ class ClassifierAPI:
             self.default_cfg["num_classes"] = num_classes
         if self.model_args:
             self.model_args["num_classes"] = num_classes
+            if global_pool == "avg":
+                self.model_args.pop("global_pool", None)  # the constructors' default
+            elif global_pool == "":
+                self.model_args["global_pool"] = ""
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Head on :meth:`forward_features` output: ``(B, num_features)`` if ``pre_logits`` else logits."""
+        """Head on :meth:`forward_features` output ``(B, C, h, w)``: pooled ``(B, num_features)`` if
+        ``pre_logits`` else logits ``(B, num_classes)``; with ``global_pool=""`` unpooled (see
+        :class:`ClassifierHead`)."""
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_chans, H, W) → (B, num_classes)``."""
+        """``(B, in_chans, H, W) → (B, num_classes)`` (unpooled with ``global_pool=""``)."""
         return self.forward_head(self.forward_features(x))
+
+    _trunk: str  # the attribute holding the feature levels: "stages" or "blocks"
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's pruning for feature extraction: drop the levels after the last of ``indices``.
+
+        What :class:`~gspn.models.FeatureListNet` calls (``prune_norm=True``); afterwards the model
+        serves ``forward_intermediates`` only (``feature_info`` still lists every level, as timm's).
+
+        Args:
+            indices: the levels that will be taken (as in ``forward_intermediates``).
+            prune_norm: remove the head's LayerNorm (the final norm).
+            prune_head: ``reset_classifier(0, "")``.
+
+        Returns:
+            the taken levels, sorted non-negative indices (valid in the pruned model).
+
+        Raises:
+            IndexError: an index outside ``[-n, n)`` or a count outside ``[1, n]``.
+        """
+        trunk = getattr(self, self._trunk)
+        take = feature_indices(indices, len(trunk), "level")
+        if not take:
+            raise IndexError("indices selects no level to keep")
+        setattr(self, self._trunk, trunk[: take[-1] + 1])
+        if prune_head:
+            self.reset_classifier(0, "")
+        if prune_norm:
+            self.head.norm = nn.Identity()
+        return take
 
 
 class GSPNClassifier(ClassifierAPI, nn.Module):
@@ -278,6 +366,9 @@ class GSPNClassifier(ClassifierAPI, nn.Module):
             (see :func:`block_chunk_sizes`).
         fused: GSPN layers as the fused operator :func:`gspn.ops.gspn_mix` (default) or as the
             materialising composition (``False``; same weights and numbers, slower).
+        global_pool: ``"avg"`` (default) or ``""``: no pooling, ``forward`` returns the normalised
+            final map ``(B, C, h, w)`` (per-pixel logits ``(B, num_classes, h, w)`` when
+            ``num_classes > 0``), as timm's ``global_pool=''``.
 
     The reference code's semantics (the authors' checkpoints) are ``norm_eps=1e-5,
     conv_act=False, merge_frame="scan", global_chunk_sizes=(56, 28, 14, 7)``
@@ -311,8 +402,10 @@ class GSPNClassifier(ClassifierAPI, nn.Module):
         global_chunk_sizes: Sequence[int | None] | None = None,
         fused: bool = True,
         propagation_channels: int | Sequence[int | None] | None = None,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
+        check_global_pool(global_pool)
         dims = [embed_dim * 2**i for i in range(len(depths))]
         if propagation_channels is None or isinstance(propagation_channels, int):
             stage_props: list[int | None] = [propagation_channels] * len(depths)
@@ -375,10 +468,17 @@ class GSPNClassifier(ClassifierAPI, nn.Module):
         self.feature_info = [
             {"num_chs": dim, "reduction": 4 * 2**i, "module": f"stages.{i}"} for i, dim in enumerate(dims)
         ]
-        self.head = ClassifierHead(self.num_features, num_classes, drop_rate, norm_eps)
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate, norm_eps, global_pool)
         self.default_cfg: dict[str, Any] = {}
         self.model_args: dict[str, Any] = {}
         self.apply(self._init_weights)
+
+    _trunk = "stages"
+
+    @property
+    def default_out_indices(self) -> tuple[int, ...]:
+        """The stages ``features_only`` returns by default: all of them (timm's default)."""
+        return tuple(range(len(self.feature_info)))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory."""
@@ -401,7 +501,8 @@ class GSPNClassifier(ClassifierAPI, nn.Module):
             x: ``(B, in_chans, H, W)``.
             indices: stages to return: ``None`` = all, an int ``n`` = the last ``n``, or a list of
                 (possibly negative) stage indices.
-            intermediates_only: return only the list.
+            intermediates_only: return only the list (the stages after the last wanted one are
+                not run).
 
         Returns:
             ``[(B, C·2^i, ⌈H/2^(i+2)⌉, ⌈W/2^(i+2)⌉) for each selected stage i]``, preceded by the
@@ -411,9 +512,12 @@ class GSPNClassifier(ClassifierAPI, nn.Module):
             IndexError: an index outside ``[-4, 4)`` or a count outside ``[0, 4]`` (4 stages).
         """
         wanted = feature_indices(indices, len(self.stages), "stage")
+        last = max(wanted, default=-1) if intermediates_only else len(self.stages) - 1
         outs = []
         x = self.stem(x)
         for i, stage in enumerate(self.stages):
+            if i > last:
+                break
             x = stage(x)
             if i in wanted:
                 outs.append(x)

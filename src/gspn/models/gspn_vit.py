@@ -96,6 +96,9 @@ class GSPNViT(IsotropicEncoder):
         conv_act: SiLU after the depthwise conv.
         fused: GSPN layers as the fused operator :func:`gspn.ops.gspn_mix` (default) or the
             materialising composition (``False``; same weights and numbers).
+        global_pool: ``"avg"`` (default) or ``""``: no pooling, ``forward`` returns the normalised
+            token sequence ``(B, h·w, D)`` (per-token logits when ``num_classes > 0``), as timm's
+            ViT with ``global_pool=''``.
 
     Raises:
         ValueError: a non-positive ``depth``/``patch_size``, or a bad GSPN option (see
@@ -125,6 +128,7 @@ class GSPNViT(IsotropicEncoder):
         backend: str = "auto",
         conv_act: bool = True,
         fused: bool = True,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -155,7 +159,7 @@ class GSPNViT(IsotropicEncoder):
                 for rate in rates
             ]
         )
-        self._finish_init(embed_dim, depth, patch_size, num_classes, drop_rate, norm_eps)
+        self._finish_init(embed_dim, depth, patch_size, num_classes, drop_rate, norm_eps, global_pool)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x).permute(0, 2, 3, 1)

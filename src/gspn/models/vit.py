@@ -151,6 +151,9 @@ class VisionTransformer(IsotropicEncoder):
         proj_drop_rate: dropout of every block's branch outputs and MLP activation
             (:class:`TransformerBlock`'s ``proj_drop``).
         attn_drop_rate: dropout of the attention weights.
+        global_pool: ``"avg"`` (default) or ``""``: no pooling, ``forward`` returns the normalised
+            token sequence ``(B, h·w, D)`` (per-token logits when ``num_classes > 0``), as timm's
+            ViT with ``global_pool=''``.
 
     Raises:
         ValueError: a non-positive ``depth``/``patch_size``/``pos_grid``, an unknown ``pos_embed`` or
@@ -179,6 +182,7 @@ class VisionTransformer(IsotropicEncoder):
         pos_interp: str = "bicubic",
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         if not isinstance(depth, int) or depth < 1:
@@ -215,14 +219,19 @@ class VisionTransformer(IsotropicEncoder):
                 for rate in rates
             ]
         )
-        self._finish_init(embed_dim, depth, patch_size, num_classes, drop_rate, norm_eps)
+        self._finish_init(embed_dim, depth, patch_size, num_classes, drop_rate, norm_eps, global_pool)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def position_embedding(self, h: int, w: int) -> torch.Tensor | None:
-        """The position embedding added to an ``h × w`` token grid, ``(1, D, h, w)`` (``None``: none)."""
+    def position_embedding(self, h: int, w: int, like: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The position embedding added to an ``h × w`` token grid, ``(1, D, h, w)`` (``None``: none).
+
+        ``like``: the tokens it is added to; a computed (``"sincos"``) embedding takes their device and
+        dtype (default: those of the patch embedding's weight, which an offloaded model may hold on
+        the meta device between calls).
+        """
         if self.pos_embed_kind == "sincos":
-            ref = self.patch_embed.proj.weight
+            ref = self.patch_embed.proj.weight if like is None else like
             return sincos_pos_embed(self.embed_dim, h, w, device=ref.device, dtype=ref.dtype)
         pos = self.pos_embed
         if pos is None or tuple(pos.shape[-2:]) == (h, w):
@@ -233,7 +242,7 @@ class VisionTransformer(IsotropicEncoder):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W)`` → channels-last tokens with position ``(B, h, w, D)``."""
         x = self.patch_embed(x)
-        pos = self.position_embedding(*x.shape[-2:])
+        pos = self.position_embedding(*x.shape[-2:], like=x)
         if pos is not None:
             x = x + pos
         return x.permute(0, 2, 3, 1)

@@ -3,9 +3,11 @@
 The sources (``gspn_cpu.cpp``: the line scan; ``gspn_mix.cpp``: the fused GSPN layer; the shared
 ``gspn_common.h``; no PyTorch headers) are compiled into one library once per machine with the system C++
 compiler (``$CXX``, default ``c++``) using ``-O3 -march=native -fopenmp`` into
-``$GSPN_CACHE_DIR`` (default ``~/.cache/gspn``); later processes load the cached library in
-milliseconds. If no compiler is found the backend reports itself unavailable and ``"auto"`` falls
-back to the reference backend with a warning. Threads follow ``torch.get_num_threads()``.
+``$GSPN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/gspn``, else ``~/.cache/gspn``; see
+:func:`_cache_dir`); later processes load the cached library in milliseconds. If no compiler is
+found, or the cache directory cannot be written, the backend reports itself unavailable and
+``"auto"`` falls back to the reference backend with a warning. Threads follow
+``torch.get_num_threads()``.
 """
 
 from __future__ import annotations
@@ -45,10 +47,36 @@ class _TensorArg(ctypes.Structure):
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("GSPN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gspn"
+    """Where the compiled kernel library is cached.
+
+    ``$GSPN_CACHE_DIR`` when set and non-empty (``~`` expanded); else ``$XDG_CACHE_HOME/gspn``;
+    else ``~/.cache/gspn``. As the XDG Base Directory spec says, an empty or relative
+    ``$XDG_CACHE_HOME`` is ignored (otherwise it would build a fresh library into ``./gspn`` of
+    every working directory).
+    """
+    explicit = os.environ.get("GSPN_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path(os.path.expanduser("~/.cache"))
+    return base / "gspn"
+
+
+def _unwritable_cache(directory: Path, exc: OSError) -> RuntimeError:
+    """One-line error for a cache directory that cannot be created or written to."""
+    why = exc.strerror or type(exc).__name__
+    return RuntimeError(
+        f"cannot write the gspn kernel cache directory {str(directory)!r} ({why}); "
+        "set GSPN_CACHE_DIR to a writable directory"
     )
-    return Path(root)
+
+
+def _prepare_cache_dir(directory: Path) -> None:
+    """Create ``directory`` (and parents), or raise :func:`_unwritable_cache`'s error."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable_cache(directory, exc) from exc
 
 
 def _cpu_signature() -> str:
@@ -66,7 +94,11 @@ def _compile(compiler: str, output: Path) -> None:
     attempts = [[*base[:-2], "-fopenmp", *base[-2:]], base]  # without OpenMP as a fallback
     errors = []
     for cmd in attempts:
-        with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+        try:
+            scratch = tempfile.TemporaryDirectory(dir=output.parent)
+        except OSError as exc:  # the folder exists but is not writable
+            raise _unwritable_cache(output.parent, exc) from exc
+        with scratch as tmp:
             target = Path(tmp) / output.name
             proc = subprocess.run([*cmd, str(target)], capture_output=True, text=True)
             if proc.returncode == 0:
@@ -103,7 +135,7 @@ def _load() -> ctypes.CDLL | None:
             ).hexdigest()[:16]
             path = _cache_dir() / f"gspn_cpu_{key}.{'dylib' if sys.platform == 'darwin' else 'so'}"
             if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
+                _prepare_cache_dir(path.parent)
                 _compile(compiler, path)
             lib = ctypes.CDLL(str(path))
             lib.gspn_scan_forward.argtypes = (
