@@ -11,13 +11,25 @@ The integration goes through diffusers' own extension point, the attention *proc
   the ``attn1`` entries change; cross-attention stays) and :meth:`GSPNAdapter.unmount` restores
   the original processors.
 * The UNet does not pass the spatial size to attention. :meth:`GSPNAdapter.mount` therefore
-  hooks every ``Transformer2DModel`` that owns a swapped layer: the ``(H, W)`` of the
-  ``(B, C, H, W)`` map a transformer call receives is tied to the token tensors its blocks get in
-  that call, and passed to each GSPN processor *as an argument of its call* (``hw=``). Nothing is
-  guessed from the token count and nothing is left over from another call, so any latent shape
-  works, square or not, sizes never seen in training included (GSPN has no positional
-  embedding), and so does gradient checkpointing, whose recomputation in the backward pass gets
-  the grid of the tensors it recomputes, whatever the forwards in between.
+  gives every ``Transformer2DModel`` that owns a swapped layer a forward pre-hook that adds the
+  ``(H, W)`` of the ``(B, C, H, W)`` map of the call to that call's ``cross_attention_kwargs``
+  (``{"hw": (H, W)}``), which diffusers hands to the blocks and their attention layers: each GSPN
+  processor gets the grid *as an argument of its call* (``hw=``), and the other processors of
+  those transformers never see it (an attention pre-hook removes it). Nothing is guessed from the
+  token count and nothing is left over from another call, so any latent shape works, square or
+  not, sizes never seen in training included (GSPN has no positional embedding), and so does
+  gradient checkpointing, which recomputes a block from the arguments it was called with, the
+  grid included.
+* Mount state lives in the UNet and its modules, not in the adapter: the hooks are stateless
+  functions (and one plain-data check on the UNet), so ``copy.deepcopy(unet)``,
+  ``torch.optim.swa_utils.AveragedModel(unet)`` (EMA copies), ``torch.save(unet)`` /
+  ``torch.load(..., weights_only=False)`` and ``torch.compile(unet)`` compute exactly what the
+  UNet computes, at every latent shape, each copy with its own processors.
+* Offloading works: the processor's :meth:`~GSPNAttnProcessor.forward` receives tensors and the
+  grid only (the host ``Attention`` stays out of it), and everything with weights is called
+  through its module, so accelerate's hooks (``accelerate.cpu_offload``, i.e.
+  ``pipe.enable_sequential_cpu_offload()``, and ``cpu_offload_with_hook``, i.e.
+  ``pipe.enable_model_cpu_offload()``) load and offload the GSPN weights like any other.
 * Mount state is read from the UNet: :attr:`GSPNAdapter.mounted_unet` is ``None`` once anything
   (``set_attention_slice``, ``set_attn_processor``, ...) has replaced a GSPN processor, a forward
   through such a UNet warns, and :meth:`GSPNAdapter.mount` puts the processors back.
@@ -37,9 +49,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import warnings
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +117,12 @@ class GSPNAttnProcessor(nn.Module):
     The group/spatial norms, ``residual_connection`` and ``rescale_output_factor`` of the host
     ``Attention`` are honoured as in diffusers' reference processor; ``to_q``/``to_k``/``to_v``
     of the host are not used (the paper's "pure" mode).
+
+    Calling the processor (``proc(attn, hidden_states, ..., hw=...)``, diffusers' processor
+    interface) runs the host's norms, then this module's :meth:`forward` on the tokens
+    (``(B, H·W, C) → (B, H·W, out_dim)``; tensors and the grid only, so hooks on the processor —
+    accelerate's offload hooks, forward hooks — never receive the host module), then the host's
+    output dropout, residual and rescale.
 
     The token grid ``(H, W)`` of a call comes, in this order, from a 4-D input ``(B, C, H, W)``, from
     the ``hw=`` argument of the call (a mounted :class:`GSPNAdapter` passes it on every call), from
@@ -199,21 +218,19 @@ class GSPNAttnProcessor(nn.Module):
         hw: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """diffusers' processor signature plus ``hw``, the token grid of this call. ``scale`` (the
-        legacy LoRA scale) and any other ``cross_attention_kwargs`` are accepted and ignored."""
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, hw=hw)
+        """The diffusers processor call: ``attn`` is the host ``Attention``, ``hidden_states`` its
+        input, ``(B, H·W, C)`` or ``(B, C, H, W)``; returns the same layout (channels: the host's
+        output width). ``hw`` is the token grid of this call (see the class docstring). ``scale``
+        (the legacy LoRA scale) and any other ``cross_attention_kwargs`` are accepted and ignored.
 
-    def forward(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        hw: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        """Mix the tokens of ``hidden_states`` (``(B, H·W, C)`` on the grid ``hw``, or ``(B, C, H, W)``)
-        with GSPN; returns the same shape (last dimension the host's output width)."""
+        The host's norms run here (through their own modules); the token mixing runs through this
+        module's :meth:`forward`, which receives tensors and the grid only, so hooks on the
+        processor (accelerate's offload hooks, forward hooks) never see the host module.
+
+        Raises:
+            ValueError: ``encoder_hidden_states`` is given (GSPN replaces self-attention only).
+            RuntimeError: the grid does not fit the token count.
+        """
         if self.bypass:
             return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if encoder_hidden_states is not None:
@@ -221,17 +238,28 @@ class GSPNAttnProcessor(nn.Module):
         if attention_mask is not None and "attention_mask" not in self._warned:
             self._warned.add("attention_mask")
             warnings.warn("GSPNAttnProcessor ignores attention_mask (GSPN mixes the full grid)", stacklevel=2)
-        hidden_states, residual, grid = _tokens_in(attn, hidden_states, temb)
-        hw = grid or hw or self.hw
-        num_tokens = hidden_states.shape[1]
+        tokens, residual, grid = _tokens_in(attn, hidden_states, temb)
+        out = super().__call__(tokens, hw=grid or hw)
+        return _tokens_out(attn, attn.to_out[1](out), residual, grid)
+
+    def forward(self, tokens: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """GSPN token mixing plus output bias (or ``to_out``): ``(B, H·W, C) → (B, H·W, out_dim)``.
+
+        ``hw`` is the grid (default: the attribute :attr:`hw`; neither: inferred for a square token
+        count only). Raises ``RuntimeError`` when ``H·W`` differs from the token count, and
+        ``ValueError`` (from :func:`gspn.nn.resolve_hw`) when no grid is given and the count is not a
+        perfect square.
+        """
+        hw = hw or self.hw
+        num_tokens = tokens.shape[1]
         if hw is not None and hw[0] * hw[1] != num_tokens:
             raise RuntimeError(f"GSPN layer got {num_tokens} tokens but a grid of {tuple(hw)} for this call")
-        out = self.mixer(hidden_states, hw=hw)
+        out = self.mixer(tokens, hw=hw)
         if self.to_out is not None:
-            out = self.to_out(out)
-        elif self.out_bias is not None:
-            out = out + self.out_bias
-        return _tokens_out(attn, attn.to_out[1](out), residual, grid)
+            return self.to_out(out)
+        if self.out_bias is not None:
+            return out + self.out_bias
+        return out
 
 
 def _tokens_in(
@@ -287,75 +315,94 @@ def _grid_of_map(module: nn.Module, x: Any) -> tuple[int, int] | None:
     return height, width
 
 
-def _first_arg(args: tuple, kwargs: dict) -> Any:
-    return args[0] if args else kwargs.get("hidden_states")
+_GRID_KWARG = "hw"  # the cross_attention_kwargs entry that carries a transformer call's token grid
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a`` is ``b``, or an alias of it with the same layout (e.g. the detached input a reentrant
-    checkpoint recomputes from)."""
-    if a is b:
-        return True
-    try:
-        return (a.device, a.shape, a.stride(), a.data_ptr()) == (b.device, b.shape, b.stride(), b.data_ptr())
-    except RuntimeError:  # tensors without storage
-        return False
+def _cross_attention_kwargs_position(transformer: nn.Module, path: str) -> int:
+    """Position of ``cross_attention_kwargs`` among the positional arguments of ``transformer``'s
+    forward (``self`` excluded). Raises ``ValueError`` if its forward has no such parameter."""
+    params = list(inspect.signature(type(transformer).forward).parameters)[1:]
+    if "cross_attention_kwargs" not in params:
+        raise ValueError(f"{path} ({type(transformer).__name__}) takes no cross_attention_kwargs; cannot pass the grid")
+    return params.index("cross_attention_kwargs")
 
 
-class _TransformerGrids:
-    """Token grids of one 2-D transformer, call by call.
+def _pass_grid(transformer: nn.Module, args: tuple, kwargs: dict, *, position: int) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of a 2-D transformer that encloses GSPN layers (registered by
+    :meth:`GSPNAdapter.mount` as ``functools.partial(_pass_grid, position=...)``).
 
-    ``calls`` holds the grid of every call of the transformer in progress (a stack: pushed by its
-    forward pre-hook, popped by its forward hook, exceptions included). A block's input is tied to
-    the grid of the transformer call it first appears in, so a block recomputed later from the same
-    input (gradient checkpointing, in the backward pass, when the transformer is no longer running)
-    gets that grid again. ``blocks`` holds the grid of every block call in progress, by block.
+    Adds the grid of the ``(B, C, H, W)`` map of this call to the call's ``cross_attention_kwargs``
+    (a new dict; the caller's is not modified), which the transformer hands to its blocks and they
+    to their attention layers. The grid thus travels with the arguments of the call: a block
+    recomputed by gradient checkpointing gets it again with the arguments it is recomputed from,
+    and the hook keeps no state, so a copy of the UNet (``copy.deepcopy``, pickling) works alone.
+    """
+    x = args[0] if args else kwargs.get("hidden_states")
+    grid = _grid_of_map(transformer, x)
+    if grid is None:
+        return None
+    if len(args) > position:
+        extra = {**(args[position] or {}), _GRID_KWARG: grid}
+        return (*args[:position], extra, *args[position + 1 :]), kwargs
+    extra = {**(kwargs.get("cross_attention_kwargs") or {}), _GRID_KWARG: grid}
+    return args, {**kwargs, "cross_attention_kwargs": extra}
+
+
+def _route_grid(attn: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of every attention layer inside a transformer with GSPN layers: the grid
+    (``hw=``) reaches a GSPN processor and is removed for any other processor (cross-attention, or
+    a GSPN layer whose processor was replaced), which would not accept it."""
+    if _GRID_KWARG not in kwargs or isinstance(getattr(attn, "processor", None), GSPNAttnProcessor):
+        return None
+    return args, {k: v for k, v in kwargs.items() if k != _GRID_KWARG}
+
+
+class _MountCheck:
+    """Forward pre-hook of a UNet with a mounted adapter: warns, once per mount, when some of the
+    swapped layers no longer have a GSPN processor (``set_attention_slice``, ...).
+
+    It holds the layers' processor keys and whether it has warned, plain data read against the
+    UNet it is called on: a copy of the UNet (``copy.deepcopy``, pickling) carries its own check of
+    its own layers, and a replica sharing the hook (``DataParallel``) checks the replica's layers.
     """
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int] | None] = []
-        self.inputs: list[tuple[weakref.ref[torch.Tensor], tuple[int, int]]] = []
-        self.blocks: dict[str, list[tuple[int, int] | None]] = {}
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.warned = False
 
-    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.calls.append(_grid_of_map(module, _first_arg(args, kwargs)))
+    def __call__(self, unet: nn.Module, args: tuple) -> None:
+        if self.warned:
+            return
+        replaced = [(name, _processor_of(unet, name)) for name in self.names]
+        replaced = [(name, proc) for name, proc in replaced if not isinstance(proc, GSPNAttnProcessor)]
+        if not replaced:
+            return
+        self.warned = True
+        name, proc = replaced[0]
+        warnings.warn(
+            f"{len(replaced)} of the {len(self.names)} GSPN processors of this adapter were replaced in "
+            f"the UNet (e.g. {name} now has {type(proc).__name__}; set_attention_slice / "
+            "enable_attention_slicing / set_attn_processor do that): those layers are NOT running GSPN. "
+            "Call adapter.mount(unet) to put them back (enable_chunked_cross_attention saves memory "
+            "without removing them), or adapter.unmount() to run the original attention.",
+            stacklevel=4,
+        )
 
-    def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.calls:
-            self.calls.pop()
 
-    def grid_of_block_input(self, x: Any) -> tuple[int, int] | None:
-        if not isinstance(x, torch.Tensor):
-            return self.calls[-1] if self.calls else None
-        for ref, grid in self.inputs:
-            seen = ref()
-            if seen is not None and _same_tensor(x, seen):
-                return grid
-        grid = self.calls[-1] if self.calls else None
-        if grid is not None:
-            self.inputs = [(r, g) for r, g in self.inputs if r() is not None]
-            self.inputs.append((weakref.ref(x), grid))
-        return grid
-
-    def block_hooks(self, block: str) -> tuple[Callable[..., None], Callable[..., None]]:
-        stack = self.blocks.setdefault(block, [])
-
-        def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            stack.append(self.grid_of_block_input(_first_arg(args, kwargs)))
-
-        def leave(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if stack:
-                stack.pop()
-
-        return enter, leave
+def _processor_of(unet: nn.Module, name: str) -> Any:
+    """The processor of the layer with processor key ``name`` (``None`` if the layer is gone)."""
+    try:
+        return getattr(unet.get_submodule(name[: -len(_PROC_SUFFIX)]), "processor", None)
+    except AttributeError:
+        return None
 
 
 @dataclass
 class _Mount:
     unet: nn.Module
     originals: dict[str, Any]
+    check: _MountCheck
     handles: list[Any] = field(default_factory=list)
-    warned_replaced: bool = False
 
 
 class GSPNAdapter(ModelMixin, ConfigMixin):
@@ -429,6 +476,10 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
 
         With ``init_from_attention`` each processor copies what fits from its layer (see
         :meth:`GSPNAttnProcessor.init_from_attention`). The adapter gets the UNet's device and dtype.
+
+        Raises:
+            ValueError: the UNet has no self-attention layers, or its weights are offloaded to the
+                ``meta`` device (build the adapter before ``accelerate.cpu_offload``).
         """
         unet = get_unet(unet)
         names = find_self_attention(unet)
@@ -454,9 +505,20 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         return adapter
 
     def _follow(self, unet: nn.Module) -> None:
-        """Move to the device and dtype of ``unet`` (only what differs)."""
+        """Move to the device and dtype of ``unet`` (only what differs).
+
+        Raises ``ValueError`` when the UNet's weights are offloaded to the ``meta`` device
+        (``accelerate.cpu_offload``, ``enable_sequential_cpu_offload``) and the adapter's are not:
+        moving there would discard the adapter's weights, and processors added after offloading
+        have no offload hooks. Build and mount the adapter first, then offload.
+        """
         ref = next(unet.parameters())
         own = next(self.parameters())
+        if ref.device.type == "meta" and own.device.type != "meta":
+            raise ValueError(
+                "the UNet's weights are offloaded to the meta device (accelerate.cpu_offload / "
+                "enable_sequential_cpu_offload): build and mount the GSPN adapter before offloading"
+            )
         if own.dtype != ref.dtype:
             nn.Module.to(self, dtype=ref.dtype)  # (ModelMixin.to would warn about fp32 modules: none)
         if own.device != ref.device:
@@ -481,7 +543,7 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         return [
             name
             for name, proc in zip(self.config.layer_names, self.processors, strict=True)
-            if getattr(unet.get_submodule(name[: -len(_PROC_SUFFIX)]), "processor", None) is not proc
+            if _processor_of(unet, name) is not proc
         ]
 
     def mount(self, pipe_or_unet: Any) -> GSPNAdapter:
@@ -489,14 +551,23 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
 
         Only the adapter's ``attn1`` entries of ``unet.attn_processors`` change; the others are
         passed back unchanged through ``set_attn_processor``. The adapter is moved to the UNet's
-        device and dtype, and the UNet's 2-D transformers, their blocks and the swapped layers
-        get the hooks that pass each call its token grid. Mounting again on the same UNet puts
-        back any GSPN processor that was replaced since (and is a no-op otherwise); mounting on a
-        second UNet unmounts from the first.
+        device and dtype. Every 2-D transformer enclosing a swapped layer gets a forward pre-hook
+        that adds the ``(H, W)`` of the map it is called with to the ``cross_attention_kwargs`` of
+        that call (so each GSPN processor receives ``hw=``), its attention layers a pre-hook that
+        removes that entry for processors other than GSPN ones, and the UNet a pre-hook that warns
+        when GSPN processors were replaced. The hooks keep no state between calls and no
+        reference to the adapter: a copy of the mounted UNet (``copy.deepcopy``,
+        ``torch.optim.swa_utils.AveragedModel``, ``torch.save``/``torch.load`` of the whole module)
+        computes what the UNet computes, with its own processors. Mounting again on the same UNet
+        puts back any GSPN processor that was replaced since (and is a no-op otherwise); mounting
+        on a second UNet unmounts from the first.
 
         Raises:
-            ValueError: the UNet lacks one of the adapter's layers, a layer's width differs, or a
-                layer already has another adapter's GSPN processor.
+            ValueError: the UNet lacks one of the adapter's layers, a layer's width differs, a
+                layer already has another adapter's GSPN processor, a layer is not inside a 2-D
+                transformer that takes ``cross_attention_kwargs``, or the UNet's weights are
+                offloaded to ``meta`` (sequential offload) and the adapter's are not: mount first,
+                then offload (model offload, which moves whole modules, may come before or after).
         """
         unet = get_unet(pipe_or_unet)
         if self._mount is not None:
@@ -504,7 +575,7 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
                 replaced = set(self.replaced_layers())
                 if replaced:
                     self._install(unet, replaced)
-                    self._mount.warned_replaced = False
+                    self._mount.check.warned = False
                 return self
             self.unmount()
         current = unet.attn_processors
@@ -512,31 +583,30 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         missing = [n for n in names if n not in current]
         if missing:
             raise ValueError(f"the UNet has no attention layers {missing[:3]}... (adapter built for another UNet?)")
-        for name, qdim in zip(names, self.config.query_dims, strict=True):
-            attn = unet.get_submodule(name[: -len(_PROC_SUFFIX)])
+        paths = [n[: -len(_PROC_SUFFIX)] for n in names]
+        for name, path, qdim in zip(names, paths, self.config.query_dims, strict=True):
+            attn = unet.get_submodule(path)
             if int(attn.query_dim) != qdim:
                 raise ValueError(f"{name}: the UNet layer has width {attn.query_dim}, the adapter {qdim}")
+        owners = {}  # path -> (module, position of cross_attention_kwargs), checked before anything changes
+        for path in paths:
+            owner = _owner_path(unet, path)
+            if owner not in owners:
+                module = unet.get_submodule(owner)
+                owners[owner] = module, _cross_attention_kwargs_position(module, owner)
         originals = {n: current[n] for n in names}
         self._install(unet, set(names))
-        mount = _Mount(unet, originals)
-        grids: dict[str, _TransformerGrids] = {}
-        for name, proc in zip(names, self.processors, strict=True):
-            attn_path = name[: -len(_PROC_SUFFIX)]
-            owner = _owner_path(unet, attn_path)
-            if owner not in grids:
-                grids[owner] = tracker = _TransformerGrids()
-                module = unet.get_submodule(owner)
-                mount.handles.append(module.register_forward_pre_hook(tracker.enter, with_kwargs=True))
-                mount.handles.append(module.register_forward_hook(tracker.leave, with_kwargs=True, always_call=True))
-            tracker = grids[owner]
-            block = attn_path.rpartition(".")[0]
-            if block not in tracker.blocks:
-                enter, leave = tracker.block_hooks(block)
-                module = unet.get_submodule(block)
-                mount.handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-                mount.handles.append(module.register_forward_hook(leave, with_kwargs=True, always_call=True))
-            hook = self._layer_hook(proc, tracker.blocks[block])
-            mount.handles.append(unet.get_submodule(attn_path).register_forward_pre_hook(hook, with_kwargs=True))
+        check = _MountCheck(names)
+        mount = _Mount(unet, originals, check)
+        mount.handles.append(unet.register_forward_pre_hook(check))
+        routed: set[int] = set()
+        for module, position in owners.values():
+            hook = functools.partial(_pass_grid, position=position)
+            mount.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            for sub in module.modules():
+                if hasattr(sub, "set_processor") and id(sub) not in routed:
+                    routed.add(id(sub))
+                    mount.handles.append(sub.register_forward_pre_hook(_route_grid, with_kwargs=True))
         self._mount = mount
         return self
 
@@ -550,40 +620,6 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         self._follow(unet)
         current.update({n: ours[n] for n in names})
         unet.set_attn_processor(current)
-
-    def _layer_hook(
-        self, proc: GSPNAttnProcessor, block_grids: list[tuple[int, int] | None]
-    ) -> Callable[..., tuple[tuple, dict] | None]:
-        """Forward pre-hook of a swapped ``Attention``: passes the grid of the enclosing block call
-        to the processor (``hw=``); warns once per mount if the processor is no longer ours."""
-
-        def hook(attn: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if getattr(attn, "processor", None) is not proc:
-                self._warn_replaced()
-                return None
-            if block_grids and block_grids[-1] is not None and kwargs.get("hw") is None:
-                return args, {**kwargs, "hw": block_grids[-1]}
-            return None
-
-        return hook
-
-    def _warn_replaced(self) -> None:
-        mount = self._mount
-        if mount is None or mount.warned_replaced:
-            return
-        replaced = self.replaced_layers()
-        if not replaced:
-            return
-        mount.warned_replaced = True
-        first = mount.unet.get_submodule(replaced[0][: -len(_PROC_SUFFIX)]).processor
-        warnings.warn(
-            f"{len(replaced)} of the {len(self.processors)} GSPN processors of this adapter were replaced in "
-            f"the UNet (e.g. {replaced[0]} now has {type(first).__name__}; set_attention_slice / "
-            "enable_attention_slicing / set_attn_processor do that): those layers are NOT running GSPN. "
-            "Call adapter.mount(unet) to put them back (enable_chunked_cross_attention saves memory "
-            "without removing them), or adapter.unmount() to run the original attention.",
-            stacklevel=3,
-        )
 
     def unmount(self) -> None:
         """Restore the original processors of the mounted UNet and remove the hooks (no-op if unmounted)."""

@@ -7,8 +7,9 @@ tangent*: the result would silently be a constant. The public functions therefor
 operator through an ``autograd.Function`` of this module's shape — ``setup_context``, ``backward``,
 ``jvp`` and ``vmap`` (the structure of PyTorch's "Extending torch.func with autograd.Function") —
 whenever a transform or a dual level is active; otherwise, and while ``torch.compile`` traces
-(dynamo cannot trace a custom ``jvp``), they call the opaque operator itself. The operators' own autograd kernels refuse forward-mode tangents with an error naming the
-operator, so no path returns a zero tangent.
+(dynamo cannot trace a custom ``jvp``), they call the opaque operator itself, whose registered
+backward serves reverse mode. The operators' own autograd kernels refuse forward-mode tangents with
+an error naming the operator, so no path returns a zero tangent.
 """
 
 from __future__ import annotations
