@@ -16,7 +16,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 
-from gspn.nn import GSPN2d
+import gspn
+from gspn.nn import GSPN2d, GSPNAttention
 from gspn.ops import DIRECTIONS, available_backends, gspn_mix, line_scan, line_scan_4d
 from oracle import oracle_line_scan, oracle_mix
 
@@ -298,3 +299,48 @@ def test_compile_keeps_the_opaque_operators():
     (g,) = torch.autograd.grad(y.sum(), x)
     (e,) = torch.autograd.grad(ref(x).sum(), x)
     torch.testing.assert_close(g, e, **F64)
+
+
+@pytest.mark.parametrize("name", ["gspn_nano", "gspn_vit_nano"])
+def test_classifier_jvp_matches_finite_differences(name):
+    torch.manual_seed(0)
+    model = gspn.create_model(name, num_classes=3).double().eval()
+    x, t = _rand(1, 3, 32, 32, seed=1), _rand(1, 3, 32, 32, seed=2)
+    _, tangent = jvp(model, (x,), (t,))
+    torch.testing.assert_close(tangent, _finite_difference(model, (x,), (t,)), rtol=1e-6, atol=1e-6)
+    assert tangent.abs().max() > 1e-3
+
+
+def test_dit_jvp_in_the_input_and_the_timestep():
+    """What consistency-model distillation asks of a diffusion model: the tangent in ``(x_t, t)``.
+    The timestep embedding is computed in float32 (as in DiT), so its part is checked against reverse
+    mode (``jacrev``) rather than finite differences; the input's against float64 finite differences."""
+    torch.manual_seed(0)
+    model = gspn.create_model("gspn_dit_tiny", input_size=8, num_classes=4).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the output layer starts at zero
+            p.add_(0.05 * torch.randn_like(p))
+    x, labels = _rand(2, model.in_channels, 8, 8, seed=1), torch.tensor([0, 3])
+    t = torch.tensor([3.0, 400.0], dtype=torch.float64)
+    t_x, t_t = _rand(*x.shape, seed=2), torch.tensor([1.0, -2.0], dtype=torch.float64)
+
+    def f(x, t):
+        return model(x, t, labels)
+
+    _, tangent = jvp(f, (x, t), (t_x, t_t))
+    by_x = _finite_difference(lambda x: f(x, t), (x,), (t_x,))
+    by_t = torch.einsum("...k,k->...", jacrev(f, argnums=1)(x, t), t_t)
+    torch.testing.assert_close(tangent, by_x + by_t, rtol=1e-6, atol=1e-6)
+    assert by_t.abs().max() > 1e-3
+
+
+def test_gspn_attention_jvp_matches_finite_differences():
+    torch.manual_seed(0)
+    attn = GSPNAttention(8, chunk_size=2).double()
+    x, t = _rand(2, 5 * 3, 8, seed=1), _rand(2, 5 * 3, 8, seed=2)
+
+    def f(x):
+        return attn(x, hw=(5, 3))
+
+    _, tangent = jvp(f, (x,), (t,))
+    torch.testing.assert_close(tangent, _finite_difference(f, (x,), (t,)), rtol=1e-6, atol=1e-6)
