@@ -256,9 +256,11 @@ def test_samples_do_not_depend_on_the_batch_size(sampler):
         b: generate(model, schedule, labels, (1, 8, 8), 4, sampler, 2.0, seed=7, batch_size=b)
         for b in (1, 3, len(labels))
     }
+    # Same noise whatever the batch size; the model's numbers may differ in the last bits (BLAS picks
+    # other kernels for other batch sizes: MKL's GEMV for a batch of 1 in the timestep MLP, seen here).
     for b in (3, len(labels)):
-        assert torch.equal(runs[b], runs[1]), b
-    assert not torch.equal(runs[1][3], runs[1][4])  # same label, different noise
+        torch.testing.assert_close(runs[b], runs[1], rtol=1e-4, atol=1e-4, msg=lambda m, b=b: f"batch {b}: {m}")
+    assert (runs[1][3] - runs[1][4]).abs().max() > 0.1  # same label, different noise
 
 
 @needs_diffusers
