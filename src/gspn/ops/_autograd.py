@@ -20,7 +20,20 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
-__all__ = ["apply", "check_no_tangents", "forward_ad_unsupported", "vmap_by_batch", "vmap_by_loop"]
+__all__ = [
+    "apply",
+    "backward_function",
+    "check_no_tangents",
+    "forward_ad_unsupported",
+    "forward_function",
+    "vmap_by_batch",
+    "vmap_by_loop",
+]
+
+FORWARD_OVER_REVERSE = (
+    "forward-over-reverse (jacfwd(jacrev(f)), torch.func.hessian) is not supported; "
+    "use reverse-over-reverse (jacrev(jacrev(f)))"
+)
 
 
 def _forward_mode_possible() -> bool:
@@ -124,3 +137,80 @@ def vmap_by_loop(
     if isinstance(results[0], torch.Tensor):
         return torch.stack(results), 0
     return tuple(torch.stack(r) for r in zip(*results, strict=True)), tuple(0 for _ in results[0])
+
+
+def forward_function(
+    name: str,
+    op: Callable[..., Any],
+    num_tensors: int,
+    *,
+    backward: Callable[..., Any],
+    jvp: Callable[..., Any],
+    shared: Sequence[bool],
+    save_output: bool,
+) -> type[torch.autograd.Function]:
+    """The ``autograd.Function`` through which a public function calls the forward operator ``op``.
+
+    Args:
+        name: the class name.
+        op: the operator; its first ``num_tensors`` arguments are tensors, the rest options.
+        backward: ``backward(saved, grad, options) -> gradients of the tensor inputs``, where
+            ``saved`` is the tensor inputs (and the output, last, if ``save_output``).
+        jvp: ``jvp(saved, tangents, options) -> tangent of the output`` (tangents: one per tensor
+            input, ``None`` for zero).
+        shared: per argument, whether it has no batch dimension (see :func:`vmap_by_batch`).
+        save_output: whether ``backward``/``jvp`` need the output.
+    """
+
+    def forward(*args: Any) -> Any:
+        return below_autograd(op, *args)
+
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        saved = (*inputs[:num_tensors], output) if save_output else inputs[:num_tensors]
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.options = inputs[num_tensors:]
+
+    def backward_(ctx: Any, grad: torch.Tensor) -> tuple:
+        return (*backward(ctx.saved_tensors, grad, ctx.options), *([None] * len(ctx.options)))
+
+    def jvp_(ctx: Any, *tangents: Any) -> torch.Tensor:
+        return jvp(ctx.saved_tensors, tangents[:num_tensors], ctx.options)
+
+    def vmap(info: Any, in_dims: tuple, *args: Any) -> tuple[Any, Any]:
+        return vmap_by_batch(info, in_dims, args, function.apply, shared=shared)
+
+    methods = {"forward": forward, "setup_context": setup_context, "backward": backward_, "jvp": jvp_, "vmap": vmap}
+    function = type(name, (torch.autograd.Function,), {k: staticmethod(v) for k, v in methods.items()})
+    return function
+
+
+def backward_function(
+    name: str, qualname: str, op: Callable[..., Any], num_tensors: int, *, vjp: Callable[..., Any], hint: str
+) -> type[torch.autograd.Function]:
+    """The ``autograd.Function`` of a backward operator ``op`` (returning a list of gradients).
+
+    Reverse mode through ``vjp(saved tensor inputs, cotangents, options)`` (double backward);
+    forward mode raises :func:`forward_ad_unsupported` naming ``qualname`` with ``hint``; vmap loops
+    (:func:`vmap_by_loop`: the parameter gradients are reduced over the batch).
+    """
+
+    def forward(*args: Any) -> tuple:
+        return tuple(below_autograd(op, *args))
+
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.save_for_backward(*inputs[:num_tensors])
+        ctx.options = inputs[num_tensors:]
+
+    def backward(ctx: Any, *cotangents: Any) -> tuple:
+        return (*vjp(ctx.saved_tensors, cotangents, ctx.options), *([None] * len(ctx.options)))
+
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise forward_ad_unsupported(qualname, hint)
+
+    def vmap(info: Any, in_dims: tuple, *args: Any) -> tuple[Any, Any]:
+        return vmap_by_loop(info, in_dims, args, function.apply)
+
+    methods = {"forward": forward, "setup_context": setup_context, "backward": backward, "jvp": jvp, "vmap": vmap}
+    function = type(name, (torch.autograd.Function,), {k: staticmethod(v) for k, v in methods.items()})
+    return function

@@ -424,69 +424,29 @@ def mix_jvp(primals, tangents, chunk_size, backend: str) -> torch.Tensor:
     return out.to(primals[0].dtype).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
-class _GspnMix(torch.autograd.Function):
-    """``gspn::gspn_mix`` with reverse mode, forward mode (:func:`mix_jvp`) and vmap."""
-
-    @staticmethod
-    def forward(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend):
-        return _autograd.below_autograd(
-            torch.ops.gspn.gspn_mix,
-            *(x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend),
-        )
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        *tensors, chunk_size, backend = inputs
-        ctx.save_for_backward(*tensors)
-        ctx.save_for_forward(*tensors)
-        ctx.options = (chunk_size, backend)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grads = _GspnMixBackward.apply(grad, *ctx.saved_tensors, *ctx.options)
-        return (*grads, None, None)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        return mix_jvp(ctx.saved_tensors, tangents[:7], *ctx.options)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        shared = [False, False] + [True] * 5 + [False, False]  # the weights have no batch dimension
-        return _autograd.vmap_by_batch(info, in_dims, args, _GspnMix.apply, shared=shared)
+def _no_double_backward_vjp(saved, cotangents, options):
+    raise _double_backward_error()
 
 
-class _GspnMixBackward(torch.autograd.Function):
-    """``gspn::gspn_mix_backward``: not differentiable (see :func:`_double_backward_error`)."""
-
-    @staticmethod
-    def forward(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend):
-        return tuple(
-            _autograd.below_autograd(
-                torch.ops.gspn.gspn_mix_backward,
-                *(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend),
-            )
-        )
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise _double_backward_error()
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise _autograd.forward_ad_unsupported(
-            "gspn::gspn_mix_backward",
-            "forward-over-reverse (jacfwd(jacrev(f)), torch.func.hessian) is not supported; "
-            "GSPN2d(fused=False) and gspn.ops.line_scan_4d support reverse-over-reverse",
-        )
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _autograd.vmap_by_loop(info, in_dims, args, _GspnMixBackward.apply)
+_GspnMixBackward = _autograd.backward_function(
+    "_GspnMixBackward",
+    "gspn::gspn_mix_backward",
+    torch.ops.gspn.gspn_mix_backward,
+    8,
+    vjp=_no_double_backward_vjp,
+    hint="forward-over-reverse (jacfwd(jacrev(f)), torch.func.hessian) is not supported; "
+    "GSPN2d(fused=False) and gspn.ops.line_scan_4d support reverse-over-reverse",
+)
+# gspn::gspn_mix: saved = the seven tensor inputs (the backward recomputes the scans).
+_GspnMix = _autograd.forward_function(
+    "_GspnMix",
+    torch.ops.gspn.gspn_mix,
+    7,
+    backward=lambda saved, grad, options: _GspnMixBackward.apply(grad, *saved, *options),
+    jvp=lambda saved, tangents, options: mix_jvp(saved, tangents, *options),
+    shared=[False, False] + [True] * 5 + [False, False],  # the weights have no batch dimension
+    save_output=False,
+)
 
 
 # --- FLOP formulas -------------------------------------------------------------------------------

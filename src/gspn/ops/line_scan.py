@@ -314,141 +314,62 @@ _RAW_OPS = {"scan": torch.ops.gspn.line_scan, "scan_backward": torch.ops.gspn.li
 # --- every autograd mode: the Functions the public API calls ---------------------------------------
 
 
-class _LineScan(torch.autograd.Function):
-    """``gspn::line_scan`` with reverse mode, forward mode (:func:`second_order.scan_jvp`) and vmap."""
-
-    @staticmethod
-    def forward(x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend):
-        return _autograd.below_autograd(
-            torch.ops.gspn.line_scan, x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend
-        )
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, lam, w_left, w_mid, w_right, *options = inputs
-        ctx.save_for_backward(x, lam, w_left, w_mid, w_right, output)
-        ctx.save_for_forward(x, lam, w_left, w_mid, w_right, output)
-        ctx.options = options
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, lam, w_left, w_mid, w_right, out = ctx.saved_tensors
-        grads = _LineScanBackward.apply(grad, out, x, lam, w_left, w_mid, w_right, *ctx.options)
-        return (*grads, *([None] * len(ctx.options)))
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        x, *params, out = ctx.saved_tensors
-        return second_order.scan_jvp(out, x, params, tangents[:5], *ctx.options, scan=_LineScan.apply)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _autograd.vmap_by_batch(info, in_dims, args, _LineScan.apply, shared=[False] * len(args))
-
-
-class _LineScanBackward(torch.autograd.Function):
-    """``gspn::line_scan_backward``: differentiable in reverse mode (double backward)."""
-
-    @staticmethod
-    def forward(grad, h, x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend):
-        return tuple(
-            _autograd.below_autograd(
-                torch.ops.gspn.line_scan_backward,
-                *(grad, h, x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend),
-            )
-        )
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        grad, h, x, lam, w_left, w_mid, w_right, *options = inputs
-        ctx.save_for_backward(grad, h, x, lam, w_left, w_mid, w_right)
-        ctx.options = options
-
-    @staticmethod
-    def backward(ctx, *cotangents):
-        grad, h, x, *params = ctx.saved_tensors
-        grads = second_order.backward_vjp(
-            grad, h, x, params, cotangents, *ctx.options, scan=_LineScan.apply, scan_backward=_line_scan_backward
-        )
-        return (*grads, *([None] * len(ctx.options)))
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise _autograd.forward_ad_unsupported(
-            "gspn::line_scan_backward",
-            "forward-over-reverse (jacfwd(jacrev(f)), torch.func.hessian) is not supported; "
-            "use reverse-over-reverse (jacrev(jacrev(f))), which is exact",
-        )
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _autograd.vmap_by_loop(info, in_dims, args, _LineScanBackward.apply)
-
-
 def _line_scan_backward(*args):
     return list(_LineScanBackward.apply(*args))
 
 
-class _LineScan4d(torch.autograd.Function):
-    """``gspn::line_scan_4d`` with reverse mode, forward mode and vmap."""
-
-    @staticmethod
-    def forward(x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend):
-        return _autograd.below_autograd(
-            torch.ops.gspn.line_scan_4d, x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend
-        )
-
-    setup_context = _LineScan.setup_context
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, lam, w_left, w_mid, w_right, out = ctx.saved_tensors
-        grads = _LineScan4dBackward.apply(grad, out, x, lam, w_left, w_mid, w_right, *ctx.options)
-        return (*grads, *([None] * len(ctx.options)))
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        x, *params, out = ctx.saved_tensors
-        return second_order.scan_4d_jvp(out, x, params, tangents[:5], *ctx.options, scan=_LineScan.apply)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _autograd.vmap_by_batch(info, in_dims, args, _LineScan4d.apply, shared=[False] * len(args))
+def _scan_vjp(saved, cotangents, options):
+    grad, h, x, *params = saved
+    ops = {"scan": _LineScan.apply, "scan_backward": _line_scan_backward}
+    return second_order.backward_vjp(grad, h, x, params, cotangents, *options, **ops)
 
 
-class _LineScan4dBackward(torch.autograd.Function):
-    """``gspn::line_scan_4d_backward``: differentiable in reverse mode (double backward)."""
+def _scan_4d_vjp(saved, cotangents, options):
+    grad, h, x, *params = saved
+    ops = {"scan": _LineScan.apply, "scan_backward": _line_scan_backward}
+    return second_order.backward_4d_vjp(grad, h, x, params, cotangents, *options, **ops)
 
-    @staticmethod
-    def forward(grad, h, x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend):
-        return tuple(
-            _autograd.below_autograd(
-                torch.ops.gspn.line_scan_4d_backward,
-                *(grad, h, x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend),
-            )
-        )
 
-    setup_context = _LineScanBackward.setup_context
-
-    @staticmethod
-    def backward(ctx, *cotangents):
-        grad, h, x, *params = ctx.saved_tensors
-        grads = second_order.backward_4d_vjp(
-            grad, h, x, params, cotangents, *ctx.options, scan=_LineScan.apply, scan_backward=_line_scan_backward
-        )
-        return (*grads, *([None] * len(ctx.options)))
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise _autograd.forward_ad_unsupported(
-            "gspn::line_scan_4d_backward",
-            "forward-over-reverse (jacfwd(jacrev(f)), torch.func.hessian) is not supported; "
-            "use reverse-over-reverse (jacrev(jacrev(f))), which is exact",
-        )
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _autograd.vmap_by_loop(info, in_dims, args, _LineScan4dBackward.apply)
+_LineScanBackward = _autograd.backward_function(
+    "_LineScanBackward",
+    "gspn::line_scan_backward",
+    torch.ops.gspn.line_scan_backward,
+    7,
+    vjp=_scan_vjp,
+    hint=_autograd.FORWARD_OVER_REVERSE,
+)
+_LineScan4dBackward = _autograd.backward_function(
+    "_LineScan4dBackward",
+    "gspn::line_scan_4d_backward",
+    torch.ops.gspn.line_scan_4d_backward,
+    7,
+    vjp=_scan_4d_vjp,
+    hint=_autograd.FORWARD_OVER_REVERSE,
+)
+# gspn::line_scan and gspn::line_scan_4d: saved = (x, λ, w_left, w_mid, w_right, output); the
+# tangent is one more forward scan (second_order.scan_jvp).
+_LineScan = _autograd.forward_function(
+    "_LineScan",
+    torch.ops.gspn.line_scan,
+    5,
+    backward=lambda saved, grad, options: _LineScanBackward.apply(grad, saved[-1], *saved[:-1], *options),
+    jvp=lambda saved, tangents, options: second_order.scan_jvp(
+        saved[-1], saved[0], saved[1:-1], tangents, *options, scan=_LineScan.apply
+    ),
+    shared=[False] * 9,
+    save_output=True,
+)
+_LineScan4d = _autograd.forward_function(
+    "_LineScan4d",
+    torch.ops.gspn.line_scan_4d,
+    5,
+    backward=lambda saved, grad, options: _LineScan4dBackward.apply(grad, saved[-1], *saved[:-1], *options),
+    jvp=lambda saved, tangents, options: second_order.scan_4d_jvp(
+        saved[-1], saved[0], saved[1:-1], tangents, *options, scan=_LineScan.apply
+    ),
+    shared=[False] * 8,
+    save_output=True,
+)
 
 
 # --- FLOP formulas -------------------------------------------------------------------------------
