@@ -155,18 +155,84 @@ def test_weight_parametrizations_are_used():
     torch.testing.assert_close(normed(x), plain(x), rtol=0, atol=1e-5)
 
 
-def test_a_projection_with_a_bias_computes_exactly():
-    layer = _layer()
-    biased = copy.deepcopy(layer)
-    conv = nn.Conv2d(4, layer.l_conv_up.out_channels, 1)
+def _with_bias(conv: nn.Conv2d) -> nn.Conv2d:
+    biased = nn.Conv2d(conv.in_channels, conv.out_channels, 1)
     with torch.no_grad():
-        conv.weight.copy_(layer.l_conv_up.weight)
-        conv.bias.normal_()
-    biased.l_conv_up = conv
+        biased.weight.copy_(conv.weight)
+        biased.bias.normal_()
+    return biased
+
+
+@pytest.mark.parametrize("names", [["l_conv_up"], ["w_conv_up", "m_conv"]])
+def test_projections_with_a_bias_compute_exactly(names):
+    """A constant term is the weight of an extra proxy channel of ones (the merger's is added)."""
+    biased = _layer()
+    for name in names:
+        setattr(biased, name, _with_bias(getattr(biased, name)))
     x = _x(2, 16, 5, 4)
-    torch.testing.assert_close(biased(x), _unfused(copy.deepcopy(biased))(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(biased(x), _unfused(copy.deepcopy(biased))(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="constant term"):
         biased.mix_weights()
+
+
+def test_vmap_over_stacked_adapter_weights_and_fullgraph_compile():
+    """Model ensembling (vmap over parameters) and torch.compile(fullgraph=True) of an adapted layer:
+    no data-dependent branch on the adapter's values."""
+    config = peft.LoraConfig(r=2, target_modules=["u_conv_up", "m_conv"], init_lora_weights=False)
+    torch.manual_seed(5)
+    model = peft.get_peft_model(_layer(), config)
+    x = _x(2, 16, 5, 6)
+    lora = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    stacked = {n: torch.stack([p, 2 * p, -p]) for n, p in lora.items()}
+
+    def call(params):
+        return torch.func.functional_call(model, params, (x,), strict=False)
+
+    batched = torch.func.vmap(call)(stacked)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], call({n: p[i] for n, p in stacked.items()}), rtol=1e-6, atol=1e-6)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_operators_under_autocast_compute_in_their_inputs_dtype(backend):
+    """Autocast on the caller's side must not reach inside the operators (was: garbage or NaN from
+    the cpu kernel reading a bfloat16 buffer as float32, different on every call)."""
+    gen = torch.Generator().manual_seed(0)
+    x, z = torch.randn(2, 8, 5, 7, generator=gen), torch.randn(2, 4, 5, 7, generator=gen)
+    weights = [torch.randn(*s, generator=gen) for s in ((4, 3, 8, 4), (4, 8, 4), (4, 8, 4), (4, 8, 4), (4,))]
+    leaves = [t.clone().requires_grad_() for t in (x, z, *weights)]
+    expected = gspn.ops.gspn_mix(*leaves, backend=backend)
+    expected_grads = torch.autograd.grad(expected.square().sum(), leaves)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = gspn.ops.gspn_mix(*leaves, backend=backend)
+            grads = torch.autograd.grad(y.square().sum(), leaves)
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+        for g, e in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-5)
+    params = [torch.randn(2, 8, 5, 7, generator=gen) for _ in range(4)]
+    h = gspn.ops.line_scan_4d(x, *(p.unsqueeze(1) for p in params), normalize=True, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h16 = gspn.ops.line_scan_4d(x, *(p.unsqueeze(1) for p in params), normalize=True, backend=backend)
+    torch.testing.assert_close(h16, h, rtol=0, atol=0)
+
+
+def test_models_under_autocast_are_deterministic_and_match_the_unfused_layers():
+    model, (x,) = _model("gspn_nano")
+    unfused = _unfused(copy.deepcopy(model))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        runs = [model(x) for _ in range(3)]
+        reference = unfused(x)
+    assert all(torch.equal(r, runs[0]) for r in runs) and torch.isfinite(runs[0]).all()
+    torch.testing.assert_close(runs[0].float(), reference.float(), rtol=0.05, atol=0.05)
+
+
+def test_mix_weights_of_a_meta_layer_are_meta():
+    with torch.device("meta"):
+        layer = GSPN2d(16, d_state=4)
+    assert all(w.device.type == "meta" for w in layer.mix_weights())
 
 
 def test_mix_weights_are_the_projection_matrices():

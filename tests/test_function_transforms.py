@@ -344,3 +344,30 @@ def test_gspn_attention_jvp_matches_finite_differences():
 
     _, tangent = jvp(f, (x,), (t,))
     torch.testing.assert_close(tangent, _finite_difference(f, (x,), (t,)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_backward_through_plain_autograd(backend):
+    """``is_grads_batched`` / ``jacobian(vectorize=True)`` vmap the backward operators themselves (was:
+    "Batching rule not implemented for gspn::line_scan_backward")."""
+    leaves = [p.clone().requires_grad_() for p in _scan_inputs()]
+    out = line_scan(*leaves, direction="rl", chunk_size=2, normalize=True, backend=backend)
+    cotangents = _rand(3, *out.shape, seed=40)
+    batched = torch.autograd.grad(out, leaves, cotangents, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        for b, e in zip(batched, torch.autograd.grad(out, leaves, cotangents[i], retain_graph=True), strict=True):
+            torch.testing.assert_close(b[i], e, **F64)
+    x, *params = _scan_inputs()
+    p4 = [p.unsqueeze(1) for p in params]
+    mix = _mix_inputs()
+    functions = {
+        "line_scan_4d": (lambda x: line_scan_4d(x, *p4, normalize=True, backend=backend), x),
+        "gspn_mix": (lambda x: gspn_mix(x, *mix[1:], backend=backend), mix[0]),
+    }
+    for name, (f, x0) in functions.items():
+        torch.testing.assert_close(
+            torch.autograd.functional.jacobian(f, x0, vectorize=True),
+            torch.autograd.functional.jacobian(f, x0),
+            **F64,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )

@@ -98,12 +98,14 @@ class GSPN2d(nn.Module):
     parametrizations, accelerate's CPU offload, meta-device construction with
     ``load_state_dict(assign=True)``. The fused path needs each projection's matrix: it calls the
     projection on the ``S`` basis vectors of the proxy space (a batch of ``S`` 1×1 maps; ``P(E) = Mᵀ``
-    for a per-pixel linear ``P``), which costs ``O(S²·C)`` per call, and checks that a projection that
-    is not a plain bias-free ``nn.Conv2d`` maps 0 to 0. It falls back to the materialising path —
-    exact for any module — when a projection has a constant term, forward hooks or pre-hooks (they
-    see the real ``(B, ·, H, W)`` activations there) or a dropout in training mode (a LoRA dropout
-    draws a mask per pixel). A projection is assumed to act on each pixel's vector separately, as a
-    1×1 convolution (or an adapter on one) does.
+    for a per-pixel linear ``P``; a constant term becomes the weight of an extra proxy channel of
+    ones), which costs ``O(S²·C)`` per call; plain bias-free ``nn.Conv2d`` projections without hooks
+    are read directly (the same numbers). It takes the materialising path — exact for any module —
+    when a projection has forward hooks or pre-hooks (they see the real ``(B, ·, H, W)`` activations
+    there) or a dropout in training mode (a LoRA dropout draws a mask per pixel). A projection is
+    assumed to be affine and to act on each pixel's vector separately, as a 1×1 convolution (or an
+    adapter on one) does. Global hooks (``register_module_forward_hook``) do not see plain
+    projections in the fused path.
 
     Raises:
         ValueError: a bad ``merge_frame``, ``chunk_size``, ``propagation_channels``, or a
@@ -194,12 +196,16 @@ class GSPN2d(nn.Module):
             y = self._forward_scan_frames(x)
         elif self.fused and self._projections_fusable():
             z = self.x_conv_down(x)
-            weights = self._weight_views() if self._plain_projections() else self._mix_weights_of(z)
-            if weights is None:  # a projection with a constant term: gspn_mix has no bias inputs
-                y = self._forward_unfused(x, z)
+            offset = None
+            if self._plain_projections():
+                weights = self._weight_views()
             else:
-                weights = tuple(w.to(x.dtype) for w in weights)
-                y = gspn_mix(x, z.to(x.dtype), *weights, chunk_size=self.chunk_size, backend=self.backend)
+                *weights, offset = self._adapted_weights(z)
+                z = torch.cat([z, z.new_ones(z.shape[0], 1, *z.shape[2:])], dim=1)  # the constant terms' channel
+            weights = tuple(w.to(x.dtype) for w in weights)
+            y = gspn_mix(x, z.to(x.dtype), *weights, chunk_size=self.chunk_size, backend=self.backend)
+            if offset is not None:
+                y = y + offset.to(y.dtype)
         else:
             y = self._forward_unfused(x)
         return y if self.proj_out is None else self.proj_out(y)
@@ -207,27 +213,27 @@ class GSPN2d(nn.Module):
     def mix_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
         """The layer's projections as the weight arguments of :func:`gspn.ops.gspn_mix`.
 
-        Each projection is *called* (see :meth:`forward`, "Submodules") on the standard basis of the
+        Each projection is *called* (see the class doc, "Submodules") on the standard basis of the
         proxy space, so adapters, parametrizations and offload hooks are included, and the results
         are differentiable with respect to the modules' parameters.
 
         Returns:
             ``gate_weight (4, 3, Cg, S)``, ``lam_weight``, ``u_weight``, ``skip_weight`` ``(4, Cs, S)``
             and ``merge_weight (4,)`` with ``Cs = scan_channels``, in ``dtype`` (default: the dtype
-            the projections compute in).
+            the projections compute in), on the device of ``x_conv_down``'s weight.
 
         Raises:
-            ValueError: a projection is not linear in its input (it maps zero to a non-zero value),
-                so it has no weight matrix.
+            ValueError: a projection is affine, not linear (it maps zero to a non-zero value), so
+                it has no weight matrix (the layer's forward handles it: see :meth:`_adapted_weights`).
         """
-        ref = next((p for p in self.x_conv_down.parameters() if p.device.type != "meta"), None)
-        probe = torch.empty(0, self.d_state, 1, 1, dtype=None if ref is None else ref.dtype)
-        if ref is not None:
-            probe = probe.to(ref.device)
-        weights = self._mix_weights_of(probe)
-        if weights is None:
+        ref = next(self.x_conv_down.parameters())
+        probe = torch.empty(0, self.d_state, 1, 1, dtype=ref.dtype, device=ref.device)
+        *generation, merge, merge_offset = self._adapted_weights(probe)
+        constants = [w[..., -1] for w in generation] + [merge_offset]
+        if probe.device.type != "meta" and any(bool(t.ne(0).any()) for t in constants):
             raise ValueError("a projection of this GSPN2d has a constant term, so it has no weight matrix")
-        return weights if dtype is None else tuple(w.to(dtype) for w in weights)
+        weights = [w[..., :-1] for w in generation] + [merge]
+        return tuple(weights) if dtype is None else tuple(w.to(dtype) for w in weights)
 
     def _projections_fusable(self) -> bool:
         """Whether the fused path computes exactly what calling the projections per pixel computes.
@@ -252,7 +258,7 @@ class GSPN2d(nn.Module):
 
     def _weight_views(self) -> tuple[torch.Tensor, ...]:
         """The :func:`gspn_mix` weights as views of plain projections' weights: exactly what calling
-        them on the basis gives (:meth:`_mix_weights_of`), without the calls (~0.05 ms a layer)."""
+        them on the basis gives (:meth:`_adapted_weights`), without the calls (~0.05 ms a layer)."""
         nd, c, s = _NUM_DIRECTIONS, self.scan_channels, self.d_state
         return (
             self.w_conv_up.weight.view(nd, _NUM_GATES, self.gate_channels, s),
@@ -262,36 +268,39 @@ class GSPN2d(nn.Module):
             self.m_conv.weight.view(nd),
         )
 
-    def _mix_weights_of(self, z: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """The :func:`gspn_mix` weights, in ``x``'s dtype, from calling each projection on a basis.
+    def _adapted_weights(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The :func:`gspn_mix` weights of projections that are not plain convolutions, by calling them.
 
-        A per-pixel linear map ``P`` (a bias-free 1×1 convolution, with or without a LoRA adapter,
-        pruning mask, weight parametrization or accelerate hook) satisfies ``P(z)[o] = Σ_s M[o, s] z[s]``,
-        so ``P(E)`` on the ``S`` basis vectors ``E`` (a batch of ``S`` 1×1 maps) is ``Mᵀ``. Modules that
-        are not plain ``nn.Conv2d`` also get a zero input; ``None`` if any of them maps 0 to non-zero.
-        ``z``: the proxy (or an empty tensor of its dtype and device).
+        For a per-pixel affine map ``P(z) = M z + b`` (a 1×1 convolution with or without bias, LoRA
+        or DoRA adapter, pruning mask, weight parametrization or accelerate hook), ``P`` on the ``S``
+        basis vectors and on zero (a batch of ``S + 1`` 1×1 maps) gives ``Mᵀ + b`` and ``b``. The
+        result needs no data-dependent branch (``vmap`` over parameters and ``torch.compile`` with
+        ``fullgraph=True`` work): ``b`` becomes an extra column, the weight of a constant proxy
+        channel of ones (:meth:`forward` appends it to ``z``).
+
+        Args:
+            z: the proxy (or an empty tensor of its dtype and device).
+
+        Returns:
+            ``gate (4, 3, Cg, S+1)``, ``lam``, ``u``, ``skip`` ``(4, Cs, S+1)``, ``merge (4,)`` and
+            ``merge_offset (1,)`` (the merger's constant term, added to the merged output).
         """
         nd, c, s = _NUM_DIRECTIONS, self.scan_channels, self.d_state
-        projections = (self.w_conv_up, self.l_conv_up, self.u_conv_up, self.d_conv)
-        plain = all(type(p) is nn.Conv2d and p.bias is None for p in (*projections, self.m_conv))
-        basis = torch.eye(s, dtype=z.dtype, device=z.device)
-        merge_basis = torch.eye(nd, dtype=z.dtype, device=z.device)
-        if not plain:  # one more input, all zeros: the projections' constant terms
-            basis = torch.cat([basis, basis.new_zeros(1, s)])
-            merge_basis = torch.cat([merge_basis, merge_basis.new_zeros(1, nd)])
-        mats = [p(basis.view(*basis.shape, 1, 1)).flatten(1) for p in projections]
-        mats.append(self.m_conv(merge_basis.view(*merge_basis.shape, 1, 1)).flatten(1))
-        if not plain:
-            if any(bool(m[-1].ne(0).any()) for m in mats):
-                return None
-            mats = [m[:-1] for m in mats]
-        gate, lam, u, skip, merge = (m.t() for m in mats)  # (out, S) each; merge (1, 4)
+        basis = torch.cat([torch.eye(s, dtype=z.dtype, device=z.device), z.new_zeros(1, s)])
+        merge_basis = torch.cat([torch.eye(nd, dtype=z.dtype, device=z.device), z.new_zeros(1, nd)])
+        mats = []
+        for p in (self.w_conv_up, self.l_conv_up, self.u_conv_up, self.d_conv):
+            out = p(basis.view(s + 1, s, 1, 1)).flatten(1)  # (S + 1, out)
+            mats.append(torch.cat([out[:s] - out[s:], out[s:]]).t())  # (out, S + 1): [M | b]
+        merge = self.m_conv(merge_basis.view(nd + 1, nd, 1, 1)).flatten(1)  # (5, 1)
+        gate, lam, u, skip = mats
         return (
-            gate.reshape(nd, _NUM_GATES, self.gate_channels, s),
-            lam.reshape(nd, c, s),
-            u.reshape(nd, c, s),
-            skip.reshape(nd, c, s),
-            merge.reshape(nd),
+            gate.reshape(nd, _NUM_GATES, self.gate_channels, s + 1),
+            lam.reshape(nd, c, s + 1),
+            u.reshape(nd, c, s + 1),
+            skip.reshape(nd, c, s + 1),
+            (merge[:nd] - merge[nd:]).reshape(nd),
+            merge[nd:].reshape(1),
         )
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
@@ -306,18 +315,20 @@ class GSPN2d(nn.Module):
             return self.m_conv(y.reshape(b, nd, c * h, w)).view(b, c, h, w)
         if _is_plain_conv(self.m_conv):
             m = self.m_conv.weight.view(1, nd).to(y.dtype)
-        else:  # e.g. an accelerate hook that brings the weight in for the call
-            m = self.m_conv(torch.eye(nd, dtype=y.dtype, device=y.device).view(nd, nd, 1, 1)).view(1, nd)
-        return torch.matmul(m, y.reshape(b, nd, c * h * w)).view(b, c, h, w)
+            return torch.matmul(m, y.reshape(b, nd, c * h * w)).view(b, c, h, w)
+        # e.g. a bias, or an accelerate hook that brings the weight in for the call: the basis and 0
+        basis = torch.cat([torch.eye(nd, dtype=y.dtype, device=y.device), y.new_zeros(1, nd)])
+        out = self.m_conv(basis.view(nd + 1, nd, 1, 1)).view(nd + 1)
+        merged = torch.matmul((out[:nd] - out[nd:]).view(1, nd), y.reshape(b, nd, c * h * w))
+        return (merged + out[nd:]).view(b, c, h, w)
 
-    def _forward_unfused(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         """``fused=False``: every per-pixel parameter map materialised, then ``line_scan_4d``.
-        ``x: (B, Cs, H, W) → (B, Cs, H, W)``; ``z``: the proxy if already computed."""
+        ``x: (B, Cs, H, W) → (B, Cs, H, W)``."""
         b, c, h, w = x.shape
         nd = _NUM_DIRECTIONS
         x = x.contiguous()  # the scan needs dense (H, W) planes; channels-last input is copied once here
-        if z is None:
-            z = self.x_conv_down(x)
+        z = self.x_conv_down(x)
         gates = self.w_conv_up(z).view(b, nd, _NUM_GATES, self.gate_channels, h, w)
         lam = self.l_conv_up(z).view(b, nd, c, h, w)
         u = self.u_conv_up(z).view(b, nd, c, h, w)

@@ -323,19 +323,21 @@ def _gspn_mix_backward_op(
     merge_weight: torch.Tensor,
     chunk_size: int | None,
     backend: str,
-) -> list[torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     weights = (gate_weight, lam_weight, u_weight, skip_weight, merge_weight)
     if x.numel() == 0:
-        return [_image_like(x, x.shape[1]), _image_like(proxy, proxy.shape[1])] + [torch.zeros_like(w) for w in weights]
-    return _run(x, proxy, weights, chunk_size, backend, grad=grad)
+        return (_image_like(x, x.shape[1]), _image_like(proxy, proxy.shape[1]), *(torch.zeros_like(w) for w in weights))
+    return tuple(_run(x, proxy, weights, chunk_size, backend, grad=grad))
 
 
 @_gspn_mix_backward_op.register_fake
 def _(grad, x, proxy, gate_weight, lam_weight, u_weight, skip_weight, merge_weight, chunk_size, backend):
     weights = (gate_weight, lam_weight, u_weight, skip_weight, merge_weight)
-    return [_image_like(x, x.shape[1]), _image_like(proxy, proxy.shape[1])] + [
-        torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights
-    ]
+    return (
+        _image_like(x, x.shape[1]),
+        _image_like(proxy, proxy.shape[1]),
+        *(torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -350,6 +352,7 @@ def _gspn_mix_autograd(ctx, grad):
 
 
 _gspn_mix_op.register_autograd(_gspn_mix_autograd, setup_context=_setup_context, public="gspn.ops.gspn_mix")
+_gspn_mix_op.register_vmap(shared=[False, False] + [True] * 5 + [False, False])
 
 
 def _no_double_backward(ctx, *grads):
@@ -367,6 +370,7 @@ def _double_backward_error() -> RuntimeError:
 _gspn_mix_backward_op.register_autograd(
     _no_double_backward, setup_context=lambda ctx, inputs, output: None, public="gspn.ops.gspn_mix"
 )
+_gspn_mix_backward_op.register_vmap()
 
 
 # --- every autograd mode: the Functions the public API calls ---------------------------------------

@@ -9,6 +9,9 @@ as well (double backward, :mod:`gspn.ops.second_order`). Every operator returns 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
@@ -34,7 +37,7 @@ class _Op:
     def __init__(self, name: str, impl) -> None:
         self.qualname = f"gspn::{name}"
         _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()))
-        _LIB.impl(name, impl, "CompositeExplicitAutograd")
+        _LIB.impl(name, _outside_autocast(impl), "CompositeExplicitAutograd")
 
     def register_fake(self, fn):
         torch.library.register_fake(self.qualname, fn, lib=_LIB)
@@ -57,6 +60,47 @@ class _Op:
             return kernel(keyset, *args, **kwargs)
 
         _LIB.impl(self.qualname.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
+
+    def register_vmap(self, *, shared=None) -> None:
+        """A batching rule for the raw operator (``vmap`` over a backward, e.g.
+        ``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(vectorize=True)``).
+
+        ``shared``: per argument, whether it has no batch dimension; the rule then folds the vmapped
+        dimension into the batch (:func:`_autograd.vmap_by_batch`). ``None``: one call per vmapped
+        entry (:func:`_autograd.vmap_by_loop`), for the backward operators, which reduce over the batch.
+        """
+        op = getattr(torch.ops.gspn, self.qualname.split("::")[1]).default
+
+        def rule(info, in_dims, *args):
+            if shared is None:
+                return _autograd.vmap_by_loop(info, in_dims, args, lambda *a: tuple(op(*a)))
+            return _autograd.vmap_by_batch(info, in_dims, args, op, shared=shared)
+
+        torch.library.register_vmap(self.qualname, rule, lib=_LIB)
+
+
+def _outside_autocast(impl):
+    """``impl`` run with autocast disabled on its tensors' devices.
+
+    An operator without an autocast kernel is called with the caller's autocast state still on, so
+    the torch operations *inside* its implementation (the weight packing and ``einsum`` generation
+    of ``gspn_mix``) would run in float16/bfloat16 while the kernels read the compute dtype: wrong
+    numbers, or reads past the end of a half-size buffer. The operators compute in the dtype of
+    their inputs (:func:`gspn.ops.validation.compute_dtype`), under autocast or not.
+    """
+
+    @functools.wraps(impl)
+    def run(*args):
+        devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        active = [d for d in devices if torch.is_autocast_enabled(d)]
+        if not active:
+            return impl(*args)
+        with contextlib.ExitStack() as stack:
+            for device in active:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return impl(*args)
+
+    return run
 
 
 def _custom_op(name: str):
@@ -198,14 +242,14 @@ def _line_scan_backward_op(
     chunk_size: int | None,
     normalize: bool,
     backend: str,
-) -> list[torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     params = (lam, w_left, w_mid, w_right)
-    return _backward(grad, h, x, params, (direction,), chunk_size, normalize, backend, False)
+    return tuple(_backward(grad, h, x, params, (direction,), chunk_size, normalize, backend, False))
 
 
 @_line_scan_backward_op.register_fake
 def _(grad, h, x, lam, w_left, w_mid, w_right, direction, chunk_size, normalize, backend):
-    return [_dense_like(t) for t in (x, lam, w_left, w_mid, w_right)]
+    return tuple(_dense_like(t) for t in (x, lam, w_left, w_mid, w_right))
 
 
 def _setup_context(ctx, inputs, output):
@@ -221,6 +265,7 @@ def _line_scan_autograd(ctx, grad):
 
 
 _line_scan_op.register_autograd(_line_scan_autograd, setup_context=_setup_context, public="gspn.ops.line_scan")
+_line_scan_op.register_vmap(shared=[False] * 9)
 
 
 def _setup_backward_context(ctx, inputs, output):
@@ -229,8 +274,8 @@ def _setup_backward_context(ctx, inputs, output):
     ctx.options = options
 
 
-def _line_scan_backward_autograd(ctx, cotangents):
-    # cotangents: one per gradient the backward returned (a Tensor[] output: one list)
+def _line_scan_backward_autograd(ctx, *cotangents):
+    # cotangents: one per gradient the backward returned
     grad, h, x, *params = ctx.saved_tensors
     grads = second_order.backward_vjp(grad, h, x, params, cotangents, *ctx.options, **_RAW_OPS)
     return (*grads, *([None] * len(ctx.options)))
@@ -241,6 +286,7 @@ def _line_scan_backward_autograd(ctx, cotangents):
 _line_scan_backward_op.register_autograd(
     _line_scan_backward_autograd, setup_context=_setup_backward_context, public="gspn.ops.line_scan"
 )
+_line_scan_backward_op.register_vmap()
 
 
 # --- four directions -----------------------------------------------------------------------------
@@ -277,14 +323,14 @@ def _line_scan_4d_backward_op(
     chunk_size: int | None,
     normalize: bool,
     backend: str,
-) -> list[torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     params = (lam, w_left, w_mid, w_right)
-    return _backward(grad, h, x, params, DIRECTIONS, chunk_size, normalize, backend, True)
+    return tuple(_backward(grad, h, x, params, DIRECTIONS, chunk_size, normalize, backend, True))
 
 
 @_line_scan_4d_backward_op.register_fake
 def _(grad, h, x, lam, w_left, w_mid, w_right, chunk_size, normalize, backend):
-    return [_dense_like(t) for t in (x, lam, w_left, w_mid, w_right)]
+    return tuple(_dense_like(t) for t in (x, lam, w_left, w_mid, w_right))
 
 
 def _line_scan_4d_autograd(ctx, grad):
@@ -294,9 +340,10 @@ def _line_scan_4d_autograd(ctx, grad):
 
 
 _line_scan_4d_op.register_autograd(_line_scan_4d_autograd, setup_context=_setup_context, public="gspn.ops.line_scan_4d")
+_line_scan_4d_op.register_vmap(shared=[False] * 8)
 
 
-def _line_scan_4d_backward_autograd(ctx, cotangents):
+def _line_scan_4d_backward_autograd(ctx, *cotangents):
     grad, h, x, *params = ctx.saved_tensors
     grads = second_order.backward_4d_vjp(grad, h, x, params, cotangents, *ctx.options, **_RAW_OPS)
     return (*grads, *([None] * len(ctx.options)))
@@ -305,6 +352,7 @@ def _line_scan_4d_backward_autograd(ctx, cotangents):
 _line_scan_4d_backward_op.register_autograd(
     _line_scan_4d_backward_autograd, setup_context=_setup_backward_context, public="gspn.ops.line_scan_4d"
 )
+_line_scan_4d_backward_op.register_vmap()
 
 
 # The derivative of the backward calls the raw operators (torch.compile's path and direct callers).
