@@ -344,3 +344,15 @@ def test_a_compiled_unet_computes_what_the_original_computes():
         assert_same_outputs(compiled, "sd15", expected)
     finally:
         torch._dynamo.reset()
+
+
+def test_mounting_an_adapter_on_a_copy_of_a_mounted_unet_says_why_it_is_refused():
+    unet, adapter = mounted("sd15")
+    copied = copy.deepcopy(unet)
+    other = GSPNAdapter.from_unet(tiny_unet("sd15"), d_state=4)
+    with pytest.raises(ValueError, match=r"copy of a mounted UNet.*copy the UNet before mounting"):
+        other.mount(copied)
+    adapter.unmount()
+    fresh = copy.deepcopy(unet)  # copied after unmounting: plain attention, free to mount
+    other.mount(fresh)
+    assert all(isinstance(p, GSPNAttnProcessor) for p in gspn_processors(fresh))

@@ -616,7 +616,11 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         ours = dict(zip(self.config.layer_names, self.processors, strict=True))
         foreign = [n for n in sorted(names) if isinstance(current[n], GSPNAttnProcessor) and current[n] is not ours[n]]
         if foreign:
-            raise ValueError(f"{foreign[0]} already has a GSPN processor from another adapter; unmount that one first")
+            raise ValueError(
+                f"{foreign[0]} already has a GSPN processor of another adapter, or of a copy of a mounted UNet "
+                "(copy.deepcopy, AveragedModel and torch.save carry the processors, which then belong to no "
+                "adapter): unmount that adapter first, or copy the UNet before mounting (or after unmounting)"
+            )
         self._follow(unet)
         current.update({n: ours[n] for n in names})
         unet.set_attn_processor(current)
