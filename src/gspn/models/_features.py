@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .gspn_vision import feature_indices
+
 __all__ = ["FeatureInfo", "FeatureListNet", "resolve_out_indices"]
 
 OutIndices = int | Sequence[int]
@@ -39,23 +41,20 @@ def resolve_out_indices(out_indices: OutIndices, n: int) -> tuple[int, ...]:
     valid = f"valid: an int in [1, {n}] (the last k levels) or indices in [-{n}, {n})"
     if isinstance(out_indices, bool) or not isinstance(out_indices, (int, Sequence)) or isinstance(out_indices, str):
         raise ValueError(f"out_indices={out_indices!r} is not an int or a sequence of ints; {valid}")
-    if isinstance(out_indices, int):
-        if not 1 <= out_indices <= n:
-            raise ValueError(f"out_indices={out_indices} is out of range for {n} feature levels; {valid}")
-        return tuple(range(n - out_indices, n))
-    items = list(out_indices)
-    if not items:
+    items = out_indices if isinstance(out_indices, int) else tuple(out_indices)
+    if items == ():
         raise ValueError(f"out_indices is empty; {valid}")
-    resolved = []
-    for i in items:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise ValueError(f"out_indices={tuple(items)!r} holds {i!r}, not an int; {valid}")
-        if not -n <= i < n:
-            raise ValueError(f"out_indices={tuple(items)!r}: {i} is out of range for {n} feature levels; {valid}")
-        resolved.append(i % n)
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"out_indices={tuple(items)!r} names a feature level twice; {valid}")
-    return tuple(sorted(resolved))
+    if items == 0:
+        raise ValueError(f"out_indices=0 is out of range for {n} feature levels; {valid}")
+    if not isinstance(items, int) and any(isinstance(i, bool) or not isinstance(i, int) for i in items):
+        raise ValueError(f"out_indices={items!r} holds something that is not an int; {valid}")
+    try:  # the rule of forward_intermediates' ``indices``, stricter: no empty selection, no repeats
+        resolved = tuple(feature_indices(items, n, "feature level"))
+    except IndexError as exc:
+        raise ValueError(f"out_indices={items!r}: {exc}; {valid}") from None
+    if not isinstance(items, int) and len(resolved) != len(items):
+        raise ValueError(f"out_indices={items!r} names a feature level twice; {valid}")
+    return resolved
 
 
 class FeatureInfo:

@@ -26,6 +26,19 @@ def _is_plain_conv(module: nn.Module) -> bool:
     )
 
 
+def _affine_map(module: nn.Module, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, b)`` of a per-pixel affine map ``P(z) = M z + b`` on ``n`` channels, by calling ``module``.
+
+    ``P`` on the ``n`` basis vectors and on zero (a batch of ``n + 1`` 1×1 maps, ``like``'s dtype and
+    device) gives ``Mᵀ + b`` and ``b``: through the module's ``forward``, so adapters, pruning masks,
+    parametrizations and offload hooks act. Returns ``M (out, n)`` and ``b (out,)``, without any
+    data-dependent branch.
+    """
+    basis = torch.cat([torch.eye(n, dtype=like.dtype, device=like.device), like.new_zeros(1, n)])
+    out = module(basis.view(n + 1, n, 1, 1)).flatten(1)  # (n + 1, out)
+    return (out[:n] - out[n:]).t(), out[n]
+
+
 class GSPN2d(nn.Module):
     r"""Generalized Spatial Propagation on a ``(B, C, H, W)`` map.
 
@@ -194,10 +207,10 @@ class GSPN2d(nn.Module):
             x = self.proj_in(x)
         if self.merge_frame == "scan":
             y = self._forward_scan_frames(x)
-        elif self.fused and self._projections_fusable():
+        elif self.fused and ((plain := self._plain_projections()) or self._projections_fusable()):
             z = self.x_conv_down(x)
             offset = None
-            if self._plain_projections():
+            if plain:
                 weights = self._weight_views()
             else:
                 *weights, offset = self._adapted_weights(z)
@@ -241,8 +254,6 @@ class GSPN2d(nn.Module):
         Not when a projection (or a module inside it) has forward hooks — they must see the real
         per-pixel activations — or is stochastic (dropout in training mode, e.g. a LoRA dropout).
         """
-        if self._plain_projections():
-            return True
         for proj in (self.w_conv_up, self.l_conv_up, self.u_conv_up, self.d_conv, self.m_conv):
             for m in proj.modules():
                 if m._forward_hooks or m._forward_pre_hooks:
@@ -271,12 +282,11 @@ class GSPN2d(nn.Module):
     def _adapted_weights(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The :func:`gspn_mix` weights of projections that are not plain convolutions, by calling them.
 
-        For a per-pixel affine map ``P(z) = M z + b`` (a 1×1 convolution with or without bias, LoRA
-        or DoRA adapter, pruning mask, weight parametrization or accelerate hook), ``P`` on the ``S``
-        basis vectors and on zero (a batch of ``S + 1`` 1×1 maps) gives ``Mᵀ + b`` and ``b``. The
-        result needs no data-dependent branch (``vmap`` over parameters and ``torch.compile`` with
-        ``fullgraph=True`` work): ``b`` becomes an extra column, the weight of a constant proxy
-        channel of ones (:meth:`forward` appends it to ``z``).
+        Each projection ``P(z) = M z + b`` (a 1×1 convolution with or without bias, LoRA or DoRA
+        adapter, pruning mask, weight parametrization or accelerate hook) is read by
+        :func:`_affine_map`. The result needs no data-dependent branch (``vmap`` over parameters and
+        ``torch.compile`` with ``fullgraph=True`` work): ``b`` becomes an extra column, the weight of
+        a constant proxy channel of ones (:meth:`forward` appends it to ``z``).
 
         Args:
             z: the proxy (or an empty tensor of its dtype and device).
@@ -286,28 +296,25 @@ class GSPN2d(nn.Module):
             ``merge_offset (1,)`` (the merger's constant term, added to the merged output).
         """
         nd, c, s = _NUM_DIRECTIONS, self.scan_channels, self.d_state
-        basis = torch.cat([torch.eye(s, dtype=z.dtype, device=z.device), z.new_zeros(1, s)])
-        merge_basis = torch.cat([torch.eye(nd, dtype=z.dtype, device=z.device), z.new_zeros(1, nd)])
-        mats = []
-        for p in (self.w_conv_up, self.l_conv_up, self.u_conv_up, self.d_conv):
-            out = p(basis.view(s + 1, s, 1, 1)).flatten(1)  # (S + 1, out)
-            mats.append(torch.cat([out[:s] - out[s:], out[s:]]).t())  # (out, S + 1): [M | b]
-        merge = self.m_conv(merge_basis.view(nd + 1, nd, 1, 1)).flatten(1)  # (5, 1)
-        gate, lam, u, skip = mats
+        gate, lam, u, skip = (
+            torch.cat([m, b.unsqueeze(1)], dim=1)  # (out, S + 1): [M | b]
+            for m, b in (_affine_map(p, s, z) for p in (self.w_conv_up, self.l_conv_up, self.u_conv_up, self.d_conv))
+        )
+        merge, merge_offset = _affine_map(self.m_conv, nd, z)  # (1, 4), (1,)
         return (
             gate.reshape(nd, _NUM_GATES, self.gate_channels, s + 1),
             lam.reshape(nd, c, s + 1),
             u.reshape(nd, c, s + 1),
             skip.reshape(nd, c, s + 1),
-            (merge[:nd] - merge[nd:]).reshape(nd),
-            merge[nd:].reshape(1),
+            merge.reshape(nd),
+            merge_offset,
         )
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         """The merger ``m_conv`` (4 → 1 over the direction axis) on ``y (B, 4, C, H, W) → (B, C, H, W)``.
 
-        Without hooks on ``m_conv`` its weights come from calling it on the basis and the merge is a
-        ``(1, 4) @ (B, 4, C·H·W)`` matmul (several times faster than a 4-channel conv on CPU); with
+        Without hooks on ``m_conv`` its weights come from :func:`_affine_map` (or its weight, if plain)
+        and the merge is a ``(1, 4) @ (B, 4, C·H·W)`` matmul (several times faster than a 4-channel conv on CPU); with
         hooks, ``m_conv`` is called on the maps themselves.
         """
         b, nd, c, h, w = y.shape
@@ -316,11 +323,8 @@ class GSPN2d(nn.Module):
         if _is_plain_conv(self.m_conv):
             m = self.m_conv.weight.view(1, nd).to(y.dtype)
             return torch.matmul(m, y.reshape(b, nd, c * h * w)).view(b, c, h, w)
-        # e.g. a bias, or an accelerate hook that brings the weight in for the call: the basis and 0
-        basis = torch.cat([torch.eye(nd, dtype=y.dtype, device=y.device), y.new_zeros(1, nd)])
-        out = self.m_conv(basis.view(nd + 1, nd, 1, 1)).view(nd + 1)
-        merged = torch.matmul((out[:nd] - out[nd:]).view(1, nd), y.reshape(b, nd, c * h * w))
-        return (merged + out[nd:]).view(b, c, h, w)
+        m, offset = _affine_map(self.m_conv, nd, y)  # e.g. a bias, or an accelerate hook
+        return (torch.matmul(m, y.reshape(b, nd, c * h * w)) + offset).view(b, c, h, w)
 
     def _forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         """``fused=False``: every per-pixel parameter map materialised, then ``line_scan_4d``.

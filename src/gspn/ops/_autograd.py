@@ -68,6 +68,8 @@ def check_no_tangents(qualname: str, args: Sequence[Any], public: str) -> None:
     Raises:
         NotImplementedError: naming the operator and the public function that supports forward mode.
     """
+    if not _forward_mode_possible():  # no dual level, no transform: no tangent can be attached
+        return
     for a in args:
         if isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None:
             raise forward_ad_unsupported(
@@ -188,7 +190,7 @@ def forward_function(
 def backward_function(
     name: str, qualname: str, op: Callable[..., Any], num_tensors: int, *, vjp: Callable[..., Any], hint: str
 ) -> type[torch.autograd.Function]:
-    """The ``autograd.Function`` of a backward operator ``op`` (returning a list of gradients).
+    """The ``autograd.Function`` of a backward operator ``op`` (returning a tuple of gradients).
 
     Reverse mode through ``vjp(saved tensor inputs, cotangents, options)`` (double backward);
     forward mode raises :func:`forward_ad_unsupported` naming ``qualname`` with ``hint``; vmap loops

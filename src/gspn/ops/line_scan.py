@@ -35,6 +35,7 @@ class _Op:
     """
 
     def __init__(self, name: str, impl) -> None:
+        self.name = name
         self.qualname = f"gspn::{name}"
         _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()))
         _LIB.impl(name, _outside_autocast(impl), "CompositeExplicitAutograd")
@@ -50,7 +51,7 @@ class _Op:
         tangent (a silent zero); this kernel refuses it, naming ``public``, the function that
         supports forward mode (:mod:`gspn.ops._autograd`).
         """
-        op = getattr(torch.ops.gspn, self.qualname.split("::")[1]).default
+        op = getattr(torch.ops.gspn, self.name).default
         info = torch._library.autograd.Info(backward, setup_context)
         kernel = torch._library.autograd.make_autograd_impl(op, info)
         qualname = self.qualname
@@ -59,7 +60,7 @@ class _Op:
             _autograd.check_no_tangents(qualname, args, public)
             return kernel(keyset, *args, **kwargs)
 
-        _LIB.impl(self.qualname.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
+        _LIB.impl(self.name, autograd_kernel, "Autograd", with_keyset=True)
 
     def register_vmap(self, *, shared=None) -> None:
         """A batching rule for the raw operator (``vmap`` over a backward, e.g.
@@ -69,11 +70,11 @@ class _Op:
         dimension into the batch (:func:`_autograd.vmap_by_batch`). ``None``: one call per vmapped
         entry (:func:`_autograd.vmap_by_loop`), for the backward operators, which reduce over the batch.
         """
-        op = getattr(torch.ops.gspn, self.qualname.split("::")[1]).default
+        op = getattr(torch.ops.gspn, self.name).default
 
         def rule(info, in_dims, *args):
             if shared is None:
-                return _autograd.vmap_by_loop(info, in_dims, args, lambda *a: tuple(op(*a)))
+                return _autograd.vmap_by_loop(info, in_dims, args, op)
             return _autograd.vmap_by_batch(info, in_dims, args, op, shared=shared)
 
         torch.library.register_vmap(self.qualname, rule, lib=_LIB)
@@ -366,16 +367,18 @@ def _line_scan_backward(*args):
     return list(_LineScanBackward.apply(*args))
 
 
+# The derivative of the backward under torch.func calls the operators through their Functions.
+_FUNCTION_OPS = {"scan": lambda *args: _LineScan.apply(*args), "scan_backward": _line_scan_backward}
+
+
 def _scan_vjp(saved, cotangents, options):
     grad, h, x, *params = saved
-    ops = {"scan": _LineScan.apply, "scan_backward": _line_scan_backward}
-    return second_order.backward_vjp(grad, h, x, params, cotangents, *options, **ops)
+    return second_order.backward_vjp(grad, h, x, params, cotangents, *options, **_FUNCTION_OPS)
 
 
 def _scan_4d_vjp(saved, cotangents, options):
     grad, h, x, *params = saved
-    ops = {"scan": _LineScan.apply, "scan_backward": _line_scan_backward}
-    return second_order.backward_4d_vjp(grad, h, x, params, cotangents, *options, **ops)
+    return second_order.backward_4d_vjp(grad, h, x, params, cotangents, *options, **_FUNCTION_OPS)
 
 
 _LineScanBackward = _autograd.backward_function(
