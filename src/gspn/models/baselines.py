@@ -24,7 +24,7 @@ from torch import nn
 from ._registry import register_model
 from .checkpoint import load_pretrained
 from .complexity import count_params
-from .gspn_vision import check_global_pool, feature_indices
+from .gspn_vision import check_global_pool, feature_indices, record_head_args
 from .gspn_vit import PatchEmbed
 from .vit import VisionTransformer
 
@@ -74,12 +74,7 @@ class _LinearHead(nn.Module):
             self.global_pool = check_global_pool(global_pool, "the baselines")
         self._make_head(num_classes, like=next(self.parameters()))
         self.default_cfg["num_classes"] = num_classes
-        if getattr(self, "model_args", None):
-            self.model_args["num_classes"] = num_classes
-            if global_pool == "avg":
-                self.model_args.pop("global_pool", None)  # the constructor's default
-            elif global_pool == "":
-                self.model_args["global_pool"] = ""
+        record_head_args(getattr(self, "model_args", None), num_classes, global_pool)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Head on the final map ``(B, C, h, w)``: logits ``(B, num_classes)`` (pooled features if

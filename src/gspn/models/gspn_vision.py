@@ -226,6 +226,19 @@ def feature_indices(indices: int | Sequence[int] | None, n: int, what: str = "bl
     return sorted({i % n for i in indices})
 
 
+def record_head_args(model_args: dict[str, Any] | None, num_classes: int, global_pool: str | None) -> None:
+    """Keep a model's construction arguments (what a weight file records) in step with
+    ``reset_classifier(num_classes, global_pool)``: ``"avg"``, the constructors' default, is left
+    out; ``None`` keeps the pooling. No-op for a model without recorded arguments."""
+    if not model_args:
+        return
+    model_args["num_classes"] = num_classes
+    if global_pool == "avg":
+        model_args.pop("global_pool", None)
+    elif global_pool == "":
+        model_args["global_pool"] = ""
+
+
 class ClassifierAPI:
     """The timm-style classifier methods shared by :class:`GSPNClassifier` and
     :class:`~gspn.models.gspn_vit.GSPNViT`: the model has ``head`` (a :class:`ClassifierHead`),
@@ -282,12 +295,7 @@ class ClassifierAPI:
             self.head.fc = nn.Identity()
         if self.default_cfg:
             self.default_cfg["num_classes"] = num_classes
-        if self.model_args:
-            self.model_args["num_classes"] = num_classes
-            if global_pool == "avg":
-                self.model_args.pop("global_pool", None)  # the constructors' default
-            elif global_pool == "":
-                self.model_args["global_pool"] = ""
+        record_head_args(self.model_args, num_classes, global_pool)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Head on :meth:`forward_features` output ``(B, C, h, w)``: pooled ``(B, num_features)`` if
