@@ -39,7 +39,8 @@ from collections.abc import Callable
 
 import torch
 
-from gspn.ops import DIRECTIONS, cpu, line_scan, line_scan_4d
+from gspn.ops import DIRECTIONS, line_scan, line_scan_4d
+from gspn.ops.line_scan import cpu
 
 SHAPES = [(8, 384, 56, 56), (1, 256, 512, 512)]
 TARGETS = {"tb": 0.40, "bt": 0.40, "lr": 0.20, "rl": 0.20}

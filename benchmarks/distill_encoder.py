@@ -40,10 +40,11 @@ from typing import Any
 
 import torch
 
-from gspn.distill_encoder import EncoderDistillConfig
-from gspn.distill_encoder import run as distill
 from gspn.models import create_model
-from gspn.train import TrainConfig, train
+from gspn.recipes.classification import ClassificationConfig
+from gspn.recipes.classification import run as train
+from gspn.recipes.encoder_distillation import EncoderDistillationConfig
+from gspn.recipes.encoder_distillation import run as distill
 from gspn.training_utils import read_metrics
 
 #: The distilled runs: C-GSPN's stage 2 read literally (align the final features only; the student
@@ -87,7 +88,7 @@ def _row(name: str, kind: str, run_dir: Path, wall: float, summary: dict[str, An
 def _agreement(rows: list[dict[str, Any]], work: Path) -> None:
     """Add to each student row the fraction of validation images it classifies as the teacher does, and
     how many of the teacher's mistakes it repeats (the same wrong label)."""
-    from gspn.distill_encoder.data import build_data
+    from gspn.datasets import build_data
     from gspn.models import load_model, read_metadata
 
     path = work / "teacher" / "model.safetensors"
@@ -176,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir)
     common = dict(
         data="digits",
-        img_size=args.image_size,
-        in_chans=1,
+        image_size=args.image_size,
+        in_channels=1,
         batch_size=args.batch_size,
         lr=args.lr,
         workers=0,
@@ -191,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_training:
         print(f"=== teacher {args.teacher} ({args.teacher_epochs} epochs) ===", flush=True)
         t0 = time.perf_counter()
-        s = train(TrainConfig(model=args.teacher, output=str(work / "teacher"), epochs=args.teacher_epochs, **common))
+        s = train(
+            ClassificationConfig(
+                model=args.teacher, output_dir=str(work / "teacher"), epochs=args.teacher_epochs, **common
+            )
+        )
         rows.append(_row(args.teacher, "teacher", work / "teacher", time.perf_counter() - t0, s))
 
         for kind, weights in VARIANTS.items():
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             t0 = time.perf_counter()
             s = distill(
-                EncoderDistillConfig(
+                EncoderDistillationConfig(
                     teacher=str(work / "teacher" / "model.safetensors"),
                     model=args.student,
                     output_dir=str(work / kind),
@@ -222,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"=== scratch {args.student} ({args.epochs} epochs) ===", flush=True)
         t0 = time.perf_counter()
-        s = train(TrainConfig(model=args.student, output=str(work / "scratch"), epochs=args.epochs, **common))
+        s = train(
+            ClassificationConfig(model=args.student, output_dir=str(work / "scratch"), epochs=args.epochs, **common)
+        )
         rows.append(_row(args.student, "scratch", work / "scratch", time.perf_counter() - t0, s))
 
     if rows:

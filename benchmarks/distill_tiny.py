@@ -109,7 +109,7 @@ def relative_error(distiller, sizes: list[tuple[int, int]], batches: int = 4) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--resolution", type=int, default=32, help="training pixels (latent = resolution / 2)")
+    p.add_argument("--image-size", type=int, default=32, help="training pixels (latent = image size / 2)")
     p.add_argument("--eval-sizes", nargs="+", default=["16x16", "24x40", "32x64"], help="latent HxW")
     p.add_argument("--widths", nargs="+", type=int, default=[32, 64])
     p.add_argument("--context", type=int, default=32)
@@ -119,8 +119,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
 
-    from gspn.distill.data import CaptionData
-    from gspn.distill.trainer import DistillConfig, Distiller
+    from gspn.recipes.unet_distillation import CaptionData, UNetDistillationConfig, UNetDistillationRecipe
+    from gspn.training_utils import DistContext, run
 
     torch.set_num_threads(args.threads)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.eval_sizes]
@@ -128,24 +128,28 @@ def main() -> None:
     captions = [f"a {c} {o}" for c in colours for o in objects]
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_pipe(Path(tmp), tuple(args.widths), args.context)
-        cfg = DistillConfig(
+        cfg = UNetDistillationConfig(
             output_dir=str(Path(tmp) / "run"),
-            resolution=args.resolution,
+            image_size=args.image_size,
             batch_size=args.batch_size,
             steps=args.steps,
             lr=args.lr,
             save_every=0,
             log_every=max(1, args.steps // 5),
             warmup_steps=10,
-            gspn={"d_state": 8, "chunk_size": args.chunk_size},
+            d_state=8,
+            chunk_size=args.chunk_size,
+            device="cpu",
+            progress=False,
         )
-        distiller = Distiller(cfg, pipe=pipe, data=CaptionData(captions))
+        distiller = UNetDistillationRecipe(cfg, pipe=pipe, data=CaptionData(captions))
+        distiller.build(DistContext())  # built first to measure the untrained student
         before = relative_error(distiller, sizes)
         start = time.perf_counter()
-        distiller.train()
+        run(distiller)
         seconds = time.perf_counter() - start
         after = relative_error(distiller, sizes)
-    side = args.resolution // 2
+    side = args.image_size // 2
     print(
         f"trained {args.steps} steps at {side}x{side} latents in {seconds:.0f} s "
         f"({args.steps / seconds:.2f} it/s, {args.threads} thread(s))"

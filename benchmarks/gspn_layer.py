@@ -26,8 +26,8 @@ Methods (width ``C``; attention heads: 2 at C = 32 as in the issue's measurement
 * ``fused-cl`` — the same on a channels-last input (what :class:`gspn.nn.GSPNMixer` passes).
 * ``compact`` — ``GSPN2d(C, d_state=8, propagation_channels=C // 8)``: GSPN-2 / C-GSPN compact
   channel propagation (1×1 to ``C/8`` proxy channels, one shared gate set, fused operator, 1×1 back).
-* ``linear-attn`` — :class:`gspn.bench.LinearAttention` (q/k/v/out projections, ``elu + 1``).
-* ``sdpa`` — :class:`gspn.bench.SelfAttention` (the same projections, SDPA pinned to its flash
+* ``linear-attn`` — :class:`gspn.nn.LinearAttention` (q/k/v/out projections, ``elu + 1``).
+* ``sdpa`` — :class:`gspn.recipes.bench.SelfAttention` (the same projections, SDPA pinned to its flash
   backend, which has a CPU kernel and O(N) memory); skipped above ``--sdpa-max-tokens`` tokens
   (default 16384), where one O(N²) call takes minutes on a CPU.
 """
@@ -42,9 +42,9 @@ import time
 
 import torch
 
-from gspn.bench.methods import LinearAttention, SelfAttention, Workload
-from gspn.bench.runner import cpu_peak_bytes, make_step
 from gspn.nn import GSPN2d
+from gspn.recipes.bench.methods import LinearAttention, SelfAttention, Workload
+from gspn.recipes.bench.timing import cpu_peak_bytes, make_step
 
 SHAPES = [(1, 32, 256, 256), (1, 96, 128, 128), (8, 144, 56, 56), (1, 320, 64, 64)]
 QUICK_SHAPES = [(1, 32, 64, 64), (2, 96, 32, 32)]

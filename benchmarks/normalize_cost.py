@@ -4,7 +4,7 @@ For each shape, ``gspn.ops.line_scan_4d(x, lam, wl, wm, wr, backend="cpu")`` for
 ``torch.inference_mode``) with ``normalize=True`` and with ``normalize=False`` are timed
 round-robin, one call each per round, so machine noise hits both alike; the figure is the ratio of
 the minima (and of the medians) over ``--repeats`` rounds. ``--kernel`` times the backend alone
-(``gspn.ops.cpu.scan`` of the four directions into preallocated outputs: no allocation, no Python
+(``gspn.ops.line_scan.cpu.scan`` of the four directions into preallocated outputs: no allocation, no Python
 wrapper), which isolates the kernel's own normalisation cost.
 
     python benchmarks/normalize_cost.py                 # all shapes, 1 thread
@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from gspn.ops import DIRECTIONS, cpu, line_scan_4d
+from gspn.ops import DIRECTIONS, line_scan_4d
+from gspn.ops.line_scan import cpu
 
 SHAPES = [
     (1, 32, 256, 256),

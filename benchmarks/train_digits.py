@@ -1,6 +1,6 @@
 """Evidence benchmark: GSPN vs same-size attention and convolutional baselines on the bundled digits.
 
-Trains, in one run and with one recipe (``gspn.train`` defaults unless overridden: AdamW, cosine with
+Trains, in one run and with one recipe (``gspn.recipes.classification`` defaults unless overridden: AdamW, cosine with
 warm-up, label smoothing 0.1, gradient clipping 1.0), on scikit-learn's digits upsampled to 32×32:
 
 * ``gspn_micro`` (or ``--gspn-model NAME``), from the ``gspn.models`` registry;
@@ -36,7 +36,10 @@ from typing import Any
 
 import torch
 
-from gspn.train import TrainConfig, build_model, count_params, match_params, parse_model_args, train
+from gspn._validate import parse_model_args
+from gspn.models.baselines import count_params, match_params
+from gspn.recipes.classification import ClassificationConfig, build_model
+from gspn.recipes.classification import run as train
 from gspn.training_utils import read_metrics
 
 
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--only", nargs="+", choices=["gspn", "vit", "conv"], default=["gspn", "vit", "conv"])
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit-patch", type=int, default=4)
     p.add_argument("--conv-depths", default="1,1,1", help="basic blocks per stage of the conv baseline")
     p.add_argument("--train-limit", type=int, default=None, help="fewer training images (smoke tests only)")
-    p.add_argument("--out", default="bench_out/train_digits")
+    p.add_argument("--output-dir", default="bench_out/train_digits")
     p.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     args = p.parse_args(argv)
     if args.threads:
@@ -118,18 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "conv": ("baseline_conv", match_params("baseline_conv", target, depths=conv_depths)),
     }
-    out = Path(args.out)
+    out = Path(args.output_dir)
     rows: list[dict[str, Any]] = []
     for key in args.only:
         name, model_args = candidates[key]
         run_dir = out / name
         print(f"\n=== {name} {model_args or ''} ===", flush=True)
-        cfg = TrainConfig(
+        cfg = ClassificationConfig(
             model=name,
             model_args=model_args,
             data="digits",
-            output=str(run_dir),
-            img_size=args.img_size,
+            output_dir=str(run_dir),
+            image_size=args.image_size,
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model": name,
                 "model_args": model_args,
                 "params": s["params"],
-                "macs": _macs(model, args.img_size),
+                "macs": _macs(model, args.image_size),
                 "epochs": args.epochs,
                 "wall_s": wall,
                 "train_wall_s": s["elapsed_s"],
@@ -175,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    recipe = {
-        k: getattr(args, k) for k in ("epochs", "img_size", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed")
-    }
+    settings = ("epochs", "image_size", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed")
+    recipe = {k: getattr(args, k) for k in settings}
     recipe.update(
         label_smoothing=0.1,
         clip_grad=1.0,
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"env": env, "recipe": recipe, "results": rows}, indent=2))
 
-    print(f"\ndigits {args.img_size}x{args.img_size}, {args.epochs} epochs, {env['threads']} threads, {env['cpu']}")
+    print(f"\ndigits {args.image_size}x{args.image_size}, {args.epochs} epochs, {env['threads']} threads, {env['cpu']}")
     hdr = (
         f"{'model':<16} {'params':>9} {'MMACs':>8} {'wall s':>8} {'CPU s':>8} {'best val':>9} "
         f"{'@epoch':>7} {'CPU s→best':>11} {'final val':>10}"

@@ -10,11 +10,11 @@ Usage::
 
 Triton compiles ahead of time with the ``ptxas`` shipped in its wheel, so this runs on a machine
 without a GPU or a CUDA driver. For each kernel variant and launch configuration the backend uses
-(block sizes and warps of ``gspn.ops.triton.launch_config`` for the issue's shapes) it prints
+(block sizes and warps of ``gspn.ops._triton.launch_config`` for the issue's shapes) it prints
 registers per thread, stack (spilled) bytes per thread, shared memory, and whether the loop loads
 were software-pipelined (``cp.async`` in the PTX). It exits non-zero if a kernel fails to compile.
 It says nothing about speed: that needs ``benchmarks/triton_line_scan.py`` on a GPU. The
-``gspn_mix`` cases are the configurations ``gspn.ops.triton._mix`` picks on a GPU for lines of 64,
+``gspn_mix`` cases are the configurations ``gspn.ops.gspn_mix.kernels`` picks on a GPU for lines of 64,
 128, 256 and 1024 positions and ``S = 8`` (one ``S = 16`` case).
 
 Run it without ``TRITON_INTERPRET`` (it unsets the variable before importing triton).
@@ -70,7 +70,7 @@ MIX = [
 
 
 def _signature(fn, consts: dict, dtype: str) -> tuple[dict, dict]:
-    """Triton signature and divisibility attributes for a kernel of :mod:`gspn.ops.triton._kernels`."""
+    """Triton signature and divisibility attributes for a kernel of :mod:`gspn.ops.line_scan.kernels`."""
     sig, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in consts:
@@ -88,7 +88,7 @@ def _signature(fn, consts: dict, dtype: str) -> tuple[dict, dict]:
 
 
 def _mix_signature(fn, consts: dict, dtype: str) -> tuple[dict, dict]:
-    """The same for a kernel of :mod:`gspn.ops.triton._mix`: image pointers in ``dtype``, scratch and
+    """The same for a kernel of :mod:`gspn.ops.gspn_mix.kernels`: image pointers in ``dtype``, scratch and
     accumulators float32, strides int64, sizes int32."""
     sig, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
@@ -144,7 +144,7 @@ def _build(fn, consts: dict, signature, dtype: str, num_warps: int, label: str, 
 
 
 def _scan_cases(cases, dtype: str, quick: bool, tl):
-    kernels = importlib.import_module("gspn.ops.triton._kernels")
+    kernels = importlib.import_module("gspn.ops.line_scan.kernels")
     for name, block_s, block_p, num_warps in cases:
         for vertical in (False,) if quick else (True, False):
             for normalize in (True,) if quick else (False, True):
@@ -168,7 +168,7 @@ def _scan_cases(cases, dtype: str, quick: bool, tl):
 
 
 def _mix_cases(tl):
-    mix = importlib.import_module("gspn.ops.triton._mix")
+    mix = importlib.import_module("gspn.ops.gspn_mix.kernels")
     for name, blocks, num_warps, dtype in MIX:
         for first in (True, False):
             consts = {"VERTICAL": False, "REVERSE": True, "FIRST": first, "ACC": tl.float32, **blocks}

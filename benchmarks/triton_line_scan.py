@@ -126,7 +126,7 @@ def time_pass(mode: str, backend: str, x, params, kwargs, rep: int, warmup: int)
 
 def launch_summary(shape, direction: str, chunk_size: int | None, dtype: torch.dtype, device) -> str:
     """One line: the kernel variant and launch configuration ``"auto"`` picks for this case."""
-    from gspn.ops import triton as triton_backend
+    from gspn.ops import _triton as triton_backend
     from gspn.ops.directions import get_direction
 
     batch, channels, height, width = shape
@@ -152,7 +152,7 @@ def launch_summary(shape, direction: str, chunk_size: int | None, dtype: torch.d
 
 def kernel_overrides(spec: str) -> dict[str, object]:
     """``"split/1024/64"`` → ``{"kernel": "split", "block_p": 1024, "halo": 64}``; ``"register"`` →
-    ``{"kernel": "register"}`` (see ``gspn.ops.triton.launch_overrides``)."""
+    ``{"kernel": "register"}`` (see ``gspn.ops._triton.launch_overrides``)."""
     name, *numbers = spec.split("/")
     overrides: dict[str, object] = {"kernel": name}
     for key, value in zip(("block_p", "halo"), numbers, strict=False):
@@ -168,8 +168,8 @@ VERIFY_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float32: 1e
 def scan_results(backend: str, overrides: dict, x, params, kwargs, keep: int) -> list[torch.Tensor]:
     """``line_scan`` output and gradients (x, λ, three gates) for a fixed cotangent, one call of
     ``backend`` under ``launch_overrides(**overrides)``; only the first ``keep`` are kept."""
+    from gspn.ops import _triton as triton_backend
     from gspn.ops import line_scan
-    from gspn.ops import triton as triton_backend
 
     leaves = [t.detach().requires_grad_() for t in (x, *params)]
     gen = torch.Generator(device=x.device).manual_seed(1)
@@ -221,7 +221,7 @@ def verify_case(impls: list[str], x, params, kwargs, small: bool) -> list[str]:
 
 
 def run_case(shape, direction, normalize, dtype, chunk_size, args, device) -> list[Row]:
-    from gspn.ops import triton as triton_backend
+    from gspn.ops import _triton as triton_backend
 
     rows: list[Row] = []
     numel = 1
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(
             "triton_line_scan.py: no CUDA device is available; this benchmark needs an NVIDIA/AMD GPU "
-            "(the CPU interpreter path is exercised by tests/test_triton.py instead).",
+            "(the CPU interpreter path is exercised by tests/ops/test_triton.py instead).",
             file=sys.stderr,
         )
         return 1
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("triton_line_scan.py: triton is not installed (pip install 'gspn[triton]').", file=sys.stderr)
         return 1
-    from gspn.ops import triton as triton_backend
+    from gspn.ops.line_scan import triton as triton_backend
 
     device = torch.device(args.device)
     if not triton_backend.is_available(device):

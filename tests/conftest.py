@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,20 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+#: Test folders of tiny end-to-end runs: each test there runs on one thread (:func:`one_thread`), as tiny
+#: models gain nothing from intra-op threads and OpenMP's spinning threads make them several times slower
+#: on a busy 2-core machine.
+ONE_THREAD_FOLDERS = ("recipes", "commands", "training_utils", "integrations")
+
+
+@pytest.fixture(autouse=True)
+def _tiny_runs_on_one_thread(request: pytest.FixtureRequest) -> None:
+    path = Path(request.node.path)
+    root = Path(__file__).parent
+    if path.is_relative_to(root) and path.relative_to(root).parts[0] in ONE_THREAD_FOLDERS:
+        request.getfixturevalue("one_thread")
 
 
 def _assert_close(

@@ -1,4 +1,4 @@
-"""Shared check of the unused-gate rule (tests/test_nonfinite.py, and tests/test_triton.py for triton)."""
+"""Shared check of the unused-gate rule (tests/ops/test_nonfinite.py, and tests/ops/test_triton.py for triton)."""
 
 from __future__ import annotations
 

@@ -8,11 +8,10 @@ from gspn._images import IMAGE_EXTENSIONS, is_image_file
 
 
 def test_every_loader_accepts_the_same_image_files():
-    from gspn.diffusion import data as dit_data
-    from gspn.distill import data as distill_data
-    from gspn.train import data as train_data
+    from gspn import datasets
+    from gspn.recipes.diffusion import data as dit_data
 
-    assert train_data.IMAGE_EXTENSIONS is dit_data.IMAGE_EXTENSIONS is distill_data.IMAGE_SUFFIXES is IMAGE_EXTENSIONS
+    assert datasets.IMAGE_EXTENSIONS is dit_data.IMAGE_EXTENSIONS is IMAGE_EXTENSIONS
     assert {".gif", ".tif", ".tiff", ".png", ".jpg"} <= set(IMAGE_EXTENSIONS)
     assert is_image_file("A.GIF") and is_image_file("x.tif") and not is_image_file("x.txt")
 
@@ -20,14 +19,14 @@ def test_every_loader_accepts_the_same_image_files():
 def test_every_recipe_uses_the_one_image_module():
     import gspn._images as images
     from gspn import datasets
-    from gspn.diffusion import data as dit_data
-    from gspn.distill import data as distill_data
-    from gspn.distill_encoder import data as encoder_data
-    from gspn.train import data as train_data
+    from gspn.recipes.classification import train as classification
+    from gspn.recipes.diffusion import data as dit_data
+    from gspn.recipes.encoder_distillation import train as encoder
+    from gspn.recipes.unet_distillation import data as distill_data
 
     for name in ("center_crop_resize", "random_resized_crop"):
-        assert getattr(train_data, name) is getattr(images, name)
-    assert train_data.build_data is encoder_data.build_data is datasets.build_data
+        assert getattr(datasets, name) is getattr(images, name)
+    assert classification.build_data is encoder.build_data is datasets.build_data
     for module in (datasets, dit_data, distill_data):
         assert module.read_image is images.read_image and module.find_images is images.find_images
         assert not hasattr(module, "_resize") and not hasattr(module, "Image")

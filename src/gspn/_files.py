@@ -195,8 +195,8 @@ def claim_run_dir(
         if present and not resume:
             if not overwrite:
                 raise RunDirError(
-                    f"{folder} already holds a run ({', '.join(present)}); pass --resume to continue it or "
-                    "--overwrite to replace it, or choose another output folder"
+                    f"{folder} already holds a run ({', '.join(present)}); set `resume` to continue it or "
+                    "`overwrite` to replace it, or choose another output folder"
                 )
             for name in present:
                 p = folder / name

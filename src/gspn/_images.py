@@ -1,9 +1,9 @@
 """Image loading for every recipe: file discovery, decoding, resizing and cropping, bundled digits.
 
 The one place where the library turns files (or scikit-learn's bundled digits) into tensors; the
-classification (:mod:`gspn.datasets`), DiT (:mod:`gspn.diffusion.data`, hence ``extract-latents``)
-and distillation (:mod:`gspn.distill.data`) recipes all use it. Only torch, numpy and (lazily) Pillow
-and scikit-learn are imported.
+classification and encoder-distillation (:mod:`gspn.datasets`), DiT (:mod:`gspn.recipes.diffusion.data`,
+hence ``extract-latents``) and UNet-distillation (:mod:`gspn.recipes.unet_distillation.data`) recipes all
+use it. Only torch, numpy and (lazily) Pillow and scikit-learn are imported.
 
 * files: :data:`IMAGE_EXTENSIONS`, :func:`is_image_file`, :func:`find_images`;
 * decoding: :func:`read_image` (Pillow → ``(C, H, W)`` uint8, with mode conversion and an optional

@@ -1,6 +1,7 @@
-"""Up-front checks of user-facing settings: each failure is one ``ValueError`` naming the option.
+"""Up-front checks of user-facing settings: each failure is one :class:`ConfigError` naming the setting.
 
-Commands and recipes call these before any work, so a nonsense value never trains, samples or writes.
+Recipes call these before any work, so a nonsense value never trains, samples or writes. A setting is
+named by its config field (``clip_grad``); the command line shows it as its flag (``--clip-grad``).
 """
 
 from __future__ import annotations
@@ -10,20 +11,34 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_choice", "check_int", "check_number", "parse_model_args"]
+__all__ = ["ConfigError", "check_choice", "check_int", "check_number", "parse_model_args"]
 
 
-def _flag(name: str) -> str:
-    return name if name.startswith("-") else "--" + name.replace("_", "-")
+class ConfigError(ValueError):
+    """A config field holds a value the recipe cannot run with.
+
+    ``str()`` is ``"<field> <message>"`` (the message is a predicate: ``"lr must be > 0"``); :attr:`field`
+    is the field's name. The message names other fields in backticks (```in_channels```); the command line
+    shows all of them as flags (``--lr must be > 0``).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field} {message}")
 
 
 def check_int(name: str, value: Any, minimum: int = 1, allow_none: bool = False) -> None:
-    """``value`` must be an integer ``>= minimum`` (or ``None`` when ``allow_none``)."""
+    """Field ``name``'s ``value`` must be an integer ``>= minimum`` (or ``None`` when ``allow_none``).
+
+    Raises:
+        ConfigError: naming ``name``.
+    """
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{_flag(name)} must be {kind}, got {value!r}")
+        raise ConfigError(name, f"must be {kind}, got {value!r}")
 
 
 def check_number(
@@ -45,16 +60,21 @@ def check_number(
     if ok and hi is not None:
         ok = value < hi if hi_open else value <= hi
     if not ok:
-        lo_s = "" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
-        hi_s = "" if hi is None else f"{hi:g}{')' if hi_open else ']'}"
-        where = f" in {lo_s or '(-inf'}, {hi_s or 'inf)'}" if lo is not None or hi is not None else ""
-        raise ValueError(f"{_flag(name)} must be a finite number{where}, got {value!r}")
+        if lo is not None and hi is not None:
+            where = f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            where = f" {'>' if lo_open else '>='} {lo:g}"
+        elif hi is not None:
+            where = f" {'<' if hi_open else '<='} {hi:g}"
+        else:
+            where = ""
+        raise ConfigError(name, f"must be a finite number{where}, got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     """``value`` must be one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{_flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise ConfigError(name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:

@@ -12,17 +12,24 @@ Commands: ``train``, ``eval``, ``flops``, ``convert`` (:mod:`.classify`); ``trai
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from ._flags import VOCABULARY, parse_model_args
+from ._flags import VOCABULARY, flag
 
-__all__ = ["VOCABULARY", "build_parser", "main", "parse_model_args"]
+__all__ = ["VOCABULARY", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line (``gspn train: error: ...``), exit status 2."""
+    """An ``ArgumentParser`` whose usage errors are one line (``gspn train: error: ...``), exit status 2,
+    and which takes each option under its one name only (no prefix abbreviations)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -49,30 +56,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="gspn", description="Generalized Spatial Propagation Networks")
     parser.add_argument("--version", action="version", version=f"gspn {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also GSPN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     classify.register(sub)
     bench.register(sub)
     diffusion.register(sub)
     diffusers.register(sub)
     distill_encoder.register(sub)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
-def _missing_required(args: argparse.Namespace) -> str | None:
-    """Options required under their new name or a deprecated one (argparse cannot say "one of")."""
-    for dest in getattr(args, "_required", ()):
-        if getattr(args, dest, None) is None:
-            return "--" + dest.replace("_", "-")
-    return None
+def _message(exc: BaseException, args: argparse.Namespace) -> str:
+    """A library error as the command line says it: the config fields it names (the one in
+    :class:`~gspn.training_utils.ConfigError`, and those in backticks) become their flags."""
+    from ..training_utils import ConfigError
+
+    text = f"{flag(exc.field)} {exc.message}" if isinstance(exc, ConfigError) else str(exc)
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag(m[1]) if hasattr(args, m[1]) else m[0], text)
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("GSPN_DEBUG", "") not in ("", "0")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gspn`` console script and ``python -m gspn``; returns the exit status."""
+    """Entry point of the ``gspn`` console script and ``python -m gspn``; returns the exit status.
+
+    Errors of the input (a bad value, a missing file, a refused folder) print one line and return 2; a
+    diverged run 1; Ctrl-C 130. ``--debug`` (or ``GSPN_DEBUG=1``) shows the traceback instead.
+    """
     args = build_parser().parse_args(argv)
-    missing = _missing_required(args)
-    if missing:
-        print(f"gspn {args.command}: error: the following arguments are required: {missing}", file=sys.stderr)
-        return 2
     threads = getattr(args, "threads", 0)
     if isinstance(threads, int) and threads < 0:
         print(f"gspn {args.command}: error: --threads must be >= 0, got {threads}", file=sys.stderr)
@@ -84,21 +99,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as exc:
-        # Bad arguments or files (the library's errors name the argument): a message, not a traceback.
-        print(f"gspn {args.command}: error: {exc}", file=sys.stderr)
+        # Bad arguments or files (the library's errors name the field): a message, not a traceback.
+        if _debug(args):
+            raise
+        print(f"gspn {args.command}: error: {_message(exc, args)}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # divergence: the run stopped before writing the bad state
-        print(f"gspn {args.command}: error: {exc}", file=sys.stderr)
+        if _debug(args):
+            raise
+        print(f"gspn {args.command}: error: {_message(exc, args)}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as exc:
         top = (exc.name or "").split(".")[0]
-        if top not in _EXTRAS:
+        if top not in _EXTRAS or _debug(args):
             raise
         print(
             f"gspn {args.command}: error: this needs the optional package {top!r}: pip install 'gspn[{_EXTRAS[top]}]'",
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
-        print(f"gspn {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"gspn {args.command}: {_message(exc, args) or 'interrupted'}", file=sys.stderr)
         return 130

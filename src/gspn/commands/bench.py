@@ -1,22 +1,25 @@
-"""``gspn bench``: time one GSPN layer against attention, linear attention and Mamba (:mod:`gspn.bench`)."""
+"""``gspn bench``: time one GSPN layer against attention, linear attention and Mamba (:mod:`gspn.recipes.bench`).
+
+Every flag sets the :class:`~gspn.recipes.bench.BenchConfig` field of the same name.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from . import _flags as F
 
-__all__ = ["add_arguments", "main", "register"]
+__all__ = ["HELP", "add_arguments", "register"]
+
+HELP = "time one GSPN layer against self-attention, linear attention and Mamba as resolution grows"
 
 
 def register(sub: Any) -> None:
-    """Add ``bench`` to the ``gspn`` sub-parsers."""
-    from ..bench import HELP
-
-    add_arguments(sub.add_parser("bench", help=HELP, description=HELP))
+    """Add ``bench`` to the ``gspn`` sub-parsers (no abbreviated flags: ``--out`` is not ``--output-dir``)."""
+    F.add_recipe_command(
+        sub, "bench", HELP, add_arguments, "recipes.bench", "BenchConfig", formatter_class=argparse.HelpFormatter
+    )
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -30,40 +33,33 @@ def _csv_ints(text: str) -> list[int]:
 
 
 def _csv_methods(text: str) -> list[str]:
-    names = [v for v in text.replace(",", " ").split() if v]
-    from ..bench import METHODS
+    from ..recipes.bench.config import check_methods
+    from ..training_utils import ConfigError
 
-    valid = {m.name for m in METHODS} | {"all"}
-    bad = [n for n in names if n not in valid]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(sorted(valid))}")
+    names = [v for v in text.replace(",", " ").split() if v]
+    try:
+        check_methods(names)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
     return names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``gspn bench`` options to ``parser`` and set ``func=run`` as its default."""
-    from ..bench import DEFAULT_METHODS, METHODS, run
+    """Add the ``gspn bench`` options to ``parser`` and set ``func`` to the command."""
+    from ..recipes.bench import DEFAULT_METHODS, METHODS
+    from ..training_utils import PRECISIONS
 
     g = parser.add_argument_group("what to run")
-    g.add_argument(
-        "--device", choices=("cpu", "cuda"), default=None, help="device (default: cuda if available, else cpu)"
-    )
-    F.add_precision(
-        g,
-        ("fp32", "bf16", "fp16"),
-        None,
-        "dtype of layers and inputs (default: fp32 on cpu, bf16 on cuda)",
-        aliases=("--dtype",),
-    )
+    F.add_device(g, "auto", "auto | cpu | cuda | cuda:N (default auto: cuda if available, else cpu)")
+    F.add_precision(g, PRECISIONS, "auto", "dtype of layers and inputs (default auto: fp32 on cpu, bf16 on cuda)")
     g.add_argument("--dim", type=int, default=None, help="layer width C (default 96; --quick 32)")
-    F.add_alias(g, "--channels", "--dim", "dim", type=int)
     g.add_argument(
         "--heads",
         type=int,
         default=None,
         help="attention heads (default 3, i.e. head dim 32 as in Swin-T stage 1; --quick 2)",
     )
-    F.add_batch_size(g, None, "batch size (default 1)", aliases=("--batch",))
+    F.add_batch_size(g, None, "batch size (default 1)")
     g.add_argument("--d-state", type=int, default=8, help="GSPN proxy dimension (default 8)")
     g.add_argument("--local-chunk", type=int, default=2, help="chunk size of local GSPN (default 2)")
     g.add_argument("--gspn-backend", default="auto", help="GSPN scan backend: auto, cpu, triton, reference")
@@ -75,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default: {', '.join(DEFAULT_METHODS)})",
     )
     g.add_argument("--backward", action="store_true", help="time forward+backward instead of forward only")
-    F.add_threads(g, None)
+    F.add_threads(g)
 
     g = parser.add_argument_group("sizes and budget")
     g.add_argument(
@@ -108,7 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fit-skip", type=int, default=1, help="smallest measured sizes left out of the exponent fits (default 1)"
     )
     g.add_argument(
-        "--no-memory", action="store_true", help="do not measure peak memory (on CPU this saves one profiled call)"
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure peak memory (--no-memory saves one profiled call per configuration on CPU)",
     )
     g.add_argument(
         "--quick",
@@ -117,31 +116,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     g = parser.add_argument_group("output")
-    F.add_output_dir(
-        g,
-        Path("bench_out"),
-        "directory for results.json, table.md and scaling.png (default ./bench_out)",
-        aliases=("--out",),
-        type=Path,
-    )
-    g.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    F.add_output_dir(g, "bench_out", "directory for results.json, table.md and scaling.png (default ./bench_out)")
+    g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write the PNG plot scaling.png")
     g.add_argument(
         "--replot",
-        type=Path,
         default=None,
         metavar="RESULTS_JSON",
         help="measure nothing: re-render the tables, fits and plot of an earlier results.json",
     )
     g.add_argument("--quiet", action="store_true", help="no per-configuration progress lines")
-    parser.set_defaults(func=run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gspn.bench``: the ``bench`` command alone."""
-    from ..bench import HELP
-    from . import _Parser
-
-    parser = _Parser(prog="python -m gspn.bench", description=HELP)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from . import _flags as F
 
-__all__ = ["models_table", "register"]
+__all__ = ["register"]
 
 
 def _floats(n: int):
@@ -31,13 +30,21 @@ def register(sub: Any) -> None:
 
 
 def _add_train(sub: Any) -> None:
-    p = sub.add_parser(
+    F.add_recipe_command(
+        sub,
         "train",
-        help="train a classifier",
+        "train a classifier",
+        _add_train_flags,
+        "recipes.classification",
+        "ClassificationConfig",
         description="Train a classifier on the bundled digits or an ImageFolder directory. "
         "Launch with torchrun for DDP (one process per GPU; gloo on CPU).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from ..recipes.classification import ClassificationConfig
+
     g = p.add_argument_group("model")
     g.add_argument(
         "--model", default="gspn_micro", help="registered classifier (gspn.list_models(task='classification'))"
@@ -50,9 +57,8 @@ def _add_train(sub: Any) -> None:
         help="'digits' (scikit-learn's bundled 8x8 digits, upsampled) or an ImageFolder root "
         "with train/<class>/* and val/<class>/*",
     )
-    F.add_image_size(g, None, "input side (default: 32 for digits, else the model's)", aliases=("--img-size",))
-    F.add_in_channels(g, 3, "input channels (digits: any; folders: 1 or 3)", aliases=("--in-chans",))
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per training process")
+    F.add_image_size(g, None, "input side (default: 32 for digits, else the model's)")
+    F.add_in_channels(g, 3, "input channels (digits: any; folders: 1 or 3)")
     g.add_argument("--hflip", type=float, default=None, help="horizontal flip probability (digits: 0, else 0.5)")
     g.add_argument(
         "--crop-scale",
@@ -64,91 +70,21 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--crop-pct", type=float, default=None, help="eval centre-crop fraction (digits: 1, else 0.875)")
     g.add_argument("--mean", type=_floats(0), default=None, help="normalisation mean, comma-separated")
     g.add_argument("--std", type=_floats(0), default=None, help="normalisation std, comma-separated")
-    g.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
-    g.add_argument("--val-limit", type=int, default=None, help="use only this many validation images")
+    data = g
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30)
-    F.add_batch_size(g, 64, "per process")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
-    g.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine schedule")
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    F.add_warmup_epochs(g, 1.0)
-    g.add_argument("--label-smoothing", type=float, default=0.1)
-    F.add_clip_grad(g, 1.0)
     g.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights with this decay")
-    F.add_precision(
-        g,
-        ("auto", "fp32", "bf16", "fp16"),
-        "auto",
-        aliases=("--amp",),
-        help="mixed precision on CUDA (auto: bf16 if supported, else fp16 with a grad scaler)",
-    )
+    optimisation = g
     g = p.add_argument_group("run")
-    F.add_output_dir(g, None, "output directory (default: runs/<model>)", aliases=("--output",))
-    F.add_resume(g)
-    F.add_overwrite(g)
-    F.add_stop_after_epochs(
-        g,
-        "stop after N epochs of this invocation (for time-limited jobs); the schedule still spans "
-        "--epochs and --resume continues",
-    )
-    g.add_argument("--seed", type=int, default=0)
-    F.add_device(g, help="auto | cpu | cuda | cuda:N (torchrun: auto and cuda are cuda:LOCAL_RANK)")
-    g.add_argument("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
-    F.add_threads(g)
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-plot", action="store_true", help="do not draw metrics.png")
-    g.add_argument("--quiet", action="store_true", help="no per-epoch log lines")
-    p.set_defaults(func=_cmd_train)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from ..train import TrainConfig, train
-
-    cfg = TrainConfig(
-        model=args.model,
-        model_args=F.parse_model_args(args.model_arg),
-        data=args.data,
-        output=args.output_dir or f"runs/{args.model}",
-        img_size=args.image_size,
-        in_chans=args.in_channels,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        label_smoothing=args.label_smoothing,
-        clip_grad=args.clip_grad,
-        ema_decay=args.ema_decay,
-        amp="off" if args.precision == "fp32" else args.precision,
-        workers=args.workers,
-        seed=args.seed,
-        device=args.device,
-        dist_backend=args.dist_backend,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        stop_after_epochs=args.stop_after_epochs,
-        train_limit=args.train_limit,
-        val_limit=args.val_limit,
-        hflip=args.hflip,
-        crop_scale=args.crop_scale,
-        crop_pct=args.crop_pct,
-        mean=args.mean,
-        std=args.std,
-        progress=not args.no_progress,
-        plot=not args.no_plot,
-        verbose=not args.quiet,
-    )
-    train(cfg)
-    return 0
+    F.add_output_dir(g, None, "output directory (None: runs/<model>)")
+    F.add_epoch_training(data, optimisation, g, ClassificationConfig)
 
 
 def _add_eval(sub: Any) -> None:
     p = sub.add_parser(
         "eval", help="evaluate a training checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    F.add_checkpoint(p, "a last.pt / best.pt written by gspn train", aliases=("--ckpt",))
+    F.add_checkpoint(p, "a last.pt / best.pt written by gspn train")
     p.add_argument("--data", default=None, help="override the checkpoint's data (digits or an ImageFolder root)")
     F.add_batch_size(p, 128, "images per batch")
     p.add_argument("--workers", type=int, default=2)
@@ -157,11 +93,11 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--val-limit", type=int, default=None)
     F.add_threads(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=_cmd_eval, _required=("checkpoint",))
+    p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ..train import evaluate_checkpoint
+    from ..recipes.classification import evaluate_checkpoint
 
     res = evaluate_checkpoint(
         args.checkpoint,
@@ -192,10 +128,10 @@ def _add_flops(sub: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", nargs="+", default=None, help="model names (default: every registered model)")
-    F.add_image_size(p, None, "input side (default: the model's, e.g. 224)", aliases=("--img-size",))
-    F.add_in_channels(p, None, "input channels (default: the model's)", aliases=("--in-chans",))
+    F.add_image_size(p, None, "SIDE or H W (default: the model's, e.g. 224)", nargs="+")
+    F.add_in_channels(p, None, "input channels (default: the model's)")
     p.add_argument("--num-classes", type=int, default=None, help="classes (default: the model's)")
-    F.add_batch_size(p, 1, "batch of the counted forward pass", aliases=("--batch",))
+    F.add_batch_size(p, 1, "batch of the counted forward pass")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.set_defaults(func=_cmd_flops)
 
@@ -205,21 +141,27 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
     from ..models import create_model, get_default_cfg
     from ..models.complexity import complexity
-    from ..train import available_models, build_model, model_task
+    from ..recipes.classification import available_models, build_model, model_task
 
     names = args.model or [n for n in available_models(task=None) if not n.startswith("baseline_")]
-    for flag in ("image_size", "in_channels", "num_classes", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    sides = args.image_size or []
+    if len(sides) > 2:
+        raise ValueError(f"--image-size takes SIDE or H W, got {len(sides)} numbers")
+    for flag, values in (
+        ("image_size", sides),
+        *((f, [getattr(args, f)]) for f in ("in_channels", "num_classes", "batch_size")),
+    ):
+        for value in values:
+            if value is not None and value < 1:
+                raise ValueError(f"{F.flag(flag)} must be a positive integer, got {value}")
     if not args.json:
-        print(f"{'model':<20} {'input':>14} {'params (M)':>12} {'GMACs':>10}")
+        print(f"{'model':<20} {'input':>14} {'params (M)':>12} {'GMACs':>10} {'paper params':>14} {'paper GMACs':>12}")
     for name in names:
         task = model_task(name)
         cfg = {} if name.startswith("baseline_") else get_default_cfg(name)
         default_chans, default_size = cfg.get("input_size", (3, 224, 224))[:2]
-        side = args.image_size or default_size
-        size = (args.in_channels or default_chans, side, side)
+        hw = (sides * 2)[:2] if sides else [default_size, default_size]
+        size = (args.in_channels or default_chans, hw[0], hw[1])
         num_classes = args.num_classes or cfg.get("num_classes", 1000)
         with torch.device("meta"):  # shapes only: no memory, no compute
             if task == "diffusion":
@@ -239,35 +181,10 @@ def _cmd_flops(args: argparse.Namespace) -> int:
             print(json.dumps(record))
         else:
             shape = f"{args.batch_size}x{size[0]}x{size[1]}x{size[2]}"
-            print(f"{name:<20} {shape:>14} {c['params'] / 1e6:>12.3f} {c['macs'] / 1e9:>10.3f}")
+            ref_p = f"{cfg['reference_params']:,}" if "reference_params" in cfg else "-"
+            ref_m = f"{cfg['reference_gmacs']:.2f}" if "reference_gmacs" in cfg else "-"
+            print(f"{name:<20} {shape:>14} {c['params'] / 1e6:>12.3f} {c['macs'] / 1e9:>10.3f} {ref_p:>14} {ref_m:>12}")
     return 0
-
-
-def models_table(argv: Sequence[str] | None = None) -> None:
-    """``python -m gspn.models [names] [--image-size H [W]]``: parameters and MACs of registered models
-    next to the papers' reference numbers."""
-    import torch
-
-    from ..models import create_model, get_default_cfg, list_models
-    from ..models.complexity import complexity
-
-    parser = argparse.ArgumentParser(prog="python -m gspn.models", description=models_table.__doc__)
-    parser.add_argument("models", nargs="*", help="model names (default: all registered)")
-    F.add_image_size(parser, None, "H [W] (default: the model's)", aliases=("--img-size",), nargs="+")
-    parser.add_argument("--num-classes", type=int, default=None)
-    args = parser.parse_args(argv)
-    print(f"{'model':<12} {'input':>9} {'params':>14} {'GMACs':>8} {'ref params':>12} {'ref GMACs':>10}")
-    for name in args.models or list_models():
-        cfg = get_default_cfg(name)
-        overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
-        with torch.device("meta"):
-            model = create_model(name, **overrides)
-        size = tuple(cfg["input_size"][1:]) if args.image_size is None else tuple(args.image_size * 2)[:2]
-        res = complexity(model, (cfg["input_size"][0], *size))
-        ref_p = f"{cfg['reference_params']:,}" if "reference_params" in cfg else "-"
-        ref_m = f"{cfg['reference_gmacs']:.2f}" if "reference_gmacs" in cfg else "-"
-        shape = f"{size[0]}x{size[1]}"
-        print(f"{name:<12} {shape:>9} {res['params']:>14,} {res['gmacs']:>8.3f} {ref_p:>12} {ref_m:>10}")
 
 
 def _add_convert(sub: Any) -> None:
@@ -298,7 +215,7 @@ def _add_convert(sub: Any) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from ..models.reference_checkpoints import convert_checkpoint
+    from ..models.convert import convert_checkpoint
 
     out = convert_checkpoint(args.src, args.out, args.model, entry=args.entry, **F.parse_model_args(args.model_arg))
     print(json.dumps({"output": str(out), "src": args.src, "model": args.model or "inferred"}))

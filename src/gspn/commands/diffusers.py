@@ -7,7 +7,7 @@ from typing import Any
 
 from . import _flags as F
 
-__all__ = ["distill_config", "register"]
+__all__ = ["register"]
 
 
 def _optional_int(s: str) -> int | None:
@@ -24,82 +24,23 @@ def _size(s: str) -> tuple[int, int]:
 
 def register(sub: Any) -> None:
     """Add ``distill`` and ``generate`` to the ``gspn`` sub-parsers."""
-    p = sub.add_parser(
+    F.add_recipe_command(
+        sub,
         "distill",
-        help="distil a GSPN-swapped diffusion UNet from the original",
-        description="Distil a GSPN-swapped diffusion UNet from the original.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "distil a GSPN-swapped diffusion UNet from the original",
+        _add_distill,
+        "recipes.unet_distillation",
+        "UNetDistillationConfig",
     )
-    _add_distill(p)
-    p.set_defaults(func=_cmd_distill)
-    p = sub.add_parser(
+    F.add_recipe_command(
+        sub,
         "generate",
-        help="high-resolution text-to-image with a GSPN adapter",
+        "high-resolution text-to-image with a GSPN adapter",
+        _add_generate,
+        "recipes.text_to_image",
+        "GenerateConfig",
         description="High-resolution text-to-image with a GSPN-swapped UNet.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_generate(p)
-    p.set_defaults(func=_cmd_generate)
-
-
-def distill_config(args: argparse.Namespace) -> Any:
-    """The :class:`~gspn.distill.trainer.DistillConfig` of parsed ``distill`` flags."""
-    from ..distill.trainer import DistillConfig
-
-    return DistillConfig(
-        model=args.model,
-        captions=args.captions,
-        output_dir=args.output_dir,
-        resolution=args.image_size,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        lr_schedule=args.lr_schedule,
-        max_grad_norm=args.clip_grad or 0.0,
-        noise_weight=args.noise_weight,
-        output_weight=args.output_weight,
-        feature_weight=args.feature_weight,
-        caption_dropout=args.caption_dropout,
-        seed=args.seed,
-        save_every=args.save_every,
-        log_every=args.log_every,
-        resume=not args.no_resume,
-        overwrite=args.overwrite,
-        mixed_precision="bf16" if args.precision == "bf16" else "no",
-        gradient_checkpointing=args.gradient_checkpointing,
-        train_all=args.train_all,
-        device=args.device,
-        gspn={
-            "d_state": args.d_state,
-            "expand": args.expand,
-            "kernel_size": args.kernel_size,
-            "chunk_size": args.chunk_size,
-            "gate_channels": args.gate_channels,
-        },
-        init_adapter=args.init_adapter,
-        threads=args.threads,
-    )
-
-
-def _cmd_distill(args: argparse.Namespace) -> int:
-    import json
-
-    from ..distill.trainer import run
-
-    summary = run(distill_config(args))
-    if summary is not None:
-        print(json.dumps(summary))
-    return 0
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from ..integrations.generate import run_generate
-
-    if args.device == "auto":  # the vocabulary's value (every other command takes it): the default
-        args.device = None
-    return run_generate(args)
 
 
 def _add_distill(parser: argparse.ArgumentParser) -> None:
@@ -116,9 +57,9 @@ def _add_distill(parser: argparse.ArgumentParser) -> None:
         help="caption file (one per line) or image-caption folder (<img> + <img>.txt, "
         "or metadata.jsonl with file_name/text)",
     )
-    F.add_output_dir(g, "gspn-distill", "checkpoint.pt and adapter/ go here")
+    F.add_output_dir(g, "gspn-distill", "last.pt, metrics.jsonl and adapter/ go here")
     g.add_argument("--init-adapter", default=None, help="start from this saved GSPN adapter")
-    F.add_image_size(g, 512, "training resolution in pixels (square)", aliases=("--resolution",))
+    F.add_image_size(g, 512, "training resolution in pixels (square)")
     g.add_argument(
         "--caption-dropout",
         type=float,
@@ -143,7 +84,7 @@ def _add_distill(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.0)
     F.add_warmup_steps(g, 0)
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
-    F.add_clip_grad(g, 1.0, aliases=("--max-grad-norm",))
+    F.add_clip_grad(g, 1.0)
     g.add_argument("--noise-weight", type=float, default=1.0, help="weight of MSE(student, ε/v target)")
     g.add_argument("--output-weight", type=float, default=0.5, help="weight of MSE(student, teacher)")
     g.add_argument(
@@ -152,23 +93,17 @@ def _add_distill(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="weight of the mean per-layer MSE of the swapped layers' outputs (0: no hooks)",
     )
-    F.add_precision(
-        g, ("fp32", "bf16"), "fp32", "autocast precision of the forward passes", aliases=("--mixed-precision",)
-    )
+    F.add_precision(g, ("fp32", "bf16"), "fp32", "autocast precision of the forward passes")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--train-all", action="store_true", help="train the whole UNet (the teacher is then a frozen copy)")
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument(
-        "--no-resume",
-        action="store_true",
-        help="do not continue the run in --output-dir (refused if one is there, unless --overwrite)",
-    )
-    F.add_overwrite(g, "with --no-resume: replace the run in --output-dir")
+    g.add_argument("--save-every", type=int, default=500, help="training-state period in steps (0: at the end only)")
+    g.add_argument("--log-every", type=int, default=10, help="metrics record and log line period in steps")
+    F.add_resume(g)
     F.add_threads(g)
-    F.add_device(g, None, "default: cuda (LOCAL_RANK) if available, else cpu")
+    F.add_device(g, help="auto | cpu | cuda | cuda:N (torchrun: auto and cuda are cuda:LOCAL_RANK)")
+    F.add_run_output(g, quiet=True)
 
 
 def _add_generate(parser: argparse.ArgumentParser) -> None:
@@ -178,7 +113,7 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=1024, help="pixels")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     parser.add_argument(
         "--model",
         default="stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -210,10 +145,14 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
         default=4096,
         help="queries per cross-attention chunk (0: diffusers' default processor)",
     )
-    parser.add_argument("--no-vae-tiling", action="store_true")
-    F.add_precision(
-        parser, ("auto", "fp32", "fp16", "bf16"), "auto", "auto: fp16 on CUDA, fp32 on CPU", aliases=("--dtype",)
+    parser.add_argument(
+        "--vae-tiling", action=argparse.BooleanOptionalAction, default=True, help="decode the latents in tiles"
     )
-    F.add_device(parser, None, "default: cuda if available, else cpu")
-    F.add_output_file(parser, "gspn.png", "image path (index appended for several)")
+    F.add_precision(
+        parser, ("auto", "fp32", "fp16", "bf16"), "auto", "the pipeline's dtype (auto: fp16 on CUDA, fp32 on CPU)"
+    )
+    F.add_device(parser)
+    F.add_output_dir(parser, "generated", "image.png (image_<i>.png for several) and summary.json go here")
+    parser.add_argument("--overwrite", action="store_true", help="replace the images already in the output directory")
     F.add_threads(parser)
+    F.add_run_output(parser)

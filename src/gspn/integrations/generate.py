@@ -1,7 +1,7 @@
-"""High-resolution text-to-image with a GSPN-swapped UNet (``gspn generate``).
+"""High-resolution text-to-image with a GSPN-swapped UNet: the pipeline pieces of ``gspn generate``.
 
-``gspn generate --prompt "a lighthouse" --height 2048 --width 4096 \\
---adapter runs/sd15-gspn/adapter --model stable-diffusion-v1-5/stable-diffusion-v1-5``
+:func:`load_pipeline` reads a diffusers pipeline, :func:`prepare_pipeline` sets it up for large sizes,
+:func:`generate` runs it (the command's recipe is :mod:`gspn.recipes.text_to_image`).
 
 What makes large sizes fit:
 
@@ -11,17 +11,15 @@ What makes large sizes fit:
   because it would also replace the GSPN processors);
 * the VAE decodes in tiles (``vae.enable_tiling()``).
 
-Optional low→high path (``--upscale-from HxW [HxW ...]``): generate at the first size, then for
-each further size and finally the target, upsample the latents bicubically and refine them with the
-img2img pipeline built from the same components (``--strength`` of the re-noising), as the paper's
-progressive high-resolution scripts do (e.g. 512 → 1K → 2K).
+Optional low→high path (``upscale_from``): generate at the first size, then for each further size and
+finally the target, upsample the latents bicubically and refine them with the img2img pipeline built
+from the same components (``strength`` of the re-noising), as the paper's progressive high-resolution
+scripts do (e.g. 512 → 1K → 2K).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,11 +28,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "generate",
-    "prepare_pipeline",
-    "run_generate",
-]
+__all__ = ["generate", "load_pipeline", "prepare_pipeline"]
+
+
+def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """A diffusers text-to-image pipeline from a local folder or a hub name, without safety checker, on
+    ``device`` (in ``dtype`` if given, else as saved).
+
+    Hub names resolve through the local Hugging Face cache; set ``HF_HUB_OFFLINE=1`` to forbid any
+    network access.
+    """
+    from diffusers import DiffusionPipeline
+
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype (FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    return pipe.to(device)
 
 
 def prepare_pipeline(
@@ -102,6 +114,7 @@ def generate(
     latents = pipe(height=sizes[0][0], width=sizes[0][1], output_type="latent", **common).images
     factor = getattr(pipe, "vae_scale_factor", 8)
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    img2img.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))  # as the caller set it
     for stage, (h, w) in enumerate(sizes[1:], start=1):
         latents = F.interpolate(
             latents.float(), size=(h // factor, w // factor), mode="bicubic", align_corners=False
@@ -140,79 +153,3 @@ def _skip_residual(reference: torch.Tensor, noise: torch.Tensor, alpha: float) -
         return kwargs
 
     return callback
-
-
-def run_generate(args: Any) -> int:
-    """Run ``gspn generate`` with parsed arguments; returns the exit status."""
-    from .._files import check_output_file
-    from .._validate import check_int, check_number
-
-    for name in ("height", "width", "steps"):
-        check_int(name, getattr(args, name))
-    check_int("cross_attn_chunk", args.cross_attn_chunk, minimum=0)
-    check_number("guidance", args.guidance, 0)
-    check_number("strength", args.strength, 0, 1, lo_open=True)
-    check_number("skip_residual", args.skip_residual, 0)
-    for h, w in args.upscale_from or ():
-        check_int("upscale_from", h)
-        check_int("upscale_from", w)
-    check_output_file(args.output)
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
-    from diffusers import DiffusionPipeline
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.precision == "auto":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
-    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype (FutureWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        pipe = DiffusionPipeline.from_pretrained(
-            args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-        ).to(device)
-    prepare_pipeline(
-        pipe, args.adapter, cross_attention_chunk=args.cross_attn_chunk or None, vae_tiling=not args.no_vae_tiling
-    )
-    start = time.perf_counter()
-    images = generate(
-        pipe,
-        args.prompt,
-        height=args.height,
-        width=args.width,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        negative_prompt=args.negative_prompt,
-        upscale_from=args.upscale_from,
-        strength=args.strength,
-        skip_residual=args.skip_residual,
-    )
-    seconds = time.perf_counter() - start
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
-        image.save(path)
-        paths.append(str(path))
-    print(
-        json.dumps(
-            {
-                "images": paths,
-                "height": args.height,
-                "width": args.width,
-                "seconds": round(seconds, 3),
-                "adapter": args.adapter,
-            }
-        )
-    )
-    return 0
-
-
-if __name__ == "__main__":  # deprecated spelling of ``gspn generate``
-    import sys
-
-    from ..commands import main as _main
-
-    sys.exit(_main(["generate", *sys.argv[1:]]))

@@ -13,10 +13,11 @@ from ._features import FeatureInfo, FeatureListNet
 from ._registry import create_model, get_default_cfg, is_model, list_models, model_entrypoint, register_model
 from .checkpoint import load_checkpoint, load_model, read_metadata, save_checkpoint
 from .complexity import complexity, count_params
+from .convert import convert_checkpoint
 from .gspn_dit import GSPNDiT
 from .gspn_vision import GSPNClassifier, block_chunk_sizes, gspn_b, gspn_micro, gspn_nano, gspn_s, gspn_t
 from .gspn_vit import GSPNViT
-from .reference_checkpoints import convert_checkpoint, reference_model_args
+from .reference_checkpoints import reference_model_args
 from .vit import VisionTransformer
 
 __all__ = [

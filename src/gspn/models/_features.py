@@ -8,7 +8,8 @@
 timm backbone in. It works like timm's ``FeatureGetterNet`` (the model is kept as ``.model`` and
 pruned: the levels after the last selected one and the classifier head are removed, so every
 remaining parameter gets a gradient) and returns what timm's ``FeatureListNet`` returns. No timm
-dependency.
+dependency. :func:`feature_indices` is the one rule for the ``indices`` of every model's
+``forward_intermediates``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from .gspn_vision import feature_indices
-
-__all__ = ["FeatureInfo", "FeatureListNet", "resolve_out_indices"]
+__all__ = ["FeatureInfo", "FeatureListNet", "feature_indices", "resolve_out_indices"]
 
 OutIndices = int | Sequence[int]
+
+
+def feature_indices(indices: int | Sequence[int] | None, n: int, what: str = "block") -> list[int]:
+    """The sorted indices selected by a timm-style ``indices`` argument of ``forward_intermediates``.
+
+    Args:
+        indices: ``None`` = all ``n``, an int ``k`` = the last ``k``, or a sequence of (possibly
+            negative) indices.
+        n: number of blocks (or stages).
+        what: their name in error messages.
+
+    Raises:
+        IndexError: a count outside ``[0, n]`` or an index outside ``[-n, n)``.
+    """
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 <= indices <= n:
+            raise IndexError(f"cannot take the last {indices} of {n} {what}s")
+        return list(range(n - indices, n))
+    for i in indices:
+        if not -n <= i < n:
+            raise IndexError(f"{what} index {i} is out of range for {n} {what}s")
+    return sorted({i % n for i in indices})
 
 
 def resolve_out_indices(out_indices: OutIndices, n: int) -> tuple[int, ...]:

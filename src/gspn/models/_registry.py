@@ -1,9 +1,10 @@
 """A small timm-style model registry: ``@register_model``, :func:`create_model`, :func:`list_models`.
 
 timm cannot be imported on machines without torchvision, so the registry is our own. An
-entrypoint is a function ``name(pretrained=False, **kwargs) -> nn.Module``; its default
-configuration (input size, mean/std, number of classes, ...) lives in the ``default_cfgs`` dict of
-the module that defines it, under the same name.
+entrypoint is a function ``name(pretrained=False, **kwargs) -> nn.Module`` that ends in
+:func:`gspn.models._builder.build_model_with_cfg`; its default configuration (input size,
+mean/std, number of classes, ...) lives in the ``default_cfgs`` dict of the module that defines
+it, under the same name.
 """
 
 from __future__ import annotations
@@ -113,13 +114,6 @@ def create_model(
     ``with torch.device("meta"): model = create_model("gspn_b")``.
     """
     entrypoint = model_entrypoint(name)
-    if not features_only:
-        if out_indices is not None:
-            raise ValueError("out_indices selects the feature maps of features_only=True; pass features_only=True")
-        return entrypoint(pretrained=pretrained, **overrides)
-    task = get_default_cfg(name).get("task", "classification")
-    if task != "classification":
-        raise ValueError(f"features_only needs a classifier backbone; {name!r} is a {task} model")
-    from ._features import FeatureListNet
-
-    return FeatureListNet(entrypoint(pretrained=pretrained, **overrides), out_indices)
+    if features_only or out_indices is not None:  # the builder checks and applies them
+        overrides = {**overrides, "features_only": features_only, "out_indices": out_indices}
+    return entrypoint(pretrained=pretrained, **overrides)

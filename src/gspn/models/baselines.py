@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._builder import build_model_with_cfg, record_head_args
+from ._features import feature_indices
 from ._registry import register_model
-from .checkpoint import load_pretrained
 from .complexity import count_params
-from .gspn_vision import check_global_pool, feature_indices, record_head_args
+from .gspn_vision import check_global_pool
 from .gspn_vit import PatchEmbed
 from .vit import VisionTransformer
 
@@ -341,26 +342,13 @@ default_cfgs: dict[str, dict[str, Any]] = {
 }
 
 
-def _create_baseline(
-    name: str, cls: type[nn.Module], pretrained: bool | str | os.PathLike, kw: dict[str, Any]
-) -> nn.Module:
-    if pretrained is True:
-        raise ValueError("baselines have no published weights; pass pretrained='path/to/weights.safetensors'")
-    model = cls(**kw)
-    model.default_cfg = {**model.default_cfg, "architecture": name}
-    model.model_args = dict(kw)  # type: ignore[attr-defined]
-    load_pretrained(model, pretrained)
-    return model
-
-
 @register_model
 def baseline_vit(
     num_classes: int = 10, in_chans: int = 3, pretrained: bool | str | os.PathLike = False, **kw: Any
 ) -> nn.Module:
     """ViT-style attention baseline (see :class:`ViTBaseline` for the keyword arguments)."""
-    return _create_baseline(
-        "baseline_vit", ViTBaseline, pretrained, {"num_classes": num_classes, "in_chans": in_chans, **kw}
-    )
+    config = {"num_classes": num_classes, "in_chans": in_chans}
+    return build_model_with_cfg(ViTBaseline, "baseline_vit", pretrained, config, **kw)
 
 
 @register_model
@@ -368,9 +356,8 @@ def baseline_conv(
     num_classes: int = 10, in_chans: int = 3, pretrained: bool | str | os.PathLike = False, **kw: Any
 ) -> nn.Module:
     """Convolutional baseline (see :class:`ConvBaseline` for the keyword arguments)."""
-    return _create_baseline(
-        "baseline_conv", ConvBaseline, pretrained, {"num_classes": num_classes, "in_chans": in_chans, **kw}
-    )
+    config = {"num_classes": num_classes, "in_chans": in_chans}
+    return build_model_with_cfg(ConvBaseline, "baseline_conv", pretrained, config, **kw)
 
 
 #: Baseline constructors by name (also registered: :func:`gspn.models.create_model`).

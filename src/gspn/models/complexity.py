@@ -9,7 +9,7 @@ per op, and it is already a MAC-style count, so it is not halved). The fused lay
 convention (:func:`gspn.ops.mix_flops`), so a model's total is the same fused or not. Normalisations, activations
 and elementwise products are not counted, as in the papers.
 
-Run ``python -m gspn.models`` for a table of all registered models (built on the meta
+Run ``gspn flops`` for a table of all registered models (built on the meta
 device: no memory, a few seconds).
 """
 

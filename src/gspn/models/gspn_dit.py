@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -59,8 +60,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..nn import DropPath, GSPN2d
+from ._builder import build_model_with_cfg
 from ._registry import register_model
-from .reference_checkpoints import plan_pretrained
 
 __all__ = ["WIRINGS", "GSPNDiT", "GSPNDiTBlock", "LabelEmbedder", "TimestepEmbedder", "timestep_embedding"]
 
@@ -372,7 +373,7 @@ class GSPNDiT(nn.Module):
             hidden_size, patch_size, self.out_channels, norm_eps if final_norm_eps is None else final_norm_eps
         )
         self.grad_checkpointing = False
-        self.default_cfg: dict[str, Any] = {}
+        self.default_cfg: dict[str, Any] = {"input_size": (in_channels, input_size, input_size)}
         self.model_args: dict[str, Any] = {}
         self.label_init_std = label_init_std
         self.cond_every_block = cond_every_block
@@ -536,22 +537,7 @@ default_cfgs: dict[str, dict[str, Any]] = {
 }
 
 
-def _create(variant: str, pretrained: bool | str | os.PathLike, config: dict[str, Any], **overrides: Any) -> GSPNDiT:
-    plan = plan_pretrained(variant, "generator", pretrained, overrides)
-    args = {**config, **plan.model_args, **plan.overrides}
-
-    def build() -> GSPNDiT:
-        model = GSPNDiT(**args)
-        model.default_cfg = {
-            **default_cfgs[variant],
-            "architecture": variant,
-            "num_classes": model.num_classes,
-            "input_size": (model.in_channels, model.input_size, model.input_size),
-        }
-        model.model_args = args
-        return model
-
-    return plan.create(build)
+_create = partial(build_model_with_cfg, GSPNDiT, reference="generator")
 
 
 @register_model

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -51,8 +52,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..nn import GSPNBlock, LayerNorm2d
+from ._builder import build_model_with_cfg, record_head_args
+from ._features import feature_indices
 from ._registry import register_model
-from .reference_checkpoints import plan_pretrained
+from .gspn_vision_keys import HF_HUB_ID
 
 __all__ = ["GLOBAL_POOLS", "ClassifierAPI", "ClassifierHead", "GSPNClassifier", "block_chunk_sizes"]
 
@@ -200,43 +203,6 @@ class ClassifierHead(nn.Module):
         else:  # the Linear on every pixel of the map: a 1×1 convolution with the same weights
             return self.fc(self.drop(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x if pre_logits else self.fc(self.drop(x))
-
-
-def feature_indices(indices: int | Sequence[int] | None, n: int, what: str = "block") -> list[int]:
-    """The sorted indices selected by a timm-style ``indices`` argument of ``forward_intermediates``.
-
-    Args:
-        indices: ``None`` = all ``n``, an int ``k`` = the last ``k``, or a sequence of (possibly
-            negative) indices.
-        n: number of blocks (or stages).
-        what: their name in error messages.
-
-    Raises:
-        IndexError: a count outside ``[0, n]`` or an index outside ``[-n, n)``.
-    """
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        if not 0 <= indices <= n:
-            raise IndexError(f"cannot take the last {indices} of {n} {what}s")
-        return list(range(n - indices, n))
-    for i in indices:
-        if not -n <= i < n:
-            raise IndexError(f"{what} index {i} is out of range for {n} {what}s")
-    return sorted({i % n for i in indices})
-
-
-def record_head_args(model_args: dict[str, Any] | None, num_classes: int, global_pool: str | None) -> None:
-    """Keep a model's construction arguments (what a weight file records) in step with
-    ``reset_classifier(num_classes, global_pool)``: ``"avg"``, the constructors' default, is left
-    out; ``None`` keeps the pooling. No-op for a model without recorded arguments."""
-    if not model_args:
-        return
-    model_args["num_classes"] = num_classes
-    if global_pool == "avg":
-        model_args.pop("global_pool", None)
-    elif global_pool == "":
-        model_args["global_pool"] = ""
 
 
 class ClassifierAPI:
@@ -558,7 +524,7 @@ default_cfgs: dict[str, dict[str, Any]] = {
         reference_params=31_510_268,
         reference_gmacs=5.30,
         train_drop_path_rate=0.2,
-        hf_hub_id="whj363636/GSPN",
+        hf_hub_id=HF_HUB_ID,
         hf_hub_filename="tiny.pth",
         reported_top1=83.0,
     ),
@@ -566,7 +532,7 @@ default_cfgs: dict[str, dict[str, Any]] = {
         reference_params=50_773_346,
         reference_gmacs=12.03,
         train_drop_path_rate=0.4,
-        hf_hub_id="whj363636/GSPN",
+        hf_hub_id=HF_HUB_ID,
         hf_hub_filename="small.pth",
         reported_top1=83.8,
     ),
@@ -574,7 +540,7 @@ default_cfgs: dict[str, dict[str, Any]] = {
         reference_params=93_061_108,
         reference_gmacs=15.86,
         train_drop_path_rate=0.5,
-        hf_hub_id="whj363636/GSPN",
+        hf_hub_id=HF_HUB_ID,
         hf_hub_filename="base.pth",
         reported_top1=84.3,
     ),
@@ -583,20 +549,7 @@ default_cfgs: dict[str, dict[str, Any]] = {
 }
 
 
-def _create_gspn(
-    variant: str, pretrained: bool | str | os.PathLike, model_args: dict[str, Any], **overrides: Any
-) -> GSPNClassifier:
-    """Build ``variant`` from its configuration with user ``overrides``; attach cfg; load weights."""
-    plan = plan_pretrained(variant, "classifier", pretrained, overrides)
-    args = {**model_args, **plan.model_args, **plan.overrides}
-
-    def build() -> GSPNClassifier:
-        model = GSPNClassifier(**args)
-        model.default_cfg = {**default_cfgs[variant], "architecture": variant, "num_classes": model.num_classes}
-        model.model_args = args
-        return model
-
-    return plan.create(build)
+_create_gspn = partial(build_model_with_cfg, GSPNClassifier, reference="classifier")
 
 
 @register_model

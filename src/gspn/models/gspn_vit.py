@@ -34,6 +34,7 @@ Parameters and MACs: ``gspn flops --model gspn_vit_tiny``, or :func:`gspn.models
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -41,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import GSPNBlock
+from ._builder import build_model_with_cfg
 from ._isotropic import IsotropicEncoder, isotropic_cfg
 from ._registry import register_model
-from .reference_checkpoints import plan_pretrained
 
 __all__ = ["GSPNViT", "PatchEmbed"]
 
@@ -189,24 +190,8 @@ default_cfgs: dict[str, dict[str, Any]] = {
 }
 
 
-def _create_gspn_vit(
-    variant: str, pretrained: bool | str | os.PathLike, model_args: dict[str, Any], **overrides: Any
-) -> GSPNViT:
-    """Build ``variant`` from its configuration with user ``overrides``; attach cfg; load weights."""
-    if overrides.get("semantics") == "reference":
-        raise ValueError(f"{variant} has no reference semantics: the GSPN-2 / C-GSPN authors released no code")
-    plan = plan_pretrained(variant, "classifier", pretrained, overrides)
-    if "global_chunk_sizes" in plan.model_args:
-        raise ValueError(f"{pretrained} is a reference GSPN classifier checkpoint; it cannot fit {variant}")
-    args = {**model_args, **plan.model_args, **plan.overrides}
-
-    def build() -> GSPNViT:
-        model = GSPNViT(**args)
-        model.default_cfg = {**default_cfgs[variant], "architecture": variant, "num_classes": model.num_classes}
-        model.model_args = args
-        return model
-
-    return plan.create(build)
+# the reference classifiers' plan (our files and their options); no reference checkpoint fits
+_create_gspn_vit = partial(build_model_with_cfg, GSPNViT, reference="classifier")
 
 
 @register_model

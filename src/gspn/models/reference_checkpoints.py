@@ -31,11 +31,12 @@ DiT wiring                      residual blocks                  ``(hidden, resi
 DiT global out-blocks           last 2                           none (``num_global_blocks=0``)
 =============================== ================================ ===================================
 
-Value conversion: the reference orders the direction-dependent channels ``[gate][direction][c]``
-(w) and ``[direction][c]`` (λ, u, D), with its direction ``k`` = scan frame ``x``, ``xᵀ``,
-``flip(x)``, ``flip(xᵀ)``; this library orders ``[direction][gate][c]`` with directions
-``(tb, bt, lr, rl)``. Reference direction ``k`` goes to slot ``DIRECTION_SLOT[k]``
-(``lr, tb, rl, bt``), the merger's columns likewise; GRN's ``(1, C, 1, 1)`` γ/β become ``(C,)``.
+Each family's key map (names, value conversion, reference options, what its tensor shapes say)
+stands next to its model: :mod:`gspn.models.gspn_vision_keys`, :mod:`gspn.models.gspn_dit_keys`
+(:class:`gspn.models._reference_keys.ReferenceKeyMap`); the GSPN layer's channel order, shared by
+both, is :func:`gspn.models._reference_keys.convert_gspn_value`. This module reads, fits, loads,
+downloads and plans; :func:`gspn.models.convert.convert_checkpoint` (``gspn convert``) writes one of
+our files from one of theirs.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,22 +53,21 @@ import torch
 from torch import nn
 
 from .._pickle import InertObject, LazyTensor, TorchArchive
+from ._reference_keys import ReferenceKeyMap
+from .gspn_dit_keys import GENERATOR_KEYS
+from .gspn_vision_keys import CLASSIFIER_KEYS
 
 __all__ = [
     "DEFAULT_ENTRY",
-    "DIRECTION_SLOT",
-    "HF_HUB_ID",
-    "HUB_FILES",
-    "REPORTED_TOP1",
     "SEMANTIC_KEYS",
     "PretrainedPlan",
     "ReferenceCheckpoint",
-    "convert_checkpoint",
     "convert_reference_state",
     "download_reference_checkpoint",
     "fit_state_dict",
     "infer_model_args",
     "infer_reference_model",
+    "key_map",
     "load_reference_checkpoint",
     "model_kind",
     "plan_pretrained",
@@ -76,28 +75,31 @@ __all__ = [
     "reference_model_args",
 ]
 
-HF_HUB_ID = "whj363636/GSPN"
-HUB_FILES: dict[str, str] = {"gspn_t": "tiny.pth", "gspn_s": "small.pth", "gspn_b": "base.pth"}
-REPORTED_TOP1: dict[str, float] = {"gspn_t": 83.0, "gspn_s": 83.8, "gspn_b": 84.3}
-"""ImageNet-1K top-1 (%) at 224² **reported by the authors** for their checkpoints; not measured here."""
+_FAMILIES: dict[str, ReferenceKeyMap] = {f.kind: f for f in (CLASSIFIER_KEYS, GENERATOR_KEYS)}
+_KINDS = tuple(_FAMILIES)
 
-DIRECTION_SLOT: tuple[int, ...] = (2, 0, 3, 1)
-"""Reference direction ``k`` (scan frames ``x, xᵀ, flip(x), flip(xᵀ)``) → slot in ``gspn.ops.DIRECTIONS``."""
-
-DEFAULT_ENTRY: dict[str, str] = {"classifier": "model", "generator": "ema"}
+DEFAULT_ENTRY: dict[str, str] = {kind: f.default_entry for kind, f in _FAMILIES.items()}
 """Entry loaded by default: what the reference's own evaluation (classifier) / sampler (generator) loads."""
 
-SEMANTIC_KEYS = frozenset(
-    {"norm_eps", "conv_act", "merge_frame", "global_chunk_sizes", "final_norm_eps", "wiring", "num_global_blocks"}
-)
+SEMANTIC_KEYS = frozenset(k for f in _FAMILIES.values() for k in f.reference_args)
 """Constructor options that change what a model computes without changing its parameters."""
 
-_KINDS = ("classifier", "generator")
-_GSPN_PARAMS = ("x_conv_down", "w_conv_up", "l_conv_up", "u_conv_up", "d_conv", "m_conv")
+
+def key_map(kind: str) -> ReferenceKeyMap:
+    """The key map of the reference family ``kind`` (``"classifier"`` or ``"generator"``).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    try:
+        return _FAMILIES[kind]
+    except KeyError:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}") from None
 
 
 def reference_model_args(kind: str, feat_sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """Constructor options that reproduce the reference code's semantics.
+    """Constructor options that reproduce the reference code's semantics (the family's
+    :attr:`~gspn.models._reference_keys.ReferenceKeyMap.reference_args`).
 
     Args:
         kind: ``"classifier"`` (:class:`~gspn.models.GSPNClassifier`) or ``"generator"``
@@ -108,22 +110,10 @@ def reference_model_args(kind: str, feat_sizes: tuple[int, ...] | None = None) -
     Raises:
         ValueError: unknown ``kind``.
     """
-    if kind == "classifier":
-        return {
-            "norm_eps": 1e-5,
-            "conv_act": False,
-            "merge_frame": "scan",
-            "global_chunk_sizes": tuple(feat_sizes or (56, 28, 14, 7)),
-        }
-    if kind == "generator":
-        return {
-            "norm_eps": 1e-5,
-            "final_norm_eps": 1e-6,
-            "merge_frame": "scan",
-            "wiring": "hidden_residual",
-            "num_global_blocks": 0,
-        }
-    raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    args = dict(key_map(kind).reference_args)
+    if feat_sizes and "global_chunk_sizes" in args:
+        args["global_chunk_sizes"] = tuple(feat_sizes)
+    return args
 
 
 def model_kind(model_or_name: nn.Module | str) -> str:
@@ -148,17 +138,9 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(k, str) and _is_tensor(v) for k, v in obj.items())
 
 
-_REF_GEN_KEY = re.compile(r"x_embedder\.proj\.|(in_blocks\.\d+|mid_block|out_blocks\.\d+)\.(conv2d|x_conv_down)\.")
-
-
 def _kind_of_keys(keys: list[str]) -> str | None:
-    """``"classifier"`` / ``"generator"`` from reference tensor names (ours, e.g. ``stem.*`` or
-    ``in_blocks.0.gspn.*``, are neither)."""
-    if any(k.startswith(("patch_embed.", "layers.")) for k in keys):
-        return "classifier"
-    if any(_REF_GEN_KEY.match(k) for k in keys):
-        return "generator"
-    return None
+    """The family whose reference tensor names ``keys`` are (ours are none)."""
+    return next((kind for kind, f in _FAMILIES.items() if f.recognises(keys)), None)
 
 
 @dataclass
@@ -244,6 +226,14 @@ def read_reference_checkpoint(archive: TorchArchive) -> ReferenceCheckpoint:
     return ReferenceCheckpoint(path=path, kind=kind, entries=entries, config=config, obj=obj)
 
 
+def _wrong_kind(ref: ReferenceCheckpoint, arch: str, kind: str) -> ValueError:
+    """The error for a reference checkpoint of another family than model ``arch``'s (``kind``)."""
+    return ValueError(
+        f"{ref.path} is a reference {ref.kind} checkpoint but {arch} is a {kind}: build a {ref.kind} "
+        f"({_FAMILIES[ref.kind].suggest})"
+    )
+
+
 def _config_value(config: Any, key: str) -> Any:
     """First value of ``key`` anywhere in an inert config tree (``None`` when absent)."""
     if isinstance(config, InertObject):
@@ -259,114 +249,12 @@ def _config_value(config: Any, key: str) -> Any:
     return None
 
 
-def _file_defaults(ref: ReferenceCheckpoint, num_stages: int = 4) -> dict[str, Any]:
-    """Options the file's own config fixes: the classifier's feature sizes, the generator's latent size."""
-    if ref.kind == "classifier":
-        feat = _config_value(ref.config, "FEAT_SIZE")
-        if isinstance(feat, (list, tuple)) and len(feat) == num_stages and all(isinstance(v, int) for v in feat):
-            return {"global_chunk_sizes": tuple(feat)}
-        img = _config_value(ref.config, "IMG_SIZE")
-        if isinstance(img, int) and img > 0:
-            return {"global_chunk_sizes": tuple(img // 4 // 2**i for i in range(num_stages))}
-        return {}
-    image_size = _config_value(ref.config, "image_size")
-    return {"input_size": image_size // 8} if isinstance(image_size, int) and image_size > 0 else {}
+def _file_defaults(ref: ReferenceCheckpoint) -> dict[str, Any]:
+    """Options the file's own config fixes (e.g. the classifier's feature sizes, the generator's latent size)."""
+    return _FAMILIES[ref.kind].file_defaults(lambda key: _config_value(ref.config, key))
 
 
 # --- conversion ----------------------------------------------------------------------------------
-
-_BLOCK_INNER_CLS = {
-    "norm": "norm1",
-    "norm2": "norm2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-    "op.in_proj": "mixer.in_proj",
-    "op.conv2d": "mixer.conv",
-    "op.grn": "mixer.grn",
-    "op.out_norm": "mixer.out_norm",
-    "op.out_proj": "mixer.out_proj",
-    **{f"op.{p}": f"mixer.gspn.{p}" for p in _GSPN_PARAMS},
-}
-_BLOCK_INNER_GEN = {
-    "norm": "norm",
-    "in_proj": "in_proj",
-    "conv2d": "conv",
-    "out_conv": "out_conv",
-    "out_dconv": "out_dwconv",
-    "out_proj": "out_proj",
-    "skip_linear": "skip_linear",
-    **{p: f"gspn.{p}" for p in _GSPN_PARAMS},
-}
-_CLS_FIXED = {
-    "patch_embed.0": "stem.conv1",
-    "patch_embed.2": "stem.norm1",
-    "patch_embed.5": "stem.conv2",
-    "patch_embed.7": "stem.norm2",
-    "classifier.norm": "head.norm",
-    "classifier.head": "head.fc",
-}
-_GEN_FIXED = {
-    "x_embedder.proj": "x_embedder",
-    "t_embedder.mlp.0": "t_embedder.linear_1",
-    "t_embedder.mlp.2": "t_embedder.linear_2",
-    "y_embedder.embedding_table": "y_embedder.embedding_table",
-    "norm_f": "norm_f",
-    "final_layer.linear": "final_layer.linear",
-    "final_layer.adaLN_modulation.1": "final_layer.adaLN_modulation.1",
-}
-_CLS_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)\.(\w+)")
-_CLS_DOWN = re.compile(r"layers\.(\d+)\.downsample\.([13])\.(\w+)")
-_GEN_BLOCK = re.compile(r"(in_blocks\.\d+|mid_block|out_blocks\.\d+)\.(.+)\.(\w+)")
-
-
-def _map_name(key: str, kind: str) -> str | None:
-    """This library's name of reference tensor ``key`` (``None``: no such tensor in the reference)."""
-    module, _, leaf = key.rpartition(".")
-    fixed = _CLS_FIXED if kind == "classifier" else _GEN_FIXED
-    if module in fixed:
-        return f"{fixed[module]}.{leaf}"
-    if kind == "classifier":
-        m = _CLS_BLOCK.fullmatch(key)
-        if m and m[3] in _BLOCK_INNER_CLS:
-            return f"stages.{m[1]}.blocks.{m[2]}.{_BLOCK_INNER_CLS[m[3]]}.{m[4]}"
-        m = _CLS_DOWN.fullmatch(key)
-        if m:  # the reference's downsample ends layer i; ours starts stage i + 1
-            return f"stages.{int(m[1]) + 1}.downsample.{'conv' if m[2] == '1' else 'norm'}.{m[3]}"
-        return None
-    m = _GEN_BLOCK.fullmatch(key)
-    if m and m[2] in _BLOCK_INNER_GEN:
-        return f"{m[1]}.{_BLOCK_INNER_GEN[m[2]]}.{m[3]}"
-    return None
-
-
-def _rows_per_block(t: torch.Tensor, blocks: int, name: str) -> int:
-    if t.ndim < 1 or t.shape[0] % blocks:
-        raise ValueError(f"reference tensor {name} has shape {list(t.shape)}: its rows are not {blocks} blocks")
-    return t.shape[0] // blocks
-
-
-def _convert_value(name: str, t: torch.Tensor, ref_name: str) -> torch.Tensor:
-    """Reorder the direction-dependent channels of a GSPN tensor (see the module docstring)."""
-    s = DIRECTION_SLOT
-    if name.endswith("gspn.w_conv_up.weight"):
-        d = _rows_per_block(t, 12, ref_name)
-        perm = torch.empty(12 * d, dtype=torch.long)
-        for k in range(4):
-            for g in range(3):  # ref row g·4D + k·D + c → ours S[k]·3D + g·D + c
-                perm[s[k] * 3 * d + g * d : s[k] * 3 * d + (g + 1) * d] = torch.arange(d) + g * 4 * d + k * d
-        return t.index_select(0, perm.to(t.device))
-    if name.endswith(("gspn.l_conv_up.weight", "gspn.u_conv_up.weight", "gspn.d_conv.weight")):
-        d = _rows_per_block(t, 4, ref_name)
-        perm = torch.empty(4 * d, dtype=torch.long)
-        for k in range(4):  # ref row k·D + c → ours S[k]·D + c
-            perm[s[k] * d : (s[k] + 1) * d] = torch.arange(d) + k * d
-        return t.index_select(0, perm.to(t.device))
-    if name.endswith("gspn.m_conv.weight"):
-        if t.ndim != 4 or t.shape[1] != 4:
-            raise ValueError(f"reference tensor {ref_name} has shape {list(t.shape)}, expected (1, 4, 1, 1)")
-        inverse = [s.index(j) for j in range(4)]  # ours column S[k] ← ref column k
-        return t.index_select(1, torch.tensor(inverse, device=t.device))
-    return t
 
 
 def convert_reference_state(state: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
@@ -385,16 +273,15 @@ def convert_reference_state(state: Mapping[str, torch.Tensor], kind: str) -> dic
     Raises:
         ValueError: a tensor the reference model does not have (named), or a malformed GSPN tensor.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    family = key_map(kind)
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
-        name = _map_name(key, kind)
+        name = family.map_name(key)
         if name is None:
             unknown.append(key)
             continue
-        out[name] = _convert_value(name, value, key)
+        out[name] = family.convert_value(name, value, key)
     if unknown:
         raise ValueError(
             f"{len(unknown)} tensor(s) of the file have no counterpart in a reference GSPN {kind}: {_names(unknown)}"
@@ -475,49 +362,10 @@ def infer_model_args(state: Mapping[str, Any], kind: str) -> dict[str, Any]:
 
     Classifier: ``embed_dim, depths, d_state, in_chans, expand, mlp_ratio, kernel_size,
     num_classes``; generator: ``hidden_size, depth, patch_size, in_channels, d_state, kernel_size,
-    num_classes, learn_sigma``. Options without parameters (which blocks are global, ...) cannot be
-    inferred. Works on lazy or meta tensors.
+    num_classes, learn_sigma`` (the family's ``infer_args``). Options without parameters (which
+    blocks are global, ...) cannot be inferred. Works on lazy or meta tensors.
     """
-    shape = {k: tuple(v.shape) for k, v in state.items()}
-    out: dict[str, Any] = {}
-    if kind == "classifier":
-        if "patch_embed.5.weight" in shape:
-            out["embed_dim"] = shape["patch_embed.5.weight"][0]
-        if "patch_embed.0.weight" in shape:
-            out["in_chans"] = shape["patch_embed.0.weight"][1]
-        depths: dict[int, int] = {}
-        for k in shape:
-            m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k)
-            if m:
-                depths[int(m[1])] = max(depths.get(int(m[1]), 0), int(m[2]) + 1)
-        if depths:
-            out["depths"] = tuple(depths.get(i, 0) for i in range(max(depths) + 1))
-        b = "layers.0.blocks.0."
-        if f"{b}op.x_conv_down.weight" in shape:
-            out["d_state"] = shape[f"{b}op.x_conv_down.weight"][0]
-        if f"{b}op.in_proj.weight" in shape and "embed_dim" in out:
-            out["expand"] = shape[f"{b}op.in_proj.weight"][0] / out["embed_dim"]
-        if f"{b}mlp.fc1.weight" in shape and "embed_dim" in out:
-            out["mlp_ratio"] = shape[f"{b}mlp.fc1.weight"][0] / out["embed_dim"]
-        if f"{b}op.conv2d.weight" in shape:
-            out["kernel_size"] = shape[f"{b}op.conv2d.weight"][-1]
-        out["num_classes"] = shape["classifier.head.weight"][0] if "classifier.head.weight" in shape else 0
-        return out
-    if "x_embedder.proj.weight" in shape:
-        hidden, in_ch, p, _ = shape["x_embedder.proj.weight"]
-        out.update(hidden_size=hidden, in_channels=in_ch, patch_size=p)
-        if "final_layer.linear.weight" in shape:
-            out["learn_sigma"] = shape["final_layer.linear.weight"][0] == p * p * 2 * in_ch
-    n_in = len({m[1] for k in shape if (m := re.match(r"in_blocks\.(\d+)\.", k))})
-    if n_in:
-        out["depth"] = 2 * n_in
-    if "mid_block.x_conv_down.weight" in shape:
-        out["d_state"] = shape["mid_block.x_conv_down.weight"][0]
-    if "mid_block.conv2d.weight" in shape:
-        out["kernel_size"] = shape["mid_block.conv2d.weight"][-1]
-    if "y_embedder.embedding_table.weight" in shape:
-        out["num_classes"] = shape["y_embedder.embedding_table.weight"][0] - 1
-    return out
+    return key_map(kind).infer_args({k: tuple(v.shape) for k, v in state.items()})
 
 
 def _matching_models(state: Mapping[str, Any], kind: str) -> list[str]:
@@ -591,11 +439,7 @@ def load_reference_checkpoint(
     with TorchArchive(path) as archive:
         ref = read_reference_checkpoint(archive)
         if ref.kind != kind:
-            suggest = "gspn_t / gspn_s / gspn_b" if ref.kind == "classifier" else "gspn_dit_b_2 / _l_2 / _xl_2"
-            raise ValueError(
-                f"{ref.path} is a reference {ref.kind} checkpoint but {arch} is a {kind}: build a {ref.kind} "
-                f"({suggest})"
-            )
+            raise _wrong_kind(ref, arch, kind)
         name = ref.entry_name(entry)
         lazy = ref.state_dict(entry)
         source = f"{ref.path}" + (f" (entry {name!r})" if name else "")
@@ -628,7 +472,7 @@ def _offline() -> bool:
     return bool(constants.is_offline_mode())
 
 
-def download_reference_checkpoint(filename: str, repo_id: str = HF_HUB_ID, revision: str | None = None) -> Path:
+def download_reference_checkpoint(filename: str, repo_id: str, revision: str | None = None) -> Path:
     """The local path of ``repo_id/filename``: from the Hugging Face cache, else downloaded into it.
 
     The cache (``HF_HUB_CACHE`` / ``HF_HOME``, as ``huggingface_hub`` resolves it) is tried first,
@@ -702,6 +546,16 @@ class PretrainedPlan:
         return model
 
 
+def _published() -> str:
+    """The registered models with published reference weights, and where (``"gspn_b, ... (repo)"``)."""
+    from ._registry import get_default_cfg, list_models
+
+    cfgs = {name: get_default_cfg(name) for name in list_models()}
+    names = [name for name, cfg in cfgs.items() if cfg.get("hf_hub_filename")]
+    repos = sorted({cfgs[name]["hf_hub_id"] for name in names})
+    return f"{', '.join(names)} ({', '.join(repos)})"
+
+
 def _is_zip(path: Path) -> bool:
     """Whether the file starts like a zip archive (a ``torch.save`` file, possibly truncated)."""
     try:
@@ -712,12 +566,21 @@ def _is_zip(path: Path) -> bool:
 
 
 def plan_pretrained(
-    variant: str, kind: str, pretrained: bool | str | os.PathLike | None, overrides: dict[str, Any]
+    variant: str,
+    kind: str,
+    pretrained: bool | str | os.PathLike | None,
+    overrides: dict[str, Any],
+    default_cfg: dict[str, Any] | None = None,
 ) -> PretrainedPlan:
     """Resolve ``create_model(variant, pretrained=..., **overrides)`` before the model is built.
 
-    * ``pretrained=True``: the authors' checkpoint of ``variant`` from the Hub
-      (:data:`HUB_FILES`; :func:`download_reference_checkpoint`), reference semantics.
+    ``kind`` is the reference family the model belongs to (``"classifier"`` or ``"generator"``) and
+    ``default_cfg`` its registered configuration: its ``hf_hub_id`` / ``hf_hub_filename`` name the
+    authors' published checkpoint, and ``reference_semantics=False`` marks a model that no reference
+    code or checkpoint exists for (e.g. ``gspn_vit_*``).
+
+    * ``pretrained=True``: the authors' checkpoint from the Hub (the cfg's ``hf_hub_id`` /
+      ``hf_hub_filename``; :func:`download_reference_checkpoint`), reference semantics.
     * a ``torch.save`` archive (``.pth``): a reference checkpoint, reference semantics; the entry is
       ``overrides["pretrained_entry"]`` or :data:`DEFAULT_ENTRY`.
     * any other path: one of our safetensors files; semantic options stored in it
@@ -731,15 +594,20 @@ def plan_pretrained(
         RuntimeError / ImportError: ``pretrained=True`` and the file cannot be had (see
             :func:`download_reference_checkpoint`), or no published weights for ``variant``.
         FileNotFoundError: the path does not exist.
-        ValueError: bad ``semantics`` / ``pretrained_entry``, or a checkpoint of the wrong kind.
+        ValueError: bad ``semantics`` / ``pretrained_entry``, a checkpoint of the wrong kind, or
+            reference semantics / a reference checkpoint for a model without reference code.
     """
     from .checkpoint import load_pretrained, read_metadata
 
+    cfg = default_cfg or {}
+    has_reference = cfg.get("reference_semantics", True)
     overrides = dict(overrides)
     entry = overrides.pop("pretrained_entry", None)
     semantics = overrides.pop("semantics", None)
     if semantics not in (None, "aligned", "reference"):
         raise ValueError(f"semantics must be 'aligned' or 'reference', got {semantics!r}")
+    if semantics == "reference" and not has_reference:
+        raise ValueError(f"{variant} has no reference semantics: its authors released no code")
     forced = reference_model_args(kind) if semantics == "reference" else {}
 
     def record(model: nn.Module, info: dict[str, Any]) -> None:
@@ -754,15 +622,15 @@ def plan_pretrained(
 
     hub: dict[str, Any] = {}
     if pretrained is True:
-        if variant not in HUB_FILES:
-            published = ", ".join(HUB_FILES)
+        repo_id, filename = cfg.get("hf_hub_id"), cfg.get("hf_hub_filename")
+        if not (repo_id and filename):
             raise RuntimeError(
                 f"no pretrained weights are published for {variant!r}: the authors publish the "
-                f"classifiers {published} ({HF_HUB_ID}); pass pretrained='path/to/checkpoint' "
+                f"classifiers {_published()}; pass pretrained='path/to/checkpoint' "
                 "(a reference .pth or one of our .safetensors) to load other weights"
             )
-        path = download_reference_checkpoint(HUB_FILES[variant])
-        hub = {"source": "hf-hub", "hf_hub_id": HF_HUB_ID, "hf_hub_filename": HUB_FILES[variant]}
+        path = download_reference_checkpoint(filename, repo_id)
+        hub = {"source": "hf-hub", "hf_hub_id": repo_id, "hf_hub_filename": filename}
     else:
         path = Path(pretrained)
         if not path.is_file():
@@ -789,10 +657,9 @@ def plan_pretrained(
         ref = read_reference_checkpoint(archive)
         ref.entry_name(entry)  # a missing entry fails before the model is built
     if ref.kind != kind:
-        suggest = "gspn_t / gspn_s / gspn_b" if ref.kind == "classifier" else "gspn_dit_b_2 / _l_2 / _xl_2"
-        raise ValueError(
-            f"{path} is a reference {ref.kind} checkpoint but {variant} is a {kind}: build a {ref.kind} ({suggest})"
-        )
+        raise _wrong_kind(ref, variant, kind)
+    if not has_reference:
+        raise ValueError(f"{pretrained} is a reference GSPN {kind} checkpoint; it cannot fit {variant}")
     preset = _file_defaults(ref)
     if semantics == "aligned":  # the reference's weights with this library's semantics, on request
         preset = {k: v for k, v in preset.items() if k not in SEMANTIC_KEYS}
@@ -811,8 +678,6 @@ def plan_pretrained(
                 "semantics": "aligned" if semantics == "aligned" else "reference",
             },
         )
-        if kind == "classifier" and variant in REPORTED_TOP1:
-            record(model, {"reported_top1": REPORTED_TOP1[variant]})
 
     def precheck(probe: nn.Module) -> None:
         load_reference_checkpoint(probe, path, entry=entry, check_only=True)
@@ -820,7 +685,7 @@ def plan_pretrained(
     return PretrainedPlan(preset, overrides, load_reference, precheck)
 
 
-# --- conversion to our format --------------------------------------------------------------------
+# --- which registered model a file is -----------------------------------------------------------
 
 
 def infer_reference_model(path: str | os.PathLike) -> tuple[str, str]:
@@ -840,43 +705,3 @@ def infer_reference_model(path: str | os.PathLike) -> tuple[str, str]:
                 f"{_hint(state, ref.kind)()} (CLI: --model NAME --model-arg KEY=VALUE)"
             )
     return ref.kind, fits[0]
-
-
-def convert_checkpoint(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    model: str | None = None,
-    *,
-    entry: str | None = None,
-    **overrides: Any,
-) -> Path:
-    """Convert a reference checkpoint into one of our safetensors files (``gspn convert``).
-
-    The model is built with the reference semantics (under ``overrides``), loaded, and written by
-    :func:`gspn.models.save_checkpoint` with its architecture and constructor arguments — so
-    :func:`gspn.models.load_model` (or ``create_model(model, pretrained=dst)``) later rebuilds
-    the same model without any pickle. The source is recorded as metadata ``gspn.source``.
-
-    Args:
-        src: reference ``.pth``.
-        dst: output ``.safetensors``.
-        model: registered model name; inferred from the tensor shapes when ``None``.
-        entry: which state dict (default :data:`DEFAULT_ENTRY` of the kind).
-        **overrides: constructor arguments for a reference configuration other than the
-            registered one (e.g. ``embed_dim``, ``depths``).
-
-    Returns:
-        the path written.
-
-    Raises:
-        the errors of :func:`load_reference_checkpoint` and :func:`infer_reference_model`.
-    """
-    from ._registry import create_model
-    from .checkpoint import save_checkpoint
-
-    if model is None:
-        _, model = infer_reference_model(src)
-    net = create_model(model, pretrained=os.fspath(src), pretrained_entry=entry, **overrides)
-    cfg = getattr(net, "default_cfg", {})
-    source = {k: cfg[k] for k in ("file", "checkpoint_entry", "checkpoint_format", "semantics") if k in cfg}
-    return save_checkpoint(net, dst, metadata={"gspn.source": json.dumps(source)})

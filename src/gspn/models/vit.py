@@ -26,6 +26,7 @@ are counted there, where the model is built on the meta device).
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import DropPath, Mlp, MultiHeadSelfAttention
+from ._builder import build_model_with_cfg
 from ._isotropic import IsotropicEncoder, isotropic_cfg
 from ._registry import register_model
-from .checkpoint import load_pretrained
 from .gspn_vit import PatchEmbed
 
 __all__ = ["POS_EMBEDS", "POS_INTERPS", "TransformerBlock", "VisionTransformer", "sincos_pos_embed"]
@@ -273,21 +274,7 @@ default_cfgs: dict[str, dict[str, Any]] = {
 }
 
 
-def _create_vit(
-    variant: str, pretrained: bool | str | os.PathLike, config: dict[str, Any], **overrides: Any
-) -> VisionTransformer:
-    """Build ``variant`` from ``config`` with user ``overrides``; attach its cfg; load ``pretrained``."""
-    if pretrained is True:
-        raise RuntimeError(
-            f"no pretrained weights are published for {variant!r}; train one (gspn train --model {variant}) "
-            "and pass pretrained='path/to/model.safetensors'"
-        )
-    args = {**config, **overrides}
-    model = VisionTransformer(**args)
-    model.default_cfg = {**default_cfgs[variant], "architecture": variant, "num_classes": model.num_classes}
-    model.model_args = args
-    load_pretrained(model, pretrained)
-    return model
+_create_vit = partial(build_model_with_cfg, VisionTransformer)
 
 
 @register_model

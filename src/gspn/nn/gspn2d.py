@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ..ops import DIRECTIONS, gspn_mix, line_scan, line_scan_4d
-from ..ops.validation import check_backend, check_chunk_size
+from ..ops.backends import check_backend
+from ..ops.validation import check_chunk_size
 
 __all__ = ["GSPN2d"]
 

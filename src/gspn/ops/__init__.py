@@ -4,6 +4,14 @@
 * :func:`line_scan_4d` — the four directions ``("tb", "bt", "lr", "rl")`` over one input.
 * :func:`stabilize` — the stability–context gate normalisation.
 * :func:`gspn_mix` — the fused GSPN layer: parameter generation, four scans, gating and merge.
+
+One folder per operator (``line_scan/``, ``gspn_mix/``): its public function and ``torch.library``
+ops in ``__init__.py``, its backends side by side (``reference.py``, ``cpu.py``, ``triton.py`` and
+its kernels), each a registration in :mod:`.backends` (the one registry, keyed by operator and
+backend name). Shared by the operators: :mod:`._library` (op definition, dtype and layout rules),
+:mod:`._autograd` (every autograd mode), :mod:`.directions`, :mod:`.stabilize`, :mod:`.validation`,
+:mod:`._cpu` (building the C++ library from ``csrc/``) and :mod:`._triton` (launch policy and
+shared ``@triton.jit`` helpers).
 """
 
 from .backends import available_backends

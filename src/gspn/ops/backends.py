@@ -1,156 +1,156 @@
-"""Backend registry for the line scan, and the contract every backend fulfils (:class:`ScanBackend`).
+"""The one backend registry of the operators, keyed by ``(op, backend name)``.
 
-A backend is a module, ``gspn.ops.<name>`` for each name of
-:data:`~gspn.ops.validation.BACKENDS` other than ``"auto"`` (``reference``, ``cpu``, ``triton``),
-that satisfies :class:`ScanBackend`. It receives tensors already validated, with H and W
-contiguous; parameters keep their compact broadcast shapes; unless it sets ``NATIVE_DTYPES`` they
-are in the accumulation dtype (float32/float64). ``"auto"`` picks the fastest backend available for
-the device; ``GSPN_BACKEND=<name>`` in the environment replaces ``"auto"``.
+A backend of an operator is a registration: :func:`register_backend` ``(op, name, impl)``, where
+``impl`` is whatever the operator calls (for ``"line_scan"`` a module satisfying
+:class:`gspn.ops.line_scan.ScanBackend`; for ``"gspn_mix"`` one with ``forward``/``backward``, see
+:mod:`gspn.ops.gspn_mix`). Each operator package registers its backends when it is imported
+(``gspn/ops/<op>/__init__.py``); :func:`resolve_backend` is how every operator finds the one to
+run, so a new backend or a new operator is a registration, not an ``if name == ...`` branch.
+
+``backend="auto"`` picks, in registration order, the first available backend registered as
+preferred for the tensors' device type (``auto_on``), else the ``"reference"`` backend;
+``GSPN_BACKEND=<name>`` in the environment replaces ``"auto"``. This module is the bottom of the
+package: it imports nothing from it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .validation import BACKENDS, check_backend
+__all__ = [
+    "Backend",
+    "available_backends",
+    "backend_names",
+    "check_backend",
+    "plain_allocate",
+    "register_backend",
+    "resolve_backend",
+]
 
-__all__ = ["ScanBackend", "available_backends", "plain_allocate", "resolve_backend"]
+REFERENCE = "reference"
+"""The backend every operator has, on every device: the fallback of ``"auto"``."""
 
-_NAMED = tuple(name for name in BACKENDS if name != "auto")
-_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
+
+@dataclass(frozen=True)
+class Backend:
+    """One registration: backend ``name`` of operator ``op``."""
+
+    op: str
+    name: str
+    impl: Any
+    """What the operator calls (its contract is the operator's)."""
+    is_available: Callable[[torch.device], bool]
+    unavailable_reason: Callable[[torch.device], str]
+    """``""`` where available, else a one-line reason for the error message."""
+    auto_on: tuple[str, ...]
+    """Device types for which ``"auto"`` prefers this backend."""
+
+
+_REGISTRY: dict[tuple[str, str], Backend] = {}
 _warned: set[str] = set()
 
 
-@runtime_checkable
-class ScanBackend(Protocol):
-    """What :func:`gspn.ops.line_scan` and :func:`gspn.ops.line_scan_4d` call on a backend module.
+def register_backend(
+    op: str,
+    name: str,
+    impl: Any,
+    *,
+    is_available: Callable[[torch.device], bool] | None = None,
+    unavailable_reason: Callable[[torch.device], str] | None = None,
+    auto_on: Sequence[str] = (),
+) -> Backend:
+    """Register ``impl`` as backend ``name`` of operator ``op`` (replacing an earlier registration).
 
-    ``isinstance(module, ScanBackend)`` checks that every member exists (not their signatures;
-    ``tests/test_ops_api.py`` checks those for the shipped backends).
+    Args:
+        is_available, unavailable_reason: default to ``impl``'s functions of those names.
+        auto_on: device types (``"cpu"``, ``"cuda"``) for which ``backend="auto"`` prefers it.
+
+    Raises:
+        ValueError: ``name`` is ``"auto"`` or not an identifier.
     """
+    if name == "auto" or not name.isidentifier():
+        raise ValueError(f"a backend name must be an identifier other than 'auto', got {name!r}")
+    backend = Backend(
+        op,
+        name,
+        impl,
+        is_available or impl.is_available,
+        unavailable_reason or impl.unavailable_reason,
+        tuple(auto_on),
+    )
+    _REGISTRY[op, name] = backend
+    return backend
 
-    __name__: str
-    """Module name, e.g. ``"gspn.ops.cpu"``."""
 
-    NATIVE_DTYPES: bool
-    """True if the kernels read float16/bfloat16 inputs directly (the caller must not up-cast them);
-    False if they expect everything in the float32/float64 accumulation dtype."""
+def backend_names() -> tuple[str, ...]:
+    """The values of ``backend=``: ``"auto"``, then every registered name in registration order."""
+    names = ["auto"]
+    for _, name in _REGISTRY:
+        if name not in names:
+            names.append(name)
+    return tuple(names)
 
-    def is_available(self, device: torch.device) -> bool:
-        """True if the backend can run on tensors of ``device``."""
-        ...
 
-    def unavailable_reason(self, device: torch.device) -> str:
-        """``""`` if the backend can run on ``device``, else a one-line reason for the error message."""
-        ...
-
-    def allocate(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialised buffer for outputs and gradients (:func:`plain_allocate` unless the backend
-        wants something special, e.g. huge pages)."""
-        ...
-
-    def scan(
-        self,
-        x: torch.Tensor,
-        lam: torch.Tensor,
-        w_left: torch.Tensor,
-        w_mid: torch.Tensor,
-        w_right: torch.Tensor,
-        *,
-        direction: str,
-        chunk_size: int | None,
-        normalize: bool,
-        out: torch.Tensor,
-    ) -> torch.Tensor:
-        """Forward scan of one direction: writes ``h`` (``(B, C, H, W)``, image frame) into ``out``
-        (possibly a strided view, e.g. ``out[:, k]`` of a ``(B, 4, C, H, W)`` buffer) and returns it.
-        ``x`` is ``(B, C, H, W)``; the parameters ``(B or 1, C or a divisor of C, H, W)``."""
-        ...
-
-    def scan_backward(
-        self,
-        grad: torch.Tensor,
-        h: torch.Tensor,
-        x: torch.Tensor,
-        lam: torch.Tensor,
-        w_left: torch.Tensor,
-        w_mid: torch.Tensor,
-        w_right: torch.Tensor,
-        *,
-        direction: str,
-        chunk_size: int | None,
-        normalize: bool,
-        dx: torch.Tensor,
-        accumulate_dx: bool,
-        d_params: Sequence[torch.Tensor],
-    ) -> None:
-        """Adjoint scan of one direction: writes (or, with ``accumulate_dx``, adds) ``dL/dx`` into
-        ``dx`` and the full-size ``(B, C, H, W)`` gradients of ``lam, w_left, w_mid, w_right``
-        (w.r.t. the logits if ``normalize``) into the four ``d_params`` buffers (possibly strided
-        views); reducing them to the broadcast shapes is the caller's job."""
-        ...
+def check_backend(backend: object) -> None:
+    """``backend`` must be one of :func:`backend_names` (``ValueError`` listing them otherwise)."""
+    names = backend_names()
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
 
 
 def plain_allocate(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty(shape, dtype=dtype, device=device)``: :meth:`ScanBackend.allocate` of the backends
-    that need nothing special from their buffers (reference, triton)."""
+    """``torch.empty(shape, dtype=dtype, device=device)``: the buffer allocator of the backends that
+    need nothing special from their buffers (reference, triton)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _import(name: str) -> tuple[ScanBackend | None, str]:
-    """The module of backend ``name``, or ``None`` and why it could not be imported."""
-    try:
-        return importlib.import_module(f"{__package__}.{name}"), ""  # type: ignore[return-value]
-    except ImportError as exc:
-        return None, f"importing {__package__}.{name} failed ({exc})"
-
-
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run on ``device`` (the CPU backend is built on first call)."""
+    """Names of the backends that can run on ``device``, every operator of theirs (the CPU backend is
+    built on first call)."""
     device = torch.device(device)
     names = []
-    for name in _NAMED:
-        module, _ = _import(name)
-        if module is not None and module.is_available(device):
+    for name in backend_names()[1:]:
+        if all(b.is_available(device) for (_, n), b in _REGISTRY.items() if n == name):
             names.append(name)
     return names
 
 
-def resolve_backend(name: str, device: torch.device) -> ScanBackend:
-    """The backend module for ``name`` on ``device``; ``"auto"`` (or ``GSPN_BACKEND``) picks the fastest
-    available one, warning once per backend when a CPU backend falls back to ``"reference"``.
+def resolve_backend(name: str, device: torch.device, op: str = "line_scan") -> Any:
+    """The implementation of backend ``name`` of ``op`` on ``device``; ``"auto"`` (or ``GSPN_BACKEND``)
+    picks the fastest available one, warning once per backend when a CPU backend falls back to
+    ``"reference"``.
 
     Raises:
         ValueError: ``name`` (or a non-empty ``GSPN_BACKEND`` when ``name`` is ``"auto"``) is not one
-            of :data:`~gspn.ops.validation.BACKENDS`.
-        RuntimeError: a named backend that cannot run on ``device`` (the message says why).
+            of :func:`backend_names`.
+        RuntimeError: a named backend that cannot run ``op`` on ``device`` (the message says why).
     """
     if name == "auto":
         name = os.environ.get("GSPN_BACKEND") or "auto"  # unset or empty: auto
-        if name not in BACKENDS:
-            raise ValueError(f"the environment variable GSPN_BACKEND must be one of {BACKENDS}, got {name!r}")
+        if name not in backend_names():
+            raise ValueError(f"the environment variable GSPN_BACKEND must be one of {backend_names()}, got {name!r}")
     else:
         check_backend(name)
     if name != "auto":
-        module, reason = _import(name)
-        if module is None or not module.is_available(device):
-            reason = reason or module.unavailable_reason(device)
+        backend = _REGISTRY.get((op, name))
+        reason = f"it has no {op!r} operator" if backend is None else backend.unavailable_reason(device)
+        if reason:
             raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors: {reason}")
-        return module
-    for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-        module, _ = _import(candidate)
-        if module is not None and module.is_available(device):
-            return module
-        if module is not None and candidate not in _warned and device.type == "cpu":
-            _warned.add(candidate)
+        return backend.impl
+    preferred = [b for (o, _), b in _REGISTRY.items() if o == op and device.type in b.auto_on]
+    for backend in [*preferred, _REGISTRY[op, REFERENCE]]:
+        if backend.is_available(device):
+            return backend.impl
+        if backend.name not in _warned and device.type == "cpu":
+            _warned.add(backend.name)
             warnings.warn(
-                f"gspn: the {candidate!r} backend is unavailable ({module.unavailable_reason(device)}); "
+                f"gspn: the {backend.name!r} backend is unavailable ({backend.unavailable_reason(device)}); "
                 "falling back to the slow reference backend",
                 RuntimeWarning,
                 stacklevel=3,

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from .backends import check_backend
 from .directions import get_direction
 
 PARAM_NAMES = ("lam", "w_left", "w_mid", "w_right")
-BACKENDS = ("auto", "reference", "cpu", "triton")
-"""Values of ``backend=``: ``"auto"``, then each named backend, the module ``gspn.ops.<name>``
-(the one list of backends; :mod:`gspn.ops.backends` imports them from it)."""
 
 
 MAX_CHUNK_SIZE = 2**63 - 1
@@ -62,12 +60,6 @@ def check_chunk_size(chunk_size: object) -> int | None:
             f"chunk_size must be None (global) or an int in [1, 2**63 - 1] (the operators take int64), got {chunk_size}"
         )
     return chunk_size
-
-
-def check_backend(backend: object) -> None:
-    """``backend`` must be one of :data:`BACKENDS` (``ValueError`` listing them otherwise)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def check_flags(normalize: object, backend: object) -> None:
@@ -127,19 +119,6 @@ def check_line_scan_args(
     chunk_size = check_chunk_size(chunk_size)
     check_flags(normalize, backend)
     return chunk_size
-
-
-def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """dtype of the result: the promotion of all input dtypes (e.g. bf16 x with fp32 gates → fp32)."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float32 for half types, otherwise the dtype itself."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def expand_channels(param: torch.Tensor, channels: int, channel_dim: int = 1) -> torch.Tensor:

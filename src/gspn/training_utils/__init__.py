@@ -1,6 +1,6 @@
-"""The training kit every recipe (``gspn.train``, ``gspn.diffusion``, ``gspn.distill``) builds on.
+"""The training kit every recipe (:mod:`gspn.recipes`) builds on.
 
-It imports nothing above :mod:`gspn.models`:
+It imports nothing above :mod:`gspn.integrations` (and no recipe):
 
 * :mod:`.state` — one training-state format (:func:`training_state`: the same key names in every
   recipe, an atomic, weights-only ``torch.save`` dict; :func:`load_state` reads the older key names too)
@@ -12,14 +12,17 @@ It imports nothing above :mod:`gspn.models`:
   constant or cosine);
 * :mod:`.distributed` — ``torchrun`` set-up/tear-down and reductions;
 * :mod:`.metrics` — the JSON-lines log and its plot;
+* :mod:`.config` — the one config vocabulary (:class:`RunConfig`, whose field names are the flag names),
+  the one device resolver (:func:`resolve_device`) and precision spelling (:func:`autocast_dtype`);
+* :mod:`.runner` — :func:`run` of a :class:`Recipe`: the shell and outer loop every recipe shares;
 * :mod:`.loop` — :func:`train_one_epoch`, :func:`evaluate`, :func:`check_finite` and friends.
 """
 
+from .config import PRECISIONS, ConfigError, RunConfig, autocast_dtype, config_dict, resolve_device
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, cleanup_distributed, init_distributed
 from .ema import build_ema, load_ema_weights
 from .loop import (
     EpochStats,
-    autocast_dtype,
     check_finite,
     evaluate,
     param_groups,
@@ -28,6 +31,7 @@ from .loop import (
     weights_digest,
 )
 from .metrics import Panel, append_metrics, json_safe, plot_metrics, read_metrics, truncate_metrics
+from .runner import Progress, Recipe, RunInterrupted, run
 from .schedule import SCHEDULES, build_lr_scheduler, lr_factor
 from .seeding import derive_seed, seed_all, step_generator
 from .state import (
@@ -44,12 +48,18 @@ from .state import (
 )
 
 __all__ = [
+    "PRECISIONS",
     "SCHEDULES",
     "STATE_FORMAT",
     "STATE_KEYS",
+    "ConfigError",
     "DistContext",
     "EpochStats",
     "Panel",
+    "Progress",
+    "Recipe",
+    "RunConfig",
+    "RunInterrupted",
     "all_gather_objects",
     "all_reduce_sum",
     "append_metrics",
@@ -60,6 +70,7 @@ __all__ = [
     "capture_rng",
     "check_finite",
     "cleanup_distributed",
+    "config_dict",
     "derive_seed",
     "evaluate",
     "init_distributed",
@@ -70,8 +81,10 @@ __all__ = [
     "param_groups",
     "plot_metrics",
     "read_metrics",
+    "resolve_device",
     "restore_rank_rng",
     "restore_rng",
+    "run",
     "save_state",
     "seed_all",
     "step_generator",

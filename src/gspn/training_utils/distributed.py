@@ -39,10 +39,10 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistCo
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    from .config import resolve_device
+
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device} requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)

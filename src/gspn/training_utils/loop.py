@@ -4,7 +4,6 @@ finiteness checks and a weights digest."""
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,6 @@ from .distributed import DistContext, all_reduce_sum
 
 __all__ = [
     "EpochStats",
-    "autocast_dtype",
     "check_finite",
     "evaluate",
     "param_groups",
@@ -26,20 +24,6 @@ __all__ = [
     "train_one_epoch",
     "weights_digest",
 ]
-
-
-def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``--amp`` ``mode`` (``auto``, ``off``, ``bf16``, ``fp16``) on ``device``;
-    ``None`` for float32 (always off the GPU)."""
-    if mode not in ("auto", "off", "bf16", "fp16"):
-        raise ValueError(f"--amp must be auto, off, bf16 or fp16, not {mode!r}")
-    if mode == "off" or device.type != "cuda":
-        if mode in ("bf16", "fp16") and device.type != "cuda":
-            warnings.warn("mixed precision is only used on CUDA; training in float32", stacklevel=3)
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -118,14 +118,45 @@ def training_state(
     }
 
 
+#: Config field names (and values) of states written before the recipes shared one vocabulary → today's.
+_LEGACY_CONFIG_KEYS = {
+    "output": "output_dir",
+    "img_size": "image_size",
+    "resolution": "image_size",
+    "in_chans": "in_channels",
+    "amp": "precision",
+    "mixed_precision": "precision",
+    "max_grad_norm": "clip_grad",
+}
+_LEGACY_PRECISION = {"off": "fp32", "no": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    for old, new in _LEGACY_CONFIG_KEYS.items():
+        if old in config and new not in config:
+            config[new] = config.pop(old)
+    if "precision" in config:
+        config["precision"] = _LEGACY_PRECISION.get(config["precision"], config["precision"])
+    if "verbose" in config and "quiet" not in config:
+        config["quiet"] = not config.pop("verbose")
+    return config
+
+
 def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
     """Rename the legacy keys of ``state`` in place (``opt`` → ``optimizer``, ``lr_scheduler`` →
-    ``scheduler``, ``trainable`` → ``model``, ``args`` → ``config``, ``arch`` → ``model_name``) and return
-    it. A key already present under its new name wins. States written by :func:`training_state` are
+    ``scheduler``, ``trainable`` → ``model``, ``args`` → ``config``, ``arch`` → ``model_name``) and the
+    config's legacy field names (``output``, ``img_size``, ``in_chans``, ``amp``, ...), and return it.
+    A key already present under its new name wins. States written by :func:`training_state` are
     returned unchanged."""
+    legacy = False
     for old, new in _LEGACY_KEYS.items():
         if old in state and new not in state:
             state[new] = state.pop(old)
+            legacy = True
+    if legacy:  # the DiT and distillation states written before the shared format had no ``format``
+        state.setdefault("format", STATE_FORMAT)
+    if isinstance(state.get("config"), dict):
+        _upgrade_config(state["config"])
     return state
 
 
