@@ -14,10 +14,10 @@ the same way for every recipe:
    (:meth:`Recipe.resume_note`);
 4. **the loop** — one header line, one progress bar over the optimizer steps, one metrics record per unit
    (``metrics.jsonl``), the training state (``last.pt``, the kit's one format) whenever the recipe says it
-   is due; after each unit the weights and the loss are checked for NaN/Inf, and a stop names its cause
-   (non-finite data vs divergence) and only the files that exist;
-5. **Ctrl-C** — the first interrupt finishes the current optimizer step, saves the state and says how to
-   continue; a second one stops at once;
+   is due; after each unit the loss, and before each save the weights, are checked for NaN/Inf, and a
+   stop names what went non-finite, its cause (non-finite data vs divergence) and only files that exist;
+5. **Ctrl-C** — the first interrupt finishes the current unit (epoch or step; on every rank), saves the
+   state and says how to continue; a second one stops at once;
 6. **finish** — :meth:`Recipe.export`, ``summary.json``, one closing line; the folder is released and
    the process group left, also on error.
 """
@@ -42,7 +42,7 @@ from torch import nn
 
 from .._files import RunDir, RunDirError, atomic_write, check_output_dir, claim_run_dir
 from .config import RUN_FIELDS, ConfigError, RunConfig, config_dict
-from .distributed import DistContext, all_gather_objects, cleanup_distributed, init_distributed
+from .distributed import DistContext, all_gather_objects, all_reduce_sum, cleanup_distributed, init_distributed
 from .metrics import append_metrics, json_safe, read_metrics, truncate_metrics
 from .state import STATE_FORMAT, capture_rng, load_state, restore_rank_rng, save_state, training_state
 
@@ -171,7 +171,7 @@ class Recipe:
     def run_unit(self, index: int, progress: Progress) -> dict[str, Any] | None:
         """Do unit ``index`` (0-based); return its metrics record (``None``: nothing to log).
 
-        A record's ``"loss"`` (if present) is checked for NaN/Inf by the runner.
+        The record's :attr:`loss_key` entry (if present) is checked for NaN/Inf by the runner.
         """
         raise NotImplementedError
 
@@ -207,7 +207,8 @@ class Recipe:
         return None
 
     def checked_modules(self) -> dict[str, nn.Module]:
-        """Modules whose parameters must stay finite (checked after every unit and before every save)."""
+        """Modules whose parameters must stay finite (checked before every save and after the last unit: one
+        device sync per tensor)."""
         return {}
 
     def nonfinite_cause(self) -> str:
@@ -217,7 +218,7 @@ class Recipe:
     # ------------------------------------------------------------------ the end
     def export(self, out: Path, finished: bool) -> dict[str, Any]:
         """Write the run's products (weights, samples) to ``out`` on rank 0; return summary entries.
-        ``finished``: every unit is done (``False`` after a time limit or ``stop_after``)."""
+        ``finished``: every unit is done (``False`` after :meth:`stop_early` stopped the run)."""
         return {}
 
     def closing(self, summary: dict[str, Any]) -> str:
@@ -271,6 +272,11 @@ def _check_resume(recipe: Recipe, state: dict[str, Any], path: Path) -> dict[str
             "settings, or set `allow_changes` to continue with these",
         )
     return changed
+
+
+def _any_rank(flag: bool, ctx: DistContext) -> bool:
+    """``flag`` is true on some rank (every rank stops at the same unit)."""
+    return all_reduce_sum([float(flag)], ctx)[0] > 0 if ctx.distributed else flag
 
 
 def _nonfinite(recipe: Recipe, record: dict[str, Any] | None, weights: bool = True) -> str | None:
@@ -481,7 +487,7 @@ def _loop(recipe: Recipe, shell: _Shell, start: int, resume_path: Path | None, n
                 record = recipe.run_unit(unit, progress)
                 last = unit == end - 1
                 stopped = recipe.stop_early(unit, start)
-                if progress.stop_requested:
+                if _any_rank(progress.stop_requested, ctx):
                     stopped = "interrupted"
                 saved = recipe.stateful and (recipe.save_due(unit, last) or bool(stopped))
                 bad = _nonfinite(recipe, record, weights=saved or last)

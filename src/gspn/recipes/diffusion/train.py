@@ -158,8 +158,6 @@ class DiTTrainRecipe(Recipe):
         self.last: dict[str, float] = {}
         self._t0: float | None = None
         self._timed_out = False
-        self._check_weights = False
-        self._progress: Progress | None = None
 
     # ------------------------------------------------------------------ before anything is written
     def check(self) -> None:
@@ -293,10 +291,7 @@ class DiTTrainRecipe(Recipe):
             group["lr"] = base * fn(start)
 
     def checked_modules(self) -> dict[str, nn.Module]:
-        # The loss is checked after every step; the weights (one device sync per tensor) only before a
-        # state is written: on a checkpoint step, at a stop, on Ctrl-C.
-        stopping = self._progress is not None and self._progress.stop_requested
-        return {"weights": self.model} if self._check_weights or stopping else {}
+        return {"weights": self.model}
 
     def nonfinite_cause(self) -> str:
         bad = int((~torch.isfinite(self.x_all.flatten(1))).any(1).sum())
@@ -329,7 +324,6 @@ class DiTTrainRecipe(Recipe):
 
     def run_unit(self, index: int, progress: Progress) -> dict[str, Any] | None:
         cfg = self.config
-        self._progress = progress
         if self._t0 is None:
             self._t0 = self._t_window = time.time()
             self.model.train()
@@ -341,7 +335,6 @@ class DiTTrainRecipe(Recipe):
         self._n_window += 1
         progress.update(1, loss=values["loss"])
         self._timed_out = cfg.max_minutes > 0 and (time.time() - self._t0) / 60 >= cfg.max_minutes
-        self._check_weights = self._timed_out or self.save_due(index, step == cfg.steps)
         if step % cfg.log_every and step != cfg.steps:
             if not math.isfinite(self._window["loss"]):  # the runner's guard stops before anything is written
                 return {"step": step, "loss": self._window["loss"]}
