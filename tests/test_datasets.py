@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
 from gspn.datasets import DigitsDataset, build_data, center_crop_resize, random_resized_crop
@@ -36,3 +40,15 @@ def test_transforms() -> None:
     # full-scale, identity-ratio crop of a square image is a plain resize
     sq = torch.rand(1, 8, 8)
     assert torch.allclose(random_resized_crop(sq, 8, scale=(1, 1), ratio=(1, 1)), sq)
+
+
+def test_validation_classes_the_training_set_lacks_are_an_error(tmp_path: Path) -> None:
+    # val/c used to be dropped without a word (and the run reported its accuracy on the rest)
+    from PIL import Image
+
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "c"))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / split / c / "0.png")
+    with pytest.raises(ValueError, match="class folders the training set lacks: c"):
+        build_data(str(tmp_path), img_size=8)

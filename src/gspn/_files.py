@@ -109,17 +109,26 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: str | torch.devi
     """``torch.load`` that never runs code from the file (``weights_only=True``).
 
     Tensors, numbers, strings and plain containers load; a pickle naming any other global (for
-    example ``os.system``) raises :class:`UnsafeCheckpointError` naming the file, and nothing in it runs.
+    example ``os.system``) raises :class:`UnsafeCheckpointError` naming the file, and nothing in it runs;
+    a file that is not a ``torch.save`` file (empty, cut short, text) raises ``ValueError``.
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "GLOBAL" in line or "global" in line), first[0] if first else "")
+        lines = str(exc).strip().splitlines()
+        detail = next((line for line in lines if "GLOBAL" in line or "global" in line), "")
+        if not detail:  # an opcode no pickle of torch.save holds: text, JSON, an image...
+            raise ValueError(f"{os.fspath(path)}: not a checkpoint (not a torch.save file)") from None
         raise UnsafeCheckpointError(
             f"{os.fspath(path)}: refused to load: its pickle needs more than tensors and plain data, so it "
             f"could run code ({detail.strip()})"
         ) from None
+    except (EOFError, IndexError, KeyError):
+        raise ValueError(f"{os.fspath(path)}: not a checkpoint (empty, cut short or not a torch.save file)") from None
+    except RuntimeError as exc:
+        if "zip archive" not in str(exc) and "PytorchStreamReader" not in str(exc):
+            raise
+        raise ValueError(f"{os.fspath(path)}: not a checkpoint (a damaged torch.save archive)") from None
 
 
 class RunDirError(ValueError):

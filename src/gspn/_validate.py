@@ -92,7 +92,7 @@ def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+            raise ConfigError("model_args", f"expects KEY=VALUE items, got {item!r}")
         if value.strip().lower() in constants:
             out[key] = constants[value.strip().lower()]
             continue

@@ -141,6 +141,9 @@ class ImageFolderDataset(Dataset):
         self.classes = list(classes) if classes is not None else sorted(p.name for p in root.iterdir() if p.is_dir())
         if not self.classes:
             raise ValueError(f"no class directories in {root}")
+        unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in self.classes)
+        if unknown:  # e.g. val/<class> without train/<class>: its images would be dropped without a word
+            raise ValueError(f"{root} has class folders the training set lacks: {', '.join(unknown)}")
         self.samples: list[tuple[Path, int]] = []
         for idx, name in enumerate(self.classes):
             d = root / name

@@ -252,3 +252,26 @@ def test_train_rejects_nonsense_with_one_line_naming_the_flag(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and needle in err, err
     assert not (out / "last.pt").exists()
+
+
+def test_errors_are_said_by_the_command_and_warnings_are_one_line(tmp_path, capsys):
+    from gspn.commands import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", "x"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("gspn train: error: unrecognized arguments: --out x")
+    assert "(see gspn train --help)" in err
+    # every model name is checked before anything is printed
+    assert main(["flops", "--model", "gspn_micro", "no_such_model"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "unknown model 'no_such_model'" in err
+    import subprocess
+    import sys
+
+    argv = ["train", "--model", "baseline_conv", "--model-arg", "width=4", "--image-size", "16", "--epochs", "1"]
+    argv += ["--train-limit", "32", "--val-limit", "16", "--workers", "0", "--precision", "fp16", "--quiet"]
+    argv += ["--no-progress", "--no-plot", "--threads", "1", "--output-dir", str(tmp_path / "run")]
+    proc = subprocess.run([sys.executable, "-m", "gspn", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "gspn train: warning: fp16 mixed precision is only used on CUDA; running in float32\n"

@@ -153,3 +153,33 @@ def test_ctrl_c_during_an_epoch_saves_that_epoch_and_resume_is_exact(tmp_path: P
     assert load_state(tmp_path / "split/last.pt")["epoch"] == 0
     resumed = train(classification_config(tmp_path, "split", resume="auto"))
     assert resumed["rank_weight_digests"] == straight["rank_weight_digests"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"min_lr": 5.0}, r"min_lr \(5\) must not exceed `lr`"),  # the cosine would climb: was accepted
+        ({"model_args": {"width": -3}}, r"model_args \{'width': -3\} for baseline_conv: .*negative dimension"),
+        ({"model_args": {"width": 8.5}}, r"model_args \{'width': 8.5\} for baseline_conv: .*divisible"),
+        ({"model_args": {"in_chans": 1}}, r"model_args cannot set in_chans: the run sets it"),
+    ],
+)
+def test_settings_that_cannot_train_are_refused_before_anything_is_written(tmp_path, overrides, needle):
+    from gspn.training_utils import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        train(classification_config(tmp_path, "bad", **overrides))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_eval_takes_a_run_folder_and_names_a_missing_checkpoint(tmp_path):
+    from gspn.training_utils import ConfigError
+
+    train(classification_config(tmp_path, "e", epochs=1))
+    by_folder = evaluate_checkpoint(tmp_path / "e", workers=0)
+    by_file = evaluate_checkpoint(tmp_path / "e/best.pt", workers=0)
+    assert by_folder == by_file and by_file["checkpoint"] == str(tmp_path / "e/best.pt")
+    with pytest.raises(ConfigError, match="checkpoint names no file"):
+        evaluate_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        evaluate_checkpoint(tmp_path / "e", batch_size=0)

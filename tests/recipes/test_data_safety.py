@@ -384,3 +384,15 @@ def test_python_dash_m_gspn_is_the_gspn_command() -> None:
 
     out = subprocess.run([sys.executable, "-m", "gspn", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("gspn ")
+
+
+@pytest.mark.parametrize("content", [b"", b'{"epoch": 0}\n', b"\x80\x04K"])
+def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error_not_an_unsafe_pickle(tmp_path, capsys, content):
+    path = tmp_path / "not.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a checkpoint") as exc:
+        safe_torch_load(path)
+    assert not isinstance(exc.value, UnsafeCheckpointError)
+    assert main(["eval", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a checkpoint" in err[0]

@@ -301,6 +301,20 @@ def test_ctrl_c_before_the_first_checkpoint_saves_and_resume_continues_exactly(t
 
 
 @needs_diffusers
+def test_a_resume_inside_a_log_window_logs_what_the_straight_run_logs(tmp_path):
+    # the running loss sums of the window were not saved: the record spanning the interrupt differed
+    train_dit(_dit_config(tmp_path / "straight", steps=6, log_every=3, ckpt_every=100))
+    out = tmp_path / "split"
+    with pytest.raises(RunInterrupted):
+        run_recipe(_CtrlCAt(_dit_config(out, steps=6, log_every=3, ckpt_every=100), at=2))
+    train_dit(_dit_config(out, steps=6, log_every=3, ckpt_every=100, resume="auto"))
+    keys = ("step", "loss", "mse", "vb", "lr", "grad_norm")
+    straight, split = (read_metrics(p / "metrics.jsonl") for p in (tmp_path / "straight", out))
+    assert [{k: r[k] for k in keys} for r in split] == [{k: r[k] for k in keys} for r in straight]
+    assert [r["step"] for r in split] == [3, 6]
+
+
+@needs_diffusers
 @pytest.mark.parametrize("marked", [True, False])
 def test_a_last_pt_of_the_old_dit_format_resumes_exactly(tmp_path, marked):
     """A ``last.pt`` written before the runner (no ``command``/``unit``) and before the shared key names

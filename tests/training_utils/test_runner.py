@@ -204,3 +204,41 @@ def test_a_state_of_another_task_is_refused(tmp_path):
     torch.save(state, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a `gspn toy` training state"):
         _run(tmp_path, "next", resume=str(tmp_path / "other.pt"))
+
+
+class _ValNaN(Toy):
+    def run_unit(self, index: int, progress: Progress) -> dict[str, Any]:
+        record = super().run_unit(index, progress)
+        return {**record, "val_loss": float("nan") if index == 1 else 0.5}
+
+
+def test_a_non_finite_validation_loss_stops_the_run_too(tmp_path):
+    # finite weights that give NaN outputs must not be saved (and counted as the best epoch)
+    with pytest.raises(FloatingPointError, match=r"non-finite val_loss \(nan\) in step 2"):
+        run(_ValNaN(ToyConfig(output_dir=str(tmp_path / "run"), ckpt_every=1)))
+    assert load_state(tmp_path / "run/last.pt")["step"] == 1
+
+
+def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, capsys):
+    first = _run(tmp_path)
+    capsys.readouterr()
+    again = _run(tmp_path, resume="auto")
+    assert "holds the finished run (step 6/6): nothing to do" in capsys.readouterr().out
+    assert again["weight"] == first["weight"]
+
+
+class _FailingJob(Recipe):
+    command: ClassVar[str] = "job"
+
+    def build(self, ctx: Any) -> None:
+        pass
+
+    def run_unit(self, index: int, progress: Progress) -> dict[str, Any] | None:
+        (self.out / "partial.txt").write_text("x")
+        raise ValueError("the job failed half-way")
+
+
+def test_a_failed_job_keeps_what_it_wrote_but_not_its_lock(tmp_path):
+    with pytest.raises(ValueError, match="half-way"):
+        run(_FailingJob(RunConfig(output_dir=str(tmp_path / "job"))))
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["partial.txt"]

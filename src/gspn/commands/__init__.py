@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill_encoder.register(sub)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.commands = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
 
 
@@ -85,9 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gspn`` console script and ``python -m gspn``; returns the exit status.
 
     Errors of the input (a bad value, a missing file, a refused folder) print one line and return 2; a
-    diverged run 1; Ctrl-C 130. ``--debug`` (or ``GSPN_DEBUG=1``) shows the traceback instead.
+    diverged run 1; Ctrl-C 130. ``--debug`` (or ``GSPN_DEBUG=1``) shows the traceback instead. Python
+    warnings print as one ``gspn COMMAND: warning: ...`` line.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser: `gspn train: error: ... (see gspn train --help)`
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    warnings.formatwarning = lambda message, category, *_: f"gspn {args.command}: warning: {message}\n"
     threads = getattr(args, "threads", 0)
     if isinstance(threads, int) and threads < 0:
         print(f"gspn {args.command}: error: --threads must be >= 0, got {threads}", file=sys.stderr)

@@ -154,10 +154,10 @@ def _cmd_flops(args: argparse.Namespace) -> int:
         for value in values:
             if value is not None and value < 1:
                 raise ValueError(f"{F.flag(flag)} must be a positive integer, got {value}")
+    tasks = {name: model_task(name) for name in names}  # every name checked before any output
     if not args.json:
         print(f"{'model':<20} {'input':>14} {'params (M)':>12} {'GMACs':>10} {'paper params':>14} {'paper GMACs':>12}")
-    for name in names:
-        task = model_task(name)
+    for name, task in tasks.items():
         cfg = {} if name.startswith("baseline_") else get_default_cfg(name)
         default_chans, default_size = cfg.get("input_size", (3, 224, 224))[:2]
         hw = (sides * 2)[:2] if sides else [default_size, default_size]

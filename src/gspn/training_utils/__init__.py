@@ -18,7 +18,15 @@ It imports nothing above :mod:`gspn.integrations` (and no recipe):
 * :mod:`.loop` — :func:`train_one_epoch`, :func:`evaluate`, :func:`check_finite` and friends.
 """
 
-from .config import PRECISIONS, ConfigError, RunConfig, autocast_dtype, config_dict, resolve_device
+from .config import (
+    PRECISIONS,
+    ConfigError,
+    RunConfig,
+    autocast_dtype,
+    config_dict,
+    model_from_config,
+    resolve_device,
+)
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, cleanup_distributed, init_distributed
 from .ema import build_ema, load_ema_weights
 from .loop import (
@@ -78,6 +86,7 @@ __all__ = [
     "load_ema_weights",
     "load_state",
     "lr_factor",
+    "model_from_config",
     "param_groups",
     "plot_metrics",
     "read_metrics",

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from .._validate import ConfigError
 
@@ -25,6 +27,7 @@ __all__ = [
     "RunConfig",
     "autocast_dtype",
     "config_dict",
+    "model_from_config",
     "resolve_device",
 ]
 
@@ -115,3 +118,26 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def model_from_config(
+    factory: Callable[..., nn.Module], model: str, model_args: dict[str, Any], **fixed: Any
+) -> nn.Module:
+    """``factory(model, **fixed, **model_args)``: the model a run builds from its ``model`` and
+    ``model_args`` fields, with ``fixed`` the arguments the run sets itself (from the data or other fields).
+
+    Raises:
+        ConfigError: naming ``model_args``, when it sets one of ``fixed`` or the constructor rejects it
+            (an unknown, ill-typed or impossible override: the constructor's ``TypeError``,
+            ``ValueError`` or ``RuntimeError``).
+    """
+    clash = sorted(set(fixed) & set(model_args))
+    if clash:
+        names = ", ".join(clash)
+        raise ConfigError("model_args", f"cannot set {names}: the run sets it from the data or its own fields")
+    try:
+        return factory(model, **fixed, **model_args)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if not model_args:
+            raise
+        raise ConfigError("model_args", f"{model_args} for {model}: {exc}") from exc

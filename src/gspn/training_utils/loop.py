@@ -41,7 +41,7 @@ def check_finite(model: nn.Module, step: int, what: str = "weights") -> None:
     if bad:
         raise FloatingPointError(
             f"non-finite {what} at step {step} ({len(bad)} tensors, e.g. {bad[0]}); stopped before writing: "
-            "the run folder keeps the last good state (lower --lr or set --clip-grad)"
+            "the run folder keeps the last good state (lower `lr`, or `clip_grad`)"
         )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -110,7 +111,8 @@ class Recipe:
         unit: what :meth:`run_unit` does once: ``"epoch"``, ``"step"`` or ``"job"``. A record's
             ``record[unit]`` is the epoch index (0-based) or the steps done, which on resume drops the
             records written after the state (:meth:`metrics_position`).
-        loss_key: the record entry checked for NaN/Inf after every unit.
+        loss_key: the record entry that is the unit's loss; it, ``"loss"`` and every ``*_loss`` entry of a
+            record (a validation loss too) are checked for NaN/Inf after every unit.
         free_fields: config fields that may change between the invocations of one run without changing its
             numbers (limits of one invocation, logging), beyond :data:`~.config.RUN_FIELDS`.
         resume_files: the state files ``resume="auto"`` looks for in the output folder, in order (a recipe
@@ -171,7 +173,7 @@ class Recipe:
     def run_unit(self, index: int, progress: Progress) -> dict[str, Any] | None:
         """Do unit ``index`` (0-based); return its metrics record (``None``: nothing to log).
 
-        The record's :attr:`loss_key` entry (if present) is checked for NaN/Inf by the runner.
+        The record's losses (:attr:`loss_key`, ``*_loss``) are checked for NaN/Inf by the runner.
         """
         raise NotImplementedError
 
@@ -286,9 +288,10 @@ def _nonfinite(recipe: Recipe, record: dict[str, Any] | None, weights: bool = Tr
         bad = [n for n, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
             return f"{name} ({len(bad)} tensors, e.g. {bad[0]})"
-    loss = (record or {}).get(recipe.loss_key)
-    if isinstance(loss, (int, float)) and not math.isfinite(loss):
-        return f"loss ({loss})"
+    for key, value in (record or {}).items():
+        is_loss = key in (recipe.loss_key, "loss") or key.endswith("_loss")
+        if is_loss and isinstance(value, (int, float)) and not math.isfinite(value):
+            return f"{key} ({value})"
     return None
 
 
@@ -299,7 +302,11 @@ def _graceful_interrupt(progress: Progress, unit: str) -> Iterator[None]:
         yield
         return
 
+    pid = os.getpid()
+
     def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:  # a forked DataLoader worker: the main process stops the run
+            return
         if progress.stop_requested:
             raise KeyboardInterrupt
         progress.stop_requested = True
@@ -361,18 +368,17 @@ def _existing(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
 
 
-def _forget_new_folder(folder: Path, before: set[str] | None) -> None:
+def _forget_new_folder(folder: Path, before: set[str] | None, only: set[str] | None = None) -> None:
     """Remove what a run that failed before writing any state added to its folder (``before``: the
-    folder's entries before the run, ``None`` if the run created it), so that the corrected command is
-    not refused as "already holds a run"."""
+    folder's entries before the run, ``None`` if the run created it; ``only``: just these names), so that
+    the corrected command is not refused as "already holds a run"; a created folder left empty goes too."""
     if not folder.is_dir():
         return
-    if before is None:
-        shutil.rmtree(folder, ignore_errors=True)
-        return
     for p in folder.iterdir():
-        if p.name not in before:
+        if (before is None or p.name not in before) and (only is None or p.name in only):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if before is None and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _first_unit(recipe: Recipe, state: dict[str, Any] | None) -> int:
@@ -453,11 +459,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
     except BaseException:
         # a run that saved nothing leaves nothing (a job: nothing, if it failed before its work began)
         unsaved = shell.saved_unit is None if recipe.stateful else not shell.started
-        if ctx.is_main and recipe.writes_folder and unsaved:
+        if ctx.is_main and recipe.writes_folder:
             if run_dir is not None:
                 run_dir.release()
                 run_dir = None
-            _forget_new_folder(out, before)
+            if unsaved:
+                _forget_new_folder(out, before)
+            else:  # keep what the run wrote, not its lock (nor a folder that holds nothing else)
+                _forget_new_folder(out, before, only={".gspn.lock"})
         raise
     finally:
         if run_dir is not None:
@@ -471,10 +480,14 @@ def _loop(recipe: Recipe, shell: _Shell, start: int, resume_path: Path | None, n
     main = ctx.is_main and not cfg.quiet
     if main:
         print(recipe.header(), flush=True)
-        if resume_path is not None:
+        if resume_path is not None and start >= total:
+            print(f"{resume_path} holds the finished run ({recipe.unit} {total}/{total}): nothing to do", flush=True)
+        elif resume_path is not None:
             print(f"resumed from {resume_path} at {recipe.unit} {start + 1}/{total}", flush=True)
         if note:
             print(note, flush=True)
+    if resume_path is not None and start >= total and (recipe.out / "summary.json").is_file():
+        return json.loads((recipe.out / "summary.json").read_text())  # its products are written already
     per = recipe.steps_per_unit()
     progress = Progress(total * per, start * per, recipe.command, cfg.progress and ctx.is_main, not main)
     t0 = time.perf_counter()

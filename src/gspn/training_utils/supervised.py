@@ -130,6 +130,8 @@ def check_epoch_config(cfg: EpochRunConfig) -> None:
     check_int("workers", cfg.workers, minimum=0)
     for name in ("lr", "min_lr", "weight_decay", "warmup_epochs"):
         check_number(name, getattr(cfg, name), 0)
+    if cfg.min_lr > cfg.lr:  # the "cosine decay" would climb to min_lr
+        raise ConfigError("min_lr", f"({cfg.min_lr:g}) must not exceed `lr` ({cfg.lr:g})")
     check_number("label_smoothing", cfg.label_smoothing, 0, 1, hi_open=True)
     check_number("clip_grad", cfg.clip_grad, 0, allow_none=True)
     check_choice("precision", cfg.precision, PRECISIONS)
@@ -253,7 +255,7 @@ class EpochRecipe(Recipe):
         return self.gen
 
     def nonfinite_cause(self) -> str:
-        return "the training diverged (lower `lr` or set `clip_grad`)"
+        return "the training diverged (lower `lr`, or `clip_grad`)"
 
     def stop_early(self, index: int, first: int) -> str | None:
         n = self.config.stop_after_epochs

@@ -209,15 +209,19 @@ def _load_average() -> float | None:
 
 
 def _scan_backend(name: str, device: torch.device) -> str:
-    """Name of the scan backend ``name`` resolves to on ``device`` (or why it does not resolve)."""
+    """Name of the scan backend ``name`` resolves to on ``device``.
+
+    Raises:
+        ConfigError: ``name`` is not a backend, or cannot run on ``device``.
+    """
     from ...ops.backends import resolve_backend
 
     try:
         module = resolve_backend(name, device)
     except ValueError as exc:  # not a backend name
         raise ConfigError("gspn_backend", f"is not a scan backend: {exc}") from None
-    except RuntimeError as exc:
-        return f"unavailable ({exc})"
+    except RuntimeError as exc:  # a backend named explicitly that cannot run here: GSPN would not be timed
+        raise ConfigError("gspn_backend", f"{name!r} cannot run on {device.type}: {exc}") from None
     resolved = module.__name__.rsplit(".", 1)[-1].lstrip("_")
     if resolved == "reference":
         resolved += " (slow pure-PyTorch fallback)"

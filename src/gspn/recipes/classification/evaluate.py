@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
+from ..._validate import ConfigError, check_int
 from ...datasets import build_data
 from ...training_utils import STATE_FORMAT, evaluate, load_ema_weights, load_state, resolve_device
 from ...training_utils.supervised import data_loader
@@ -29,8 +31,21 @@ def evaluate_checkpoint(
     """Loss and accuracy of a training checkpoint on its validation set (or on ``data``'s).
 
     The data are prepared as in training (image size, channels, normalisation, ``val_limit``) unless
-    overridden here.
+    overridden here. ``checkpoint`` is a ``last.pt`` / ``best.pt`` or the run folder (its ``best.pt``).
+
+    Raises:
+        ConfigError: ``checkpoint`` names no file, or a setting is out of range.
+        ValueError: the file is not a classifier's training state.
     """
+    check_int("batch_size", batch_size)
+    check_int("workers", workers, minimum=0)
+    check_int("val_limit", val_limit, allow_none=True)
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), path / "best.pt")
+    if not path.is_file():
+        raise ConfigError("checkpoint", f"names no file: {path}")
+    checkpoint = path
     ckpt = load_state(checkpoint)
     if not isinstance(ckpt, dict) or ckpt.get("format") != STATE_FORMAT:
         raise ValueError(f"{checkpoint} is not a gspn training checkpoint")

@@ -38,6 +38,7 @@ from ...training_utils import (
     build_lr_scheduler,
     evaluate,
     load_state,
+    model_from_config,
     param_groups,
     plot_metrics,
     seed_all,
@@ -92,12 +93,8 @@ def check_config(cfg: ClassificationConfig) -> None:
 
 
 def _build_model(cfg: ClassificationConfig, **kwargs: Any) -> nn.Module:
-    """``build_model(cfg.model, **kwargs, **cfg.model_args)``; a constructor's ``TypeError`` (an unknown
-    or ill-typed override) becomes a :class:`ConfigError` naming ``model_args``."""
-    try:
-        return build_model(cfg.model, **kwargs, **cfg.model_args)
-    except TypeError as exc:
-        raise ConfigError("model_args", f"{cfg.model_args} for {cfg.model}: {exc}") from exc
+    """The classifier ``cfg`` names, with ``kwargs`` set by the run (:func:`model_from_config`)."""
+    return model_from_config(build_model, cfg.model, cfg.model_args, **kwargs)
 
 
 class ClassificationRecipe(EpochRecipe):

@@ -47,6 +47,7 @@ from ...training_utils import (
     config_dict,
     derive_seed,
     json_safe,
+    model_from_config,
     plot_metrics,
 )
 from ...training_utils import run as run_recipe
@@ -128,6 +129,16 @@ def check_config(cfg: DiTTrainConfig) -> None:
         raise ConfigError("sampler", f"must be one of {', '.join(SAMPLERS)}, not {cfg.sampler!r}")
 
 
+#: The model's constructor arguments that a run sets from its fields (the others come from ``model_args``).
+_ARCH_FIELDS = {
+    "input_size": "`image_size` / `data`",
+    "in_channels": "`in_channels` / `data`",
+    "num_classes": "`data`",
+    "class_dropout_prob": "`class_dropout`",
+    "learn_sigma": "`learn_sigma`",
+}
+
+
 class DiTTrainRecipe(Recipe):
     """Class-conditional GSPN-DiT training, one unit per optimizer step (see the module docstring)."""
 
@@ -198,10 +209,8 @@ class DiTTrainRecipe(Recipe):
             **cfg.model_args,
         }
         torch.manual_seed(cfg.seed)
-        try:
-            model = create_model(cfg.model, **overrides).to(dev)
-        except TypeError as exc:  # an unknown or ill-typed override: one error line, not a traceback
-            raise ConfigError("model_args", f"{cfg.model_args} for {cfg.model}: {exc}") from exc
+        fixed = {k: v for k, v in overrides.items() if k not in cfg.model_args}  # an override wins here
+        model = model_from_config(create_model, cfg.model, cfg.model_args, **fixed).to(dev)
         patch = getattr(model, "patch_size", 1)
         if h % patch or w % patch:  # else the first step fails
             field_, what = ("image_size", "") if meta["kind"] == "pixels" else ("data", "latents of ")
@@ -266,6 +275,9 @@ class DiTTrainRecipe(Recipe):
             "scheduler": self.lr_scheduler.state_dict(),
             "ema": self.ema.state_dict(),
             "step": self.step,
+            # the loss sums of the log window in progress: a resume inside a window logs what an
+            # uninterrupted run logs
+            "log_window": {"sums": dict(self._window), "steps": self._n_window},
             **self.record,
         }
 
@@ -273,13 +285,19 @@ class DiTTrainRecipe(Recipe):
         """Weights, EMA, optimizer and the step; the schedule is fast-forwarded to the step."""
         args = state.get("model_args")
         if args is not None and dict(args) != dict(self.record["model_args"]):
+            now = dict(self.record["model_args"])
+            keys = sorted(k for k in {*args, *now} if args.get(k) != now.get(k))
+            fields = sorted({_ARCH_FIELDS.get(k, "`model_args`") for k in keys})
             raise ConfigError(
                 "resume",
-                f"the state is for model {state.get('model_name')} {args}, not {self.config.model} "
-                f"{self.record['model_args']} (check `model`, `model_args`, `image_size`, `in_channels` and `data`)",
+                f"the state is for model {state.get('model_name')} {args}, not {self.config.model} {now}: "
+                f"{', '.join(keys)} differ (set by {', '.join(fields)}), which the weights cannot follow",
             )
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
+        if state.get("log_window"):
+            self._window = dict(state["log_window"]["sums"])
+            self._n_window = int(state["log_window"]["steps"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = start = int(state["step"])
         # The schedule is a function of the step and of this run's lr/warmup_steps (which may differ from
@@ -297,7 +315,7 @@ class DiTTrainRecipe(Recipe):
         bad = int((~torch.isfinite(self.x_all.flatten(1))).any(1).sum())
         if bad:
             return f"the data hold non-finite values ({bad} of {len(self.x_all)} samples)"
-        return "the training diverged (lower `lr` or set `clip_grad`)"
+        return "the training diverged (lower `lr`, or `clip_grad`)"
 
     # ------------------------------------------------------------------ one step
     def _train_step(self, step: int) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:

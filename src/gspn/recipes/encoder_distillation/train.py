@@ -75,6 +75,7 @@ from ...training_utils import (
     autocast_dtype,
     build_lr_scheduler,
     evaluate,
+    model_from_config,
     param_groups,
     plot_metrics,
     seed_all,
@@ -267,10 +268,9 @@ class EncoderDistillationRecipe(EpochRecipe):
         from ...models import create_model
 
         seed_all(cfg.seed)
-        try:
-            student = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, **cfg.model_args)
-        except TypeError as exc:
-            raise ConfigError("model_args", f"{cfg.model_args} for {cfg.model}: {exc}") from exc
+        student = model_from_config(
+            create_model, cfg.model, cfg.model_args, num_classes=data.num_classes, in_chans=data.in_chans
+        )
         self.student = student.to(dev)
         self.n_params = sum(p.numel() for p in student.parameters())
         self.model_args = dict(getattr(student, "model_args", {}) or cfg.model_args)
