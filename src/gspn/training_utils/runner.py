@@ -529,7 +529,7 @@ def _loop(recipe: Recipe, shell: _Shell, start: int, resume_path: Path | None, n
         recipe.unit + "s": unit + 1,
         "finished": finished,
         "elapsed_s": time.perf_counter() - t0,
-        "output_dir": str(recipe.out),
+        **({"output_dir": str(recipe.out)} if recipe.writes_folder else {}),
     }
     if stopped:
         summary["stopped"] = stopped

@@ -21,7 +21,6 @@ VAE batches; one closing line.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +152,7 @@ class ExtractLatentsRecipe(Recipe):
     command: ClassVar[str] = "extract-latents"
     stateful: ClassVar[bool] = False
     unit: ClassVar[str] = "job"
-    run_files: ClassVar[tuple[str, ...]] = ()
+    writes_folder: ClassVar[bool] = False  # the product is the one file ``output``
 
     config: ExtractLatentsConfig
 
@@ -220,9 +219,4 @@ def run(config: ExtractLatentsConfig) -> dict[str, Any]:
     """
     if not isinstance(config, ExtractLatentsConfig):
         raise TypeError(f"config must be an ExtractLatentsConfig, got {type(config).__name__}")
-    recipe = ExtractLatentsRecipe(config)
-    # The runner writes summary.json (and its lock) into the job's folder; this job's product is one file,
-    # so the runner gets a scratch folder and the user's folders hold only the latents file.
-    with tempfile.TemporaryDirectory(prefix="gspn-extract-latents-") as scratch:
-        recipe.out = Path(scratch)
-        return run_recipe(recipe)
+    return run_recipe(ExtractLatentsRecipe(config))
