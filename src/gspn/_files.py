@@ -171,6 +171,24 @@ class RunDir:
         self.release()
 
 
+def check_run_dir_free(
+    folder: str | os.PathLike[str], run_files: Iterable[str], *, resume: bool, overwrite: bool
+) -> list[str]:
+    """The ``run_files`` present in ``folder``; writes nothing.
+
+    Raises:
+        RunDirError: some are present and neither ``resume`` nor ``overwrite`` is set.
+    """
+    folder = Path(folder)
+    present = [name for name in run_files if (folder / name).exists()]
+    if present and not resume and not overwrite:
+        raise RunDirError(
+            f"{folder} already holds a run ({', '.join(present)}); set `resume` to continue it or "
+            "`overwrite` to replace it, or choose another output folder"
+        )
+    return present
+
+
 def claim_run_dir(
     folder: str | os.PathLike[str],
     run_files: Iterable[str],
@@ -200,13 +218,8 @@ def claim_run_dir(
     if lock:
         run._acquire()
     try:
-        present = [name for name in run_files if (folder / name).exists()]
+        present = check_run_dir_free(folder, run_files, resume=resume, overwrite=overwrite)
         if present and not resume:
-            if not overwrite:
-                raise RunDirError(
-                    f"{folder} already holds a run ({', '.join(present)}); set `resume` to continue it or "
-                    "`overwrite` to replace it, or choose another output folder"
-                )
             for name in present:
                 p = folder / name
                 if p.is_dir():

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
+from gspn._files import RunDirError
 from gspn.training_utils import ConfigError, Progress, Recipe, RunConfig, RunInterrupted, load_state, read_metrics, run
-from gspn.training_utils.runner import RunDirError
 
 
 @dataclass

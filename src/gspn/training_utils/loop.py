@@ -19,6 +19,7 @@ __all__ = [
     "EpochStats",
     "check_finite",
     "evaluate",
+    "nonfinite_parameters",
     "param_groups",
     "sync_buffers",
     "train_one_epoch",
@@ -35,9 +36,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of ``model``'s parameters that hold a NaN or an infinity (one device sync per tensor)."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
 def check_finite(model: nn.Module, step: int, what: str = "weights") -> None:
     """Raise ``FloatingPointError`` if any parameter of ``model`` is NaN or infinite (before any write)."""
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = nonfinite_parameters(model)
     if bad:
         raise FloatingPointError(
             f"non-finite {what} at step {step} ({len(bad)} tensors, e.g. {bad[0]}); stopped before writing: "

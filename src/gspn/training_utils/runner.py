@@ -41,17 +41,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._files import RunDir, RunDirError, atomic_write, check_output_dir, claim_run_dir
+from .._files import RunDir, atomic_write, check_output_dir, check_run_dir_free, claim_run_dir
 from .config import RUN_FIELDS, ConfigError, RunConfig, config_dict
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, cleanup_distributed, init_distributed
+from .loop import nonfinite_parameters
 from .metrics import append_metrics, json_safe, read_metrics, truncate_metrics
 from .state import STATE_FORMAT, capture_rng, load_state, restore_rank_rng, save_state, training_state
 
 __all__ = ["Progress", "Recipe", "RunInterrupted", "run"]
-
-
-class _FolderTaken(RunDirError, ConfigError):
-    """The output folder holds another run (a :class:`RunDirError` naming the ``output_dir`` field)."""
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -285,7 +282,7 @@ def _nonfinite(recipe: Recipe, record: dict[str, Any] | None, weights: bool = Tr
     """What went NaN/Inf: the weights first (the cause when they did; checked only where ``weights``, as
     each tensor costs a device sync), then the record's loss."""
     for name, module in recipe.checked_modules().items() if weights else ():
-        bad = [n for n, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+        bad = nonfinite_parameters(module)
         if bad:
             return f"{name} ({len(bad)} tensors, e.g. {bad[0]})"
     for key, value in (record or {}).items():
@@ -420,14 +417,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
     resume_path = _resume_path(recipe)
     state = recipe.upgrade_state(load_state(resume_path)) if resume_path is not None else None
     changed = _check_resume(recipe, state, resume_path) if state is not None else {}
-    if recipe.writes_folder and not cfg.resume and not cfg.overwrite and out.is_dir():
-        present = [name for name in recipe.run_files if (out / name).exists()]
-        if present:
-            raise _FolderTaken(
-                "output_dir",
-                f"{out} already holds a run ({', '.join(present)}); set `resume` to continue it or `overwrite` "
-                "to replace it, or choose another output folder",
-            )
+    if recipe.writes_folder:
+        check_run_dir_free(out, recipe.run_files, resume=bool(cfg.resume), overwrite=cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 

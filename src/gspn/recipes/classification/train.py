@@ -264,8 +264,7 @@ class ClassificationRecipe(EpochRecipe):
             and resumed.resolve() == (out / "last.pt").resolve()
             and (not best.exists() or load_state(best).get("epoch") != epoch)
         ):
-            with resumed.open("rb") as src:
-                atomic_write(best, lambda f: shutil.copyfileobj(src, f))
+            _copy_file(resumed, best)
         if self.config.plot and state.get("record") is not None:
             plot_metrics(out / "metrics.jsonl", out / "metrics.png")
 
@@ -319,8 +318,7 @@ class ClassificationRecipe(EpochRecipe):
     def after_save(self, index: int) -> None:
         """``best.pt`` (a copy of the ``last.pt`` just written, when this epoch improved) and the plot."""
         if self.improved:
-            with (self.out / "last.pt").open("rb") as src:
-                atomic_write(self.out / "best.pt", lambda f: shutil.copyfileobj(src, f))
+            _copy_file(self.out / "last.pt", self.out / "best.pt")
         if self.config.plot:
             plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
 
@@ -351,6 +349,12 @@ class ClassificationRecipe(EpochRecipe):
 
     def closing(self, summary: dict[str, Any]) -> str:
         return f"best val acc {100 * self.best_acc:.2f}% (epoch {self.best_epoch + 1}); outputs in {self.out}"
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src``, atomically (``best.pt`` is the ``last.pt`` of its epoch)."""
+    with src.open("rb") as f_src:
+        atomic_write(dst, lambda f: shutil.copyfileobj(f_src, f))
 
 
 def run(config: ClassificationConfig) -> dict[str, Any]:
